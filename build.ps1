@@ -27,10 +27,10 @@ function Build-All {
     if (Get-Command winget -ErrorAction SilentlyContinue) { winget install --silent Kitware.CMake } else { Die "cmake is required" }
   }
   $script:Nvcc = Find-Nvcc
-  $args = @("-S", $Root, "-B", (Join-Path $Root "build/cmake"), "-DCMAKE_BUILD_TYPE=Release")
-  if ($script:Nvcc) { $args += @("-DNATIVEPEFT_BUILD_PTX=ON", "-DNATIVEPEFT_NVCC=$($script:Nvcc)") }
-  else { $args += "-DNATIVEPEFT_BUILD_PTX=OFF"; Log "skipped PTX/fatbin: nvcc not found (install the CUDA toolkit); CPU and emulator paths are built" }
-  cmake @args | Out-Null; if ($LASTEXITCODE) { Die "cmake configure failed" }
+  $cmakeArgs = @("-S", $Root, "-B", (Join-Path $Root "build/cmake"), "-DCMAKE_BUILD_TYPE=Release")
+  if ($script:Nvcc) { $cmakeArgs += @("-DNATIVEPEFT_BUILD_PTX=ON", "-DNATIVEPEFT_NVCC=$($script:Nvcc)") }
+  else { $cmakeArgs += "-DNATIVEPEFT_BUILD_PTX=OFF"; Log "skipped PTX/fatbin: nvcc not found (install the CUDA toolkit); CPU and emulator paths are built" }
+  cmake @cmakeArgs | Out-Null; if ($LASTEXITCODE) { Die "cmake configure failed" }
   cmake --build (Join-Path $Root "build/cmake") --config Release; if ($LASTEXITCODE) { Die "kernel build failed" }
   # Multi-config generators put the DLL under Release/: copy it where the .NET build looks.
   Get-ChildItem -Recurse (Join-Path $Root "build/cmake") -Filter nativepeft_emu.dll | Copy-Item -Destination $KernelOut -Force

@@ -1,1 +1,37 @@
-return 0;
+using System.CommandLine;
+using NativePeft.Cli.Commands;
+
+namespace NativePeft.Cli;
+
+public static class Program
+{
+    public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
+
+    /// <summary>Runs the CLI with the given writers (the end-to-end tests call this in-process).</summary>
+    public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
+    {
+        var root = new RootCommand("nativepeft: LoRA and QLoRA fine-tuning with native CUDA kernels, measured.")
+        {
+            InfoCommand.Create(stdout),
+            QuantizeCommand.Create(stdout),
+            DemoCheckpointCommand.Create(stdout),
+            BenchCommand.Create(stdout),
+        };
+        var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
+        try
+        {
+            return root.Parse(args).Invoke(config);
+        }
+        catch (CliException e)
+        {
+            stderr.WriteLine("error: " + e.Message);
+            return e.ExitCode;
+        }
+    }
+}
+
+/// <summary>A user-facing error: printed as "error: message" with a non-zero exit code, no stack trace.</summary>
+public sealed class CliException(string message, int exitCode = 1, Exception? inner = null) : Exception(message, inner)
+{
+    public int ExitCode { get; } = exitCode;
+}
