@@ -96,8 +96,20 @@ public sealed unsafe class CudaBlas : IDisposable
     public void GemmRowMajor(bool transA, bool transB, int m, int n, int k,
         float alpha, DevicePtr a, CudaDataType aType, int lda,
         DevicePtr b, CudaDataType bType, int ldb,
-        float beta, DevicePtr c, CudaDataType cType, int ldc) =>
-        Gemm(transB, transA, n, m, k, alpha, b, bType, ldb, a, aType, lda, beta, c, cType, ldc);
+        float beta, DevicePtr c, CudaDataType cType, int ldc)
+    {
+        var g = RowMajorAsColumnMajor(new GemmOperands(transA, transB, m, n, k, a, aType, lda, 0, b, bType, ldb, 0));
+        Gemm(g.TransA, g.TransB, g.M, g.N, g.K, alpha, g.A, g.AType, g.Lda, g.B, g.BType, g.Ldb, beta, c, cType, ldc);
+    }
+
+    /// <summary>The operands of one GEMM (strides only used by the batched form).</summary>
+    internal readonly record struct GemmOperands(bool TransA, bool TransB, int M, int N, int K,
+        DevicePtr A, CudaDataType AType, int Lda, long StrideA,
+        DevicePtr B, CudaDataType BType, int Ldb, long StrideB);
+
+    /// <summary>Row-major C = op(A)·op(B) as the column-major call computing Cᵀ = op(B)ᵀ·op(A)ᵀ (same C, same ldc).</summary>
+    internal static GemmOperands RowMajorAsColumnMajor(GemmOperands r) =>
+        new(r.TransB, r.TransA, r.N, r.M, r.K, r.B, r.BType, r.Ldb, r.StrideB, r.A, r.AType, r.Lda, r.StrideA);
 
     /// <summary>Column-major cublasGemmStridedBatchedEx; strides are in elements between consecutive matrices.</summary>
     public void GemmStridedBatched(bool transA, bool transB, int m, int n, int k,
@@ -116,9 +128,12 @@ public sealed unsafe class CudaBlas : IDisposable
     public void GemmStridedBatchedRowMajor(bool transA, bool transB, int m, int n, int k,
         float alpha, DevicePtr a, CudaDataType aType, int lda, long strideA,
         DevicePtr b, CudaDataType bType, int ldb, long strideB,
-        float beta, DevicePtr c, CudaDataType cType, int ldc, long strideC, int batchCount) =>
-        GemmStridedBatched(transB, transA, n, m, k, alpha, b, bType, ldb, strideB, a, aType, lda, strideA,
+        float beta, DevicePtr c, CudaDataType cType, int ldc, long strideC, int batchCount)
+    {
+        var g = RowMajorAsColumnMajor(new GemmOperands(transA, transB, m, n, k, a, aType, lda, strideA, b, bType, ldb, strideB));
+        GemmStridedBatched(g.TransA, g.TransB, g.M, g.N, g.K, alpha, g.A, g.AType, g.Lda, g.StrideA, g.B, g.BType, g.Ldb, g.StrideB,
             beta, c, cType, ldc, strideC, batchCount);
+    }
 
     private IntPtr Raw
     {

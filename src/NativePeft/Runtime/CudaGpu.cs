@@ -109,10 +109,11 @@ public sealed unsafe class CudaGpu : IGpu
             reason = "";
             return true;
         }
-        catch (Exception ex) when (ex is CudaException or DllNotFoundException or EntryPointNotFoundException
-                                       or BadImageFormatException or InvalidOperationException)
+        catch (Exception ex)
         {
-            reason = ex is CudaException ? ex.Message : $"CUDA driver unusable: {ex.Message}";
+            // The contract is "never throws": a broken driver install, a resolver conflict (type initializer),
+            // a missing entry point all become a reason.
+            reason = ex is CudaException ? ex.Message : $"CUDA driver unusable: {ex.GetType().Name}: {ex.Message}";
             gpu = null;
             return false;
         }
