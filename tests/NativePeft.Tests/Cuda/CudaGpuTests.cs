@@ -51,7 +51,7 @@ public class CudaGpuTests
         Assert.That(p.ComputeCapabilityMajor, Is.InRange(3, 20));
         Assert.That(p.DriverVersion, Is.GreaterThanOrEqualTo(11000));
         var (free, total) = Gpu.MemoryInfo();
-        Assert.That(total, Is.EqualTo(p.TotalMemoryBytes));
+        Assert.That(total, Is.InRange(1, p.TotalMemoryBytes));   // equal without MIG
         Assert.That(free, Is.InRange(1, total));
     }
 
