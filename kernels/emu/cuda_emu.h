@@ -93,8 +93,10 @@ inline ushort2 make_ushort2(unsigned short x, unsigned short y) { return {x, y};
 namespace emu {
 
 // Per OS thread (and, for thread_idx, per running fiber: the scheduler rewrites it at each switch).
-// __thread (no C++ TLS wrapper) with the initial-exec model: one %fs-relative load per access. It
-// is small (64 bytes), so dlopen finds room for it in glibc's static TLS surplus.
+// __thread, not thread_local: no C++ TLS wrapper call per access (one __tls_get_addr per function).
+// Not initial-exec: the __shared__ arrays make the module's TLS too big for glibc's static TLS surplus
+// ("cannot allocate memory in static TLS block" at dlopen). Do not build with -mtls-dialect=gnu2
+// either: loaded by .NET (dlopen) the kernels then read another thread's/garbage indices.
 struct Tls {
     uint3 thread_idx;
     uint3 block_idx;
@@ -103,7 +105,7 @@ struct Tls {
     unsigned char* dynamic_smem;
     void* worker;  // the runtime's per-OS-thread state
 };
-extern __thread Tls tls EMU_HIDDEN __attribute__((tls_model("initial-exec")));
+extern __thread Tls tls EMU_HIDDEN;
 
 enum Collective : int {
     kSyncWarp = 0, kShflIdx = 1, kShflUp = 2, kShflDown = 3, kShflXor = 4,

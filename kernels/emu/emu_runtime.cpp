@@ -31,7 +31,7 @@
 
 namespace emu {
 
-__thread Tls tls __attribute__((tls_model("initial-exec")));
+__thread Tls tls;
 
 namespace {
 
