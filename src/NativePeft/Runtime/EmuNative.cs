@@ -1,0 +1,127 @@
+using System.Runtime.InteropServices;
+using System.Text;
+
+namespace NativePeft.Runtime;
+
+/// <summary>
+/// Binding of libnativepeft_emu's C ABI (kernels/emu/emu_runtime.cpp). The library is loaded once per
+/// process from <c>$NATIVEPEFT_KERNELS</c> or <c>&lt;AppContext.BaseDirectory&gt;/kernels</c> and never
+/// unloaded (its worker threads live as long as the process).
+/// </summary>
+internal sealed unsafe class EmuNative
+{
+    public const string KernelsDirVariable = "NATIVEPEFT_KERNELS";
+
+    private static readonly object LoadLock = new();
+    private static EmuNative? _loaded;
+    private static string? _loadError;
+
+    private readonly delegate* unmanaged<byte*, uint, uint, uint, uint, uint, uint, uint, void**, int> _launch;
+    private readonly delegate* unmanaged<byte*> _lastError;
+    private readonly delegate* unmanaged<int> _kernelCount;
+    private readonly delegate* unmanaged<int, byte*> _kernelName;
+    private readonly delegate* unmanaged<byte*, int*, int, int> _kernelParams;
+    private readonly delegate* unmanaged<int, void> _setWorkerThreads;
+    private readonly delegate* unmanaged<int> _workerThreads;
+
+    public string LibraryPath { get; }
+
+    private EmuNative(string path, IntPtr handle)
+    {
+        LibraryPath = path;
+        _launch = (delegate* unmanaged<byte*, uint, uint, uint, uint, uint, uint, uint, void**, int>)
+            NativeLibrary.GetExport(handle, "emu_launch");
+        _lastError = (delegate* unmanaged<byte*>)NativeLibrary.GetExport(handle, "emu_last_error");
+        _kernelCount = (delegate* unmanaged<int>)NativeLibrary.GetExport(handle, "emu_kernel_count");
+        _kernelName = (delegate* unmanaged<int, byte*>)NativeLibrary.GetExport(handle, "emu_kernel_name");
+        _kernelParams = (delegate* unmanaged<byte*, int*, int, int>)NativeLibrary.GetExport(handle, "emu_kernel_params");
+        _setWorkerThreads = (delegate* unmanaged<int, void>)NativeLibrary.GetExport(handle, "emu_set_worker_threads");
+        _workerThreads = (delegate* unmanaged<int>)NativeLibrary.GetExport(handle, "emu_worker_threads");
+    }
+
+    public static string LibraryFileName =>
+        OperatingSystem.IsWindows() ? "nativepeft_emu.dll"
+        : OperatingSystem.IsMacOS() ? "libnativepeft_emu.dylib"
+        : "libnativepeft_emu.so";
+
+    /// <summary>The directory searched for the emulator library.</summary>
+    public static string KernelsDirectory
+    {
+        get
+        {
+            string? env = Environment.GetEnvironmentVariable(KernelsDirVariable);
+            return string.IsNullOrEmpty(env) ? Path.Combine(AppContext.BaseDirectory, "kernels") : env;
+        }
+    }
+
+    public static bool TryLoad(out EmuNative? native, out string reason)
+    {
+        lock (LoadLock)
+        {
+            if (_loaded is null && _loadError is null)
+            {
+                string dir = KernelsDirectory;
+                string path = Path.Combine(dir, LibraryFileName);
+                if (!File.Exists(path))
+                {
+                    _loadError = $"{LibraryFileName} not found in {dir}: run ./build.sh (or set {KernelsDirVariable})";
+                }
+                else
+                {
+                    try
+                    {
+                        IntPtr handle = NativeLibrary.Load(path);
+                        _loaded = new EmuNative(path, handle);
+                    }
+                    catch (Exception e) when (e is DllNotFoundException or BadImageFormatException or EntryPointNotFoundException)
+                    {
+                        _loadError = $"cannot load {path}: {e.Message}";
+                    }
+                }
+            }
+            native = _loaded;
+            reason = _loadError ?? "";
+            return native is not null;
+        }
+    }
+
+    public int Launch(string kernel, Dim3 grid, Dim3 block, uint sharedBytes, void** args)
+    {
+        byte* name = stackalloc byte[Encoding.UTF8.GetMaxByteCount(kernel.Length) + 1];
+        int n = Encoding.UTF8.GetBytes(kernel, new Span<byte>(name, Encoding.UTF8.GetMaxByteCount(kernel.Length)));
+        name[n] = 0;
+        return _launch(name, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z, sharedBytes, args);
+    }
+
+    public string LastError() => Marshal.PtrToStringUTF8((IntPtr)_lastError()) ?? "";
+
+    public IReadOnlyList<string> KernelNames()
+    {
+        int count = _kernelCount();
+        var names = new List<string>(count);
+        for (int i = 0; i < count; i++)
+        {
+            string? s = Marshal.PtrToStringUTF8((IntPtr)_kernelName(i));
+            if (s is not null) names.Add(s);
+        }
+        return names;
+    }
+
+    /// <summary>The byte size of each parameter of a registered kernel, or null when it is unknown.</summary>
+    public int[]? KernelParameterSizes(string kernel)
+    {
+        byte[] name = Encoding.UTF8.GetBytes(kernel + "\0");
+        fixed (byte* p = name)
+        {
+            int count = _kernelParams(p, null, 0);
+            if (count < 0) return null;
+            var sizes = new int[count];
+            fixed (int* s = sizes) _kernelParams(p, s, count);
+            return sizes;
+        }
+    }
+
+    public void SetWorkerThreads(int n) => _setWorkerThreads(n);
+
+    public int WorkerThreads() => _workerThreads();
+}
