@@ -1,0 +1,109 @@
+using System.Reflection;
+using System.Runtime.InteropServices;
+
+namespace NativePeft.Runtime;
+
+/// <summary>
+/// The one <see cref="NativeLibrary.SetDllImportResolver"/> of this assembly (a second call would throw),
+/// mapping the logical names used in <c>[LibraryImport]</c> to real files:
+/// <list type="bullet">
+/// <item><c>"cuda"</c> → libcuda.so.1 (Linux) / nvcuda.dll (Windows)</item>
+/// <item><c>"cublas"</c> → libcublas.so.13, .12, .11 (Linux) / cublas64_13, 12, 11.dll (Windows), first found</item>
+/// </list>
+/// Other code that needs a resolver for another library name registers a loader with
+/// <see cref="Register"/> instead of installing its own resolver.
+/// </summary>
+internal static class NativeLibraries
+{
+    public const string Cuda = "cuda";
+    public const string Cublas = "cublas";
+
+    private static readonly object Gate = new();
+    private static readonly Dictionary<string, Func<IntPtr>> Loaders = new(StringComparer.Ordinal);
+    private static readonly Dictionary<string, (IntPtr Handle, string? Path, string Reason)> Loaded = new(StringComparer.Ordinal);
+
+    static NativeLibraries()
+    {
+        NativeLibrary.SetDllImportResolver(typeof(NativeLibraries).Assembly, Resolve);
+    }
+
+    /// <summary>Makes sure the resolver is installed (runs the static constructor).</summary>
+    public static void EnsureInstalled() { }
+
+    /// <summary>File names probed for the CUDA driver, in order.</summary>
+    public static IReadOnlyList<string> CudaCandidates =>
+        OperatingSystem.IsWindows() ? ["nvcuda.dll"] : ["libcuda.so.1", "libcuda.so"];
+
+    /// <summary>File names probed for cuBLAS, in order.</summary>
+    public static IReadOnlyList<string> CublasCandidates =>
+        OperatingSystem.IsWindows()
+            ? ["cublas64_13.dll", "cublas64_12.dll", "cublas64_11.dll"]
+            : ["libcublas.so.13", "libcublas.so.12", "libcublas.so.11"];
+
+    /// <summary>The file name we report when the driver is missing.</summary>
+    public static string CudaLibraryDisplayName => CudaCandidates[0];
+
+    /// <summary>Adds a loader for another logical library name (returns IntPtr.Zero when not found).</summary>
+    public static void Register(string libraryName, Func<IntPtr> loader)
+    {
+        lock (Gate) Loaders[libraryName] = loader;
+    }
+
+    /// <summary>Loads (once) the CUDA driver library.</summary>
+    public static bool TryLoadCuda(out IntPtr handle, out string reason) =>
+        TryLoad(Cuda, CudaCandidates, out handle, out reason);
+
+    /// <summary>Loads (once) cuBLAS, newest major version first.</summary>
+    public static bool TryLoadCublas(out IntPtr handle, out string reason) =>
+        TryLoad(Cublas, CublasCandidates, out handle, out reason);
+
+    /// <summary>The path (or file name) a library was loaded from, if loaded.</summary>
+    public static string? LoadedFrom(string libraryName)
+    {
+        lock (Gate) return Loaded.TryGetValue(libraryName, out var e) ? e.Path : null;
+    }
+
+    private static bool TryLoad(string key, IReadOnlyList<string> candidates, out IntPtr handle, out string reason)
+    {
+        EnsureInstalled();
+        lock (Gate)
+        {
+            if (!Loaded.TryGetValue(key, out var entry))
+            {
+                entry = (IntPtr.Zero, null, "");
+                foreach (var name in candidates)
+                {
+                    if (NativeLibrary.TryLoad(name, out var h))
+                    {
+                        entry = (h, name, "");
+                        break;
+                    }
+                }
+                if (entry.Handle == IntPtr.Zero)
+                {
+                    entry.Reason = candidates.Count == 1
+                        ? $"{candidates[0]} not found"
+                        : $"none of {string.Join(", ", candidates)} found";
+                }
+                Loaded[key] = entry;
+            }
+            handle = entry.Handle;
+            reason = entry.Reason;
+            return handle != IntPtr.Zero;
+        }
+    }
+
+    private static IntPtr Resolve(string libraryName, Assembly assembly, DllImportSearchPath? searchPath)
+    {
+        switch (libraryName)
+        {
+            case Cuda:
+                return TryLoadCuda(out var cuda, out _) ? cuda : IntPtr.Zero;
+            case Cublas:
+                return TryLoadCublas(out var cublas, out _) ? cublas : IntPtr.Zero;
+        }
+        Func<IntPtr>? loader;
+        lock (Gate) Loaders.TryGetValue(libraryName, out loader);
+        return loader?.Invoke() ?? IntPtr.Zero;
+    }
+}
