@@ -128,11 +128,12 @@ __device__ __forceinline__ void load_code_table(float* s_code)
 // quantize_4bit
 //
 // Launch shape: block = 256 threads (8 warps), 1-D grid = min(ceil(tasks / 8), cap), grid-stride
-// over warp tasks. A quant block is handled by a lane group of G = min(32, blocksize/2) lanes (one
-// packed byte = two elements per lane per step, consecutive lanes on consecutive bytes, so loads
-// and stores are coalesced); a warp handles 32/G quant blocks per task (2 for blocksize 32, 1 for
-// 64..4096), so tasks = ceil(nblocks / (32/G)). absmax is a lane-group xor-shuffle max reduction,
-// then the lanes re-read their elements (L1/L2 hits) and store the nibbles. No shared memory.
+// over warp tasks. A quant block is handled by a lane group of G = min(32, blocksize/8) lanes (one
+// packed byte = two elements per lane per step, at least 4 steps; consecutive lanes on consecutive
+// bytes, so loads and stores are coalesced); a warp handles 32/G quant blocks per task (8 for
+// blocksize 32, 4 for 64, 2 for 128, 1 for 256..4096), so tasks = ceil(nblocks / (32/G)). absmax is
+// a lane-group xor-shuffle max reduction (log2 G shuffles per task), then the lanes re-read their
+// elements (L1/L2 hits) and store the nibbles. No shared memory.
 // ---------------------------------------------------------------------------------------------
 template <int QT, typename T>
 __device__ void quantize_4bit_body(const T* __restrict__ x, float* __restrict__ absmax,
@@ -140,7 +141,7 @@ __device__ void quantize_4bit_body(const T* __restrict__ x, float* __restrict__ 
 {
     const int lane = (int)(threadIdx.x & 31);
     const int half_bs = blocksize >> 1;                 // bytes per quant block
-    const int G = half_bs < 32 ? half_bs : 32;          // lanes per quant block
+    const int G = (blocksize >> 3) < 32 ? (blocksize >> 3) : 32;  // lanes per quant block
     const int group = lane / G;
     const int glane = lane % G;
     const int groups_per_warp = 32 / G;
@@ -397,7 +398,7 @@ EMU_REGISTER(dequantize_absmax_dq)
 // ---------------------------------------------------------------------------------------------
 
 // quantize_4bit_{nf4,fp4}_{f32,bf16,f16}(x, absmax, packed, n, blocksize)
-// Launch: block 256, grid min(ceil(ceil(nblocks / (32 / min(32, blocksize/2))) / 8), cap); see quantize_4bit_body.
+// Launch: block 256, grid min(ceil(ceil(nblocks / (32 / min(32, blocksize/8))) / 8), cap); see quantize_4bit_body.
 extern "C" __global__ void quantize_4bit_nf4_f32(const float* x, float* absmax, uint8_t* packed, long long n, int blocksize)
 { nf4k::quantize_4bit_body<nf4k::kNF4, float>(x, absmax, packed, n, blocksize); }
 EMU_REGISTER(quantize_4bit_nf4_f32)

@@ -94,10 +94,10 @@ public sealed class GpuQuantOps
             throw new ArgumentOutOfRangeException(name, n, $"{name} must not be negative");
     }
 
-    /// <summary>Warp tasks of quantize_4bit: a warp handles 32 / min(32, blocksize / 2) quant blocks.</summary>
+    /// <summary>Warp tasks of quantize_4bit: a warp handles 32 / min(32, blocksize / 8) quant blocks.</summary>
     internal static long QuantizeWarpTasks(long n, int blocksize)
     {
-        int lanesPerBlock = Math.Min(32, blocksize / 2);
+        int lanesPerBlock = Math.Min(32, blocksize / 8);
         int blocksPerWarp = 32 / lanesPerBlock;
         long nblocks = AbsmaxCount(n, blocksize);
         return (nblocks + blocksPerWarp - 1) / blocksPerWarp;
