@@ -97,8 +97,10 @@ build_kernels() {
   local args=(-S "$ROOT" -B "$ROOT/build/cmake" -DCMAKE_BUILD_TYPE=Release)
   if [ -n "${NVCC:-}" ]; then args+=(-DNATIVEPEFT_BUILD_PTX=ON -DNATIVEPEFT_NVCC="$NVCC"); else args+=(-DNATIVEPEFT_BUILD_PTX=OFF); fi
   cmake "${args[@]}" >"$ROOT/build/cmake-configure.log" 2>&1 || { cat "$ROOT/build/cmake-configure.log" >&2; die "cmake configure failed"; }
-  cmake --build "$ROOT/build/cmake" -j "$(nproc)" 2>&1 | grep -vE '^\[ *[0-9]+%\] (Built target|Building|Linking)' >&2 || die "kernel build failed"
-  [ "${PIPESTATUS[0]}" = 0 ] || die "kernel build failed"
+  if ! cmake --build "$ROOT/build/cmake" -j "$(nproc)" >"$ROOT/build/cmake-build.log" 2>&1; then
+    cat "$ROOT/build/cmake-build.log" >&2
+    die "kernel build failed (log: build/cmake-build.log)"
+  fi
   if [ -n "${NVCC:-}" ]; then
     local n_cu n_ptx
     n_cu=$(ls "$ROOT"/kernels/*.cu 2>/dev/null | wc -l)
@@ -110,7 +112,7 @@ build_kernels() {
 }
 
 build_dotnet() {
-  dotnet build "$ROOT/NativePeft.sln" -c "$CONFIG" -nologo -v quiet -clp:ErrorsOnly >&2 || die "dotnet build failed"
+  dotnet build "$ROOT/NativePeft.sln" -c "$CONFIG" -nologo -v quiet -clp:ErrorsOnly -clp:NoSummary >&2 || die "dotnet build failed"
 }
 
 build_all() {
@@ -145,12 +147,12 @@ summarize_trx() {
   passed=$(attr passed)
   failed=$(( $(attr failed) + $(attr error) + $(attr timeout) + $(attr aborted) ))
   skipped=$(attr notExecuted)
-  # Each skipped and failed test with its message, so a skip is never silent.
+  # Every failed test with its message, and the skipped ones counted by reason, so a skip is never silent.
   awk '/<UnitTestResult / { name=""; out=""; if (match($0, /testName="[^"]*"/)) name=substr($0, RSTART+10, RLENGTH-11);
                             if ($0 ~ /outcome="NotExecuted"/) out="skipped"; else if ($0 ~ /outcome="Failed"/) out="FAILED" }
-       /<Message>/ && out != "" { m=$0; sub(/.*<Message>/, "", m); sub(/<\/Message>.*/, "", m);
-                                  printf "  %s: %s: %s\n", out, name, substr(m, 1, 200); out="" }' "$trx" | sort | uniq -c | sort -rn |
-    sed 's/^ *1 //' | head -40 || true
+       /<Message>/ && out != "" { m=$0; sub(/.*<Message>/, "", m); sub(/<\/Message>.*/, "", m); m=substr(m, 1, 200);
+                                  if (out == "FAILED") printf "  FAILED: %s: %s\n", name, m; else skips[m]++; out="" }
+       END { for (m in skips) printf "  skipped: %d tests: %s\n", skips[m], m }' "$trx" | sort | head -60 || true
   if [ "$rc" != 0 ] && [ "$failed" = 0 ]; then failed=1; fi
   echo "$passed passed, $failed failed, $skipped skipped"
   [ "$failed" = 0 ]
@@ -174,7 +176,9 @@ cmd_run() {
   local out="$ROOT/out/run"
   cli info
   cli demo-checkpoint --out "$out/demo-model.safetensors"
-  cli quantize --in "$out/demo-model.safetensors" --out "$out/demo-model-nf4.safetensors" --quant-type nf4 --blocksize 64 --double-quant
+  # --device auto: the kernels of kernels/nf4.cu on CUDA when present, else on the emulator.
+  cli quantize --in "$out/demo-model.safetensors" --out "$out/demo-model-nf4.safetensors" --quant-type nf4 --blocksize 64 --double-quant --device auto
+  cli bench --device auto
 }
 
 cmd_gpu_bundle() {

@@ -20,7 +20,15 @@ public static class Program
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         try
         {
-            return root.Parse(args).Invoke(config);
+            var parsed = root.Parse(args);
+            if (parsed.Errors.Count > 0)
+            {
+                // One line per problem, naming the option, and a pointer to --help; no full help dump.
+                foreach (var error in parsed.Errors) stderr.WriteLine("error: " + error.Message);
+                stderr.WriteLine("(run with --help for the options)");
+                return 2;
+            }
+            return parsed.Invoke(config);
         }
         catch (CliException e)
         {

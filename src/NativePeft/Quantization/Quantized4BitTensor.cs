@@ -51,16 +51,31 @@ public sealed record Quantized4BitTensor
     }
 
     private static Quantized4BitTensor FromParts(byte[] packed, float[] absmax, long[] shape, QuantType quantType,
-        int blocksize, bool doubleQuant, DType originalDtype)
+        int blocksize, bool doubleQuant, DType originalDtype) =>
+        FromParts(packed, absmax, shape, quantType, blocksize, doubleQuant ? DoubleQuantState.Quantize(absmax) : null, originalDtype);
+
+    /// <summary>
+    /// Wraps packed bytes and absmax produced elsewhere (the GPU kernels) as a tensor; with <paramref name="nested"/>
+    /// the absmax is stored double-quantized and <paramref name="absmax"/> is not kept.
+    /// </summary>
+    public static Quantized4BitTensor FromParts(byte[] packed, float[] absmax, long[] shape, QuantType quantType,
+        int blocksize, DoubleQuantState? nested, DType originalDtype)
     {
+        ArgumentNullException.ThrowIfNull(shape);
+        Quant4Bit.ValidateBlocksize(blocksize);
+        long n = DTypes.ElementCount(shape);
+        if (packed.Length != Quant4Bit.PackedLength(n))
+            throw new ArgumentException($"packed has {packed.Length} bytes, shape needs {Quant4Bit.PackedLength(n)}", nameof(packed));
+        if (absmax.Length != Quant4Bit.BlockCount(n, blocksize))
+            throw new ArgumentException($"absmax has {absmax.Length} values, shape needs {Quant4Bit.BlockCount(n, blocksize)}", nameof(absmax));
         var state = new QuantState4Bit
         {
             QuantType = quantType,
             Blocksize = blocksize,
             Dtype = originalDtype,
             Shape = (long[])shape.Clone(),
-            Absmax = doubleQuant ? null : absmax,
-            Nested = doubleQuant ? DoubleQuantState.Quantize(absmax) : null,
+            Absmax = nested is null ? absmax : null,
+            Nested = nested,
             QuantMap = FourBitCode.QuantMap(quantType),
         };
         return new Quantized4BitTensor { Packed = packed, State = state };

@@ -14,7 +14,7 @@ namespace NativePeft.Runtime;
 public sealed unsafe class CudaGpu : IGpu
 {
     /// <summary>Environment variable naming the kernel directory.</summary>
-    public const string KernelDirectoryVariable = "NATIVEPEFT_KERNELS";
+    public const string KernelDirectoryVariable = KernelLocator.EnvironmentVariable;
     private const int DefaultMaxDynamicShared = 48 * 1024;
     /// <summary>Most kernel arguments a launch takes.</summary>
     public const int MaxArgs = 64;
@@ -61,11 +61,7 @@ public sealed unsafe class CudaGpu : IGpu
     }
 
     /// <summary>The default kernel directory: $NATIVEPEFT_KERNELS, else &lt;AppContext.BaseDirectory&gt;/kernels.</summary>
-    public static string DefaultKernelDirectory()
-    {
-        var fromEnv = Environment.GetEnvironmentVariable(KernelDirectoryVariable);
-        return string.IsNullOrWhiteSpace(fromEnv) ? Path.Combine(AppContext.BaseDirectory, "kernels") : fromEnv;
-    }
+    public static string DefaultKernelDirectory() => KernelLocator.Directory;
 
     /// <summary>
     /// Opens CUDA device <paramref name="deviceOrdinal"/>. Never throws: on failure returns false and a reason,

@@ -10,7 +10,7 @@ namespace NativePeft.Runtime;
 /// </summary>
 internal sealed unsafe class EmuNative
 {
-    public const string KernelsDirVariable = "NATIVEPEFT_KERNELS";
+    public const string KernelsDirVariable = KernelLocator.EnvironmentVariable;
 
     private static readonly object LoadLock = new();
     private static EmuNative? _loaded;
@@ -39,20 +39,10 @@ internal sealed unsafe class EmuNative
         _workerThreads = (delegate* unmanaged<int>)NativeLibrary.GetExport(handle, "emu_worker_threads");
     }
 
-    public static string LibraryFileName =>
-        OperatingSystem.IsWindows() ? "nativepeft_emu.dll"
-        : OperatingSystem.IsMacOS() ? "libnativepeft_emu.dylib"
-        : "libnativepeft_emu.so";
+    public static string LibraryFileName => Path.GetFileName(KernelLocator.EmulatorLibraryPath);
 
     /// <summary>The directory searched for the emulator library.</summary>
-    public static string KernelsDirectory
-    {
-        get
-        {
-            string? env = Environment.GetEnvironmentVariable(KernelsDirVariable);
-            return string.IsNullOrEmpty(env) ? Path.Combine(AppContext.BaseDirectory, "kernels") : env;
-        }
-    }
+    public static string KernelsDirectory => KernelLocator.Directory;
 
     public static bool TryLoad(out EmuNative? native, out string reason)
     {

@@ -1,0 +1,157 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Text.Json;
+using NativePeft.Numerics;
+using NativePeft.Ops;
+using NativePeft.Quantization;
+using NativePeft.Runtime;
+using Spectre.Console;
+
+namespace NativePeft.Cli.Commands;
+
+/// <summary>
+/// `nativepeft bench`: the 4-bit kernels' throughput on one device, each against the limit measured in the same
+/// run: a device-to-device copy of the bf16 tensor (the memory-bandwidth ceiling those kernels work under).
+/// </summary>
+public static class BenchCommand
+{
+    public sealed record Row(string Op, string Shape, double Ms, double GBps, double OfCopy);
+
+    public static Command Create(TextWriter stdout)
+    {
+        var device = new Option<string>("--device") { Description = "auto|cuda|emulator|cpu", DefaultValueFactory = _ => "auto" };
+        device.AcceptOnlyFromAmong("auto", "cuda", "emulator", "cpu");
+        var elements = new Option<long>("--elements") { Description = "tensor size (default: 64M on CUDA, 16M on CPU, 4M on the emulator)" };
+        var json = new Option<bool>("--json") { Description = "print the rows as JSON" };
+        var cmd = new Command("bench", "Benchmark the 4-bit kernels against a copy of the same bytes") { device, elements, json };
+        cmd.SetAction(parse =>
+        {
+            var deviceName = parse.GetValue(device)!;
+            long n = parse.GetValue(elements);
+            List<Row> rows;
+            string where;
+            if (deviceName == "cpu")
+            {
+                n = n > 0 ? n : 16L << 20;
+                rows = RunCpu(n);
+                where = $"CPU reference ({Environment.ProcessorCount} cores)";
+            }
+            else
+            {
+                using var gpu = GpuFactory.TryCreate(deviceName, out var reason) ?? throw new CliException($"--device {deviceName}: {reason}");
+                n = n > 0 ? n : gpu.Properties.Kind == GpuKind.Cuda ? 64L << 20 : 4L << 20;
+                rows = RunGpu(gpu, n);
+                where = gpu.Properties.Name;
+            }
+            if (parse.GetValue(json))
+            {
+                stdout.WriteLine(JsonSerializer.Serialize(new { device = where, elements = n, rows },
+                    new JsonSerializerOptions { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower }));
+                return 0;
+            }
+            var console = Output.Console(stdout);
+            var table = new Table().Border(TableBorder.Rounded).Title(Markup.Escape($"4-bit kernels on {where}, n = {n:N0}, blocksize 64"))
+                .AddColumn("op").AddColumn("shape").AddColumn(new TableColumn("ms").RightAligned())
+                .AddColumn(new TableColumn("GB/s").RightAligned()).AddColumn(new TableColumn("of copy GB/s").RightAligned());
+            foreach (var r in rows)
+                table.AddRow(r.Op, r.Shape, r.Ms.ToString("0.000"), r.GBps.ToString("0.0"), r.OfCopy.ToString("P0"));
+            console.Write(table);
+            return 0;
+        });
+        return cmd;
+    }
+
+    /// <summary>Median milliseconds of <paramref name="op"/> over repeats (after one warm-up), at least 3 and about 0.5 s.</summary>
+    private static double Time(Action op, Action sync)
+    {
+        op(); sync();
+        var samples = new List<double>();
+        var total = Stopwatch.StartNew();
+        while (samples.Count < 3 || (total.Elapsed.TotalSeconds < 0.5 && samples.Count < 100))
+        {
+            var sw = Stopwatch.StartNew();
+            op(); sync();
+            samples.Add(sw.Elapsed.TotalMilliseconds);
+        }
+        samples.Sort();
+        return samples[samples.Count / 2];
+    }
+
+    private static Row MakeRow(string op, string shape, double ms, double bytes, double copyGBps)
+    {
+        double gbps = bytes / (ms * 1e-3) / 1e9;
+        return new Row(op, shape, ms, gbps, copyGBps > 0 ? gbps / copyGBps : 1);
+    }
+
+    private const int Blocksize = 64;
+
+    private static List<Row> RunGpu(IGpu gpu, long n)
+    {
+        var ops = new GpuQuantOps(gpu);
+        long nb = GpuQuantOps.AbsmaxCount(n, Blocksize), packedBytes = GpuQuantOps.PackedBytes(n);
+        var x = RandomBf16(n);
+        var ptrs = new List<DevicePtr>();
+        DevicePtr Alloc(long bytes) { var p = gpu.Alloc(bytes); ptrs.Add(p); return p; }
+        try
+        {
+            var dx = Alloc(n * 2); var dy = Alloc(n * 2); var dAbsmax = Alloc(nb * 4); var dPacked = Alloc(packedBytes);
+            gpu.CopyToDevice<BFloat16>(x, dx);
+            var rows = new List<Row>();
+            double copyMs = Time(() => gpu.CopyDeviceToDevice(dx, dy, n * 2), gpu.Synchronize);
+            double copyGBps = 4.0 * n / (copyMs * 1e-3) / 1e9;
+            rows.Add(MakeRow("copy bf16 (device to device)", $"{n:N0}", copyMs, 4.0 * n, copyGBps));
+            double qBytes = 2.0 * n + packedBytes + 4.0 * nb;
+            rows.Add(MakeRow("quantize_4bit_nf4_bf16", $"{n:N0}",
+                Time(() => ops.Quantize4bit(QuantType.Nf4, DType.BF16, dx, n, Blocksize, dAbsmax, dPacked), gpu.Synchronize), qBytes, copyGBps));
+            rows.Add(MakeRow("dequantize_4bit_nf4_bf16", $"{n:N0}",
+                Time(() => ops.Dequantize4bit(QuantType.Nf4, DType.BF16, dPacked, dAbsmax, n, Blocksize, dy), gpu.Synchronize), qBytes, copyGBps));
+            long nF32 = n / 2; // fp32 output of half the elements fits the bf16 buffer
+            rows.Add(MakeRow("dequantize_4bit_nf4_f32", $"{nF32:N0}",
+                Time(() => ops.Dequantize4bit(QuantType.Nf4, DType.F32, dPacked, dAbsmax, nF32, Blocksize, dy), gpu.Synchronize),
+                4.0 * nF32 + GpuQuantOps.PackedBytes(nF32) + 4.0 * GpuQuantOps.AbsmaxCount(nF32, Blocksize), copyGBps));
+            foreach (var (outF, inF) in new[] { (4096, 4096), (14336, 4096), (4096, 14336) })
+            {
+                long wn = (long)outF * inF;
+                if (wn > n) continue;
+                var dxv = Alloc(inF * 2L); var dyv = Alloc(outF * 2L);
+                gpu.CopyToDevice<BFloat16>(x.AsSpan(0, inF), dxv);
+                long wBytes = GpuQuantOps.PackedBytes(wn) + 4 * GpuQuantOps.AbsmaxCount(wn, Blocksize);
+                rows.Add(MakeRow("gemv_4bit_nf4_bf16", $"{outF}x{inF}",
+                    Time(() => ops.Gemv4bit(QuantType.Nf4, DType.BF16, dxv, dPacked, dAbsmax, dyv, outF, inF, Blocksize), gpu.Synchronize),
+                    wBytes + 2.0 * (inF + outF), copyGBps));
+            }
+            return rows;
+        }
+        finally
+        {
+            foreach (var p in ptrs) gpu.Free(p);
+        }
+    }
+
+    private static List<Row> RunCpu(long n)
+    {
+        if (n > int.MaxValue / 2) throw new CliException("--elements: at most 1G elements on the CPU");
+        var x = RandomBf16(n);
+        var y = new BFloat16[n];
+        var packed = new byte[Quant4Bit.PackedLength(n)];
+        var absmax = new float[Quant4Bit.BlockCount(n, Blocksize)];
+        var rows = new List<Row>();
+        double copyMs = Time(() => x.AsSpan().CopyTo(y), () => { });
+        double copyGBps = 4.0 * n / (copyMs * 1e-3) / 1e9;
+        rows.Add(MakeRow("copy bf16 (memory to memory)", $"{n:N0}", copyMs, 4.0 * n, copyGBps));
+        double qBytes = 2.0 * n + packed.Length + 4.0 * absmax.Length;
+        rows.Add(MakeRow("Quant4Bit.Quantize nf4 bf16", $"{n:N0}",
+            Time(() => Quant4Bit.Quantize<BFloat16>(x, packed, absmax, QuantType.Nf4, Blocksize), () => { }), qBytes, copyGBps));
+        rows.Add(MakeRow("Quant4Bit.Dequantize nf4 bf16", $"{n:N0}",
+            Time(() => Quant4Bit.Dequantize<BFloat16>(packed, absmax, y, QuantType.Nf4, Blocksize), () => { }), qBytes, copyGBps));
+        return rows;
+    }
+
+    private static BFloat16[] RandomBf16(long n)
+    {
+        var rng = new Random(0);
+        var v = new BFloat16[n];
+        for (long i = 0; i < n; i++) v[i] = (BFloat16)(float)(rng.NextDouble() * 2 - 1);
+        return v;
+    }
+}
