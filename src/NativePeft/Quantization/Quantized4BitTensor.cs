@@ -17,23 +17,10 @@ public sealed record Quantized4BitTensor
     /// F32, BF16 or F16.
     /// </summary>
     public static Quantized4BitTensor Quantize<T>(ReadOnlySpan<T> values, long[] shape, QuantType quantType, int blocksize,
-        bool doubleQuant, DType originalDtype) where T : unmanaged
-    {
-        ArgumentNullException.ThrowIfNull(shape);
-        Quant4Bit.ValidateBlocksize(blocksize);
-        long n = DTypes.ElementCount(shape);
-        if (n != values.Length)
-            throw new ArgumentException($"shape [{string.Join(", ", shape)}] has {n} elements, values has {values.Length}", nameof(shape));
-        if (originalDtype is not (DType.F32 or DType.BF16 or DType.F16))
-            throw new ArgumentException($"original dtype must be F32, BF16 or F16, got {originalDtype}", nameof(originalDtype));
-        var packed = new byte[Quant4Bit.PackedLength(n)];
-        var absmax = new float[Quant4Bit.BlockCount(n, blocksize)];
-        T[] copy = values.ToArray(); // Memory for the parallel path
-        Quant4Bit.Quantize<T>(copy, packed, absmax, quantType, blocksize);
-        return FromParts(packed, absmax, shape, quantType, blocksize, doubleQuant, originalDtype);
-    }
+        bool doubleQuant, DType originalDtype) where T : unmanaged =>
+        Quantize(new ReadOnlyMemory<T>(values.ToArray()), shape, quantType, blocksize, doubleQuant, originalDtype); // Memory for the parallel path
 
-    /// <summary>As the span overload, without copying the input.</summary>
+    /// <summary>As the span overload, without copying the input (blocks are quantized in parallel).</summary>
     public static Quantized4BitTensor Quantize<T>(ReadOnlyMemory<T> values, long[] shape, QuantType quantType, int blocksize,
         bool doubleQuant, DType originalDtype) where T : unmanaged
     {
