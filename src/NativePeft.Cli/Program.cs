@@ -14,6 +14,7 @@ public static class Program
         {
             InfoCommand.Create(stdout),
             QuantizeCommand.Create(stdout),
+            DequantizeCommand.Create(stdout),
             DemoCheckpointCommand.Create(stdout),
             BenchCommand.Create(stdout),
         };

@@ -19,8 +19,7 @@ public static class BenchCommand
 
     public static Command Create(TextWriter stdout)
     {
-        var device = new Option<string>("--device") { Description = "auto|cuda|emulator|cpu", DefaultValueFactory = _ => "auto" };
-        device.AcceptOnlyFromAmong("auto", "cuda", "emulator", "cpu");
+        var device = DeviceOption.Create("auto", "auto|cuda|emulator, or cpu for the C# reference");
         var elements = new Option<long>("--elements") { Description = "tensor size (default: 64M on CUDA, 16M on CPU, 4M on the emulator)" };
         var json = new Option<bool>("--json") { Description = "print the rows as JSON" };
         var cmd = new Command("bench", "Benchmark the 4-bit kernels against a copy of the same bytes") { device, elements, json };
@@ -38,7 +37,7 @@ public static class BenchCommand
             }
             else
             {
-                using var gpu = GpuFactory.TryCreate(deviceName, out var reason) ?? throw new CliException($"--device {deviceName}: {reason}");
+                using var gpu = DeviceOption.Open(deviceName)!;
                 n = n > 0 ? n : gpu.Properties.Kind == GpuKind.Cuda ? 64L << 20 : 4L << 20;
                 rows = RunGpu(gpu, n);
                 where = gpu.Properties.Name;

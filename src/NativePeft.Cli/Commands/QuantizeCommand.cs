@@ -25,8 +25,7 @@ public static class QuantizeCommand
                 r.AddError($"--blocksize {b}: must be a power of two in 32..4096");
         });
         var doubleQuant = new Option<bool>("--double-quant") { Description = "double-quantize absmax (8-bit, nested blocksize 256)" };
-        var device = new Option<string>("--device") { Description = "cpu (the C# reference), or run the kernels on auto|cuda|emulator", DefaultValueFactory = _ => "cpu" };
-        device.AcceptOnlyFromAmong("cpu", "auto", "cuda", "emulator");
+        var device = DeviceOption.Create("cpu", "cpu (the C# reference), or run the kernels on auto|cuda|emulator");
         var skip = new Option<string>("--skip") { Description = "comma-separated name parts of tensors kept as they are", DefaultValueFactory = _ => "embed_tokens,lm_head" };
 
         var cmd = new Command("quantize", "Quantize the linear weights of a safetensors checkpoint to 4 bits (bitsandbytes layout)")
@@ -47,10 +46,7 @@ public static class QuantizeCommand
                 Skip = parse.GetValue(skip)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries),
             };
             var console = Output.Console(stdout);
-            IGpu? gpu = null;
-            var deviceName = parse.GetValue(device)!;
-            if (deviceName != "cpu")
-                gpu = GpuFactory.TryCreate(deviceName, out var reason) ?? throw new CliException($"--device {deviceName}: {reason}");
+            IGpu? gpu = DeviceOption.Open(parse.GetValue(device)!);
             try
             {
                 var result = Run(console, inPath, outPath, options, gpu is null ? null : new GpuQuantOps(gpu));

@@ -52,11 +52,7 @@ public static class CheckpointQuantizer
     {
         logger ??= NullLogger.Instance;
         Quant4Bit.ValidateBlocksize(options.Blocksize);
-        if (Path.GetFullPath(inputPath) == Path.GetFullPath(outputPath))
-            throw new ArgumentException($"the output path {outputPath} is the input file: choose another", nameof(outputPath));
-        var outDir = Path.GetDirectoryName(Path.GetFullPath(outputPath))!;
-        if (!Directory.Exists(outDir))
-            throw new DirectoryNotFoundException($"the output folder {outDir} does not exist");
+        CheckOutputPath(inputPath, outputPath);
 
         var clock = Stopwatch.StartNew();
         using var file = SafetensorsFile.Open(inputPath);
@@ -94,6 +90,96 @@ public static class CheckpointQuantizer
             reports.Count(r => r.Quantized), reports.Count, inputPath, options.QuantType.Name(), options.Blocksize,
             options.DoubleQuant ? ", double quant" : "", device, clock.Elapsed.TotalSeconds);
         return new CheckpointQuantizeResult(reports, clock.Elapsed, device);
+    }
+
+    private const string QuantStateMarker = "weight.quant_state.bitsandbytes__";
+
+    /// <summary>The module prefixes ("model.layers.0.mlp.up_proj.") of the bitsandbytes 4-bit weights in a file.</summary>
+    public static IReadOnlyList<string> FourBitPrefixes(SafetensorsFile file) =>
+        file.Tensors.Select(t => t.Name)
+            .Where(n => n.EndsWith(QuantStateMarker + "nf4", StringComparison.Ordinal) || n.EndsWith(QuantStateMarker + "fp4", StringComparison.Ordinal))
+            .Select(n => n[..n.LastIndexOf(QuantStateMarker, StringComparison.Ordinal)])
+            .ToList();
+
+    /// <summary>
+    /// The inverse: every bitsandbytes 4-bit weight of <paramref name="inputPath"/> (ours or one bitsandbytes wrote)
+    /// back to a plain <c>weight</c> tensor in <paramref name="dtype"/> (null: the dtype its quant state records),
+    /// the other tensors unchanged. Written atomically.
+    /// </summary>
+    public static CheckpointQuantizeResult Dequantize(string inputPath, string outputPath, DType? dtype = null,
+        GpuQuantOps? gpu = null, ILogger? logger = null)
+    {
+        logger ??= NullLogger.Instance;
+        if (dtype is { } d && d is not (DType.F32 or DType.BF16 or DType.F16))
+            throw new ArgumentException($"dtype must be F32, BF16 or F16, got {d}", nameof(dtype));
+        CheckOutputPath(inputPath, outputPath);
+        var clock = Stopwatch.StartNew();
+        using var file = SafetensorsFile.Open(inputPath);
+        var prefixes = FourBitPrefixes(file);
+        var owner = new Dictionary<string, string>(StringComparer.Ordinal);
+        foreach (var prefix in prefixes)
+            foreach (var t in file.Tensors.Where(t => t.Name == prefix + "weight" || t.Name.StartsWith(prefix + "weight.", StringComparison.Ordinal)))
+                owner[t.Name] = prefix;
+        var reports = new List<TensorQuantizeReport>();
+        var output = new List<SafetensorsTensor>();
+        foreach (var info in file.Tensors)
+        {
+            if (!owner.TryGetValue(info.Name, out var prefix))
+            {
+                output.Add(new SafetensorsTensor(info.Name, info.DType, info.Shape, file.GetMemory(info.Name)));
+                reports.Add(new TensorQuantizeReport(info.Name, info.Shape, info.DType, false, info.ByteLength, info.ByteLength, 0, 0, 0));
+                continue;
+            }
+            if (info.Name != prefix + "weight") continue; // the state tensors of a 4-bit weight go with it
+            var q = BitsAndBytes4Bit.Load(file, prefix);
+            var target = dtype ?? q.State.Dtype;
+            var restored = DequantizeOne(prefix + "weight", q, target, gpu);
+            long before = file.Tensors.Where(t => owner.TryGetValue(t.Name, out var p) && p == prefix).Sum(t => t.ByteLength);
+            output.Add(restored);
+            reports.Add(new TensorQuantizeReport(restored.Name, q.State.Shape, target, true, before, restored.Data.Length, 0, 0, 0));
+        }
+        var metadata = new Dictionary<string, string>(file.Metadata);
+        metadata.TryAdd("format", "pt");
+        SafetensorsWriter.Write(outputPath, output, metadata);
+        var device = gpu?.Gpu.Properties.Name ?? "CPU reference";
+        logger.LogInformation("dequantized {Count} 4-bit weights of {Input} on {Device}", prefixes.Count, inputPath, device);
+        return new CheckpointQuantizeResult(reports, clock.Elapsed, device);
+    }
+
+    private static SafetensorsTensor DequantizeOne(string name, Quantized4BitTensor q, DType target, GpuQuantOps? gpu) => target switch
+    {
+        DType.F32 => SafetensorsTensor.From(name, q.State.Shape, DequantizeAs<float>(q, gpu)),
+        DType.BF16 => SafetensorsTensor.From(name, q.State.Shape, DequantizeAs<BFloat16>(q, gpu)),
+        _ => SafetensorsTensor.From(name, q.State.Shape, DequantizeAs<Half>(q, gpu)),
+    };
+
+    private static T[] DequantizeAs<T>(Quantized4BitTensor q, GpuQuantOps? gpu) where T : unmanaged
+    {
+        var values = new T[q.ElementCount];
+        if (gpu is null)
+        {
+            q.Dequantize<T>(values);
+            return values;
+        }
+        float[] absmax = q.State.IsDoubleQuant ? DecodeAbsmaxOn(gpu, q.State.Nested!) : q.State.Absmax!;
+        gpu.Dequantize4bit<T>(q.State.QuantType, q.Packed, absmax, q.State.Blocksize, values);
+        return values;
+    }
+
+    private static float[] DecodeAbsmaxOn(GpuQuantOps gpu, DoubleQuantState nested)
+    {
+        var absmax = new float[nested.QuantizedAbsmax.Length];
+        gpu.DequantizeAbsmaxDoubleQuant(nested, absmax);
+        return absmax;
+    }
+
+    private static void CheckOutputPath(string inputPath, string outputPath)
+    {
+        if (Path.GetFullPath(inputPath) == Path.GetFullPath(outputPath))
+            throw new ArgumentException($"the output path {outputPath} is the input file: choose another", nameof(outputPath));
+        var outDir = Path.GetDirectoryName(Path.GetFullPath(outputPath))!;
+        if (!Directory.Exists(outDir))
+            throw new DirectoryNotFoundException($"the output folder {outDir} does not exist");
     }
 
     private static Quantized4BitTensor QuantizeOne(SafetensorsFile file, SafetensorsTensorInfo info, CheckpointQuantizeOptions o, GpuQuantOps? gpu)

@@ -185,3 +185,49 @@ public class CliTests
             Assert.That(row.GetProperty("ms").GetDouble(), Is.GreaterThan(0));
     }
 }
+
+/// <summary>`nativepeft dequantize` against formats.md's decode rule, computed here from the raw file bytes.</summary>
+[Parallelizable(ParallelScope.None)]
+public class DequantizeCliTests
+{
+    // formats.md, NF4 code, index 0..15
+    private static readonly float[] Nf4 =
+    [
+        -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+        -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+        0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+        0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
+    ];
+
+    [Test]
+    public void DequantizeDecodesEveryNibbleAsCodeTimesAbsmax()
+    {
+        using var dir = CliProcess.TempDir();
+        string model = dir["m.safetensors"], q = dir["q.safetensors"], back = dir["back.safetensors"], backEmu = dir["back-emu.safetensors"];
+        Assert.That(CliProcess.Run("demo-checkpoint", "--out", model, "--layers", "1", "--hidden", "64", "--intermediate", "96", "--vocab", "32").ExitCode, Is.EqualTo(0));
+        var r = CliProcess.Run("quantize", "--in", model, "--out", q, "--blocksize", "32");
+        Assert.That(r.ExitCode, Is.EqualTo(0), r.ToString());
+        r = CliProcess.Run("dequantize", "--in", q, "--out", back, "--dtype", "fp32");
+        Assert.That(r.ExitCode, Is.EqualTo(0), r.ToString());
+        Assert.That(r.Stdout, Does.Contain("7 4-bit weights dequantized"));
+        r = CliProcess.Run("dequantize", "--in", q, "--out", backEmu, "--dtype", "fp32", "--device", "emulator");
+        Assert.That(r.ExitCode, Is.EqualTo(0), r.ToString());
+        Assert.That(File.ReadAllBytes(backEmu), Is.EqualTo(File.ReadAllBytes(back)), "kernels on the emulator vs the C# reference");
+
+        using var qf = SafetensorsFile.Open(q);
+        using var bf = SafetensorsFile.Open(back);
+        using var mf = SafetensorsFile.Open(model);
+        Assert.That(bf.Tensors.Select(t => t.Name), Is.EquivalentTo(mf.Tensors.Select(t => t.Name)), "the original tensor names come back");
+        const string w = "model.layers.0.mlp.down_proj.weight";
+        var packed = qf.GetSpan<byte>(w);
+        var absmax = qf.GetSpan<float>(w + ".absmax");
+        var restored = bf.GetSpan<float>(w);
+        Assert.That(bf.GetInfo(w).Shape, Is.EqualTo(mf.GetInfo(w).Shape));
+        for (int i = 0; i < restored.Length; i++)
+        {
+            int nibble = (i & 1) == 0 ? packed[i / 2] >> 4 : packed[i / 2] & 15; // formats.md: element 2j in the high nibble
+            Assert.That(restored[i], Is.EqualTo(Nf4[nibble] * absmax[i / 32]), $"element {i}");
+        }
+        Assert.That(bf.GetBytes("model.norm.weight").SequenceEqual(mf.GetBytes("model.norm.weight")), Is.True);
+    }
+}
