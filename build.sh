@@ -191,6 +191,7 @@ cmd_gpu_bundle() {
   dotnet publish "$ROOT/src/NativePeft.Cli/NativePeft.Cli.csproj" -c "$CONFIG" -r linux-x64 --self-contained \
     -p:NativePeftKernelDir="$KERNEL_OUT/" -o "$stage" -nologo -v quiet >&2 || die "publish of the CLI failed"
   cp "$ROOT/build.sh" "$stage/build.sh"
+  cp "$ROOT/tests/reference/bnb_crosscheck.py" "$stage/bnb_crosscheck.py"
   cat > "$stage/gpu-check" <<'SH'
 #!/usr/bin/env bash
 # Runs the CUDA tests and kernel benchmarks from this bundle; writes gpu-results.txt next to it.
@@ -217,6 +218,12 @@ cmd_gpu_check() {
     echo "## kernel benchmarks"
     # gpu-check is for GPU machines: no CUDA device (or a failing benchmark) fails it, even if the tests passed.
     timeout 300 ./NativePeft.Cli bench --device cuda 2>&1 || { echo "bench failed: no CUDA device or a kernel error"; echo 1 > "$status"; }
+    echo "## bitsandbytes cross-check (same bytes both ways)"
+    if python3 -c "import torch, safetensors, bitsandbytes" 2>/dev/null; then
+      timeout 300 python3 ./bnb_crosscheck.py "$PWD/NativePeft.Cli" "$PWD/build/bnb-crosscheck" 2>&1 || echo 1 > "$status"
+    else
+      echo "skipped: python3 with torch, safetensors and bitsandbytes not found"
+    fi
   } 2>&1 | tee "$out"
   echo "results written to $PWD/$out"
   [ "$(cat "$status" 2>/dev/null)" = 0 ]
