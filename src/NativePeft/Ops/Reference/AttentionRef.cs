@@ -1,0 +1,214 @@
+using System.Numerics;
+
+namespace NativePeft.Ops.Reference;
+
+/// <summary>
+/// Causal scaled-dot-product attention with grouped-query heads (GQA), forward and backward, as a plain CPU
+/// reference that works the way the kernels do: one (b, h, t) query row at a time with an online softmax, never a
+/// T×T score matrix; the backward recomputes the probabilities from the forward's log-sum-exp (flash-attention-2).
+/// <para>
+/// Layouts (row-major): q[B, T, Hq, D], k[B, T, Hkv, D], v[B, T, Hkv, D], out/dout/dq[B, T, Hq, D],
+/// dk/dv[B, T, Hkv, D], lse[B, Hq, T]. Query head h reads kv head h / (Hq / Hkv) (HF repeat_kv order).
+/// scale = 1/sqrt(D); query t attends to keys s &lt;= t. All arithmetic (dot products, softmax, sums) is in T:
+/// the float path accumulates in float, as the kernels do.
+/// </para>
+/// <para>
+/// Parallel over (b, h) in the forward and over (b, kv head) in the backward (a kv head's dk/dv sum over its
+/// query-head group in a fixed order), so results are bit-identical for any degree of parallelism.
+/// Allocation: one D-length accumulator per work item.
+/// TODO (not in this slice): sequence boundaries for packed batches (cu_seqlens); every row of a batch entry is
+/// one causal sequence here.
+/// </para>
+/// </summary>
+public static class AttentionRef
+{
+    /// <summary>
+    /// out[b, t, h, :] = sum_{s&lt;=t} softmax_s(scale · q[b,t,h,:]·k[b,s,g,:]) · v[b,s,g,:] with g = h / (Hq/Hkv),
+    /// and lse[b, h, t] = log sum_{s&lt;=t} exp(scale · q·k) (the natural-log log-sum-exp of the scaled scores).
+    /// Span lengths must be at least the sizes in the class doc.
+    /// </summary>
+    /// <param name="maxDegreeOfParallelism">-1: the thread pool decides; 1: sequential. Never changes results.</param>
+    public static unsafe void Forward<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<T> lse,
+        int batch, int seqLen, int headsQ, int headsKv, int headDim, int maxDegreeOfParallelism = -1)
+        where T : unmanaged, IFloatingPointIeee754<T>
+    {
+        var shape = new Shape(batch, seqLen, headsQ, headsKv, headDim).Validate();
+        shape.Check(q, nameof(q), shape.QLength);
+        shape.Check(k, nameof(k), shape.KvLength);
+        shape.Check(v, nameof(v), shape.KvLength);
+        shape.Check(output, nameof(output), shape.QLength);
+        shape.Check(lse, nameof(lse), shape.LseLength);
+        if (shape.QLength == 0) return;
+        fixed (T* pq = q, pk = k, pv = v, po = output, pl = lse)
+        {
+            var work = new ForwardWork<T>(shape, pq, pk, pv, po, pl);
+            Run(batch * headsQ, maxDegreeOfParallelism, work.Run);
+        }
+    }
+
+    /// <summary>
+    /// Gradients of the forward: dq, dk, dv (all OVERWRITTEN) from dout, the inputs, and the forward's out and lse.
+    /// With P[t,s] = exp(scale·q_t·k_s − lse_t), dP[t,s] = dout_t·v_s, Dt = dout_t·out_t, dS = P ∘ (dP − Dt):
+    /// dq_t = scale · Σ_s dS[t,s] k_s; dk_s = scale · Σ_{h in group, t} dS[t,s] q_t; dv_s = Σ_{h in group, t} P[t,s] dout_t.
+    /// </summary>
+    /// <param name="maxDegreeOfParallelism">-1: the thread pool decides; 1: sequential. Never changes results.</param>
+    public static unsafe void Backward<T>(ReadOnlySpan<T> dout, ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v,
+        ReadOnlySpan<T> output, ReadOnlySpan<T> lse, Span<T> dq, Span<T> dk, Span<T> dv,
+        int batch, int seqLen, int headsQ, int headsKv, int headDim, int maxDegreeOfParallelism = -1)
+        where T : unmanaged, IFloatingPointIeee754<T>
+    {
+        var shape = new Shape(batch, seqLen, headsQ, headsKv, headDim).Validate();
+        shape.Check(dout, nameof(dout), shape.QLength);
+        shape.Check(q, nameof(q), shape.QLength);
+        shape.Check(k, nameof(k), shape.KvLength);
+        shape.Check(v, nameof(v), shape.KvLength);
+        shape.Check(output, nameof(output), shape.QLength);
+        shape.Check(lse, nameof(lse), shape.LseLength);
+        shape.Check(dq, nameof(dq), shape.QLength);
+        shape.Check(dk, nameof(dk), shape.KvLength);
+        shape.Check(dv, nameof(dv), shape.KvLength);
+        if (shape.QLength == 0) return;
+        fixed (T* pdo = dout, pq = q, pk = k, pv = v, po = output, pl = lse, pdq = dq, pdk = dk, pdv = dv)
+        {
+            var work = new BackwardWork<T>(shape, pdo, pq, pk, pv, po, pl, pdq, pdk, pdv);
+            Run(batch * headsKv, maxDegreeOfParallelism, work.Run);
+        }
+    }
+
+    private static void Run(int items, int maxDegreeOfParallelism, Action<int> body)
+    {
+        if (maxDegreeOfParallelism == 1 || items == 1)
+        {
+            for (int i = 0; i < items; i++) body(i);
+            return;
+        }
+        Parallel.For(0, items, new ParallelOptions { MaxDegreeOfParallelism = maxDegreeOfParallelism }, body);
+    }
+
+    private readonly record struct Shape(int B, int T, int Hq, int Hkv, int D)
+    {
+        public long QLength => (long)B * T * Hq * D;
+        public long KvLength => (long)B * T * Hkv * D;
+        public long LseLength => (long)B * Hq * T;
+        public int Group => Hq / Hkv;
+
+        public Shape Validate()
+        {
+            ArgumentOutOfRangeException.ThrowIfNegative(B, "batch");
+            ArgumentOutOfRangeException.ThrowIfNegative(T, "seqLen");
+            ArgumentOutOfRangeException.ThrowIfNegativeOrZero(Hq, "headsQ");
+            ArgumentOutOfRangeException.ThrowIfNegativeOrZero(Hkv, "headsKv");
+            ArgumentOutOfRangeException.ThrowIfNegativeOrZero(D, "headDim");
+            if (Hq % Hkv != 0) throw new ArgumentException($"headsQ ({Hq}) is not a multiple of headsKv ({Hkv})", "headsKv");
+            return this;
+        }
+
+        public void Check<TE>(ReadOnlySpan<TE> span, string name, long needed)
+        {
+            if (span.Length < needed) throw new ArgumentException($"{name} has {span.Length} elements, needs {needed}", name);
+        }
+
+        public void Check<TE>(Span<TE> span, string name, long needed) => Check((ReadOnlySpan<TE>)span, name, needed);
+    }
+
+    private static unsafe T Dot<T>(T* a, T* b, int n) where T : unmanaged, IFloatingPointIeee754<T>
+    {
+        T sum = T.Zero;
+        for (int i = 0; i < n; i++) sum += a[i] * b[i];
+        return sum;
+    }
+
+    /// <summary>One (b, h) pair: every query row t of that head, online softmax over s = 0..t.</summary>
+    private sealed unsafe class ForwardWork<T>(Shape s, T* q, T* k, T* v, T* output, T* lse)
+        where T : unmanaged, IFloatingPointIeee754<T>
+    {
+        public void Run(int item)
+        {
+            int b = item / s.Hq, h = item % s.Hq, g = h / s.Group, D = s.D;
+            T scale = T.One / T.Sqrt(T.CreateChecked(D));
+            long qRow = (long)s.Hq * D, kvRow = (long)s.Hkv * D;
+            T* qHead = q + (long)b * s.T * qRow + (long)h * D;
+            T* oHead = output + (long)b * s.T * qRow + (long)h * D;
+            T* kHead = k + (long)b * s.T * kvRow + (long)g * D;
+            T* vHead = v + (long)b * s.T * kvRow + (long)g * D;
+            T* lseRow = lse + ((long)b * s.Hq + h) * s.T;
+            var acc = new T[D];
+            for (int t = 0; t < s.T; t++)
+            {
+                T* qt = qHead + t * qRow;
+                T m = T.NegativeInfinity, l = T.Zero;
+                Array.Clear(acc);
+                for (int j = 0; j <= t; j++)
+                {
+                    T x = scale * Dot(qt, kHead + j * kvRow, D);
+                    T* vj = vHead + j * kvRow;
+                    if (x > m)
+                    {
+                        // New running max: rescale what was accumulated so far (exp(-inf) = 0 on the first key).
+                        T correction = T.Exp(m - x);
+                        l = l * correction + T.One;
+                        for (int d = 0; d < D; d++) acc[d] = acc[d] * correction + vj[d];
+                        m = x;
+                    }
+                    else
+                    {
+                        T p = T.Exp(x - m);
+                        l += p;
+                        for (int d = 0; d < D; d++) acc[d] += p * vj[d];
+                    }
+                }
+                T* ot = oHead + t * qRow;
+                for (int d = 0; d < D; d++) ot[d] = acc[d] / l;
+                lseRow[t] = m + T.Log(l);
+            }
+        }
+    }
+
+    /// <summary>One (b, kv head) pair: its dk/dv rows, and dq of every query head of its group.</summary>
+    private sealed unsafe class BackwardWork<T>(Shape s, T* dout, T* q, T* k, T* v, T* output, T* lse, T* dq, T* dk, T* dv)
+        where T : unmanaged, IFloatingPointIeee754<T>
+    {
+        public void Run(int item)
+        {
+            int b = item / s.Hkv, g = item % s.Hkv, D = s.D;
+            T scale = T.One / T.Sqrt(T.CreateChecked(D));
+            long qRow = (long)s.Hq * D, kvRow = (long)s.Hkv * D;
+            long kvBase = (long)b * s.T * kvRow + (long)g * D;
+            T* kHead = k + kvBase, vHead = v + kvBase, dkHead = dk + kvBase, dvHead = dv + kvBase;
+            for (int j = 0; j < s.T; j++)
+            for (int d = 0; d < D; d++)
+            {
+                dkHead[j * kvRow + d] = T.Zero;
+                dvHead[j * kvRow + d] = T.Zero;
+            }
+            var dqAcc = new T[D];
+            for (int h = g * s.Group; h < (g + 1) * s.Group; h++)
+            {
+                long qBase = (long)b * s.T * qRow + (long)h * D;
+                T* lseRow = lse + ((long)b * s.Hq + h) * s.T;
+                for (int t = 0; t < s.T; t++)
+                {
+                    T* qt = q + qBase + t * qRow, dot = dout + qBase + t * qRow, ot = output + qBase + t * qRow;
+                    T rowD = Dot(dot, ot, D);
+                    T lseT = lseRow[t];
+                    Array.Clear(dqAcc);
+                    for (int j = 0; j <= t; j++)
+                    {
+                        T* kj = kHead + j * kvRow, vj = vHead + j * kvRow, dkj = dkHead + j * kvRow, dvj = dvHead + j * kvRow;
+                        T p = T.Exp(scale * Dot(qt, kj, D) - lseT);
+                        T dS = p * (Dot(dot, vj, D) - rowD);
+                        T dSScaled = scale * dS;
+                        for (int d = 0; d < D; d++)
+                        {
+                            dqAcc[d] += dS * kj[d];
+                            dkj[d] += dSScaled * qt[d];
+                            dvj[d] += p * dot[d];
+                        }
+                    }
+                    T* dqt = dq + qBase + t * qRow;
+                    for (int d = 0; d < D; d++) dqt[d] = scale * dqAcc[d];
+                }
+            }
+        }
+    }
+}
