@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using NativePeft.Numerics;
 using NativePeft.Ops;
+using NativePeft.Ops.Reference;
 using NativePeft.Runtime;
 using NUnit.Framework;
 
@@ -10,7 +11,10 @@ namespace NativePeft.Tests.Ops;
 /// kernels/rmsnorm.cu, rope.cu, swiglu.cu and embedding.cu through <see cref="GpuTransformerOps"/> on every device:
 /// the emulator always (a missing libnativepeft_emu is a failure), CUDA when a device exists (ignored otherwise).
 /// <para>
-/// Oracle: float64 loops in this file over the exact (widened) inputs the kernels see. Tolerances, with
+/// Oracle: the CPU references (NativePeft.Ops.Reference: RmsNormRef, RopeRef, SwiGluRef, EmbeddingRef) run in
+/// float64 (T = double) over the exact (widened) inputs the kernels see, cross-checked against the float64 loops in
+/// this file (which also give the error magnitudes); the embedding against the reference in fp32 bit for bit.
+/// Tolerances, with
 /// u = 2^-24 (fp32 unit roundoff) and "mag" the sum of the absolute values of the terms that make up an output
 /// (so cancellation is accounted for, never hidden):
 /// <list type="bullet">
@@ -190,6 +194,19 @@ public sealed class GpuTransformerOpsTests
         Assert.That(bad, Is.EqualTo(-1), $"{what}[{bad}]: {detail}");
     }
 
+    private static double[] D(float[] a) => a.Select(v => (double)v).ToArray();
+
+    /// <summary>The reference (NativePeft.Ops.Reference, float64) and this file's float64 loop agree to 1e-12·mag.</summary>
+    private static void AssertOraclesAgree(double[] reference, double[] local, double[] mag, string what)
+    {
+        Assert.That(reference, Has.Length.EqualTo(local.Length), what);
+        for (int i = 0; i < local.Length; i++)
+        {
+            if (!(Math.Abs(reference[i] - local[i]) <= 1e-12 * mag[i] + 1e-300))
+                Assert.Fail($"{what}[{i}]: reference {reference[i]:R} vs local float64 loop {local[i]:R}");
+        }
+    }
+
     private static void AssertBitsEqual(float[] got, float[] expected, string what)
     {
         Assert.That(got, Has.Length.EqualTo(expected.Length), what);
@@ -244,7 +261,12 @@ public sealed class GpuTransformerOpsTests
         float[] y = Download(dY, n * c, dtype);
         float[] rstd = Download(dR, n, DType.F32);
 
-        (double[] yRef, double[] rRef) = RmsForward64(x, w, n, c, eps);
+        (double[] yLoop, double[] rLoop) = RmsForward64(x, w, n, c, eps);
+        var yRef = new double[n * c];
+        var rRef = new double[n];
+        RmsNormRef.Forward<double>(D(x), D(w), yRef, rRef, n, c, eps);
+        AssertOraclesAgree(rRef, rLoop, rLoop, "rstd oracles");
+        AssertOraclesAgree(yRef, yLoop, yLoop.Select(Math.Abs).ToArray(), "y oracles");
         double k = RmsBoundUlps(c);
         AssertClose(rstd, rRef, rRef, DType.F32, k, "rstd");
         AssertClose(y, yRef, yRef.Select(Math.Abs).ToArray(), dtype, k + 2, "y");
@@ -312,8 +334,13 @@ public sealed class GpuTransformerOpsTests
                 dwMag[j] += Math.Abs(tw);
             }
         }
-        AssertClose(dx, dxRef, dxMag, dtype, RmsBoundUlps(c) + 8, "dx");
-        AssertClose(dwGot, dwRef, dwMag, DType.F32, Math.Ceiling(n / 16.0) + 24, "dw");
+        var dxR = new double[n * c];
+        double[] dwR = D(dw0);
+        RmsNormRef.Backward<double>(D(dy), D(x), D(w), D(rstd), dxR, dwR, n, c);
+        AssertOraclesAgree(dxR, dxRef, dxMag, "dx oracles");
+        AssertOraclesAgree(dwR, dwRef, dwMag, "dw oracles");
+        AssertClose(dx, dxR, dxMag, dtype, RmsBoundUlps(c) + 8, "dx");
+        AssertClose(dwGot, dwR, dwMag, DType.F32, Math.Ceiling(n / 16.0) + 24, "dw");
     }
 
     [Test]
@@ -388,22 +415,18 @@ public sealed class GpuTransformerOpsTests
     // RoPE
     // ------------------------------------------------------------------------------------------
 
-    /// <summary>cos/sin tables [maxPos, D/2] (fp32) from theta = 10000, computed in float64 and rounded once.</summary>
-    private static (float[] Cos, float[] Sin) RopeTables(int maxPos, int headDim, double theta = 10000.0)
+    /// <summary>
+    /// cos/sin tables [maxPos, D/2] (fp32) for theta = 10000 (optionally llama3-scaled): RopeRef's inverse
+    /// frequencies and tables in float64, rounded once to fp32 (what the kernels take).
+    /// </summary>
+    private static (float[] Cos, float[] Sin) RopeTables(int maxPos, int headDim, double theta = 10000.0, RopeScaling? llama3 = null)
     {
         int half = headDim / 2;
-        var cos = new float[maxPos * half];
-        var sin = new float[maxPos * half];
-        for (int p = 0; p < maxPos; p++)
-        {
-            for (int i = 0; i < half; i++)
-            {
-                double invFreq = 1.0 / Math.Pow(theta, 2.0 * i / headDim);
-                cos[p * half + i] = (float)Math.Cos(p * invFreq);
-                sin[p * half + i] = (float)Math.Sin(p * invFreq);
-            }
-        }
-        return (cos, sin);
+        double[] invFreq = RopeRef.InverseFrequencies(headDim, theta, llama3);
+        var cos64 = new double[maxPos * half];
+        var sin64 = new double[maxPos * half];
+        RopeRef.Tables<double>(maxPos, invFreq, cos64, sin64);
+        return (cos64.Select(v => (float)v).ToArray(), sin64.Select(v => (float)v).ToArray());
     }
 
     /// <summary>float64 rotation of a [tokens, rowStride] buffer's first heads*D values per row; sign -1 = backward.</summary>
@@ -439,7 +462,7 @@ public sealed class GpuTransformerOpsTests
     {
         (int tokens, int heads, int d) = shape;
         const int maxPos = 4096;
-        (float[] cos, float[] sin) = RopeTables(maxPos, d);
+        (float[] cos, float[] sin) = RopeTables(maxPos, d, 500000.0, d >= 64 ? RopeScaling.Llama31 : null);
         var rng = new Random(tokens * 131 + d);
         int[] pos = Enumerable.Range(0, tokens).Select(t => t == 0 ? maxPos - 1 : rng.Next(maxPos)).ToArray();
         float[] x = Representable(Normal(tokens * heads * d, seed: 51 + d), dtype);
@@ -449,7 +472,11 @@ public sealed class GpuTransformerOpsTests
         else _ops.RopeForward(dtype, dX, dCos, dSin, dPos, tokens, heads, d, maxPos);
         _gpu!.Synchronize();
         float[] got = Download(dX, x.Length, dtype);
-        (double[] expected, double[] mag) = Rope64(x, cos, sin, pos, heads, d, (long)heads * d, backward ? -1.0 : 1.0);
+        (double[] local, double[] mag) = Rope64(x, cos, sin, pos, heads, d, (long)heads * d, backward ? -1.0 : 1.0);
+        var expected = new double[x.Length];
+        if (backward) RopeRef.BackwardFromTables<double>(D(x), pos, D(cos), D(sin), expected, tokens, heads, d);
+        else RopeRef.ForwardFromTables<double>(D(x), pos, D(cos), D(sin), expected, tokens, heads, d);
+        AssertOraclesAgree(expected, local, mag, "rope oracles");
         AssertClose(got, expected, mag, dtype, 4, backward ? "rope backward" : "rope forward");
     }
 
@@ -575,6 +602,13 @@ public sealed class GpuTransformerOpsTests
             dgRef[i] = dh[i] * (double)u[i] * sg * (1.0 + z * (1.0 - sg));
             dgMag[i] = Math.Abs(dh[i] * (double)u[i]) * sg * (1.0 + Math.Abs(z));
         }
+        var hR = new double[n]; var dgR = new double[n]; var duR = new double[n];
+        SwiGluRef.Forward<double>(D(g), D(u), hR, 1, n);
+        SwiGluRef.Backward<double>(D(dh), D(g), D(u), dgR, duR, 1, n);
+        AssertOraclesAgree(hR, hRef, hMag, "h oracles");
+        AssertOraclesAgree(dgR, dgRef, dgMag, "dg oracles");
+        AssertOraclesAgree(duR, duRef, duMag, "du oracles");
+        (hRef, dgRef, duRef) = (hR, dgR, duR);
         Assert.That(h.Concat(dg).Concat(du).All(float.IsFinite), "finite outputs for |g| up to 100");
         AssertClose(h, hRef, hMag, dtype, 12, "h");
         AssertClose(du, duRef, duMag, dtype, 12, "du");
@@ -632,7 +666,7 @@ public sealed class GpuTransformerOpsTests
         _gpu!.Synchronize();
         float[] got = Download(dOut, tokens * hidden, dtype);
         var expected = new float[tokens * hidden];
-        for (int n = 0; n < tokens; n++) Array.Copy(table, ids[n] * hidden, expected, n * hidden, hidden);
+        EmbeddingRef.Forward<float>(ids, table, expected, vocab, hidden);
         AssertBitsEqual(got, expected, "out");
     }
 
@@ -644,11 +678,14 @@ public sealed class GpuTransformerOpsTests
         int[] ids = Ids(tokens, vocab, 122 + tokens);
         float[] dtable0 = Normal(vocab * hidden, 123);
 
-        // the serial fp32 loop in token order (the CPU reference's order)
+        // the CPU reference in fp32: the serial loop in token order (dout widened exactly from bf16)
         var expected = (float[])dtable0.Clone();
+        EmbeddingRef.Backward<float>(ids, dout, expected, vocab, hidden);
+        var loop = (float[])dtable0.Clone();
         for (int n = 0; n < tokens; n++)
             for (int c = 0; c < hidden; c++)
-                expected[ids[n] * hidden + c] += dout[n * hidden + c];
+                loop[ids[n] * hidden + c] += dout[n * hidden + c];
+        AssertBitsEqual(expected, loop, "reference vs local serial loop");
 
         DevicePtr dIds = Upload(ids), dDout = Upload(dout, dtype);
         foreach (int partitions in new[] { 0, 1, Math.Min(3, vocab), vocab })
