@@ -1,0 +1,76 @@
+// swiglu.cu: the SwiGLU gate of the Llama MLP, elementwise. notes/ops-contract.md "SwiGLU".
+//
+//   forward : h = silu(g) * u,  silu(z) = z * sigmoid(z), sigmoid(z) = 1 / (1 + exp(-z))
+//   backward: du = dh * silu(g);  dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))
+//
+// T (g, u, h, dh, dg, du) is float or __nv_bfloat16; math in fp32 (expf), one rounding per output.
+// Note: HF rounds silu(g) to the input dtype before multiplying by u; we round once.
+// No __restrict__ on purpose: each element is read before the same thread writes it, so h may alias
+// g or u, and dg/du may alias g/u (in-place backward).
+//
+// C ABI: swiglu_forward_{f32,bf16}, swiglu_backward_{f32,bf16}.
+#include "common.cuh"
+
+namespace swigluk {
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+__device__ __forceinline__ float sigmoid(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+// ---------------------------------------------------------------------------------------------
+// Launch shape (both kernels): block = 256 threads, 1-D grid = min(ceil(n / 256), cap), grid-stride
+// loop over the n = N * I elements (64-bit index), one element per thread per step. No shared memory.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ void forward_body(const T* g, const T* u, T* h, long long n)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    {
+        const float z = to_f32(g[i]);
+        const float silu = z * sigmoid(z);
+        h[i] = from_f32<T>(silu * to_f32(u[i]));
+    }
+}
+
+template <typename T>
+__device__ void backward_body(const T* g, const T* u, const T* dh, T* dg, T* du, long long n)
+{
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    {
+        const float z = to_f32(g[i]);
+        const float v = to_f32(u[i]);
+        const float d = to_f32(dh[i]);
+        const float sg = sigmoid(z);
+        const float silu = z * sg;
+        const float dsilu = sg * (1.0f + z * (1.0f - sg));
+        dg[i] = from_f32<T>(d * v * dsilu);
+        du[i] = from_f32<T>(d * silu);
+    }
+}
+
+}  // namespace swigluk
+
+// swiglu_forward_{f32,bf16}(g[n], u[n], h[n], n)
+// Launch: block 256, grid min(ceil(n/256), cap), shared 0.
+extern "C" __global__ void swiglu_forward_f32(const float* g, const float* u, float* h, long long n)
+{ swigluk::forward_body<float>(g, u, h, n); }
+EMU_REGISTER(swiglu_forward_f32)
+extern "C" __global__ void swiglu_forward_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, __nv_bfloat16* h, long long n)
+{ swigluk::forward_body<__nv_bfloat16>(g, u, h, n); }
+EMU_REGISTER(swiglu_forward_bf16)
+
+// swiglu_backward_{f32,bf16}(g[n], u[n], dh[n], dg[n], du[n], n)
+// Launch: block 256, grid min(ceil(n/256), cap), shared 0.
+extern "C" __global__ void swiglu_backward_f32(const float* g, const float* u, const float* dh, float* dg, float* du, long long n)
+{ swigluk::backward_body<float>(g, u, dh, dg, du, n); }
+EMU_REGISTER(swiglu_backward_f32)
+extern "C" __global__ void swiglu_backward_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, const __nv_bfloat16* dh, __nv_bfloat16* dg, __nv_bfloat16* du, long long n)
+{ swigluk::backward_body<__nv_bfloat16>(g, u, dh, dg, du, n); }
+EMU_REGISTER(swiglu_backward_bf16)
