@@ -1,0 +1,293 @@
+using System.Numerics;
+using NativePeft.Numerics;
+using NativePeft.Ops.Reference;
+using NativePeft.Quantization;
+
+namespace NativePeft.Ops;
+
+/// <summary>
+/// <see cref="IOps"/> on the CPU: the C# references of Ops/Reference over host memory, in fp32 (the CPU training
+/// path) or fp64 (gradient checks against finite differences). GEMMs go through the host BLAS in fp32.
+/// </summary>
+public sealed unsafe class CpuOps : IOps
+{
+    private readonly HostTensorMemory _memory = new();
+
+    public string Name => "CPU reference";
+    public TensorMemory Memory => _memory;
+
+    private static Span<T> S<T>(Tensor t) where T : unmanaged => new((void*)t.Data.Address, checked((int)t.Count));
+
+    private static void Require(Tensor t, string name, params DType[] dtypes)
+    {
+        if (Array.IndexOf(dtypes, t.DType) < 0)
+            throw new ArgumentException($"{name}: dtype {t.DType} is not supported by the CPU ops here (expected {string.Join(" or ", dtypes)})", name);
+    }
+
+    /// <summary>The compute dtype of the CPU ops: F32 or F64, the same for every float tensor of one call.</summary>
+    private static DType Compute(string op, params Tensor?[] tensors)
+    {
+        DType? d = null;
+        foreach (var t in tensors)
+        {
+            if (t is null) continue;
+            if (t.DType is not (DType.F32 or DType.F64))
+                throw new ArgumentException($"{op}: {t} — the CPU ops compute in F32 or F64");
+            if (d is { } e && e != t.DType)
+                throw new ArgumentException($"{op}: mixed dtypes {e} and {t.DType}");
+            d = t.DType;
+        }
+        return d ?? DType.F32;
+    }
+
+    public void Upload<T>(ReadOnlySpan<T> source, Tensor destination) where T : unmanaged
+    {
+        CheckElement<T>(destination);
+        destination.ExpectCount(nameof(destination), source.Length);
+        source.CopyTo(S<T>(destination));
+    }
+
+    public void Download<T>(Tensor source, Span<T> destination) where T : unmanaged
+    {
+        CheckElement<T>(source);
+        if (destination.Length < source.Count)
+            throw new ArgumentException($"destination holds {destination.Length} elements, {source} has {source.Count}", nameof(destination));
+        S<T>(source).CopyTo(destination);
+    }
+
+    private static void CheckElement<T>(Tensor t) where T : unmanaged
+    {
+        if (DTypes.Of<T>() != t.DType)
+            throw new ArgumentException($"{typeof(T).Name} does not match the tensor's dtype {t.DType}");
+    }
+
+    public void Fill(Tensor x, double value)
+    {
+        switch (x.DType)
+        {
+            case DType.F32: S<float>(x).Fill((float)value); break;
+            case DType.F64: S<double>(x).Fill(value); break;
+            case DType.BF16: S<BFloat16>(x).Fill((BFloat16)value); break;
+            case DType.I32: S<int>(x).Fill(checked((int)value)); break;
+            default: throw new ArgumentException($"Fill: dtype {x.DType} not supported", nameof(x));
+        }
+    }
+
+    public void Copy(Tensor source, Tensor destination)
+    {
+        destination.ExpectCount(nameof(destination), source.Count);
+        if (source.DType == destination.DType)
+        {
+            new Span<byte>((void*)source.Data.Address, checked((int)source.Bytes)).CopyTo(new Span<byte>((void*)destination.Data.Address, checked((int)destination.Bytes)));
+            return;
+        }
+        double[] tmp = ToDouble(source);
+        switch (destination.DType)
+        {
+            case DType.F32: { var d = S<float>(destination); for (int i = 0; i < tmp.Length; i++) d[i] = (float)tmp[i]; break; }
+            case DType.F64: tmp.CopyTo(S<double>(destination)); break;
+            case DType.BF16: { var d = S<BFloat16>(destination); for (int i = 0; i < tmp.Length; i++) d[i] = BFloat16.FromSingle((float)tmp[i]); break; }
+            default: throw new ArgumentException($"Copy: dtype {destination.DType} not supported", nameof(destination));
+        }
+    }
+
+    private static double[] ToDouble(Tensor t)
+    {
+        var r = new double[t.Count];
+        switch (t.DType)
+        {
+            case DType.F32: { var s = S<float>(t); for (int i = 0; i < r.Length; i++) r[i] = s[i]; break; }
+            case DType.F64: S<double>(t).CopyTo(r); break;
+            case DType.BF16: { var s = S<BFloat16>(t); for (int i = 0; i < r.Length; i++) r[i] = s[i].ToSingle(); break; }
+            default: throw new ArgumentException($"dtype {t.DType} is not a float type");
+        }
+        return r;
+    }
+
+    public void Add(Tensor a, Tensor b, Tensor c)
+    {
+        b.ExpectCount(nameof(b), a.Count); c.ExpectCount(nameof(c), a.Count);
+        if (Compute("Add", a, b, c) == DType.F32) AddT(S<float>(a), S<float>(b), S<float>(c));
+        else AddT(S<double>(a), S<double>(b), S<double>(c));
+    }
+
+    private static void AddT<T>(Span<T> a, Span<T> b, Span<T> c) where T : INumber<T>
+    {
+        for (int i = 0; i < c.Length; i++) c[i] = a[i] + b[i];
+    }
+
+    public void Axpy(double alpha, Tensor x, Tensor y)
+    {
+        y.ExpectCount(nameof(y), x.Count);
+        if (Compute("Axpy", x, y) == DType.F32) { var xs = S<float>(x); var ys = S<float>(y); float a = (float)alpha; for (int i = 0; i < ys.Length; i++) ys[i] += a * xs[i]; }
+        else { var xs = S<double>(x); var ys = S<double>(y); for (int i = 0; i < ys.Length; i++) ys[i] += alpha * xs[i]; }
+    }
+
+    public void Scale(Tensor x, double alpha)
+    {
+        if (Compute("Scale", x) == DType.F32) { var s = S<float>(x); float a = (float)alpha; for (int i = 0; i < s.Length; i++) s[i] *= a; }
+        else { var s = S<double>(x); for (int i = 0; i < s.Length; i++) s[i] *= alpha; }
+    }
+
+    public void Matmul(Tensor a, bool transA, Tensor b, bool transB, Tensor c, double alpha = 1, double beta = 0)
+    {
+        int m = transA ? a.Columns : a.Rows, k = transA ? a.Rows : a.Columns;
+        int kb = transB ? b.Columns : b.Rows, n = transB ? b.Rows : b.Columns;
+        if (kb != k) throw new ArgumentException($"Matmul: inner dimensions differ: op(A) is [{m}, {k}], op(B) is [{kb}, {n}]");
+        if (c.Rows != m || c.Columns != n) throw new ArgumentException($"Matmul: C is [{c.Rows}, {c.Columns}], expected [{m}, {n}]");
+        if (Compute("Matmul", a, b, c) == DType.F32)
+        {
+            HostBlas.Sgemm(transA, transB, m, n, k, (float)alpha, S<float>(a), S<float>(b), (float)beta, S<float>(c));
+            return;
+        }
+        double* pa = (double*)a.Data.Address, pb = (double*)b.Data.Address, pc = (double*)c.Data.Address;
+        Parallel.For(0, m, i =>
+        {
+            for (int j = 0; j < n; j++)
+            {
+                double s = 0;
+                for (int p = 0; p < k; p++)
+                    s += (transA ? pa[(long)p * m + i] : pa[(long)i * k + p]) * (transB ? pb[(long)j * k + p] : pb[(long)p * n + j]);
+                long ci = (long)i * n + j;
+                pc[ci] = alpha * s + (beta == 0 ? 0 : beta * pc[ci]);
+            }
+        });
+    }
+
+    public void Dequantize4bit(QuantizedWeight weight, int firstRow, Tensor output)
+    {
+        long first = (long)firstRow * weight.Columns, n = output.Count;
+        if (output.Columns != weight.Columns || firstRow < 0 || firstRow + output.Rows > weight.Rows)
+            throw new ArgumentException($"Dequantize4bit: rows [{firstRow}, {firstRow + output.Rows}) x {output.Columns} outside the [{weight.Rows}, {weight.Columns}] weight");
+        if (first % weight.Blocksize != 0)
+            throw new ArgumentException($"Dequantize4bit: row {firstRow} does not start a block of {weight.Blocksize}");
+        var packed = S<byte>(weight.Packed).Slice(checked((int)(first / 2)));
+        var absmax = S<float>(weight.Absmax).Slice(checked((int)(first / weight.Blocksize)));
+        switch (output.DType)
+        {
+            case DType.F32: Quant4Bit.Dequantize(packed, absmax, S<float>(output), weight.QuantType, weight.Blocksize); break;
+            case DType.F64:
+                var tmp = new float[n];
+                Quant4Bit.Dequantize(packed, absmax, tmp, weight.QuantType, weight.Blocksize);
+                var o = S<double>(output);
+                for (int i = 0; i < n; i++) o[i] = tmp[i];
+                break;
+            default: throw new ArgumentException($"Dequantize4bit: output dtype {output.DType} not supported on the CPU", nameof(output));
+        }
+    }
+
+    public void RmsNormForward(Tensor x, Tensor weight, Tensor y, Tensor rstd, double eps)
+    {
+        int rows = x.Rows, cols = x.Columns;
+        if (Compute("RmsNormForward", x, weight, y, rstd) == DType.F32)
+            RmsNormRef.Forward<float>(S<float>(x), S<float>(weight), S<float>(y), S<float>(rstd), rows, cols, eps);
+        else
+            RmsNormRef.Forward<double>(S<double>(x), S<double>(weight), S<double>(y), S<double>(rstd), rows, cols, eps);
+    }
+
+    public void RmsNormBackward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight)
+    {
+        int rows = x.Rows, cols = x.Columns;
+        if (Compute("RmsNormBackward", dy, x, weight, rstd, dx, dweight) == DType.F32)
+            RmsNormRef.Backward<float>(S<float>(dy), S<float>(x), S<float>(weight), S<float>(rstd), S<float>(dx), dweight is null ? default : S<float>(dweight), rows, cols);
+        else
+            RmsNormRef.Backward<double>(S<double>(dy), S<double>(x), S<double>(weight), S<double>(rstd), S<double>(dx), dweight is null ? default : S<double>(dweight), rows, cols);
+    }
+
+    public void RopeForward(Tensor x, Tensor positions, Tensor cos, Tensor sin, int heads, int headDim) => Rope(x, positions, cos, sin, heads, headDim, false);
+    public void RopeBackward(Tensor dx, Tensor positions, Tensor cos, Tensor sin, int heads, int headDim) => Rope(dx, positions, cos, sin, heads, headDim, true);
+
+    private static void Rope(Tensor x, Tensor positions, Tensor cos, Tensor sin, int heads, int headDim, bool backward)
+    {
+        Require(positions, nameof(positions), DType.I32);
+        int tokens = positions.Rows * positions.Columns;
+        x.ExpectCount(nameof(x), (long)tokens * heads * headDim);
+        var pos = S<int>(positions);
+        if (Compute("Rope", x, cos, sin) == DType.F32)
+        {
+            var xs = S<float>(x);
+            if (backward) RopeRef.BackwardFromTables<float>(xs, pos, S<float>(cos), S<float>(sin), xs, tokens, heads, headDim);
+            else RopeRef.ForwardFromTables<float>(xs, pos, S<float>(cos), S<float>(sin), xs, tokens, heads, headDim);
+        }
+        else
+        {
+            var xs = S<double>(x);
+            if (backward) RopeRef.BackwardFromTables<double>(xs, pos, S<double>(cos), S<double>(sin), xs, tokens, heads, headDim);
+            else RopeRef.ForwardFromTables<double>(xs, pos, S<double>(cos), S<double>(sin), xs, tokens, heads, headDim);
+        }
+    }
+
+    public void AttentionForward(Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, int batch, int seqLen, int headsQ, int headsKv, int headDim)
+    {
+        if (Compute("AttentionForward", q, k, v, output, lse) == DType.F32)
+            AttentionRef.Forward<float>(S<float>(q), S<float>(k), S<float>(v), S<float>(output), S<float>(lse), batch, seqLen, headsQ, headsKv, headDim);
+        else
+            AttentionRef.Forward<double>(S<double>(q), S<double>(k), S<double>(v), S<double>(output), S<double>(lse), batch, seqLen, headsQ, headsKv, headDim);
+    }
+
+    public void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, Tensor dq, Tensor dk, Tensor dv,
+        int batch, int seqLen, int headsQ, int headsKv, int headDim)
+    {
+        if (Compute("AttentionBackward", dout, q, k, v, output, lse, dq, dk, dv) == DType.F32)
+            AttentionRef.Backward<float>(S<float>(dout), S<float>(q), S<float>(k), S<float>(v), S<float>(output), S<float>(lse),
+                S<float>(dq), S<float>(dk), S<float>(dv), batch, seqLen, headsQ, headsKv, headDim);
+        else
+            AttentionRef.Backward<double>(S<double>(dout), S<double>(q), S<double>(k), S<double>(v), S<double>(output), S<double>(lse),
+                S<double>(dq), S<double>(dk), S<double>(dv), batch, seqLen, headsQ, headsKv, headDim);
+    }
+
+    public void SwiGluForward(Tensor gate, Tensor up, Tensor h)
+    {
+        if (Compute("SwiGluForward", gate, up, h) == DType.F32)
+            SwiGluRef.Forward<float>(S<float>(gate), S<float>(up), S<float>(h), gate.Rows, gate.Columns);
+        else
+            SwiGluRef.Forward<double>(S<double>(gate), S<double>(up), S<double>(h), gate.Rows, gate.Columns);
+    }
+
+    public void SwiGluBackward(Tensor dh, Tensor gate, Tensor up, Tensor dgate, Tensor dup)
+    {
+        if (Compute("SwiGluBackward", dh, gate, up, dgate, dup) == DType.F32)
+            SwiGluRef.Backward<float>(S<float>(dh), S<float>(gate), S<float>(up), S<float>(dgate), S<float>(dup), gate.Rows, gate.Columns);
+        else
+            SwiGluRef.Backward<double>(S<double>(dh), S<double>(gate), S<double>(up), S<double>(dgate), S<double>(dup), gate.Rows, gate.Columns);
+    }
+
+    public void EmbeddingForward(Tensor ids, Tensor table, Tensor output)
+    {
+        Require(ids, nameof(ids), DType.I32);
+        if (Compute("EmbeddingForward", table, output) == DType.F32)
+            EmbeddingRef.Forward<float>(S<int>(ids), S<float>(table), S<float>(output), table.Rows, table.Columns);
+        else
+            EmbeddingRef.Forward<double>(S<int>(ids), S<double>(table), S<double>(output), table.Rows, table.Columns);
+    }
+
+    public void EmbeddingBackward(Tensor ids, Tensor dout, Tensor dtable)
+    {
+        Require(ids, nameof(ids), DType.I32);
+        if (Compute("EmbeddingBackward", dout, dtable) == DType.F32)
+            EmbeddingRef.Backward<float>(S<int>(ids), S<float>(dout), S<float>(dtable), dtable.Rows, dtable.Columns);
+        else
+            EmbeddingRef.Backward<double>(S<int>(ids), S<double>(dout), S<double>(dtable), dtable.Rows, dtable.Columns);
+    }
+
+    public (double Loss, int Count) CrossEntropyForward(Tensor hidden, Tensor weight, Tensor labels, Tensor lse, int chunk)
+    {
+        Require(labels, nameof(labels), DType.I32);
+        if (Compute("CrossEntropyForward", hidden, weight, lse) == DType.F32)
+            return CrossEntropyRef.Forward<float>(S<float>(hidden), S<float>(weight), S<int>(labels), S<float>(lse), hidden.Rows, hidden.Columns, weight.Rows, chunk);
+        return CrossEntropyRef.Forward<double>(S<double>(hidden), S<double>(weight), S<int>(labels), S<double>(lse), hidden.Rows, hidden.Columns, weight.Rows, chunk);
+    }
+
+    public void CrossEntropyBackward(Tensor hidden, Tensor weight, Tensor labels, Tensor lse, double dloss, Tensor dhidden, Tensor? dweight, int chunk)
+    {
+        Require(labels, nameof(labels), DType.I32);
+        if (Compute("CrossEntropyBackward", hidden, weight, lse, dhidden, dweight) == DType.F32)
+            CrossEntropyRef.Backward<float>(S<float>(hidden), S<float>(weight), S<int>(labels), S<float>(lse), (float)dloss, S<float>(dhidden),
+                dweight is null ? default : S<float>(dweight), hidden.Rows, hidden.Columns, weight.Rows, chunk);
+        else
+            CrossEntropyRef.Backward<double>(S<double>(hidden), S<double>(weight), S<int>(labels), S<double>(lse), dloss, S<double>(dhidden),
+                dweight is null ? default : S<double>(dweight), hidden.Rows, hidden.Columns, weight.Rows, chunk);
+    }
+
+    public void Dispose() => _memory.Dispose();
+}

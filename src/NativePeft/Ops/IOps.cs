@@ -1,0 +1,100 @@
+using NativePeft.Quantization;
+
+namespace NativePeft.Ops;
+
+/// <summary>
+/// The op set the modules call (DESIGN.md). Two implementations: <see cref="CpuOps"/> (the C# references over host
+/// memory, fp32, and fp64 for gradient checks) and <see cref="GpuOps"/> (the kernels of kernels/*.cu on an IGpu, with
+/// GEMMs through cuBLAS or, on the emulator, the host BLAS). Every tensor is row-major; an op never allocates the
+/// tensors it writes. Outputs are overwritten unless the parameter says "accumulates" (+=).
+/// </summary>
+public interface IOps : IDisposable
+{
+    /// <summary>"CPU reference", or the device's name.</summary>
+    string Name { get; }
+
+    /// <summary>Where this backend's tensors live.</summary>
+    TensorMemory Memory { get; }
+
+    // --- data movement -------------------------------------------------------------------------
+    /// <summary>Host → tensor; T is the tensor's element type (float for F32, double for F64, BFloat16 for BF16, int for I32, byte for U8).</summary>
+    void Upload<T>(ReadOnlySpan<T> source, Tensor destination) where T : unmanaged;
+    /// <summary>Tensor → host; T as for <see cref="Upload{T}"/>.</summary>
+    void Download<T>(Tensor source, Span<T> destination) where T : unmanaged;
+    void Fill(Tensor x, double value);
+    /// <summary>Same element count; converts between float dtypes (round to nearest even when narrowing).</summary>
+    void Copy(Tensor source, Tensor destination);
+
+    // --- elementwise -----------------------------------------------------------------------------
+    /// <summary>c = a + b (c may be a or b).</summary>
+    void Add(Tensor a, Tensor b, Tensor c);
+    /// <summary>y += alpha · x.</summary>
+    void Axpy(double alpha, Tensor x, Tensor y);
+    /// <summary>x *= alpha.</summary>
+    void Scale(Tensor x, double alpha);
+
+    // --- GEMM ------------------------------------------------------------------------------------
+    /// <summary>
+    /// C = alpha · op(A) · op(B) + beta · C, with fp32 accumulation (fp64 for F64). A is [m, k] ([k, m] when
+    /// <paramref name="transA"/>), B is [k, n] ([n, k] when <paramref name="transB"/>), C is [m, n]; the tensors are
+    /// read as matrices [Rows, Columns]. A linear layer is Matmul(x, false, W, true, y).
+    /// </summary>
+    void Matmul(Tensor a, bool transA, Tensor b, bool transB, Tensor c, double alpha = 1, double beta = 0);
+
+    // --- 4-bit weights ---------------------------------------------------------------------------
+    /// <summary>Rows [firstRow, firstRow + output.Rows) of the 4-bit weight, dequantized into <paramref name="output"/> [rows, columns].</summary>
+    void Dequantize4bit(QuantizedWeight weight, int firstRow, Tensor output);
+
+    // --- transformer ops (semantics: ops/Reference/*Ref.cs) --------------------------------------
+    /// <summary>y = weight · x · rstd per row; x, y [N, C] (y may be x), weight [C], rstd [N] (saved for the backward).</summary>
+    void RmsNormForward(Tensor x, Tensor weight, Tensor y, Tensor rstd, double eps);
+    /// <summary>dx (overwritten); dweight accumulates (null: frozen weight).</summary>
+    void RmsNormBackward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight);
+
+    /// <summary>
+    /// HF rotate_half RoPE in place on x [N, heads · headDim], token n at row positions[n] (I32) of the tables
+    /// cos/sin [P, headDim / 2] (F32 on the GPU, the compute dtype on the CPU).
+    /// </summary>
+    void RopeForward(Tensor x, Tensor positions, Tensor cos, Tensor sin, int heads, int headDim);
+    /// <summary>The inverse rotation in place on dx.</summary>
+    void RopeBackward(Tensor dx, Tensor positions, Tensor cos, Tensor sin, int heads, int headDim);
+
+    /// <summary>
+    /// Causal attention with grouped-query heads: q [B·T, Hq·D], k, v [B·T, Hkv·D], output [B·T, Hq·D],
+    /// lse [B, Hq, T] (F32 on the GPU; saved for the backward).
+    /// </summary>
+    void AttentionForward(Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, int batch, int seqLen, int headsQ, int headsKv, int headDim);
+    /// <summary>dq, dk, dv overwritten.</summary>
+    void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, Tensor dq, Tensor dk, Tensor dv,
+        int batch, int seqLen, int headsQ, int headsKv, int headDim);
+
+    /// <summary>h = silu(gate) · up, all [N, I].</summary>
+    void SwiGluForward(Tensor gate, Tensor up, Tensor h);
+    void SwiGluBackward(Tensor dh, Tensor gate, Tensor up, Tensor dgate, Tensor dup);
+
+    /// <summary>output [N, C] = table[ids[n]] with ids I32 [N], table [V, C].</summary>
+    void EmbeddingForward(Tensor ids, Tensor table, Tensor output);
+    /// <summary>dtable [V, C] accumulates dout rows at ids, in token order.</summary>
+    void EmbeddingBackward(Tensor ids, Tensor dout, Tensor dtable);
+
+    /// <summary>
+    /// Mean next-token cross-entropy of logits hidden · weightᵀ, computed over <paramref name="chunk"/> vocabulary rows
+    /// at a time (the [N, V] logits never exist at once): hidden [N, C], weight [V, C], labels I32 [N] (-100 ignored),
+    /// lse [N] (F32 on the GPU; saved). Returns the mean loss (summed in fp64) and the counted tokens.
+    /// </summary>
+    (double Loss, int Count) CrossEntropyForward(Tensor hidden, Tensor weight, Tensor labels, Tensor lse, int chunk);
+    /// <summary>dhidden overwritten with d(dloss · loss)/dhidden; dweight accumulates (null: frozen).</summary>
+    void CrossEntropyBackward(Tensor hidden, Tensor weight, Tensor labels, Tensor lse, double dloss, Tensor dhidden, Tensor? dweight, int chunk);
+}
+
+/// <summary>A bitsandbytes-layout 4-bit weight [Rows, Columns] on an <see cref="IOps"/>'s device.</summary>
+public sealed class QuantizedWeight
+{
+    public required Tensor Packed { get; init; }
+    /// <summary>fp32 absmax per block (double-quantized absmax is decoded when the weight is uploaded).</summary>
+    public required Tensor Absmax { get; init; }
+    public required QuantType QuantType { get; init; }
+    public required int Blocksize { get; init; }
+    public required int Rows { get; init; }
+    public required int Columns { get; init; }
+}

@@ -1,0 +1,119 @@
+using NativePeft.Numerics;
+using NativePeft.Ops;
+using NativePeft.Quantization;
+using NUnit.Framework;
+
+namespace NativePeft.Tests.Ops;
+
+/// <summary>CpuOps: the Tensor-level wrapper over the references — shapes, dtypes, and the parts it adds itself.</summary>
+public class CpuOpsTests
+{
+    private static double[] Rand(int n, int seed)
+    {
+        var r = new Random(seed);
+        return Enumerable.Range(0, n).Select(_ => r.NextDouble() * 2 - 1).ToArray();
+    }
+
+    [TestCase(false, false)]
+    [TestCase(true, false)]
+    [TestCase(false, true)]
+    [TestCase(true, true)]
+    public void MatmulAgreesInF32AndF64WithAHandLoop(bool ta, bool tb)
+    {
+        using var ops = new CpuOps();
+        const int m = 5, n = 3, k = 7;
+        double[] a = Rand(m * k, 1), b = Rand(k * n, 2), c0 = Rand(m * n, 3);
+        var expected = new double[m * n];
+        for (int i = 0; i < m; i++)
+        for (int j = 0; j < n; j++)
+        {
+            double s = 0;
+            for (int p = 0; p < k; p++) s += (ta ? a[p * m + i] : a[i * k + p]) * (tb ? b[j * k + p] : b[p * n + j]);
+            expected[i * n + j] = 0.5 * s - 2 * c0[i * n + j];
+        }
+        foreach (var dtype in new[] { DType.F64, DType.F32 })
+        {
+            var A = ops.Memory.Allocate(dtype, ta ? [k, m] : [m, k]);
+            var B = ops.Memory.Allocate(dtype, tb ? [n, k] : [k, n]);
+            var C = ops.Memory.Allocate(dtype, m, n);
+            Upload(ops, A, a); Upload(ops, B, b); Upload(ops, C, c0);
+            ops.Matmul(A, ta, B, tb, C, 0.5, -2);
+            var got = new double[m * n];
+            var tmp = ops.Memory.Allocate(DType.F64, m, n);
+            ops.Copy(C, tmp);
+            ops.Download<double>(tmp, got);
+            for (int i = 0; i < got.Length; i++)
+                Assert.That(got[i], Is.EqualTo(expected[i]).Within(dtype == DType.F64 ? 1e-13 : 1e-5), $"{dtype} C[{i}]");
+            foreach (var t in new[] { A, B, C, tmp }) ops.Memory.Free(t);
+        }
+        Assert.That(ops.Memory.AllocatedBytes, Is.EqualTo(0));
+    }
+
+    private static void Upload(CpuOps ops, Tensor t, double[] values)
+    {
+        var f64 = ops.Memory.Allocate(DType.F64, values.Length);
+        ops.Upload<double>(values, f64);
+        ops.Copy(f64, t);
+        ops.Memory.Free(f64);
+    }
+
+    [Test]
+    public void MatmulRejectsMismatchedShapesNamingThem()
+    {
+        using var ops = new CpuOps();
+        var a = ops.Memory.Allocate(DType.F32, 2, 3);
+        var b = ops.Memory.Allocate(DType.F32, 4, 5);
+        var c = ops.Memory.Allocate(DType.F32, 2, 5);
+        Assert.That(() => ops.Matmul(a, false, b, false, c), Throws.ArgumentException.With.Message.Contains("inner dimensions"));
+    }
+
+    [Test]
+    public void CopyConvertsToBf16WithRoundToNearestEven()
+    {
+        using var ops = new CpuOps();
+        // 1 + 2^-8 is halfway between two bf16 values (1 and 1 + 2^-7): ties to even → 1.0; 1 + 3·2^-8 → 1 + 2^-6.
+        float[] values = [1f + 1f / 256, 1f + 3f / 256, -2.5f];
+        var f = ops.Memory.Allocate(DType.F32, 3);
+        var h = ops.Memory.Allocate(DType.BF16, 3);
+        ops.Upload<float>(values, f);
+        ops.Copy(f, h);
+        var got = new BFloat16[3];
+        ops.Download<BFloat16>(h, got);
+        Assert.That(got.Select(x => x.ToSingle()), Is.EqualTo(new[] { 1f, 1f + 1f / 64, -2.5f }));
+    }
+
+    [Test]
+    public void DequantizeRowRangeEqualsTheSameRowsOfTheWholeWeight()
+    {
+        using var ops = new CpuOps();
+        const int rows = 6, cols = 64;
+        var w = Rand(rows * cols, 4).Select(x => (float)x).ToArray();
+        var q = Quantized4BitTensor.Quantize<float>(w, [rows, cols], QuantType.Nf4, 64, doubleQuant: false, DType.F32);
+        var packed = ops.Memory.Allocate(DType.U8, q.Packed.Length);
+        var absmax = ops.Memory.Allocate(DType.F32, q.State.Absmax!.Length);
+        ops.Upload<byte>(q.Packed, packed);
+        ops.Upload<float>(q.State.Absmax, absmax);
+        var qw = new QuantizedWeight { Packed = packed, Absmax = absmax, QuantType = QuantType.Nf4, Blocksize = 64, Rows = rows, Columns = cols };
+        var all = q.DequantizeToSingle();
+        var part = ops.Memory.Allocate(DType.F32, 2, cols);
+        ops.Dequantize4bit(qw, 3, part);
+        var got = new float[2 * cols];
+        ops.Download<float>(part, got);
+        Assert.That(got, Is.EqualTo(all.AsSpan(3 * cols, 2 * cols).ToArray()));
+        Assert.That(() => ops.Dequantize4bit(qw, 5, part), Throws.ArgumentException);
+    }
+
+    [Test]
+    public void MemoryCountsBytesAndPeak()
+    {
+        using var ops = new CpuOps();
+        var a = ops.Memory.Allocate(DType.F32, 10, 10);
+        var b = ops.Memory.Allocate(DType.BF16, 8);
+        Assert.That(ops.Memory.AllocatedBytes, Is.EqualTo(416));
+        ops.Memory.Free(a);
+        Assert.That(ops.Memory.AllocatedBytes, Is.EqualTo(16));
+        Assert.That(ops.Memory.PeakAllocatedBytes, Is.EqualTo(416));
+        Assert.That(() => ops.Memory.Free(a), Throws.InvalidOperationException);
+        ops.Memory.Free(b);
+    }
+}
