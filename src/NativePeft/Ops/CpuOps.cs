@@ -129,6 +129,37 @@ public sealed unsafe class CpuOps : IOps
         else { var s = S<double>(x); for (int i = 0; i < s.Length; i++) s[i] *= alpha; }
     }
 
+    public void Dropout(Tensor x, Tensor mask, double p, ulong seed, Tensor y)
+    {
+        Require(mask, nameof(mask), DType.U8);
+        mask.ExpectCount(nameof(mask), x.Count); y.ExpectCount(nameof(y), x.Count);
+        if (p is < 0 or >= 1) throw new ArgumentOutOfRangeException(nameof(p), p, "dropout probability must be in [0, 1)");
+        var m = S<byte>(mask);
+        DropoutRng.Mask(seed, p, m);
+        ApplyMask(x, m, p, y, "Dropout");
+    }
+
+    public void DropoutBackward(Tensor dy, Tensor mask, double p, Tensor dx)
+    {
+        Require(mask, nameof(mask), DType.U8);
+        mask.ExpectCount(nameof(mask), dy.Count); dx.ExpectCount(nameof(dx), dy.Count);
+        ApplyMask(dy, S<byte>(mask), p, dx, "DropoutBackward");
+    }
+
+    private static void ApplyMask(Tensor x, Span<byte> m, double p, Tensor y, string op)
+    {
+        if (Compute(op, x, y) == DType.F32)
+        {
+            var xs = S<float>(x); var ys = S<float>(y); float k = (float)(1 / (1 - p));
+            for (int i = 0; i < ys.Length; i++) ys[i] = m[i] != 0 ? xs[i] * k : 0f;
+        }
+        else
+        {
+            var xs = S<double>(x); var ys = S<double>(y); double k = 1 / (1 - p);
+            for (int i = 0; i < ys.Length; i++) ys[i] = m[i] != 0 ? xs[i] * k : 0;
+        }
+    }
+
     public void Matmul(Tensor a, bool transA, Tensor b, bool transB, Tensor c, double alpha = 1, double beta = 0)
     {
         int m = transA ? a.Columns : a.Rows, k = transA ? a.Rows : a.Columns;

@@ -33,6 +33,15 @@ public interface IOps : IDisposable
     /// <summary>x *= alpha.</summary>
     void Scale(Tensor x, double alpha);
 
+    /// <summary>
+    /// Dropout: mask (U8, same count as x) gets 1 where an element is kept, with probability 1 − p, drawn from a
+    /// counter-based generator of (seed, element index) so the mask is the same on every device and needs no state;
+    /// y = x · mask / (1 − p) (y may be x). p = 0 keeps everything.
+    /// </summary>
+    void Dropout(Tensor x, Tensor mask, double p, ulong seed, Tensor y);
+    /// <summary>dx = dy · mask / (1 − p) (dx may be dy), with the mask <see cref="Dropout"/> wrote.</summary>
+    void DropoutBackward(Tensor dy, Tensor mask, double p, Tensor dx);
+
     // --- GEMM ------------------------------------------------------------------------------------
     /// <summary>
     /// C = alpha · op(A) · op(B) + beta · C, with fp32 accumulation (fp64 for F64). A is [m, k] ([k, m] when
