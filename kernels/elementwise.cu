@@ -1,0 +1,188 @@
+// elementwise.cu: the small elementwise kernels of a training step (launcher: src/NativePeft/Ops/GpuElementwiseOps.cs).
+//
+//   fill_{f32,bf16}             y[i] = value                       (bf16: value rounded to nearest even)
+//   cast_f32_to_bf16            y[i] = bf16_rn(x[i])               (round to nearest even, NaN stays NaN)
+//   cast_bf16_to_f32            y[i] = x[i]                        (exact)
+//   add_{f32,bf16}              c[i] = a[i] + b[i]                 (fp32 add, one rounding; c may alias a or b)
+//   axpy_f32                    y[i] += alpha * x[i]               (fmaf: one rounding on both targets)
+//   scale_{f32,bf16}            y[i] = alpha * x[i]                (y may alias x)
+//   dropout_mask                mask[i] = keep(seed, offset + i)   (uint8 1 keep / 0 drop, Philox-4x32-10)
+//   apply_mask_scale_{f32,bf16} y[i] = mask[i] ? x[i] * scale : 0  (scale = 1/(1-p) from the host; y may alias x)
+//   sum_squares_f32             partials[b] = sum of x^2 over block b's slice, in double (pass 1)
+//   reduce_sum_f64              out[0] = sum of partials[0..count) (pass 2, one block, fixed order)
+//
+// Sizes are 64-bit element counts n. The elementwise kernels are grid-stride loops: any grid gives the same result
+// (the host picks grid = min(ceil(n/256), 16 * SMs), block 256). sum_squares_f32 is deterministic for a given grid,
+// and the host derives its grid from n alone (GpuElementwiseOps.SumSquaresBlocks), so the sum does not depend on the
+// device.
+//
+// Dropout RNG: element e = offset + i (a 64-bit counter) is decided by Philox-4x32-10 (Salmon et al., SC'11; Random123)
+// with key (seed_lo, seed_hi) and counter (e >> 2 low word, e >> 2 high word, 0, 0): word (e & 3) of the output is
+// r, and the element is dropped iff r < drop_threshold, where drop_threshold = round(p * 2^32) (capped at 2^32 - 1) is
+// computed by the host. The mask is a pure function of (seed, e, threshold); GpuElementwiseOps.DropoutMaskHost is the
+// bit-identical C# twin. (Not torch's dropout stream: same distribution, different numbers.)
+#include "common.cuh"
+
+namespace ewk {
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ long long first_index() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ long long grid_stride() { return (long long)gridDim.x * blockDim.x; }
+
+// Philox-4x32-10: returns word `lane` (0..3) of the output block for counter (c0, c1, 0, 0) and key (k0, k1).
+__device__ __forceinline__ unsigned int philox4x32_10_word(unsigned int c0, unsigned int c1, unsigned int k0,
+                                                           unsigned int k1, int lane)
+{
+    const unsigned int M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+    unsigned int x0 = c0, x1 = c1, x2 = 0u, x3 = 0u;
+    for (int round = 0; round < 10; round++)
+    {
+        if (round > 0) { k0 += W0; k1 += W1; }
+        const unsigned int hi0 = __umulhi(M0, x0), lo0 = M0 * x0;
+        const unsigned int hi1 = __umulhi(M1, x2), lo1 = M1 * x2;
+        const unsigned int y0 = hi1 ^ x1 ^ k0, y2 = hi0 ^ x3 ^ k1;
+        x0 = y0; x1 = lo1; x2 = y2; x3 = lo0;
+    }
+    return lane == 0 ? x0 : lane == 1 ? x1 : lane == 2 ? x2 : x3;
+}
+
+template <typename T>
+__device__ void fill_body(T* y, long long n, float value)
+{
+    const T v = from_f32<T>(value);
+    for (long long i = first_index(); i < n; i += grid_stride()) y[i] = v;
+}
+
+template <typename T>
+__device__ void add_body(const T* a, const T* b, T* c, long long n)
+{
+    for (long long i = first_index(); i < n; i += grid_stride()) c[i] = from_f32<T>(to_f32(a[i]) + to_f32(b[i]));
+}
+
+template <typename T>
+__device__ void scale_body(const T* x, T* y, long long n, float alpha)
+{
+    for (long long i = first_index(); i < n; i += grid_stride()) y[i] = from_f32<T>(alpha * to_f32(x[i]));
+}
+
+template <typename T>
+__device__ void apply_mask_scale_body(const T* x, const unsigned char* __restrict__ mask, T* y, long long n, float scale)
+{
+    for (long long i = first_index(); i < n; i += grid_stride())
+        y[i] = from_f32<T>(mask[i] != 0 ? to_f32(x[i]) * scale : 0.0f);
+}
+
+}  // namespace ewk
+
+// fill_{f32,bf16}(y[n], n, value). Launch: grid-stride, block 256.
+extern "C" __global__ void fill_f32(float* y, long long n, float value) { ewk::fill_body<float>(y, n, value); }
+EMU_REGISTER(fill_f32)
+extern "C" __global__ void fill_bf16(__nv_bfloat16* y, long long n, float value) { ewk::fill_body<__nv_bfloat16>(y, n, value); }
+EMU_REGISTER(fill_bf16)
+
+// cast_f32_to_bf16(x[n], y[n], n), cast_bf16_to_f32(x[n], y[n], n). Launch: grid-stride, block 256.
+extern "C" __global__ void cast_f32_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, long long n)
+{
+    for (long long i = ewk::first_index(); i < n; i += ewk::grid_stride()) y[i] = __float2bfloat16_rn(x[i]);
+}
+EMU_REGISTER(cast_f32_to_bf16)
+extern "C" __global__ void cast_bf16_to_f32(const __nv_bfloat16* __restrict__ x, float* __restrict__ y, long long n)
+{
+    for (long long i = ewk::first_index(); i < n; i += ewk::grid_stride()) y[i] = __bfloat162float(x[i]);
+}
+EMU_REGISTER(cast_bf16_to_f32)
+
+// add_{f32,bf16}(a[n], b[n], c[n], n): c = a + b; c may alias a or b. Launch: grid-stride, block 256.
+extern "C" __global__ void add_f32(const float* a, const float* b, float* c, long long n) { ewk::add_body<float>(a, b, c, n); }
+EMU_REGISTER(add_f32)
+extern "C" __global__ void add_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, __nv_bfloat16* c, long long n)
+{ ewk::add_body<__nv_bfloat16>(a, b, c, n); }
+EMU_REGISTER(add_bf16)
+
+// axpy_f32(alpha, x[n], y[n], n): y = fmaf(alpha, x, y) (one rounding). Launch: grid-stride, block 256.
+extern "C" __global__ void axpy_f32(float alpha, const float* __restrict__ x, float* __restrict__ y, long long n)
+{
+    for (long long i = ewk::first_index(); i < n; i += ewk::grid_stride()) y[i] = fmaf(alpha, x[i], y[i]);
+}
+EMU_REGISTER(axpy_f32)
+
+// scale_{f32,bf16}(x[n], y[n], n, alpha): y = alpha * x; y may alias x. Launch: grid-stride, block 256.
+extern "C" __global__ void scale_f32(const float* x, float* y, long long n, float alpha) { ewk::scale_body<float>(x, y, n, alpha); }
+EMU_REGISTER(scale_f32)
+extern "C" __global__ void scale_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, long long n, float alpha)
+{ ewk::scale_body<__nv_bfloat16>(x, y, n, alpha); }
+EMU_REGISTER(scale_bf16)
+
+// dropout_mask(mask[n] uint8, n, seed, offset, drop_threshold): mask[i] = philox_word(seed, offset + i) >= drop_threshold.
+// Launch: grid-stride, block 256.
+extern "C" __global__ void dropout_mask(unsigned char* __restrict__ mask, long long n, unsigned long long seed,
+                                        unsigned long long offset, unsigned int drop_threshold)
+{
+    const unsigned int k0 = (unsigned int)seed, k1 = (unsigned int)(seed >> 32);
+    for (long long i = ewk::first_index(); i < n; i += ewk::grid_stride())
+    {
+        const unsigned long long e = offset + (unsigned long long)i;
+        const unsigned long long block = e >> 2;
+        const unsigned int r = ewk::philox4x32_10_word((unsigned int)block, (unsigned int)(block >> 32), k0, k1, (int)(e & 3u));
+        mask[i] = r >= drop_threshold ? (unsigned char)1 : (unsigned char)0;
+    }
+}
+EMU_REGISTER(dropout_mask)
+
+// apply_mask_scale_{f32,bf16}(x[n], mask[n], y[n], n, scale): y = mask ? x * scale : 0; y may alias x.
+// Launch: grid-stride, block 256.
+extern "C" __global__ void apply_mask_scale_f32(const float* x, const unsigned char* mask, float* y, long long n, float scale)
+{ ewk::apply_mask_scale_body<float>(x, mask, y, n, scale); }
+EMU_REGISTER(apply_mask_scale_f32)
+extern "C" __global__ void apply_mask_scale_bf16(const __nv_bfloat16* x, const unsigned char* mask, __nv_bfloat16* y, long long n, float scale)
+{ ewk::apply_mask_scale_body<__nv_bfloat16>(x, mask, y, n, scale); }
+EMU_REGISTER(apply_mask_scale_bf16)
+
+// sum_squares_f32(x[n], n, partials[gridDim.x] double): block b sums x[i]^2 in double over i = b*256 + t,
+// += gridDim.x*256, thread t in index order, then a fixed shared-memory tree; partials[b] = the block's sum.
+// Launch: grid G (the host takes G from n alone, at most 1024), block 256 (exactly), shared 0.
+extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, long long n, double* __restrict__ partials)
+{
+    __shared__ double s[256];
+    const int t = (int)threadIdx.x;
+    double acc = 0.0;
+    for (long long i = ewk::first_index(); i < n; i += ewk::grid_stride())
+    {
+        const double v = (double)x[i];
+        acc += v * v;
+    }
+    s[t] = acc;
+    __syncthreads();
+    for (int half = 128; half > 0; half >>= 1)
+    {
+        if (t < half) s[t] += s[t + half];
+        __syncthreads();
+    }
+    if (t == 0) partials[blockIdx.x] = s[0];
+}
+EMU_REGISTER(sum_squares_f32)
+
+// reduce_sum_f64(partials[count], count, out[1] double): out[0] = sum, thread t adding entries t, t+256, ... in order,
+// then a fixed tree. Launch: grid 1, block 256 (exactly), shared 0.
+extern "C" __global__ void reduce_sum_f64(const double* __restrict__ partials, int count, double* __restrict__ out)
+{
+    __shared__ double s[256];
+    const int t = (int)threadIdx.x;
+    double acc = 0.0;
+    for (int i = t; i < count; i += 256) acc += partials[i];
+    s[t] = acc;
+    __syncthreads();
+    for (int half = 128; half > 0; half >>= 1)
+    {
+        if (t < half) s[t] += s[t + half];
+        __syncthreads();
+    }
+    if (t == 0) out[0] = s[0];
+}
+EMU_REGISTER(reduce_sum_f64)
