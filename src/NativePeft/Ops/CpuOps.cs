@@ -135,7 +135,7 @@ public sealed unsafe class CpuOps : IOps
         mask.ExpectCount(nameof(mask), x.Count); y.ExpectCount(nameof(y), x.Count);
         if (p is < 0 or >= 1) throw new ArgumentOutOfRangeException(nameof(p), p, "dropout probability must be in [0, 1)");
         var m = S<byte>(mask);
-        DropoutRng.Mask(seed, p, m);
+        GpuElementwiseOps.DropoutMaskHost(m, seed, 0, p); // the dropout_mask kernel's Philox stream, bit for bit
         ApplyMask(x, m, p, y, "Dropout");
     }
 

@@ -35,7 +35,8 @@ public interface IOps : IDisposable
 
     /// <summary>
     /// Dropout: mask (U8, same count as x) gets 1 where an element is kept, with probability 1 − p, drawn from a
-    /// counter-based generator of (seed, element index) so the mask is the same on every device and needs no state;
+    /// counter-based generator (Philox-4x32-10 of (seed, element index): GpuElementwiseOps.DropoutMaskHost and the
+    /// dropout_mask kernel) so the mask is the same on every device and needs no state;
     /// y = x · mask / (1 − p) (y may be x). p = 0 keeps everything.
     /// </summary>
     void Dropout(Tensor x, Tensor mask, double p, ulong seed, Tensor y);
