@@ -1,0 +1,508 @@
+// attention.cu: causal scaled-dot-product attention with grouped-query heads (GQA), forward and
+// backward, flash-attention style (notes/ops-contract.md "Causal attention"; CPU reference:
+// src/NativePeft/Ops/Reference/AttentionRef.cs).
+//
+// Layouts (row-major): q, out, dout, dq [B, T, Hq, D]; k, v, dk, dv [B, T, Hkv, D]; lse and the
+// backward's delta [B, Hq, T] fp32. Query head h reads kv head h / (Hq / Hkv). Query t attends to
+// keys s <= t. scale is passed by the host (1/sqrt(D)).
+//
+//   forward:   out[t] = sum_{s<=t} softmax_s(scale * q_t.k_s) v_s,  lse[t] = log sum_{s<=t} exp(scale * q_t.k_s)
+//   backward:  P[t,s] = exp(scale * q_t.k_s - lse[t]),  delta[t] = dout_t.out_t,
+//              dS[t,s] = P[t,s] * (dout_t.v_s - delta[t]),
+//              dq_t = scale * sum_s dS[t,s] k_s,   dk_s = scale * sum_{h in group, t} dS[t,s] q_t,
+//              dv_s = sum_{h in group, t} P[t,s] dout_t.
+//
+// T (q, k, v, out, dout, dq, dk, dv) is float or __nv_bfloat16; every value is widened to fp32 when it
+// is staged in shared memory and all math (dot products, exp, online softmax, sums) is fp32; each
+// output is rounded to T once. The T x T scores never exist in global memory: the forward keeps a
+// running max and sum per query row (online softmax) over key tiles staged in shared memory, and the
+// backward recomputes P from lse tile by tile.
+//
+// Head dimension D: a runtime argument, 1 <= D <= ATTN_MAX_HEAD_DIM = 128 (any value; the model uses
+// even 32..128). Shared memory is dynamic and sized by the host from D (rows are padded to D + 1
+// floats so that the rows read by one warp fall in different banks); at D = 128 every kernel uses
+// < 36 KB, below the 48 KB that needs no opt-in.
+//
+// No atomics anywhere: every output element is written by exactly one thread, and every sum is
+// accumulated in a fixed order that depends only on the shapes, so results are deterministic
+// (bit-identical from run to run and independent of scheduling). The backward is three kernels:
+// preprocess (delta), dk/dv (one block per (b, kv head, key tile), looping over the group's query heads
+// and the query tiles in order), dq (one block per (b, q head, query tile), looping over key tiles);
+// dq recomputes P and dP instead of accumulating with atomics.
+//
+// Only what the emulator supports: plain shared memory, __syncthreads, xor shuffles; no tensor cores,
+// no cp.async, no cooperative groups.
+//
+// C ABI: attention_forward_{f32,bf16}, attention_backward_preprocess_{f32,bf16},
+//        attention_backward_dkdv_{f32,bf16}, attention_backward_dq_{f32,bf16}.
+#include "common.cuh"
+
+#define ATTN_MAX_HEAD_DIM 128
+#define ATTN_THREADS 128
+
+// Full unrolling keeps the per-thread accumulator arrays (o, dk_acc, ...) in registers.
+#if defined(__CUDACC__)
+#define ATTN_UNROLL _Pragma("unroll")
+#else
+#define ATTN_UNROLL _Pragma("GCC unroll 32")
+#endif
+
+namespace attnk {
+
+constexpr int kMaxD = ATTN_MAX_HEAD_DIM;
+constexpr int kThreads = ATTN_THREADS;
+
+// Forward tile: 32 query rows x 16 keys; 4 threads per query row.
+constexpr int kFwdRows = 32;
+constexpr int kFwdKeys = 16;
+constexpr int kFwdLanes = kThreads / kFwdRows;
+// Backward tiles: 16 rows x 16 columns; 8 threads per row of the output tile.
+constexpr int kBwdRows = 16;
+constexpr int kBwdKeys = 16;
+constexpr int kBwdLanes = kThreads / kBwdRows;
+
+static_assert(kFwdKeys % kFwdLanes == 0 && kMaxD % kFwdLanes == 0, "forward tile shape");
+static_assert(kBwdRows % kBwdLanes == 0 && kBwdKeys % kBwdLanes == 0 && kMaxD % kBwdLanes == 0, "backward tile shape");
+static_assert(kBwdRows == kBwdKeys, "dk/dv and dq use the same lane mapping");
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+
+// Stages rows t = row0 .. row0 + rows - 1 of one head into tile[rows][ld] as fp32; rows at or past
+// seq_len are zero. `head` points at element (b, t = 0, head, d = 0); consecutive t are row_stride
+// elements apart. All threads of the block take part (coalesced: consecutive threads, consecutive d).
+template <typename T>
+__device__ __forceinline__ void load_tile(float* tile, int ld, const T* head, long long row_stride,
+                                          int row0, int rows, int seq_len, int D)
+{
+    for (int e = (int)threadIdx.x; e < rows * D; e += (int)blockDim.x)
+    {
+        const int r = e / D, d = e - r * D, t = row0 + r;
+        tile[r * ld + d] = t < seq_len ? to_f32(head[(long long)t * row_stride + d]) : 0.0f;
+    }
+}
+
+__device__ __forceinline__ float dot_rows(const float* a, const float* b, int D)
+{
+    float acc = 0.0f;
+    for (int d = 0; d < D; ++d) acc += a[d] * b[d];
+    return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. Launch: grid (ceil(T / 32), Hq, B), block 128, dynamic shared
+// ((32 + 2 * 16) * (D + 1) + 32 * 17) * 4 bytes. Block x handles query tile nqt - 1 - x (the
+// longest rows first). Thread (r = tid / 4, c = tid % 4) owns query row q0 + r, the scores of keys
+// c, c + 4, c + 8, c + 12 of each key tile, and the output columns d = c + 4k. Per key tile (16 keys,
+// up to the diagonal): K and V staged in shared memory; scores -> row max (xor shuffles over the 4
+// lanes of the row) -> rescale -> P to shared -> O += P V in registers.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ void forward_body(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                             T* __restrict__ out, float* __restrict__ lse, int seq_len, int Hq, int Hkv, int D,
+                             float scale)
+{
+    constexpr int BR = kFwdRows, BC = kFwdKeys, LANES = kFwdLanes;
+    constexpr int NS = BC / LANES, NO = kMaxD / LANES, LDP = BC + 1;
+    EMU_DYNAMIC_SHARED(float, smem);
+    const int ld = D + 1;
+    float* sQ = smem;             // [BR][ld]
+    float* sK = sQ + BR * ld;     // [BC][ld]
+    float* sV = sK + BC * ld;     // [BC][ld]
+    float* sP = sV + BC * ld;     // [BR][LDP]
+
+    const int nqt = (seq_len + BR - 1) / BR;
+    const int q0 = (nqt - 1 - (int)blockIdx.x) * BR;
+    const int h = (int)blockIdx.y, b = (int)blockIdx.z;
+    const int g = h / (Hq / Hkv);
+    const long long q_stride = (long long)Hq * D, kv_stride = (long long)Hkv * D;
+    const T* q_head = q + (long long)b * seq_len * q_stride + (long long)h * D;
+    const T* k_head = k + (long long)b * seq_len * kv_stride + (long long)g * D;
+    const T* v_head = v + (long long)b * seq_len * kv_stride + (long long)g * D;
+
+    const int tid = (int)threadIdx.x, r = tid / LANES, c = tid % LANES;
+    const int i = q0 + r;
+    const bool row_ok = i < seq_len;
+
+    load_tile(sQ, ld, q_head, q_stride, q0, BR, seq_len, D);
+
+    float o[NO];
+ATTN_UNROLL
+    for (int kk = 0; kk < NO; ++kk) o[kk] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+
+    const int last_row = min(q0 + BR, seq_len) - 1;
+    const int nkt = last_row / BC + 1;
+    for (int kt = 0; kt < nkt; ++kt)
+    {
+        const int k0 = kt * BC;
+        __syncthreads();  // the previous tile's reads of sK, sV, sP are done
+        load_tile(sK, ld, k_head, kv_stride, k0, BC, seq_len, D);
+        load_tile(sV, ld, v_head, kv_stride, k0, BC, seq_len, D);
+        __syncthreads();
+
+        float s[NS];
+        float mt = -INFINITY;
+ATTN_UNROLL
+        for (int n = 0; n < NS; ++n)
+        {
+            const int jj = c + LANES * n, j = k0 + jj;
+            float x = -INFINITY;
+            if (row_ok && j <= i)  // j <= i < seq_len
+                x = dot_rows(sQ + r * ld, sK + jj * ld, D) * scale;
+            s[n] = x;
+            mt = fmaxf(mt, x);
+        }
+ATTN_UNROLL
+        for (int off = 1; off < LANES; off <<= 1)
+            mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+        const float m_new = fmaxf(m, mt);
+        // A row with no key yet (only rows past seq_len: key 0 is in the first tile) keeps m = -inf,
+        // l = 0, o = 0, without a NaN from exp(-inf - -inf).
+        const float corr = m == -INFINITY ? 0.0f : expf(m - m_new);
+        float ps = 0.0f;
+ATTN_UNROLL
+        for (int n = 0; n < NS; ++n)
+        {
+            const float p = s[n] == -INFINITY ? 0.0f : expf(s[n] - m_new);
+            sP[r * LDP + c + LANES * n] = p;
+            ps += p;
+        }
+ATTN_UNROLL
+        for (int off = 1; off < LANES; off <<= 1)
+            ps += __shfl_xor_sync(0xffffffffu, ps, off);
+        l = l * corr + ps;
+        m = m_new;
+        __syncthreads();  // sP complete
+
+        const float* pr = sP + r * LDP;
+ATTN_UNROLL
+        for (int kk = 0; kk < NO; ++kk)
+        {
+            const int d = c + LANES * kk;
+            if (d < D)
+            {
+                float acc = o[kk] * corr;
+                for (int jj = 0; jj < BC; ++jj) acc += pr[jj] * sV[jj * ld + d];
+                o[kk] = acc;
+            }
+        }
+    }
+
+    if (row_ok)
+    {
+        T* orow = out + (long long)b * seq_len * q_stride + (long long)i * q_stride + (long long)h * D;
+ATTN_UNROLL
+        for (int kk = 0; kk < NO; ++kk)
+        {
+            const int d = c + LANES * kk;
+            if (d < D) orow[d] = from_f32<T>(o[kk] / l);
+        }
+        if (c == 0 && lse != nullptr) lse[((long long)b * Hq + h) * seq_len + i] = m + logf(l);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, preprocess: delta[b, h, t] = sum_d dout[b,t,h,d] * out[b,t,h,d] (fp32).
+// Launch: grid ceil(B * T * Hq / 4), block 128 (one warp per (b, t, h) row, rows in memory order;
+// lanes stride over d, then an xor-shuffle sum), no shared memory.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ void preprocess_body(const T* __restrict__ dout, const T* __restrict__ out, float* __restrict__ delta,
+                                int B, int seq_len, int Hq, int D)
+{
+    const int warp = (int)(threadIdx.x >> 5), lane = (int)(threadIdx.x & 31);
+    const long long n = (long long)blockIdx.x * (long long)(blockDim.x >> 5) + warp;
+    const long long rows = (long long)B * seq_len * Hq;
+    if (n >= rows) return;  // uniform over the warp
+    const T* a = dout + n * D;
+    const T* o = out + n * D;
+    float acc = 0.0f;
+    for (int d = lane; d < D; d += 32) acc += to_f32(a[d]) * to_f32(o[d]);
+ATTN_UNROLL
+    for (int off = 16; off > 0; off >>= 1)
+        acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0)
+    {
+        const int h = (int)(n % Hq);
+        const long long bt = n / Hq;
+        const int t = (int)(bt % seq_len), b = (int)(bt / seq_len);
+        delta[((long long)b * Hq + h) * seq_len + t] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, dk and dv (overwritten). Launch: grid (ceil(T / 16), Hkv, B), block 128, dynamic shared
+// ((4 * 16) * (D + 1) + 2 * 16 * 17 + 2 * 16) * 4 bytes. Block (x, g, b) owns keys k0 = 16x ..
+// k0 + 15 of kv head g: K and V stay in shared memory; it loops over the query heads of the group
+// in order and, for each, over the query tiles (16 rows) from the one holding row k0 to the last,
+// in order. Thread (jr = tid / 8, c = tid % 8) computes P and dS for key k0 + jr and query rows
+// c, c + 8 of the tile (into shared memory), then accumulates dv[d] += P dout, dk[d] += dS q for
+// its key and columns d = c + 8k in registers. dk is scaled once at the end.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ void backward_dkdv_body(const T* __restrict__ dout, const T* __restrict__ q, const T* __restrict__ k,
+                                   const T* __restrict__ v, const float* __restrict__ lse,
+                                   const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
+                                   int seq_len, int Hq, int Hkv, int D, float scale)
+{
+    constexpr int BR = kBwdRows, BC = kBwdKeys, LANES = kBwdLanes;
+    constexpr int NS = BR / LANES, NO = kMaxD / LANES, LDP = BR + 1;
+    EMU_DYNAMIC_SHARED(float, smem);
+    const int ld = D + 1;
+    float* sK = smem;              // [BC][ld]
+    float* sV = sK + BC * ld;      // [BC][ld]
+    float* sQ = sV + BC * ld;      // [BR][ld]
+    float* sdO = sQ + BR * ld;     // [BR][ld]
+    float* sP = sdO + BR * ld;     // [BC][LDP]
+    float* sdS = sP + BC * LDP;    // [BC][LDP]
+    float* sL = sdS + BC * LDP;    // [BR] lse of the tile's rows
+    float* sD = sL + BR;           // [BR] delta of the tile's rows
+
+    const int k0 = (int)blockIdx.x * BC;
+    const int g = (int)blockIdx.y, b = (int)blockIdx.z;
+    const int group = Hq / Hkv;
+    const long long q_stride = (long long)Hq * D, kv_stride = (long long)Hkv * D;
+    const long long kv_off = (long long)b * seq_len * kv_stride + (long long)g * D;
+
+    const int tid = (int)threadIdx.x, jr = tid / LANES, c = tid % LANES;
+    const int j = k0 + jr;
+
+    load_tile(sK, ld, k + kv_off, kv_stride, k0, BC, seq_len, D);
+    load_tile(sV, ld, v + kv_off, kv_stride, k0, BC, seq_len, D);
+
+    float dk_acc[NO], dv_acc[NO];
+ATTN_UNROLL
+    for (int kk = 0; kk < NO; ++kk) { dk_acc[kk] = 0.0f; dv_acc[kk] = 0.0f; }
+
+    const int nqt = (seq_len + BR - 1) / BR;
+    const int qt_first = k0 / BR;
+    for (int hh = 0; hh < group; ++hh)
+    {
+        const int h = g * group + hh;
+        const long long q_off = (long long)b * seq_len * q_stride + (long long)h * D;
+        const long long row_off = ((long long)b * Hq + h) * seq_len;
+        for (int qt = qt_first; qt < nqt; ++qt)
+        {
+            const int q0 = qt * BR;
+            __syncthreads();  // the previous tile's reads of sQ, sdO, sP, sdS, sL, sD are done
+            load_tile(sQ, ld, q + q_off, q_stride, q0, BR, seq_len, D);
+            load_tile(sdO, ld, dout + q_off, q_stride, q0, BR, seq_len, D);
+            for (int e = tid; e < BR; e += (int)blockDim.x)
+            {
+                const int i = q0 + e;
+                sL[e] = i < seq_len ? lse[row_off + i] : 0.0f;
+                sD[e] = i < seq_len ? delta[row_off + i] : 0.0f;
+            }
+            __syncthreads();
+
+ATTN_UNROLL
+            for (int n = 0; n < NS; ++n)
+            {
+                const int ii = c + LANES * n, i = q0 + ii;
+                float p = 0.0f, ds = 0.0f;
+                if (j <= i && i < seq_len)
+                {
+                    const float s = dot_rows(sK + jr * ld, sQ + ii * ld, D) * scale;
+                    p = expf(s - sL[ii]);
+                    const float dp = dot_rows(sV + jr * ld, sdO + ii * ld, D);
+                    ds = p * (dp - sD[ii]);
+                }
+                sP[jr * LDP + ii] = p;
+                sdS[jr * LDP + ii] = ds;
+            }
+            __syncthreads();
+
+            const float* pr = sP + jr * LDP;
+            const float* dsr = sdS + jr * LDP;
+ATTN_UNROLL
+            for (int kk = 0; kk < NO; ++kk)
+            {
+                const int d = c + LANES * kk;
+                if (d < D)
+                {
+                    float av = dv_acc[kk], ak = dk_acc[kk];
+                    for (int ii = 0; ii < BR; ++ii)
+                    {
+                        av += pr[ii] * sdO[ii * ld + d];
+                        ak += dsr[ii] * sQ[ii * ld + d];
+                    }
+                    dv_acc[kk] = av;
+                    dk_acc[kk] = ak;
+                }
+            }
+        }
+    }
+
+    if (j < seq_len)
+    {
+        const long long e = kv_off + (long long)j * kv_stride;
+ATTN_UNROLL
+        for (int kk = 0; kk < NO; ++kk)
+        {
+            const int d = c + LANES * kk;
+            if (d < D)
+            {
+                dk[e + d] = from_f32<T>(scale * dk_acc[kk]);
+                dv[e + d] = from_f32<T>(dv_acc[kk]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, dq (overwritten). Launch: grid (ceil(T / 16), Hq, B), block 128, dynamic shared
+// ((4 * 16) * (D + 1) + 16 * 17) * 4 bytes. Block x handles query tile nqt - 1 - x (longest rows
+// first): Q and dout of its 16 rows stay in shared memory; it loops over the key tiles (16 keys) up
+// to the diagonal in order. Thread (ir = tid / 8, c = tid % 8) computes dS for query q0 + ir and keys
+// c, c + 8 of the tile (into shared memory), then dq[d] += dS k for columns d = c + 8k in registers;
+// scaled once at the end.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ void backward_dq_body(const T* __restrict__ dout, const T* __restrict__ q, const T* __restrict__ k,
+                                 const T* __restrict__ v, const float* __restrict__ lse,
+                                 const float* __restrict__ delta, T* __restrict__ dq,
+                                 int seq_len, int Hq, int Hkv, int D, float scale)
+{
+    constexpr int BR = kBwdRows, BC = kBwdKeys, LANES = kBwdLanes;
+    constexpr int NS = BC / LANES, NO = kMaxD / LANES, LDS = BC + 1;
+    EMU_DYNAMIC_SHARED(float, smem);
+    const int ld = D + 1;
+    float* sQ = smem;              // [BR][ld]
+    float* sdO = sQ + BR * ld;     // [BR][ld]
+    float* sK = sdO + BR * ld;     // [BC][ld]
+    float* sV = sK + BC * ld;      // [BC][ld]
+    float* sdS = sV + BC * ld;     // [BR][LDS]
+
+    const int nqt = (seq_len + BR - 1) / BR;
+    const int q0 = (nqt - 1 - (int)blockIdx.x) * BR;
+    const int h = (int)blockIdx.y, b = (int)blockIdx.z;
+    const int g = h / (Hq / Hkv);
+    const long long q_stride = (long long)Hq * D, kv_stride = (long long)Hkv * D;
+    const long long q_off = (long long)b * seq_len * q_stride + (long long)h * D;
+    const long long kv_off = (long long)b * seq_len * kv_stride + (long long)g * D;
+
+    const int tid = (int)threadIdx.x, ir = tid / LANES, c = tid % LANES;
+    const int i = q0 + ir;
+    const bool row_ok = i < seq_len;
+    const long long row = ((long long)b * Hq + h) * seq_len + i;
+    const float lse_i = row_ok ? lse[row] : 0.0f;
+    const float delta_i = row_ok ? delta[row] : 0.0f;
+
+    load_tile(sQ, ld, q + q_off, q_stride, q0, BR, seq_len, D);
+    load_tile(sdO, ld, dout + q_off, q_stride, q0, BR, seq_len, D);
+
+    float dq_acc[NO];
+ATTN_UNROLL
+    for (int kk = 0; kk < NO; ++kk) dq_acc[kk] = 0.0f;
+
+    const int last_row = min(q0 + BR, seq_len) - 1;
+    const int nkt = last_row / BC + 1;
+    for (int kt = 0; kt < nkt; ++kt)
+    {
+        const int k0 = kt * BC;
+        __syncthreads();  // the previous tile's reads of sK, sdS are done
+        load_tile(sK, ld, k + kv_off, kv_stride, k0, BC, seq_len, D);
+        load_tile(sV, ld, v + kv_off, kv_stride, k0, BC, seq_len, D);
+        __syncthreads();
+
+ATTN_UNROLL
+        for (int n = 0; n < NS; ++n)
+        {
+            const int jj = c + LANES * n, j = k0 + jj;
+            float ds = 0.0f;
+            if (row_ok && j <= i)
+            {
+                const float s = dot_rows(sQ + ir * ld, sK + jj * ld, D) * scale;
+                const float p = expf(s - lse_i);
+                const float dp = dot_rows(sdO + ir * ld, sV + jj * ld, D);
+                ds = p * (dp - delta_i);
+            }
+            sdS[ir * LDS + jj] = ds;
+        }
+        __syncthreads();
+
+        const float* dsr = sdS + ir * LDS;
+ATTN_UNROLL
+        for (int kk = 0; kk < NO; ++kk)
+        {
+            const int d = c + LANES * kk;
+            if (d < D)
+            {
+                float acc = dq_acc[kk];
+                for (int jj = 0; jj < BC; ++jj) acc += dsr[jj] * sK[jj * ld + d];
+                dq_acc[kk] = acc;
+            }
+        }
+    }
+
+    if (row_ok)
+    {
+        T* dqrow = dq + q_off + (long long)i * q_stride;
+ATTN_UNROLL
+        for (int kk = 0; kk < NO; ++kk)
+        {
+            const int d = c + LANES * kk;
+            if (d < D) dqrow[d] = from_f32<T>(scale * dq_acc[kk]);
+        }
+    }
+}
+
+}  // namespace attnk
+
+// attention_forward_{f32,bf16}(q, k, v, out, lse (null: not written, inference), B, T, Hq, Hkv, D, scale)
+// Launch: grid (ceil(T/32), Hq, B), block 128, dynamic shared (64 * (D + 1) + 32 * 17) * 4 bytes.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_forward_f32(const float* q, const float* k, const float* v, float* out, float* lse,
+                      int B, int T, int Hq, int Hkv, int D, float scale)
+{ if ((int)blockIdx.z < B) attnk::forward_body<float>(q, k, v, out, lse, T, Hq, Hkv, D, scale); }
+EMU_REGISTER(attention_forward_f32)
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_forward_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
+                       float* lse, int B, int T, int Hq, int Hkv, int D, float scale)
+{ if ((int)blockIdx.z < B) attnk::forward_body<__nv_bfloat16>(q, k, v, out, lse, T, Hq, Hkv, D, scale); }
+EMU_REGISTER(attention_forward_bf16)
+
+// attention_backward_preprocess_{f32,bf16}(dout, out, delta, B, T, Hq, D)
+// Launch: grid ceil(B*T*Hq / 4), block 128, shared 0.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_backward_preprocess_f32(const float* dout, const float* out, float* delta, int B, int T, int Hq, int D)
+{ attnk::preprocess_body<float>(dout, out, delta, B, T, Hq, D); }
+EMU_REGISTER(attention_backward_preprocess_f32)
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_backward_preprocess_bf16(const __nv_bfloat16* dout, const __nv_bfloat16* out, float* delta,
+                                   int B, int T, int Hq, int D)
+{ attnk::preprocess_body<__nv_bfloat16>(dout, out, delta, B, T, Hq, D); }
+EMU_REGISTER(attention_backward_preprocess_bf16)
+
+// attention_backward_dkdv_{f32,bf16}(dout, q, k, v, lse, delta, dk, dv, B, T, Hq, Hkv, D, scale)
+// Launch: grid (ceil(T/16), Hkv, B), block 128, dynamic shared (64 * (D + 1) + 2 * 16 * 17 + 32) * 4 bytes.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_backward_dkdv_f32(const float* dout, const float* q, const float* k, const float* v, const float* lse,
+                            const float* delta, float* dk, float* dv, int B, int T, int Hq, int Hkv, int D, float scale)
+{ if ((int)blockIdx.z < B) attnk::backward_dkdv_body<float>(dout, q, k, v, lse, delta, dk, dv, T, Hq, Hkv, D, scale); }
+EMU_REGISTER(attention_backward_dkdv_f32)
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_backward_dkdv_bf16(const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                             const __nv_bfloat16* v, const float* lse, const float* delta, __nv_bfloat16* dk,
+                             __nv_bfloat16* dv, int B, int T, int Hq, int Hkv, int D, float scale)
+{ if ((int)blockIdx.z < B) attnk::backward_dkdv_body<__nv_bfloat16>(dout, q, k, v, lse, delta, dk, dv, T, Hq, Hkv, D, scale); }
+EMU_REGISTER(attention_backward_dkdv_bf16)
+
+// attention_backward_dq_{f32,bf16}(dout, q, k, v, lse, delta, dq, B, T, Hq, Hkv, D, scale)
+// Launch: grid (ceil(T/16), Hq, B), block 128, dynamic shared (64 * (D + 1) + 16 * 17) * 4 bytes.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_backward_dq_f32(const float* dout, const float* q, const float* k, const float* v, const float* lse,
+                          const float* delta, float* dq, int B, int T, int Hq, int Hkv, int D, float scale)
+{ if ((int)blockIdx.z < B) attnk::backward_dq_body<float>(dout, q, k, v, lse, delta, dq, T, Hq, Hkv, D, scale); }
+EMU_REGISTER(attention_backward_dq_f32)
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_backward_dq_bf16(const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                           const __nv_bfloat16* v, const float* lse, const float* delta, __nv_bfloat16* dq,
+                           int B, int T, int Hq, int Hkv, int D, float scale)
+{ if ((int)blockIdx.z < B) attnk::backward_dq_body<__nv_bfloat16>(dout, q, k, v, lse, delta, dq, T, Hq, Hkv, D, scale); }
+EMU_REGISTER(attention_backward_dq_bf16)

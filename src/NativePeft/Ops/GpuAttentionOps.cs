@@ -1,0 +1,269 @@
+using NativePeft.Numerics;
+using NativePeft.Runtime;
+
+namespace NativePeft.Ops;
+
+/// <summary>
+/// Causal grouped-query attention on an <see cref="IGpu"/> (the real device or the emulator): launches the kernels of
+/// kernels/attention.cu. Semantics: notes/ops-contract.md "Causal attention"; the CPU reference is
+/// <see cref="Reference.AttentionRef"/>.
+/// <para>
+/// Layouts (row-major): q, output, dout, dq [B, T, Hq, D]; k, v, dk, dv [B, T, Hkv, D]; lse [B, Hq, T] fp32 (the
+/// natural-log log-sum-exp of the scaled scores, written by the forward and read by the backward). Query head h
+/// reads kv head h / (Hq / Hkv); scale = 1/sqrt(D); query t attends to keys s &lt;= t (each batch entry is one
+/// causal sequence: no packed-sequence boundaries).
+/// </para>
+/// <para>
+/// Element types: q, k, v, output, dout, dq, dk, dv in <see cref="DType.F32"/> or <see cref="DType.BF16"/> (one
+/// dtype per call); all math in fp32 (online softmax, scores never stored in global memory), every output
+/// rounded once. Head dimension 1..<see cref="MaxHeadDim"/>.
+/// </para>
+/// <para>
+/// Deterministic: no atomics, every sum has a fixed order that depends only on the shapes, so results are
+/// bit-identical from run to run. The backward runs three kernels (delta = rowsum(dout ∘ out) into a caller's fp32
+/// workspace, then dk/dv per key tile over the group's query heads, then dq per query tile); dq, dk, dv are
+/// overwritten.
+/// </para>
+/// <para>
+/// The device-pointer methods only validate and launch (no synchronization, no copies). The host-array overloads
+/// copy in, launch, copy out and free; they are meant for tests and one-off use.
+/// </para>
+/// </summary>
+public sealed class GpuAttentionOps
+{
+    /// <summary>The largest head dimension the kernels take (compile-time ATTN_MAX_HEAD_DIM).</summary>
+    public const int MaxHeadDim = 128;
+
+    /// <summary>Threads per block of every attention kernel.</summary>
+    public const int ThreadsPerBlock = 128;
+
+    /// <summary>Query rows per block of attention_forward.</summary>
+    public const int ForwardQueryTile = 32;
+
+    /// <summary>Keys per shared-memory tile of attention_forward.</summary>
+    public const int ForwardKeyTile = 16;
+
+    /// <summary>Rows (queries or keys) per tile of the backward kernels.</summary>
+    public const int BackwardTile = 16;
+
+    private const int MaxGridYZ = 65535;
+    private const int RowsPerPreprocessBlock = ThreadsPerBlock / 32;
+
+    private readonly IGpu _gpu;
+
+    /// <param name="gpu">The device the kernels run on; its kernel image must contain kernels/attention.cu.</param>
+    public GpuAttentionOps(IGpu gpu)
+    {
+        ArgumentNullException.ThrowIfNull(gpu);
+        _gpu = gpu;
+    }
+
+    public IGpu Gpu => _gpu;
+
+    // ------------------------------------------------------------------------------------------
+    // Launch shapes
+    // ------------------------------------------------------------------------------------------
+
+    /// <summary>Dynamic shared memory of attention_forward: Q [32][D+1], K, V [16][D+1], P [32][17] floats.</summary>
+    public static int ForwardSharedBytes(int headDim) =>
+        ((ForwardQueryTile + 2 * ForwardKeyTile) * (headDim + 1) + ForwardQueryTile * (ForwardKeyTile + 1)) * sizeof(float);
+
+    /// <summary>
+    /// Dynamic shared memory of attention_backward_dkdv: K, V, Q, dout [16][D+1], P, dS [16][17], lse, delta [16] floats.
+    /// </summary>
+    public static int BackwardDkDvSharedBytes(int headDim) =>
+        (4 * BackwardTile * (headDim + 1) + 2 * BackwardTile * (BackwardTile + 1) + 2 * BackwardTile) * sizeof(float);
+
+    /// <summary>Dynamic shared memory of attention_backward_dq: Q, dout, K, V [16][D+1], dS [16][17] floats.</summary>
+    public static int BackwardDqSharedBytes(int headDim) =>
+        (4 * BackwardTile * (headDim + 1) + BackwardTile * (BackwardTile + 1)) * sizeof(float);
+
+    /// <summary>Bytes of the fp32 workspace <see cref="Backward"/> needs: delta [B, Hq, T].</summary>
+    public static long BackwardWorkspaceBytes(int batch, int seqLen, int headsQ) => (long)batch * headsQ * seqLen * sizeof(float);
+
+    /// <summary>The softmax scale the kernels get: 1/sqrt(D) rounded once to fp32.</summary>
+    public static float Scale(int headDim) => (float)(1.0 / Math.Sqrt(headDim));
+
+    private static void ValidateShape(int batch, int seqLen, int headsQ, int headsKv, int headDim)
+    {
+        if (batch < 0 || batch > MaxGridYZ)
+            throw new ArgumentOutOfRangeException(nameof(batch), batch, $"batch must be in [0, {MaxGridYZ}]");
+        ArgumentOutOfRangeException.ThrowIfNegative(seqLen);
+        if (headsQ <= 0 || headsQ > MaxGridYZ)
+            throw new ArgumentOutOfRangeException(nameof(headsQ), headsQ, $"headsQ must be in [1, {MaxGridYZ}]");
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(headsKv);
+        if (headsQ % headsKv != 0)
+            throw new ArgumentException($"headsQ ({headsQ}) is not a multiple of headsKv ({headsKv})", nameof(headsKv));
+        if (headDim < 1 || headDim > MaxHeadDim)
+            throw new ArgumentOutOfRangeException(nameof(headDim), headDim, $"headDim must be in [1, {MaxHeadDim}]");
+        long rows = (long)batch * seqLen * headsQ;
+        if ((rows + RowsPerPreprocessBlock - 1) / RowsPerPreprocessBlock > int.MaxValue)
+            throw new ArgumentOutOfRangeException(nameof(seqLen), $"batch * seqLen * headsQ = {rows} is too large");
+    }
+
+    private static void CheckPtr(DevicePtr p, string name)
+    {
+        if (p.IsNull)
+            throw new ArgumentException($"{name} is a null device pointer", name);
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Device pointers
+    // ------------------------------------------------------------------------------------------
+
+    /// <summary>
+    /// Forward: output [B, T, Hq, D] (dtype) and lse [B, Hq, T] fp32 (null: not written, for inference) from q, k, v.
+    /// Nothing is launched when batch or seqLen is 0. Launch: attention_forward_{dtype}, grid (ceil(T/32), Hq, B),
+    /// block 128, <see cref="ForwardSharedBytes"/>.
+    /// </summary>
+    public void Forward(DType dtype, DevicePtr q, DevicePtr k, DevicePtr v, DevicePtr output, DevicePtr lse,
+                        int batch, int seqLen, int headsQ, int headsKv, int headDim)
+    {
+        string suffix = GpuTransformerOps.DTypeSuffix(dtype);
+        ValidateShape(batch, seqLen, headsQ, headsKv, headDim);
+        if (batch == 0 || seqLen == 0)
+            return;
+        CheckPtr(q, nameof(q)); CheckPtr(k, nameof(k)); CheckPtr(v, nameof(v)); CheckPtr(output, nameof(output));
+        int tiles = (seqLen + ForwardQueryTile - 1) / ForwardQueryTile;
+        _gpu.Launch($"attention_forward_{suffix}", new Dim3((uint)tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
+            ForwardSharedBytes(headDim), q, k, v, output, lse, batch, seqLen, headsQ, headsKv, headDim, Scale(headDim));
+    }
+
+    /// <summary>
+    /// Backward: dq [B, T, Hq, D], dk, dv [B, T, Hkv, D] (dtype, all overwritten) from dout, q, k, v, the forward's
+    /// output and lse. <paramref name="workspace"/>: at least <see cref="BackwardWorkspaceBytes"/> bytes of device
+    /// memory (fp32 delta = rowsum(dout ∘ output)), free again when the launches have completed. Any of dq, or both
+    /// dk and dv, may be null to skip them. Launches attention_backward_preprocess (grid ceil(B·T·Hq/4), block 128),
+    /// attention_backward_dkdv (grid (ceil(T/16), Hkv, B), block 128, <see cref="BackwardDkDvSharedBytes"/>) and
+    /// attention_backward_dq (grid (ceil(T/16), Hq, B), block 128, <see cref="BackwardDqSharedBytes"/>).
+    /// </summary>
+    public void Backward(DType dtype, DevicePtr dout, DevicePtr q, DevicePtr k, DevicePtr v, DevicePtr output, DevicePtr lse,
+                         DevicePtr dq, DevicePtr dk, DevicePtr dv, DevicePtr workspace,
+                         int batch, int seqLen, int headsQ, int headsKv, int headDim)
+    {
+        string suffix = GpuTransformerOps.DTypeSuffix(dtype);
+        ValidateShape(batch, seqLen, headsQ, headsKv, headDim);
+        if (batch == 0 || seqLen == 0)
+            return;
+        CheckPtr(dout, nameof(dout)); CheckPtr(q, nameof(q)); CheckPtr(k, nameof(k)); CheckPtr(v, nameof(v));
+        CheckPtr(output, nameof(output)); CheckPtr(lse, nameof(lse)); CheckPtr(workspace, nameof(workspace));
+        if (dk.IsNull != dv.IsNull)
+            throw new ArgumentException("dk and dv are computed together: pass both or neither", dk.IsNull ? nameof(dk) : nameof(dv));
+        float scale = Scale(headDim);
+        long rows = (long)batch * seqLen * headsQ;
+        int preBlocks = (int)((rows + RowsPerPreprocessBlock - 1) / RowsPerPreprocessBlock);
+        _gpu.Launch($"attention_backward_preprocess_{suffix}", preBlocks, ThreadsPerBlock, 0,
+            dout, output, workspace, batch, seqLen, headsQ, headDim);
+        uint tiles = (uint)((seqLen + BackwardTile - 1) / BackwardTile);
+        if (!dk.IsNull)
+        {
+            _gpu.Launch($"attention_backward_dkdv_{suffix}", new Dim3(tiles, (uint)headsKv, (uint)batch), ThreadsPerBlock,
+                BackwardDkDvSharedBytes(headDim), dout, q, k, v, lse, workspace, dk, dv, batch, seqLen, headsQ, headsKv, headDim, scale);
+        }
+        if (!dq.IsNull)
+        {
+            _gpu.Launch($"attention_backward_dq_{suffix}", new Dim3(tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
+                BackwardDqSharedBytes(headDim), dout, q, k, v, lse, workspace, dq, batch, seqLen, headsQ, headsKv, headDim, scale);
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Host arrays (copy in, launch, copy out, free). T is float or BFloat16.
+    // ------------------------------------------------------------------------------------------
+
+    private static void CheckLength(int actual, long expected, string name)
+    {
+        if (actual != expected)
+            throw new ArgumentException($"{name} has {actual} elements, {expected} expected", name);
+    }
+
+    /// <summary>
+    /// Forward on host arrays: q, output [batch, seqLen, headsQ, headDim], k, v [batch, seqLen, headsKv, headDim];
+    /// lse [batch, headsQ, seqLen], or empty to skip it.
+    /// </summary>
+    public void Forward<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<float> lse,
+                           int batch, int seqLen, int headsQ, int headsKv, int headDim) where T : unmanaged
+    {
+        DType dtype = GpuTransformerOps.DTypeOf<T>();
+        ValidateShape(batch, seqLen, headsQ, headsKv, headDim);
+        long qn = (long)batch * seqLen * headsQ * headDim, kvn = (long)batch * seqLen * headsKv * headDim;
+        long ln = (long)batch * headsQ * seqLen;
+        CheckLength(q.Length, qn, nameof(q)); CheckLength(k.Length, kvn, nameof(k)); CheckLength(v.Length, kvn, nameof(v));
+        CheckLength(output.Length, qn, nameof(output));
+        if (!lse.IsEmpty) CheckLength(lse.Length, ln, nameof(lse));
+        if (qn == 0)
+            return;
+        int es = dtype.ElementSize();
+        using var dQ = new DeviceBuffer(_gpu, qn * es);
+        using var dK = new DeviceBuffer(_gpu, kvn * es);
+        using var dV = new DeviceBuffer(_gpu, kvn * es);
+        using var dO = new DeviceBuffer(_gpu, qn * es);
+        using var dL = new DeviceBuffer(_gpu, ln * sizeof(float));
+        _gpu.CopyToDevice(q, dQ.Ptr);
+        _gpu.CopyToDevice(k, dK.Ptr);
+        _gpu.CopyToDevice(v, dV.Ptr);
+        Forward(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lse.IsEmpty ? DevicePtr.Null : dL.Ptr, batch, seqLen, headsQ, headsKv, headDim);
+        _gpu.Synchronize();
+        _gpu.CopyToHost(dO.Ptr, output);
+        if (!lse.IsEmpty)
+            _gpu.CopyToHost(dL.Ptr, lse);
+    }
+
+    /// <summary>
+    /// Backward on host arrays: dq like q, dk and dv like k (all overwritten) from dout (like q), q, k, v, the forward's
+    /// output (like q) and lse [batch, headsQ, seqLen].
+    /// </summary>
+    public void Backward<T>(ReadOnlySpan<T> dout, ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v,
+                            ReadOnlySpan<T> output, ReadOnlySpan<float> lse, Span<T> dq, Span<T> dk, Span<T> dv,
+                            int batch, int seqLen, int headsQ, int headsKv, int headDim) where T : unmanaged
+    {
+        DType dtype = GpuTransformerOps.DTypeOf<T>();
+        ValidateShape(batch, seqLen, headsQ, headsKv, headDim);
+        long qn = (long)batch * seqLen * headsQ * headDim, kvn = (long)batch * seqLen * headsKv * headDim;
+        long ln = (long)batch * headsQ * seqLen;
+        CheckLength(dout.Length, qn, nameof(dout)); CheckLength(q.Length, qn, nameof(q));
+        CheckLength(k.Length, kvn, nameof(k)); CheckLength(v.Length, kvn, nameof(v));
+        CheckLength(output.Length, qn, nameof(output)); CheckLength(lse.Length, ln, nameof(lse));
+        CheckLength(dq.Length, qn, nameof(dq)); CheckLength(dk.Length, kvn, nameof(dk)); CheckLength(dv.Length, kvn, nameof(dv));
+        if (qn == 0)
+            return;
+        int es = dtype.ElementSize();
+        using var dDo = new DeviceBuffer(_gpu, qn * es);
+        using var dQ = new DeviceBuffer(_gpu, qn * es);
+        using var dK = new DeviceBuffer(_gpu, kvn * es);
+        using var dV = new DeviceBuffer(_gpu, kvn * es);
+        using var dO = new DeviceBuffer(_gpu, qn * es);
+        using var dL = new DeviceBuffer(_gpu, ln * sizeof(float));
+        using var dDq = new DeviceBuffer(_gpu, qn * es);
+        using var dDk = new DeviceBuffer(_gpu, kvn * es);
+        using var dDv = new DeviceBuffer(_gpu, kvn * es);
+        using var work = new DeviceBuffer(_gpu, BackwardWorkspaceBytes(batch, seqLen, headsQ));
+        _gpu.CopyToDevice(dout, dDo.Ptr);
+        _gpu.CopyToDevice(q, dQ.Ptr);
+        _gpu.CopyToDevice(k, dK.Ptr);
+        _gpu.CopyToDevice(v, dV.Ptr);
+        _gpu.CopyToDevice(output, dO.Ptr);
+        _gpu.CopyToDevice(lse, dL.Ptr);
+        Backward(dtype, dDo.Ptr, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, dL.Ptr, dDq.Ptr, dDk.Ptr, dDv.Ptr, work.Ptr,
+            batch, seqLen, headsQ, headsKv, headDim);
+        _gpu.Synchronize();
+        _gpu.CopyToHost(dDq.Ptr, dq);
+        _gpu.CopyToHost(dDk.Ptr, dk);
+        _gpu.CopyToHost(dDv.Ptr, dv);
+    }
+
+    /// <summary>A temporary device allocation freed on Dispose.</summary>
+    private readonly struct DeviceBuffer : IDisposable
+    {
+        private readonly IGpu _gpu;
+        public DevicePtr Ptr { get; }
+
+        public DeviceBuffer(IGpu gpu, long bytes)
+        {
+            _gpu = gpu;
+            Ptr = gpu.Alloc(Math.Max(bytes, 1));
+        }
+
+        public void Dispose() => _gpu.Free(Ptr);
+    }
+}
