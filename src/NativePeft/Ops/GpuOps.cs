@@ -1,0 +1,316 @@
+using NativePeft.Numerics;
+using NativePeft.Runtime;
+
+namespace NativePeft.Ops;
+
+/// <summary>
+/// <see cref="IOps"/> on an <see cref="IGpu"/>: the kernels of kernels/*.cu through their launchers (GpuQuantOps,
+/// GpuTransformerOps, GpuAttentionOps, GpuLossOps, GpuElementwiseOps), the same code on CudaGpu and EmulatedGpu.
+/// GEMMs: cuBLAS (cublasGemmEx, fp32 accumulation) on CUDA; the host BLAS on the emulator, whose device memory
+/// is host memory. Compute dtypes: F32 and BF16 (on the emulator's host BLAS, F32 only); rstd and lse are F32.
+/// Workspace the ops need (cross-entropy logits chunks, attention's row sums) comes from <see cref="Memory"/> and
+/// is returned before the op does.
+/// </summary>
+public sealed unsafe class GpuOps : IOps
+{
+    private readonly IGpu _gpu;
+    private readonly bool _ownsGpu;
+    private readonly GpuTensorMemory _memory;
+    private readonly GpuQuantOps _quant;
+    private readonly GpuTransformerOps _tx;
+    private readonly GpuAttentionOps _attention;
+    private readonly GpuLossOps _loss;
+    private readonly GpuElementwiseOps _elementwise;
+
+    public GpuOps(IGpu gpu, bool ownsGpu = false)
+    {
+        _gpu = gpu ?? throw new ArgumentNullException(nameof(gpu));
+        _ownsGpu = ownsGpu;
+        _memory = new GpuTensorMemory(gpu);
+        _quant = new GpuQuantOps(gpu);
+        _tx = new GpuTransformerOps(gpu);
+        _attention = new GpuAttentionOps(gpu);
+        _loss = new GpuLossOps(gpu);
+        _elementwise = new GpuElementwiseOps(gpu);
+    }
+
+    public IGpu Gpu => _gpu;
+    public string Name => _gpu.Properties.Name;
+    public TensorMemory Memory => _memory;
+
+    private static DType Compute(string op, params Tensor?[] tensors)
+    {
+        DType? d = null;
+        foreach (var t in tensors)
+        {
+            if (t is null) continue;
+            if (t.DType is not (DType.F32 or DType.BF16))
+                throw new ArgumentException($"{op}: {t} — the GPU ops compute in F32 or BF16");
+            if (d is { } e && e != t.DType)
+                throw new ArgumentException($"{op}: mixed dtypes {e} and {t.DType}");
+            d = t.DType;
+        }
+        return d ?? DType.F32;
+    }
+
+    private static void RequireF32(Tensor t, string name)
+    {
+        if (t.DType != DType.F32) throw new ArgumentException($"{name}: must be F32 on the GPU, got {t}", name);
+    }
+
+    private static void Require(Tensor t, string name, DType dtype)
+    {
+        if (t.DType != dtype) throw new ArgumentException($"{name}: must be {dtype}, got {t}", name);
+    }
+
+    // --- data movement ---------------------------------------------------------------------------
+
+    public void Upload<T>(ReadOnlySpan<T> source, Tensor destination) where T : unmanaged
+    {
+        CheckElement<T>(destination);
+        destination.ExpectCount(nameof(destination), source.Length);
+        _gpu.CopyToDevice(source, destination.Data);
+    }
+
+    public void Download<T>(Tensor source, Span<T> destination) where T : unmanaged
+    {
+        CheckElement<T>(source);
+        if (destination.Length < source.Count)
+            throw new ArgumentException($"destination holds {destination.Length} elements, {source} has {source.Count}", nameof(destination));
+        _gpu.Synchronize();
+        _gpu.CopyToHost(source.Data, destination[..checked((int)source.Count)]);
+    }
+
+    private static void CheckElement<T>(Tensor t) where T : unmanaged
+    {
+        if (DTypes.Of<T>() != t.DType)
+            throw new ArgumentException($"{typeof(T).Name} does not match the tensor's dtype {t.DType}");
+    }
+
+    public void Fill(Tensor x, double value)
+    {
+        if (x.DType is DType.F32 or DType.BF16) { _elementwise.Fill(x.DType, x.Data, x.Count, (float)value); return; }
+        if (x.DType == DType.I32 && value == 0) { _gpu.Memset(x.Data, 0, x.Bytes); return; }
+        throw new ArgumentException($"Fill: dtype {x.DType} not supported on the GPU", nameof(x));
+    }
+
+    public void Copy(Tensor source, Tensor destination)
+    {
+        destination.ExpectCount(nameof(destination), source.Count);
+        if (source.DType == destination.DType) _gpu.CopyDeviceToDevice(source.Data, destination.Data, source.Bytes);
+        else if (source.DType == DType.F32 && destination.DType == DType.BF16) _elementwise.CastF32ToBf16(source.Data, destination.Data, source.Count);
+        else if (source.DType == DType.BF16 && destination.DType == DType.F32) _elementwise.CastBf16ToF32(source.Data, destination.Data, source.Count);
+        else throw new ArgumentException($"Copy: {source.DType} → {destination.DType} not supported on the GPU");
+    }
+
+    // --- elementwise -----------------------------------------------------------------------------
+
+    public void Add(Tensor a, Tensor b, Tensor c)
+    {
+        b.ExpectCount(nameof(b), a.Count); c.ExpectCount(nameof(c), a.Count);
+        _elementwise.Add(Compute("Add", a, b, c), a.Data, b.Data, c.Data, a.Count);
+    }
+
+    public void Axpy(double alpha, Tensor x, Tensor y)
+    {
+        y.ExpectCount(nameof(y), x.Count);
+        RequireF32(x, nameof(x)); RequireF32(y, nameof(y));
+        _elementwise.Axpy((float)alpha, x.Data, y.Data, x.Count);
+    }
+
+    public void Scale(Tensor x, double alpha) => _elementwise.Scale(Compute("Scale", x), x.Data, x.Data, x.Count, (float)alpha);
+
+    public void Dropout(Tensor x, Tensor mask, double p, ulong seed, Tensor y)
+    {
+        Require(mask, nameof(mask), DType.U8);
+        mask.ExpectCount(nameof(mask), x.Count); y.ExpectCount(nameof(y), x.Count);
+        _elementwise.DropoutMask(mask.Data, mask.Count, seed, 0, p);
+        _elementwise.ApplyMaskScale(Compute("Dropout", x, y), x.Data, mask.Data, y.Data, x.Count, p);
+    }
+
+    public void DropoutBackward(Tensor dy, Tensor mask, double p, Tensor dx)
+    {
+        Require(mask, nameof(mask), DType.U8);
+        mask.ExpectCount(nameof(mask), dy.Count); dx.ExpectCount(nameof(dx), dy.Count);
+        _elementwise.ApplyMaskScale(Compute("DropoutBackward", dy, dx), dy.Data, mask.Data, dx.Data, dy.Count, p);
+    }
+
+    // --- GEMM ------------------------------------------------------------------------------------
+
+    public void Matmul(Tensor a, bool transA, Tensor b, bool transB, Tensor c, double alpha = 1, double beta = 0)
+    {
+        int m = transA ? a.Columns : a.Rows, k = transA ? a.Rows : a.Columns;
+        int kb = transB ? b.Columns : b.Rows, n = transB ? b.Rows : b.Columns;
+        if (kb != k) throw new ArgumentException($"Matmul: inner dimensions differ: op(A) is [{m}, {k}], op(B) is [{kb}, {n}]");
+        if (c.Rows != m || c.Columns != n) throw new ArgumentException($"Matmul: C is [{c.Rows}, {c.Columns}], expected [{m}, {n}]");
+        var dtype = Compute("Matmul", a, b, c);
+        if (m == 0 || n == 0) return;
+        switch (_gpu)
+        {
+            case CudaGpu cuda:
+                var t = dtype == DType.F32 ? CudaDataType.R32F : CudaDataType.R16BF;
+                cuda.Blas.GemmRowMajor(transA, transB, m, n, k, (float)alpha, a.Data, t, a.Columns, b.Data, t, b.Columns,
+                    (float)beta, c.Data, t, c.Columns);
+                break;
+            case EmulatedGpu:
+                if (dtype != DType.F32) throw new NotSupportedException("Matmul on the emulator runs through the host BLAS in F32 only");
+                HostBlas.Sgemm(transA, transB, m, n, k, (float)alpha,
+                    new ReadOnlySpan<float>((void*)a.Data.Address, checked((int)a.Count)),
+                    new ReadOnlySpan<float>((void*)b.Data.Address, checked((int)b.Count)), (float)beta,
+                    new Span<float>((void*)c.Data.Address, checked((int)c.Count)));
+                break;
+            default:
+                throw new NotSupportedException($"Matmul: no GEMM for {_gpu.GetType().Name}");
+        }
+    }
+
+    // --- 4-bit -----------------------------------------------------------------------------------
+
+    public void Dequantize4bit(QuantizedWeight weight, int firstRow, Tensor output)
+    {
+        long first = (long)firstRow * weight.Columns;
+        if (output.Columns != weight.Columns || firstRow < 0 || firstRow + output.Rows > weight.Rows)
+            throw new ArgumentException($"Dequantize4bit: rows [{firstRow}, {firstRow + output.Rows}) x {output.Columns} outside the [{weight.Rows}, {weight.Columns}] weight");
+        if (first % weight.Blocksize != 0)
+            throw new ArgumentException($"Dequantize4bit: row {firstRow} does not start a block of {weight.Blocksize}");
+        _quant.Dequantize4bit(weight.QuantType, Compute("Dequantize4bit", output), weight.Packed.Data.Offset(first / 2),
+            weight.Absmax.Data.Offset(first / weight.Blocksize * sizeof(float)), output.Count, weight.Blocksize, output.Data);
+    }
+
+    // --- transformer ops -------------------------------------------------------------------------
+
+    public void RmsNormForward(Tensor x, Tensor weight, Tensor y, Tensor rstd, double eps)
+    {
+        RequireF32(rstd, nameof(rstd));
+        _tx.RmsNormForward(Compute("RmsNormForward", x, weight, y), x.Data, weight.Data, y.Data, rstd.Data, x.Rows, x.Columns, (float)eps);
+    }
+
+    public void RmsNormBackward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight)
+    {
+        RequireF32(rstd, nameof(rstd));
+        if (dweight is not null) RequireF32(dweight, nameof(dweight));
+        _tx.RmsNormBackward(Compute("RmsNormBackward", dy, x, weight, dx), x.Data, weight.Data, dy.Data, rstd.Data, dx.Data,
+            dweight?.Data ?? DevicePtr.Null, x.Rows, x.Columns);
+    }
+
+    public void RopeForward(Tensor x, Tensor positions, Tensor cos, Tensor sin, int heads, int headDim)
+    {
+        Require(positions, nameof(positions), DType.I32); RequireF32(cos, nameof(cos)); RequireF32(sin, nameof(sin));
+        _tx.RopeForward(Compute("RopeForward", x), x.Data, cos.Data, sin.Data, positions.Data, checked((int)positions.Count), heads, headDim, cos.Rows);
+    }
+
+    public void RopeBackward(Tensor dx, Tensor positions, Tensor cos, Tensor sin, int heads, int headDim)
+    {
+        Require(positions, nameof(positions), DType.I32); RequireF32(cos, nameof(cos)); RequireF32(sin, nameof(sin));
+        _tx.RopeBackward(Compute("RopeBackward", dx), dx.Data, cos.Data, sin.Data, positions.Data, checked((int)positions.Count), heads, headDim, cos.Rows);
+    }
+
+    public void AttentionForward(Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, int batch, int seqLen, int headsQ, int headsKv, int headDim)
+    {
+        RequireF32(lse, nameof(lse));
+        _attention.Forward(Compute("AttentionForward", q, k, v, output), q.Data, k.Data, v.Data, output.Data, lse.Data,
+            batch, seqLen, headsQ, headsKv, headDim);
+    }
+
+    public void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, Tensor dq, Tensor dk, Tensor dv,
+        int batch, int seqLen, int headsQ, int headsKv, int headDim)
+    {
+        RequireF32(lse, nameof(lse));
+        var dtype = Compute("AttentionBackward", dout, q, k, v, output, dq, dk, dv);
+        var workspace = _memory.Allocate(DType.F32, checked((int)(GpuAttentionOps.BackwardWorkspaceBytes(batch, seqLen, headsQ) / sizeof(float))));
+        try
+        {
+            _attention.Backward(dtype, dout.Data, q.Data, k.Data, v.Data, output.Data, lse.Data, dq.Data, dk.Data, dv.Data,
+                workspace.Data, batch, seqLen, headsQ, headsKv, headDim);
+            _gpu.Synchronize();
+        }
+        finally { _memory.Free(workspace); }
+    }
+
+    public void SwiGluForward(Tensor gate, Tensor up, Tensor h) =>
+        _tx.SwiGluForward(Compute("SwiGluForward", gate, up, h), gate.Data, up.Data, h.Data, gate.Count);
+
+    public void SwiGluBackward(Tensor dh, Tensor gate, Tensor up, Tensor dgate, Tensor dup) =>
+        _tx.SwiGluBackward(Compute("SwiGluBackward", dh, gate, up, dgate, dup), gate.Data, up.Data, dh.Data, dgate.Data, dup.Data, gate.Count);
+
+    public void EmbeddingForward(Tensor ids, Tensor table, Tensor output)
+    {
+        Require(ids, nameof(ids), DType.I32);
+        _tx.EmbeddingForward(Compute("EmbeddingForward", table, output), ids.Data, table.Data, output.Data, checked((int)ids.Count), table.Columns, table.Rows);
+    }
+
+    public void EmbeddingBackward(Tensor ids, Tensor dout, Tensor dtable)
+    {
+        Require(ids, nameof(ids), DType.I32); RequireF32(dtable, nameof(dtable));
+        _tx.EmbeddingBackward(Compute("EmbeddingBackward", dout), ids.Data, dout.Data, dtable.Data, checked((int)ids.Count), dtable.Columns, dtable.Rows);
+    }
+
+    // --- cross-entropy: GEMM per vocabulary chunk + the chunk kernels --------------------------------
+
+    public (double Loss, int Count) CrossEntropyForward(Tensor hidden, Tensor weight, Tensor labels, Tensor lse, int chunk)
+    {
+        Require(labels, nameof(labels), DType.I32); RequireF32(lse, nameof(lse));
+        var dtype = Compute("CrossEntropyForward", hidden, weight);
+        int rows = hidden.Rows, vocab = weight.Rows;
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(chunk);
+        var hostLabels = new int[rows];
+        Download<int>(labels, hostLabels);
+        GpuLossOps.ValidateLabels(hostLabels, vocab);
+        chunk = Math.Min(chunk, vocab);
+        var state = _memory.Allocate(DType.F32, 4, rows); // running max, running sum, label logit, loss per row
+        var z = _memory.Allocate(dtype, rows, chunk);
+        try
+        {
+            DevicePtr max = state.RowSlice(0, 1).Data, sum = state.RowSlice(1, 1).Data, label = state.RowSlice(2, 1).Data, loss = state.RowSlice(3, 1).Data;
+            _loss.Init(max, sum, label, rows);
+            for (int v0 = 0; v0 < vocab; v0 += chunk)
+            {
+                int c = Math.Min(chunk, vocab - v0);
+                var zc = z.Slice(0, rows, c);
+                Matmul(hidden, false, weight.RowSlice(v0, c), true, zc);
+                _loss.ChunkForward(dtype, zc.Data, rows, c, c, v0, labels.Data, max, sum, label);
+            }
+            _loss.Finish(max, sum, label, labels.Data, rows, vocab, lse.Data, loss);
+            var perRow = new float[rows];
+            Download<float>(state.RowSlice(3, 1).Reshape(rows), perRow);
+            return GpuLossOps.MeanLoss(perRow, hostLabels);
+        }
+        finally { _memory.Free(z); _memory.Free(state); }
+    }
+
+    public void CrossEntropyBackward(Tensor hidden, Tensor weight, Tensor labels, Tensor lse, double dloss, Tensor dhidden, Tensor? dweight, int chunk)
+    {
+        Require(labels, nameof(labels), DType.I32); RequireF32(lse, nameof(lse));
+        var dtype = Compute("CrossEntropyBackward", hidden, weight, dhidden, dweight);
+        int rows = hidden.Rows, vocab = weight.Rows;
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(chunk);
+        var hostLabels = new int[rows];
+        Download<int>(labels, hostLabels);
+        int count = hostLabels.Count(l => l != GpuLossOps.IgnoreIndex);
+        float scale = GpuLossOps.BackwardScale(dloss, count);
+        chunk = Math.Min(chunk, vocab);
+        var z = _memory.Allocate(dtype, rows, chunk);
+        try
+        {
+            Fill(dhidden, 0);
+            for (int v0 = 0; v0 < vocab; v0 += chunk)
+            {
+                int c = Math.Min(chunk, vocab - v0);
+                var zc = z.Slice(0, rows, c);
+                var wc = weight.RowSlice(v0, c);
+                Matmul(hidden, false, wc, true, zc);
+                _loss.ChunkBackward(dtype, zc.Data, rows, c, c, v0, labels.Data, lse.Data, scale);
+                Matmul(zc, false, wc, false, dhidden, 1, 1);                          // dhidden += dz · W_chunk
+                if (dweight is not null) Matmul(zc, true, hidden, false, dweight.RowSlice(v0, c), 1, 1); // dW_chunk += dzᵀ · hidden
+            }
+            _gpu.Synchronize();
+        }
+        finally { _memory.Free(z); }
+    }
+
+    public void Dispose()
+    {
+        _memory.Dispose();
+        if (_ownsGpu) _gpu.Dispose();
+    }
+}
