@@ -17,6 +17,9 @@ public static class BenchCommand
 {
     public sealed record Row(string Op, string Shape, double Ms, double GBps, double OfCopy);
 
+    /// <summary>A transformer op: its rate in <paramref name="Unit"/> and as a share of the same run's limit (GEMM TFLOP/s or copy GB/s).</summary>
+    public sealed record OpRow(string Op, string Shape, double Ms, double Rate, string Unit, double OfLimit);
+
     public static Command Create(TextWriter stdout)
     {
         var device = DeviceOption.Create("auto", "auto|cuda|emulator, or cpu for the C# reference");
@@ -28,6 +31,7 @@ public static class BenchCommand
             var deviceName = parse.GetValue(device)!;
             long n = parse.GetValue(elements);
             List<Row> rows;
+            List<OpRow> opRows = [];
             string where;
             if (deviceName == "cpu")
             {
@@ -40,11 +44,12 @@ public static class BenchCommand
                 using var gpu = DeviceOption.Open(deviceName)!;
                 n = n > 0 ? n : gpu.Properties.Kind == GpuKind.Cuda ? 64L << 20 : 4L << 20;
                 rows = RunGpu(gpu, n);
+                opRows = RunTransformerOps(gpu, rows[0].GBps);
                 where = gpu.Properties.Name;
             }
             if (parse.GetValue(json))
             {
-                stdout.WriteLine(JsonSerializer.Serialize(new { device = where, elements = n, rows },
+                stdout.WriteLine(JsonSerializer.Serialize(new { device = where, elements = n, rows, transformer_ops = opRows },
                     new JsonSerializerOptions { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower }));
                 return 0;
             }
@@ -55,9 +60,74 @@ public static class BenchCommand
             foreach (var r in rows)
                 table.AddRow(r.Op, r.Shape, r.Ms.ToString("0.000"), r.GBps.ToString("0.0"), r.OfCopy.ToString("P0"));
             console.Write(table);
+            if (opRows.Count > 0)
+            {
+                var ops = new Table().Border(TableBorder.Rounded).Title(Markup.Escape($"transformer ops on {where} (GpuOps)"))
+                    .AddColumn("op").AddColumn("shape").AddColumn(new TableColumn("ms").RightAligned())
+                    .AddColumn(new TableColumn("rate").RightAligned()).AddColumn(new TableColumn("of limit").RightAligned());
+                foreach (var r in opRows)
+                    ops.AddRow(Markup.Escape(r.Op), Markup.Escape(r.Shape), r.Ms.ToString("0.000"), $"{r.Rate:0.00} {r.Unit}", r.OfLimit.ToString("P0"));
+                console.Write(ops);
+            }
             return 0;
         });
         return cmd;
+    }
+
+    /// <summary>
+    /// The model's ops through GpuOps at a Llama-like layer shape (CUDA: tokens 4096, hidden 4096, 32/8 heads of 128;
+    /// the emulator: a scaled-down shape). Compute-bound ops are compared with the same run's GEMM TFLOP/s, memory-bound
+    /// ones with its copy GB/s.
+    /// </summary>
+    private static List<OpRow> RunTransformerOps(IGpu gpu, double copyGBps)
+    {
+        bool cuda = gpu.Properties.Kind == GpuKind.Cuda;
+        var dtype = cuda ? DType.BF16 : DType.F32;
+        int batch = 1, seq = cuda ? 4096 : 128, hidden = cuda ? 4096 : 256, hq = cuda ? 32 : 4, hkv = cuda ? 8 : 2, d = hidden / hq, vocab = cuda ? 32000 : 1000;
+        int tokens = batch * seq, kvDim = hkv * d;
+        using var ops = new GpuOps(gpu);
+        var rows = new List<OpRow>();
+        var x = ops.Memory.Allocate(dtype, tokens, hidden);
+        var w = ops.Memory.Allocate(dtype, hidden, hidden);
+        var y = ops.Memory.Allocate(dtype, tokens, hidden);
+        ops.Fill(x, 0.01); ops.Fill(w, 0.01);
+        string s = $"{dtype} [{tokens}, {hidden}]";
+        double gemmMs = Time(() => ops.Matmul(x, false, w, true, y), gpu.Synchronize);
+        double gemmTflops = 2.0 * tokens * hidden * hidden / (gemmMs * 1e-3) / 1e12;
+        rows.Add(new OpRow("Matmul x·Wᵀ (the limit)", $"{s} x [{hidden}, {hidden}]ᵀ", gemmMs, gemmTflops, "TFLOP/s", 1));
+
+        var weight = ops.Memory.Allocate(dtype, hidden);
+        var rstd = ops.Memory.Allocate(DType.F32, tokens);
+        ops.Fill(weight, 1);
+        double normMs = Time(() => ops.RmsNormForward(x, weight, y, rstd, 1e-5), gpu.Synchronize);
+        double normBytes = 2.0 * tokens * hidden * dtype.ElementSize();
+        rows.Add(new OpRow("RmsNormForward", s, normMs, normBytes / (normMs * 1e-3) / 1e9, "GB/s", normBytes / (normMs * 1e-3) / 1e9 / copyGBps));
+
+        var k = ops.Memory.Allocate(dtype, tokens, kvDim);
+        var v = ops.Memory.Allocate(dtype, tokens, kvDim);
+        var lse = ops.Memory.Allocate(DType.F32, batch, hq, seq);
+        ops.Fill(k, 0.01); ops.Fill(v, 0.01);
+        double attnFlops = 4.0 * batch * hq * d * seq * (seq + 1) / 2.0; // causal: QKᵀ and PV over the lower triangle
+        double fwdMs = Time(() => ops.AttentionForward(x, k, v, y, lse, batch, seq, hq, hkv, d), gpu.Synchronize);
+        rows.Add(new OpRow("AttentionForward (causal GQA)", $"{dtype} T={seq} Hq={hq} Hkv={hkv} D={d}", fwdMs,
+            attnFlops / (fwdMs * 1e-3) / 1e12, "TFLOP/s", attnFlops / (fwdMs * 1e-3) / 1e12 / gemmTflops));
+        var dq = ops.Memory.Allocate(dtype, tokens, hidden);
+        var dk = ops.Memory.Allocate(dtype, tokens, kvDim);
+        var dv = ops.Memory.Allocate(dtype, tokens, kvDim);
+        double bwdMs = Time(() => ops.AttentionBackward(y, x, k, v, y, lse, dq, dk, dv, batch, seq, hq, hkv, d), gpu.Synchronize);
+        rows.Add(new OpRow("AttentionBackward", $"{dtype} T={seq} Hq={hq} Hkv={hkv} D={d}", bwdMs,
+            2.5 * attnFlops / (bwdMs * 1e-3) / 1e12, "TFLOP/s", 2.5 * attnFlops / (bwdMs * 1e-3) / 1e12 / gemmTflops));
+
+        var lmHead = ops.Memory.Allocate(dtype, vocab, hidden);
+        var labels = ops.Memory.Allocate(DType.I32, tokens);
+        var ceLse = ops.Memory.Allocate(DType.F32, tokens);
+        ops.Fill(lmHead, 0.01);
+        ops.Fill(labels, 0);
+        double ceFlops = 2.0 * tokens * hidden * vocab;
+        double ceMs = Time(() => ops.CrossEntropyForward(x, lmHead, labels, ceLse, 8192), gpu.Synchronize);
+        rows.Add(new OpRow("CrossEntropyForward (lm_head fused, chunk 8192)", $"{s} x V={vocab}", ceMs,
+            ceFlops / (ceMs * 1e-3) / 1e12, "TFLOP/s", ceFlops / (ceMs * 1e-3) / 1e12 / gemmTflops));
+        return rows;
     }
 
     /// <summary>Median milliseconds of <paramref name="op"/> over repeats (after one warm-up), at least 3 and about 0.5 s.</summary>
