@@ -17,6 +17,7 @@ public static class Program
             DequantizeCommand.Create(stdout),
             DemoCheckpointCommand.Create(stdout),
             BenchCommand.Create(stdout),
+            EvalCommand.Create(stdout),
         };
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         try

@@ -1,0 +1,126 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Text.Json;
+using NativePeft.IO;
+using NativePeft.Modules;
+using NativePeft.Ops;
+
+namespace NativePeft.Cli.Commands;
+
+/// <summary>
+/// `nativepeft eval`: mean next-token cross-entropy of a HF Llama checkpoint over pre-tokenized JSONL
+/// (one {"input_ids": [...]} per line, each line its own sequence, no BOS added): loss, perplexity, predicted tokens.
+/// </summary>
+public static class EvalCommand
+{
+    public static Command Create(TextWriter stdout)
+    {
+        var model = new Option<DirectoryInfo>("--model") { Description = "HF Llama checkpoint folder (config.json + safetensors, single or sharded)", Required = true };
+        var data = new Option<FileInfo>("--data") { Description = "pre-tokenized JSONL: one {\"input_ids\": [...]} per line, each line a separate sequence", Required = true };
+        var quantize = new Option<string?>("--quantize") { Description = "quantize the linear weights on load: nf4 or fp4 (blocksize 64, double quant)" };
+        quantize.AcceptOnlyFromAmong("nf4", "fp4");
+        var device = new Option<string>("--device") { Description = "cpu (the only device for now: the GPU backend is being written)", DefaultValueFactory = _ => "cpu" };
+        device.AcceptOnlyFromAmong("cpu");
+        var json = new Option<bool>("--json") { Description = "print {\"loss\": …, \"perplexity\": …, \"tokens\": …}" };
+        var cmd = new Command("eval", "Mean next-token cross-entropy and perplexity of a Llama checkpoint on pre-tokenized data")
+        {
+            model, data, quantize, device, json,
+        };
+        cmd.SetAction(parse =>
+        {
+            string dir = parse.GetValue(model)!.FullName;
+            string file = parse.GetValue(data)!.FullName;
+            var quantization = parse.GetValue(quantize) switch
+            {
+                "nf4" => BaseQuantization.Nf4,
+                "fp4" => BaseQuantization.Fp4,
+                _ => BaseQuantization.None,
+            };
+            if (!File.Exists(file)) throw new CliException($"--data {file}: file not found");
+            if (!Directory.Exists(dir)) throw new CliException($"--model {dir}: folder not found");
+            try
+            {
+                var result = Run(dir, file, quantization);
+                if (parse.GetValue(json))
+                    stdout.WriteLine("{\"loss\": " + R(result.Loss) + ", \"perplexity\": " + R(result.Perplexity) + ", \"tokens\": " + result.Tokens + "}");
+                else
+                {
+                    stdout.WriteLine($"loss        {result.Loss.ToString("F6", CultureInfo.InvariantCulture)}");
+                    stdout.WriteLine($"perplexity  {result.Perplexity.ToString("F4", CultureInfo.InvariantCulture)}");
+                    stdout.WriteLine($"tokens      {result.Tokens}");
+                    stdout.WriteLine($"sequences   {result.Sequences}");
+                }
+            }
+            catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException or UnauthorizedAccessException)
+            {
+                throw new CliException(e.Message, 1, e);
+            }
+            return 0;
+        });
+        return cmd;
+    }
+
+    private static string R(double v) => v.ToString("R", CultureInfo.InvariantCulture);
+
+    /// <summary>The result of an evaluation: mean loss over every predicted token, exp(loss), the counts.</summary>
+    public sealed record EvalResult(double Loss, double Perplexity, long Tokens, int Sequences);
+
+    /// <summary>Evaluates <paramref name="dataFile"/> with the checkpoint in <paramref name="modelDir"/> on the CPU (fp32).</summary>
+    public static EvalResult Run(string modelDir, string dataFile, BaseQuantization quantization)
+    {
+        using var ckpt = HfCheckpoint.Open(modelDir);
+        var sequences = ReadJsonl(dataFile, ckpt.Config.VocabSize);
+        using var ops = new CpuOps();
+        using var llama = LlamaModel.Load(ckpt, ops, new LlamaModelOptions { Quantization = quantization });
+        llama.Dropout.Training = false;
+        double sum = 0;
+        long tokens = 0;
+        foreach (var ids in sequences)
+        {
+            if (ids.Length < 2) continue; // nothing to predict
+            double loss = llama.Forward(ids, ids, 1, ids.Length);
+            sum += loss * llama.LastTokenCount;
+            tokens += llama.LastTokenCount;
+        }
+        if (tokens == 0) throw new CliException($"--data {dataFile}: no line has two or more tokens, so there is nothing to predict");
+        double mean = sum / tokens;
+        return new EvalResult(mean, Math.Exp(mean), tokens, sequences.Count);
+    }
+
+    /// <summary>Reads the JSONL; blank lines are skipped; errors name the line (1-based).</summary>
+    public static List<int[]> ReadJsonl(string path, int vocabSize)
+    {
+        var result = new List<int[]>();
+        int lineNumber = 0;
+        foreach (string line in File.ReadLines(path))
+        {
+            lineNumber++;
+            if (string.IsNullOrWhiteSpace(line)) continue;
+            string where = $"--data {path}: line {lineNumber}";
+            try
+            {
+                using var doc = JsonDocument.Parse(line);
+                if (doc.RootElement.ValueKind != JsonValueKind.Object || !doc.RootElement.TryGetProperty("input_ids", out var arr))
+                    throw new CliException($"{where}: expected an object with \"input_ids\"");
+                if (arr.ValueKind != JsonValueKind.Array)
+                    throw new CliException($"{where}: \"input_ids\" must be a list of token ids");
+                var ids = new int[arr.GetArrayLength()];
+                int i = 0;
+                foreach (var e in arr.EnumerateArray())
+                {
+                    if (e.ValueKind != JsonValueKind.Number || !e.TryGetInt32(out int id))
+                        throw new CliException($"{where}: input_ids[{i}] = {e.GetRawText()} is not an integer token id");
+                    if (id < 0 || id >= vocabSize)
+                        throw new CliException($"{where}: input_ids[{i}] = {id} is outside the vocabulary [0, {vocabSize})");
+                    ids[i++] = id;
+                }
+                result.Add(ids);
+            }
+            catch (JsonException e)
+            {
+                throw new CliException($"{where}: invalid JSON: {e.Message}", 1, e);
+            }
+        }
+        return result;
+    }
+}

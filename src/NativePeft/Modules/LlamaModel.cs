@@ -1,0 +1,692 @@
+using NativePeft.IO;
+using NativePeft.Numerics;
+using NativePeft.Ops;
+using NativePeft.Ops.Reference;
+using NativePeft.Quantization;
+
+namespace NativePeft.Modules;
+
+/// <summary>One decoder block's parameters (HF names under model.layers.{Index}).</summary>
+public sealed class LlamaDecoderLayer
+{
+    /// <summary>Module paths of the seven projections inside a block, by their short (target) name.</summary>
+    public static IReadOnlyList<(string Short, string Path)> Projections { get; } =
+    [
+        ("q_proj", "self_attn.q_proj"), ("k_proj", "self_attn.k_proj"), ("v_proj", "self_attn.v_proj"), ("o_proj", "self_attn.o_proj"),
+        ("gate_proj", "mlp.gate_proj"), ("up_proj", "mlp.up_proj"), ("down_proj", "mlp.down_proj"),
+    ];
+
+    public int Index { get; }
+    public Tensor InputLayernorm { get; }
+    public Tensor? InputLayernormGrad { get; }
+    public Tensor PostAttentionLayernorm { get; }
+    public Tensor? PostAttentionLayernormGrad { get; }
+    public ILinearLayer QProj => _proj[0];
+    public ILinearLayer KProj => _proj[1];
+    public ILinearLayer VProj => _proj[2];
+    public ILinearLayer OProj => _proj[3];
+    public ILinearLayer GateProj => _proj[4];
+    public ILinearLayer UpProj => _proj[5];
+    public ILinearLayer DownProj => _proj[6];
+
+    private readonly ILinearLayer[] _proj;
+
+    internal LlamaDecoderLayer(int index, Tensor inputLayernorm, Tensor? inputLayernormGrad, Tensor postAttentionLayernorm,
+        Tensor? postAttentionLayernormGrad, ILinearLayer[] projections)
+    {
+        Index = index;
+        InputLayernorm = inputLayernorm;
+        InputLayernormGrad = inputLayernormGrad;
+        PostAttentionLayernorm = postAttentionLayernorm;
+        PostAttentionLayernormGrad = postAttentionLayernormGrad;
+        _proj = projections;
+    }
+
+    /// <summary>A projection by its short name (q_proj … down_proj).</summary>
+    public ILinearLayer this[string shortName]
+    {
+        get
+        {
+            for (int i = 0; i < Projections.Count; i++)
+                if (Projections[i].Short == shortName) return _proj[i];
+            throw new ArgumentException($"unknown projection \"{shortName}\"", nameof(shortName));
+        }
+    }
+}
+
+/// <summary>
+/// A Llama-architecture causal language model over an <see cref="IOps"/>, with an explicit forward and backward
+/// (no autograd). Layout and names are Hugging Face's (LlamaForCausalLM): embed_tokens; per block input_layernorm,
+/// q/k/v/o_proj, RoPE (rotate_half, HF inv_freq incl. llama3 rope_scaling), causal grouped-query attention, residual,
+/// post_attention_layernorm, gate/up/down_proj with SwiGLU, residual; final norm; lm_head (or the tied embedding);
+/// the loss is the fused, vocabulary-chunked cross-entropy.
+/// <para>
+/// Labels follow HF's convention: <c>labels</c> has the shape of <c>input_ids</c> (usually equal to it) and the model
+/// shifts it: position t is trained to predict <c>labels[b, t+1]</c>; the last position of each row and labels of
+/// -100 contribute nothing. The loss is the mean over the counted positions.
+/// </para>
+/// <para>
+/// Memory: parameters, gradients and the 4-bit dequantization scratch live in one arena; activations for the current
+/// batch shape in another (reallocated when the shape changes). Without <see cref="LlamaModelOptions.Recompute"/> each
+/// block keeps its activations from the forward to the backward; with it only the block inputs [N, hidden] are kept and
+/// one block's activations are recomputed inside its backward.
+/// </para>
+/// </summary>
+public sealed class LlamaModel : IDisposable
+{
+    private readonly IOps _ops;
+    private readonly TensorArena _params;
+    private readonly List<(string Name, Tensor Param, Tensor Grad)> _trainable = [];
+    private readonly List<LoraLinear> _lora = [];
+    private readonly LoraScratch _loraScratch = new();
+    private readonly LlamaDecoderLayer[] _layers;
+    private Activations? _acts;
+    private TensorArena? _ropeArena;
+    private Tensor? _ropeCos, _ropeSin;
+    private int _ropeRows;
+    private bool _forwardDone;
+
+    public LlamaConfig Config { get; }
+    public LlamaModelOptions Options { get; }
+    public IOps Ops => _ops;
+    public DType ComputeDType => Options.ComputeDType;
+    public Tensor EmbedTokens { get; private set; } = null!;
+    public Tensor? EmbedTokensGrad { get; private set; }
+    public Tensor Norm { get; private set; } = null!;
+    public Tensor? NormGrad { get; private set; }
+    /// <summary>lm_head.weight [V, C]; the embedding table itself when tie_word_embeddings.</summary>
+    public Tensor LmHead { get; private set; } = null!;
+    public Tensor? LmHeadGrad { get; private set; }
+    public IReadOnlyList<LlamaDecoderLayer> Layers => _layers;
+    public IReadOnlyList<LoraLinear> LoraLayers => _lora;
+    /// <summary>Dropout on/off (training) and the step the masks are drawn for.</summary>
+    public DropoutContext Dropout { get; } = new();
+    /// <summary>The 4-bit layers' shared dequantization buffer; null when no layer is 4-bit.</summary>
+    public DequantScratch? DequantScratch { get; private set; }
+
+    /// <summary>
+    /// Trainable parameters with their gradients: LoRA A and B under PEFT's names
+    /// (base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight), or with full fine-tuning every base tensor
+    /// under its HF name (model.embed_tokens.weight, …, lm_head.weight unless tied).
+    /// </summary>
+    public IReadOnlyList<(string Name, Tensor Param, Tensor Grad)> TrainableParameters => _trainable;
+
+    /// <summary>Counted (non-ignored) target positions of the last <see cref="Forward(Tensor, Tensor)"/>.</summary>
+    public int LastTokenCount { get; private set; }
+
+    /// <summary>Bytes of parameters, gradients and the dequantization scratch.</summary>
+    public long ParameterBytes => _params.Bytes;
+    /// <summary>Bytes of the activations and workspace held for the current batch shape.</summary>
+    public long ActivationBytes => _acts?.Arena.Bytes ?? 0;
+
+    private LlamaModel(LlamaConfig config, IOps ops, LlamaModelOptions options, TensorArena arena)
+    {
+        Config = config;
+        _ops = ops;
+        Options = options;
+        _params = arena;
+        _layers = new LlamaDecoderLayer[config.NumHiddenLayers];
+        Dropout.Seed = (ulong)(uint)options.Seed;
+    }
+
+    // ------------------------------------------------------------------------------------------ construction
+
+    /// <summary>
+    /// Loads a HF Llama checkpoint (validated first: a missing tensor or a shape that disagrees with config.json is an
+    /// <see cref="HfCheckpointException"/> naming the tensor, and nothing is allocated). Linear weights stored as
+    /// bitsandbytes 4-bit are loaded as they are; others are quantized on load when options ask for it. On any error
+    /// every tensor allocated so far is freed.
+    /// </summary>
+    public static LlamaModel Load(HfCheckpoint checkpoint, IOps ops, LlamaModelOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(checkpoint);
+        checkpoint.Validate();
+        return Build(checkpoint.Config, ops, options, new CheckpointSource(checkpoint));
+    }
+
+    /// <summary>
+    /// A model with random weights (for tests and benchmarks): every linear and embedding weight Normal(0, std²),
+    /// every norm weight 1 + Normal(0, std²), drawn from a generator seeded by (weightSeed, tensor name).
+    /// </summary>
+    public static LlamaModel CreateRandom(LlamaConfig config, IOps ops, LlamaModelOptions options, int weightSeed = 1, double std = 0.02)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        config.Validate();
+        return Build(config, ops, options, new RandomSource(weightSeed, std));
+    }
+
+    private static LlamaModel Build(LlamaConfig config, IOps ops, LlamaModelOptions options, IWeightSource source)
+    {
+        ArgumentNullException.ThrowIfNull(ops);
+        ArgumentNullException.ThrowIfNull(options);
+        options.Validate();
+        if (options.Lora is { } lora)
+        {
+            foreach (var (shortName, path) in LlamaDecoderLayer.Projections)
+            {
+                if (!lora.TargetModules.Contains(shortName)) continue;
+                var shape = config.LayerTensors(0).First(t => t.Name.EndsWith(path + ".weight", StringComparison.Ordinal)).Shape;
+                long max = Math.Min(shape[0], shape[1]);
+                if (lora.Rank > max)
+                    throw new ArgumentOutOfRangeException(nameof(LoraSettings.Rank), lora.Rank,
+                        $"r (LoRA rank) {lora.Rank} is larger than min(in, out) = {max} of {path} [{shape[0]}, {shape[1]}]");
+            }
+        }
+        var arena = new TensorArena(ops.Memory);
+        try
+        {
+            var model = new LlamaModel(config, ops, options, arena);
+            model.Populate(source);
+            return model;
+        }
+        catch
+        {
+            arena.Dispose();
+            throw;
+        }
+    }
+
+    private void Populate(IWeightSource source)
+    {
+        var dtype = ComputeDType;
+        bool full = Options.FullFineTuning;
+        int C = Config.HiddenSize;
+
+        (Tensor Param, Tensor? Grad) Dense(string name, params int[] shape)
+        {
+            var p = _params.Allocate(dtype, shape);
+            UploadValues(source.Read(name, shape), p);
+            Tensor? g = null;
+            if (full)
+            {
+                g = _params.Allocate(dtype, shape);
+                _trainable.Add((name, p, g));
+            }
+            return (p, g);
+        }
+
+        var embed = Dense("model.embed_tokens.weight", Config.VocabSize, C);
+        EmbedTokens = embed.Param;
+        EmbedTokensGrad = embed.Grad;
+
+        bool anyQuantized = Options.Quantization != BaseQuantization.None || source.AnyQuantized;
+        int loraIndex = 0;
+        for (int l = 0; l < Config.NumHiddenLayers; l++)
+        {
+            string prefix = $"model.layers.{l}.";
+            var inNorm = Dense(prefix + "input_layernorm.weight", C);
+            var projections = new ILinearLayer[LlamaDecoderLayer.Projections.Count];
+            var shapes = Config.LayerTensors(l).ToDictionary(t => t.Name, t => t.Shape);
+            for (int p = 0; p < projections.Length; p++)
+            {
+                var (shortName, path) = LlamaDecoderLayer.Projections[p];
+                string name = prefix + path + ".weight";
+                int outF = (int)shapes[name][0], inF = (int)shapes[name][1];
+                ILinearLayer layer;
+                if (source.IsQuantized(name) || Options.Quantization != BaseQuantization.None)
+                {
+                    if (DequantScratch is null && anyQuantized) DequantScratch = new DequantScratch(_params.Allocate(dtype, checked((int)MaxLinearElements())));
+                    layer = new Linear4bit(_ops, UploadQuantized(name, source, outF, inF), DequantScratch!);
+                }
+                else
+                {
+                    var (w, g) = Dense(name, outF, inF);
+                    layer = new Linear(_ops, w, g);
+                }
+                if (Options.Lora is { } lora && lora.TargetModules.Contains(shortName))
+                {
+                    int r = lora.Rank;
+                    var a = _params.Allocate(dtype, r, inF);
+                    var b = _params.Allocate(dtype, outF, r);
+                    var ga = _params.Allocate(dtype, r, inF);
+                    var gb = _params.Allocate(dtype, outF, r);
+                    int index = loraIndex++;
+                    var lin = new LoraLinear(_ops, layer, a, b, ga, gb, lora.Scaling, lora.Dropout, index, _loraScratch, Dropout);
+                    lin.Initialize(new Random(DeriveSeed(Options.Seed, index)));
+                    string peft = "base_model.model." + prefix + path;
+                    _trainable.Add((peft + ".lora_A.weight", a, ga));
+                    _trainable.Add((peft + ".lora_B.weight", b, gb));
+                    _lora.Add(lin);
+                    layer = lin;
+                }
+                projections[p] = layer;
+            }
+            var postNorm = Dense(prefix + "post_attention_layernorm.weight", C);
+            _layers[l] = new LlamaDecoderLayer(l, inNorm.Param, inNorm.Grad, postNorm.Param, postNorm.Grad, projections);
+        }
+
+        var norm = Dense("model.norm.weight", C);
+        Norm = norm.Param;
+        NormGrad = norm.Grad;
+        if (Config.TieWordEmbeddings)
+        {
+            LmHead = EmbedTokens;
+            LmHeadGrad = EmbedTokensGrad;
+        }
+        else
+        {
+            var head = Dense("lm_head.weight", Config.VocabSize, C);
+            LmHead = head.Param;
+            LmHeadGrad = head.Grad;
+        }
+    }
+
+    private long MaxLinearElements() =>
+        Config.LayerTensors(0).Where(t => t.Shape.Length == 2).Max(t => t.Shape[0] * t.Shape[1]);
+
+    /// <summary>A per-layer seed for LoRA A's generator: a hash of (seed, layer index).</summary>
+    private static int DeriveSeed(int seed, int index) =>
+        (int)(DropoutRng.SplitMix64(DropoutRng.SplitMix64((ulong)(uint)seed) ^ (ulong)index) & 0x7FFFFFFF);
+
+    private void UploadValues(float[] values, Tensor t)
+    {
+        if (t.DType == DType.F32) _ops.Upload<float>(values, t);
+        else _ops.Upload<double>(Array.ConvertAll(values, v => (double)v), t);
+    }
+
+    private QuantizedWeight UploadQuantized(string name, IWeightSource source, int rows, int columns)
+    {
+        Quantized4BitTensor q;
+        if (source.IsQuantized(name)) q = source.LoadQuantized(name);
+        else
+        {
+            var values = source.Read(name, [rows, columns]);
+            var quantType = Options.Quantization == BaseQuantization.Fp4 ? QuantType.Fp4 : QuantType.Nf4;
+            q = Quantized4BitTensor.Quantize(new ReadOnlyMemory<float>(values), [rows, columns], quantType, Options.Blocksize,
+                Options.DoubleQuant, source.StoredDType(name));
+        }
+        var shape = q.State.Shape;
+        if (shape.Length != 2 || shape[0] != rows || shape[1] != columns)
+            throw new HfCheckpointException(name, $"{name}: 4-bit weight of shape [{string.Join(", ", shape)}], expected [{rows}, {columns}]");
+        var packed = _params.Allocate(DType.U8, q.Packed.Length);
+        _ops.Upload<byte>(q.Packed, packed);
+        var absmaxValues = q.State.GetAbsmax();
+        var absmax = _params.Allocate(DType.F32, absmaxValues.Length);
+        _ops.Upload<float>(absmaxValues, absmax);
+        return new QuantizedWeight
+        {
+            Packed = packed, Absmax = absmax, QuantType = q.State.QuantType, Blocksize = q.State.Blocksize, Rows = rows, Columns = columns,
+        };
+    }
+
+    private interface IWeightSource
+    {
+        bool AnyQuantized { get; }
+        bool IsQuantized(string name);
+        Quantized4BitTensor LoadQuantized(string name);
+        float[] Read(string name, int[] shape);
+        DType StoredDType(string name);
+    }
+
+    private sealed class CheckpointSource(HfCheckpoint ckpt) : IWeightSource
+    {
+        public bool AnyQuantized => ckpt.IsQuantizedCheckpoint;
+        public bool IsQuantized(string name) => ckpt.IsQuantized(name);
+        public Quantized4BitTensor LoadQuantized(string name) => ckpt.LoadQuantized(name);
+        public float[] Read(string name, int[] shape) => ckpt.ReadArray<float>(name);
+        public DType StoredDType(string name) => ckpt.GetInfo(name).DType;
+    }
+
+    private sealed class RandomSource(int seed, double std) : IWeightSource
+    {
+        public bool AnyQuantized => false;
+        public bool IsQuantized(string name) => false;
+        public Quantized4BitTensor LoadQuantized(string name) => throw new InvalidOperationException();
+        public DType StoredDType(string name) => DType.F32;
+
+        public float[] Read(string name, int[] shape)
+        {
+            long n = 1;
+            foreach (var d in shape) n *= d;
+            ulong h = DropoutRng.SplitMix64((ulong)(uint)seed);
+            foreach (char c in name) h = DropoutRng.SplitMix64(h ^ c);
+            var rng = new Random((int)(h & 0x7FFFFFFF));
+            bool norm = name.EndsWith("norm.weight", StringComparison.Ordinal);
+            var v = new float[n];
+            for (long i = 0; i < n; i++)
+            {
+                double u1 = 1.0 - rng.NextDouble(), u2 = rng.NextDouble();
+                double z = Math.Sqrt(-2 * Math.Log(u1)) * Math.Cos(2 * Math.PI * u2);
+                v[i] = (float)((norm ? 1 : 0) + std * z);
+            }
+            return v;
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------ parameters
+
+    /// <summary>
+    /// Every base tensor under its HF name: the dense tensor (compute dtype) or, for a 4-bit linear weight, the
+    /// quantized one. lm_head.weight is listed only when not tied.
+    /// </summary>
+    public IEnumerable<(string Name, Tensor? Dense, QuantizedWeight? Quantized)> BaseParameters()
+    {
+        yield return ("model.embed_tokens.weight", EmbedTokens, null);
+        foreach (var layer in _layers)
+        {
+            string prefix = $"model.layers.{layer.Index}.";
+            yield return (prefix + "input_layernorm.weight", layer.InputLayernorm, null);
+            foreach (var (shortName, path) in LlamaDecoderLayer.Projections)
+            {
+                var lin = layer[shortName];
+                if (lin is LoraLinear lora) lin = lora.Base;
+                yield return lin switch
+                {
+                    Linear d => (prefix + path + ".weight", d.Weight, null),
+                    Linear4bit q => (prefix + path + ".weight", null, q.Weight),
+                    _ => throw new InvalidOperationException(lin.GetType().Name),
+                };
+            }
+            yield return (prefix + "post_attention_layernorm.weight", layer.PostAttentionLayernorm, null);
+        }
+        yield return ("model.norm.weight", Norm, null);
+        if (!Config.TieWordEmbeddings) yield return ("lm_head.weight", LmHead, null);
+    }
+
+    /// <summary>Zeroes every gradient.</summary>
+    public void ZeroGrad()
+    {
+        var seen = new HashSet<ulong>();
+        foreach (var (_, _, g) in _trainable)
+            if (seen.Add(g.Data.Address)) _ops.Fill(g, 0);
+    }
+
+    /// <summary>Merges every LoRA layer into its (full-precision) base weight.</summary>
+    public void MergeAdapters()
+    {
+        foreach (var l in _lora) l.Merge();
+    }
+
+    /// <summary>Undoes <see cref="MergeAdapters"/>.</summary>
+    public void UnmergeAdapters()
+    {
+        foreach (var l in _lora) l.Unmerge();
+    }
+
+    /// <summary>HF position ids for a batch without padding: position t of every row is t; [batch · seqLen] row-major.</summary>
+    public static int[] PositionIds(int batch, int seqLen)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(batch);
+        ArgumentOutOfRangeException.ThrowIfNegative(seqLen);
+        var p = new int[checked(batch * seqLen)];
+        for (int b = 0; b < batch; b++)
+            for (int t = 0; t < seqLen; t++) p[b * seqLen + t] = t;
+        return p;
+    }
+
+    /// <summary>
+    /// HF's shift: target[b, t] = labels[b, t+1] for t &lt; T−1 and -100 (ignored) at t = T−1; [batch · seqLen].
+    /// </summary>
+    public static int[] ShiftLabels(ReadOnlySpan<int> labels, int batch, int seqLen)
+    {
+        if (labels.Length != (long)batch * seqLen)
+            throw new ArgumentException($"labels has {labels.Length} elements, expected {batch}·{seqLen}", nameof(labels));
+        var shifted = new int[labels.Length];
+        for (int b = 0; b < batch; b++)
+        {
+            for (int t = 0; t + 1 < seqLen; t++) shifted[b * seqLen + t] = labels[b * seqLen + t + 1];
+            if (seqLen > 0) shifted[b * seqLen + seqLen - 1] = CrossEntropyRef.IgnoreIndex;
+        }
+        return shifted;
+    }
+
+    // ------------------------------------------------------------------------------------------ forward / backward
+
+    /// <summary>
+    /// Forward over input_ids I32 [B, T] with labels I32 [B, T] in HF's convention (unshifted; the model shifts, -100
+    /// ignored). Returns the mean cross-entropy over the counted positions (0 when none; see <see cref="LastTokenCount"/>)
+    /// and keeps what <see cref="Backward"/> needs.
+    /// </summary>
+    public double Forward(Tensor inputIds, Tensor labels)
+    {
+        ArgumentNullException.ThrowIfNull(inputIds);
+        ArgumentNullException.ThrowIfNull(labels);
+        if (inputIds.DType != DType.I32 || inputIds.Rank != 2)
+            throw new ArgumentException($"inputIds: expected I32 [batch, seq], got {inputIds}", nameof(inputIds));
+        if (labels.DType != DType.I32) throw new ArgumentException($"labels: expected I32, got {labels}", nameof(labels));
+        labels.Expect(nameof(labels), inputIds[0], inputIds[1]);
+        var ids = new int[inputIds.Count];
+        var lab = new int[labels.Count];
+        _ops.Download<int>(inputIds, ids);
+        _ops.Download<int>(labels, lab);
+        return Forward(ids, lab, inputIds[0], inputIds[1]);
+    }
+
+    /// <summary>As <see cref="Forward(Tensor, Tensor)"/> from host arrays [batch · seqLen].</summary>
+    public double Forward(ReadOnlySpan<int> inputIds, ReadOnlySpan<int> labels, int batch, int seqLen)
+    {
+        if (batch <= 0 || seqLen <= 0) throw new ArgumentOutOfRangeException(nameof(batch), $"batch {batch} and seqLen {seqLen} must be positive");
+        if (inputIds.Length != (long)batch * seqLen)
+            throw new ArgumentException($"inputIds has {inputIds.Length} elements, expected {batch}·{seqLen}", nameof(inputIds));
+        _forwardDone = false;
+        var a = EnsureActivations(batch, seqLen);
+        EnsureRope(seqLen);
+        _ops.Upload(inputIds, a.Ids);
+        _ops.Upload<int>(ShiftLabels(labels, batch, seqLen), a.Labels);
+
+        _ops.EmbeddingForward(a.Ids, EmbedTokens, a.Hidden[0]);
+        for (int l = 0; l < _layers.Length; l++)
+            BlockForward(l, a.Hidden[l], a.Hidden[l + 1], a.BlockFor(l), a);
+        _ops.RmsNormForward(a.Hidden[^1], Norm, a.NormOut, a.RstdF, Config.RmsNormEps);
+        var (loss, count) = _ops.CrossEntropyForward(a.NormOut, LmHead, a.Labels, a.CeLse, Options.CrossEntropyChunk);
+        LastTokenCount = count;
+        _forwardDone = true;
+        return loss;
+    }
+
+    /// <summary>
+    /// Gradients of the last forward's mean loss, accumulated (+=) into the trainable parameters' gradients
+    /// (call <see cref="ZeroGrad"/> between steps). Frozen parameters get none; 4-bit weights never.
+    /// </summary>
+    public void Backward()
+    {
+        if (!_forwardDone || _acts is null) throw new InvalidOperationException("Backward needs a Forward first");
+        if (_trainable.Count == 0) throw new InvalidOperationException("the model has nothing trainable (no LoRA, no full fine-tuning)");
+        var a = _acts;
+        _ops.CrossEntropyBackward(a.NormOut, LmHead, a.Labels, a.CeLse, 1.0, a.DN, LmHeadGrad, Options.CrossEntropyChunk);
+        _ops.RmsNormBackward(a.DN, a.Hidden[^1], Norm, a.RstdF, a.DRes, NormGrad);
+        for (int l = _layers.Length - 1; l >= 0; l--)
+        {
+            if (Options.Recompute) BlockForward(l, a.Hidden[l], a.Hidden[l + 1], a.BlockFor(l), a);
+            BlockBackward(l, a.Hidden[l], a.BlockFor(l), a);
+        }
+        if (EmbedTokensGrad is not null) _ops.EmbeddingBackward(a.Ids, a.DRes, EmbedTokensGrad);
+    }
+
+    /// <summary>The last forward's logits [B·T, V] = final-norm output · lm_headᵀ into <paramref name="output"/> (tests, generation).</summary>
+    public void Logits(Tensor output)
+    {
+        if (!_forwardDone || _acts is null) throw new InvalidOperationException("Logits needs a Forward first");
+        output.Expect(nameof(output), _acts.N, Config.VocabSize);
+        _ops.Matmul(_acts.NormOut, false, LmHead, true, output);
+    }
+
+    private void BlockForward(int l, Tensor x, Tensor output, BlockActivations s, Activations a)
+    {
+        var layer = _layers[l];
+        int Hq = Config.NumAttentionHeads, Hkv = Config.NumKeyValueHeads, D = Config.HeadDim;
+        _ops.RmsNormForward(x, layer.InputLayernorm, s.N1, s.Rstd1, Config.RmsNormEps);
+        layer.QProj.Forward(s.N1, s.Q);
+        layer.KProj.Forward(s.N1, s.K);
+        layer.VProj.Forward(s.N1, s.V);
+        _ops.RopeForward(s.Q, a.Positions, _ropeCos!, _ropeSin!, Hq, D);
+        _ops.RopeForward(s.K, a.Positions, _ropeCos!, _ropeSin!, Hkv, D);
+        _ops.AttentionForward(s.Q, s.K, s.V, s.Att, s.Lse, a.B, a.T, Hq, Hkv, D);
+        layer.OProj.Forward(s.Att, s.H);
+        _ops.Add(x, s.H, s.H);
+        _ops.RmsNormForward(s.H, layer.PostAttentionLayernorm, s.N2, s.Rstd2, Config.RmsNormEps);
+        layer.GateProj.Forward(s.N2, s.G);
+        layer.UpProj.Forward(s.N2, s.U);
+        _ops.SwiGluForward(s.G, s.U, s.A);
+        layer.DownProj.Forward(s.A, output);
+        _ops.Add(s.H, output, output);
+    }
+
+    /// <summary>In place on a.DRes: the gradient w.r.t. the block output in, w.r.t. the block input out.</summary>
+    private void BlockBackward(int l, Tensor x, BlockActivations s, Activations a)
+    {
+        var layer = _layers[l];
+        int Hq = Config.NumAttentionHeads, Hkv = Config.NumKeyValueHeads, D = Config.HeadDim;
+        // MLP: out = h + down(silu(gate(n2)) · up(n2)), n2 = norm(h)
+        layer.DownProj.Backward(s.A, a.DRes, a.DA, false);
+        _ops.SwiGluBackward(a.DA, s.G, s.U, a.DG, a.DU);
+        layer.GateProj.Backward(s.N2, a.DG, a.DN, false);
+        layer.UpProj.Backward(s.N2, a.DU, a.DN, true);
+        _ops.RmsNormBackward(a.DN, s.H, layer.PostAttentionLayernorm, s.Rstd2, a.DTmp, layer.PostAttentionLayernormGrad);
+        _ops.Add(a.DRes, a.DTmp, a.DRes);
+        // attention: h = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x)
+        layer.OProj.Backward(s.Att, a.DRes, a.DAtt, false);
+        _ops.AttentionBackward(a.DAtt, s.Q, s.K, s.V, s.Att, s.Lse, a.DQ, a.DK, a.DV, a.B, a.T, Hq, Hkv, D);
+        _ops.RopeBackward(a.DQ, a.Positions, _ropeCos!, _ropeSin!, Hq, D);
+        _ops.RopeBackward(a.DK, a.Positions, _ropeCos!, _ropeSin!, Hkv, D);
+        layer.QProj.Backward(s.N1, a.DQ, a.DN, false);
+        layer.KProj.Backward(s.N1, a.DK, a.DN, true);
+        layer.VProj.Backward(s.N1, a.DV, a.DN, true);
+        _ops.RmsNormBackward(a.DN, x, layer.InputLayernorm, s.Rstd1, a.DTmp, layer.InputLayernormGrad);
+        _ops.Add(a.DRes, a.DTmp, a.DRes);
+    }
+
+    // ------------------------------------------------------------------------------------------ buffers
+
+    private void EnsureRope(int seqLen)
+    {
+        if (_ropeCos is not null && _ropeRows >= seqLen) return;
+        _ropeArena?.Dispose();
+        _ropeCos = _ropeSin = null;
+        int rows = Math.Max(seqLen, Math.Min(64, Config.MaxPositionEmbeddings));
+        int half = Config.HeadDim / 2;
+        var scaling = Config.RopeScaling is { } s
+            ? new RopeScaling(s.Factor, s.LowFreqFactor, s.HighFreqFactor, s.OriginalMaxPositionEmbeddings)
+            : null;
+        var arena = new TensorArena(_ops.Memory);
+        try
+        {
+            var cos = arena.Allocate(ComputeDType, rows, half);
+            var sin = arena.Allocate(ComputeDType, rows, half);
+            if (ComputeDType == DType.F64)
+            {
+                var inv = RopeRef.InverseFrequencies<double>(Config.HeadDim, Config.RopeTheta, scaling);
+                var c = new double[rows * half];
+                var sn = new double[rows * half];
+                RopeRef.Tables<double>(rows, inv, c, sn);
+                _ops.Upload<double>(c, cos);
+                _ops.Upload<double>(sn, sin);
+            }
+            else
+            {
+                var inv = RopeRef.InverseFrequencies<float>(Config.HeadDim, Config.RopeTheta, scaling);
+                var c = new float[rows * half];
+                var sn = new float[rows * half];
+                RopeRef.Tables<float>(rows, inv, c, sn);
+                _ops.Upload<float>(c, cos);
+                _ops.Upload<float>(sn, sin);
+            }
+            _ropeCos = cos;
+            _ropeSin = sin;
+            _ropeRows = rows;
+            _ropeArena = arena;
+        }
+        catch
+        {
+            arena.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Frees the activations of the current batch shape (the next forward allocates them again).</summary>
+    public void ReleaseActivations()
+    {
+        _forwardDone = false;
+        _acts?.Dispose();
+        _acts = null;
+        _loraScratch.Clear();
+    }
+
+    private Activations EnsureActivations(int batch, int seqLen)
+    {
+        if (_acts is { } a && a.B == batch && a.T == seqLen) return a;
+        ReleaseActivations();
+        var arena = new TensorArena(_ops.Memory);
+        try
+        {
+            _acts = new Activations(this, arena, batch, seqLen);
+            if (_lora.Count > 0)
+                _loraScratch.Allocate(arena, ComputeDType, batch * seqLen, _lora.Max(l => l.InFeatures), _lora.Max(l => l.Rank));
+            return _acts;
+        }
+        catch
+        {
+            _acts = null;
+            _loraScratch.Clear();
+            arena.Dispose();
+            throw;
+        }
+    }
+
+    private sealed class BlockActivations(TensorArena m, DType d, LlamaConfig c, int B, int T)
+    {
+        private readonly int _n = B * T;
+        public readonly Tensor N1 = m.Allocate(d, B * T, c.HiddenSize), Rstd1 = m.Allocate(d, B * T);
+        public readonly Tensor Q = m.Allocate(d, B * T, c.QueryDim), K = m.Allocate(d, B * T, c.KeyValueDim), V = m.Allocate(d, B * T, c.KeyValueDim);
+        public readonly Tensor Att = m.Allocate(d, B * T, c.QueryDim), Lse = m.Allocate(d, B, c.NumAttentionHeads, T);
+        public readonly Tensor H = m.Allocate(d, B * T, c.HiddenSize), N2 = m.Allocate(d, B * T, c.HiddenSize), Rstd2 = m.Allocate(d, B * T);
+        public readonly Tensor G = m.Allocate(d, B * T, c.IntermediateSize), U = m.Allocate(d, B * T, c.IntermediateSize), A = m.Allocate(d, B * T, c.IntermediateSize);
+        public int Tokens => _n;
+    }
+
+    private sealed class Activations : IDisposable
+    {
+        public readonly TensorArena Arena;
+        public readonly int B, T, N;
+        public readonly Tensor Ids, Labels, Positions;
+        public readonly Tensor[] Hidden;
+        private readonly BlockActivations[] _blocks;
+        private readonly bool _recompute;
+        public readonly Tensor NormOut, RstdF, CeLse;
+        public readonly Tensor DRes, DTmp, DN, DAtt, DQ, DK, DV, DA, DG, DU;
+
+        public Activations(LlamaModel model, TensorArena m, int batch, int seqLen)
+        {
+            Arena = m;
+            B = batch;
+            T = seqLen;
+            N = checked(batch * seqLen);
+            var c = model.Config;
+            var d = model.ComputeDType;
+            Ids = m.Allocate(DType.I32, N);
+            Labels = m.Allocate(DType.I32, N);
+            Positions = m.Allocate(DType.I32, N);
+            model._ops.Upload<int>(PositionIds(batch, seqLen), Positions);
+            Hidden = new Tensor[c.NumHiddenLayers + 1];
+            for (int i = 0; i < Hidden.Length; i++) Hidden[i] = m.Allocate(d, N, c.HiddenSize);
+            _recompute = model.Options.Recompute;
+            _blocks = new BlockActivations[_recompute ? 1 : c.NumHiddenLayers];
+            for (int i = 0; i < _blocks.Length; i++) _blocks[i] = new BlockActivations(m, d, c, batch, seqLen);
+            NormOut = m.Allocate(d, N, c.HiddenSize);
+            RstdF = m.Allocate(d, N);
+            CeLse = m.Allocate(d, N);
+            DRes = m.Allocate(d, N, c.HiddenSize);
+            DTmp = m.Allocate(d, N, c.HiddenSize);
+            DN = m.Allocate(d, N, c.HiddenSize);
+            DAtt = m.Allocate(d, N, c.QueryDim);
+            DQ = m.Allocate(d, N, c.QueryDim);
+            DK = m.Allocate(d, N, c.KeyValueDim);
+            DV = m.Allocate(d, N, c.KeyValueDim);
+            DA = m.Allocate(d, N, c.IntermediateSize);
+            DG = m.Allocate(d, N, c.IntermediateSize);
+            DU = m.Allocate(d, N, c.IntermediateSize);
+        }
+
+        public BlockActivations BlockFor(int layer) => _blocks[_recompute ? 0 : layer];
+
+        public void Dispose() => Arena.Dispose();
+    }
+
+    public void Dispose()
+    {
+        ReleaseActivations();
+        _ropeArena?.Dispose();
+        _ropeArena = null;
+        _params.Dispose();
+    }
+}

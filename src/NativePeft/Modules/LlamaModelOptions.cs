@@ -1,0 +1,88 @@
+using NativePeft.Numerics;
+using NativePeft.Ops.Reference;
+
+namespace NativePeft.Modules;
+
+/// <summary>How the frozen base's linear weights are stored.</summary>
+public enum BaseQuantization
+{
+    /// <summary>Full precision, in the compute dtype.</summary>
+    None,
+    /// <summary>NormalFloat4 (bitsandbytes), quantized on load.</summary>
+    Nf4,
+    /// <summary>FP4 E2M1 (bitsandbytes), quantized on load.</summary>
+    Fp4,
+}
+
+/// <summary>LoRA settings in PEFT's words (r, lora_alpha, lora_dropout, use_rslora, target_modules).</summary>
+public sealed record LoraSettings
+{
+    /// <summary>The projections LoRA can target.</summary>
+    public static IReadOnlyList<string> KnownTargets { get; } = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+    /// <summary>r: the rank, 1 ≤ r ≤ min(in, out) of every targeted layer.</summary>
+    public int Rank { get; init; } = 8;
+    /// <summary>lora_alpha.</summary>
+    public double Alpha { get; init; } = 16;
+    /// <summary>lora_dropout, in [0, 1).</summary>
+    public double Dropout { get; init; }
+    /// <summary>use_rslora: scaling alpha/√r instead of alpha/r.</summary>
+    public bool UseRsLora { get; init; }
+    /// <summary>target_modules: any subset of <see cref="KnownTargets"/> (PEFT's default for Llama: q_proj, v_proj).</summary>
+    public IReadOnlyList<string> TargetModules { get; init; } = ["q_proj", "v_proj"];
+
+    public double Scaling => LoraRef.Scaling(Alpha, Rank, UseRsLora);
+
+    /// <summary>Throws ArgumentException naming the option for an unknown target, r ≤ 0, a bad dropout or alpha.</summary>
+    public void Validate()
+    {
+        if (TargetModules is null || TargetModules.Count == 0)
+            throw new ArgumentException("target_modules: at least one of " + string.Join(", ", KnownTargets) + " is needed", nameof(TargetModules));
+        foreach (var t in TargetModules)
+        {
+            if (!KnownTargets.Contains(t))
+                throw new ArgumentException($"target_modules: unknown module \"{t}\"; known: {string.Join(", ", KnownTargets)}", nameof(TargetModules));
+        }
+        if (Rank <= 0)
+            throw new ArgumentOutOfRangeException(nameof(Rank), Rank, $"r (LoRA rank) {Rank} must be positive");
+        if (Dropout is < 0 or >= 1 || double.IsNaN(Dropout))
+            throw new ArgumentOutOfRangeException(nameof(Dropout), Dropout, $"lora_dropout {Dropout} must be in [0, 1)");
+        if (!double.IsFinite(Alpha))
+            throw new ArgumentOutOfRangeException(nameof(Alpha), Alpha, "lora_alpha must be a finite number");
+    }
+}
+
+/// <summary>How <see cref="LlamaModel"/> builds a model.</summary>
+public sealed record LlamaModelOptions
+{
+    /// <summary>F32 (normal), or F64 on the CPU for gradient checks. Parameters, LoRA, gradients and activations all use it.</summary>
+    public DType ComputeDType { get; init; } = DType.F32;
+    /// <summary>Quantize the base's linear weights on load (embeddings, norms and lm_head stay full precision, as bitsandbytes does).
+    /// A checkpoint already in bitsandbytes 4-bit is loaded as it is, whatever this says.</summary>
+    public BaseQuantization Quantization { get; init; } = BaseQuantization.None;
+    public int Blocksize { get; init; } = 64;
+    public bool DoubleQuant { get; init; } = true;
+    /// <summary>LoRA adapters on a frozen base; null for none.</summary>
+    public LoraSettings? Lora { get; init; }
+    /// <summary>Train every base parameter (not with LoRA, not with a 4-bit base).</summary>
+    public bool FullFineTuning { get; init; }
+    /// <summary>Gradient checkpointing: keep only each block's input, recompute the block inside its backward.</summary>
+    public bool Recompute { get; init; }
+    /// <summary>Seeds LoRA's init (per layer) and the dropout masks.</summary>
+    public int Seed { get; init; }
+    /// <summary>Vocabulary rows per chunk of the fused LM-head cross-entropy.</summary>
+    public int CrossEntropyChunk { get; init; } = 8192;
+
+    public void Validate()
+    {
+        if (ComputeDType is not (DType.F32 or DType.F64))
+            throw new ArgumentException($"ComputeDType: {ComputeDType} is not supported (F32, or F64 on the CPU)", nameof(ComputeDType));
+        if (Lora is not null && FullFineTuning)
+            throw new ArgumentException("FullFineTuning and Lora are exclusive: choose one", nameof(FullFineTuning));
+        if (FullFineTuning && Quantization != BaseQuantization.None)
+            throw new ArgumentException("FullFineTuning needs a full-precision base (Quantization = None)", nameof(FullFineTuning));
+        if (CrossEntropyChunk <= 0)
+            throw new ArgumentOutOfRangeException(nameof(CrossEntropyChunk), CrossEntropyChunk, "must be positive");
+        Lora?.Validate();
+    }
+}
