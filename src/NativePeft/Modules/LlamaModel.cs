@@ -276,7 +276,7 @@ public sealed class LlamaModel : IDisposable
 
     /// <summary>A per-layer seed for LoRA A's generator: a hash of (seed, layer index).</summary>
     private static int DeriveSeed(int seed, int index) =>
-        (int)(DropoutRng.SplitMix64(DropoutRng.SplitMix64((ulong)(uint)seed) ^ (ulong)index) & 0x7FFFFFFF);
+        (int)(SeedHash.SplitMix64(SeedHash.SplitMix64((ulong)(uint)seed) ^ (ulong)index) & 0x7FFFFFFF);
 
     private void UploadValues(float[] values, Tensor t)
     {
@@ -338,8 +338,8 @@ public sealed class LlamaModel : IDisposable
         {
             long n = 1;
             foreach (var d in shape) n *= d;
-            ulong h = DropoutRng.SplitMix64((ulong)(uint)seed);
-            foreach (char c in name) h = DropoutRng.SplitMix64(h ^ c);
+            ulong h = SeedHash.SplitMix64((ulong)(uint)seed);
+            foreach (char c in name) h = SeedHash.SplitMix64(h ^ c);
             var rng = new Random((int)(h & 0x7FFFFFFF));
             bool norm = name.EndsWith("norm.weight", StringComparison.Ordinal);
             var v = new float[n];

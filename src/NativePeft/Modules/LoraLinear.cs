@@ -18,7 +18,7 @@ public sealed class DropoutContext
     public long Step { get; set; }
 
     public ulong SeedFor(int moduleIndex) =>
-        DropoutRng.SplitMix64(DropoutRng.SplitMix64(DropoutRng.SplitMix64(Seed) ^ (ulong)moduleIndex) ^ (ulong)Step);
+        SeedHash.SplitMix64(SeedHash.SplitMix64(SeedHash.SplitMix64(Seed) ^ (ulong)moduleIndex) ^ (ulong)Step);
 }
 
 /// <summary>
