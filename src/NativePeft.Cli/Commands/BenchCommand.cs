@@ -25,10 +25,15 @@ public static class BenchCommand
         var device = DeviceOption.Create("auto", "auto|cuda|emulator, or cpu for the C# reference");
         var elements = new Option<long>("--elements") { Description = "tensor size (default: 64M on CUDA, 16M on CPU, 4M on the emulator)" };
         var json = new Option<bool>("--json") { Description = "print the rows as JSON" };
-        var cmd = new Command("bench", "Benchmark the 4-bit kernels against a copy of the same bytes") { device, elements, json };
+        var model = new Option<string>("--model") { Description = "instead of the kernels, time a training step (forward + backward) of a random Llama: tiny or small" };
+        model.AcceptOnlyFromAmong("tiny", "small");
+        var profile = new Option<bool>("--profile") { Description = "with --model: also print where one step's time goes, by op" };
+        var cmd = new Command("bench", "Benchmark the 4-bit kernels against a copy of the same bytes, or a model's training step") { device, elements, json, model, profile };
         cmd.SetAction(parse =>
         {
             var deviceName = parse.GetValue(device)!;
+            if (parse.GetValue(model) is { } size)
+                return ModelBench.Run(stdout, deviceName, size, parse.GetValue(json), parse.GetValue(profile));
             long n = parse.GetValue(elements);
             List<Row> rows;
             List<OpRow> opRows = [];
