@@ -218,6 +218,8 @@ cmd_gpu_check() {
     echo "## kernel benchmarks"
     # gpu-check is for GPU machines: no CUDA device (or a failing benchmark) fails it, even if the tests passed.
     timeout 300 ./NativePeft.Cli bench --device cuda 2>&1 || { echo "bench failed: no CUDA device or a kernel error"; echo 1 > "$status"; }
+    echo "## training step of a random Llama (full, LoRA, QLoRA), fp32 on CUDA"
+    timeout 200 ./NativePeft.Cli bench --model small --device cuda --profile 2>&1 || { echo "model bench failed"; echo 1 > "$status"; }
     echo "## bitsandbytes cross-check (same bytes both ways)"
     if python3 -c "import torch, safetensors, bitsandbytes" 2>/dev/null; then
       timeout 300 python3 ./bnb_crosscheck.py "$PWD/NativePeft.Cli" "$PWD/build/bnb-crosscheck" 2>&1 || echo 1 > "$status"

@@ -9,7 +9,8 @@ namespace NativePeft.Cli.Commands;
 
 /// <summary>
 /// `nativepeft bench --model tiny|small`: the training step (forward + backward) of a random Llama with full
-/// fine-tuning, LoRA and QLoRA (NF4, double quant) on one device, timed in one run; the share of the step spent in
+/// fine-tuning (fp32 weights), LoRA (bf16-stored frozen base) and QLoRA (NF4, double quant) on one device, timed in
+/// one run; compute is fp32; the share of the step spent in
 /// GEMMs comes from a profiled step (ProfilingOps).
 /// </summary>
 internal static class ModelBench
@@ -41,7 +42,7 @@ internal static class ModelBench
         var methods = new (string Name, LlamaModelOptions Options)[]
         {
             ("full", new LlamaModelOptions { FullFineTuning = true }),
-            ("lora r=16", new LlamaModelOptions { Lora = lora }),
+            ("lora r=16 (bf16 base)", new LlamaModelOptions { Lora = lora, BaseWeightDType = NativePeft.Numerics.DType.BF16 }),
             ("qlora r=16 (nf4)", new LlamaModelOptions { Lora = lora, Quantization = BaseQuantization.Nf4, DoubleQuant = true }),
         };
         var rng = new Random(0);

@@ -33,12 +33,14 @@ internal static class LinearChecks
 }
 
 /// <summary>
-/// A full-precision linear layer: weight [out, in] in the compute dtype; trainable when it has a gradient tensor
-/// (full fine-tuning: dW += dyᵀ · x), frozen otherwise.
+/// A full-precision linear layer: weight [out, in] in the compute dtype, trainable when it has a gradient tensor
+/// (full fine-tuning: dW += dyᵀ · x), frozen otherwise. A frozen weight may be stored narrower (BF16) than the compute
+/// dtype: its GEMMs then use the weight widened into the model's shared scratch.
 /// </summary>
 public sealed class Linear : ILinearLayer
 {
     private readonly IOps _ops;
+    private readonly DequantScratch? _scratch;
 
     public Tensor Weight { get; }
     /// <summary>dW [out, in] (accumulated by <see cref="Backward"/>), or null for a frozen weight.</summary>
@@ -46,35 +48,52 @@ public sealed class Linear : ILinearLayer
     public int InFeatures => Weight.Columns;
     public int OutFeatures => Weight.Rows;
 
-    public Linear(IOps ops, Tensor weight, Tensor? weightGrad = null)
+    /// <param name="scratch">Where a weight stored in another dtype than the compute dtype is widened (null otherwise).</param>
+    public Linear(IOps ops, Tensor weight, Tensor? weightGrad = null, DequantScratch? scratch = null)
     {
         ArgumentNullException.ThrowIfNull(ops);
         ArgumentNullException.ThrowIfNull(weight);
         if (weight.Rank != 2) throw new ArgumentException($"weight must be [out, in], got [{weight.ShapeText}]", nameof(weight));
         weightGrad?.Expect(nameof(weightGrad), weight.Rows, weight.Columns);
+        if (weightGrad is not null && weightGrad.DType != weight.DType)
+            throw new ArgumentException($"a trainable weight is kept in its gradient's dtype ({weightGrad.DType}), got {weight.DType}", nameof(weight));
+        if (scratch is not null && scratch.Buffer.Count < weight.Count)
+            throw new ArgumentException($"the scratch ({scratch.Buffer.Count} elements) is smaller than the [{weight.ShapeText}] weight", nameof(scratch));
         _ops = ops;
         Weight = weight;
         WeightGrad = weightGrad;
+        _scratch = scratch;
+    }
+
+    /// <summary>The weight in the dtype of <paramref name="x"/>: itself, or widened into the scratch.</summary>
+    private Tensor WeightFor(Tensor x)
+    {
+        if (Weight.DType == x.DType) return Weight;
+        if (_scratch is null)
+            throw new InvalidOperationException($"the {Weight.DType} weight [{Weight.ShapeText}] needs a scratch to run with {x.DType} activations");
+        var w = _scratch.View(Weight.Rows, Weight.Columns);
+        _ops.Copy(Weight, w);
+        return w;
     }
 
     public void Forward(Tensor x, Tensor y)
     {
         LinearChecks.Check(this, x, y, nameof(y));
-        _ops.Matmul(x, false, Weight, true, y);
+        _ops.Matmul(x, false, WeightFor(x), true, y);
     }
 
     public void Backward(Tensor x, Tensor dy, Tensor dx, bool accumulateDx)
     {
         LinearChecks.Check(this, x, dy, nameof(dy));
         LinearChecks.Check(this, dx, dy, nameof(dy));
-        _ops.Matmul(dy, false, Weight, false, dx, 1, accumulateDx ? 1 : 0);
+        _ops.Matmul(dy, false, WeightFor(dy), false, dx, 1, accumulateDx ? 1 : 0);
         if (WeightGrad is not null) _ops.Matmul(dy, true, x, false, WeightGrad, 1, 1);
     }
 }
 
 /// <summary>
-/// The one scratch tensor every 4-bit layer of a model dequantizes its weight into, sized for the largest layer
-/// (out·in elements, compute dtype). So the full-precision copy of a 4-bit model never exceeds one layer.
+/// The one scratch tensor every 4-bit (or BF16-stored) layer of a model dequantizes (widens) its weight into, sized for
+/// the largest layer (out·in elements, compute dtype). So the full-precision copy of a 4-bit model never exceeds one layer.
 /// </summary>
 public sealed class DequantScratch(Tensor buffer)
 {

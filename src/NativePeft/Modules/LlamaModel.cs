@@ -210,6 +210,8 @@ public sealed class LlamaModel : IDisposable
         EmbedTokensGrad = embed.Grad;
 
         bool anyQuantized = Options.Quantization != BaseQuantization.None || source.AnyQuantized;
+        var baseDType = Options.BaseWeightDType ?? dtype;
+        DequantScratch Scratch() => DequantScratch ??= new DequantScratch(_params.Allocate(dtype, checked((int)MaxLinearElements())));
         int loraIndex = 0;
         for (int l = 0; l < Config.NumHiddenLayers; l++)
         {
@@ -225,8 +227,20 @@ public sealed class LlamaModel : IDisposable
                 ILinearLayer layer;
                 if (source.IsQuantized(name) || Options.Quantization != BaseQuantization.None)
                 {
-                    if (DequantScratch is null && anyQuantized) DequantScratch = new DequantScratch(_params.Allocate(dtype, checked((int)MaxLinearElements())));
-                    layer = new Linear4bit(_ops, UploadQuantized(name, source, outF, inF), DequantScratch!);
+                    layer = new Linear4bit(_ops, UploadQuantized(name, source, outF, inF), Scratch());
+                }
+                else if (baseDType != dtype)
+                {
+                    // A frozen base stored narrower than the compute dtype (BF16): rounded once, widened per GEMM.
+                    var w = _params.Allocate(baseDType, outF, inF);
+                    var wide = _params.Allocate(dtype, outF, inF);
+                    try
+                    {
+                        UploadValues(source.Read(name, [outF, inF]), wide);
+                        _ops.Copy(wide, w);
+                    }
+                    finally { _params.Free(wide); }
+                    layer = new Linear(_ops, w, null, Scratch());
                 }
                 else
                 {

@@ -60,6 +60,12 @@ public sealed record LlamaModelOptions
     /// <summary>Quantize the base's linear weights on load (embeddings, norms and lm_head stay full precision, as bitsandbytes does).
     /// A checkpoint already in bitsandbytes 4-bit is loaded as it is, whatever this says.</summary>
     public BaseQuantization Quantization { get; init; } = BaseQuantization.None;
+    /// <summary>
+    /// How a frozen full-precision base stores its linear weights: null = the compute dtype, or BF16 (half the memory;
+    /// each layer's weight is widened into the shared scratch for its GEMMs, as a 4-bit one is dequantized). Only for a
+    /// frozen base (not with full fine-tuning); embeddings, norms and lm_head stay in the compute dtype.
+    /// </summary>
+    public DType? BaseWeightDType { get; init; }
     public int Blocksize { get; init; } = 64;
     public bool DoubleQuant { get; init; } = true;
     /// <summary>LoRA adapters on a frozen base; null for none.</summary>
@@ -81,6 +87,13 @@ public sealed record LlamaModelOptions
             throw new ArgumentException("FullFineTuning and Lora are exclusive: choose one", nameof(FullFineTuning));
         if (FullFineTuning && Quantization != BaseQuantization.None)
             throw new ArgumentException("FullFineTuning needs a full-precision base (Quantization = None)", nameof(FullFineTuning));
+        if (BaseWeightDType is { } b && b != ComputeDType)
+        {
+            if (b != DType.BF16)
+                throw new ArgumentException($"BaseWeightDType: {b} is not supported (BF16, or the compute dtype)", nameof(BaseWeightDType));
+            if (FullFineTuning)
+                throw new ArgumentException("BaseWeightDType BF16 is for a frozen base: full fine-tuning keeps fp32 master weights", nameof(BaseWeightDType));
+        }
         if (CrossEntropyChunk <= 0)
             throw new ArgumentOutOfRangeException(nameof(CrossEntropyChunk), CrossEntropyChunk, "must be positive");
         Lora?.Validate();

@@ -24,6 +24,13 @@ internal sealed class TensorArena(TensorMemory memory) : IDisposable
         return t;
     }
 
+    /// <summary>Frees one tensor of this arena now (a temporary during loading).</summary>
+    public void Free(Tensor tensor)
+    {
+        if (!_tensors.Remove(tensor)) throw new InvalidOperationException($"{tensor} is not in this arena");
+        memory.Free(tensor);
+    }
+
     public void Dispose()
     {
         for (int i = _tensors.Count - 1; i >= 0; i--) memory.Free(_tensors[i]);
