@@ -179,6 +179,8 @@ cmd_run() {
   # --device auto: the kernels of kernels/nf4.cu on CUDA when present, else on the emulator.
   cli quantize --in "$out/demo-model.safetensors" --out "$out/demo-model-nf4.safetensors" --quant-type nf4 --blocksize 64 --double-quant --device auto
   cli bench --device auto
+  # A training step of a random Llama: full fine-tuning, LoRA on a bf16 base, QLoRA on NF4 (fp32 compute, the CPU).
+  cli bench --model tiny --device cpu
 }
 
 cmd_gpu_bundle() {

@@ -81,6 +81,8 @@ public sealed unsafe class CpuOps : IOps
             new Span<byte>((void*)source.Data.Address, checked((int)source.Bytes)).CopyTo(new Span<byte>((void*)destination.Data.Address, checked((int)destination.Bytes)));
             return;
         }
+        if (source.DType == DType.BF16 && destination.DType == DType.F32) { BFloat16.ToSingle(S<BFloat16>(source), S<float>(destination)); return; }
+        if (source.DType == DType.F32 && destination.DType == DType.BF16) { BFloat16.FromSingle(S<float>(source), S<BFloat16>(destination)); return; }
         double[] tmp = ToDouble(source);
         switch (destination.DType)
         {
