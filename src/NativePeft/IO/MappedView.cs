@@ -32,6 +32,16 @@ internal sealed unsafe class MappedView : IDisposable
         return new ReadOnlySpan<byte>(_pointer + offset, length);
     }
 
+    /// <summary><paramref name="count"/> elements of T from byte <paramref name="offset"/> (the bytes may exceed 2 GB).</summary>
+    public ReadOnlySpan<T> Span<T>(long offset, int count) where T : unmanaged
+    {
+        ObjectDisposedException.ThrowIf(_pointer == null, this);
+        ArgumentOutOfRangeException.ThrowIfNegative(offset);
+        ArgumentOutOfRangeException.ThrowIfNegative(count);
+        if (offset + (long)count * sizeof(T) > _length) throw new ArgumentOutOfRangeException(nameof(count));
+        return new ReadOnlySpan<T>(_pointer + offset, count);
+    }
+
     public ReadOnlyMemory<byte> MemoryAt(long offset, int length)
     {
         ObjectDisposedException.ThrowIf(_pointer == null, this);

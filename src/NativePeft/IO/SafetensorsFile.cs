@@ -238,14 +238,35 @@ public sealed class SafetensorsFile : IDisposable
         return _view!.MemoryAt(_dataStart + t.Begin, (int)t.ByteLength);
     }
 
-    /// <summary>Typed view; T must match the dtype (float ↔ F32, BFloat16 ↔ BF16, Half ↔ F16, byte ↔ U8, …).</summary>
+    /// <summary>
+    /// Typed view; T must match the dtype (float ↔ F32, BFloat16 ↔ BF16, Half ↔ F16, byte ↔ U8, …). Works for tensors
+    /// over 2 GB as long as they have fewer than 2³¹ elements (Llama-3-70B's bf16 embeddings); larger ones are read
+    /// in ranges with <see cref="GetSpan{T}(string, long, int)"/>.
+    /// </summary>
     public ReadOnlySpan<T> GetSpan<T>(string name) where T : unmanaged
+    {
+        SafetensorsTensorInfo t = TypedInfo<T>(name);
+        if (t.ElementCount > int.MaxValue)
+            throw new SafetensorsException(Path, name, $"{t.ElementCount} elements do not fit one span: read it in ranges");
+        return _view!.Span<T>(_dataStart + t.Begin, (int)t.ElementCount);
+    }
+
+    /// <summary>Elements [first, first + count) of the tensor as T (dtype must match).</summary>
+    public ReadOnlySpan<T> GetSpan<T>(string name, long first, int count) where T : unmanaged
+    {
+        SafetensorsTensorInfo t = TypedInfo<T>(name);
+        if (first < 0 || count < 0 || first + count > t.ElementCount)
+            throw new SafetensorsException(Path, name, $"elements [{first}, {first + count}) are outside its {t.ElementCount}");
+        return _view!.Span<T>(_dataStart + t.Begin + first * t.DType.ElementSize(), count);
+    }
+
+    private SafetensorsTensorInfo TypedInfo<T>(string name) where T : unmanaged
     {
         SafetensorsTensorInfo t = GetInfo(name);
         DType want = DTypes.Of<T>();
         if (t.DType != want)
             throw new SafetensorsException(Path, name, $"is {t.DType.SafetensorsName()}, not {want.SafetensorsName()} ({typeof(T).Name})");
-        return MemoryMarshal.Cast<byte, T>(GetBytes(name));
+        return t;
     }
 
     /// <summary>Copy of the tensor as a T[] (dtype must match).</summary>
