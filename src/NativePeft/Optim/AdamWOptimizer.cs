@@ -63,6 +63,31 @@ public abstract class AdamWOptimizer : IOptimizer
     /// <summary>Whether a parameter of n elements gets 8-bit states in this optimizer.</summary>
     public bool QuantizesStateOf(long n) => _eightBit && n >= AdamWMath.Min8BitSize;
 
+    /// <summary>
+    /// State bytes of one parameter of n elements (what <see cref="StateBytes"/> adds for it), for memory plans:
+    /// 8·n for fp32 state; 2·n + 8·ceil(n/256) for 8-bit state (eightBit and n ≥ 4096).
+    /// </summary>
+    public static long StateBytesFor(long n, bool eightBit) =>
+        eightBit && n >= AdamWMath.Min8BitSize ? 2 * n + 2L * sizeof(float) * AdamWMath.Blocks(n) : 2L * sizeof(float) * n;
+
+    /// <summary>Of <see cref="StateBytesFor"/>, the bytes a paged optimizer on a GPU puts in managed memory (m and v, n ≥ 1e5).</summary>
+    public static long PagedStateBytesFor(long n, bool eightBit) =>
+        n < PagedMinElements ? 0 : (eightBit && n >= AdamWMath.Min8BitSize ? 2 * n : 2L * sizeof(float) * n);
+
+    /// <summary>
+    /// Prefetches every paged (managed) state buffer to the host (cuMemPrefetchAsync to the CPU) on devices with
+    /// concurrent managed access, freeing device pages for something else until the next <see cref="Step"/> prefetches
+    /// them back; a no-op elsewhere (the driver still migrates on demand). Values are unchanged.
+    /// </summary>
+    public void PrefetchStateToHost()
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (_gpu is null || !_gpu.Properties.ConcurrentManagedAccess) return;
+        foreach (var s in _states.Values)
+            foreach (var b in s.Buffers)
+                if (b.Managed) _gpu.Prefetch(b.Tensor.Data, b.Tensor.Bytes, toDevice: false);
+    }
+
     // ----------------------------------------------------------------------------------------------
     // State
     // ----------------------------------------------------------------------------------------------
