@@ -1,0 +1,208 @@
+// optim.cu: the optimizer kernels (launcher: src/NativePeft/Optim/GpuOptimKernels.cs; C# twin: src/NativePeft/Optim/AdamWMath.cs).
+//
+//   adamw_f32                 one AdamW step on fp32 params, grads and fp32 states m, v (grid-stride)
+//   adamw8bit_blockwise       one AdamW step with m, v blockwise 8-bit (dynamic maps, absmax per 256): dequantize,
+//                             update, find the new block absmax, requantize — one thread block per quantization block
+//   optim_sum_squares_f32     partials[b] = sum of x^2 (double) over block b's slice (global-norm clipping, pass 1)
+//   optim_reduce_sum_f64      out[0] += sum of partials[0..count) in a fixed order (pass 2, accumulates over tensors)
+//
+// The AdamW step (torch.optim.AdamW's order: decoupled weight decay applied to p BEFORE the Adam update; bitsandbytes
+// applies it after). Every fp32 operation is written out with the _rn intrinsics so nvcc cannot contract a multiply
+// and an add into an FMA; the C# twin performs the same IEEE operations in the same order, so the results are bit
+// identical on CUDA, on the emulator and in C#. The host passes the step's scalars already rounded to fp32:
+//   g     = g_raw * grad_scale
+//   m     = fma(beta1, m, omb1 * g)                       omb1 = fp32(1 - beta1)
+//   v     = fma(beta2, v, (omb2 * g) * g)                 omb2 = fp32(1 - beta2)
+//   p     = p * decay                                     decay = fp32(1 - lr * weight_decay)
+//   denom = sqrt(v) / bc2_sqrt + eps                      bc2_sqrt = fp32(sqrt(1 - beta2^t))
+//   p     = fma(neg_step, m / denom, p)                   neg_step = fp32(-lr / (1 - beta1^t))
+// In the 8-bit kernel m and v are first decoded (map[q] * absmax[block]), the parameter update uses the new fp32
+// m and v (as bitsandbytes does), and then m and v are re-encoded with the block's new absmax: q = dQuantize(map,
+// x * (1 / absmax)) (bitsandbytes' binary search with midpoint rounding); a block whose absmax is 0 stores the index
+// of 0.0 in the map (127 signed, 0 unsigned).
+#include "common.cuh"
+
+namespace optk {
+
+__device__ __forceinline__ long long first_index() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ long long grid_stride() { return (long long)gridDim.x * blockDim.x; }
+
+struct AdamWScalars
+{
+    float beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale;
+};
+
+// One element's update; m and v are updated in place and the new p returned.
+__device__ __forceinline__ float adamw_update(float p, float g_raw, float& m, float& v, const AdamWScalars& s)
+{
+    const float g = __fmul_rn(g_raw, s.grad_scale);
+    m = __fmaf_rn(s.beta1, m, __fmul_rn(s.omb1, g));
+    v = __fmaf_rn(s.beta2, v, __fmul_rn(__fmul_rn(s.omb2, g), g));
+    p = __fmul_rn(p, s.decay);
+    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), s.bc2_sqrt), s.eps);
+    return __fmaf_rn(s.neg_step, __fdiv_rn(m, denom), p);
+}
+
+// bitsandbytes' dQuantize<0> (csrc/kernels.cu): binary search over the sorted 256-entry map, then midpoint rounding
+// between the neighbours. Same comparisons, same order (C#: Quantization.Dynamic8Bit.Encode).
+__device__ __forceinline__ unsigned char dquantize(const float* code, float x)
+{
+    int pivot = 127;
+    int upper_pivot = 255;
+    int lower_pivot = 0;
+    float lower = -1.0f;
+    float upper = 1.0f;
+    float val = code[pivot];
+    for (int i = 64; i > 0; i >>= 1)
+    {
+        if (x > val)
+        {
+            lower_pivot = pivot;
+            lower = val;
+            pivot += i;
+        }
+        else
+        {
+            upper_pivot = pivot;
+            upper = val;
+            pivot -= i;
+        }
+        val = code[pivot];
+    }
+    if (upper_pivot == 255) upper = code[upper_pivot];
+    if (lower_pivot == 0) lower = code[lower_pivot];
+    if (x > val)
+    {
+        const float midpoint = (upper + val) * 0.5f;
+        return (unsigned char)(x > midpoint ? upper_pivot : pivot);
+    }
+    const float midpoint = (lower + val) * 0.5f;
+    return (unsigned char)(x < midpoint ? lower_pivot : pivot);
+}
+
+}  // namespace optk
+
+// adamw_f32(p[n], g[n], m[n], v[n], n, beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale):
+// the step above on every element. Launch: grid-stride, block 256 (any grid gives the same result).
+extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
+                                     float* __restrict__ v, long long n, float beta1, float beta2, float omb1,
+                                     float omb2, float eps, float decay, float bc2_sqrt, float neg_step,
+                                     float grad_scale)
+{
+    const optk::AdamWScalars s{beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale};
+    for (long long i = optk::first_index(); i < n; i += optk::grid_stride())
+    {
+        float mi = m[i], vi = v[i];
+        p[i] = optk::adamw_update(p[i], g[i], mi, vi, s);
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+EMU_REGISTER(adamw_f32)
+
+// adamw8bit_blockwise(p[n], g[n], qm[n] u8, qv[n] u8, absmax_m[nb], absmax_v[nb], code_signed[256],
+// code_unsigned[256], n, beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale), nb = ceil(n / 256):
+// thread t of quantization block b owns element b*256 + t. m is coded with the signed map, v with the unsigned map.
+// Launch: block 256 (exactly), grid = any G >= 1 (blocks stride over the nb quantization blocks), shared 0.
+// Block max: a fixed shared-memory tree of fmaxf (exact, so order does not matter).
+extern "C" __global__ void adamw8bit_blockwise(float* __restrict__ p, const float* __restrict__ g,
+                                               unsigned char* __restrict__ qm, unsigned char* __restrict__ qv,
+                                               float* __restrict__ absmax_m, float* __restrict__ absmax_v,
+                                               const float* __restrict__ code_signed,
+                                               const float* __restrict__ code_unsigned, long long n, float beta1,
+                                               float beta2, float omb1, float omb2, float eps, float decay,
+                                               float bc2_sqrt, float neg_step, float grad_scale)
+{
+    __shared__ float s_code_m[256];
+    __shared__ float s_code_v[256];
+    __shared__ float s_max_m[256];
+    __shared__ float s_max_v[256];
+
+    const int t = (int)threadIdx.x;
+    s_code_m[t] = code_signed[t];
+    s_code_v[t] = code_unsigned[t];
+    __syncthreads();
+
+    const optk::AdamWScalars s{beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale};
+    const long long nb = (n + 255) / 256;
+    for (long long b = blockIdx.x; b < nb; b += gridDim.x)
+    {
+        const long long i = b * 256 + t;
+        const bool valid = i < n;
+        float mi = 0.0f, vi = 0.0f;
+        if (valid)
+        {
+            mi = __fmul_rn(s_code_m[qm[i]], absmax_m[b]);
+            vi = __fmul_rn(s_code_v[qv[i]], absmax_v[b]);
+            p[i] = optk::adamw_update(p[i], g[i], mi, vi, s);
+        }
+        s_max_m[t] = fabsf(mi);
+        s_max_v[t] = fabsf(vi);
+        __syncthreads();
+        for (int half = 128; half > 0; half >>= 1)
+        {
+            if (t < half)
+            {
+                s_max_m[t] = fmaxf(s_max_m[t], s_max_m[t + half]);
+                s_max_v[t] = fmaxf(s_max_v[t], s_max_v[t + half]);
+            }
+            __syncthreads();
+        }
+        const float am = s_max_m[0], av = s_max_v[0];
+        __syncthreads();  // s_max_* are rewritten by the next quantization block
+        if (t == 0)
+        {
+            absmax_m[b] = am;
+            absmax_v[b] = av;
+        }
+        if (valid)
+        {
+            qm[i] = am == 0.0f ? (unsigned char)127 : optk::dquantize(s_code_m, __fmul_rn(mi, __fdiv_rn(1.0f, am)));
+            qv[i] = av == 0.0f ? (unsigned char)0 : optk::dquantize(s_code_v, __fmul_rn(vi, __fdiv_rn(1.0f, av)));
+        }
+    }
+}
+EMU_REGISTER(adamw8bit_blockwise)
+
+// optim_sum_squares_f32(x[n], n, partials[gridDim.x] double): block b sums (double)x[i]^2 over i = b*256 + t,
+// += gridDim.x*256 (each thread in index order), then a fixed shared-memory tree. Launch: grid G (the host takes G
+// from n alone), block 256 (exactly), shared 0.
+extern "C" __global__ void optim_sum_squares_f32(const float* __restrict__ x, long long n, double* __restrict__ partials)
+{
+    __shared__ double s[256];
+    const int t = (int)threadIdx.x;
+    double acc = 0.0;
+    for (long long i = optk::first_index(); i < n; i += optk::grid_stride())
+    {
+        const double xi = (double)x[i];
+        acc = __dadd_rn(acc, __dmul_rn(xi, xi));
+    }
+    s[t] = acc;
+    __syncthreads();
+    for (int half = 128; half > 0; half >>= 1)
+    {
+        if (t < half) s[t] = __dadd_rn(s[t], s[t + half]);
+        __syncthreads();
+    }
+    if (t == 0) partials[blockIdx.x] = s[0];
+}
+EMU_REGISTER(optim_sum_squares_f32)
+
+// optim_reduce_sum_f64(partials[count], count, out[1] double): out[0] += the sum of partials (thread t adds entries
+// t, t+256, ... in order, then a fixed tree). Launch: grid 1, block 256 (exactly), shared 0.
+extern "C" __global__ void optim_reduce_sum_f64(const double* __restrict__ partials, int count, double* __restrict__ out)
+{
+    __shared__ double s[256];
+    const int t = (int)threadIdx.x;
+    double acc = 0.0;
+    for (int i = t; i < count; i += 256) acc = __dadd_rn(acc, partials[i]);
+    s[t] = acc;
+    __syncthreads();
+    for (int half = 128; half > 0; half >>= 1)
+    {
+        if (t < half) s[t] = __dadd_rn(s[t], s[t + half]);
+        __syncthreads();
+    }
+    if (t == 0) out[0] = __dadd_rn(out[0], s[0]);
+}
+EMU_REGISTER(optim_reduce_sum_f64)
