@@ -82,6 +82,7 @@ public sealed class Batcher
     private int _permEpoch = -1;
     private ulong _seed;
     private int _epoch, _index;
+    private int _lastTruncated;
 
     public BatcherOptions Options { get; }
     /// <summary>Examples cut to <see cref="BatcherOptions.SeqLen"/> so far.</summary>
@@ -159,8 +160,6 @@ public sealed class Batcher
             return batch;
         }
     }
-
-    private int _lastTruncated;
 
     private (Batch, int) Pad(int start)
     {
