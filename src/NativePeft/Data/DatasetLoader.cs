@@ -1,0 +1,228 @@
+using System.Text;
+using System.Text.Json;
+
+namespace NativePeft.Data;
+
+/// <summary>The data formats <see cref="DatasetLoader"/> reads.</summary>
+public enum DataFormat
+{
+    /// <summary>Decide from the file: .txt → PlainText; JSONL/JSON whose first record has input_ids / instruction / text.</summary>
+    Auto,
+    /// <summary>JSONL <c>{"input_ids": [...], "labels": [...]?}</c>; labels default to input_ids, -100 masks.</summary>
+    PreTokenized,
+    /// <summary>A whole text file, tokenized and packed into fixed-length sequences.</summary>
+    PlainText,
+    /// <summary>JSONL <c>{"text": "..."}</c>: documents packed into fixed-length sequences, eos after each.</summary>
+    TextJsonl,
+    /// <summary>Alpaca records <c>{"instruction", "input", "output"}</c> (JSONL, or a JSON array as alpaca_data.json).</summary>
+    Alpaca,
+}
+
+/// <summary>
+/// Reads the dataset formats into <see cref="TrainingExample"/>s. Every error names the file and the 1-based line
+/// (for a JSON array file: the 1-based record). With <see cref="BadLinePolicy.Skip"/> bad lines are left out and
+/// counted. Blank lines are ignored.
+/// </summary>
+public static class DatasetLoader
+{
+    public static Dataset Load(string path, DataFormat format, ITokenizer tokenizer, int seqLen, BadLinePolicy policy = BadLinePolicy.Stop)
+    {
+        ArgumentNullException.ThrowIfNull(tokenizer);
+        if (format == DataFormat.Auto) format = DetectFormat(path);
+        return format switch
+        {
+            DataFormat.PreTokenized => PreTokenizedJsonl(path, tokenizer.VocabSize, policy),
+            DataFormat.PlainText => PlainText(path, tokenizer, seqLen),
+            DataFormat.TextJsonl => TextJsonl(path, tokenizer, seqLen, policy),
+            DataFormat.Alpaca => Alpaca(path, tokenizer, policy),
+            _ => throw new ArgumentOutOfRangeException(nameof(format)),
+        };
+    }
+
+    /// <summary>The format of a file from its extension and its first record's keys.</summary>
+    public static DataFormat DetectFormat(string path)
+    {
+        if (path.EndsWith(".txt", StringComparison.OrdinalIgnoreCase)) return DataFormat.PlainText;
+        foreach (var (line, _, text) in Records(path))
+        {
+            try
+            {
+                using var doc = JsonDocument.Parse(text);
+                var r = doc.RootElement;
+                if (r.ValueKind != JsonValueKind.Object) break;
+                if (r.TryGetProperty("input_ids", out _)) return DataFormat.PreTokenized;
+                if (r.TryGetProperty("instruction", out _)) return DataFormat.Alpaca;
+                if (r.TryGetProperty("text", out _)) return DataFormat.TextJsonl;
+                throw new DataFormatException(path, line, "cannot tell the format: the first record has none of input_ids, instruction, text");
+            }
+            catch (JsonException e) { throw new DataFormatException(path, line, $"invalid JSON: {e.Message}", e); }
+        }
+        return DataFormat.PlainText;
+    }
+
+    /// <summary>Pre-tokenized JSONL: input_ids (ints in [0, vocabSize)), optional labels of the same length (-100 or an id).</summary>
+    public static Dataset PreTokenizedJsonl(string path, int vocabSize, BadLinePolicy policy = BadLinePolicy.Stop)
+    {
+        var examples = new List<TrainingExample>();
+        var skips = new Skips(policy);
+        foreach (var (line, _, text) in Records(path))
+        {
+            try
+            {
+                using var doc = Parse(path, line, text);
+                var r = doc.RootElement;
+                if (!r.TryGetProperty("input_ids", out var idsEl)) throw new DataFormatException(path, line, "missing \"input_ids\"");
+                int[] ids = IntArray(path, line, idsEl, "input_ids");
+                if (ids.Length == 0) throw new DataFormatException(path, line, "\"input_ids\" is empty");
+                for (int i = 0; i < ids.Length; i++)
+                    if (ids[i] < 0 || ids[i] >= vocabSize)
+                        throw new DataFormatException(path, line, $"input_ids[{i}] = {ids[i]} is outside the vocabulary [0, {vocabSize})");
+                int[] labels;
+                if (r.TryGetProperty("labels", out var labEl) && labEl.ValueKind != JsonValueKind.Null)
+                {
+                    labels = IntArray(path, line, labEl, "labels");
+                    if (labels.Length != ids.Length)
+                        throw new DataFormatException(path, line, $"\"labels\" has {labels.Length} entries, \"input_ids\" has {ids.Length}");
+                    for (int i = 0; i < labels.Length; i++)
+                        if (labels[i] != TrainingExample.IgnoreIndex && (labels[i] < 0 || labels[i] >= vocabSize))
+                            throw new DataFormatException(path, line, $"labels[{i}] = {labels[i]} is neither -100 nor in the vocabulary [0, {vocabSize})");
+                }
+                else labels = (int[])ids.Clone();
+                examples.Add(new TrainingExample(ids, labels));
+            }
+            catch (DataFormatException e) when (skips.Take(e)) { }
+        }
+        return new Dataset(path, examples, skips.Count, skips.Messages);
+    }
+
+    /// <summary>A plain text file: the whole text tokenized (bos first) and cut into sequences of seqLen.</summary>
+    public static Dataset PlainText(string path, ITokenizer tokenizer, int seqLen) =>
+        new(path, TextPacking.Pack([File.ReadAllText(path, Encoding.UTF8)], tokenizer, seqLen));
+
+    /// <summary>JSONL {"text": "..."}: the documents packed into sequences of seqLen, eos between them.</summary>
+    public static Dataset TextJsonl(string path, ITokenizer tokenizer, int seqLen, BadLinePolicy policy = BadLinePolicy.Stop)
+    {
+        var docs = new List<string>();
+        var skips = new Skips(policy);
+        foreach (var (line, _, text) in Records(path))
+        {
+            try
+            {
+                using var doc = Parse(path, line, text);
+                docs.Add(RequiredString(path, line, doc.RootElement, "text"));
+            }
+            catch (DataFormatException e) when (skips.Take(e)) { }
+        }
+        return new Dataset(path, TextPacking.Pack(docs, tokenizer, seqLen, eosBetweenDocuments: true), skips.Count, skips.Messages);
+    }
+
+    /// <summary>Alpaca records (JSONL or a JSON array) → <see cref="AlpacaFormat.Build"/>.</summary>
+    public static Dataset Alpaca(string path, ITokenizer tokenizer, BadLinePolicy policy = BadLinePolicy.Stop)
+    {
+        var examples = new List<TrainingExample>();
+        var skips = new Skips(policy);
+        foreach (var (line, _, text) in Records(path))
+        {
+            try
+            {
+                using var doc = Parse(path, line, text);
+                var r = doc.RootElement;
+                string instruction = RequiredString(path, line, r, "instruction");
+                string output = RequiredString(path, line, r, "output");
+                string input = OptionalString(path, line, r, "input");
+                examples.Add(AlpacaFormat.Build(tokenizer, instruction, input, output));
+            }
+            catch (DataFormatException e) when (skips.Take(e)) { }
+        }
+        return new Dataset(path, examples, skips.Count, skips.Messages);
+    }
+
+    private sealed class Skips(BadLinePolicy policy)
+    {
+        public int Count;
+        public List<string> Messages { get; } = [];
+        public bool Take(DataFormatException e)
+        {
+            if (policy == BadLinePolicy.Stop) return false;
+            Count++;
+            if (Messages.Count < 10) Messages.Add(e.Message);
+            return true;
+        }
+    }
+
+    /// <summary>(1-based line or record, 1-based ordinal, JSON text) of every non-blank JSONL line, or every element of a JSON array file.</summary>
+    internal static IEnumerable<(int Line, int Ordinal, string Text)> Records(string path)
+    {
+        if (!File.Exists(path)) throw new FileNotFoundException($"no data file at {path}", path);
+        if (StartsWithArray(path))
+        {
+            JsonDocument doc;
+            try { doc = JsonDocument.Parse(File.ReadAllBytes(path)); }
+            catch (JsonException e) { throw new DataFormatException(path, (int)(e.LineNumber ?? 0) + 1, $"invalid JSON: {e.Message}", e); }
+            using (doc)
+            {
+                int k = 0;
+                var texts = doc.RootElement.EnumerateArray().Select(e => e.GetRawText()).ToList();
+                foreach (string t in texts) { k++; yield return (k, k, t); }
+            }
+            yield break;
+        }
+        int lineNo = 0, ordinal = 0;
+        using var reader = new StreamReader(path, Encoding.UTF8);
+        while (reader.ReadLine() is { } text)
+        {
+            lineNo++;
+            if (string.IsNullOrWhiteSpace(text)) continue;
+            yield return (lineNo, ++ordinal, text);
+        }
+    }
+
+    private static bool StartsWithArray(string path)
+    {
+        using var reader = new StreamReader(path, Encoding.UTF8);
+        int c;
+        while ((c = reader.Read()) >= 0) if (!char.IsWhiteSpace((char)c)) return c == '[';
+        return false;
+    }
+
+    private static JsonDocument Parse(string path, int line, string text)
+    {
+        JsonDocument doc;
+        try { doc = JsonDocument.Parse(text); }
+        catch (JsonException e) { throw new DataFormatException(path, line, $"invalid JSON: {e.Message}", e); }
+        if (doc.RootElement.ValueKind != JsonValueKind.Object)
+        {
+            doc.Dispose();
+            throw new DataFormatException(path, line, "expected a JSON object");
+        }
+        return doc;
+    }
+
+    private static int[] IntArray(string path, int line, JsonElement e, string name)
+    {
+        if (e.ValueKind != JsonValueKind.Array) throw new DataFormatException(path, line, $"\"{name}\" is not an array");
+        var result = new int[e.GetArrayLength()];
+        int i = 0;
+        foreach (var v in e.EnumerateArray())
+        {
+            if (v.ValueKind != JsonValueKind.Number || !v.TryGetInt32(out int x))
+                throw new DataFormatException(path, line, $"{name}[{i}] is not an integer: {v.GetRawText()}");
+            result[i++] = x;
+        }
+        return result;
+    }
+
+    private static string RequiredString(string path, int line, JsonElement r, string name)
+    {
+        if (!r.TryGetProperty(name, out var v)) throw new DataFormatException(path, line, $"missing \"{name}\"");
+        if (v.ValueKind != JsonValueKind.String) throw new DataFormatException(path, line, $"\"{name}\" is not a string");
+        return v.GetString()!;
+    }
+
+    private static string OptionalString(string path, int line, JsonElement r, string name)
+    {
+        if (!r.TryGetProperty(name, out var v) || v.ValueKind == JsonValueKind.Null) return "";
+        if (v.ValueKind != JsonValueKind.String) throw new DataFormatException(path, line, $"\"{name}\" is not a string");
+        return v.GetString()!;
+    }
+}

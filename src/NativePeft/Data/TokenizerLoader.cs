@@ -1,0 +1,112 @@
+using System.Text.Json;
+
+namespace NativePeft.Data;
+
+/// <summary>
+/// Picks a model folder's tokenizer. Order: tokenizer.json when it is a byte-level BPE (Llama 3); else
+/// tokenizer.model (SentencePiece, Llama 2; also when tokenizer.json is a form we don't read, such as Llama 2's);
+/// else the built-in <see cref="ByteTokenizer"/> when tokenizer_config.json says
+/// <c>"tokenizer_class": "NativePeftByteTokenizer"</c> (what <see cref="WriteByteTokenizerConfig"/> writes) or
+/// config.json's vocab_size is 259 with no tokenizer file. Special ids: tokenizer_config.json's bos_token /
+/// eos_token / pad_token (a string or {"content": …}) looked up in the vocabulary; else config.json's bos_token_id /
+/// eos_token_id / pad_token_id (an int, or the first of a list); else the SentencePiece model's own bos/eos.
+/// </summary>
+public static class TokenizerLoader
+{
+    public const string ByteTokenizerClass = "NativePeftByteTokenizer";
+
+    /// <summary>A folder, a tokenizer.json / tokenizer.model file, or "byte" for the built-in byte tokenizer.</summary>
+    public static ITokenizer Load(string pathOrName)
+    {
+        ArgumentNullException.ThrowIfNull(pathOrName);
+        if (pathOrName == "byte") return ByteTokenizer.Instance;
+        if (Directory.Exists(pathOrName)) return FromFolder(pathOrName);
+        if (!File.Exists(pathOrName)) throw new FileNotFoundException($"no tokenizer at {pathOrName}", pathOrName);
+        string dir = Path.GetDirectoryName(Path.GetFullPath(pathOrName))!;
+        return pathOrName.EndsWith(".model", StringComparison.OrdinalIgnoreCase)
+            ? WithSpecials(SentencePieceModelTokenizer.FromFile(pathOrName), dir)
+            : WithSpecials(HfBpeTokenizer.FromFile(pathOrName), dir);
+    }
+
+    public static ITokenizer FromFolder(string dir)
+    {
+        string json = Path.Combine(dir, "tokenizer.json"), model = Path.Combine(dir, "tokenizer.model");
+        if (File.Exists(json))
+        {
+            try { return WithSpecials(HfBpeTokenizer.FromFile(json), dir); }
+            catch (NotSupportedException) when (File.Exists(model)) { /* e.g. Llama 2's tokenizer.json: use tokenizer.model */ }
+        }
+        if (File.Exists(model)) return WithSpecials(SentencePieceModelTokenizer.FromFile(model), dir);
+        var tc = ReadJson(Path.Combine(dir, "tokenizer_config.json"));
+        if (tc is JsonElement t && t.TryGetProperty("tokenizer_class", out var cls) && cls.ValueKind == JsonValueKind.String && cls.GetString() == ByteTokenizerClass)
+            return ByteTokenizer.Instance;
+        var cfg = ReadJson(Path.Combine(dir, "config.json"));
+        if (cfg is JsonElement c && c.TryGetProperty("vocab_size", out var vs) && vs.ValueKind == JsonValueKind.Number && vs.GetInt32() == ByteTokenizer.Size)
+            return ByteTokenizer.Instance;
+        throw new FileNotFoundException($"{dir} has no tokenizer.json or tokenizer.model (and is not marked as using the byte tokenizer)");
+    }
+
+    /// <summary>Writes tokenizer_config.json marking <paramref name="dir"/> as using the built-in byte tokenizer.</summary>
+    public static void WriteByteTokenizerConfig(string dir)
+    {
+        File.WriteAllText(Path.Combine(dir, "tokenizer_config.json"),
+            $"{{\n  \"tokenizer_class\": \"{ByteTokenizerClass}\",\n  \"bos_token_id\": {ByteTokenizer.Bos},\n" +
+            $"  \"eos_token_id\": {ByteTokenizer.Eos},\n  \"pad_token_id\": {ByteTokenizer.Pad}\n}}\n");
+    }
+
+    private static ITokenizer WithSpecials(HfBpeTokenizer tok, string dir)
+    {
+        var (bos, eos, pad) = ResolveSpecials(dir, tok.TokenToId);
+        return tok.WithSpecialIds(bos, eos, pad);
+    }
+
+    private static ITokenizer WithSpecials(SentencePieceModelTokenizer tok, string dir)
+    {
+        var (bos, eos, pad) = ResolveSpecials(dir, tok.TokenToId);
+        return tok.WithSpecialIds(bos, eos, pad);
+    }
+
+    internal static (int? Bos, int? Eos, int? Pad) ResolveSpecials(string dir, Func<string, int?> lookup)
+    {
+        var tc = ReadJson(Path.Combine(dir, "tokenizer_config.json"));
+        var cfg = ReadJson(Path.Combine(dir, "config.json"));
+        int? Get(string tokenKey, string idKey)
+        {
+            if (tc is JsonElement t && t.TryGetProperty(tokenKey, out var v))
+            {
+                string? name = v.ValueKind switch
+                {
+                    JsonValueKind.String => v.GetString(),
+                    JsonValueKind.Object when v.TryGetProperty("content", out var content) => content.GetString(),
+                    _ => null,
+                };
+                if (name is not null)
+                    return lookup(name) ?? throw new InvalidDataException($"{Path.Combine(dir, "tokenizer_config.json")}: {tokenKey} \"{name}\" is not in the vocabulary");
+            }
+            return IdFrom(tc, idKey) ?? IdFrom(cfg, idKey);
+        }
+        return (Get("bos_token", "bos_token_id"), Get("eos_token", "eos_token_id"), Get("pad_token", "pad_token_id"));
+    }
+
+    private static int? IdFrom(JsonElement? e, string key)
+    {
+        if (e is not JsonElement o || !o.TryGetProperty(key, out var v)) return null;
+        return v.ValueKind switch
+        {
+            JsonValueKind.Number => v.GetInt32(),
+            JsonValueKind.Array when v.GetArrayLength() > 0 && v[0].ValueKind == JsonValueKind.Number => v[0].GetInt32(),
+            _ => null,
+        };
+    }
+
+    private static JsonElement? ReadJson(string path)
+    {
+        if (!File.Exists(path)) return null;
+        try
+        {
+            using var doc = JsonDocument.Parse(File.ReadAllBytes(path));
+            return doc.RootElement.Clone();
+        }
+        catch (JsonException e) { throw new InvalidDataException($"{path}: not valid JSON: {e.Message}", e); }
+    }
+}
