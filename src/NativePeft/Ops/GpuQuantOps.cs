@@ -1,6 +1,7 @@
 using NativePeft.Numerics;
 using NativePeft.Quantization;
 using NativePeft.Runtime;
+using static NativePeft.Ops.KernelLaunch;
 
 namespace NativePeft.Ops;
 
@@ -76,8 +77,6 @@ public sealed class GpuQuantOps
         $"{op}_{QuantSuffix(quantType)}_{DTypeSuffix(dtype)}";
 
     private int Grid(long work, long perBlock) => KernelLaunch.GridBlocks(work, perBlock, _maxGridBlocks);
-
-    private static void CheckCount(long n, string name) => KernelLaunch.CheckCount(n, name);
 
     /// <summary>Warp tasks of quantize_4bit: a warp handles 32 / min(32, blocksize / 8) quant blocks.</summary>
     internal static long QuantizeWarpTasks(long n, int blocksize)
