@@ -113,8 +113,6 @@ public sealed class GpuAttentionOpsTests : DeviceFixture<GpuAttentionOps>
         return (Download(dq, p.QLen, dtype), Download(dk, p.KvLen, dtype), Download(dv, p.KvLen, dtype));
     }
 
-    private static double[] D(float[] a) => a.Select(x => (double)x).ToArray();
-
     // ------------------------------------------------------------------------------------------
     // float64 loops: reference values (cross-checked against AttentionRef), magnitudes, error bounds
     // ------------------------------------------------------------------------------------------
@@ -276,13 +274,6 @@ public sealed class GpuAttentionOpsTests : DeviceFixture<GpuAttentionOps>
         }
     }
 
-    private static int Bf16Key(float v)
-    {
-        ushort b = BFloat16.FromSingle(v).RawValue;  // v is a bf16 value here, so this is exact
-        int m = b & 0x7FFF;
-        return (b & 0x8000) != 0 ? -m : m;
-    }
-
     private static double HalfBf16Ulp(double x)
     {
         double a = Math.Abs(x);
@@ -356,7 +347,7 @@ public sealed class GpuAttentionOpsTests : DeviceFixture<GpuAttentionOps>
         ForwardOracle f = Forward64(p);
         var outRef = new double[p.QLen];
         var lseRef = new double[p.LseLen];
-        AttentionRef.Forward<double>(D(p.Q), D(p.K), D(p.V), outRef, lseRef, Batch, p.T, p.Hq, p.Hkv, p.D);
+        AttentionRef.Forward<double>(ToDouble(p.Q), ToDouble(p.K), ToDouble(p.V), outRef, lseRef, Batch, p.T, p.Hq, p.Hkv, p.D);
         AssertOraclesAgree(outRef, f.Out, f.OutMag, "out oracles");
         AssertOraclesAgree(lseRef, f.Lse, f.Lse.Select(Math.Abs).ToArray(), "lse oracles");
         AssertClose(output, outRef, f.OutBound, f.OutMag, dtype, "out");
@@ -368,7 +359,7 @@ public sealed class GpuAttentionOpsTests : DeviceFixture<GpuAttentionOps>
         var dqRef = new double[p.QLen];
         var dkRef = new double[p.KvLen];
         var dvRef = new double[p.KvLen];
-        AttentionRef.Backward<double>(D(p.Dout), D(p.Q), D(p.K), D(p.V), D(output), D(lse), dqRef, dkRef, dvRef,
+        AttentionRef.Backward<double>(ToDouble(p.Dout), ToDouble(p.Q), ToDouble(p.K), ToDouble(p.V), ToDouble(output), ToDouble(lse), dqRef, dkRef, dvRef,
             Batch, p.T, p.Hq, p.Hkv, p.D);
         AssertOraclesAgree(dqRef, o.Dq, o.DqMag, "dq oracles");
         AssertOraclesAgree(dkRef, o.Dk, o.DkMag, "dk oracles");
@@ -501,16 +492,6 @@ public sealed class GpuAttentionOpsTests : DeviceFixture<GpuAttentionOps>
         AssertBitsEqual(dq2, dq1, "dq");
         AssertBitsEqual(dk2, dk1, "dk");
         AssertBitsEqual(dv2, dv1, "dv");
-    }
-
-    private static void AssertBitsEqual(float[] got, float[] expected, string what)
-    {
-        Assert.That(got, Has.Length.EqualTo(expected.Length), what);
-        for (int i = 0; i < got.Length; i++)
-        {
-            if (BitConverter.SingleToUInt32Bits(got[i]) != BitConverter.SingleToUInt32Bits(expected[i]))
-                Assert.Fail($"{what}[{i}]: {got[i]:R} != {expected[i]:R} (bits differ)");
-        }
     }
 
     // ------------------------------------------------------------------------------------------

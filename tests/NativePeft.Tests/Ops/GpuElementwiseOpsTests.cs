@@ -33,22 +33,6 @@ public sealed class GpuElementwiseOpsTests : DeviceFixture<GpuElementwiseOps>
 
     private static BFloat16[] ToBf16(float[] x) => x.Select(BFloat16.FromSingle).ToArray();
 
-    private static void AssertBits(float[] got, float[] want, string what)
-    {
-        Assert.That(got, Has.Length.EqualTo(want.Length), what);
-        for (int i = 0; i < got.Length; i++)
-            if (BitConverter.SingleToUInt32Bits(got[i]) != BitConverter.SingleToUInt32Bits(want[i]))
-                Assert.Fail($"{what}[{i}]: {got[i]:R} (0x{BitConverter.SingleToUInt32Bits(got[i]):x8}) != {want[i]:R} (0x{BitConverter.SingleToUInt32Bits(want[i]):x8})");
-    }
-
-    private static void AssertBits(BFloat16[] got, BFloat16[] want, string what)
-    {
-        Assert.That(got, Has.Length.EqualTo(want.Length), what);
-        for (int i = 0; i < got.Length; i++)
-            if (got[i].RawValue != want[i].RawValue)
-                Assert.Fail($"{what}[{i}]: 0x{got[i].RawValue:x4} != 0x{want[i].RawValue:x4}");
-    }
-
     // ------------------------------------------------------------------------------------------
     // fill, casts
     // ------------------------------------------------------------------------------------------
@@ -61,8 +45,8 @@ public sealed class GpuElementwiseOpsTests : DeviceFixture<GpuElementwiseOps>
             DevicePtr f = Alloc(n * 4L), b = Alloc(n * 2L);
             Ops.Fill(DType.F32, f, n, value);
             Ops.Fill(DType.BF16, b, n, value);
-            AssertBits(Download<float>(f, n), Enumerable.Repeat(value, n).ToArray(), $"fill_f32({value})");
-            AssertBits(Download<BFloat16>(b, n), Enumerable.Repeat(BFloat16.FromSingle(value), n).ToArray(), $"fill_bf16({value})");
+            AssertBitsEqual(Download<float>(f, n), Enumerable.Repeat(value, n).ToArray(), $"fill_f32({value})");
+            AssertBitsEqual(Download<BFloat16>(b, n), Enumerable.Repeat(BFloat16.FromSingle(value), n).ToArray(), $"fill_bf16({value})");
         }
     }
 
@@ -93,7 +77,7 @@ public sealed class GpuElementwiseOpsTests : DeviceFixture<GpuElementwiseOps>
         for (int i = 0; i < n / 3; i++) x[CastEdgeCases().Length + i] = BitConverter.UInt32BitsToSingle((uint)rng.NextInt64(0, 0x7F800000) | (uint)(rng.Next(2) << 31));
         DevicePtr dX = Upload(x), dY = Alloc(x.Length * 2L);
         Ops.CastF32ToBf16(dX, dY, x.Length);
-        AssertBits(Download<BFloat16>(dY, x.Length), ToBf16(x), "cast_f32_to_bf16 vs BFloat16.FromSingle");
+        AssertBitsEqual(Download<BFloat16>(dY, x.Length), ToBf16(x), "cast_f32_to_bf16 vs BFloat16.FromSingle");
     }
 
     [Test]
@@ -116,7 +100,7 @@ public sealed class GpuElementwiseOpsTests : DeviceFixture<GpuElementwiseOps>
         for (int i = 0; i < all.Length; i++) all[i] = BFloat16.FromBits((ushort)i);
         DevicePtr dX = Upload(all), dY = Alloc(all.Length * 4L);
         Ops.CastBf16ToF32(dX, dY, all.Length);
-        AssertBits(Download<float>(dY, all.Length), all.Select(b => b.ToSingle()).ToArray(), "cast_bf16_to_f32, all 65536 patterns");
+        AssertBitsEqual(Download<float>(dY, all.Length), all.Select(b => b.ToSingle()).ToArray(), "cast_bf16_to_f32, all 65536 patterns");
     }
 
     // ------------------------------------------------------------------------------------------
@@ -131,15 +115,15 @@ public sealed class GpuElementwiseOpsTests : DeviceFixture<GpuElementwiseOps>
         for (int i = 0; i < n; i++) want[i] = a[i] + b[i];
         DevicePtr dA = Upload(a), dB = Upload(b), dC = Alloc(n * 4L);
         Ops.Add(DType.F32, dA, dB, dC, n);
-        AssertBits(Download<float>(dC, n), want, "add_f32");
+        AssertBitsEqual(Download<float>(dC, n), want, "add_f32");
         Ops.Add(DType.F32, dA, dB, dA, n);  // in place
-        AssertBits(Download<float>(dA, n), want, "add_f32 in place");
+        AssertBitsEqual(Download<float>(dA, n), want, "add_f32 in place");
 
         BFloat16[] ha = ToBf16(a), hb = ToBf16(b);
         BFloat16[] wantB = ha.Zip(hb, (x, y) => BFloat16.FromSingle(x.ToSingle() + y.ToSingle())).ToArray();
         DevicePtr bA = Upload(ha), bB = Upload(hb);
         Ops.Add(DType.BF16, bA, bB, bB, n);
-        AssertBits(Download<BFloat16>(bB, n), wantB, "add_bf16 in place (c = b)");
+        AssertBitsEqual(Download<BFloat16>(bB, n), wantB, "add_bf16 in place (c = b)");
     }
 
     [Test]
@@ -150,7 +134,7 @@ public sealed class GpuElementwiseOpsTests : DeviceFixture<GpuElementwiseOps>
         float[] want = x.Zip(y, (xi, yi) => MathF.FusedMultiplyAdd(alpha, xi, yi)).ToArray();
         DevicePtr dX = Upload(x), dY = Upload(y);
         Ops.Axpy(alpha, dX, dY, n);
-        AssertBits(Download<float>(dY, n), want, "axpy_f32");
+        AssertBitsEqual(Download<float>(dY, n), want, "axpy_f32");
     }
 
     [Test]
@@ -160,11 +144,11 @@ public sealed class GpuElementwiseOpsTests : DeviceFixture<GpuElementwiseOps>
         const float alpha = 0.7f;
         DevicePtr dX = Upload(x), dY = Alloc(n * 4L);
         Ops.Scale(DType.F32, dX, dY, n, alpha);
-        AssertBits(Download<float>(dY, n), x.Select(v => alpha * v).ToArray(), "scale_f32");
+        AssertBitsEqual(Download<float>(dY, n), x.Select(v => alpha * v).ToArray(), "scale_f32");
         BFloat16[] xb = ToBf16(x);
         DevicePtr bX = Upload(xb);
         Ops.Scale(DType.BF16, bX, bX, n, alpha);
-        AssertBits(Download<BFloat16>(bX, n), xb.Select(v => BFloat16.FromSingle(alpha * v.ToSingle())).ToArray(), "scale_bf16 in place");
+        AssertBitsEqual(Download<BFloat16>(bX, n), xb.Select(v => BFloat16.FromSingle(alpha * v.ToSingle())).ToArray(), "scale_bf16 in place");
     }
 
     // ------------------------------------------------------------------------------------------
@@ -250,13 +234,13 @@ public sealed class GpuElementwiseOpsTests : DeviceFixture<GpuElementwiseOps>
         float[] want = x.Select((v, i) => mask[i] != 0 ? v * scale : 0f).ToArray();
         DevicePtr dX = Upload(x), dMask = Upload(mask), dY = Alloc(n * 4L);
         Ops.ApplyMaskScale(DType.F32, dX, dMask, dY, n, p);
-        AssertBits(Download<float>(dY, n), want, "apply_mask_scale_f32");
+        AssertBitsEqual(Download<float>(dY, n), want, "apply_mask_scale_f32");
 
         BFloat16[] xb = ToBf16(x);
         BFloat16[] wantB = xb.Select((v, i) => BFloat16.FromSingle(mask[i] != 0 ? v.ToSingle() * scale : 0f)).ToArray();
         DevicePtr bX = Upload(xb);
         Ops.ApplyMaskScale(DType.BF16, bX, dMask, bX, n, p);
-        AssertBits(Download<BFloat16>(bX, n), wantB, "apply_mask_scale_bf16 in place");
+        AssertBitsEqual(Download<BFloat16>(bX, n), wantB, "apply_mask_scale_bf16 in place");
     }
 
     // ------------------------------------------------------------------------------------------

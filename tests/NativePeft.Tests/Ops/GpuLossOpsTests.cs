@@ -135,8 +135,6 @@ public sealed class GpuLossOpsTests : DeviceFixture<GpuLossOps>
         Write(z, buf, dtype);
     }
 
-    private static double[] D(float[] a) => a.Select(v => (double)v).ToArray();
-
     /// <summary>float64 log-sum-exp of each row of z [rows, vocab].</summary>
     private static double[] Lse64(double[] z, int rows, int vocab)
     {
@@ -185,9 +183,9 @@ public sealed class GpuLossOpsTests : DeviceFixture<GpuLossOps>
 
         // Oracle 1: CrossEntropyRef in float64 (chunked, its own logits).
         var lseRef = new double[rows];
-        (double lossRef, int count) = CrossEntropyRef.Forward<double>(D(hidden), D(weight), labels, lseRef, rows, Hidden, vocab, chunk);
+        (double lossRef, int count) = CrossEntropyRef.Forward<double>(ToDouble(hidden), ToDouble(weight), labels, lseRef, rows, Hidden, vocab, chunk);
         var dhRef = new double[rows * Hidden];
-        CrossEntropyRef.Backward<double>(D(hidden), D(weight), labels, lseRef, dloss, dhRef, Span<double>.Empty, rows, Hidden, vocab, chunk);
+        CrossEntropyRef.Backward<double>(ToDouble(hidden), ToDouble(weight), labels, lseRef, dloss, dhRef, Span<double>.Empty, rows, Hidden, vocab, chunk);
         Assert.That(count, Is.EqualTo(labels.Count(l => l != CrossEntropyRef.IgnoreIndex)));
 
         // Oracle 2: float64 over exactly the logits the kernels saw.

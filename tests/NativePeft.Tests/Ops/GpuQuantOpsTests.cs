@@ -4,6 +4,7 @@ using NativePeft.Ops;
 using NativePeft.Quantization;
 using NativePeft.Runtime;
 using NUnit.Framework;
+using static NativePeft.Tests.Ops.TestData;
 
 namespace NativePeft.Tests.Ops;
 
@@ -370,15 +371,6 @@ public sealed class GpuQuantOpsTests : DeviceFixture<GpuQuantOps>
     }
 
     // ------------------------------------------------------------------------------------------
-
-    private static void AssertBitsEqual(float[] actual, float[] expected, string what)
-    {
-        Assert.That(actual, Has.Length.EqualTo(expected.Length), what);
-        for (int i = 0; i < actual.Length; i++)
-            if (BitConverter.SingleToInt32Bits(actual[i]) != BitConverter.SingleToInt32Bits(expected[i]))
-                Assert.Fail($"{what}[{i}]: {actual[i]:R} (0x{BitConverter.SingleToInt32Bits(actual[i]):x8}) != " +
-                            $"{expected[i]:R} (0x{BitConverter.SingleToInt32Bits(expected[i]):x8})");
-    }
 
     /// <summary>Distance in units in the last place between two 16-bit floats of the same layout.</summary>
     private static int OrderedBits(ushort bits) => (bits & 0x8000) != 0 ? -(bits & 0x7FFF) : bits;

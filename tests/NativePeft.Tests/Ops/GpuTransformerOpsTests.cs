@@ -52,13 +52,6 @@ public sealed class GpuTransformerOpsTests : DeviceFixture<GpuTransformerOps>
     // Comparison
     // ------------------------------------------------------------------------------------------
 
-    private static int Bf16Key(float v)
-    {
-        ushort b = BFloat16.FromSingle(v).RawValue;  // v is a bf16 value here, so this is exact
-        int m = b & 0x7FFF;
-        return (b & 0x8000) != 0 ? -m : m;
-    }
-
     /// <summary>
     /// fp32: |got - ref| &lt;= k·u·mag + 1e-37; bf16: 1 bf16 ulp from the rounded reference, or the fp32 bound.
     /// Reports the worst error (in u·mag) on the test output; asserts once with the worst offender.
@@ -94,8 +87,6 @@ public sealed class GpuTransformerOpsTests : DeviceFixture<GpuTransformerOps>
         Assert.That(bad, Is.EqualTo(-1), $"{what}[{bad}]: {detail}");
     }
 
-    private static double[] D(float[] a) => a.Select(v => (double)v).ToArray();
-
     /// <summary>The reference (NativePeft.Ops.Reference, float64) and this file's float64 loop agree to 1e-12·mag.</summary>
     private static void AssertOraclesAgree(double[] reference, double[] local, double[] mag, string what)
     {
@@ -104,16 +95,6 @@ public sealed class GpuTransformerOpsTests : DeviceFixture<GpuTransformerOps>
         {
             if (!(Math.Abs(reference[i] - local[i]) <= 1e-12 * mag[i] + 1e-300))
                 Assert.Fail($"{what}[{i}]: reference {reference[i]:R} vs local float64 loop {local[i]:R}");
-        }
-    }
-
-    private static void AssertBitsEqual(float[] got, float[] expected, string what)
-    {
-        Assert.That(got, Has.Length.EqualTo(expected.Length), what);
-        for (int i = 0; i < got.Length; i++)
-        {
-            if (BitConverter.SingleToUInt32Bits(got[i]) != BitConverter.SingleToUInt32Bits(expected[i]))
-                Assert.Fail($"{what}[{i}]: {got[i]:R} != {expected[i]:R} (bits differ)");
         }
     }
 
@@ -164,7 +145,7 @@ public sealed class GpuTransformerOpsTests : DeviceFixture<GpuTransformerOps>
         (double[] yLoop, double[] rLoop) = RmsForward64(x, w, n, c, eps);
         var yRef = new double[n * c];
         var rRef = new double[n];
-        RmsNormRef.Forward<double>(D(x), D(w), yRef, rRef, n, c, eps);
+        RmsNormRef.Forward<double>(ToDouble(x), ToDouble(w), yRef, rRef, n, c, eps);
         AssertOraclesAgree(rRef, rLoop, rLoop, "rstd oracles");
         AssertOraclesAgree(yRef, yLoop, yLoop.Select(Math.Abs).ToArray(), "y oracles");
         double k = RmsBoundUlps(c);
@@ -235,8 +216,8 @@ public sealed class GpuTransformerOpsTests : DeviceFixture<GpuTransformerOps>
             }
         }
         var dxR = new double[n * c];
-        double[] dwR = D(dw0);
-        RmsNormRef.Backward<double>(D(dy), D(x), D(w), D(rstd), dxR, dwR, n, c);
+        double[] dwR = ToDouble(dw0);
+        RmsNormRef.Backward<double>(ToDouble(dy), ToDouble(x), ToDouble(w), ToDouble(rstd), dxR, dwR, n, c);
         AssertOraclesAgree(dxR, dxRef, dxMag, "dx oracles");
         AssertOraclesAgree(dwR, dwRef, dwMag, "dw oracles");
         AssertClose(dx, dxR, dxMag, dtype, RmsBoundUlps(c) + 8, "dx");
@@ -374,8 +355,8 @@ public sealed class GpuTransformerOpsTests : DeviceFixture<GpuTransformerOps>
         float[] got = Download(dX, x.Length, dtype);
         (double[] local, double[] mag) = Rope64(x, cos, sin, pos, heads, d, (long)heads * d, backward ? -1.0 : 1.0);
         var expected = new double[x.Length];
-        if (backward) RopeRef.BackwardFromTables<double>(D(x), pos, D(cos), D(sin), expected, tokens, heads, d);
-        else RopeRef.ForwardFromTables<double>(D(x), pos, D(cos), D(sin), expected, tokens, heads, d);
+        if (backward) RopeRef.BackwardFromTables<double>(ToDouble(x), pos, ToDouble(cos), ToDouble(sin), expected, tokens, heads, d);
+        else RopeRef.ForwardFromTables<double>(ToDouble(x), pos, ToDouble(cos), ToDouble(sin), expected, tokens, heads, d);
         AssertOraclesAgree(expected, local, mag, "rope oracles");
         AssertClose(got, expected, mag, dtype, 4, backward ? "rope backward" : "rope forward");
     }
@@ -503,8 +484,8 @@ public sealed class GpuTransformerOpsTests : DeviceFixture<GpuTransformerOps>
             dgMag[i] = Math.Abs(dh[i] * (double)u[i]) * sg * (1.0 + Math.Abs(z));
         }
         var hR = new double[n]; var dgR = new double[n]; var duR = new double[n];
-        SwiGluRef.Forward<double>(D(g), D(u), hR, 1, n);
-        SwiGluRef.Backward<double>(D(dh), D(g), D(u), dgR, duR, 1, n);
+        SwiGluRef.Forward<double>(ToDouble(g), ToDouble(u), hR, 1, n);
+        SwiGluRef.Backward<double>(ToDouble(dh), ToDouble(g), ToDouble(u), dgR, duR, 1, n);
         AssertOraclesAgree(hR, hRef, hMag, "h oracles");
         AssertOraclesAgree(dgR, dgRef, dgMag, "dg oracles");
         AssertOraclesAgree(duR, duRef, duMag, "du oracles");
