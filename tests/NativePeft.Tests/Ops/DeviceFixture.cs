@@ -10,16 +10,16 @@ namespace NativePeft.Tests.Ops;
 /// "no CUDA device: …" otherwise). Creates the launcher under test once per fixture, fails a test when one of the
 /// launcher's kernels is not loaded, and frees after each test the device memory taken with <see cref="Alloc"/>.
 /// </summary>
-public abstract class DeviceFixture<TOps> where TOps : class
+[TestFixture("emulated")]
+[TestFixture("cuda")]
+public abstract class DeviceFixture<TOps>(string device) where TOps : class
 {
     private IGpu? _gpu;
     private string? _ignoreReason;
     private readonly List<DevicePtr> _allocations = new();
 
-    protected DeviceFixture(string device) => Device = device;
-
-    /// <summary>"emulated" or "cuda".</summary>
-    protected string Device { get; }
+    /// <summary>"emulated" or "cuda" (the argument of the fixture attributes, inherited by every derived fixture).</summary>
+    protected string Device { get; } = device;
 
     /// <summary>The device (set for every test that is not ignored).</summary>
     protected IGpu Gpu => _gpu!;

@@ -34,15 +34,11 @@ namespace NativePeft.Tests.Ops;
 /// bound plus half an ulp. The worst measured error is printed as a fraction of the bound and in u·mag.
 /// </para>
 /// </summary>
-[TestFixture("emulated")]
-[TestFixture("cuda")]
-public sealed class GpuAttentionOpsTests : DeviceFixture<GpuAttentionOps>
+public sealed class GpuAttentionOpsTests(string device) : DeviceFixture<GpuAttentionOps>(device)
 {
     private const double U = 1.0 / (1 << 24);
     private const double AbsSlack = 1e-37;
     private const int Batch = 2;
-
-    public GpuAttentionOpsTests(string device) : base(device) { }
 
     protected override GpuAttentionOps CreateOps(IGpu gpu) => new(gpu);
 

@@ -18,12 +18,8 @@ namespace NativePeft.Tests.Ops;
 /// per pass; 2 for the oracle).
 /// Sizes include n = 70001, more than the largest grid times 256 on the emulator, so the grid-stride loops wrap.
 /// </summary>
-[TestFixture("emulated")]
-[TestFixture("cuda")]
-public sealed class GpuElementwiseOpsTests : DeviceFixture<GpuElementwiseOps>
+public sealed class GpuElementwiseOpsTests(string device) : DeviceFixture<GpuElementwiseOps>(device)
 {
-    public GpuElementwiseOpsTests(string device) : base(device) { }
-
     protected override GpuElementwiseOps CreateOps(IGpu gpu) => new(gpu);
 
     protected override IEnumerable<string> RequiredKernels =>

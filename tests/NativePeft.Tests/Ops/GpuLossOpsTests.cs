@@ -30,16 +30,12 @@ namespace NativePeft.Tests.Ops;
 /// </list>
 /// </para>
 /// </summary>
-[TestFixture("emulated")]
-[TestFixture("cuda")]
-public sealed class GpuLossOpsTests : DeviceFixture<GpuLossOps>
+public sealed class GpuLossOpsTests(string device) : DeviceFixture<GpuLossOps>(device)
 {
     private const double U = 1.0 / (1 << 24);
     private const double Bf16Half = 1.0 / 256;  // bf16 unit roundoff: half an ulp is at most 2⁻⁸ of the value
     private const int Hidden = 12;
     private const int Pad = 3;                  // ldz = c + Pad
-
-    public GpuLossOpsTests(string device) : base(device) { }
 
     protected override GpuLossOps CreateOps(IGpu gpu) => new(gpu);
 

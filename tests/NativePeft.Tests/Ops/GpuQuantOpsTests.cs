@@ -13,12 +13,8 @@ namespace NativePeft.Tests.Ops;
 /// libnativepeft_emu is a failure), CUDA when a device exists (ignored otherwise). Quantization is compared
 /// with the CPU reference (NativePeft.Quantization) bit for bit; the GEMV with a float64 reference.
 /// </summary>
-[TestFixture("emulated")]
-[TestFixture("cuda")]
-public sealed class GpuQuantOpsTests : DeviceFixture<GpuQuantOps>
+public sealed class GpuQuantOpsTests(string device) : DeviceFixture<GpuQuantOps>(device)
 {
-    public GpuQuantOpsTests(string device) : base(device) { }
-
     protected override GpuQuantOps CreateOps(IGpu gpu) => new(gpu);
 
     protected override IEnumerable<string> RequiredKernels => ["quantize_4bit_nf4_f32"];

@@ -32,14 +32,10 @@ namespace NativePeft.Tests.Ops;
 /// </list>
 /// </para>
 /// </summary>
-[TestFixture("emulated")]
-[TestFixture("cuda")]
-public sealed class GpuTransformerOpsTests : DeviceFixture<GpuTransformerOps>
+public sealed class GpuTransformerOpsTests(string device) : DeviceFixture<GpuTransformerOps>(device)
 {
     private const double U = 1.0 / (1 << 24);
     private const double AbsSlack = 1e-37;
-
-    public GpuTransformerOpsTests(string device) : base(device) { }
 
     protected override GpuTransformerOps CreateOps(IGpu gpu) => new(gpu);
 
