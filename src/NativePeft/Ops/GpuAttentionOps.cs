@@ -1,5 +1,6 @@
 using NativePeft.Numerics;
 using NativePeft.Runtime;
+using static NativePeft.Ops.KernelLaunch;
 
 namespace NativePeft.Ops;
 
@@ -101,12 +102,6 @@ public sealed class GpuAttentionOps
             throw new ArgumentOutOfRangeException(nameof(seqLen), $"batch * seqLen * headsQ = {rows} is too large");
     }
 
-    private static void CheckPtr(DevicePtr p, string name)
-    {
-        if (p.IsNull)
-            throw new ArgumentException($"{name} is a null device pointer", name);
-    }
-
     // ------------------------------------------------------------------------------------------
     // Device pointers
     // ------------------------------------------------------------------------------------------
@@ -171,12 +166,6 @@ public sealed class GpuAttentionOps
     // Host arrays (copy in, launch, copy out, free). T is float or BFloat16.
     // ------------------------------------------------------------------------------------------
 
-    private static void CheckLength(int actual, long expected, string name)
-    {
-        if (actual != expected)
-            throw new ArgumentException($"{name} has {actual} elements, {expected} expected", name);
-    }
-
     /// <summary>
     /// Forward on host arrays: q, output [batch, seqLen, headsQ, headDim], k, v [batch, seqLen, headsKv, headDim];
     /// lse [batch, headsQ, seqLen], or empty to skip it.
@@ -193,20 +182,16 @@ public sealed class GpuAttentionOps
         if (!lse.IsEmpty) CheckLength(lse.Length, ln, nameof(lse));
         if (qn == 0)
             return;
-        int es = dtype.ElementSize();
-        using var dQ = new DeviceBuffer(_gpu, qn * es);
-        using var dK = new DeviceBuffer(_gpu, kvn * es);
-        using var dV = new DeviceBuffer(_gpu, kvn * es);
-        using var dO = new DeviceBuffer(_gpu, qn * es);
+        using var dQ = DeviceBuffer.Upload(_gpu, q);
+        using var dK = DeviceBuffer.Upload(_gpu, k);
+        using var dV = DeviceBuffer.Upload(_gpu, v);
+        using var dO = new DeviceBuffer(_gpu, qn * dtype.ElementSize());
         using var dL = new DeviceBuffer(_gpu, ln * sizeof(float));
-        _gpu.CopyToDevice(q, dQ.Ptr);
-        _gpu.CopyToDevice(k, dK.Ptr);
-        _gpu.CopyToDevice(v, dV.Ptr);
         Forward(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lse.IsEmpty ? DevicePtr.Null : dL.Ptr, batch, seqLen, headsQ, headsKv, headDim);
         _gpu.Synchronize();
-        _gpu.CopyToHost(dO.Ptr, output);
+        dO.Download(output);
         if (!lse.IsEmpty)
-            _gpu.CopyToHost(dL.Ptr, lse);
+            dL.Download(lse);
     }
 
     /// <summary>
@@ -228,42 +213,21 @@ public sealed class GpuAttentionOps
         if (qn == 0)
             return;
         int es = dtype.ElementSize();
-        using var dDo = new DeviceBuffer(_gpu, qn * es);
-        using var dQ = new DeviceBuffer(_gpu, qn * es);
-        using var dK = new DeviceBuffer(_gpu, kvn * es);
-        using var dV = new DeviceBuffer(_gpu, kvn * es);
-        using var dO = new DeviceBuffer(_gpu, qn * es);
-        using var dL = new DeviceBuffer(_gpu, ln * sizeof(float));
+        using var dDo = DeviceBuffer.Upload(_gpu, dout);
+        using var dQ = DeviceBuffer.Upload(_gpu, q);
+        using var dK = DeviceBuffer.Upload(_gpu, k);
+        using var dV = DeviceBuffer.Upload(_gpu, v);
+        using var dO = DeviceBuffer.Upload(_gpu, output);
+        using var dL = DeviceBuffer.Upload(_gpu, lse);
         using var dDq = new DeviceBuffer(_gpu, qn * es);
         using var dDk = new DeviceBuffer(_gpu, kvn * es);
         using var dDv = new DeviceBuffer(_gpu, kvn * es);
         using var work = new DeviceBuffer(_gpu, BackwardWorkspaceBytes(batch, seqLen, headsQ));
-        _gpu.CopyToDevice(dout, dDo.Ptr);
-        _gpu.CopyToDevice(q, dQ.Ptr);
-        _gpu.CopyToDevice(k, dK.Ptr);
-        _gpu.CopyToDevice(v, dV.Ptr);
-        _gpu.CopyToDevice(output, dO.Ptr);
-        _gpu.CopyToDevice(lse, dL.Ptr);
         Backward(dtype, dDo.Ptr, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, dL.Ptr, dDq.Ptr, dDk.Ptr, dDv.Ptr, work.Ptr,
             batch, seqLen, headsQ, headsKv, headDim);
         _gpu.Synchronize();
-        _gpu.CopyToHost(dDq.Ptr, dq);
-        _gpu.CopyToHost(dDk.Ptr, dk);
-        _gpu.CopyToHost(dDv.Ptr, dv);
-    }
-
-    /// <summary>A temporary device allocation freed on Dispose.</summary>
-    private readonly struct DeviceBuffer : IDisposable
-    {
-        private readonly IGpu _gpu;
-        public DevicePtr Ptr { get; }
-
-        public DeviceBuffer(IGpu gpu, long bytes)
-        {
-            _gpu = gpu;
-            Ptr = gpu.Alloc(Math.Max(bytes, 1));
-        }
-
-        public void Dispose() => _gpu.Free(Ptr);
+        dDq.Download(dq);
+        dDk.Download(dk);
+        dDv.Download(dv);
     }
 }

@@ -1,5 +1,6 @@
 using NativePeft.Numerics;
 using NativePeft.Runtime;
+using static NativePeft.Ops.KernelLaunch;
 
 namespace NativePeft.Ops;
 
@@ -38,29 +39,16 @@ public sealed class GpuElementwiseOps
     {
         ArgumentNullException.ThrowIfNull(gpu);
         _gpu = gpu;
-        _maxGridBlocks = Math.Max(1, gpu.Properties.MultiprocessorCount) * 16;
+        _maxGridBlocks = KernelLaunch.MaxGridStrideBlocks(gpu);
     }
 
     public IGpu Gpu => _gpu;
 
-    private static string Suffix(DType dtype) => dtype switch
-    {
-        DType.F32 => "f32",
-        DType.BF16 => "bf16",
-        _ => throw new ArgumentException($"elementwise ops take F32 or BF16 values, got {dtype}", nameof(dtype)),
-    };
+    private static string Suffix(DType dtype) =>
+        KernelLaunch.DTypeSuffix(dtype, allowF16: false, "elementwise ops take F32 or BF16 values");
 
-    private int Grid(long n) => (int)Math.Clamp(n / ThreadsPerBlock + 1, 1, _maxGridBlocks);
-
-    private static void CheckCount(long n, string name)
-    {
-        if (n < 0) throw new ArgumentOutOfRangeException(name, n, $"{name} must not be negative");
-    }
-
-    private static void CheckPtr(DevicePtr p, string name)
-    {
-        if (p.IsNull) throw new ArgumentException($"{name} is a null device pointer", name);
-    }
+    /// <summary>n / 256 + 1 blocks (= ceil((n + 1) / 256)), at most the grid-stride cap.</summary>
+    private int Grid(long n) => KernelLaunch.GridBlocks(n + 1, ThreadsPerBlock, _maxGridBlocks);
 
     private void LaunchGridStride(string kernel, long n, params ReadOnlySpan<KernelArg> args) =>
         _gpu.Launch(kernel, Grid(n), ThreadsPerBlock, 0, args);

@@ -1,5 +1,6 @@
 using NativePeft.Numerics;
 using NativePeft.Runtime;
+using static NativePeft.Ops.KernelLaunch;
 
 namespace NativePeft.Ops;
 
@@ -44,22 +45,13 @@ public sealed class GpuLossOps
 
     public IGpu Gpu => _gpu;
 
-    private static string Suffix(DType dtype) => dtype switch
-    {
-        DType.F32 => "f32",
-        DType.BF16 => "bf16",
-        _ => throw new ArgumentException($"cross-entropy logits are F32 or BF16, got {dtype}", nameof(dtype)),
-    };
+    private static string Suffix(DType dtype) =>
+        KernelLaunch.DTypeSuffix(dtype, allowF16: false, "cross-entropy logits are F32 or BF16");
 
     /// <summary>Threads per block of the chunk kernels: min(256, 32 · ceil(chunk / 32)); fixes the reduction order.</summary>
     public static int ChunkBlockThreads(int chunk) => (int)Math.Min(ThreadsPerBlock, Math.Max(1, (chunk + 31L) / 32) * 32);
 
-    private static int Blocks1D(int rows) => (rows + ThreadsPerBlock - 1) / ThreadsPerBlock;
-
-    private static void CheckPtr(DevicePtr p, string name)
-    {
-        if (p.IsNull) throw new ArgumentException($"{name} is a null device pointer", name);
-    }
+    private static int Blocks1D(int rows) => (int)KernelLaunch.CeilDiv(rows, ThreadsPerBlock);
 
     private static void CheckChunk(int rows, int chunk, long ldz, int v0)
     {

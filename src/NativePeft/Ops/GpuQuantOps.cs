@@ -1,6 +1,7 @@
 using NativePeft.Numerics;
 using NativePeft.Quantization;
 using NativePeft.Runtime;
+using static NativePeft.Ops.KernelLaunch;
 
 namespace NativePeft.Ops;
 
@@ -29,9 +30,7 @@ public sealed class GpuQuantOps
     {
         ArgumentNullException.ThrowIfNull(gpu);
         _gpu = gpu;
-        // Grid-stride kernels: enough resident blocks to fill every multiprocessor a few times over
-        // (8 blocks of 256 threads fill an SM; 16 per SM gives two waves), no more.
-        _maxGridBlocks = Math.Max(1, gpu.Properties.MultiprocessorCount) * 16;
+        _maxGridBlocks = KernelLaunch.MaxGridStrideBlocks(gpu);
     }
 
     public IGpu Gpu => _gpu;
@@ -64,13 +63,8 @@ public sealed class GpuQuantOps
     }
 
     /// <summary>The kernel name suffix for an element type: "f32", "bf16", "f16".</summary>
-    public static string DTypeSuffix(DType dtype) => dtype switch
-    {
-        DType.F32 => "f32",
-        DType.BF16 => "bf16",
-        DType.F16 => "f16",
-        _ => throw new ArgumentException($"4-bit ops take F32, BF16 or F16 values, got {dtype}", nameof(dtype)),
-    };
+    public static string DTypeSuffix(DType dtype) =>
+        KernelLaunch.DTypeSuffix(dtype, allowF16: true, "4-bit ops take F32, BF16 or F16 values");
 
     private static string QuantSuffix(QuantType quantType) => quantType switch
     {
@@ -82,17 +76,7 @@ public sealed class GpuQuantOps
     private static string KernelName(string op, QuantType quantType, DType dtype) =>
         $"{op}_{QuantSuffix(quantType)}_{DTypeSuffix(dtype)}";
 
-    private int Grid(long work, long perBlock)
-    {
-        long blocks = (work + perBlock - 1) / perBlock;
-        return (int)Math.Clamp(blocks, 1, _maxGridBlocks);
-    }
-
-    private static void CheckCount(long n, string name)
-    {
-        if (n < 0)
-            throw new ArgumentOutOfRangeException(name, n, $"{name} must not be negative");
-    }
+    private int Grid(long work, long perBlock) => KernelLaunch.GridBlocks(work, perBlock, _maxGridBlocks);
 
     /// <summary>Warp tasks of quantize_4bit: a warp handles 32 / min(32, blocksize / 8) quant blocks.</summary>
     internal static long QuantizeWarpTasks(long n, int blocksize)
@@ -207,13 +191,8 @@ public sealed class GpuQuantOps
     // ------------------------------------------------------------------------------------------
 
     /// <summary>The DType of a host element type: float → F32, <see cref="BFloat16"/> → BF16, <see cref="Half"/> → F16.</summary>
-    public static DType DTypeOf<T>() where T : unmanaged
-    {
-        if (typeof(T) == typeof(float)) return DType.F32;
-        if (typeof(T) == typeof(BFloat16)) return DType.BF16;
-        if (typeof(T) == typeof(Half)) return DType.F16;
-        throw new ArgumentException($"4-bit ops take float, BFloat16 or Half values, got {typeof(T).Name}", nameof(T));
-    }
+    public static DType DTypeOf<T>() where T : unmanaged =>
+        KernelLaunch.DTypeOf<T>(allowF16: true, "4-bit ops take float, BFloat16 or Half values");
 
     /// <summary>Quantizes host values; returns the packed bytes ((n + 1) / 2) and absmax (ceil(n / blocksize)).</summary>
     public (byte[] Packed, float[] Absmax) Quantize4bit<T>(QuantType quantType, ReadOnlySpan<T> x, int blocksize)
@@ -226,14 +205,13 @@ public sealed class GpuQuantOps
         var absmax = new float[AbsmaxCount(n, blocksize)];
         if (n == 0)
             return (packed, absmax);
-        using var dx = new DeviceBuffer(_gpu, n * dtype.ElementSize());
+        using var dx = DeviceBuffer.Upload(_gpu, x);
         using var dAbsmax = new DeviceBuffer(_gpu, absmax.Length * sizeof(float));
         using var dPacked = new DeviceBuffer(_gpu, packed.Length);
-        _gpu.CopyToDevice(x, dx.Ptr);
         Quantize4bit(quantType, dtype, dx.Ptr, n, blocksize, dAbsmax.Ptr, dPacked.Ptr);
         _gpu.Synchronize();
-        _gpu.CopyToHost<byte>(dPacked.Ptr, packed);
-        _gpu.CopyToHost<float>(dAbsmax.Ptr, absmax);
+        dPacked.Download<byte>(packed);
+        dAbsmax.Download<float>(absmax);
         return (packed, absmax);
     }
 
@@ -250,14 +228,12 @@ public sealed class GpuQuantOps
             throw new ArgumentException($"absmax holds {absmax.Length} values, {AbsmaxCount(n, blocksize)} needed", nameof(absmax));
         if (n == 0)
             return;
-        using var dPacked = new DeviceBuffer(_gpu, PackedBytes(n));
-        using var dAbsmax = new DeviceBuffer(_gpu, AbsmaxCount(n, blocksize) * sizeof(float));
+        using var dPacked = DeviceBuffer.Upload(_gpu, packed[..(int)PackedBytes(n)]);
+        using var dAbsmax = DeviceBuffer.Upload(_gpu, absmax[..(int)AbsmaxCount(n, blocksize)]);
         using var dOut = new DeviceBuffer(_gpu, n * dtype.ElementSize());
-        _gpu.CopyToDevice(packed[..(int)PackedBytes(n)], dPacked.Ptr);
-        _gpu.CopyToDevice(absmax[..(int)AbsmaxCount(n, blocksize)], dAbsmax.Ptr);
         Dequantize4bit(quantType, dtype, dPacked.Ptr, dAbsmax.Ptr, n, blocksize, dOut.Ptr);
         _gpu.Synchronize();
-        _gpu.CopyToHost(dOut.Ptr, output);
+        dOut.Download(output);
     }
 
     /// <summary>
@@ -274,16 +250,14 @@ public sealed class GpuQuantOps
         float offset = DoubleQuantOffset(absmax);
         if (nblocks > 0)
         {
-            using var dAbsmax = new DeviceBuffer(_gpu, nblocks * sizeof(float));
-            using var dCode = new DeviceBuffer(_gpu, 256 * sizeof(float));
+            using var dAbsmax = DeviceBuffer.Upload(_gpu, absmax);
+            using var dCode = DeviceBuffer.Upload<float>(_gpu, map);
             using var dQ = new DeviceBuffer(_gpu, nblocks);
             using var dNested = new DeviceBuffer(_gpu, nested.Length * sizeof(float));
-            _gpu.CopyToDevice(absmax, dAbsmax.Ptr);
-            _gpu.CopyToDevice<float>(map, dCode.Ptr);
             QuantizeAbsmaxDoubleQuant(dAbsmax.Ptr, nblocks, offset, dCode.Ptr, dQ.Ptr, dNested.Ptr);
             _gpu.Synchronize();
-            _gpu.CopyToHost<byte>(dQ.Ptr, q);
-            _gpu.CopyToHost<float>(dNested.Ptr, nested);
+            dQ.Download<byte>(q);
+            dNested.Download<float>(nested);
         }
         return new DoubleQuantState
         {
@@ -307,16 +281,13 @@ public sealed class GpuQuantOps
             throw new ArgumentException($"absmax has {absmax.Length} entries, the state encodes {nblocks}", nameof(absmax));
         if (nblocks == 0)
             return;
-        using var dQ = new DeviceBuffer(_gpu, nblocks);
-        using var dCode = new DeviceBuffer(_gpu, 256 * sizeof(float));
-        using var dNested = new DeviceBuffer(_gpu, state.NestedAbsmax.Length * sizeof(float));
+        using var dQ = DeviceBuffer.Upload<byte>(_gpu, state.QuantizedAbsmax);
+        using var dCode = DeviceBuffer.Upload<float>(_gpu, state.NestedQuantMap);
+        using var dNested = DeviceBuffer.Upload<float>(_gpu, state.NestedAbsmax);
         using var dAbsmax = new DeviceBuffer(_gpu, nblocks * sizeof(float));
-        _gpu.CopyToDevice<byte>(state.QuantizedAbsmax, dQ.Ptr);
-        _gpu.CopyToDevice<float>(state.NestedQuantMap, dCode.Ptr);
-        _gpu.CopyToDevice<float>(state.NestedAbsmax, dNested.Ptr);
         DequantizeAbsmaxDoubleQuant(dQ.Ptr, dCode.Ptr, dNested.Ptr, state.Offset, dAbsmax.Ptr, nblocks);
         _gpu.Synchronize();
-        _gpu.CopyToHost(dAbsmax.Ptr, absmax);
+        dAbsmax.Download(absmax);
     }
 
     /// <summary>y = W x for one token with a host 4-bit weight [y.Length, x.Length].</summary>
@@ -338,36 +309,18 @@ public sealed class GpuQuantOps
             y.Clear();
             return;
         }
-        using var dx = new DeviceBuffer(_gpu, (long)inFeatures * dtype.ElementSize());
-        using var dW = new DeviceBuffer(_gpu, PackedBytes(n));
-        using var dAbsmax = new DeviceBuffer(_gpu, AbsmaxCount(n, blocksize) * sizeof(float));
+        using var dx = DeviceBuffer.Upload(_gpu, x);
+        using var dW = DeviceBuffer.Upload(_gpu, packedW[..(int)PackedBytes(n)]);
+        using var dAbsmax = DeviceBuffer.Upload(_gpu, absmax[..(int)AbsmaxCount(n, blocksize)]);
         using var dy = new DeviceBuffer(_gpu, (long)outFeatures * dtype.ElementSize());
-        _gpu.CopyToDevice(x, dx.Ptr);
-        _gpu.CopyToDevice(packedW[..(int)PackedBytes(n)], dW.Ptr);
-        _gpu.CopyToDevice(absmax[..(int)AbsmaxCount(n, blocksize)], dAbsmax.Ptr);
         Gemv4bit(quantType, dtype, dx.Ptr, dW.Ptr, dAbsmax.Ptr, dy.Ptr, outFeatures, inFeatures, blocksize);
         _gpu.Synchronize();
-        _gpu.CopyToHost(dy.Ptr, y);
+        dy.Download(y);
     }
 
     private static void CheckCode256(ReadOnlySpan<float> code256)
     {
         if (code256.Length != 256)
             throw new ArgumentException($"code256 must hold the 256 values of the dynamic map, got {code256.Length}", nameof(code256));
-    }
-
-    /// <summary>A temporary device allocation freed on Dispose.</summary>
-    private readonly struct DeviceBuffer : IDisposable
-    {
-        private readonly IGpu _gpu;
-        public DevicePtr Ptr { get; }
-
-        public DeviceBuffer(IGpu gpu, long bytes)
-        {
-            _gpu = gpu;
-            Ptr = gpu.Alloc(Math.Max(bytes, 1));
-        }
-
-        public void Dispose() => _gpu.Free(Ptr);
     }
 }

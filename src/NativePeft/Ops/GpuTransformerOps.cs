@@ -1,5 +1,6 @@
 using NativePeft.Numerics;
 using NativePeft.Runtime;
+using static NativePeft.Ops.KernelLaunch;
 
 namespace NativePeft.Ops;
 
@@ -48,8 +49,7 @@ public sealed class GpuTransformerOps
         ArgumentNullException.ThrowIfNull(gpu);
         _gpu = gpu;
         _multiprocessors = Math.Max(1, gpu.Properties.MultiprocessorCount);
-        // Grid-stride kernels: enough blocks of 256 threads to fill every multiprocessor twice, no more.
-        _maxGridBlocks = _multiprocessors * 16;
+        _maxGridBlocks = KernelLaunch.MaxGridStrideBlocks(gpu);
     }
 
     public IGpu Gpu => _gpu;
@@ -59,20 +59,12 @@ public sealed class GpuTransformerOps
     // ------------------------------------------------------------------------------------------
 
     /// <summary>The kernel name suffix for an element type: "f32" or "bf16".</summary>
-    public static string DTypeSuffix(DType dtype) => dtype switch
-    {
-        DType.F32 => "f32",
-        DType.BF16 => "bf16",
-        _ => throw new ArgumentException($"transformer ops take F32 or BF16 values, got {dtype}", nameof(dtype)),
-    };
+    public static string DTypeSuffix(DType dtype) =>
+        KernelLaunch.DTypeSuffix(dtype, allowF16: false, "transformer ops take F32 or BF16 values");
 
     /// <summary>The DType of a host element type: float → F32, <see cref="BFloat16"/> → BF16.</summary>
-    public static DType DTypeOf<T>() where T : unmanaged
-    {
-        if (typeof(T) == typeof(float)) return DType.F32;
-        if (typeof(T) == typeof(BFloat16)) return DType.BF16;
-        throw new ArgumentException($"transformer ops take float or BFloat16 values, got {typeof(T).Name}", nameof(T));
-    }
+    public static DType DTypeOf<T>() where T : unmanaged =>
+        KernelLaunch.DTypeOf<T>(allowF16: false, "transformer ops take float or BFloat16 values");
 
     /// <summary>
     /// Threads per block of the one-block-per-row kernels (RMSNorm, RoPE, embedding): min(256, 32 * ceil(width / 32)),
@@ -84,11 +76,7 @@ public sealed class GpuTransformerOps
         return (int)Math.Min(MaxThreadsPerBlock, warps * 32);
     }
 
-    private int GridStride(long work, long perBlock)
-    {
-        long blocks = (work + perBlock - 1) / perBlock;
-        return (int)Math.Clamp(blocks, 1, _maxGridBlocks);
-    }
+    private int GridStride(long work, long perBlock) => KernelLaunch.GridBlocks(work, perBlock, _maxGridBlocks);
 
     /// <summary>
     /// Vocabulary partitions (grid.y) of embedding_backward: enough blocks to fill the device about four times,
@@ -101,24 +89,6 @@ public sealed class GpuTransformerOps
         long target = 4L * _multiprocessors;
         long g = (target + columnTiles - 1) / columnTiles;
         return (int)Math.Clamp(g, 1, Math.Min(vocab, MaxVocabPartitions));
-    }
-
-    private static void CheckCount(long n, string name)
-    {
-        if (n < 0)
-            throw new ArgumentOutOfRangeException(name, n, $"{name} must not be negative");
-    }
-
-    private static void CheckPositive(long n, string name)
-    {
-        if (n <= 0)
-            throw new ArgumentOutOfRangeException(name, n, $"{name} must be positive");
-    }
-
-    private static void CheckPtr(DevicePtr p, string name)
-    {
-        if (p.IsNull)
-            throw new ArgumentException($"{name} is a null device pointer", name);
     }
 
     // ------------------------------------------------------------------------------------------
@@ -308,12 +278,6 @@ public sealed class GpuTransformerOps
         return length / width;
     }
 
-    private static void CheckLength(int actual, long expected, string name)
-    {
-        if (actual != expected)
-            throw new ArgumentException($"{name} has {actual} elements, {expected} expected", name);
-    }
-
     /// <summary>
     /// RMSNorm forward on host arrays: hidden = w.Length, rows = x.Length / hidden; y like x; rstd has rows
     /// entries, or is empty to skip it.
@@ -328,18 +292,15 @@ public sealed class GpuTransformerOps
             CheckLength(rstd.Length, rows, nameof(rstd));
         if (rows == 0)
             return;
-        int es = dtype.ElementSize();
-        using var dX = new DeviceBuffer(_gpu, (long)x.Length * es);
-        using var dW = new DeviceBuffer(_gpu, (long)hidden * es);
-        using var dY = new DeviceBuffer(_gpu, (long)x.Length * es);
+        using var dX = DeviceBuffer.Upload(_gpu, x);
+        using var dW = DeviceBuffer.Upload(_gpu, w);
+        using var dY = new DeviceBuffer(_gpu, (long)x.Length * dtype.ElementSize());
         using var dR = new DeviceBuffer(_gpu, (long)rows * sizeof(float));
-        _gpu.CopyToDevice(x, dX.Ptr);
-        _gpu.CopyToDevice(w, dW.Ptr);
         RmsNormForward(dtype, dX.Ptr, dW.Ptr, dY.Ptr, rstd.IsEmpty ? DevicePtr.Null : dR.Ptr, rows, hidden, eps);
         _gpu.Synchronize();
-        _gpu.CopyToHost(dY.Ptr, y);
+        dY.Download(y);
         if (!rstd.IsEmpty)
-            _gpu.CopyToHost(dR.Ptr, rstd);
+            dR.Download(rstd);
     }
 
     /// <summary>
@@ -358,24 +319,19 @@ public sealed class GpuTransformerOps
             CheckLength(dw.Length, hidden, nameof(dw));
         if (rows == 0)
             return;
-        int es = dtype.ElementSize();
-        using var dX = new DeviceBuffer(_gpu, (long)x.Length * es);
-        using var dW = new DeviceBuffer(_gpu, (long)hidden * es);
-        using var dDy = new DeviceBuffer(_gpu, (long)x.Length * es);
-        using var dR = new DeviceBuffer(_gpu, (long)rows * sizeof(float));
-        using var dDx = new DeviceBuffer(_gpu, (long)x.Length * es);
+        using var dX = DeviceBuffer.Upload(_gpu, x);
+        using var dW = DeviceBuffer.Upload(_gpu, w);
+        using var dDy = DeviceBuffer.Upload(_gpu, dy);
+        using var dR = DeviceBuffer.Upload(_gpu, rstd);
+        using var dDx = new DeviceBuffer(_gpu, (long)x.Length * dtype.ElementSize());
         using var dDw = new DeviceBuffer(_gpu, (long)hidden * sizeof(float));
-        _gpu.CopyToDevice(x, dX.Ptr);
-        _gpu.CopyToDevice(w, dW.Ptr);
-        _gpu.CopyToDevice(dy, dDy.Ptr);
-        _gpu.CopyToDevice(rstd, dR.Ptr);
         if (!dw.IsEmpty)
             _gpu.CopyToDevice<float>(dw, dDw.Ptr);
         RmsNormBackward(dtype, dX.Ptr, dW.Ptr, dDy.Ptr, dR.Ptr, dDx.Ptr, dw.IsEmpty ? DevicePtr.Null : dDw.Ptr, rows, hidden);
         _gpu.Synchronize();
-        _gpu.CopyToHost(dDx.Ptr, dx);
+        dDx.Download(dx);
         if (!dw.IsEmpty)
-            _gpu.CopyToHost(dDw.Ptr, dw);
+            dDw.Download(dw);
     }
 
     /// <summary>
@@ -413,21 +369,16 @@ public sealed class GpuTransformerOps
         }
         if (tokens == 0)
             return;
-        int es = dtype.ElementSize();
-        using var dX = new DeviceBuffer(_gpu, (long)x.Length * es);
-        using var dCos = new DeviceBuffer(_gpu, (long)cos.Length * sizeof(float));
-        using var dSin = new DeviceBuffer(_gpu, (long)sin.Length * sizeof(float));
-        using var dPos = new DeviceBuffer(_gpu, (long)tokens * sizeof(int));
-        _gpu.CopyToDevice<T>(x, dX.Ptr);
-        _gpu.CopyToDevice(cos, dCos.Ptr);
-        _gpu.CopyToDevice(sin, dSin.Ptr);
-        _gpu.CopyToDevice(positions, dPos.Ptr);
+        using var dX = DeviceBuffer.Upload<T>(_gpu, x);
+        using var dCos = DeviceBuffer.Upload(_gpu, cos);
+        using var dSin = DeviceBuffer.Upload(_gpu, sin);
+        using var dPos = DeviceBuffer.Upload(_gpu, positions);
         if (backward)
             RopeBackward(dtype, dX.Ptr, dCos.Ptr, dSin.Ptr, dPos.Ptr, tokens, heads, headDim, maxPositions);
         else
             RopeForward(dtype, dX.Ptr, dCos.Ptr, dSin.Ptr, dPos.Ptr, tokens, heads, headDim, maxPositions);
         _gpu.Synchronize();
-        _gpu.CopyToHost(dX.Ptr, x);
+        dX.Download(x);
     }
 
     /// <summary>SwiGLU forward on host arrays: h = silu(g) * u, all of the same length.</summary>
@@ -438,15 +389,12 @@ public sealed class GpuTransformerOps
         CheckLength(h.Length, g.Length, nameof(h));
         if (g.IsEmpty)
             return;
-        long bytes = (long)g.Length * dtype.ElementSize();
-        using var dG = new DeviceBuffer(_gpu, bytes);
-        using var dU = new DeviceBuffer(_gpu, bytes);
-        using var dH = new DeviceBuffer(_gpu, bytes);
-        _gpu.CopyToDevice(g, dG.Ptr);
-        _gpu.CopyToDevice(u, dU.Ptr);
+        using var dG = DeviceBuffer.Upload(_gpu, g);
+        using var dU = DeviceBuffer.Upload(_gpu, u);
+        using var dH = new DeviceBuffer(_gpu, (long)g.Length * dtype.ElementSize());
         SwiGluForward(dtype, dG.Ptr, dU.Ptr, dH.Ptr, g.Length);
         _gpu.Synchronize();
-        _gpu.CopyToHost(dH.Ptr, h);
+        dH.Download(h);
     }
 
     /// <summary>SwiGLU backward on host arrays: dg, du (overwritten) from g, u, dh, all of the same length.</summary>
@@ -460,18 +408,15 @@ public sealed class GpuTransformerOps
         if (g.IsEmpty)
             return;
         long bytes = (long)g.Length * dtype.ElementSize();
-        using var dG = new DeviceBuffer(_gpu, bytes);
-        using var dU = new DeviceBuffer(_gpu, bytes);
-        using var dDh = new DeviceBuffer(_gpu, bytes);
+        using var dG = DeviceBuffer.Upload(_gpu, g);
+        using var dU = DeviceBuffer.Upload(_gpu, u);
+        using var dDh = DeviceBuffer.Upload(_gpu, dh);
         using var dDg = new DeviceBuffer(_gpu, bytes);
         using var dDu = new DeviceBuffer(_gpu, bytes);
-        _gpu.CopyToDevice(g, dG.Ptr);
-        _gpu.CopyToDevice(u, dU.Ptr);
-        _gpu.CopyToDevice(dh, dDh.Ptr);
         SwiGluBackward(dtype, dG.Ptr, dU.Ptr, dDh.Ptr, dDg.Ptr, dDu.Ptr, g.Length);
         _gpu.Synchronize();
-        _gpu.CopyToHost(dDg.Ptr, dg);
-        _gpu.CopyToHost(dDu.Ptr, du);
+        dDg.Download(dg);
+        dDu.Download(du);
     }
 
     private static void CheckIds(ReadOnlySpan<int> ids, int vocab)
@@ -498,15 +443,12 @@ public sealed class GpuTransformerOps
         CheckIds(ids, vocab);
         if (ids.IsEmpty)
             return;
-        int es = dtype.ElementSize();
-        using var dIds = new DeviceBuffer(_gpu, (long)ids.Length * sizeof(int));
-        using var dTable = new DeviceBuffer(_gpu, (long)table.Length * es);
-        using var dOut = new DeviceBuffer(_gpu, (long)output.Length * es);
-        _gpu.CopyToDevice(ids, dIds.Ptr);
-        _gpu.CopyToDevice(table, dTable.Ptr);
+        using var dIds = DeviceBuffer.Upload(_gpu, ids);
+        using var dTable = DeviceBuffer.Upload(_gpu, table);
+        using var dOut = new DeviceBuffer(_gpu, (long)output.Length * dtype.ElementSize());
         EmbeddingForward(dtype, dIds.Ptr, dTable.Ptr, dOut.Ptr, ids.Length, hidden, vocab);
         _gpu.Synchronize();
-        _gpu.CopyToHost(dOut.Ptr, output);
+        dOut.Download(output);
     }
 
     /// <summary>
@@ -523,29 +465,11 @@ public sealed class GpuTransformerOps
         CheckIds(ids, vocab);
         if (ids.IsEmpty)
             return;
-        using var dIds = new DeviceBuffer(_gpu, (long)ids.Length * sizeof(int));
-        using var dDout = new DeviceBuffer(_gpu, (long)dout.Length * dtype.ElementSize());
-        using var dTable = new DeviceBuffer(_gpu, (long)dtable.Length * sizeof(float));
-        _gpu.CopyToDevice(ids, dIds.Ptr);
-        _gpu.CopyToDevice(dout, dDout.Ptr);
-        _gpu.CopyToDevice<float>(dtable, dTable.Ptr);
+        using var dIds = DeviceBuffer.Upload(_gpu, ids);
+        using var dDout = DeviceBuffer.Upload(_gpu, dout);
+        using var dTable = DeviceBuffer.Upload<float>(_gpu, dtable);
         EmbeddingBackward(dtype, dIds.Ptr, dDout.Ptr, dTable.Ptr, ids.Length, hidden, vocab);
         _gpu.Synchronize();
-        _gpu.CopyToHost(dTable.Ptr, dtable);
-    }
-
-    /// <summary>A temporary device allocation freed on Dispose.</summary>
-    private readonly struct DeviceBuffer : IDisposable
-    {
-        private readonly IGpu _gpu;
-        public DevicePtr Ptr { get; }
-
-        public DeviceBuffer(IGpu gpu, long bytes)
-        {
-            _gpu = gpu;
-            Ptr = gpu.Alloc(Math.Max(bytes, 1));
-        }
-
-        public void Dispose() => _gpu.Free(Ptr);
+        dTable.Download(dtable);
     }
 }

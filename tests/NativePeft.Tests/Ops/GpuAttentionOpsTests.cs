@@ -4,6 +4,7 @@ using NativePeft.Ops;
 using NativePeft.Ops.Reference;
 using NativePeft.Runtime;
 using NUnit.Framework;
+using static NativePeft.Tests.Ops.TestData;
 
 namespace NativePeft.Tests.Ops;
 
@@ -33,52 +34,18 @@ namespace NativePeft.Tests.Ops;
 /// bound plus half an ulp. The worst measured error is printed as a fraction of the bound and in u·mag.
 /// </para>
 /// </summary>
-[TestFixture("emulated")]
-[TestFixture("cuda")]
-public sealed class GpuAttentionOpsTests
+public sealed class GpuAttentionOpsTests(string device) : DeviceFixture<GpuAttentionOps>(device)
 {
     private const double U = 1.0 / (1 << 24);
     private const double AbsSlack = 1e-37;
     private const int Batch = 2;
 
-    private readonly string _device;
-    private IGpu? _gpu;
-    private GpuAttentionOps _ops = null!;
-    private string? _ignoreReason;
-    private readonly List<DevicePtr> _allocations = new();
+    protected override GpuAttentionOps CreateOps(IGpu gpu) => new(gpu);
 
-    public GpuAttentionOpsTests(string device) => _device = device;
-
-    [OneTimeSetUp]
-    public void CreateDevice()
-    {
-        _gpu = _device == "emulated" ? TestGpus.CreateEmulated() : TestGpus.TryCreateCuda(out _ignoreReason);
-        if (_gpu is not null)
-            _ops = new GpuAttentionOps(_gpu);
-    }
-
-    [SetUp]
-    public void RequireDevice()
-    {
-        if (_gpu is null)
-            Assert.Ignore($"no CUDA device: {_ignoreReason}");
-        foreach (string op in new[] { "forward", "backward_preprocess", "backward_dkdv", "backward_dq" })
-        foreach (string t in new[] { "f32", "bf16" })
-        {
-            if (!_gpu.HasKernel($"attention_{op}_{t}"))
-                Assert.Fail($"{_device}: kernel attention_{op}_{t} is not loaded (build build/kernels/*.ptx / libnativepeft_emu)");
-        }
-    }
-
-    [TearDown]
-    public void FreeBuffers()
-    {
-        foreach (DevicePtr p in _allocations) _gpu?.Free(p);
-        _allocations.Clear();
-    }
-
-    [OneTimeTearDown]
-    public void DisposeDevice() => _gpu?.Dispose();
+    protected override IEnumerable<string> RequiredKernels =>
+        from op in new[] { "forward", "backward_preprocess", "backward_dkdv", "backward_dq" }
+        from t in new[] { "f32", "bf16" }
+        select $"attention_{op}_{t}";
 
     private static readonly DType[] DTypes = [DType.F32, DType.BF16];
 
@@ -98,66 +65,6 @@ public sealed class GpuAttentionOpsTests
     // ------------------------------------------------------------------------------------------
     // Inputs, device buffers
     // ------------------------------------------------------------------------------------------
-
-    private static float[] Normal(int n, int seed, double scale = 1.0)
-    {
-        var rng = new Random(seed);
-        var x = new float[n];
-        for (int i = 0; i < n; i++)
-        {
-            double u1 = 1.0 - rng.NextDouble(), u2 = rng.NextDouble();
-            x[i] = (float)(scale * Math.Sqrt(-2.0 * Math.Log(u1)) * Math.Cos(2.0 * Math.PI * u2));
-        }
-        return x;
-    }
-
-    /// <summary>The values exactly representable in dtype (bf16: rounded RNE), as floats.</summary>
-    private static float[] Representable(float[] x, DType dtype)
-    {
-        if (dtype == DType.F32) return x;
-        var r = new float[x.Length];
-        for (int i = 0; i < x.Length; i++) r[i] = BFloat16.FromSingle(x[i]).ToSingle();
-        return r;
-    }
-
-    private DevicePtr Alloc(long bytes)
-    {
-        DevicePtr p = _gpu!.Alloc(Math.Max(bytes, 1));
-        _allocations.Add(p);
-        return p;
-    }
-
-    private DevicePtr Upload(float[] values, DType dtype)
-    {
-        DevicePtr p = Alloc((long)values.Length * dtype.ElementSize());
-        if (dtype == DType.F32)
-        {
-            _gpu!.CopyToDevice<float>(values, p);
-        }
-        else
-        {
-            var b = new BFloat16[values.Length];
-            BFloat16.FromSingle(values, b);
-            _gpu!.CopyToDevice<BFloat16>(b, p);
-        }
-        return p;
-    }
-
-    private float[] Download(DevicePtr p, int n, DType dtype)
-    {
-        var r = new float[n];
-        if (dtype == DType.F32)
-        {
-            _gpu!.CopyToHost<float>(p, r);
-        }
-        else
-        {
-            var b = new BFloat16[n];
-            _gpu!.CopyToHost<BFloat16>(p, b);
-            BFloat16.ToSingle(b, r);
-        }
-        return r;
-    }
 
     private sealed record Problem(int T, int Hq, int Hkv, int D, float[] Q, float[] K, float[] V, float[] Dout)
     {
@@ -180,8 +87,8 @@ public sealed class GpuAttentionOpsTests
     {
         DevicePtr q = Upload(p.Q, dtype), k = Upload(p.K, dtype), v = Upload(p.V, dtype);
         DevicePtr o = Alloc((long)p.QLen * dtype.ElementSize()), l = Alloc((long)p.LseLen * sizeof(float));
-        _ops.Forward(dtype, q, k, v, o, l, Batch, p.T, p.Hq, p.Hkv, p.D);
-        _gpu!.Synchronize();
+        Ops.Forward(dtype, q, k, v, o, l, Batch, p.T, p.Hq, p.Hkv, p.D);
+        Gpu.Synchronize();
         return (Download(o, p.QLen, dtype), Download(l, p.LseLen, DType.F32));
     }
 
@@ -194,15 +101,13 @@ public sealed class GpuAttentionOpsTests
         DevicePtr dv = Alloc((long)p.KvLen * dtype.ElementSize());
         DevicePtr work = Alloc(GpuAttentionOps.BackwardWorkspaceBytes(Batch, p.T, p.Hq));
         // Poison the outputs: they must be overwritten everywhere.
-        _gpu!.Memset(dq, 0x7f, (long)p.QLen * dtype.ElementSize());
-        _gpu.Memset(dk, 0x7f, (long)p.KvLen * dtype.ElementSize());
-        _gpu.Memset(dv, 0x7f, (long)p.KvLen * dtype.ElementSize());
-        _ops.Backward(dtype, dout, q, k, v, o, l, dq, dk, dv, work, Batch, p.T, p.Hq, p.Hkv, p.D);
-        _gpu.Synchronize();
+        Gpu.Memset(dq, 0x7f, (long)p.QLen * dtype.ElementSize());
+        Gpu.Memset(dk, 0x7f, (long)p.KvLen * dtype.ElementSize());
+        Gpu.Memset(dv, 0x7f, (long)p.KvLen * dtype.ElementSize());
+        Ops.Backward(dtype, dout, q, k, v, o, l, dq, dk, dv, work, Batch, p.T, p.Hq, p.Hkv, p.D);
+        Gpu.Synchronize();
         return (Download(dq, p.QLen, dtype), Download(dk, p.KvLen, dtype), Download(dv, p.KvLen, dtype));
     }
-
-    private static double[] D(float[] a) => a.Select(x => (double)x).ToArray();
 
     // ------------------------------------------------------------------------------------------
     // float64 loops: reference values (cross-checked against AttentionRef), magnitudes, error bounds
@@ -365,13 +270,6 @@ public sealed class GpuAttentionOpsTests
         }
     }
 
-    private static int Bf16Key(float v)
-    {
-        ushort b = BFloat16.FromSingle(v).RawValue;  // v is a bf16 value here, so this is exact
-        int m = b & 0x7FFF;
-        return (b & 0x8000) != 0 ? -m : m;
-    }
-
     private static double HalfBf16Ulp(double x)
     {
         double a = Math.Abs(x);
@@ -445,7 +343,7 @@ public sealed class GpuAttentionOpsTests
         ForwardOracle f = Forward64(p);
         var outRef = new double[p.QLen];
         var lseRef = new double[p.LseLen];
-        AttentionRef.Forward<double>(D(p.Q), D(p.K), D(p.V), outRef, lseRef, Batch, p.T, p.Hq, p.Hkv, p.D);
+        AttentionRef.Forward<double>(ToDouble(p.Q), ToDouble(p.K), ToDouble(p.V), outRef, lseRef, Batch, p.T, p.Hq, p.Hkv, p.D);
         AssertOraclesAgree(outRef, f.Out, f.OutMag, "out oracles");
         AssertOraclesAgree(lseRef, f.Lse, f.Lse.Select(Math.Abs).ToArray(), "lse oracles");
         AssertClose(output, outRef, f.OutBound, f.OutMag, dtype, "out");
@@ -457,7 +355,7 @@ public sealed class GpuAttentionOpsTests
         var dqRef = new double[p.QLen];
         var dkRef = new double[p.KvLen];
         var dvRef = new double[p.KvLen];
-        AttentionRef.Backward<double>(D(p.Dout), D(p.Q), D(p.K), D(p.V), D(output), D(lse), dqRef, dkRef, dvRef,
+        AttentionRef.Backward<double>(ToDouble(p.Dout), ToDouble(p.Q), ToDouble(p.K), ToDouble(p.V), ToDouble(output), ToDouble(lse), dqRef, dkRef, dvRef,
             Batch, p.T, p.Hq, p.Hkv, p.D);
         AssertOraclesAgree(dqRef, o.Dq, o.DqMag, "dq oracles");
         AssertOraclesAgree(dkRef, o.Dk, o.DkMag, "dk oracles");
@@ -592,16 +490,6 @@ public sealed class GpuAttentionOpsTests
         AssertBitsEqual(dv2, dv1, "dv");
     }
 
-    private static void AssertBitsEqual(float[] got, float[] expected, string what)
-    {
-        Assert.That(got, Has.Length.EqualTo(expected.Length), what);
-        for (int i = 0; i < got.Length; i++)
-        {
-            if (BitConverter.SingleToUInt32Bits(got[i]) != BitConverter.SingleToUInt32Bits(expected[i]))
-                Assert.Fail($"{what}[{i}]: {got[i]:R} != {expected[i]:R} (bits differ)");
-        }
-    }
-
     // ------------------------------------------------------------------------------------------
     // Host-array overloads, validation
     // ------------------------------------------------------------------------------------------
@@ -617,20 +505,20 @@ public sealed class GpuAttentionOpsTests
         static float[] F(BFloat16[] x) { var r = new float[x.Length]; BFloat16.ToSingle(x, r); return r; }
         var output = new BFloat16[p.QLen];
         var lse = new float[p.LseLen];
-        _ops.Forward<BFloat16>(B(p.Q), B(p.K), B(p.V), output, lse, Batch, p.T, p.Hq, p.Hkv, p.D);
+        Ops.Forward<BFloat16>(B(p.Q), B(p.K), B(p.V), output, lse, Batch, p.T, p.Hq, p.Hkv, p.D);
         AssertBitsEqual(F(output), outDev, "out");
         AssertBitsEqual(lse, lseDev, "lse");
         var dq = new BFloat16[p.QLen];
         var dk = new BFloat16[p.KvLen];
         var dv = new BFloat16[p.KvLen];
-        _ops.Backward<BFloat16>(B(p.Dout), B(p.Q), B(p.K), B(p.V), output, lse, dq, dk, dv, Batch, p.T, p.Hq, p.Hkv, p.D);
+        Ops.Backward<BFloat16>(B(p.Dout), B(p.Q), B(p.K), B(p.V), output, lse, dq, dk, dv, Batch, p.T, p.Hq, p.Hkv, p.D);
         AssertBitsEqual(F(dq), dqDev, "dq");
         AssertBitsEqual(F(dk), dkDev, "dk");
         AssertBitsEqual(F(dv), dvDev, "dv");
 
         // lse is optional in the forward (inference): out is the same.
         var out2 = new BFloat16[p.QLen];
-        _ops.Forward<BFloat16>(B(p.Q), B(p.K), B(p.V), out2, Span<float>.Empty, Batch, p.T, p.Hq, p.Hkv, p.D);
+        Ops.Forward<BFloat16>(B(p.Q), B(p.K), B(p.V), out2, Span<float>.Empty, Batch, p.T, p.Hq, p.Hkv, p.D);
         AssertBitsEqual(F(out2), outDev, "out without lse");
     }
 
@@ -640,19 +528,19 @@ public sealed class GpuAttentionOpsTests
         DevicePtr x = Alloc(1024);
         Assert.Multiple(() =>
         {
-            Assert.Throws<ArgumentOutOfRangeException>(() => _ops.Forward(DType.F32, x, x, x, x, x, 1, 4, 4, 2, GpuAttentionOps.MaxHeadDim + 1));
-            Assert.Throws<ArgumentOutOfRangeException>(() => _ops.Forward(DType.F32, x, x, x, x, x, 1, 4, 4, 2, 0));
-            Assert.Throws<ArgumentException>(() => _ops.Forward(DType.F32, x, x, x, x, x, 1, 4, 6, 4, 32));
-            Assert.Throws<ArgumentException>(() => _ops.Forward(DType.F16, x, x, x, x, x, 1, 4, 4, 2, 32));
-            Assert.Throws<ArgumentException>(() => _ops.Forward(DType.F32, DevicePtr.Null, x, x, x, x, 1, 4, 4, 2, 32));
-            Assert.Throws<ArgumentException>(() => _ops.Backward(DType.F32, x, x, x, x, x, x, x, x, x, DevicePtr.Null, 1, 4, 4, 2, 32));
-            Assert.Throws<ArgumentException>(() => _ops.Backward(DType.F32, x, x, x, x, x, x, x, x, DevicePtr.Null, x, 1, 4, 4, 2, 32));
-            Assert.Throws<ArgumentException>(() => _ops.Forward<float>(new float[10], new float[10], new float[10], new float[10],
+            Assert.Throws<ArgumentOutOfRangeException>(() => Ops.Forward(DType.F32, x, x, x, x, x, 1, 4, 4, 2, GpuAttentionOps.MaxHeadDim + 1));
+            Assert.Throws<ArgumentOutOfRangeException>(() => Ops.Forward(DType.F32, x, x, x, x, x, 1, 4, 4, 2, 0));
+            Assert.Throws<ArgumentException>(() => Ops.Forward(DType.F32, x, x, x, x, x, 1, 4, 6, 4, 32));
+            Assert.Throws<ArgumentException>(() => Ops.Forward(DType.F16, x, x, x, x, x, 1, 4, 4, 2, 32));
+            Assert.Throws<ArgumentException>(() => Ops.Forward(DType.F32, DevicePtr.Null, x, x, x, x, 1, 4, 4, 2, 32));
+            Assert.Throws<ArgumentException>(() => Ops.Backward(DType.F32, x, x, x, x, x, x, x, x, x, DevicePtr.Null, 1, 4, 4, 2, 32));
+            Assert.Throws<ArgumentException>(() => Ops.Backward(DType.F32, x, x, x, x, x, x, x, x, DevicePtr.Null, x, 1, 4, 4, 2, 32));
+            Assert.Throws<ArgumentException>(() => Ops.Forward<float>(new float[10], new float[10], new float[10], new float[10],
                 Span<float>.Empty, 1, 1, 1, 1, 8));
         });
         // Empty problems launch nothing (null pointers are fine then).
-        _ops.Forward(DType.F32, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, 0, 4, 4, 2, 32);
-        _ops.Backward(DType.BF16, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null,
+        Ops.Forward(DType.F32, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, 0, 4, 4, 2, 32);
+        Ops.Backward(DType.BF16, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null,
             DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, 2, 0, 4, 2, 32);
     }
 
@@ -683,17 +571,17 @@ public sealed class GpuAttentionOpsTests
         for (int rep = 0; rep < 3; rep++)
         {
             var sw = Stopwatch.StartNew();
-            _ops.Forward(dtype, q, k, v, o, l, b, t, hq, hkv, d);
-            _gpu!.Synchronize();
+            Ops.Forward(dtype, q, k, v, o, l, b, t, hq, hkv, d);
+            Gpu.Synchronize();
             double fwd = sw.Elapsed.TotalMilliseconds;
             sw.Restart();
-            _ops.Backward(dtype, dout, q, k, v, o, l, dq, dk, dv, work, b, t, hq, hkv, d);
-            _gpu.Synchronize();
+            Ops.Backward(dtype, dout, q, k, v, o, l, dq, dk, dv, work, b, t, hq, hkv, d);
+            Gpu.Synchronize();
             double bwd = sw.Elapsed.TotalMilliseconds;
             bestF = Math.Min(bestF, fwd);
             bestB = Math.Min(bestB, bwd);
         }
-        TestContext.Out.WriteLine($"{_device} {dtype} B=1 T=256 Hq=8 Hkv=2 D=64: forward {bestF:F2} ms, backward {bestB:F2} ms (best of 3)");
+        TestContext.Out.WriteLine($"{Device} {dtype} B=1 T=256 Hq=8 Hkv=2 D=64: forward {bestF:F2} ms, backward {bestB:F2} ms (best of 3)");
         Assert.That(Download(o, qn, dtype).All(float.IsFinite), Is.True);
     }
 }

@@ -2,6 +2,7 @@ using NativePeft.Numerics;
 using NativePeft.Ops;
 using NativePeft.Runtime;
 using NUnit.Framework;
+using static NativePeft.Tests.Ops.TestData;
 
 namespace NativePeft.Tests.Ops;
 
@@ -17,101 +18,16 @@ namespace NativePeft.Tests.Ops;
 /// per pass; 2 for the oracle).
 /// Sizes include n = 70001, more than the largest grid times 256 on the emulator, so the grid-stride loops wrap.
 /// </summary>
-[TestFixture("emulated")]
-[TestFixture("cuda")]
-public sealed class GpuElementwiseOpsTests
+public sealed class GpuElementwiseOpsTests(string device) : DeviceFixture<GpuElementwiseOps>(device)
 {
-    private readonly string _device;
-    private IGpu? _gpu;
-    private GpuElementwiseOps _ops = null!;
-    private string? _ignoreReason;
-    private readonly List<DevicePtr> _allocations = new();
+    protected override GpuElementwiseOps CreateOps(IGpu gpu) => new(gpu);
 
-    public GpuElementwiseOpsTests(string device) => _device = device;
-
-    [OneTimeSetUp]
-    public void CreateDevice()
-    {
-        _gpu = _device == "emulated" ? TestGpus.CreateEmulated() : TestGpus.TryCreateCuda(out _ignoreReason);
-        if (_gpu is not null)
-            _ops = new GpuElementwiseOps(_gpu);
-    }
-
-    [SetUp]
-    public void RequireDevice()
-    {
-        if (_gpu is null)
-            Assert.Ignore($"no CUDA device: {_ignoreReason}");
-        foreach (string k in new[] { "fill_bf16", "cast_f32_to_bf16", "dropout_mask", "sum_squares_f32", "reduce_sum_f64" })
-        {
-            if (!_gpu.HasKernel(k))
-                Assert.Fail($"{_device}: kernel {k} is not loaded (build build/kernels/*.ptx / libnativepeft_emu)");
-        }
-    }
-
-    [TearDown]
-    public void FreeBuffers()
-    {
-        foreach (DevicePtr p in _allocations) _gpu?.Free(p);
-        _allocations.Clear();
-    }
-
-    [OneTimeTearDown]
-    public void DisposeDevice() => _gpu?.Dispose();
+    protected override IEnumerable<string> RequiredKernels =>
+        ["fill_bf16", "cast_f32_to_bf16", "dropout_mask", "sum_squares_f32", "reduce_sum_f64"];
 
     private static readonly int[] Sizes = [1, 257, 70001];
 
-    private DevicePtr Alloc(long bytes)
-    {
-        DevicePtr p = _gpu!.Alloc(Math.Max(bytes, 1));
-        _allocations.Add(p);
-        return p;
-    }
-
-    private DevicePtr Upload<T>(T[] values) where T : unmanaged
-    {
-        DevicePtr p = Alloc((long)values.Length * System.Runtime.CompilerServices.Unsafe.SizeOf<T>());
-        _gpu!.CopyToDevice<T>(values, p);
-        return p;
-    }
-
-    private T[] Download<T>(DevicePtr p, int n) where T : unmanaged
-    {
-        _gpu!.Synchronize();
-        var r = new T[n];
-        _gpu.CopyToHost<T>(p, r);
-        return r;
-    }
-
-    private static float[] Normal(int n, int seed, double scale = 1.0)
-    {
-        var rng = new Random(seed);
-        var x = new float[n];
-        for (int i = 0; i < n; i++)
-        {
-            double u1 = 1.0 - rng.NextDouble(), u2 = rng.NextDouble();
-            x[i] = (float)(scale * Math.Sqrt(-2.0 * Math.Log(u1)) * Math.Cos(2.0 * Math.PI * u2));
-        }
-        return x;
-    }
-
     private static BFloat16[] ToBf16(float[] x) => x.Select(BFloat16.FromSingle).ToArray();
-
-    private static void AssertBits(float[] got, float[] want, string what)
-    {
-        Assert.That(got, Has.Length.EqualTo(want.Length), what);
-        for (int i = 0; i < got.Length; i++)
-            if (BitConverter.SingleToUInt32Bits(got[i]) != BitConverter.SingleToUInt32Bits(want[i]))
-                Assert.Fail($"{what}[{i}]: {got[i]:R} (0x{BitConverter.SingleToUInt32Bits(got[i]):x8}) != {want[i]:R} (0x{BitConverter.SingleToUInt32Bits(want[i]):x8})");
-    }
-
-    private static void AssertBits(BFloat16[] got, BFloat16[] want, string what)
-    {
-        Assert.That(got, Has.Length.EqualTo(want.Length), what);
-        for (int i = 0; i < got.Length; i++)
-            if (got[i].RawValue != want[i].RawValue)
-                Assert.Fail($"{what}[{i}]: 0x{got[i].RawValue:x4} != 0x{want[i].RawValue:x4}");
-    }
 
     // ------------------------------------------------------------------------------------------
     // fill, casts
@@ -123,10 +39,10 @@ public sealed class GpuElementwiseOpsTests
         foreach (float value in new[] { 0.1f, -3.0e38f, float.NegativeInfinity, 1.00390625f /* bf16 tie */, -0.0f })
         {
             DevicePtr f = Alloc(n * 4L), b = Alloc(n * 2L);
-            _ops.Fill(DType.F32, f, n, value);
-            _ops.Fill(DType.BF16, b, n, value);
-            AssertBits(Download<float>(f, n), Enumerable.Repeat(value, n).ToArray(), $"fill_f32({value})");
-            AssertBits(Download<BFloat16>(b, n), Enumerable.Repeat(BFloat16.FromSingle(value), n).ToArray(), $"fill_bf16({value})");
+            Ops.Fill(DType.F32, f, n, value);
+            Ops.Fill(DType.BF16, b, n, value);
+            AssertBitsEqual(Download<float>(f, n), Enumerable.Repeat(value, n).ToArray(), $"fill_f32({value})");
+            AssertBitsEqual(Download<BFloat16>(b, n), Enumerable.Repeat(BFloat16.FromSingle(value), n).ToArray(), $"fill_bf16({value})");
         }
     }
 
@@ -134,8 +50,8 @@ public sealed class GpuElementwiseOpsTests
     public void FillWritesOnlyNElements()
     {
         DevicePtr f = Upload(new float[] { 1, 2, 3, 4, 5 });
-        _ops.Fill(DType.F32, f, 3, 9f);
-        _ops.Fill(DType.F32, f, 0, 7f);
+        Ops.Fill(DType.F32, f, 3, 9f);
+        Ops.Fill(DType.F32, f, 0, 7f);
         Assert.That(Download<float>(f, 5), Is.EqualTo(new float[] { 9, 9, 9, 4, 5 }));
     }
 
@@ -156,8 +72,8 @@ public sealed class GpuElementwiseOpsTests
         var rng = new Random(n);
         for (int i = 0; i < n / 3; i++) x[CastEdgeCases().Length + i] = BitConverter.UInt32BitsToSingle((uint)rng.NextInt64(0, 0x7F800000) | (uint)(rng.Next(2) << 31));
         DevicePtr dX = Upload(x), dY = Alloc(x.Length * 2L);
-        _ops.CastF32ToBf16(dX, dY, x.Length);
-        AssertBits(Download<BFloat16>(dY, x.Length), ToBf16(x), "cast_f32_to_bf16 vs BFloat16.FromSingle");
+        Ops.CastF32ToBf16(dX, dY, x.Length);
+        AssertBitsEqual(Download<BFloat16>(dY, x.Length), ToBf16(x), "cast_f32_to_bf16 vs BFloat16.FromSingle");
     }
 
     [Test]
@@ -167,7 +83,7 @@ public sealed class GpuElementwiseOpsTests
         // payload's top bits. Both are NaN; the bits differ by design, so only NaN-ness is compared.
         float[] x = [.. new uint[] { 0x7FC00000, 0x7F800001, 0xFFC00001, 0x7FFFFFFF }.Select(BitConverter.UInt32BitsToSingle)];
         DevicePtr dX = Upload(x), dY = Alloc(x.Length * 2L);
-        _ops.CastF32ToBf16(dX, dY, x.Length);
+        Ops.CastF32ToBf16(dX, dY, x.Length);
         BFloat16[] y = Download<BFloat16>(dY, x.Length);
         Assert.That(y.Select(v => v.IsNaN), Is.All.True);
         Assert.That(y.Select(v => v.RawValue), Is.All.EqualTo((ushort)0x7FFF), "canonical NaN, as CUDA's cvt.rn.bf16.f32");
@@ -179,8 +95,8 @@ public sealed class GpuElementwiseOpsTests
         var all = new BFloat16[65536];
         for (int i = 0; i < all.Length; i++) all[i] = BFloat16.FromBits((ushort)i);
         DevicePtr dX = Upload(all), dY = Alloc(all.Length * 4L);
-        _ops.CastBf16ToF32(dX, dY, all.Length);
-        AssertBits(Download<float>(dY, all.Length), all.Select(b => b.ToSingle()).ToArray(), "cast_bf16_to_f32, all 65536 patterns");
+        Ops.CastBf16ToF32(dX, dY, all.Length);
+        AssertBitsEqual(Download<float>(dY, all.Length), all.Select(b => b.ToSingle()).ToArray(), "cast_bf16_to_f32, all 65536 patterns");
     }
 
     // ------------------------------------------------------------------------------------------
@@ -194,16 +110,16 @@ public sealed class GpuElementwiseOpsTests
         var want = new float[n];
         for (int i = 0; i < n; i++) want[i] = a[i] + b[i];
         DevicePtr dA = Upload(a), dB = Upload(b), dC = Alloc(n * 4L);
-        _ops.Add(DType.F32, dA, dB, dC, n);
-        AssertBits(Download<float>(dC, n), want, "add_f32");
-        _ops.Add(DType.F32, dA, dB, dA, n);  // in place
-        AssertBits(Download<float>(dA, n), want, "add_f32 in place");
+        Ops.Add(DType.F32, dA, dB, dC, n);
+        AssertBitsEqual(Download<float>(dC, n), want, "add_f32");
+        Ops.Add(DType.F32, dA, dB, dA, n);  // in place
+        AssertBitsEqual(Download<float>(dA, n), want, "add_f32 in place");
 
         BFloat16[] ha = ToBf16(a), hb = ToBf16(b);
         BFloat16[] wantB = ha.Zip(hb, (x, y) => BFloat16.FromSingle(x.ToSingle() + y.ToSingle())).ToArray();
         DevicePtr bA = Upload(ha), bB = Upload(hb);
-        _ops.Add(DType.BF16, bA, bB, bB, n);
-        AssertBits(Download<BFloat16>(bB, n), wantB, "add_bf16 in place (c = b)");
+        Ops.Add(DType.BF16, bA, bB, bB, n);
+        AssertBitsEqual(Download<BFloat16>(bB, n), wantB, "add_bf16 in place (c = b)");
     }
 
     [Test]
@@ -213,8 +129,8 @@ public sealed class GpuElementwiseOpsTests
         const float alpha = -0.3f;
         float[] want = x.Zip(y, (xi, yi) => MathF.FusedMultiplyAdd(alpha, xi, yi)).ToArray();
         DevicePtr dX = Upload(x), dY = Upload(y);
-        _ops.Axpy(alpha, dX, dY, n);
-        AssertBits(Download<float>(dY, n), want, "axpy_f32");
+        Ops.Axpy(alpha, dX, dY, n);
+        AssertBitsEqual(Download<float>(dY, n), want, "axpy_f32");
     }
 
     [Test]
@@ -223,12 +139,12 @@ public sealed class GpuElementwiseOpsTests
         float[] x = Normal(n, 5);
         const float alpha = 0.7f;
         DevicePtr dX = Upload(x), dY = Alloc(n * 4L);
-        _ops.Scale(DType.F32, dX, dY, n, alpha);
-        AssertBits(Download<float>(dY, n), x.Select(v => alpha * v).ToArray(), "scale_f32");
+        Ops.Scale(DType.F32, dX, dY, n, alpha);
+        AssertBitsEqual(Download<float>(dY, n), x.Select(v => alpha * v).ToArray(), "scale_f32");
         BFloat16[] xb = ToBf16(x);
         DevicePtr bX = Upload(xb);
-        _ops.Scale(DType.BF16, bX, bX, n, alpha);
-        AssertBits(Download<BFloat16>(bX, n), xb.Select(v => BFloat16.FromSingle(alpha * v.ToSingle())).ToArray(), "scale_bf16 in place");
+        Ops.Scale(DType.BF16, bX, bX, n, alpha);
+        AssertBitsEqual(Download<BFloat16>(bX, n), xb.Select(v => BFloat16.FromSingle(alpha * v.ToSingle())).ToArray(), "scale_bf16 in place");
     }
 
     // ------------------------------------------------------------------------------------------
@@ -274,7 +190,7 @@ public sealed class GpuElementwiseOpsTests
     {
         const int n = 70001;
         DevicePtr dMask = Alloc(n);
-        _ops.DropoutMask(dMask, n, c.Seed, c.Offset, c.P);
+        Ops.DropoutMask(dMask, n, c.Seed, c.Offset, c.P);
         byte[] got = Download<byte>(dMask, n);
         var want = new byte[n];
         GpuElementwiseOps.DropoutMaskHost(want, c.Seed, c.Offset, c.P);
@@ -287,7 +203,7 @@ public sealed class GpuElementwiseOpsTests
 
         // reproducible from (seed, offset) alone: a sub-range launched at offset + 1000 equals the slice
         DevicePtr part = Alloc(500);
-        _ops.DropoutMask(part, 500, c.Seed, c.Offset + 1000, c.P);
+        Ops.DropoutMask(part, 500, c.Seed, c.Offset + 1000, c.P);
         Assert.That(Download<byte>(part, 500), Is.EqualTo(got.AsSpan(1000, 500).ToArray()).AsCollection, "mask of a sub-range");
     }
 
@@ -313,14 +229,14 @@ public sealed class GpuElementwiseOpsTests
         Assert.That(scale, Is.EqualTo((float)(1 / 0.7)));
         float[] want = x.Select((v, i) => mask[i] != 0 ? v * scale : 0f).ToArray();
         DevicePtr dX = Upload(x), dMask = Upload(mask), dY = Alloc(n * 4L);
-        _ops.ApplyMaskScale(DType.F32, dX, dMask, dY, n, p);
-        AssertBits(Download<float>(dY, n), want, "apply_mask_scale_f32");
+        Ops.ApplyMaskScale(DType.F32, dX, dMask, dY, n, p);
+        AssertBitsEqual(Download<float>(dY, n), want, "apply_mask_scale_f32");
 
         BFloat16[] xb = ToBf16(x);
         BFloat16[] wantB = xb.Select((v, i) => BFloat16.FromSingle(mask[i] != 0 ? v.ToSingle() * scale : 0f)).ToArray();
         DevicePtr bX = Upload(xb);
-        _ops.ApplyMaskScale(DType.BF16, bX, dMask, bX, n, p);
-        AssertBits(Download<BFloat16>(bX, n), wantB, "apply_mask_scale_bf16 in place");
+        Ops.ApplyMaskScale(DType.BF16, bX, dMask, bX, n, p);
+        AssertBitsEqual(Download<BFloat16>(bX, n), wantB, "apply_mask_scale_bf16 in place");
     }
 
     // ------------------------------------------------------------------------------------------
@@ -332,7 +248,7 @@ public sealed class GpuElementwiseOpsTests
     {
         float[] x = Normal(n, 13 + n, 3.0);
         DevicePtr dX = Upload(x);
-        double got = _ops.SumSquares(dX, n);
+        double got = Ops.SumSquares(dX, n);
         double want = NeumaierSumOfSquares(x);  // the float64 oracle, compensated: error ~2⁻⁵³·Σ
         int blocks = GpuElementwiseOps.SumSquaresBlocks(n);
         double serial = Math.Ceiling((double)n / (blocks * GpuElementwiseOps.ThreadsPerBlock));
@@ -341,7 +257,7 @@ public sealed class GpuElementwiseOpsTests
         double err = Math.Abs(got - want);
         TestContext.Out.WriteLine($"n={n}: blocks {blocks}, sum {got:R}, float64 {want:R}, error {err / (Math.Pow(2, -53) * Math.Max(want, 1e-300)):F2}·2⁻⁵³·Σ (bound {k})");
         Assert.That(err, Is.LessThanOrEqualTo(k * Math.Pow(2, -53) * want));
-        Assert.That(_ops.SumSquares(dX, n), Is.EqualTo(got), "deterministic");
+        Assert.That(Ops.SumSquares(dX, n), Is.EqualTo(got), "deterministic");
     }
 
     private static double NeumaierSumOfSquares(float[] x)
@@ -363,15 +279,15 @@ public sealed class GpuElementwiseOpsTests
         DevicePtr dA = Upload(a), dB = Upload(b), dC = Upload(c);
         int na = GpuElementwiseOps.SumSquaresBlocks(a.Length), nb = GpuElementwiseOps.SumSquaresBlocks(b.Length), nc = GpuElementwiseOps.SumSquaresBlocks(c.Length);
         DevicePtr partials = Alloc((na + nb + nc) * 8L), output = Alloc(8);
-        int k = _ops.SumSquaresPartial(dA, a.Length, partials);
-        k += _ops.SumSquaresPartial(dB, b.Length, partials.Offset(k * 8L));
-        k += _ops.SumSquaresPartial(dC, c.Length, partials.Offset(k * 8L));
+        int k = Ops.SumSquaresPartial(dA, a.Length, partials);
+        k += Ops.SumSquaresPartial(dB, b.Length, partials.Offset(k * 8L));
+        k += Ops.SumSquaresPartial(dC, c.Length, partials.Offset(k * 8L));
         Assert.That(k, Is.EqualTo(na + nb + nc));
-        _ops.ReduceSum(partials, k, output);
+        Ops.ReduceSum(partials, k, output);
         double got = Download<double>(output, 1)[0];
         double want = NeumaierSumOfSquares([.. a, .. b, .. c]);
         Assert.That(got, Is.EqualTo(want).Within(40 * Math.Pow(2, -53) * want), "three tensors, one reduction");
-        Assert.That(_ops.SumSquares(dC, 2), Is.EqualTo(25.0), "3² + 4², exact");
+        Assert.That(Ops.SumSquares(dC, 2), Is.EqualTo(25.0), "3² + 4², exact");
         Assert.That(GpuElementwiseOps.SumSquaresBlocks(0), Is.EqualTo(1));
         Assert.That(GpuElementwiseOps.SumSquaresBlocks(long.MaxValue), Is.EqualTo(GpuElementwiseOps.MaxSumSquaresBlocks));
     }
@@ -380,11 +296,11 @@ public sealed class GpuElementwiseOpsTests
     public void Validation()
     {
         DevicePtr p = Alloc(16);
-        Assert.Throws<ArgumentException>(() => _ops.Fill(DType.F16, p, 1, 0f));
-        Assert.Throws<ArgumentOutOfRangeException>(() => _ops.Fill(DType.F32, p, -1, 0f));
-        Assert.Throws<ArgumentException>(() => _ops.Add(DType.F32, p, DevicePtr.Null, p, 4));
-        Assert.Throws<ArgumentOutOfRangeException>(() => _ops.DropoutMask(p, 4, 0, 0, 1.0));
-        Assert.Throws<ArgumentOutOfRangeException>(() => _ops.ApplyMaskScale(DType.F32, p, p, p, 4, double.NaN));
-        Assert.DoesNotThrow(() => _ops.Scale(DType.F32, DevicePtr.Null, DevicePtr.Null, 0, 1f), "n = 0 launches nothing");
+        Assert.Throws<ArgumentException>(() => Ops.Fill(DType.F16, p, 1, 0f));
+        Assert.Throws<ArgumentOutOfRangeException>(() => Ops.Fill(DType.F32, p, -1, 0f));
+        Assert.Throws<ArgumentException>(() => Ops.Add(DType.F32, p, DevicePtr.Null, p, 4));
+        Assert.Throws<ArgumentOutOfRangeException>(() => Ops.DropoutMask(p, 4, 0, 0, 1.0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => Ops.ApplyMaskScale(DType.F32, p, p, p, 4, double.NaN));
+        Assert.DoesNotThrow(() => Ops.Scale(DType.F32, DevicePtr.Null, DevicePtr.Null, 0, 1f), "n = 0 launches nothing");
     }
 }

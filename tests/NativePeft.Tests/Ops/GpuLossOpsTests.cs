@@ -3,6 +3,7 @@ using NativePeft.Ops;
 using NativePeft.Ops.Reference;
 using NativePeft.Runtime;
 using NUnit.Framework;
+using static NativePeft.Tests.Ops.TestData;
 
 namespace NativePeft.Tests.Ops;
 
@@ -29,72 +30,18 @@ namespace NativePeft.Tests.Ops;
 /// </list>
 /// </para>
 /// </summary>
-[TestFixture("emulated")]
-[TestFixture("cuda")]
-public sealed class GpuLossOpsTests
+public sealed class GpuLossOpsTests(string device) : DeviceFixture<GpuLossOps>(device)
 {
     private const double U = 1.0 / (1 << 24);
     private const double Bf16Half = 1.0 / 256;  // bf16 unit roundoff: half an ulp is at most 2⁻⁸ of the value
     private const int Hidden = 12;
     private const int Pad = 3;                  // ldz = c + Pad
 
-    private readonly string _device;
-    private IGpu? _gpu;
-    private GpuLossOps _ops = null!;
-    private string? _ignoreReason;
-    private readonly List<DevicePtr> _allocations = new();
+    protected override GpuLossOps CreateOps(IGpu gpu) => new(gpu);
 
-    public GpuLossOpsTests(string device) => _device = device;
-
-    [OneTimeSetUp]
-    public void CreateDevice()
-    {
-        _gpu = _device == "emulated" ? TestGpus.CreateEmulated() : TestGpus.TryCreateCuda(out _ignoreReason);
-        if (_gpu is not null)
-            _ops = new GpuLossOps(_gpu);
-    }
-
-    [SetUp]
-    public void RequireDevice()
-    {
-        if (_gpu is null)
-            Assert.Ignore($"no CUDA device: {_ignoreReason}");
-        foreach (string k in new[] { "cross_entropy_init", "cross_entropy_chunk_forward_f32", "cross_entropy_chunk_backward_bf16",
-                                     "cross_entropy_finish", "cross_entropy_loss_sum" })
-        {
-            if (!_gpu.HasKernel(k))
-                Assert.Fail($"{_device}: kernel {k} is not loaded (build build/kernels/*.ptx / libnativepeft_emu)");
-        }
-    }
-
-    [TearDown]
-    public void FreeBuffers()
-    {
-        foreach (DevicePtr p in _allocations) _gpu?.Free(p);
-        _allocations.Clear();
-    }
-
-    [OneTimeTearDown]
-    public void DisposeDevice() => _gpu?.Dispose();
-
-    private DevicePtr Alloc(long bytes)
-    {
-        DevicePtr p = _gpu!.Alloc(Math.Max(bytes, 1));
-        _allocations.Add(p);
-        return p;
-    }
-
-    private static float[] Normal(int n, int seed, double scale)
-    {
-        var rng = new Random(seed);
-        var x = new float[n];
-        for (int i = 0; i < n; i++)
-        {
-            double u1 = 1.0 - rng.NextDouble(), u2 = rng.NextDouble();
-            x[i] = (float)(scale * Math.Sqrt(-2.0 * Math.Log(u1)) * Math.Cos(2.0 * Math.PI * u2));
-        }
-        return x;
-    }
+    protected override IEnumerable<string> RequiredKernels =>
+        ["cross_entropy_init", "cross_entropy_chunk_forward_f32", "cross_entropy_chunk_backward_bf16",
+         "cross_entropy_finish", "cross_entropy_loss_sum"];
 
     /// <summary>Labels: every 4th row (n % 4 == 3) ignored, row 0 → V−1, row 1 → 0, the rest random.</summary>
     private static int[] Labels(int rows, int vocab, int seed)
@@ -123,25 +70,25 @@ public sealed class GpuLossOpsTests
         DevicePtr dLabels = Alloc(rows * sizeof(int));
         DevicePtr runMax = Alloc(rows * 4), runSum = Alloc(rows * 4), labelLogit = Alloc(rows * 4);
         DevicePtr lse = Alloc(rows * 4), loss = Alloc(rows * 4), sum = Alloc(16);
-        _gpu!.CopyToDevice<int>(labels, dLabels);
+        Gpu.CopyToDevice<int>(labels, dLabels);
 
         var zSeen = new double[(long)rows * vocab];
-        _ops.Init(runMax, runSum, labelLogit, rows);
+        Ops.Init(runMax, runSum, labelLogit, rows);
         for (int v0 = 0; v0 < vocab; v0 += chunk)
         {
             int c = Math.Min(chunk, vocab - v0);
             UploadChunk(dtype, z, hidden, weight, rows, vocab, v0, c, zSeen);
-            _ops.ChunkForward(dtype, z, rows, c, c + Pad, v0, dLabels, runMax, runSum, labelLogit);
+            Ops.ChunkForward(dtype, z, rows, c, c + Pad, v0, dLabels, runMax, runSum, labelLogit);
         }
-        _ops.Finish(runMax, runSum, labelLogit, dLabels, rows, vocab, lse, loss);
-        _ops.LossSum(loss, dLabels, rows, sum);
-        _gpu.Synchronize();
+        Ops.Finish(runMax, runSum, labelLogit, dLabels, rows, vocab, lse, loss);
+        Ops.LossSum(loss, dLabels, rows, sum);
+        Gpu.Synchronize();
         var lseHost = new float[rows];
         var lossHost = new float[rows];
         var sumHost = new double[2];
-        _gpu.CopyToHost(lse, lseHost.AsSpan());
-        _gpu.CopyToHost(loss, lossHost.AsSpan());
-        _gpu.CopyToHost(sum, sumHost.AsSpan());
+        Gpu.CopyToHost(lse, lseHost.AsSpan());
+        Gpu.CopyToHost(loss, lossHost.AsSpan());
+        Gpu.CopyToHost(sum, sumHost.AsSpan());
 
         int count = CrossEntropyRef.CountTokens(labels);
         float scale = GpuLossOps.BackwardScale(dloss, count);
@@ -150,9 +97,9 @@ public sealed class GpuLossOpsTests
         {
             int c = Math.Min(chunk, vocab - v0);
             UploadChunk(dtype, z, hidden, weight, rows, vocab, v0, c, null);
-            _ops.ChunkBackward(dtype, z, rows, c, c + Pad, v0, dLabels, lse, scale);
-            _gpu.Synchronize();
-            float[] chunkDz = Download(dtype, z, rows * (c + Pad));
+            Ops.ChunkBackward(dtype, z, rows, c, c + Pad, v0, dLabels, lse, scale);
+            Gpu.Synchronize();
+            float[] chunkDz = Download(z, rows * (c + Pad), dtype);
             for (int n = 0; n < rows; n++)
             {
                 for (int j = 0; j < c; j++) dz[(long)n * vocab + v0 + j] = chunkDz[n * (c + Pad) + j];
@@ -180,36 +127,9 @@ public sealed class GpuLossOpsTests
             }
             for (int j = c; j < ldz; j++) buf[n * ldz + j] = float.NaN;
         }
-        _gpu!.Synchronize();  // the previous kernel may still read the buffer
-        if (dtype == DType.F32)
-        {
-            _gpu.CopyToDevice<float>(buf, z);
-        }
-        else
-        {
-            var b = new BFloat16[buf.Length];
-            BFloat16.FromSingle(buf, b);
-            _gpu.CopyToDevice<BFloat16>(b, z);
-        }
+        Gpu.Synchronize();  // the previous kernel may still read the buffer
+        Write(z, buf, dtype);
     }
-
-    private float[] Download(DType dtype, DevicePtr p, int n)
-    {
-        var r = new float[n];
-        if (dtype == DType.F32)
-        {
-            _gpu!.CopyToHost<float>(p, r);
-        }
-        else
-        {
-            var b = new BFloat16[n];
-            _gpu!.CopyToHost<BFloat16>(p, b);
-            BFloat16.ToSingle(b, r);
-        }
-        return r;
-    }
-
-    private static double[] D(float[] a) => a.Select(v => (double)v).ToArray();
 
     /// <summary>float64 log-sum-exp of each row of z [rows, vocab].</summary>
     private static double[] Lse64(double[] z, int rows, int vocab)
@@ -259,9 +179,9 @@ public sealed class GpuLossOpsTests
 
         // Oracle 1: CrossEntropyRef in float64 (chunked, its own logits).
         var lseRef = new double[rows];
-        (double lossRef, int count) = CrossEntropyRef.Forward<double>(D(hidden), D(weight), labels, lseRef, rows, Hidden, vocab, chunk);
+        (double lossRef, int count) = CrossEntropyRef.Forward<double>(ToDouble(hidden), ToDouble(weight), labels, lseRef, rows, Hidden, vocab, chunk);
         var dhRef = new double[rows * Hidden];
-        CrossEntropyRef.Backward<double>(D(hidden), D(weight), labels, lseRef, dloss, dhRef, Span<double>.Empty, rows, Hidden, vocab, chunk);
+        CrossEntropyRef.Backward<double>(ToDouble(hidden), ToDouble(weight), labels, lseRef, dloss, dhRef, Span<double>.Empty, rows, Hidden, vocab, chunk);
         Assert.That(count, Is.EqualTo(labels.Count(l => l != CrossEntropyRef.IgnoreIndex)));
 
         // Oracle 2: float64 over exactly the logits the kernels saw.
@@ -427,10 +347,10 @@ public sealed class GpuLossOpsTests
     public void Validation()
     {
         DevicePtr p = Alloc(64);
-        Assert.Throws<ArgumentOutOfRangeException>(() => _ops.ChunkForward(DType.F32, p, 1, 4, 3, 0, p, p, p, p), "ldz < chunk");
-        Assert.Throws<ArgumentOutOfRangeException>(() => _ops.ChunkForward(DType.F32, p, 1, 0, 3, 0, p, p, p, p), "chunk 0");
-        Assert.Throws<ArgumentException>(() => _ops.ChunkForward(DType.F16, p, 1, 4, 4, 0, p, p, p, p), "F16");
-        Assert.Throws<ArgumentException>(() => _ops.ChunkBackward(DType.F32, DevicePtr.Null, 1, 4, 4, 0, p, p, 1f), "null z");
+        Assert.Throws<ArgumentOutOfRangeException>(() => Ops.ChunkForward(DType.F32, p, 1, 4, 3, 0, p, p, p, p), "ldz < chunk");
+        Assert.Throws<ArgumentOutOfRangeException>(() => Ops.ChunkForward(DType.F32, p, 1, 0, 3, 0, p, p, p, p), "chunk 0");
+        Assert.Throws<ArgumentException>(() => Ops.ChunkForward(DType.F16, p, 1, 4, 4, 0, p, p, p, p), "F16");
+        Assert.Throws<ArgumentException>(() => Ops.ChunkBackward(DType.F32, DevicePtr.Null, 1, 4, 4, 0, p, p, 1f), "null z");
         Assert.That(GpuLossOps.ChunkBlockThreads(1), Is.EqualTo(32));
         Assert.That(GpuLossOps.ChunkBlockThreads(33), Is.EqualTo(64));
         Assert.That(GpuLossOps.ChunkBlockThreads(100000), Is.EqualTo(256));

@@ -4,6 +4,7 @@ using NativePeft.Ops;
 using NativePeft.Quantization;
 using NativePeft.Runtime;
 using NUnit.Framework;
+using static NativePeft.Tests.Ops.TestData;
 
 namespace NativePeft.Tests.Ops;
 
@@ -12,37 +13,14 @@ namespace NativePeft.Tests.Ops;
 /// libnativepeft_emu is a failure), CUDA when a device exists (ignored otherwise). Quantization is compared
 /// with the CPU reference (NativePeft.Quantization) bit for bit; the GEMV with a float64 reference.
 /// </summary>
-[TestFixture("emulated")]
-[TestFixture("cuda")]
-public sealed class GpuQuantOpsTests
+public sealed class GpuQuantOpsTests(string device) : DeviceFixture<GpuQuantOps>(device)
 {
-    private readonly string _device;
-    private IGpu? _gpu;
-    private GpuQuantOps _ops = null!;
+    protected override GpuQuantOps CreateOps(IGpu gpu) => new(gpu);
 
-    public GpuQuantOpsTests(string device) => _device = device;
+    protected override IEnumerable<string> RequiredKernels => ["quantize_4bit_nf4_f32"];
 
-    [OneTimeSetUp]
-    public void CreateDevice()
-    {
-        _gpu = _device == "emulated" ? TestGpus.CreateEmulated() : TestGpus.TryCreateCuda(out _ignoreReason);
-        if (_gpu is not null)
-            _ops = new GpuQuantOps(_gpu);
-    }
-
-    private string? _ignoreReason;
-
-    [SetUp]
-    public void RequireDevice()
-    {
-        if (_gpu is null)
-            Assert.Ignore($"no CUDA device: {_ignoreReason}");
-        if (!_gpu.HasKernel("quantize_4bit_nf4_f32"))
-            Assert.Fail($"{_device}: the nf4.cu kernels are not loaded (build build/kernels/nf4.ptx / libnativepeft_emu)");
-    }
-
-    [OneTimeTearDown]
-    public void DisposeDevice() => _gpu?.Dispose();
+    protected override string MissingKernelMessage(string kernel) =>
+        $"{Device}: the nf4.cu kernels are not loaded (build build/kernels/nf4.ptx / libnativepeft_emu)";
 
     private static readonly int[] Blocksizes = [32, 64, 256, 4096];
     private static readonly int[] Sizes = [0, 1, 63, 64, 65, 4097, (1 << 16) + 3];
@@ -97,9 +75,9 @@ public sealed class GpuQuantOpsTests
 
     private (byte[] Packed, float[] Absmax) GpuQuantize(QuantType qt, object typed, int blocksize) => typed switch
     {
-        float[] f => _ops.Quantize4bit<float>(qt, f, blocksize),
-        BFloat16[] b => _ops.Quantize4bit<BFloat16>(qt, b, blocksize),
-        Half[] h => _ops.Quantize4bit<Half>(qt, h, blocksize),
+        float[] f => Ops.Quantize4bit<float>(qt, f, blocksize),
+        BFloat16[] b => Ops.Quantize4bit<BFloat16>(qt, b, blocksize),
+        Half[] h => Ops.Quantize4bit<Half>(qt, h, blocksize),
         _ => throw new ArgumentException("unknown input type"),
     };
 
@@ -150,7 +128,7 @@ public sealed class GpuQuantOpsTests
             case DType.F32:
             {
                 var gpu = new float[n];
-                _ops.Dequantize4bit<float>(qt, packed, absmax, blocksize, gpu);
+                Ops.Dequantize4bit<float>(qt, packed, absmax, blocksize, gpu);
                 float[] cpu = CpuReference.Dequantize<float>(qt, packed, absmax, blocksize, n);
                 AssertBitsEqual(gpu, cpu, "out");
                 // independent: code[nibble] * absmax in fp32
@@ -166,7 +144,7 @@ public sealed class GpuQuantOpsTests
             case DType.BF16:
             {
                 var gpu = new BFloat16[n];
-                _ops.Dequantize4bit<BFloat16>(qt, packed, absmax, blocksize, gpu);
+                Ops.Dequantize4bit<BFloat16>(qt, packed, absmax, blocksize, gpu);
                 BFloat16[] cpu = CpuReference.Dequantize<BFloat16>(qt, packed, absmax, blocksize, n);
                 Assert.That(gpu.Select(v => v.RawValue), Is.EqualTo(cpu.Select(v => v.RawValue)), "bf16 bits");
                 break;
@@ -174,7 +152,7 @@ public sealed class GpuQuantOpsTests
             case DType.F16:
             {
                 var gpu = new Half[n];
-                _ops.Dequantize4bit<Half>(qt, packed, absmax, blocksize, gpu);
+                Ops.Dequantize4bit<Half>(qt, packed, absmax, blocksize, gpu);
                 Half[] cpu = CpuReference.Dequantize<Half>(qt, packed, absmax, blocksize, n);
                 Assert.That(gpu.Select(BitConverter.HalfToUInt16Bits), Is.EqualTo(cpu.Select(BitConverter.HalfToUInt16Bits)), "f16 bits");
                 break;
@@ -194,7 +172,7 @@ public sealed class GpuQuantOpsTests
         for (int k = 0; k < 15; k++)
             x[16 + k] = MathF.BitIncrement(t[k]); // the next fp32 above the threshold
         x[31] = -1.0f;
-        (byte[] packed, float[] absmax) = _ops.Quantize4bit<float>(QuantType.Nf4, x, 32);
+        (byte[] packed, float[] absmax) = Ops.Quantize4bit<float>(QuantType.Nf4, x, 32);
         Assert.That(absmax[0], Is.EqualTo(1.0f));
         int Nib(int i) => (i & 1) == 0 ? packed[i / 2] >> 4 : packed[i / 2] & 15;
         Assert.That(Nib(0), Is.EqualTo(15));
@@ -210,10 +188,10 @@ public sealed class GpuQuantOpsTests
     public void OddLengthPadsTheLastLowNibbleWithTheCodeOfZero([Values] QuantType qt)
     {
         float[] x = [0.5f, -1.0f, 0.25f];
-        (byte[] packed, _) = _ops.Quantize4bit<float>(qt, x, 64);
+        (byte[] packed, _) = Ops.Quantize4bit<float>(qt, x, 64);
         Assert.That(packed, Has.Length.EqualTo(2));
         Assert.That(packed[1] & 15, Is.EqualTo(qt == QuantType.Nf4 ? 7 : 0));
-        (byte[] zeros, float[] zeroAbsmax) = _ops.Quantize4bit<float>(qt, new float[3], 64);
+        (byte[] zeros, float[] zeroAbsmax) = Ops.Quantize4bit<float>(qt, new float[3], 64);
         Assert.That(zeroAbsmax, Is.EqualTo(new[] { 0f }));
         Assert.That(zeros, Is.EqualTo(new byte[] { 0, 0 }));
     }
@@ -221,10 +199,10 @@ public sealed class GpuQuantOpsTests
     [Test]
     public void BlocksizeIsValidated([Values(0, 16, 48, 8192, -64)] int blocksize)
     {
-        var ex = Assert.Throws<ArgumentException>(() => _ops.Quantize4bit<float>(QuantType.Nf4, new float[64], blocksize));
+        var ex = Assert.Throws<ArgumentException>(() => Ops.Quantize4bit<float>(QuantType.Nf4, new float[64], blocksize));
         Assert.That(ex!.ParamName, Is.EqualTo("blocksize"));
         ex = Assert.Throws<ArgumentException>(() =>
-            _ops.Dequantize4bit(QuantType.Nf4, DType.F32, DevicePtr.Null, DevicePtr.Null, 64, blocksize, DevicePtr.Null));
+            Ops.Dequantize4bit(QuantType.Nf4, DType.F32, DevicePtr.Null, DevicePtr.Null, 64, blocksize, DevicePtr.Null));
         Assert.That(ex!.ParamName, Is.EqualTo("blocksize"));
     }
 
@@ -242,7 +220,7 @@ public sealed class GpuQuantOpsTests
         (_, float[] absmax) = CpuReference.Quantize(QuantType.Nf4, x, 64);
         float[] map = SignedMap();
 
-        DoubleQuantState gpu = _ops.QuantizeAbsmaxDoubleQuant(absmax, map);
+        DoubleQuantState gpu = Ops.QuantizeAbsmaxDoubleQuant(absmax, map);
         DoubleQuantState cpu = DoubleQuantState.Quantize(absmax);
 
         Assert.That(BitConverter.SingleToInt32Bits(gpu.Offset), Is.EqualTo(BitConverter.SingleToInt32Bits(cpu.Offset)), "offset");
@@ -250,7 +228,7 @@ public sealed class GpuQuantOpsTests
         Assert.That(gpu.QuantizedAbsmax, Is.EqualTo(cpu.QuantizedAbsmax), "qabsmax");
 
         var decoded = new float[nblocks];
-        _ops.DequantizeAbsmaxDoubleQuant(gpu, decoded);
+        Ops.DequantizeAbsmaxDoubleQuant(gpu, decoded);
         AssertBitsEqual(decoded, cpu.Decode(), "decoded absmax");
 
         // independent: decode = map[q] * nested + offset (multiply, then add), and close to the input
@@ -267,14 +245,14 @@ public sealed class GpuQuantOpsTests
     {
         float[] absmax = Enumerable.Repeat(0.375f, 300).ToArray();
         float[] map = SignedMap();
-        DoubleQuantState state = _ops.QuantizeAbsmaxDoubleQuant(absmax, map);
+        DoubleQuantState state = Ops.QuantizeAbsmaxDoubleQuant(absmax, map);
         Assert.That(state.Offset, Is.EqualTo(0.375f));
         Assert.That(state.NestedAbsmax, Is.EqualTo(new[] { 0f, 0f }));
         int zeroIndex = Array.IndexOf(map, 0f);
         Assert.That(zeroIndex, Is.EqualTo(127));
         Assert.That(state.QuantizedAbsmax, Is.All.EqualTo((byte)zeroIndex));
         var decoded = new float[300];
-        _ops.DequantizeAbsmaxDoubleQuant(state, decoded);
+        Ops.DequantizeAbsmaxDoubleQuant(state, decoded);
         Assert.That(decoded, Is.All.EqualTo(0.375f));
     }
 
@@ -323,7 +301,7 @@ public sealed class GpuQuantOpsTests
             case float[] xf:
             {
                 var y = new float[outF];
-                _ops.Gemv4bit<float>(qt, xf, packed, absmax, bs, y);
+                Ops.Gemv4bit<float>(qt, xf, packed, absmax, bs, y);
                 // The weights are the same fp32 values, so only summation error remains: each lane sums inF/32
                 // products in fp32, then 5 shuffle adds: |error| <= (inF/32 + 5 + 1 product rounding + 1) * 2^-24 * sum|w x|.
                 for (int o = 0; o < outF; o++)
@@ -333,7 +311,7 @@ public sealed class GpuQuantOpsTests
             case BFloat16[] xb:
             {
                 var y = new BFloat16[outF];
-                _ops.Gemv4bit<BFloat16>(qt, xb, packed, absmax, bs, y);
+                Ops.Gemv4bit<BFloat16>(qt, xb, packed, absmax, bs, y);
                 for (int o = 0; o < outF; o++)
                     Assert.That(UlpDistanceBf16(y[o].RawValue, BFloat16.FromSingle((float)reference[o]).RawValue), Is.LessThanOrEqualTo(1),
                         $"y[{o}] = {y[o]} vs {reference[o]}");
@@ -342,7 +320,7 @@ public sealed class GpuQuantOpsTests
             case Half[] xh:
             {
                 var y = new Half[outF];
-                _ops.Gemv4bit<Half>(qt, xh, packed, absmax, bs, y);
+                Ops.Gemv4bit<Half>(qt, xh, packed, absmax, bs, y);
                 for (int o = 0; o < outF; o++)
                     Assert.That(UlpDistanceF16(BitConverter.HalfToUInt16Bits(y[o]), BitConverter.HalfToUInt16Bits((Half)reference[o])),
                         Is.LessThanOrEqualTo(1), $"y[{o}] = {y[o]} vs {reference[o]}");
@@ -360,7 +338,7 @@ public sealed class GpuQuantOpsTests
     {
         const long n = 16L << 20;
         const int bs = 64;
-        IGpu gpu = _gpu!;
+        IGpu gpu = Gpu;
         DevicePtr packed = gpu.Alloc(n / 2), absmax = gpu.Alloc(n / bs * 4), output = gpu.Alloc(n * dtype.ElementSize());
         try
         {
@@ -368,15 +346,15 @@ public sealed class GpuQuantOpsTests
             new Random(1).NextBytes(bytes);
             gpu.CopyToDevice<byte>(bytes, packed);
             gpu.CopyToDevice<float>(Enumerable.Repeat(0.5f, (int)(n / bs)).ToArray(), absmax);
-            _ops.Dequantize4bit(QuantType.Nf4, dtype, packed, absmax, n, bs, output); // warm up
+            Ops.Dequantize4bit(QuantType.Nf4, dtype, packed, absmax, n, bs, output); // warm up
             gpu.Synchronize();
             const int reps = 3;
             var sw = Stopwatch.StartNew();
             for (int r = 0; r < reps; r++)
-                _ops.Dequantize4bit(QuantType.Nf4, dtype, packed, absmax, n, bs, output);
+                Ops.Dequantize4bit(QuantType.Nf4, dtype, packed, absmax, n, bs, output);
             gpu.Synchronize();
             double seconds = sw.Elapsed.TotalSeconds / reps;
-            TestContext.Out.WriteLine($"{_device} dequantize_4bit_nf4_{GpuQuantOps.DTypeSuffix(dtype)} 16M: " +
+            TestContext.Out.WriteLine($"{Device} dequantize_4bit_nf4_{GpuQuantOps.DTypeSuffix(dtype)} 16M: " +
                 $"{seconds * 1e3:F1} ms, {n / seconds / 1e6:F0} Melem/s");
             Assert.That(seconds, Is.GreaterThan(0));
         }
@@ -389,15 +367,6 @@ public sealed class GpuQuantOpsTests
     }
 
     // ------------------------------------------------------------------------------------------
-
-    private static void AssertBitsEqual(float[] actual, float[] expected, string what)
-    {
-        Assert.That(actual, Has.Length.EqualTo(expected.Length), what);
-        for (int i = 0; i < actual.Length; i++)
-            if (BitConverter.SingleToInt32Bits(actual[i]) != BitConverter.SingleToInt32Bits(expected[i]))
-                Assert.Fail($"{what}[{i}]: {actual[i]:R} (0x{BitConverter.SingleToInt32Bits(actual[i]):x8}) != " +
-                            $"{expected[i]:R} (0x{BitConverter.SingleToInt32Bits(expected[i]):x8})");
-    }
 
     /// <summary>Distance in units in the last place between two 16-bit floats of the same layout.</summary>
     private static int OrderedBits(ushort bits) => (bits & 0x8000) != 0 ? -(bits & 0x7FFF) : bits;

@@ -4,6 +4,7 @@ using NativePeft.Ops;
 using NativePeft.Ops.Reference;
 using NativePeft.Runtime;
 using NUnit.Framework;
+using static NativePeft.Tests.Ops.TestData;
 
 namespace NativePeft.Tests.Ops;
 
@@ -31,134 +32,21 @@ namespace NativePeft.Tests.Ops;
 /// </list>
 /// </para>
 /// </summary>
-[TestFixture("emulated")]
-[TestFixture("cuda")]
-public sealed class GpuTransformerOpsTests
+public sealed class GpuTransformerOpsTests(string device) : DeviceFixture<GpuTransformerOps>(device)
 {
     private const double U = 1.0 / (1 << 24);
     private const double AbsSlack = 1e-37;
 
-    private readonly string _device;
-    private IGpu? _gpu;
-    private GpuTransformerOps _ops = null!;
-    private string? _ignoreReason;
-    private readonly List<DevicePtr> _allocations = new();
+    protected override GpuTransformerOps CreateOps(IGpu gpu) => new(gpu);
 
-    public GpuTransformerOpsTests(string device) => _device = device;
-
-    [OneTimeSetUp]
-    public void CreateDevice()
-    {
-        _gpu = _device == "emulated" ? TestGpus.CreateEmulated() : TestGpus.TryCreateCuda(out _ignoreReason);
-        if (_gpu is not null)
-            _ops = new GpuTransformerOps(_gpu);
-    }
-
-    [SetUp]
-    public void RequireDevice()
-    {
-        if (_gpu is null)
-            Assert.Ignore($"no CUDA device: {_ignoreReason}");
-        foreach (string k in new[] { "rmsnorm_forward_f32", "rope_forward_bf16", "swiglu_backward_f32", "embedding_backward_bf16" })
-        {
-            if (!_gpu.HasKernel(k))
-                Assert.Fail($"{_device}: kernel {k} is not loaded (build build/kernels/*.ptx / libnativepeft_emu)");
-        }
-    }
-
-    [TearDown]
-    public void FreeBuffers()
-    {
-        foreach (DevicePtr p in _allocations) _gpu?.Free(p);
-        _allocations.Clear();
-    }
-
-    [OneTimeTearDown]
-    public void DisposeDevice() => _gpu?.Dispose();
+    protected override IEnumerable<string> RequiredKernels =>
+        ["rmsnorm_forward_f32", "rope_forward_bf16", "swiglu_backward_f32", "embedding_backward_bf16"];
 
     private static readonly DType[] DTypes = [DType.F32, DType.BF16];
 
     // ------------------------------------------------------------------------------------------
-    // Inputs and device buffers
-    // ------------------------------------------------------------------------------------------
-
-    private static float[] Normal(int n, int seed, double scale = 1.0)
-    {
-        var rng = new Random(seed);
-        var x = new float[n];
-        for (int i = 0; i < n; i++)
-        {
-            double u1 = 1.0 - rng.NextDouble(), u2 = rng.NextDouble();
-            x[i] = (float)(scale * Math.Sqrt(-2.0 * Math.Log(u1)) * Math.Cos(2.0 * Math.PI * u2));
-        }
-        return x;
-    }
-
-    /// <summary>The values exactly representable in dtype (bf16: rounded RNE), as floats.</summary>
-    private static float[] Representable(float[] x, DType dtype)
-    {
-        if (dtype == DType.F32) return x;
-        var r = new float[x.Length];
-        for (int i = 0; i < x.Length; i++) r[i] = BFloat16.FromSingle(x[i]).ToSingle();
-        return r;
-    }
-
-    private DevicePtr Alloc(long bytes)
-    {
-        DevicePtr p = _gpu!.Alloc(Math.Max(bytes, 1));
-        _allocations.Add(p);
-        return p;
-    }
-
-    private DevicePtr Upload(float[] values, DType dtype)
-    {
-        DevicePtr p = Alloc((long)values.Length * dtype.ElementSize());
-        if (dtype == DType.F32)
-        {
-            _gpu!.CopyToDevice<float>(values, p);
-        }
-        else
-        {
-            var b = new BFloat16[values.Length];
-            BFloat16.FromSingle(values, b);
-            _gpu!.CopyToDevice<BFloat16>(b, p);
-        }
-        return p;
-    }
-
-    private DevicePtr Upload(int[] values)
-    {
-        DevicePtr p = Alloc((long)values.Length * sizeof(int));
-        _gpu!.CopyToDevice<int>(values, p);
-        return p;
-    }
-
-    private float[] Download(DevicePtr p, int n, DType dtype)
-    {
-        var r = new float[n];
-        if (dtype == DType.F32)
-        {
-            _gpu!.CopyToHost<float>(p, r);
-        }
-        else
-        {
-            var b = new BFloat16[n];
-            _gpu!.CopyToHost<BFloat16>(p, b);
-            BFloat16.ToSingle(b, r);
-        }
-        return r;
-    }
-
-    // ------------------------------------------------------------------------------------------
     // Comparison
     // ------------------------------------------------------------------------------------------
-
-    private static int Bf16Key(float v)
-    {
-        ushort b = BFloat16.FromSingle(v).RawValue;  // v is a bf16 value here, so this is exact
-        int m = b & 0x7FFF;
-        return (b & 0x8000) != 0 ? -m : m;
-    }
 
     /// <summary>
     /// fp32: |got - ref| &lt;= k·u·mag + 1e-37; bf16: 1 bf16 ulp from the rounded reference, or the fp32 bound.
@@ -195,8 +83,6 @@ public sealed class GpuTransformerOpsTests
         Assert.That(bad, Is.EqualTo(-1), $"{what}[{bad}]: {detail}");
     }
 
-    private static double[] D(float[] a) => a.Select(v => (double)v).ToArray();
-
     /// <summary>The reference (NativePeft.Ops.Reference, float64) and this file's float64 loop agree to 1e-12·mag.</summary>
     private static void AssertOraclesAgree(double[] reference, double[] local, double[] mag, string what)
     {
@@ -205,16 +91,6 @@ public sealed class GpuTransformerOpsTests
         {
             if (!(Math.Abs(reference[i] - local[i]) <= 1e-12 * mag[i] + 1e-300))
                 Assert.Fail($"{what}[{i}]: reference {reference[i]:R} vs local float64 loop {local[i]:R}");
-        }
-    }
-
-    private static void AssertBitsEqual(float[] got, float[] expected, string what)
-    {
-        Assert.That(got, Has.Length.EqualTo(expected.Length), what);
-        for (int i = 0; i < got.Length; i++)
-        {
-            if (BitConverter.SingleToUInt32Bits(got[i]) != BitConverter.SingleToUInt32Bits(expected[i]))
-                Assert.Fail($"{what}[{i}]: {got[i]:R} != {expected[i]:R} (bits differ)");
         }
     }
 
@@ -257,15 +133,15 @@ public sealed class GpuTransformerOpsTests
 
         DevicePtr dX = Upload(x, dtype), dW = Upload(w, dtype);
         DevicePtr dY = Alloc((long)n * c * dtype.ElementSize()), dR = Alloc(n * sizeof(float));
-        _ops.RmsNormForward(dtype, dX, dW, dY, dR, n, c, eps);
-        _gpu!.Synchronize();
+        Ops.RmsNormForward(dtype, dX, dW, dY, dR, n, c, eps);
+        Gpu.Synchronize();
         float[] y = Download(dY, n * c, dtype);
         float[] rstd = Download(dR, n, DType.F32);
 
         (double[] yLoop, double[] rLoop) = RmsForward64(x, w, n, c, eps);
         var yRef = new double[n * c];
         var rRef = new double[n];
-        RmsNormRef.Forward<double>(D(x), D(w), yRef, rRef, n, c, eps);
+        RmsNormRef.Forward<double>(ToDouble(x), ToDouble(w), yRef, rRef, n, c, eps);
         AssertOraclesAgree(rRef, rLoop, rLoop, "rstd oracles");
         AssertOraclesAgree(yRef, yLoop, yLoop.Select(Math.Abs).ToArray(), "y oracles");
         double k = RmsBoundUlps(c);
@@ -285,9 +161,9 @@ public sealed class GpuTransformerOpsTests
         float[] x = Representable(Normal(n * c, seed: 5), dtype);
         float[] w = Representable(Normal(c, seed: 6), dtype);
         DevicePtr dX = Upload(x, dtype), dW = Upload(w, dtype), dY = Alloc((long)n * c * dtype.ElementSize());
-        _ops.RmsNormForward(dtype, dX, dW, dY, DevicePtr.Null, n, c, 1e-6f);
-        _ops.RmsNormForward(dtype, dX, dW, dX, DevicePtr.Null, n, c, 1e-6f);  // y aliases x
-        _gpu!.Synchronize();
+        Ops.RmsNormForward(dtype, dX, dW, dY, DevicePtr.Null, n, c, 1e-6f);
+        Ops.RmsNormForward(dtype, dX, dW, dX, DevicePtr.Null, n, c, 1e-6f);  // y aliases x
+        Gpu.Synchronize();
         Assert.That(Download(dX, n * c, dtype), Is.EqualTo(Download(dY, n * c, dtype)), "in place equals out of place");
     }
 
@@ -305,8 +181,8 @@ public sealed class GpuTransformerOpsTests
 
         DevicePtr dX = Upload(x, dtype), dW = Upload(w, dtype), dDy = Upload(dy, dtype), dR = Upload(rstd, DType.F32);
         DevicePtr dDx = Alloc((long)n * c * dtype.ElementSize()), dDw = Upload(dw0, DType.F32);
-        _ops.RmsNormBackward(dtype, dX, dW, dDy, dR, dDx, dDw, n, c);
-        _gpu!.Synchronize();
+        Ops.RmsNormBackward(dtype, dX, dW, dDy, dR, dDx, dDw, n, c);
+        Gpu.Synchronize();
         float[] dx = Download(dDx, n * c, dtype);
         float[] dwGot = Download(dDw, c, DType.F32);
 
@@ -336,8 +212,8 @@ public sealed class GpuTransformerOpsTests
             }
         }
         var dxR = new double[n * c];
-        double[] dwR = D(dw0);
-        RmsNormRef.Backward<double>(D(dy), D(x), D(w), D(rstd), dxR, dwR, n, c);
+        double[] dwR = ToDouble(dw0);
+        RmsNormRef.Backward<double>(ToDouble(dy), ToDouble(x), ToDouble(w), ToDouble(rstd), dxR, dwR, n, c);
         AssertOraclesAgree(dxR, dxRef, dxMag, "dx oracles");
         AssertOraclesAgree(dwR, dwRef, dwMag, "dw oracles");
         AssertClose(dx, dxR, dxMag, dtype, RmsBoundUlps(c) + 8, "dx");
@@ -353,15 +229,15 @@ public sealed class GpuTransformerOpsTests
         float[] rstd = [0.5f, 1.0f, 2.0f, 0.25f];
         DevicePtr dX = Upload(x, dtype), dW = Upload(w, dtype), dR = Upload(rstd, DType.F32);
         DevicePtr dDy = Upload(dy, dtype), dDx = Alloc(n * c * 4), dDw = Upload(new float[c], DType.F32);
-        _ops.RmsNormBackward(dtype, dX, dW, dDy, dR, dDx, DevicePtr.Null, n, c);   // dx only
-        _ops.RmsNormBackward(dtype, dX, DevicePtr.Null, dDy, dR, DevicePtr.Null, dDw, n, c);  // dw only (w unused)
-        _gpu!.Synchronize();
+        Ops.RmsNormBackward(dtype, dX, dW, dDy, dR, dDx, DevicePtr.Null, n, c);   // dx only
+        Ops.RmsNormBackward(dtype, dX, DevicePtr.Null, dDy, dR, DevicePtr.Null, dDw, n, c);  // dw only (w unused)
+        Gpu.Synchronize();
         float[] dx = Download(dDx, n * c, dtype), dw = Download(dDw, c, DType.F32);
         Assert.That(dw.Any(v => v != 0f), "dw was written");
 
         var dw2 = Upload(new float[c], DType.F32);
-        _ops.RmsNormBackward(dtype, dX, dW, dDy, dR, dDy, dw2, n, c);  // dx written over dy
-        _gpu.Synchronize();
+        Ops.RmsNormBackward(dtype, dX, dW, dDy, dR, dDy, dw2, n, c);  // dx written over dy
+        Gpu.Synchronize();
         Assert.That(Download(dDy, n * c, dtype), Is.EqualTo(dx), "dx computed in place over dy");
         Assert.That(Download(dw2, c, DType.F32), Is.EqualTo(dw), "dw (launched before dx overwrites dy)");
     }
@@ -377,9 +253,9 @@ public sealed class GpuTransformerOpsTests
         {
             DevicePtr dX = Upload(x, dtype), dW = Upload(w, dtype), dDy = Upload(dy, dtype);
             DevicePtr dY = Alloc((long)n * c * dtype.ElementSize()), dR = Alloc(n * 4), dDw = Upload(new float[c], DType.F32);
-            _ops.RmsNormForward(dtype, dX, dW, dY, dR, n, c, 1e-5f);
-            _ops.RmsNormBackward(dtype, dX, dW, dDy, dR, dDy, dDw, n, c);
-            _gpu!.Synchronize();
+            Ops.RmsNormForward(dtype, dX, dW, dY, dR, n, c, 1e-5f);
+            Ops.RmsNormBackward(dtype, dX, dW, dDy, dR, dDy, dDw, n, c);
+            Gpu.Synchronize();
             float[] all = [.. Download(dY, n * c, dtype), .. Download(dR, n, DType.F32), .. Download(dDy, n * c, dtype), .. Download(dDw, c, DType.F32)];
             if (first is null) first = all;
             else AssertBitsEqual(all, first, "second run");
@@ -393,7 +269,7 @@ public sealed class GpuTransformerOpsTests
         float[] x = Normal(n * c, 41), w = Normal(c, 42), dy = Normal(n * c, 43);
         var y = new float[n * c];
         var rstd = new float[n];
-        _ops.RmsNormForward<float>(x, w, y, rstd, 1e-5f);
+        Ops.RmsNormForward<float>(x, w, y, rstd, 1e-5f);
         (double[] yRef, double[] rRef) = RmsForward64(x, w, n, c, 1e-5);
         AssertClose(rstd, rRef, rRef, DType.F32, RmsBoundUlps(c), "rstd");
         AssertClose(y, yRef, yRef.Select(Math.Abs).ToArray(), DType.F32, RmsBoundUlps(c) + 2, "y");
@@ -404,12 +280,12 @@ public sealed class GpuTransformerOpsTests
         BFloat16.FromSingle(x, xb); BFloat16.FromSingle(w, wb); BFloat16.FromSingle(dy, dyb);
         var dxb = new BFloat16[n * c];
         var dw = new float[c];
-        _ops.RmsNormBackward<BFloat16>(xb, wb, dyb, rstd, dxb, dw);
+        Ops.RmsNormBackward<BFloat16>(xb, wb, dyb, rstd, dxb, dw);
         Assert.That(dw.Any(v => v != 0f) && dxb.Any(v => v.ToSingle() != 0f), "outputs written");
 
-        Assert.Throws<ArgumentException>(() => _ops.RmsNormForward<float>(x, w, new float[n * c - 1], rstd, 1e-5f));
-        Assert.Throws<ArgumentException>(() => _ops.RmsNormForward<float>(x.AsSpan(1).ToArray(), w, y.AsSpan(1).ToArray(), [], 1e-5f));
-        Assert.Throws<ArgumentException>(() => _ops.RmsNormForward<Half>(new Half[4], new Half[2], new Half[4], [], 1e-5f));
+        Assert.Throws<ArgumentException>(() => Ops.RmsNormForward<float>(x, w, new float[n * c - 1], rstd, 1e-5f));
+        Assert.Throws<ArgumentException>(() => Ops.RmsNormForward<float>(x.AsSpan(1).ToArray(), w, y.AsSpan(1).ToArray(), [], 1e-5f));
+        Assert.Throws<ArgumentException>(() => Ops.RmsNormForward<Half>(new Half[4], new Half[2], new Half[4], [], 1e-5f));
     }
 
     // ------------------------------------------------------------------------------------------
@@ -469,14 +345,14 @@ public sealed class GpuTransformerOpsTests
         float[] x = Representable(Normal(tokens * heads * d, seed: 51 + d), dtype);
 
         DevicePtr dX = Upload(x, dtype), dCos = Upload(cos, DType.F32), dSin = Upload(sin, DType.F32), dPos = Upload(pos);
-        if (backward) _ops.RopeBackward(dtype, dX, dCos, dSin, dPos, tokens, heads, d, maxPos);
-        else _ops.RopeForward(dtype, dX, dCos, dSin, dPos, tokens, heads, d, maxPos);
-        _gpu!.Synchronize();
+        if (backward) Ops.RopeBackward(dtype, dX, dCos, dSin, dPos, tokens, heads, d, maxPos);
+        else Ops.RopeForward(dtype, dX, dCos, dSin, dPos, tokens, heads, d, maxPos);
+        Gpu.Synchronize();
         float[] got = Download(dX, x.Length, dtype);
         (double[] local, double[] mag) = Rope64(x, cos, sin, pos, heads, d, (long)heads * d, backward ? -1.0 : 1.0);
         var expected = new double[x.Length];
-        if (backward) RopeRef.BackwardFromTables<double>(D(x), pos, D(cos), D(sin), expected, tokens, heads, d);
-        else RopeRef.ForwardFromTables<double>(D(x), pos, D(cos), D(sin), expected, tokens, heads, d);
+        if (backward) RopeRef.BackwardFromTables<double>(ToDouble(x), pos, ToDouble(cos), ToDouble(sin), expected, tokens, heads, d);
+        else RopeRef.ForwardFromTables<double>(ToDouble(x), pos, ToDouble(cos), ToDouble(sin), expected, tokens, heads, d);
         AssertOraclesAgree(expected, local, mag, "rope oracles");
         AssertClose(got, expected, mag, dtype, 4, backward ? "rope backward" : "rope forward");
     }
@@ -489,13 +365,13 @@ public sealed class GpuTransformerOpsTests
         int[] pos = [0, 1, 2, 17, 255, 299];
         float[] x = Normal(tokens * heads * d, 61);
         DevicePtr dX = Upload(x, DType.F32), dCos = Upload(cos, DType.F32), dSin = Upload(sin, DType.F32), dPos = Upload(pos);
-        _ops.RopeForward(DType.F32, dX, dCos, dSin, dPos, tokens, heads, d, maxPos);
-        _gpu!.Synchronize();
+        Ops.RopeForward(DType.F32, dX, dCos, dSin, dPos, tokens, heads, d, maxPos);
+        Gpu.Synchronize();
         float[] rotated = Download(dX, x.Length, DType.F32);
         Assert.That(rotated.Take(heads * d), Is.EqualTo(x.Take(heads * d)), "position 0: cos 1, sin 0");
         Assert.That(rotated.Skip(heads * d).Take(d), Is.Not.EqualTo(x.Skip(heads * d).Take(d)), "position 1 rotates");
-        _ops.RopeBackward(DType.F32, dX, dCos, dSin, dPos, tokens, heads, d, maxPos);
-        _gpu.Synchronize();
+        Ops.RopeBackward(DType.F32, dX, dCos, dSin, dPos, tokens, heads, d, maxPos);
+        Gpu.Synchronize();
         float[] back = Download(dX, x.Length, DType.F32);
         for (int i = 0; i < x.Length; i++)
         {
@@ -515,8 +391,8 @@ public sealed class GpuTransformerOpsTests
         int[] pos = [3, 9, 0, 63, 21];
         float[] qkv = Representable(Normal(tokens * (int)rowStride, 71), dtype);
         DevicePtr dX = Upload(qkv, dtype), dCos = Upload(cos, DType.F32), dSin = Upload(sin, DType.F32), dPos = Upload(pos);
-        _ops.RopeForward(dtype, dX, dCos, dSin, dPos, tokens, hq, d, maxPos, rowStride);
-        _gpu!.Synchronize();
+        Ops.RopeForward(dtype, dX, dCos, dSin, dPos, tokens, hq, d, maxPos, rowStride);
+        Gpu.Synchronize();
         float[] got = Download(dX, qkv.Length, dtype);
         (double[] expected, double[] mag) = Rope64(qkv, cos, sin, pos, hq, d, rowStride, 1.0);
         AssertClose(got, expected, mag, dtype, 4, "strided rope");
@@ -532,20 +408,20 @@ public sealed class GpuTransformerOpsTests
     {
         (float[] cos, float[] sin) = RopeTables(8, 4);
         var x = new float[2 * 1 * 4];
-        Assert.Throws<ArgumentOutOfRangeException>(() => _ops.RopeForward<float>(x, cos, sin, [0, 8], 1, 4));
-        Assert.Throws<ArgumentOutOfRangeException>(() => _ops.RopeBackward<float>(x, cos, sin, [-1, 0], 1, 4));
-        Assert.Throws<ArgumentException>(() => _ops.RopeForward<float>(new float[2 * 3], cos, sin, [0, 1], 1, 3));
-        Assert.Throws<ArgumentException>(() => _ops.RopeForward<float>(new float[7], cos, sin, [0, 1], 1, 4));
+        Assert.Throws<ArgumentOutOfRangeException>(() => Ops.RopeForward<float>(x, cos, sin, [0, 8], 1, 4));
+        Assert.Throws<ArgumentOutOfRangeException>(() => Ops.RopeBackward<float>(x, cos, sin, [-1, 0], 1, 4));
+        Assert.Throws<ArgumentException>(() => Ops.RopeForward<float>(new float[2 * 3], cos, sin, [0, 1], 1, 3));
+        Assert.Throws<ArgumentException>(() => Ops.RopeForward<float>(new float[7], cos, sin, [0, 1], 1, 4));
         Assert.Throws<ArgumentOutOfRangeException>(() =>
-            _ops.RopeForward(DType.F32, new DevicePtr(64), new DevicePtr(64), new DevicePtr(64), new DevicePtr(64), 2, 2, 4, 8, rowStride: 7));
+            Ops.RopeForward(DType.F32, new DevicePtr(64), new DevicePtr(64), new DevicePtr(64), new DevicePtr(64), 2, 2, 4, 8, rowStride: 7));
         Assert.Throws<ArgumentException>(() =>
-            _ops.RopeForward(DType.F16, new DevicePtr(64), new DevicePtr(64), new DevicePtr(64), new DevicePtr(64), 2, 2, 4, 8));
+            Ops.RopeForward(DType.F16, new DevicePtr(64), new DevicePtr(64), new DevicePtr(64), new DevicePtr(64), 2, 2, 4, 8));
 
         // host overload: same result as the float64 rotation
         int[] pos = [5, 2];
         float[] v = Normal(x.Length, 81);
         float[] w = (float[])v.Clone();
-        _ops.RopeForward<float>(w, cos, sin, pos, 1, 4);
+        Ops.RopeForward<float>(w, cos, sin, pos, 1, 4);
         (double[] expected, double[] mag) = Rope64(v, cos, sin, pos, 1, 4, 4, 1.0);
         AssertClose(w, expected, mag, DType.F32, 4, "host rope");
     }
@@ -553,12 +429,12 @@ public sealed class GpuTransformerOpsTests
     [Test]
     public void RopeOutOfRangePositionTrapsOnTheEmulator()
     {
-        if (_gpu!.Properties.Kind != GpuKind.Emulated)
+        if (Gpu.Properties.Kind != GpuKind.Emulated)
             Assert.Ignore("a device-side trap poisons a CUDA context; checked on the emulator only");
         (float[] cos, float[] sin) = RopeTables(4, 4);
         DevicePtr dX = Upload(new float[8], DType.F32), dCos = Upload(cos, DType.F32), dSin = Upload(sin, DType.F32);
         DevicePtr dPos = Upload(new[] { 0, 4 });
-        var ex = Assert.Throws<EmulatorException>(() => _ops.RopeForward(DType.F32, dX, dCos, dSin, dPos, 2, 1, 4, 4));
+        var ex = Assert.Throws<EmulatorException>(() => Ops.RopeForward(DType.F32, dX, dCos, dSin, dPos, 2, 1, 4, 4));
         Assert.That(ex!.Message, Does.Contain("__trap"));
     }
 
@@ -585,9 +461,9 @@ public sealed class GpuTransformerOpsTests
         DevicePtr dG = Upload(g, dtype), dU = Upload(u, dtype), dDh = Upload(dh, dtype);
         long bytes = (long)n * dtype.ElementSize();
         DevicePtr dH = Alloc(bytes), dDg = Alloc(bytes), dDu = Alloc(bytes);
-        _ops.SwiGluForward(dtype, dG, dU, dH, n);
-        _ops.SwiGluBackward(dtype, dG, dU, dDh, dDg, dDu, n);
-        _gpu!.Synchronize();
+        Ops.SwiGluForward(dtype, dG, dU, dH, n);
+        Ops.SwiGluBackward(dtype, dG, dU, dDh, dDg, dDu, n);
+        Gpu.Synchronize();
         float[] h = Download(dH, n, dtype), dg = Download(dDg, n, dtype), du = Download(dDu, n, dtype);
 
         var hRef = new double[n]; var hMag = new double[n];
@@ -604,8 +480,8 @@ public sealed class GpuTransformerOpsTests
             dgMag[i] = Math.Abs(dh[i] * (double)u[i]) * sg * (1.0 + Math.Abs(z));
         }
         var hR = new double[n]; var dgR = new double[n]; var duR = new double[n];
-        SwiGluRef.Forward<double>(D(g), D(u), hR, 1, n);
-        SwiGluRef.Backward<double>(D(dh), D(g), D(u), dgR, duR, 1, n);
+        SwiGluRef.Forward<double>(ToDouble(g), ToDouble(u), hR, 1, n);
+        SwiGluRef.Backward<double>(ToDouble(dh), ToDouble(g), ToDouble(u), dgR, duR, 1, n);
         AssertOraclesAgree(hR, hRef, hMag, "h oracles");
         AssertOraclesAgree(dgR, dgRef, dgMag, "dg oracles");
         AssertOraclesAgree(duR, duRef, duMag, "du oracles");
@@ -624,21 +500,21 @@ public sealed class GpuTransformerOpsTests
         var h = new float[n];
         var dg = new float[n];
         var du = new float[n];
-        _ops.SwiGluForward<float>(g, u, h);
-        _ops.SwiGluBackward<float>(g, u, dh, dg, du);
+        Ops.SwiGluForward<float>(g, u, h);
+        Ops.SwiGluBackward<float>(g, u, dh, dg, du);
 
         // in place on the device: h over g, then dg over g and du over u
         DevicePtr dG = Upload(g, DType.F32), dU = Upload(u, DType.F32), dDh = Upload(dh, DType.F32), dH = Alloc(n * 4);
-        _ops.SwiGluForward(DType.F32, dG, dU, dH, n);
-        _ops.SwiGluBackward(DType.F32, dG, dU, dDh, dG, dU, n);
-        _gpu!.Synchronize();
+        Ops.SwiGluForward(DType.F32, dG, dU, dH, n);
+        Ops.SwiGluBackward(DType.F32, dG, dU, dDh, dG, dU, n);
+        Gpu.Synchronize();
         Assert.That(Download(dH, n, DType.F32), Is.EqualTo(h), "h");
         Assert.That(Download(dG, n, DType.F32), Is.EqualTo(dg), "dg in place over g");
         Assert.That(Download(dU, n, DType.F32), Is.EqualTo(du), "du in place over u");
 
         Assert.That(h[0], Is.EqualTo(0f), "silu(0) = 0");
-        Assert.Throws<ArgumentException>(() => _ops.SwiGluForward<float>(g, u.AsSpan(1).ToArray(), h));
-        Assert.Throws<ArgumentOutOfRangeException>(() => _ops.SwiGluForward(DType.F32, dG, dU, dH, -1));
+        Assert.Throws<ArgumentException>(() => Ops.SwiGluForward<float>(g, u.AsSpan(1).ToArray(), h));
+        Assert.Throws<ArgumentOutOfRangeException>(() => Ops.SwiGluForward(DType.F32, dG, dU, dH, -1));
     }
 
     // ------------------------------------------------------------------------------------------
@@ -663,8 +539,8 @@ public sealed class GpuTransformerOpsTests
         float[] table = Representable(Normal(vocab * hidden, 111 + hidden), dtype);
         int[] ids = Ids(tokens, vocab, 112 + tokens);
         DevicePtr dIds = Upload(ids), dTable = Upload(table, dtype), dOut = Alloc((long)tokens * hidden * dtype.ElementSize());
-        _ops.EmbeddingForward(dtype, dIds, dTable, dOut, tokens, hidden, vocab);
-        _gpu!.Synchronize();
+        Ops.EmbeddingForward(dtype, dIds, dTable, dOut, tokens, hidden, vocab);
+        Gpu.Synchronize();
         float[] got = Download(dOut, tokens * hidden, dtype);
         var expected = new float[tokens * hidden];
         EmbeddingRef.Forward<float>(ids, table, expected, vocab, hidden);
@@ -692,8 +568,8 @@ public sealed class GpuTransformerOpsTests
         foreach (int partitions in new[] { 0, 1, Math.Min(3, vocab), vocab })
         {
             DevicePtr dTable = Upload(dtable0, DType.F32);
-            _ops.EmbeddingBackward(dtype, dIds, dDout, dTable, tokens, hidden, vocab, partitions);
-            _gpu!.Synchronize();
+            Ops.EmbeddingBackward(dtype, dIds, dDout, dTable, tokens, hidden, vocab, partitions);
+            Gpu.Synchronize();
             AssertBitsEqual(Download(dTable, vocab * hidden, DType.F32), expected, $"dtable ({partitions} vocabulary partitions)");
         }
     }
@@ -707,31 +583,31 @@ public sealed class GpuTransformerOpsTests
         BFloat16.FromSingle(table, tb);
         int[] ids = [5, 0, 5, 2];
         var outB = new BFloat16[ids.Length * hidden];
-        _ops.EmbeddingForward<BFloat16>(ids, tb, hidden, outB);
+        Ops.EmbeddingForward<BFloat16>(ids, tb, hidden, outB);
         for (int n = 0; n < ids.Length; n++)
             Assert.That(outB.AsSpan(n * hidden, hidden).ToArray(), Is.EqualTo(tb.AsSpan(ids[n] * hidden, hidden).ToArray()), $"row {n}");
 
         var dtable = new float[vocab * hidden];
         float[] dout = Enumerable.Range(0, ids.Length * hidden).Select(i => (float)(i + 1)).ToArray();
-        _ops.EmbeddingBackward<float>(ids, dout, hidden, dtable);
+        Ops.EmbeddingBackward<float>(ids, dout, hidden, dtable);
         Assert.That(dtable[5 * hidden + 1], Is.EqualTo(2f + 12f), "row 5 gets tokens 0 and 2");
         Assert.That(dtable[1 * hidden], Is.EqualTo(0f), "row 1 untouched");
 
-        var ex = Assert.Throws<ArgumentOutOfRangeException>(() => _ops.EmbeddingForward<float>([1, 6], table, hidden, new float[2 * hidden]));
+        var ex = Assert.Throws<ArgumentOutOfRangeException>(() => Ops.EmbeddingForward<float>([1, 6], table, hidden, new float[2 * hidden]));
         Assert.That(ex!.Message, Does.Contain("ids[1] = 6"));
-        ex = Assert.Throws<ArgumentOutOfRangeException>(() => _ops.EmbeddingBackward<float>([-1], new float[hidden], hidden, dtable));
+        ex = Assert.Throws<ArgumentOutOfRangeException>(() => Ops.EmbeddingBackward<float>([-1], new float[hidden], hidden, dtable));
         Assert.That(ex!.Message, Does.Contain("ids[0] = -1"));
-        Assert.Throws<ArgumentException>(() => _ops.EmbeddingForward<float>(ids, table.AsSpan(1).ToArray(), hidden, new float[ids.Length * hidden]));
+        Assert.Throws<ArgumentException>(() => Ops.EmbeddingForward<float>(ids, table.AsSpan(1).ToArray(), hidden, new float[ids.Length * hidden]));
     }
 
     [Test]
     public void EmbeddingOutOfRangeIdTrapsOnTheEmulator()
     {
-        if (_gpu!.Properties.Kind != GpuKind.Emulated)
+        if (Gpu.Properties.Kind != GpuKind.Emulated)
             Assert.Ignore("a device-side trap poisons a CUDA context; checked on the emulator only");
         DevicePtr dIds = Upload(new[] { 0, 3 }), dTable = Upload(new float[3 * 4], DType.F32), dOut = Alloc(2 * 4 * 4);
-        Assert.Throws<EmulatorException>(() => _ops.EmbeddingForward(DType.F32, dIds, dTable, dOut, 2, 4, 3));
-        Assert.Throws<EmulatorException>(() => _ops.EmbeddingBackward(DType.F32, dIds, dOut, dTable, 2, 4, 3));
+        Assert.Throws<EmulatorException>(() => Ops.EmbeddingForward(DType.F32, dIds, dTable, dOut, 2, 4, 3));
+        Assert.Throws<EmulatorException>(() => Ops.EmbeddingBackward(DType.F32, dIds, dOut, dTable, 2, 4, 3));
     }
 
     // ------------------------------------------------------------------------------------------
@@ -746,14 +622,14 @@ public sealed class GpuTransformerOpsTests
         Assert.That(GpuTransformerOps.RowBlockThreads(4096), Is.EqualTo(256));
         Assert.That(GpuTransformerOps.DTypeSuffix(DType.BF16), Is.EqualTo("bf16"));
         Assert.Throws<ArgumentException>(() => GpuTransformerOps.DTypeSuffix(DType.F16));
-        int g = _ops.EmbeddingVocabPartitions(4096, 128_256);
+        int g = Ops.EmbeddingVocabPartitions(4096, 128_256);
         Assert.That(g, Is.InRange(1, 256));
-        Assert.That(_ops.EmbeddingVocabPartitions(64, 2), Is.InRange(1, 2));
+        Assert.That(Ops.EmbeddingVocabPartitions(64, 2), Is.InRange(1, 2));
         foreach (string op in new[] { "rmsnorm_forward", "rmsnorm_backward", "rmsnorm_backward_dw", "rope_forward", "rope_backward",
                                       "swiglu_forward", "swiglu_backward", "embedding_forward", "embedding_backward" })
         {
             foreach (string dt in new[] { "f32", "bf16" })
-                Assert.That(_gpu!.HasKernel($"{op}_{dt}"), $"{op}_{dt} loaded");
+                Assert.That(Gpu.HasKernel($"{op}_{dt}"), $"{op}_{dt} loaded");
         }
     }
 
@@ -769,18 +645,18 @@ public sealed class GpuTransformerOpsTests
         for (int rep = 0; rep < 2; rep++)
         {
             var sw = Stopwatch.StartNew();
-            _ops.RmsNormForward(dtype, dX, dW, dY, dR, n, c, 1e-5f);
-            _gpu!.Synchronize();
+            Ops.RmsNormForward(dtype, dX, dW, dY, dR, n, c, 1e-5f);
+            Gpu.Synchronize();
             double fwd = sw.Elapsed.TotalMilliseconds;
             sw.Restart();
-            _ops.RmsNormBackward(dtype, dX, dW, dDy, dR, dDx, DevicePtr.Null, n, c);
-            _gpu.Synchronize();
+            Ops.RmsNormBackward(dtype, dX, dW, dDy, dR, dDx, DevicePtr.Null, n, c);
+            Gpu.Synchronize();
             double bwdDx = sw.Elapsed.TotalMilliseconds;
             sw.Restart();
-            _ops.RmsNormBackward(dtype, dX, dW, dDy, dR, DevicePtr.Null, dDw, n, c);
-            _gpu.Synchronize();
+            Ops.RmsNormBackward(dtype, dX, dW, dDy, dR, DevicePtr.Null, dDw, n, c);
+            Gpu.Synchronize();
             double bwdDw = sw.Elapsed.TotalMilliseconds;
-            TestContext.Out.WriteLine($"{_device} {dtype} [4096 x 4096] rep {rep}: forward {fwd:F0} ms, backward dx {bwdDx:F0} ms, dw {bwdDw:F0} ms");
+            TestContext.Out.WriteLine($"{Device} {dtype} [4096 x 4096] rep {rep}: forward {fwd:F0} ms, backward dx {bwdDx:F0} ms, dw {bwdDw:F0} ms");
         }
         Assert.That(Download(dR, n, DType.F32).All(float.IsFinite));
     }

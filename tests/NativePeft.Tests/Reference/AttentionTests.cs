@@ -94,9 +94,9 @@ public class AttentionTests
         double[] dq = new double[c.QLength], dk = new double[c.KvLength], dv = new double[c.KvLength];
         AttentionRef.Backward<double>(dout, q, k, v, output, lse, dq, dk, dv, c.B, c.T, c.Hq, c.Hkv, c.D);
 
-        AttnGradCheck.AssertClose(dq, AttnGradCheck.Numeric(q, Objective), "dq");
-        AttnGradCheck.AssertClose(dk, AttnGradCheck.Numeric(k, Objective), "dk");
-        AttnGradCheck.AssertClose(dv, AttnGradCheck.Numeric(v, Objective), "dv");
+        AttnGradCheck.AssertClose(dq, GradCheck.Numeric(q, Objective), "dq");
+        AttnGradCheck.AssertClose(dk, GradCheck.Numeric(k, Objective), "dk");
+        AttnGradCheck.AssertClose(dv, GradCheck.Numeric(v, Objective), "dv");
         Assert.That(dq.Concat(dk).Concat(dv).Any(x => Math.Abs(x) > 1e-3) || t == 1, Is.True, "gradients are not all ~0");
     }
 
@@ -194,7 +194,7 @@ public class AttentionTests
         float[] q = data.F32("q"), k = data.F32("k"), v = data.F32("v"), dout = data.F32("dout");
 
         // float64: torch's float64 run on the same (float32-valued) inputs, to ~1e-12.
-        double[] qd = AttnGradCheck.ToDouble(q), kd = AttnGradCheck.ToDouble(k), vd = AttnGradCheck.ToDouble(v), doutd = AttnGradCheck.ToDouble(dout);
+        double[] qd = GradCheck.ToDouble(q), kd = GradCheck.ToDouble(k), vd = GradCheck.ToDouble(v), doutd = GradCheck.ToDouble(dout);
         var (outD, lseD) = Forward(c, qd, kd, vd);
         double[] dqD = new double[c.QLength], dkD = new double[c.KvLength], dvD = new double[c.KvLength];
         AttentionRef.Backward<double>(doutd, qd, kd, vd, outD, lseD, dqD, dkD, dvD, c.B, c.T, c.Hq, c.Hkv, c.D);
@@ -224,8 +224,8 @@ public class AttentionTests
         var (q, k, v) = RandomInputs(c, 77);
         var dout = AttnGradCheck.Random(new Random(78), c.QLength);
         // Round the inputs to float first, so the only difference is the arithmetic.
-        float[] qf = AttnGradCheck.ToFloat(q), kf = AttnGradCheck.ToFloat(k), vf = AttnGradCheck.ToFloat(v), doutf = AttnGradCheck.ToFloat(dout);
-        double[] qd = AttnGradCheck.ToDouble(qf), kd = AttnGradCheck.ToDouble(kf), vd = AttnGradCheck.ToDouble(vf), doutd = AttnGradCheck.ToDouble(doutf);
+        float[] qf = GradCheck.ToFloat(q), kf = GradCheck.ToFloat(k), vf = GradCheck.ToFloat(v), doutf = GradCheck.ToFloat(dout);
+        double[] qd = GradCheck.ToDouble(qf), kd = GradCheck.ToDouble(kf), vd = GradCheck.ToDouble(vf), doutd = GradCheck.ToDouble(doutf);
 
         var (outD, lseD) = Forward(c, qd, kd, vd);
         double[] dqD = new double[c.QLength], dkD = new double[c.KvLength], dvD = new double[c.KvLength];
@@ -253,8 +253,8 @@ public class AttentionTests
     {
         var c = new Case(2, 33, 8, 2, 16);
         var (q, k, v) = RandomInputs(c, 9);
-        float[] qf = AttnGradCheck.ToFloat(q), kf = AttnGradCheck.ToFloat(k), vf = AttnGradCheck.ToFloat(v);
-        float[] dout = AttnGradCheck.ToFloat(AttnGradCheck.Random(new Random(10), c.QLength));
+        float[] qf = GradCheck.ToFloat(q), kf = GradCheck.ToFloat(k), vf = GradCheck.ToFloat(v);
+        float[] dout = GradCheck.ToFloat(AttnGradCheck.Random(new Random(10), c.QLength));
         float[][] Run(int threads)
         {
             float[] o = new float[c.QLength], l = new float[c.LseLength];
@@ -291,8 +291,8 @@ public class AttentionTests
     {
         var c = new Case(1, 512, 8, 2, 64);
         var (q, k, v) = RandomInputs(c, 1, 1);
-        float[] qf = AttnGradCheck.ToFloat(q), kf = AttnGradCheck.ToFloat(k), vf = AttnGradCheck.ToFloat(v);
-        float[] dout = AttnGradCheck.ToFloat(AttnGradCheck.Random(new Random(2), c.QLength));
+        float[] qf = GradCheck.ToFloat(q), kf = GradCheck.ToFloat(k), vf = GradCheck.ToFloat(v);
+        float[] dout = GradCheck.ToFloat(AttnGradCheck.Random(new Random(2), c.QLength));
         float[] o = new float[c.QLength], l = new float[c.LseLength];
         float[] dq = new float[c.QLength], dk = new float[c.KvLength], dv = new float[c.KvLength];
         for (int rep = 0; rep < 3; rep++)

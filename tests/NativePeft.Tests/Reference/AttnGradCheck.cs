@@ -3,31 +3,12 @@ using NUnit.Framework;
 namespace NativePeft.Tests.Reference;
 
 /// <summary>
-/// Central finite differences in double for the attention and cross-entropy gradient checks, plus the random
-/// inputs and the reader of the torch oracle files those tests share.
+/// What the attention and cross-entropy tests share beyond <see cref="GradCheck"/> (whose finite differences and
+/// float/double copies they use): their comparison of analytic and numeric gradients (tolerance relative to the larger
+/// of the two), uniform random inputs, the worst relative error, and the reader of the torch oracle files.
 /// </summary>
 internal static class AttnGradCheck
 {
-    /// <summary>
-    /// d objective / d x[i] for every i by central differences, x[i] ± h with h = step · max(1, |x[i]|);
-    /// x is restored after each element.
-    /// </summary>
-    public static double[] Numeric(double[] x, Func<double> objective, double step = 1e-5)
-    {
-        var grad = new double[x.Length];
-        for (int i = 0; i < x.Length; i++)
-        {
-            double saved = x[i], h = step * Math.Max(1, Math.Abs(saved));
-            x[i] = saved + h;
-            double plus = objective();
-            x[i] = saved - h;
-            double minus = objective();
-            x[i] = saved;
-            grad[i] = (plus - minus) / (2 * h);
-        }
-        return grad;
-    }
-
     /// <summary>
     /// Asserts |analytic − numeric| ≤ rtol · max(|analytic|, |numeric|) + atol element-wise, and reports the
     /// worst element. Defaults: rtol 1e-6, atol 1e-9 (central differences with h = 1e-5 in double are good to
@@ -58,10 +39,6 @@ internal static class AttnGradCheck
         for (int i = 0; i < n; i++) a[i] = (rng.NextDouble() * 2 - 1) * scale;
         return a;
     }
-
-    public static float[] ToFloat(double[] a) => Array.ConvertAll(a, x => (float)x);
-
-    public static double[] ToDouble(float[] a) => Array.ConvertAll(a, x => (double)x);
 
     /// <summary>Largest |a − b| / (|b| + floor) over the elements.</summary>
     public static double MaxRelative(ReadOnlySpan<float> a, ReadOnlySpan<double> b, double floor)

@@ -64,8 +64,8 @@ public class CrossEntropyTests
 
         var (_, count, _, dhidden, dweight) = Run(hidden, weight, labels, n, c, vocab, chunk, dloss);
         Assert.That(count, Is.EqualTo(labels.Count(l => l != Ignore)));
-        AttnGradCheck.AssertClose(dhidden, AttnGradCheck.Numeric(hidden, Objective), "dhidden");
-        AttnGradCheck.AssertClose(dweight, AttnGradCheck.Numeric(weight, Objective), "dweight");
+        AttnGradCheck.AssertClose(dhidden, GradCheck.Numeric(hidden, Objective), "dhidden");
+        AttnGradCheck.AssertClose(dweight, GradCheck.Numeric(weight, Objective), "dweight");
         for (int d = 0; d < c; d++) Assert.That(dhidden[d], Is.EqualTo(0), "ignored row 0 has no gradient");
     }
 
@@ -125,7 +125,7 @@ public class CrossEntropyTests
         Assert.That(dweight, Is.EqualTo(Enumerable.Range(0, vocab * c).Select(i => (double)i)), "dweight unchanged (+= 0)");
 
         float[] lseF = new float[n];
-        var (lossF, countF) = CrossEntropyRef.Forward<float>(AttnGradCheck.ToFloat(hidden), AttnGradCheck.ToFloat(weight), labels, lseF, n, c, vocab, 2);
+        var (lossF, countF) = CrossEntropyRef.Forward<float>(GradCheck.ToFloat(hidden), GradCheck.ToFloat(weight), labels, lseF, n, c, vocab, 2);
         Assert.That((lossF, countF), Is.EqualTo((0.0, 0)));
     }
 
@@ -181,7 +181,7 @@ public class CrossEntropyTests
         foreach (int chunk in new[] { 4, vocab })
         {
             // float64: torch's float64 run on the same float32-valued inputs.
-            var r = Run(AttnGradCheck.ToDouble(hidden), AttnGradCheck.ToDouble(weight), labels, n, c, vocab, chunk);
+            var r = Run(GradCheck.ToDouble(hidden), GradCheck.ToDouble(weight), labels, n, c, vocab, chunk);
             Assert.That(r.Loss, Is.EqualTo(data.F64("loss_f64")[0]).Within(1e-12), "loss f64");
             Assert.That(r.DHidden, Is.EqualTo(data.F64("dhidden_f64")).Within(1e-12), "dhidden f64");
             Assert.That(r.DWeight, Is.EqualTo(data.F64("dweight_f64")).Within(1e-12), "dweight f64");
@@ -205,9 +205,9 @@ public class CrossEntropyTests
         const int n = 300, c = 48, vocab = 257, chunk = 64;
         Assume.That(HostBlas.IsAvailable, HostBlas.Description); // the float path under test is the Sgemm one
         var rng = new Random(99);
-        float[] hf = AttnGradCheck.ToFloat(AttnGradCheck.Random(rng, n * c, 1)), wf = AttnGradCheck.ToFloat(AttnGradCheck.Random(rng, vocab * c, 0.5));
+        float[] hf = GradCheck.ToFloat(AttnGradCheck.Random(rng, n * c, 1)), wf = GradCheck.ToFloat(AttnGradCheck.Random(rng, vocab * c, 0.5));
         int[] labels = RandomLabels(rng, n, vocab, 0.2);
-        var d = Run(AttnGradCheck.ToDouble(hf), AttnGradCheck.ToDouble(wf), labels, n, c, vocab, chunk);
+        var d = Run(GradCheck.ToDouble(hf), GradCheck.ToDouble(wf), labels, n, c, vocab, chunk);
 
         var lse = new float[n];
         var (loss, count) = CrossEntropyRef.Forward<float>(hf, wf, labels, lse, n, c, vocab, chunk);
@@ -245,7 +245,7 @@ public class CrossEntropyTests
             }
             return;
         }
-        float[] hf = AttnGradCheck.ToFloat(hidden), wf = AttnGradCheck.ToFloat(weight);
+        float[] hf = GradCheck.ToFloat(hidden), wf = GradCheck.ToFloat(weight);
         (double, float[], float[], float[]) RunF(int threads)
         {
             var lse = new float[n];
@@ -284,8 +284,8 @@ public class CrossEntropyTests
     {
         const int n = 512, c = 512, vocab = 32000, chunk = 4096;
         var rng = new Random(3);
-        float[] hidden = AttnGradCheck.ToFloat(AttnGradCheck.Random(rng, n * c, 1));
-        float[] weight = AttnGradCheck.ToFloat(AttnGradCheck.Random(rng, vocab * c, 0.05));
+        float[] hidden = GradCheck.ToFloat(AttnGradCheck.Random(rng, n * c, 1));
+        float[] weight = GradCheck.ToFloat(AttnGradCheck.Random(rng, vocab * c, 0.05));
         int[] labels = RandomLabels(rng, n, vocab, 0.1);
         var lse = new float[n];
         var dhidden = new float[n * c];
