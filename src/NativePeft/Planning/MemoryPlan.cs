@@ -139,6 +139,11 @@ public sealed class MemoryPlan
                           Out: t.Shape[0], In: t.Shape[1]))
             .ToList();
         long maxLinear = projections.Max(p => p.Out * p.In);
+        if (lora)
+            foreach (var (shortName, outF, inF) in projections)
+                if (o.Targets.Contains(shortName) && o.Rank > Math.Min(outF, inF))
+                    throw new ArgumentOutOfRangeException(nameof(PlanOptions.Rank), o.Rank,
+                        $"r (LoRA rank) {o.Rank} is larger than min(in, out) = {Math.Min(outF, inF)} of {shortName} [{outF}, {inF}]");
         long maxIn = 0, maxRank = 0;
         for (int l = 0; l < L; l++)
         {

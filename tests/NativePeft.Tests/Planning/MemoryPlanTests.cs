@@ -48,7 +48,7 @@ public class MemoryPlanTests
         var keep = MemoryPlan.Compute(c, o);
         var recompute = MemoryPlan.Compute(c, o with { Recompute = true });
         long N = 512, C = 4096, I = 11008;
-        // n1, q, k, v, attention out, h, n2 (q = att = C wide, k = v = C/4 … here 32 heads, no GQA: all C wide) = 7·N·C;
+        // n1, q, k, v, attention out, h, n2 (llama2-7b has no GQA: all C wide) = 7·N·C;
         // gate, up, silu·up = 3·N·I; two rstd [N]; lse [N·H]
         long block = 7 * N * C * 4 + 3 * N * I * 4 + 2 * N * 4 + N * 32 * 4;
         Assert.That(keep.ActivationBytes - recompute.ActivationBytes, Is.EqualTo(31 * block), "31 fewer blocks of saved tensors");
