@@ -75,7 +75,7 @@ public static class EstimateCommand
             }
             catch (Exception e) when (e is ArgumentException or LlamaConfigException or FileNotFoundException or IOException or UnauthorizedAccessException)
             {
-                throw new CliException("--model " + modelName + ": " + e.Message, 1, e);
+                throw new CliException("--model " + modelName + ": " + Clean(e), 1, e);
             }
             var options = new PlanOptions
             {
@@ -91,7 +91,7 @@ public static class EstimateCommand
             }
             catch (ArgumentException e)
             {
-                throw new CliException(e.Message, 2, e);
+                throw new CliException(Clean(e), 2, e);
             }
 
             if (parse.GetValue(json))
@@ -140,6 +140,14 @@ public static class EstimateCommand
                           (plan.OptimizerMapBytes > 0 ? ", 8-bit maps " + MemoryPlan.FormatBytes(plan.OptimizerMapBytes) : "") +
                           ". Paged optimizer state lives in host-backed managed memory and is not in the device total; " +
                           "the CUDA context and allocator rounding come on top.");
+    }
+
+    /// <summary>The message without .NET's " (Parameter 'x')" and "Actual value was" suffixes.</summary>
+    private static string Clean(Exception e)
+    {
+        string m = e.Message.Split('\n')[0].TrimEnd();
+        int p = m.IndexOf(" (Parameter '", StringComparison.Ordinal);
+        return p >= 0 ? m[..p] : m;
     }
 
     /// <summary>"24GiB", "80GB", "512 MiB", "1e9" or plain bytes; null when not a size.</summary>

@@ -103,7 +103,7 @@ public class EstimateCliTests
         AssertFails("--batch -2", 2, "--model", "llama3-8b", "--batch", "-2");
         AssertFails("--seq", 2, "--model", "llama3-8b", "--seq", "abc");
         AssertFails("unknown module \"qproj\"", 2, "--model", "llama3-8b", "--targets", "qproj");
-        AssertFails("larger than min(in, out)", 2, "--model", "llama3-8b", "--rank", "5000");
+        AssertFails("r (LoRA rank) 5000 is larger than min(in, out) = 4096 of q_proj [4096, 4096]\n", 2, "--model", "llama3-8b", "--rank", "5000");
         AssertFails("--device-memory lots", 2, "--model", "llama3-8b", "--device-memory", "lots");
         AssertFails("--model", 2, "--method", "lora");
         AssertFails("--compute bf16 is for a GPU", 2, "--model", "llama3-8b", "--device", "cpu");
