@@ -12,12 +12,13 @@ namespace NativePeft.Tests.Planning;
 
 /// <summary>
 /// The plan against what the code really allocates: a tiny model is built from <see cref="PlanOptions.ToModelOptions"/>
-/// on CpuOps and on GpuOps over the emulator, trained two steps (forward, backward, clipping, optimizer step), and
+/// on CpuOps and on GpuOps over the emulator (and CUDA where present), trained two steps (forward, backward, clipping, optimizer step), and
 /// every measured number must equal the plan to the byte: model.ParameterBytes, model.ActivationBytes, the optimizer's
 /// StateBytes / PagedStateBytes, the pool's peak after the first step (FirstStepPeakBytes) and after the second (TotalBytes).
 /// </summary>
 [TestFixture("cpu")]
 [TestFixture("emulator")]
+[TestFixture("cuda")]
 [Parallelizable(ParallelScope.None)]
 public class MemoryPlanExactnessTests(string device)
 {
@@ -56,7 +57,14 @@ public class MemoryPlanExactnessTests(string device)
         yield return Case("lora-batch1-seq40", baseOptions with { Method = FineTuneMethod.Lora, Batch = 1, Seq = 40, Rank = 8, Targets = ["down_proj"] });
     }
 
-    private IOps CreateOps() => device == "cpu" ? new CpuOps() : new GpuOps(TestGpus.CreateEmulated(), ownsGpu: true);
+    private IOps CreateOps()
+    {
+        if (device == "cpu") return new CpuOps();
+        if (device == "emulator") return new GpuOps(TestGpus.CreateEmulated(), ownsGpu: true);
+        var cuda = TestGpus.TryCreateCuda(out string reason);
+        if (cuda is null) Assert.Ignore("no CUDA device: " + reason);
+        return new GpuOps(cuda!, ownsGpu: true);
+    }
 
     private PlanDevice Device => device == "cpu" ? PlanDevice.Cpu : PlanDevice.Gpu;
 
