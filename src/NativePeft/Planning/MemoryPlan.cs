@@ -1,0 +1,362 @@
+using System.Globalization;
+using System.Text;
+using NativePeft.IO;
+using NativePeft.Modules;
+using NativePeft.Numerics;
+using NativePeft.Optim;
+using NativePeft.Quantization;
+
+namespace NativePeft.Planning;
+
+/// <summary>
+/// Exact device bytes, by category, of fine-tuning a Llama model with a method, LoRA shape, batch shape, recompute
+/// setting and optimizer — computed from the config alone (no weights, no device).
+/// <para>
+/// What each category counts, tensor by tensor as <see cref="LlamaModel"/>, the ops and the optimizers allocate them
+/// (every tensor at least one byte, as <see cref="Ops.TensorMemory"/> does):
+/// </para>
+/// <list type="bullet">
+/// <item><b>Base weights</b>: embed_tokens [V, C], lm_head [V, C] unless tied, the 2L + 1 RMSNorm weights [C] (all in the
+/// compute dtype), and the 7L projections: compute dtype (full, or lora on an unwidened base), BF16 (lora's default
+/// frozen base) or 4-bit packed, ⌈n/2⌉ bytes (qlora).</item>
+/// <item><b>Quantization state</b> (qlora): per projection fp32 absmax, one per block of 64 (what the loader keeps
+/// today), or bitsandbytes' double-quantized layout (1 byte per block + fp32 per 256 blocks + the 256-entry map + offset).</item>
+/// <item><b>Adapters</b>: lora_A [r, in] and lora_B [out, r] per targeted projection (compute dtype; fp32 with BF16
+/// compute, as PEFT keeps adapters and as the optimizers require).</item>
+/// <item><b>Gradients</b>: one per trainable tensor, in its dtype.</item>
+/// <item><b>Optimizer states</b>: <see cref="AdamWOptimizer.StateBytesFor"/> per trainable tensor; on a GPU the paged
+/// optimizers put m and v of tensors ≥ 1e5 elements in managed memory: that part is the <b>paged</b> row and is not in
+/// the device total.</item>
+/// <item><b>Activations</b>: what the model keeps for one batch shape (B·T = N tokens): ids, labels, positions;
+/// L + 1 hidden states [N, C] (the block inputs and the last output); the saved tensors of every block — or, with
+/// recompute, of one block, recomputed inside its backward — (n1, q, k, v, attention out, lse, h, n2, gate, up,
+/// silu·up and two rstd); the final norm's output and rstd, the lse of the loss; the backward's gradient buffers
+/// (residual, two [N, C] temporaries, d attention out, dq, dk, dv, and dgate, dup, d(silu·up) [N, I]); and with LoRA
+/// the shared adapter scratch (dropout(x) and its U8 mask [N, max in], xa and dxa [N, max r], dx [N, max in]).</item>
+/// <item><b>Workspaces</b>: the shared dequantization/widening scratch (the largest projection in the compute dtype,
+/// with a 4-bit or BF16-stored base), the RoPE cos/sin tables [max(T, 64), D/2] (fp32 with BF16 compute), the 8-bit
+/// optimizers' two 256-entry maps (GPU), and the largest transient op workspace (GPU): the cross-entropy's chunk logits
+/// [N, min(chunk, V)] plus four fp32 rows in the forward, attention backward's fp32 [B, H, T], clipping's 1025 fp64.</item>
+/// </list>
+/// <para>
+/// <see cref="TotalBytes"/> is the pool's peak in a steady training step (every category at once, plus the largest
+/// transient workspace); the first step peaks lower (<see cref="FirstStepPeakBytes"/>) because optimizer state is
+/// created at its end, after the transient workspaces are gone. For the configurations the code runs (F32 compute on
+/// CpuOps and GpuOps) these equal the measured <see cref="Ops.TensorMemory.PeakAllocatedBytes"/> to the byte (tests).
+/// Not counted: the CUDA context, cuBLAS' own workspace and allocator fragmentation (cudaMalloc rounds up), which a
+/// real GPU adds on top (typically a few hundred MB).
+/// </para>
+/// </summary>
+public sealed class MemoryPlan
+{
+    public LlamaConfig Config { get; }
+    public PlanOptions Options { get; }
+
+    public long BaseWeightBytes { get; private set; }
+    public long QuantizationStateBytes { get; private set; }
+    public long AdapterBytes { get; private set; }
+    public long GradientBytes { get; private set; }
+    /// <summary>Optimizer state in the device pool.</summary>
+    public long OptimizerStateBytes { get; private set; }
+    /// <summary>Optimizer state in managed (paged) memory, outside the device pool and not in <see cref="TotalBytes"/>.</summary>
+    public long PagedOptimizerStateBytes { get; private set; }
+    /// <summary>Equals <see cref="LlamaModel.ActivationBytes"/> after a Forward of this batch shape.</summary>
+    public long ActivationBytes { get; private set; }
+    /// <summary><see cref="DequantScratchBytes"/> + <see cref="RopeTableBytes"/> + <see cref="OptimizerMapBytes"/> + <see cref="TransientWorkspaceBytes"/>.</summary>
+    public long WorkspaceBytes => DequantScratchBytes + RopeTableBytes + OptimizerMapBytes + TransientWorkspaceBytes;
+
+    public long DequantScratchBytes { get; private set; }
+    public long RopeTableBytes { get; private set; }
+    public long OptimizerMapBytes { get; private set; }
+    /// <summary>The largest workspace an op allocates and frees within the step (0 on the CPU).</summary>
+    public long TransientWorkspaceBytes { get; private set; }
+    /// <summary>Of <see cref="ActivationBytes"/>, the LoRA layers' shared scratch.</summary>
+    public long LoraScratchBytes { get; private set; }
+
+    /// <summary>Equals <see cref="LlamaModel.ParameterBytes"/>: base, quantization state, adapters, gradients, dequantization scratch.</summary>
+    public long ParameterBytes => BaseWeightBytes + QuantizationStateBytes + AdapterBytes + GradientBytes + DequantScratchBytes;
+
+    /// <summary>The device pool's peak in a steady training step (forward, backward, clipping, optimizer step).</summary>
+    public long TotalBytes => ParameterBytes + ActivationBytes + OptimizerStateBytes + RopeTableBytes + OptimizerMapBytes + TransientWorkspaceBytes;
+
+    /// <summary>The pool's peak over the first step: optimizer state (and maps) appear only in its last phase.</summary>
+    public long FirstStepPeakBytes => ParameterBytes + ActivationBytes + RopeTableBytes + Math.Max(TransientWorkspaceBytes, OptimizerStateBytes + OptimizerMapBytes);
+
+    public long TrainableParameterCount { get; private set; }
+    public long TotalParameterCount { get; private set; }
+
+    private MemoryPlan(LlamaConfig config, PlanOptions options)
+    {
+        Config = config;
+        Options = options;
+    }
+
+    private static long Bytes(DType dtype, long count) => Math.Max(1, checked(count * dtype.ElementSize()));
+
+    /// <summary>The plan for <paramref name="config"/> and <paramref name="options"/> (both validated).</summary>
+    public static MemoryPlan Compute(LlamaConfig config, PlanOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(options);
+        config.Validate();
+        options.Validate();
+        var plan = new MemoryPlan(config, options);
+        plan.Fill();
+        return plan;
+    }
+
+    private void Fill()
+    {
+        var o = Options;
+        var c = Config;
+        DType d = o.ComputeDType;
+        // rstd, lse and the RoPE tables: fp32 on the GPU ops whatever the compute dtype (the model allocates them in the
+        // compute dtype, which is F32 or F64 today).
+        DType stat = d == DType.BF16 ? DType.F32 : d;
+        DType adapterDType = d == DType.BF16 ? DType.F32 : d;
+        bool full = o.Method == FineTuneMethod.Full;
+        bool qlora = o.Method == FineTuneMethod.Qlora;
+        bool lora = o.Method != FineTuneMethod.Full;
+        DType loraBase = o.LoraBaseDType;
+        bool widened = o.Method == FineTuneMethod.Lora && loraBase != d;
+        long C = c.HiddenSize, V = c.VocabSize, I = c.IntermediateSize, L = c.NumHiddenLayers;
+        long QD = c.QueryDim, KVD = c.KeyValueDim;
+
+        var trainable = new List<long>();
+        long baseBytes = 0, quant = 0, adapters = 0, grads = 0;
+
+        void Dense(long n)
+        {
+            baseBytes += Bytes(d, n);
+            if (!full) return;
+            grads += Bytes(d, n);
+            trainable.Add(n);
+        }
+
+        Dense(V * C); // embed_tokens
+        var projections = c.LayerTensors(0).Where(t => t.Shape.Length == 2)
+            .Select(t => (Short: LlamaDecoderLayer.Projections.First(p => t.Name.EndsWith(p.Path + ".weight", StringComparison.Ordinal)).Short,
+                          Out: t.Shape[0], In: t.Shape[1]))
+            .ToList();
+        long maxLinear = projections.Max(p => p.Out * p.In);
+        if (lora)
+            foreach (var (shortName, outF, inF) in projections)
+                if (o.Targets.Contains(shortName) && o.Rank > Math.Min(outF, inF))
+                    throw new ArgumentOutOfRangeException(nameof(PlanOptions.Rank), o.Rank,
+                        $"r (LoRA rank) {o.Rank} is larger than min(in, out) = {Math.Min(outF, inF)} of {shortName} [{outF}, {inF}]");
+        long maxIn = 0, maxRank = 0;
+        for (int l = 0; l < L; l++)
+        {
+            Dense(C); // input_layernorm
+            foreach (var (shortName, outF, inF) in projections)
+            {
+                long n = outF * inF;
+                if (qlora)
+                {
+                    baseBytes += Bytes(DType.U8, Quant4Bit.PackedLength(n));
+                    long blocks = Quant4Bit.BlockCount(n, o.Blocksize);
+                    quant += o.ResolvedAbsmax == AbsmaxLayout.DoubleQuantized && o.DoubleQuant
+                        ? Bytes(DType.U8, blocks) + Bytes(DType.F32, (blocks + DoubleQuantState.DefaultNestedBlockSize - 1) / DoubleQuantState.DefaultNestedBlockSize)
+                          + Bytes(DType.F32, 256) + Bytes(DType.F32, 1)
+                        : Bytes(DType.F32, blocks);
+                }
+                else if (widened) baseBytes += Bytes(loraBase, n);
+                else Dense(n);
+                if (lora && o.Targets.Contains(shortName))
+                {
+                    long a = o.Rank * inF, b = outF * o.Rank;
+                    adapters += Bytes(adapterDType, a) + Bytes(adapterDType, b);
+                    grads += Bytes(adapterDType, a) + Bytes(adapterDType, b);
+                    trainable.Add(a);
+                    trainable.Add(b);
+                    maxIn = Math.Max(maxIn, inF);
+                    maxRank = Math.Max(maxRank, o.Rank);
+                }
+            }
+            Dense(C); // post_attention_layernorm
+        }
+        Dense(C); // norm
+        if (!c.TieWordEmbeddings) Dense(V * C); // lm_head
+
+        BaseWeightBytes = baseBytes;
+        QuantizationStateBytes = quant;
+        AdapterBytes = adapters;
+        GradientBytes = grads;
+        DequantScratchBytes = qlora || widened ? Bytes(d, maxLinear) : 0;
+        TrainableParameterCount = trainable.Sum();
+        TotalParameterCount = c.ParameterCount();
+
+        // Optimizer: per trainable tensor, as AdamWOptimizer creates it on its first step.
+        bool eightBit = o.EightBitOptimizer, managed = o.PagedOptimizer && o.Device == PlanDevice.Gpu;
+        long state = 0, paged = 0;
+        foreach (long n in trainable)
+        {
+            long s = AdamWOptimizer.StateBytesFor(n, eightBit);
+            long p = managed ? AdamWOptimizer.PagedStateBytesFor(n, eightBit) : 0;
+            state += s - p;
+            paged += p;
+        }
+        OptimizerStateBytes = state;
+        PagedOptimizerStateBytes = paged;
+        OptimizerMapBytes = o.Device == PlanDevice.Gpu && eightBit && trainable.Any(n => n >= AdamWMath.Min8BitSize) ? Bytes(DType.F32, 512) : 0;
+
+        // Activations (LlamaModel.Activations and LoraScratch, one arena per batch shape).
+        long B = o.Batch, T = o.Seq, N = B * T;
+        long acts = 3 * Bytes(DType.I32, N) + (L + 1) * Bytes(d, N * C);
+        long block = Bytes(d, N * C) + Bytes(stat, N)                                  // n1, rstd1
+                     + Bytes(d, N * QD) + 2 * Bytes(d, N * KVD)                          // q, k, v
+                     + Bytes(d, N * QD) + Bytes(stat, N * c.NumAttentionHeads)          // attention out, lse [B, H, T]
+                     + 2 * Bytes(d, N * C) + Bytes(stat, N)                              // h, n2, rstd2
+                     + 3 * Bytes(d, N * I);                                              // gate, up, silu·up
+        acts += (o.Recompute ? 1 : L) * block;
+        acts += Bytes(d, N * C) + 2 * Bytes(stat, N);                                    // final norm out, rstd, loss lse
+        acts += 3 * Bytes(d, N * C) + 2 * Bytes(d, N * QD) + 2 * Bytes(d, N * KVD) + 3 * Bytes(d, N * I); // backward buffers
+        long loraScratch = 0;
+        if (lora && maxIn > 0)
+            loraScratch = 2 * Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) + 2 * Bytes(d, N * maxRank);
+        LoraScratchBytes = loraScratch;
+        ActivationBytes = acts + loraScratch;
+
+        // RoPE tables (a separate arena of the model): rows = max(T, min(64, max_position_embeddings)).
+        long rows = Math.Max(T, Math.Min(64, c.MaxPositionEmbeddings));
+        RopeTableBytes = 2 * Bytes(stat, rows * (c.HeadDim / 2));
+
+        // Transient workspaces of GpuOps (allocated from the pool and freed inside the op).
+        if (o.Device == PlanDevice.Gpu)
+        {
+            long chunk = Math.Min(o.CrossEntropyChunk, V);
+            long ceForward = Bytes(DType.F32, 4 * N) + Bytes(d, N * chunk);
+            long ceBackward = Bytes(d, N * chunk);
+            long attention = Bytes(DType.F32, B * c.NumAttentionHeads * T);
+            long clip = o.ClipGradients ? Bytes(DType.F64, GpuOptimKernels.MaxSumSquaresBlocks + 1) : 0;
+            TransientWorkspaceBytes = Math.Max(Math.Max(ceForward, ceBackward), Math.Max(attention, clip));
+        }
+    }
+
+    // ------------------------------------------------------------------------------------------ fit
+
+    /// <summary>Whether the plan's total fits in <paramref name="deviceBytes"/>.</summary>
+    public bool Fits(long deviceBytes) => TotalBytes <= deviceBytes;
+
+    /// <summary>This plan with other options (same config).</summary>
+    public MemoryPlan With(Func<PlanOptions, PlanOptions> change) => Compute(Config, change(Options));
+
+    /// <summary>
+    /// The alternatives a user can switch to, each with its plan: --method qlora, --recompute, --batch 1, --seq T/2,
+    /// --optim paged-adamw8bit (those that differ from the current options), then all of them together.
+    /// </summary>
+    public IReadOnlyList<(string Flags, MemoryPlan Plan)> Alternatives()
+    {
+        var list = new List<(string, MemoryPlan)>();
+        var o = Options;
+        if (o.Method != FineTuneMethod.Qlora) list.Add(("--method qlora", With(x => x with { Method = FineTuneMethod.Qlora })));
+        if (!o.Recompute) list.Add(("--recompute", With(x => x with { Recompute = true })));
+        if (o.Batch > 1) list.Add(("--batch 1", With(x => x with { Batch = 1 })));
+        if (o.Seq > 1) list.Add(($"--seq {o.Seq / 2}", With(x => x with { Seq = x.Seq / 2 })));
+        if (o.Optimizer != "paged-adamw8bit") list.Add(("--optim paged-adamw8bit", With(x => x with { Optimizer = "paged-adamw8bit" })));
+        if (list.Count > 1)
+        {
+            var all = o with
+            {
+                Method = FineTuneMethod.Qlora, Recompute = true, Batch = 1, Seq = Math.Max(1, o.Seq / 2), Optimizer = "paged-adamw8bit",
+            };
+            list.Add((string.Join(' ', list.Select(a => a.Item1)), Compute(Config, all)));
+        }
+        return list;
+    }
+
+    /// <summary>
+    /// null when the plan fits; otherwise "exceeds the device's memory (D): plan total X; options that would make it
+    /// fit: --method qlora (Y), --recompute (Z), …" with the totals of the alternatives that fit (or, when none does,
+    /// every alternative's total and the statement that none fits).
+    /// </summary>
+    public string? DoesNotFitMessage(long deviceBytes)
+    {
+        if (Fits(deviceBytes)) return null;
+        var alternatives = Alternatives();
+        var fitting = alternatives.Where(a => a.Plan.Fits(deviceBytes)).ToList();
+        var sb = new StringBuilder();
+        sb.Append($"exceeds the device's memory ({FormatBytes(deviceBytes)}): plan total {FormatBytes(TotalBytes)}; ");
+        if (fitting.Count > 0)
+            sb.Append("options that would make it fit: ").Append(string.Join(", ", fitting.Select(a => $"{a.Flags} ({FormatBytes(a.Plan.TotalBytes)})")));
+        else
+            sb.Append("no option makes it fit (").Append(string.Join(", ", alternatives.Select(a => $"{a.Flags}: {FormatBytes(a.Plan.TotalBytes)}")))
+              .Append("); use a smaller model or a larger device");
+        return sb.ToString();
+    }
+
+    // ------------------------------------------------------------------------------------------ output
+
+    /// <summary>(category, bytes) in display order, the total last; the paged row is outside the total.</summary>
+    public IReadOnlyList<(string Category, string Key, long Bytes)> Rows() =>
+    [
+        ("base weights", "base_weights", BaseWeightBytes),
+        ("quantization state", "quantization_state", QuantizationStateBytes),
+        ("adapters", "adapters", AdapterBytes),
+        ("gradients", "gradients", GradientBytes),
+        ("optimizer states (device)", "optimizer_states", OptimizerStateBytes),
+        ("optimizer states (paged, host-backed)", "optimizer_states_paged", PagedOptimizerStateBytes),
+        ("activations", "activations", ActivationBytes),
+        ("workspaces", "workspaces", WorkspaceBytes),
+        ("total (device)", "total", TotalBytes),
+    ];
+
+    /// <summary>A plain-text table: category, bytes, human-readable size.</summary>
+    public string ToTable()
+    {
+        var rows = Rows();
+        int w = rows.Max(r => r.Category.Length);
+        var sb = new StringBuilder();
+        foreach (var (category, _, bytes) in rows)
+            sb.Append(category.PadRight(w)).Append("  ").Append(bytes.ToString(CultureInfo.InvariantCulture).PadLeft(15))
+              .Append("  ").Append(FormatBytes(bytes)).Append('\n');
+        return sb.ToString();
+    }
+
+    /// <summary>
+    /// JSON: the options, every category in bytes ("base_weights_bytes", …, "workspaces_bytes"), its parts, the
+    /// parameter counts and "total_bytes".
+    /// </summary>
+    public string ToJson()
+    {
+        var o = Options;
+        var inv = CultureInfo.InvariantCulture;
+        var sb = new StringBuilder("{\n");
+        void Field(string key, string value, bool last = false) => sb.Append("  \"").Append(key).Append("\": ").Append(value).Append(last ? "\n" : ",\n");
+        static string S(string s) => "\"" + s.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
+        Field("method", S(o.Method.ToString().ToLowerInvariant()));
+        Field("rank", o.Method == FineTuneMethod.Full ? "null" : o.Rank.ToString(inv));
+        Field("targets", o.Method == FineTuneMethod.Full ? "[]" : "[" + string.Join(", ", o.Targets.Select(S)) + "]");
+        Field("batch", o.Batch.ToString(inv));
+        Field("seq", o.Seq.ToString(inv));
+        Field("recompute", o.Recompute ? "true" : "false");
+        Field("optimizer", S(o.Optimizer));
+        Field("compute_dtype", S(o.ComputeDType.ToString().ToLowerInvariant()));
+        Field("device", S(o.Device.ToString().ToLowerInvariant()));
+        Field("total_parameters", TotalParameterCount.ToString(inv));
+        Field("trainable_parameters", TrainableParameterCount.ToString(inv));
+        foreach (var (_, key, bytes) in Rows())
+            if (key != "total") Field(key + "_bytes", bytes.ToString(inv));
+        Field("dequant_scratch_bytes", DequantScratchBytes.ToString(inv));
+        Field("rope_table_bytes", RopeTableBytes.ToString(inv));
+        Field("optimizer_map_bytes", OptimizerMapBytes.ToString(inv));
+        Field("transient_workspace_bytes", TransientWorkspaceBytes.ToString(inv));
+        Field("lora_scratch_bytes", LoraScratchBytes.ToString(inv));
+        Field("parameter_bytes", ParameterBytes.ToString(inv));
+        Field("first_step_peak_bytes", FirstStepPeakBytes.ToString(inv));
+        Field("total_bytes", TotalBytes.ToString(inv), last: true);
+        sb.Append('}');
+        return sb.ToString();
+    }
+
+    public override string ToString() => ToTable();
+
+    /// <summary>Bytes as GiB / MiB / KiB (binary units) with two decimals, or bytes.</summary>
+    public static string FormatBytes(long bytes) => bytes switch
+    {
+        >= 1L << 30 => (bytes / (double)(1L << 30)).ToString("0.00", CultureInfo.InvariantCulture) + " GiB",
+        >= 1L << 20 => (bytes / (double)(1L << 20)).ToString("0.00", CultureInfo.InvariantCulture) + " MiB",
+        >= 1L << 10 => (bytes / 1024.0).ToString("0.0", CultureInfo.InvariantCulture) + " KiB",
+        _ => bytes.ToString(CultureInfo.InvariantCulture) + " B",
+    };
+}

@@ -1,0 +1,161 @@
+using NativePeft.Modules;
+using NativePeft.Numerics;
+using NativePeft.Optim;
+using NativePeft.Quantization;
+
+namespace NativePeft.Planning;
+
+/// <summary>What is trained: every base parameter, LoRA on a 16-bit base, or LoRA on a 4-bit base.</summary>
+public enum FineTuneMethod
+{
+    Full,
+    Lora,
+    Qlora,
+}
+
+/// <summary>Which ops the plan is for; it decides where workspaces and paged optimizer state live.</summary>
+public enum PlanDevice
+{
+    /// <summary>
+    /// <see cref="Ops.GpuOps"/> (CUDA or the emulator): the cross-entropy chunk logits, attention backward's row sums
+    /// and gradient clipping's partial sums come from the pool; paged optimizer state is managed memory outside it.
+    /// </summary>
+    Gpu,
+    /// <summary>
+    /// <see cref="Ops.CpuOps"/>: the references use managed arrays for their workspace (not the pool); paged optimizer
+    /// state is plain pool memory (there is no managed memory).
+    /// </summary>
+    Cpu,
+}
+
+/// <summary>How a 4-bit weight's absmax is held on the device.</summary>
+public enum AbsmaxLayout
+{
+    /// <summary>One fp32 absmax per block: what <see cref="LlamaModel"/> does today (a double-quantized absmax is decoded on load).</summary>
+    DecodedF32,
+    /// <summary>
+    /// bitsandbytes' double quantization kept as stored: one byte per block, one fp32 nested absmax per 256 blocks,
+    /// the 256-entry fp32 nested map and the fp32 offset per tensor (≈ 0.127 bits per parameter at blocksize 64).
+    /// </summary>
+    DoubleQuantized,
+}
+
+/// <summary>
+/// The inputs of a <see cref="MemoryPlan"/>: method, LoRA shape, batch shape, recompute, optimizer, dtypes, device.
+/// The defaults are a LoRA r=16 (alpha 32) on all seven projections, batch 1, sequence 2048, no recompute, AdamW,
+/// F32 compute on a GPU (what the code runs today).
+/// </summary>
+public sealed record PlanOptions
+{
+    public FineTuneMethod Method { get; init; } = FineTuneMethod.Lora;
+    /// <summary>r, for lora and qlora.</summary>
+    public int Rank { get; init; } = 16;
+    /// <summary>lora_alpha (no effect on memory; carried to <see cref="ToModelOptions"/>).</summary>
+    public double Alpha { get; init; } = 32;
+    /// <summary>target_modules (short names, <see cref="LoraSettings.KnownTargets"/>).</summary>
+    public IReadOnlyList<string> Targets { get; init; } = LoraSettings.KnownTargets;
+    public int Batch { get; init; } = 1;
+    public int Seq { get; init; } = 2048;
+    /// <summary>Gradient checkpointing: keep only block inputs, recompute one block at a time in the backward.</summary>
+    public bool Recompute { get; init; }
+    /// <summary>adamw, paged-adamw, adamw8bit or paged-adamw8bit (<see cref="OptimizerFactory.Names"/>).</summary>
+    public string Optimizer { get; init; } = "adamw";
+    /// <summary>
+    /// Activations, the dequantization scratch, embeddings, norms and lm_head are in this dtype. F32 is what every
+    /// device runs today (F64 on the CPU for gradient checks); BF16 is the planned GPU path the published figures assume.
+    /// </summary>
+    public DType ComputeDType { get; init; } = DType.F32;
+    /// <summary>
+    /// The frozen projections' storage dtype for lora: null = BF16 (the published LoRA setup: a bf16 base); or the
+    /// compute dtype (no widening scratch). Ignored for full (compute dtype) and qlora (4-bit).
+    /// </summary>
+    public DType? BaseWeightDType { get; init; }
+    /// <summary>NF4 or FP4 for qlora.</summary>
+    public QuantType QuantType { get; init; } = QuantType.Nf4;
+    public int Blocksize { get; init; } = 64;
+    public bool DoubleQuant { get; init; } = true;
+    /// <summary>null: <see cref="AbsmaxLayout.DoubleQuantized"/> with BF16 compute (the planned GPU path dequantizes
+    /// bitsandbytes' layout directly) when <see cref="DoubleQuant"/>, <see cref="AbsmaxLayout.DecodedF32"/> otherwise
+    /// (what the loader does today).</summary>
+    public AbsmaxLayout? Absmax { get; init; }
+    /// <summary>Vocabulary rows per chunk of the fused cross-entropy (<see cref="LlamaModelOptions.CrossEntropyChunk"/>).</summary>
+    public int CrossEntropyChunk { get; init; } = 8192;
+    public PlanDevice Device { get; init; } = PlanDevice.Gpu;
+    /// <summary>Global-norm gradient clipping runs each step (its fp64 partial sums are a GPU workspace).</summary>
+    public bool ClipGradients { get; init; } = true;
+
+    /// <summary>The storage of the frozen projections with lora (resolved default).</summary>
+    public DType LoraBaseDType => BaseWeightDType ?? DType.BF16;
+
+    /// <summary>The absmax layout (resolved default).</summary>
+    public AbsmaxLayout ResolvedAbsmax => Absmax ?? (DoubleQuant && ComputeDType == DType.BF16 ? AbsmaxLayout.DoubleQuantized : AbsmaxLayout.DecodedF32);
+
+    public bool EightBitOptimizer => Optimizer.Contains("8bit", StringComparison.Ordinal);
+    public bool PagedOptimizer => Optimizer.StartsWith("paged-", StringComparison.Ordinal);
+
+    /// <summary>Throws ArgumentException naming the option for a value the plan cannot describe.</summary>
+    public void Validate()
+    {
+        if (!Enum.IsDefined(Method)) throw new ArgumentException($"method: {Method} is not one of full, lora, qlora", nameof(Method));
+        if (Batch <= 0) throw new ArgumentOutOfRangeException(nameof(Batch), Batch, $"batch {Batch} must be positive");
+        if (Seq <= 0) throw new ArgumentOutOfRangeException(nameof(Seq), Seq, $"seq {Seq} must be positive");
+        if ((long)Batch * Seq > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(Seq), $"batch·seq = {(long)Batch * Seq} tokens is too large");
+        if (!OptimizerFactory.Names.Contains(Optimizer))
+            throw new ArgumentException($"optimizer '{Optimizer}' is unknown: expected one of {string.Join(", ", OptimizerFactory.Names)}", nameof(Optimizer));
+        if (ComputeDType is not (DType.F32 or DType.BF16 or DType.F64))
+            throw new ArgumentException($"compute dtype {ComputeDType} is not supported (F32, BF16, or F64 on the CPU)", nameof(ComputeDType));
+        if (ComputeDType == DType.F64 && Device != PlanDevice.Cpu)
+            throw new ArgumentException("compute dtype F64 exists on the CPU only", nameof(ComputeDType));
+        if (ComputeDType == DType.BF16 && Device != PlanDevice.Gpu)
+            throw new ArgumentException("compute dtype BF16 is planned for the GPU only", nameof(ComputeDType));
+        if (BaseWeightDType is { } b && b != DType.BF16 && b != ComputeDType)
+            throw new ArgumentException($"base weight dtype {b} is not supported (BF16 or the compute dtype)", nameof(BaseWeightDType));
+        if (CrossEntropyChunk <= 0) throw new ArgumentOutOfRangeException(nameof(CrossEntropyChunk), CrossEntropyChunk, "must be positive");
+        if (Method != FineTuneMethod.Full)
+        {
+            new LoraSettings { Rank = Rank, Alpha = Alpha, TargetModules = Targets }.Validate();
+        }
+        if (Method == FineTuneMethod.Qlora)
+        {
+            Quant4Bit.ValidateBlocksize(Blocksize);
+            if (QuantType is not (QuantType.Nf4 or QuantType.Fp4))
+                throw new ArgumentException($"quant type {QuantType} is not a 4-bit type", nameof(QuantType));
+        }
+    }
+
+    /// <summary>
+    /// The <see cref="LlamaModelOptions"/> that build the model this plan describes (F32/F64 compute only: the model
+    /// does not run BF16 yet).
+    /// </summary>
+    public LlamaModelOptions ToModelOptions(int seed = 0)
+    {
+        Validate();
+        if (ComputeDType == DType.BF16)
+            throw new NotSupportedException("LlamaModel does not compute in BF16 yet; this plan is an estimate for the planned GPU path");
+        var lora = Method == FineTuneMethod.Full ? null : new LoraSettings { Rank = Rank, Alpha = Alpha, TargetModules = Targets };
+        return new LlamaModelOptions
+        {
+            ComputeDType = ComputeDType,
+            FullFineTuning = Method == FineTuneMethod.Full,
+            Lora = lora,
+            Quantization = Method != FineTuneMethod.Qlora ? BaseQuantization.None : QuantType == QuantType.Fp4 ? BaseQuantization.Fp4 : BaseQuantization.Nf4,
+            Blocksize = Blocksize,
+            DoubleQuant = DoubleQuant,
+            BaseWeightDType = Method == FineTuneMethod.Lora && LoraBaseDType != ComputeDType ? LoraBaseDType : null,
+            Recompute = Recompute,
+            CrossEntropyChunk = CrossEntropyChunk,
+            Seed = seed,
+        };
+    }
+
+    /// <summary>
+    /// The setup of the published figures (issue 5, the LoRA-vs-QLoRA article): BF16 compute on a GPU, a bf16 base
+    /// for lora and NF4 with double quantization for qlora, r=16 on all seven projections, batch 1, sequence 2048,
+    /// gradient checkpointing, AdamW.
+    /// </summary>
+    public static PlanOptions Published(FineTuneMethod method) => new()
+    {
+        Method = method, Rank = 16, Alpha = 32, Targets = LoraSettings.KnownTargets, Batch = 1, Seq = 2048, Recompute = true,
+        Optimizer = "adamw", ComputeDType = DType.BF16, Device = PlanDevice.Gpu,
+    };
+}

@@ -1,0 +1,140 @@
+using NativePeft.IO;
+using NativePeft.Modules;
+using NativePeft.Numerics;
+using NativePeft.Ops;
+using NativePeft.Optim;
+using NativePeft.Planning;
+using NativePeft.Quantization;
+using NativePeft.Tests.Ops;
+using NUnit.Framework;
+
+namespace NativePeft.Tests.Planning;
+
+/// <summary>
+/// The plan against what the code really allocates: a tiny model is built from <see cref="PlanOptions.ToModelOptions"/>
+/// on CpuOps and on GpuOps over the emulator (and CUDA where present), trained two steps (forward, backward, clipping, optimizer step), and
+/// every measured number must equal the plan to the byte: model.ParameterBytes, model.ActivationBytes, the optimizer's
+/// StateBytes / PagedStateBytes, the pool's peak after the first step (FirstStepPeakBytes) and after the second (TotalBytes).
+/// </summary>
+[TestFixture("cpu")]
+[TestFixture("emulator")]
+[TestFixture("cuda")]
+[Parallelizable(ParallelScope.None)]
+public class MemoryPlanExactnessTests(string device)
+{
+    /// <summary>
+    /// hidden 64, intermediate 128 (gate/up/down have 8192 elements: 8-bit optimizer state), 4 heads, 2 kv heads,
+    /// 2 layers, vocab 1600 (embed 102400 elements: paged state), llama3 rope scaling.
+    /// </summary>
+    private static readonly LlamaConfig Config = new()
+    {
+        HiddenSize = 64, IntermediateSize = 128, NumAttentionHeads = 4, NumKeyValueHeads = 2, HeadDim = 16,
+        NumHiddenLayers = 2, VocabSize = 1600, MaxPositionEmbeddings = 64, RmsNormEps = 1e-5, RopeTheta = 10000,
+        RopeScaling = new Llama3RopeScaling(8, 1, 4, 16),
+    };
+
+    private const int B = 2, T = 5;
+
+    public static IEnumerable<TestCaseData> Cases()
+    {
+        var baseOptions = new PlanOptions { Batch = B, Seq = T, Rank = 4, Alpha = 8, CrossEntropyChunk = 512 };
+        TestCaseData Case(string name, PlanOptions o) => new TestCaseData(o).SetArgDisplayNames(name);
+        foreach (bool recompute in new[] { false, true })
+        {
+            string r = recompute ? "-recompute" : "";
+            var b = baseOptions with { Recompute = recompute };
+            yield return Case("full-adamw" + r, b with { Method = FineTuneMethod.Full });
+            yield return Case("full-paged-adamw8bit" + r, b with { Method = FineTuneMethod.Full, Optimizer = "paged-adamw8bit" });
+            yield return Case("lora-f32base" + r, b with { Method = FineTuneMethod.Lora, BaseWeightDType = DType.F32 });
+            yield return Case("lora-bf16base-paged-adamw" + r, b with { Method = FineTuneMethod.Lora, Optimizer = "paged-adamw" });
+            yield return Case("qlora-nf4-dq" + r, b with { Method = FineTuneMethod.Qlora });
+            yield return Case("qlora-fp4-qv-adamw8bit" + r, b with
+            {
+                Method = FineTuneMethod.Qlora, QuantType = QuantType.Fp4, DoubleQuant = false, Targets = ["q_proj", "v_proj"], Optimizer = "adamw8bit",
+            });
+        }
+        yield return Case("full-noclip-chunk-above-vocab", baseOptions with { Method = FineTuneMethod.Full, ClipGradients = false, CrossEntropyChunk = 100_000 });
+        yield return Case("lora-batch1-seq40", baseOptions with { Method = FineTuneMethod.Lora, Batch = 1, Seq = 40, Rank = 8, Targets = ["down_proj"] });
+    }
+
+    private IOps CreateOps()
+    {
+        if (device == "cpu") return new CpuOps();
+        if (device == "emulator") return new GpuOps(TestGpus.CreateEmulated(), ownsGpu: true);
+        var cuda = TestGpus.TryCreateCuda(out string reason);
+        if (cuda is null) Assert.Ignore("no CUDA device: " + reason);
+        return new GpuOps(cuda!, ownsGpu: true);
+    }
+
+    private PlanDevice Device => device == "cpu" ? PlanDevice.Cpu : PlanDevice.Gpu;
+
+    private static (int[] Ids, int[] Labels) Batch(int batch, int seq)
+    {
+        var rng = new Random(17);
+        var ids = new int[batch * seq];
+        for (int i = 0; i < ids.Length; i++) ids[i] = rng.Next(Config.VocabSize);
+        var labels = (int[])ids.Clone();
+        labels[1] = -100;
+        return (ids, labels);
+    }
+
+    [TestCaseSource(nameof(Cases))]
+    public void MeasuredBytesEqualThePlan(PlanOptions options)
+    {
+        options = options with { Device = Device };
+        var plan = MemoryPlan.Compute(Config, options);
+        using var ops = CreateOps();
+        using var model = LlamaModel.CreateRandom(Config, ops, options.ToModelOptions(seed: 3), weightSeed: 5, std: 0.05);
+        Assert.That(model.ParameterBytes, Is.EqualTo(plan.ParameterBytes), "parameters + gradients + dequantization scratch");
+        using var optimizer = OptimizerFactory.Create(options.Optimizer, ops);
+        var (ids, labels) = Batch(options.Batch, options.Seq);
+
+        void Step()
+        {
+            model.ZeroGrad();
+            double loss = model.Forward(ids, labels, options.Batch, options.Seq);
+            Assert.That(double.IsFinite(loss), Is.True);
+            Assert.That(model.ActivationBytes, Is.EqualTo(plan.ActivationBytes), "activations after a forward");
+            model.Backward();
+            double scale = 1.0;
+            if (options.ClipGradients)
+                scale = GradientClipping.ClipCoefficient(GradientClipping.GlobalNorm(ops, model.TrainableParameters.Select(p => p.Grad)), 1.0);
+            optimizer.Step(model.TrainableParameters, 1e-3, scale);
+        }
+
+        Step();
+        Assert.Multiple(() =>
+        {
+            Assert.That(optimizer.StateBytes, Is.EqualTo(plan.OptimizerStateBytes + plan.PagedOptimizerStateBytes), "optimizer state");
+            Assert.That(optimizer.PagedStateBytes, Is.EqualTo(plan.PagedOptimizerStateBytes), "paged optimizer state");
+            Assert.That(ops.Memory.PeakAllocatedBytes, Is.EqualTo(plan.FirstStepPeakBytes), "pool peak over the first step");
+            Assert.That(ops.Memory.AllocatedBytes, Is.EqualTo(plan.TotalBytes - plan.TransientWorkspaceBytes), "pool in use between steps");
+        });
+        Step();
+        Assert.That(ops.Memory.PeakAllocatedBytes, Is.EqualTo(plan.TotalBytes), "pool peak in a steady step");
+    }
+
+    [Test]
+    public void TheCasesExerciseEveryCategory()
+    {
+        var plans = Cases().Select(c => MemoryPlan.Compute(Config, ((PlanOptions)c.Arguments[0]!) with { Device = Device })).ToList();
+        Assert.Multiple(() =>
+        {
+            Assert.That(plans.Any(p => p.QuantizationStateBytes > 0), "quantization state");
+            Assert.That(plans.Any(p => p.DequantScratchBytes > 0), "dequantization scratch");
+            Assert.That(plans.Any(p => p.LoraScratchBytes > 0), "LoRA scratch");
+            Assert.That(plans.Any(p => p.OptimizerStateBytes > 0 && p.Options.EightBitOptimizer && p.Options.Method == FineTuneMethod.Full), "8-bit state");
+            if (Device == PlanDevice.Gpu)
+            {
+                Assert.That(plans.Any(p => p.PagedOptimizerStateBytes > 0), "paged state");
+                Assert.That(plans.Any(p => p.OptimizerMapBytes > 0), "8-bit maps");
+                Assert.That(plans.Any(p => p.TransientWorkspaceBytes > p.OptimizerStateBytes + p.OptimizerMapBytes), "first-step peak set by a workspace");
+                Assert.That(plans.Any(p => p.TransientWorkspaceBytes < p.OptimizerStateBytes), "first-step peak set by the optimizer");
+            }
+            else
+            {
+                Assert.That(plans.All(p => p.PagedOptimizerStateBytes == 0 && p.TransientWorkspaceBytes == 0), "the CPU has no managed memory and no pool workspaces");
+            }
+        });
+    }
+}
