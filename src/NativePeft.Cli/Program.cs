@@ -18,6 +18,7 @@ public static class Program
             DemoCheckpointCommand.Create(stdout),
             BenchCommand.Create(stdout),
             EvalCommand.Create(stdout),
+            TrainCommand.Create(stdout),
         };
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         try
