@@ -29,7 +29,6 @@ public static class TrainCommand
         var data = new Option<string>("--data") { Description = "dataset file (pre-tokenized/text/alpaca JSONL, .txt) or 'builtin' for the built-in reverse task", Required = true };
         var evalData = new Option<FileInfo?>("--eval-data") { Description = "eval dataset file (same formats) for loss/perplexity; 'builtin' uses its own held-out split" };
         var method = new Option<string>("--method") { Description = "lora (bf16-stored base), qlora (NF4 double-quant base) or full", DefaultValueFactory = _ => "lora" };
-        method.AcceptOnlyFromAmong("lora", "qlora", "full");
         var rank = new Option<int>("--rank") { Description = "LoRA r", DefaultValueFactory = _ => 16 };
         var alpha = new Option<double>("--alpha") { Description = "lora_alpha", DefaultValueFactory = _ => 32 };
         var dropout = new Option<double>("--dropout") { Description = "lora_dropout", DefaultValueFactory = _ => 0.05 };
@@ -37,7 +36,6 @@ public static class TrainCommand
         var rslora = new Option<bool>("--rslora") { Description = "use_rslora: scale by alpha/sqrt(r)" };
         var lr = new Option<double>("--lr") { Description = "peak learning rate", DefaultValueFactory = _ => 2e-4 };
         var schedule = new Option<string>("--schedule") { Description = "constant|linear|cosine (after the warmup)", DefaultValueFactory = _ => "cosine" };
-        schedule.AcceptOnlyFromAmong("constant", "linear", "cosine");
         var warmup = new Option<int>("--warmup") { Description = "linear warmup steps", DefaultValueFactory = _ => 0 };
         var steps = new Option<int?>("--steps") { Description = "optimizer steps (default: 1 epoch)" };
         var epochs = new Option<double?>("--epochs") { Description = "passes over the data (instead of --steps)" };
@@ -46,7 +44,6 @@ public static class TrainCommand
         var seq = new Option<int>("--seq") { Description = "sequence length (longer examples are truncated)", DefaultValueFactory = _ => 128 };
         var seed = new Option<int>("--seed") { Description = "seed of data order, LoRA init and dropout", DefaultValueFactory = _ => 0 };
         var optim = new Option<string>("--optim") { Description = string.Join('|', OptimizerFactory.Names), DefaultValueFactory = _ => "adamw" };
-        optim.AcceptOnlyFromAmong([.. OptimizerFactory.Names]);
         var maxGradNorm = new Option<double>("--max-grad-norm") { Description = "global-norm clipping (0 = off)", DefaultValueFactory = _ => 1.0 };
         var evalEvery = new Option<int>("--eval-every") { Description = "evaluate every N steps (0 = at the end only)", DefaultValueFactory = _ => 0 };
         var evalBatches = new Option<int>("--eval-batches") { Description = "eval batches per evaluation (0 = all)", DefaultValueFactory = _ => 0 };
@@ -81,7 +78,11 @@ public static class TrainCommand
 
     public static int Run(Args a, TextWriter stdout, CancellationToken externalCancel = default)
     {
-        // ---- the options on their own
+        // ---- the options on their own (choices checked here so that the message names the option)
+        string[] methods = ["lora", "qlora", "full"], schedules = ["constant", "linear", "cosine"];
+        if (!methods.Contains(a.Method)) throw new CliException($"--method {a.Method}: expected one of {string.Join(", ", methods)}");
+        if (!schedules.Contains(a.Schedule)) throw new CliException($"--schedule {a.Schedule}: expected one of {string.Join(", ", schedules)}");
+        if (!OptimizerFactory.Names.Contains(a.Optim)) throw new CliException($"--optim {a.Optim}: expected one of {string.Join(", ", OptimizerFactory.Names)}");
         if (a.Steps is not null && a.Epochs is not null) throw new CliException("--steps and --epochs: give one of them, not both");
         if (a.Steps is <= 0) throw new CliException($"--steps {a.Steps}: must be positive");
         if (a.Epochs is double ep && !(ep > 0)) throw new CliException($"--epochs {ep}: must be positive");
@@ -203,10 +204,11 @@ public static class TrainCommand
         }
         using var _model = llama;
         // Plain output (files, pipes, tests): one line per step and per evaluation. On a terminal a Spectre bar replaces it.
+        int lastEvalShown = -1;
         Action<TrainerProgress> sink = p =>
         {
             stdout.WriteLine(StepLine(p));
-            if (p.Eval is { } e) stdout.WriteLine(EvalLine(e));
+            if (p.Eval is { } e) { stdout.WriteLine(EvalLine(e)); lastEvalShown = e.Step; }
         };
         using var trainer = new Trainer(llama, trainingData, trainerOptions, NullLogger<Trainer>.Instance,
             new ActionProgress<TrainerProgress>(p => sink(p)));
@@ -234,7 +236,11 @@ public static class TrainCommand
         try
         {
             bool terminal = ReferenceEquals(stdout, Console.Out) && !Console.IsOutputRedirected;
-            result = terminal ? TrainWithBar(trainer, stdout, s => sink = s, cts.Token) : trainer.Train(cts.Token);
+            result = terminal ? TrainWithBar(trainer, stdout, bar => sink = p =>
+            {
+                bar(p);
+                if (p.Eval is { } e) lastEvalShown = e.Step;
+            }, cts.Token) : trainer.Train(cts.Token);
         }
         catch (TrainingDivergedException e)
         {
@@ -247,7 +253,7 @@ public static class TrainCommand
             stdout.WriteLine($"interrupted after step {result.Steps}: saved {result.LastCheckpoint}; continue with --resume {result.LastCheckpoint}");
             return ExitInterrupted;
         }
-        if (result.FinalEval is { } ev) stdout.WriteLine(EvalLine(ev));
+        if (result.FinalEval is { } ev && ev.Step != lastEvalShown) stdout.WriteLine(EvalLine(ev));
         stdout.WriteLine($"wrote {result.FinalOutput}");
         stdout.WriteLine($"metrics: {result.MetricsPath}");
         return 0;
