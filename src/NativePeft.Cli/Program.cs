@@ -19,6 +19,7 @@ public static class Program
             BenchCommand.Create(stdout),
             EvalCommand.Create(stdout),
             EstimateCommand.Create(stdout),
+            TrainCommand.Create(stdout),
         };
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         try

@@ -1,0 +1,304 @@
+using System.CommandLine;
+using System.Globalization;
+using Microsoft.Extensions.Logging.Abstractions;
+using NativePeft.Data;
+using NativePeft.IO;
+using NativePeft.Modules;
+using NativePeft.Numerics;
+using NativePeft.Ops;
+using NativePeft.Optim;
+using NativePeft.Training;
+using Spectre.Console;
+
+namespace NativePeft.Cli.Commands;
+
+/// <summary>
+/// `nativepeft train`: LoRA, QLoRA (NF4 double-quant base) or full fine-tuning of a HF Llama folder on a dataset file
+/// (any <see cref="DatasetLoader"/> format) or the built-in task, with the <see cref="Trainer"/>. Writes checkpoints,
+/// metrics.json and the final adapter (or model) into --out. Every input is checked before --out is created, so bad
+/// input leaves nothing behind. Ctrl-C finishes the current step, saves a checkpoint and exits with 130.
+/// </summary>
+public static class TrainCommand
+{
+    public const int ExitDiverged = 3;
+    public const int ExitInterrupted = 130;
+
+    public static Command Create(TextWriter stdout)
+    {
+        var model = new Option<DirectoryInfo>("--model") { Description = "HF Llama checkpoint folder (config.json + safetensors, tokenizer)", Required = true };
+        var data = new Option<string>("--data") { Description = "dataset file (pre-tokenized/text/alpaca JSONL, .txt) or 'builtin' for the built-in reverse task", Required = true };
+        var evalData = new Option<FileInfo?>("--eval-data") { Description = "eval dataset file (same formats) for loss/perplexity; 'builtin' uses its own held-out split" };
+        var method = new Option<string>("--method") { Description = "lora (bf16-stored base), qlora (NF4 double-quant base) or full", DefaultValueFactory = _ => "lora" };
+        var rank = new Option<int>("--rank") { Description = "LoRA r", DefaultValueFactory = _ => 16 };
+        var alpha = new Option<double>("--alpha") { Description = "lora_alpha", DefaultValueFactory = _ => 32 };
+        var dropout = new Option<double>("--dropout") { Description = "lora_dropout", DefaultValueFactory = _ => 0.05 };
+        var targets = new Option<string>("--targets") { Description = "comma-separated target modules", DefaultValueFactory = _ => string.Join(',', LoraSettings.KnownTargets) };
+        var rslora = new Option<bool>("--rslora") { Description = "use_rslora: scale by alpha/sqrt(r)" };
+        var lr = new Option<double>("--lr") { Description = "peak learning rate", DefaultValueFactory = _ => 2e-4 };
+        var schedule = new Option<string>("--schedule") { Description = "constant|linear|cosine (after the warmup)", DefaultValueFactory = _ => "cosine" };
+        var warmup = new Option<int>("--warmup") { Description = "linear warmup steps", DefaultValueFactory = _ => 0 };
+        var steps = new Option<int?>("--steps") { Description = "optimizer steps (default: 1 epoch)" };
+        var epochs = new Option<double?>("--epochs") { Description = "passes over the data (instead of --steps)" };
+        var batch = new Option<int>("--batch") { Description = "rows per micro-batch", DefaultValueFactory = _ => 4 };
+        var gradAccum = new Option<int>("--grad-accum") { Description = "micro-batches per optimizer step (token-weighted)", DefaultValueFactory = _ => 1 };
+        var seq = new Option<int>("--seq") { Description = "sequence length (longer examples are truncated)", DefaultValueFactory = _ => 128 };
+        var seed = new Option<int>("--seed") { Description = "seed of data order, LoRA init and dropout", DefaultValueFactory = _ => 0 };
+        var optim = new Option<string>("--optim") { Description = string.Join('|', OptimizerFactory.Names), DefaultValueFactory = _ => "adamw" };
+        var maxGradNorm = new Option<double>("--max-grad-norm") { Description = "global-norm clipping (0 = off)", DefaultValueFactory = _ => 1.0 };
+        var evalEvery = new Option<int>("--eval-every") { Description = "evaluate every N steps (0 = at the end only)", DefaultValueFactory = _ => 0 };
+        var evalBatches = new Option<int>("--eval-batches") { Description = "eval batches per evaluation (0 = all)", DefaultValueFactory = _ => 0 };
+        var saveEvery = new Option<int>("--save-every") { Description = "write checkpoint-<step>/ every N steps (0 = never)", DefaultValueFactory = _ => 0 };
+        var resume = new Option<DirectoryInfo?>("--resume") { Description = "continue from a checkpoint-<step> folder" };
+        var device = DeviceOption.Create("cpu", "cpu (the C# reference), or the kernels on auto|cuda|emulator");
+        var output = new Option<DirectoryInfo>("--out") { Description = "output folder (new or empty, or the run's own folder with --resume)", Required = true };
+        var cmd = new Command("train", "Fine-tune a Llama checkpoint with LoRA, QLoRA or full fine-tuning")
+        {
+            model, data, evalData, method, rank, alpha, dropout, targets, rslora, lr, schedule, warmup, steps, epochs, batch, gradAccum,
+            seq, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, output,
+        };
+        cmd.SetAction((parse, cancel) =>
+        {
+            var a = new Args(
+                parse.GetValue(model)!.FullName, parse.GetValue(data)!, parse.GetValue(evalData)?.FullName, parse.GetValue(method)!,
+                parse.GetValue(rank), parse.GetValue(alpha), parse.GetValue(dropout), parse.GetValue(targets)!, parse.GetValue(rslora),
+                parse.GetValue(lr), parse.GetValue(schedule)!, parse.GetValue(warmup), parse.GetValue(steps), parse.GetValue(epochs),
+                parse.GetValue(batch), parse.GetValue(gradAccum), parse.GetValue(seq), parse.GetValue(seed), parse.GetValue(optim)!,
+                parse.GetValue(maxGradNorm), parse.GetValue(evalEvery), parse.GetValue(evalBatches), parse.GetValue(saveEvery),
+                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName);
+            return Task.FromResult(Run(a, stdout, cancel));
+        });
+        return cmd;
+    }
+
+    /// <summary>The parsed options.</summary>
+    public sealed record Args(string Model, string Data, string? EvalData, string Method, int Rank, double Alpha, double Dropout,
+        string Targets, bool RsLora, double Lr, string Schedule, int Warmup, int? Steps, double? Epochs, int Batch, int GradAccum,
+        int Seq, int Seed, string Optim, double MaxGradNorm, int EvalEvery, int EvalBatches, int SaveEvery, string? Resume,
+        string Device, string Out);
+
+    public static int Run(Args a, TextWriter stdout, CancellationToken externalCancel = default)
+    {
+        // ---- the options on their own (choices checked here so that the message names the option)
+        string[] methods = ["lora", "qlora", "full"], schedules = ["constant", "linear", "cosine"];
+        if (!methods.Contains(a.Method)) throw new CliException($"--method {a.Method}: expected one of {string.Join(", ", methods)}");
+        if (!schedules.Contains(a.Schedule)) throw new CliException($"--schedule {a.Schedule}: expected one of {string.Join(", ", schedules)}");
+        if (!OptimizerFactory.Names.Contains(a.Optim)) throw new CliException($"--optim {a.Optim}: expected one of {string.Join(", ", OptimizerFactory.Names)}");
+        if (a.Steps is not null && a.Epochs is not null) throw new CliException("--steps and --epochs: give one of them, not both");
+        if (a.Steps is <= 0) throw new CliException($"--steps {a.Steps}: must be positive");
+        if (a.Epochs is double ep && !(ep > 0)) throw new CliException($"--epochs {ep}: must be positive");
+        Positive("--batch", a.Batch);
+        Positive("--grad-accum", a.GradAccum);
+        if (a.Seq < 2) throw new CliException($"--seq {a.Seq}: must be at least 2");
+        if (!(a.Lr >= 0) || !double.IsFinite(a.Lr)) throw new CliException($"--lr {a.Lr}: must be a finite number >= 0");
+        NonNegative("--warmup", a.Warmup);
+        NonNegative("--eval-every", a.EvalEvery);
+        NonNegative("--eval-batches", a.EvalBatches);
+        NonNegative("--save-every", a.SaveEvery);
+        if (!(a.MaxGradNorm >= 0)) throw new CliException($"--max-grad-norm {a.MaxGradNorm}: must be >= 0 (0 = off)");
+        LoraSettings? lora = null;
+        if (a.Method != "full")
+        {
+            if (a.Rank <= 0) throw new CliException($"--rank {a.Rank}: the LoRA rank must be positive");
+            if (a.Dropout is < 0 or >= 1 || double.IsNaN(a.Dropout)) throw new CliException($"--dropout {a.Dropout}: must be in [0, 1)");
+            if (!double.IsFinite(a.Alpha)) throw new CliException($"--alpha {a.Alpha}: must be a finite number");
+            var list = a.Targets.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Distinct().ToList();
+            if (list.Count == 0) throw new CliException($"--targets: name at least one of {string.Join(", ", LoraSettings.KnownTargets)}");
+            foreach (var t in list)
+                if (!LoraSettings.KnownTargets.Contains(t))
+                    throw new CliException($"--targets: unknown module \"{t}\"; known: {string.Join(", ", LoraSettings.KnownTargets)}");
+            lora = new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, Dropout = a.Dropout, UseRsLora = a.RsLora, TargetModules = list };
+        }
+
+        // ---- files
+        if (!Directory.Exists(a.Model)) throw new CliException($"--model {a.Model}: folder not found");
+        if (!File.Exists(Path.Combine(a.Model, LlamaConfig.FileName)))
+            throw new CliException($"--model {a.Model}: no {LlamaConfig.FileName} (not a Hugging Face model folder)");
+        bool builtin = a.Data == BuiltinTask.DataName;
+        if (!builtin && !File.Exists(a.Data)) throw new CliException($"--data {a.Data}: file not found (or use --data builtin)");
+        if (a.EvalData is not null && !File.Exists(a.EvalData)) throw new CliException($"--eval-data {a.EvalData}: file not found");
+        if (a.Resume is not null && !File.Exists(Path.Combine(a.Resume, Trainer.StateFileName)))
+            throw new CliException($"--resume {a.Resume}: not a checkpoint folder (no {Trainer.StateFileName})");
+        if (File.Exists(a.Out)) throw new CliException($"--out {a.Out}: is a file");
+        if (a.Resume is null && Directory.Exists(a.Out) && Directory.EnumerateFileSystemEntries(a.Out).Any())
+            throw new CliException($"--out {a.Out}: the folder exists and is not empty (choose a new one, or --resume a checkpoint)");
+
+        HfCheckpoint ckpt;
+        ITokenizer tokenizer;
+        TrainingData trainingData;
+        try
+        {
+            ckpt = HfCheckpoint.Open(a.Model);
+        }
+        catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
+        {
+            throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
+        }
+        using var _ckpt = ckpt;
+        try
+        {
+            tokenizer = TokenizerLoader.FromFolder(a.Model);
+        }
+        catch (Exception e) when (e is IOException or InvalidDataException or NotSupportedException)
+        {
+            throw new CliException($"--model {a.Model}: tokenizer: {e.Message}", 1, e);
+        }
+        if (tokenizer.VocabSize > ckpt.Config.VocabSize)
+            throw new CliException($"--model {a.Model}: the tokenizer has {tokenizer.VocabSize} ids, the model's vocab_size is {ckpt.Config.VocabSize}");
+        try
+        {
+            if (builtin)
+            {
+                if (tokenizer.EosId is null) throw new CliException("--data builtin: the tokenizer has no eos token");
+                trainingData = TrainingData.Builtin(BuiltinTask.Generate(), tokenizer);
+            }
+            else
+            {
+                var train = DatasetLoader.Load(a.Data, DataFormat.Auto, tokenizer, a.Seq);
+                if (train.Count == 0) throw new CliException($"--data {a.Data}: no examples");
+                IReadOnlyList<TrainingExample>? eval = a.EvalData is null ? null : DatasetLoader.Load(a.EvalData, DataFormat.Auto, tokenizer, a.Seq).Examples;
+                trainingData = new TrainingData(train.Examples, tokenizer) { Eval = eval };
+            }
+        }
+        catch (DataFormatException e) { throw new CliException($"{(e.FilePath == a.EvalData ? "--eval-data" : "--data")} {e.Message}", 1, e); }
+        catch (IOException e)
+        {
+            throw new CliException($"--data {a.Data}: {e.Message}", 1, e);
+        }
+        foreach (var ex in trainingData.Train.Concat(trainingData.Eval ?? []))
+            foreach (int id in ex.InputIds)
+                if (id < 0 || id >= ckpt.Config.VocabSize)
+                    throw new CliException($"--data {a.Data}: token id {id} is outside the model's vocabulary [0, {ckpt.Config.VocabSize})");
+
+        var modelOptions = new LlamaModelOptions
+        {
+            Seed = a.Seed,
+            Lora = lora,
+            FullFineTuning = a.Method == "full",
+            Quantization = a.Method == "qlora" ? BaseQuantization.Nf4 : BaseQuantization.None,
+            DoubleQuant = true,
+            BaseWeightDType = a.Method == "lora" ? DType.BF16 : null,
+        };
+        var trainerOptions = new TrainerOptions
+        {
+            Steps = a.Steps, Epochs = a.Steps is null ? a.Epochs ?? 1 : null, BatchSize = a.Batch, GradAccum = a.GradAccum, SeqLen = a.Seq,
+            Lr = a.Lr, Schedule = LrSchedule.Parse(a.Schedule), WarmupSteps = a.Warmup, MaxGradNorm = a.MaxGradNorm,
+            EvalEvery = a.EvalEvery, EvalBatches = a.EvalBatches, SaveEvery = a.SaveEvery, Seed = a.Seed, Optimizer = a.Optim,
+            OutputDir = a.Out, BaseModelNameOrPath = a.Model,
+            ExtraConfig = new Dictionary<string, string> { ["model"] = a.Model, ["data"] = a.Data, ["device"] = a.Device, ["method"] = a.Method },
+        };
+
+        var gpu = DeviceOption.Open(a.Device);
+        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true);
+        LlamaModel llama;
+        try
+        {
+            llama = LlamaModel.Load(ckpt, ops, modelOptions);
+        }
+        catch (ArgumentOutOfRangeException e) when (e.ParamName == nameof(LoraSettings.Rank))
+        {
+            throw new CliException($"--rank {a.Rank}: {e.Message.Split(" (Parameter")[0]}", 1, e);
+        }
+        catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
+        {
+            throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
+        }
+        using var _model = llama;
+        // Plain output (files, pipes, tests): one line per step and per evaluation. On a terminal a Spectre bar replaces it.
+        int lastEvalShown = -1;
+        Action<TrainerProgress> sink = p =>
+        {
+            stdout.WriteLine(StepLine(p));
+            if (p.Eval is { } e) { stdout.WriteLine(EvalLine(e)); lastEvalShown = e.Step; }
+        };
+        using var trainer = new Trainer(llama, trainingData, trainerOptions, NullLogger<Trainer>.Instance,
+            new ActionProgress<TrainerProgress>(p => sink(p)));
+        if (a.Resume is not null)
+        {
+            try { trainer.Resume(a.Resume); }
+            catch (Exception e) when (e is InvalidDataException or IOException or PeftAdapterException or ArgumentException or SafetensorsException)
+            {
+                throw new CliException($"--resume {a.Resume}: {e.Message}", 1, e);
+            }
+        }
+
+        stdout.WriteLine($"train: {a.Method} on {a.Model} ({ckpt.Config.NumHiddenLayers} layers, hidden {ckpt.Config.HiddenSize}), {trainingData.Train.Count} examples, " +
+            $"{trainer.TotalSteps} steps of {a.GradAccum}×{a.Batch}×{a.Seq}, {llama.TrainableParameters.Sum(p => p.Param.Count)} trainable parameters, {a.Device}");
+        if (a.Resume is not null) stdout.WriteLine($"resumed at step {trainer.Step} from {a.Resume}");
+
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(externalCancel);
+        ConsoleCancelEventHandler onCancel = (_, e) =>
+        {
+            e.Cancel = true; // finish the step, save, exit cleanly
+            cts.Cancel();
+        };
+        Console.CancelKeyPress += onCancel;
+        TrainResult result;
+        try
+        {
+            bool terminal = ReferenceEquals(stdout, Console.Out) && !Console.IsOutputRedirected;
+            result = terminal ? TrainWithBar(trainer, stdout, bar => sink = p =>
+            {
+                bar(p);
+                if (p.Eval is { } e) lastEvalShown = e.Step;
+            }, cts.Token) : trainer.Train(cts.Token);
+        }
+        catch (TrainingDivergedException e)
+        {
+            throw new CliException(e.Message + (e.LastCheckpoint is null ? "" : $" (resume with --resume {e.LastCheckpoint} and a lower --lr)"), ExitDiverged, e);
+        }
+        finally { Console.CancelKeyPress -= onCancel; }
+
+        if (result.Cancelled)
+        {
+            stdout.WriteLine($"interrupted after step {result.Steps}: saved {result.LastCheckpoint}; continue with --resume {result.LastCheckpoint}");
+            return ExitInterrupted;
+        }
+        if (result.FinalEval is { } ev && ev.Step != lastEvalShown) stdout.WriteLine(EvalLine(ev));
+        stdout.WriteLine($"wrote {result.FinalOutput}");
+        stdout.WriteLine($"metrics: {result.MetricsPath}");
+        return 0;
+    }
+
+    private static void Positive(string name, int v)
+    {
+        if (v <= 0) throw new CliException($"{name} {v}: must be positive");
+    }
+
+    private static void NonNegative(string name, int v)
+    {
+        if (v < 0) throw new CliException($"{name} {v}: must be >= 0");
+    }
+
+    internal static string StepLine(TrainerProgress p) =>
+        string.Create(CultureInfo.InvariantCulture, $"step {p.Step}/{p.TotalSteps}  loss {p.Loss:F4}  lr {p.Lr:0.000e+00}  grad_norm {p.GradNorm:F3}  tok/s {p.TokensPerSecond:F0}  ") +
+        $"mem {Output.Bytes(p.AllocatedBytes)}  peak {Output.Bytes(p.PeakBytes)}  eta {Eta(p.Eta)}";
+
+    internal static string EvalLine(EvalMetrics e) =>
+        string.Create(CultureInfo.InvariantCulture, $"eval @ step {e.Step}: loss {e.Loss:F4}  perplexity {e.Perplexity:F3}") +
+        (e.ExactMatch is double x ? string.Create(CultureInfo.InvariantCulture, $"  exact match {x:P1} of {e.ExactMatchCount}") : "");
+
+    private static string Eta(TimeSpan? eta) => eta is { } t ? t.ToString(t.TotalHours >= 1 ? @"h\:mm\:ss" : @"m\:ss", CultureInfo.InvariantCulture) : "?";
+
+    /// <summary>A Spectre progress bar (step, loss, lr, tokens/s, memory, ETA) fed by the trainer's progress callback.</summary>
+    private static TrainResult TrainWithBar(Trainer trainer, TextWriter stdout, Action<Action<TrainerProgress>> setSink, CancellationToken ct)
+    {
+        var console = Output.Console(stdout);
+        TrainResult? result = null;
+        console.Progress()
+            .Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
+            .Start(ctx =>
+            {
+                var task = ctx.AddTask("training", maxValue: trainer.TotalSteps);
+                task.Value = trainer.Step;
+                setSink(p =>
+                {
+                    task.Value = p.Step;
+                    task.Description = Markup.Escape(string.Create(CultureInfo.InvariantCulture,
+                        $"step {p.Step}/{p.TotalSteps} loss {p.Loss:F4} lr {p.Lr:0.00e+00} tok/s {p.TokensPerSecond:F0} mem {Output.Bytes(p.PeakBytes)}"));
+                    if (p.Eval is { } e) console.MarkupLine(Markup.Escape(EvalLine(e)));
+                });
+                result = trainer.Train(ct);
+            });
+        return result!;
+    }
+}
