@@ -4,6 +4,8 @@ using Microsoft.Extensions.Logging.Abstractions;
 using NativePeft.Data;
 using NativePeft.IO;
 using NativePeft.Modules;
+using NativePeft.Runtime;
+using NativePeft.Planning;
 using NativePeft.Numerics;
 using NativePeft.Ops;
 using NativePeft.Optim;
@@ -50,11 +52,12 @@ public static class TrainCommand
         var saveEvery = new Option<int>("--save-every") { Description = "write checkpoint-<step>/ every N steps (0 = never)", DefaultValueFactory = _ => 0 };
         var resume = new Option<DirectoryInfo?>("--resume") { Description = "continue from a checkpoint-<step> folder" };
         var device = DeviceOption.Create("cpu", "cpu (the C# reference), or the kernels on auto|cuda|emulator");
+        var recompute = new Option<bool>("--recompute") { Description = "gradient checkpointing: keep only each block's input, recompute the block in the backward" };
         var output = new Option<DirectoryInfo>("--out") { Description = "output folder (new or empty, or the run's own folder with --resume)", Required = true };
         var cmd = new Command("train", "Fine-tune a Llama checkpoint with LoRA, QLoRA or full fine-tuning")
         {
             model, data, evalData, method, rank, alpha, dropout, targets, rslora, lr, schedule, warmup, steps, epochs, batch, gradAccum,
-            seq, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, output,
+            seq, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, recompute, output,
         };
         cmd.SetAction((parse, cancel) =>
         {
@@ -64,7 +67,7 @@ public static class TrainCommand
                 parse.GetValue(lr), parse.GetValue(schedule)!, parse.GetValue(warmup), parse.GetValue(steps), parse.GetValue(epochs),
                 parse.GetValue(batch), parse.GetValue(gradAccum), parse.GetValue(seq), parse.GetValue(seed), parse.GetValue(optim)!,
                 parse.GetValue(maxGradNorm), parse.GetValue(evalEvery), parse.GetValue(evalBatches), parse.GetValue(saveEvery),
-                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName);
+                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute) };
             return Task.FromResult(Run(a, stdout, cancel));
         });
         return cmd;
@@ -74,7 +77,10 @@ public static class TrainCommand
     public sealed record Args(string Model, string Data, string? EvalData, string Method, int Rank, double Alpha, double Dropout,
         string Targets, bool RsLora, double Lr, string Schedule, int Warmup, int? Steps, double? Epochs, int Batch, int GradAccum,
         int Seq, int Seed, string Optim, double MaxGradNorm, int EvalEvery, int EvalBatches, int SaveEvery, string? Resume,
-        string Device, string Out);
+        string Device, string Out)
+    {
+        public bool Recompute { get; init; }
+    }
 
     public static int Run(Args a, TextWriter stdout, CancellationToken externalCancel = default)
     {
@@ -177,6 +183,7 @@ public static class TrainCommand
             Quantization = a.Method == "qlora" ? BaseQuantization.Nf4 : BaseQuantization.None,
             DoubleQuant = true,
             BaseWeightDType = a.Method == "lora" ? DType.BF16 : null,
+            Recompute = a.Recompute,
         };
         var trainerOptions = new TrainerOptions
         {
@@ -188,6 +195,22 @@ public static class TrainCommand
         };
 
         var gpu = DeviceOption.Open(a.Device);
+        if (gpu is CudaGpu)
+        {
+            // Fail before the first step, with the options that would fit, when the plan exceeds the free device memory.
+            var plan = MemoryPlan.Compute(ckpt.Config, new PlanOptions
+            {
+                Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
+                Rank = a.Rank, Alpha = a.Alpha, Targets = lora?.TargetModules ?? LoraSettings.KnownTargets, Batch = a.Batch, Seq = a.Seq,
+                Recompute = a.Recompute, Optimizer = a.Optim, ComputeDType = modelOptions.ComputeDType, BaseWeightDType = modelOptions.BaseWeightDType,
+                ClipGradients = a.MaxGradNorm > 0,
+            });
+            if (plan.DoesNotFitMessage(gpu.MemoryInfo().Free) is { } message)
+            {
+                gpu.Dispose();
+                throw new CliException($"--device {a.Device}: the run {message}");
+            }
+        }
         using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true);
         LlamaModel llama;
         try

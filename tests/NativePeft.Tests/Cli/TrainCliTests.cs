@@ -74,6 +74,22 @@ public class TrainCliTests
     }
 
     [Test]
+    public void RecomputeGivesTheSameLossesAndTheEmulatorTheCpusWithinFp32()
+    {
+        using var dir = CliProcess.TempDir();
+        string model = WriteModel(dir), data = WriteData(dir);
+        var plain = CliProcess.Run(Args(model, data, dir["plain"], "--steps", "3", "--dropout", "0.1"));
+        var recompute = CliProcess.Run(Args(model, data, dir["recompute"], "--steps", "3", "--dropout", "0.1", "--recompute"));
+        var emulated = CliProcess.Run(Args(model, data, dir["emulated"], "--steps", "3", "--dropout", "0.1", "--device", "emulator"));
+        foreach (var r in new[] { plain, recompute, emulated }) Assert.That(r.ExitCode, Is.EqualTo(0), r.ToString());
+        Assert.That(Losses(dir["recompute"]), Is.EqualTo(Losses(dir["plain"])), "gradient checkpointing recomputes the same values, bit for bit");
+        var cpu = Losses(dir["plain"]);
+        var emu = Losses(dir["emulated"]);
+        for (int i = 0; i < cpu.Length; i++)
+            Assert.That(emu[i], Is.EqualTo(cpu[i]).Within(1e-4 * cpu[i]), $"step {i + 1}: the kernels on the emulator vs the CPU reference");
+    }
+
+    [Test]
     public void QloraFullAndBuiltin()
     {
         using var dir = CliProcess.TempDir();
