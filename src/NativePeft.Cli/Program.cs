@@ -1,5 +1,6 @@
 using System.CommandLine;
 using NativePeft.Cli.Commands;
+using NativePeft.Runtime;
 
 namespace NativePeft.Cli;
 
@@ -38,6 +39,15 @@ public static class Program
         {
             stderr.WriteLine("error: " + e.Message);
             return e.ExitCode;
+        }
+        catch (Exception e) when (e is CudaException or CublasException or EmulatorException or OutOfMemoryException)
+        {
+            // A device failure mid-run (out of memory after the plan check, a failing cuBLAS call, a kernel fault):
+            // one line for the user, not a stack trace.
+            stderr.WriteLine("error: " + e.Message + (e is OutOfMemoryException || (e is CudaException c && c.Result == CuResult.OutOfMemory)
+                ? " (try --recompute, a smaller --batch or --seq, or --method qlora; `nativepeft estimate` shows the plan)"
+                : ""));
+            return 1;
         }
     }
 }

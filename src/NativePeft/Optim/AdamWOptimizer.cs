@@ -119,7 +119,8 @@ public abstract class AdamWOptimizer : IOptimizer
         {
             long bytes = count * dtype.ElementSize();
             var ptr = _gpu.AllocManaged(bytes);
-            _gpu.Memset(ptr, 0, bytes);
+            try { _gpu.Memset(ptr, 0, bytes); }
+            catch { _gpu.Free(ptr); throw; }
             return new Buffer(new Tensor(ptr, dtype, n), managed: true);
         }
         return new Buffer(_ops.Memory.Allocate(dtype, n), managed: false);
