@@ -123,7 +123,7 @@ public static class MergeCommand
                              $"into {Path.GetFileName(model)}{(quantized ? " (4-bit base dequantized to fp32 before merging)" : "")}");
             stdout.WriteLine($"wrote {tensors} tensors in {outDType.TorchName()}, " +
                              $"{Output.Bytes(weightBytes)} ({weightBytes.ToString(CultureInfo.InvariantCulture)} bytes) in {shards.Count} shard{(shards.Count == 1 ? "" : "s")}" +
-                             $" (max {Output.Bytes(maxShardBytes)}), {files.Length} files, {Output.Bytes(totalBytes)} in all, in {watch.Elapsed.TotalSeconds:0.0} s");
+                             $" (--max-shard-size {maxShardText}), {files.Length} files, {Output.Bytes(totalBytes)} in all, in {watch.Elapsed.TotalSeconds:0.0} s");
             stdout.WriteLine($"merged model: {outPath}");
         }
         return 0;

@@ -110,7 +110,7 @@ public class MergeCliTests
         double merged = MergedLoss(dir["merged"]);
         Assert.That(merged, Is.EqualTo(adapterLoss).Within(tol));
         Assert.That(merged, Is.Not.EqualTo(MergedLoss(baseDir)).Within(1e-3), "the adapter changes the model (test is not vacuous)");
-        TestContext.Out.WriteLine($"{baseKind} → {dtypeName}: |Δloss| = {Math.Abs(merged - adapterLoss):E2}");
+        TestContext.Out.WriteLine(r.Stdout + $"{baseKind} → {dtypeName}: |Δloss| = {Math.Abs(merged - adapterLoss):E2}");
     }
 
     /// <summary>Options from a YAML config file, with --dtype from the command line overriding the file's.</summary>
