@@ -21,10 +21,12 @@ public static class Program
             EvalCommand.Create(stdout),
             EstimateCommand.Create(stdout),
             TrainCommand.Create(stdout),
+            MergeCommand.Create(stdout),
         };
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         try
         {
+            args = ConfigFile.Expand(root, args); // --config FILE: the file's options before the command line's
             var parsed = root.Parse(args);
             if (parsed.Errors.Count > 0)
             {
