@@ -20,6 +20,7 @@ public static class Program
             EvalCommand.Create(stdout),
             EstimateCommand.Create(stdout),
             TrainCommand.Create(stdout),
+            PretrainCommand.Create(stdout),
         };
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         try
