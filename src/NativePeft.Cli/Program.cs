@@ -22,6 +22,7 @@ public static class Program
             EstimateCommand.Create(stdout),
             TrainCommand.Create(stdout),
             MergeCommand.Create(stdout),
+            PretrainCommand.Create(stdout),
         };
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         try

@@ -27,7 +27,7 @@ public static class EvalCommand
         };
         cmd.SetAction(parse =>
         {
-            string dir = parse.GetValue(model)!.FullName;
+            string dir = TrainCommand.ModelPath(parse, model);
             string file = parse.GetValue(data)!.FullName;
             var quantization = parse.GetValue(quantize) switch
             {

@@ -27,8 +27,8 @@ public static class TrainCommand
 
     public static Command Create(TextWriter stdout)
     {
-        var model = new Option<DirectoryInfo>("--model") { Description = "HF Llama checkpoint folder (config.json + safetensors, tokenizer)", Required = true };
-        var data = new Option<string>("--data") { Description = "dataset file (pre-tokenized/text/alpaca JSONL, .txt) or 'builtin' for the built-in reverse task", Required = true };
+        var model = new Option<DirectoryInfo>("--model") { Description = "HF Llama checkpoint folder (config.json + safetensors, tokenizer), or 'builtin' for the shipped model", Required = true };
+        var data = new Option<string>("--data") { Description = "dataset file (pre-tokenized/text/alpaca JSONL, .txt) or 'builtin' for the built-in task (upper: word -> WORD)", Required = true };
         var evalData = new Option<FileInfo?>("--eval-data") { Description = "eval dataset file (same formats) for loss/perplexity; 'builtin' uses its own held-out split" };
         var method = new Option<string>("--method") { Description = "lora (bf16-stored base), qlora (NF4 double-quant base) or full", DefaultValueFactory = _ => "lora" };
         var rank = new Option<int>("--rank") { Description = "LoRA r", DefaultValueFactory = _ => 16 };
@@ -62,7 +62,7 @@ public static class TrainCommand
         cmd.SetAction((parse, cancel) =>
         {
             var a = new Args(
-                parse.GetValue(model)!.FullName, parse.GetValue(data)!, parse.GetValue(evalData)?.FullName, parse.GetValue(method)!,
+                ModelPath(parse, model), parse.GetValue(data)!, parse.GetValue(evalData)?.FullName, parse.GetValue(method)!,
                 parse.GetValue(rank), parse.GetValue(alpha), parse.GetValue(dropout), parse.GetValue(targets)!, parse.GetValue(rslora),
                 parse.GetValue(lr), parse.GetValue(schedule)!, parse.GetValue(warmup), parse.GetValue(steps), parse.GetValue(epochs),
                 parse.GetValue(batch), parse.GetValue(gradAccum), parse.GetValue(seq), parse.GetValue(seed), parse.GetValue(optim)!,
@@ -72,6 +72,10 @@ public static class TrainCommand
         });
         return cmd;
     }
+
+    /// <summary>--model's folder; the shipped built-in model's folder for `--model builtin`.</summary>
+    internal static string ModelPath(ParseResult parse, Option<DirectoryInfo> model) =>
+        parse.GetResult(model)?.Tokens.FirstOrDefault()?.Value == BuiltinModel.Name ? BuiltinModel.Directory : parse.GetValue(model)!.FullName;
 
     /// <summary>The parsed options.</summary>
     public sealed record Args(string Model, string Data, string? EvalData, string Method, int Rank, double Alpha, double Dropout,
@@ -155,7 +159,7 @@ public static class TrainCommand
             if (builtin)
             {
                 if (tokenizer.EosId is null) throw new CliException("--data builtin: the tokenizer has no eos token");
-                trainingData = TrainingData.Builtin(BuiltinTask.Generate(), tokenizer);
+                trainingData = TrainingData.Builtin(BuiltinTask.Generate(BuiltinModel.TaskOptions), tokenizer);
             }
             else
             {
