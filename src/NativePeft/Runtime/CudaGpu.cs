@@ -520,7 +520,9 @@ public sealed unsafe class CudaGpu : IGpu
             throw new InvalidOperationException(
                 $"kernel '{kernel}' not found in any loaded CUDA module (modules: {(loaded.Length == 0 ? "none" : string.Join(", ", loaded))}; directory {KernelDirectory})");
         }
-        if (grid.Count == 0 || block.Count == 0) return;
+        if (grid.Count == 0 || block.Count == 0)
+            // As the emulator does: a zero dimension is a launcher bug, not "nothing to do" (launchers return early for n = 0).
+            throw new ArgumentException($"{kernel}: zero launch dimension (grid {grid.X}x{grid.Y}x{grid.Z}, block {block.X}x{block.Y}x{block.Z})");
         MakeCurrent();
         if (sharedBytes > DefaultMaxDynamicShared)
         {

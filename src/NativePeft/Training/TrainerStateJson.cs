@@ -189,5 +189,4 @@ internal static class TrainerStateJson
     private static double D(JsonElement e, string name) =>
         e.TryGetProperty(name, out var v) && v.ValueKind == JsonValueKind.Number ? v.GetDouble() : double.NaN;
 
-    internal static string R(double v) => v.ToString("R", CultureInfo.InvariantCulture);
 }
