@@ -72,7 +72,7 @@ public sealed class LlamaDecoderLayer
 /// one block's activations are recomputed inside its backward.
 /// </para>
 /// </summary>
-public sealed class LlamaModel : IDisposable
+public sealed partial class LlamaModel : IDisposable
 {
     private readonly IOps _ops;
     private readonly TensorArena _params;
