@@ -33,7 +33,8 @@
 // Only what the emulator supports: plain shared memory, __syncthreads, xor shuffles; no tensor cores,
 // no cp.async, no cooperative groups.
 //
-// C ABI: attention_forward_{f32,bf16}, attention_backward_preprocess_{f32,bf16},
+// C ABI: attention_forward_{f32,bf16}, attention_forward_cached_{f32,bf16} (queries at an offset, for
+//        decoding with a KV cache), attention_backward_preprocess_{f32,bf16},
 //        attention_backward_dkdv_{f32,bf16}, attention_backward_dq_{f32,bf16}.
 #include "common.cuh"
 
@@ -101,10 +102,15 @@ __device__ __forceinline__ float dot_rows(const float* a, const float* b, int D)
 // up to the diagonal): K and V staged in shared memory; scores -> row max (xor shuffles over the 4
 // lanes of the row) -> rescale -> P to shared -> O += P V in registers.
 // ---------------------------------------------------------------------------------------------
+//
+// Queries at an offset (decoding with a KV cache): q, out [B, q_len, Hq, D], k, v [B, kv_len, Hkv, D],
+// lse [B, Hq, q_len]; query row i sits at absolute position i + kv_len - q_len and attends to keys
+// j <= i + kv_len - q_len. The training forward is the case q_len = kv_len (the same arithmetic, so
+// its results are unchanged bit for bit).
 template <typename T>
 __device__ void forward_body(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                             T* __restrict__ out, float* __restrict__ lse, int seq_len, int Hq, int Hkv, int D,
-                             float scale)
+                             T* __restrict__ out, float* __restrict__ lse, int q_len, int kv_len, int Hq, int Hkv,
+                             int D, float scale)
 {
     constexpr int BR = kFwdRows, BC = kFwdKeys, LANES = kFwdLanes;
     constexpr int NS = BC / LANES, NO = kMaxD / LANES, LDP = BC + 1;
@@ -115,34 +121,35 @@ __device__ void forward_body(const T* __restrict__ q, const T* __restrict__ k, c
     float* sV = sK + BC * ld;     // [BC][ld]
     float* sP = sV + BC * ld;     // [BR][LDP]
 
-    const int nqt = (seq_len + BR - 1) / BR;
+    const int nqt = (q_len + BR - 1) / BR;
     const int q0 = (nqt - 1 - (int)blockIdx.x) * BR;
     const int h = (int)blockIdx.y, b = (int)blockIdx.z;
     const int g = h / (Hq / Hkv);
+    const int off = kv_len - q_len;  // absolute position of query row 0
     const long long q_stride = (long long)Hq * D, kv_stride = (long long)Hkv * D;
-    const T* q_head = q + (long long)b * seq_len * q_stride + (long long)h * D;
-    const T* k_head = k + (long long)b * seq_len * kv_stride + (long long)g * D;
-    const T* v_head = v + (long long)b * seq_len * kv_stride + (long long)g * D;
+    const T* q_head = q + (long long)b * q_len * q_stride + (long long)h * D;
+    const T* k_head = k + (long long)b * kv_len * kv_stride + (long long)g * D;
+    const T* v_head = v + (long long)b * kv_len * kv_stride + (long long)g * D;
 
     const int tid = (int)threadIdx.x, r = tid / LANES, c = tid % LANES;
     const int i = q0 + r;
-    const bool row_ok = i < seq_len;
+    const bool row_ok = i < q_len;
 
-    load_tile(sQ, ld, q_head, q_stride, q0, BR, seq_len, D);
+    load_tile(sQ, ld, q_head, q_stride, q0, BR, q_len, D);
 
     float o[NO];
 ATTN_UNROLL
     for (int kk = 0; kk < NO; ++kk) o[kk] = 0.0f;
     float m = -INFINITY, l = 0.0f;
 
-    const int last_row = min(q0 + BR, seq_len) - 1;
+    const int last_row = min(q0 + BR, q_len) - 1 + off;  // the last key any row of the tile sees
     const int nkt = last_row / BC + 1;
     for (int kt = 0; kt < nkt; ++kt)
     {
         const int k0 = kt * BC;
         __syncthreads();  // the previous tile's reads of sK, sV, sP are done
-        load_tile(sK, ld, k_head, kv_stride, k0, BC, seq_len, D);
-        load_tile(sV, ld, v_head, kv_stride, k0, BC, seq_len, D);
+        load_tile(sK, ld, k_head, kv_stride, k0, BC, kv_len, D);
+        load_tile(sV, ld, v_head, kv_stride, k0, BC, kv_len, D);
         __syncthreads();
 
         float s[NS];
@@ -152,7 +159,7 @@ ATTN_UNROLL
         {
             const int jj = c + LANES * n, j = k0 + jj;
             float x = -INFINITY;
-            if (row_ok && j <= i)  // j <= i < seq_len
+            if (row_ok && j <= i + off)  // j <= i + off < kv_len
                 x = dot_rows(sQ + r * ld, sK + jj * ld, D) * scale;
             s[n] = x;
             mt = fmaxf(mt, x);
@@ -195,14 +202,14 @@ ATTN_UNROLL
 
     if (row_ok)
     {
-        T* orow = out + (long long)b * seq_len * q_stride + (long long)i * q_stride + (long long)h * D;
+        T* orow = out + (long long)b * q_len * q_stride + (long long)i * q_stride + (long long)h * D;
 ATTN_UNROLL
         for (int kk = 0; kk < NO; ++kk)
         {
             const int d = c + LANES * kk;
             if (d < D) orow[d] = from_f32<T>(o[kk] / l);
         }
-        if (c == 0 && lse != nullptr) lse[((long long)b * Hq + h) * seq_len + i] = m + logf(l);
+        if (c == 0 && lse != nullptr) lse[((long long)b * Hq + h) * q_len + i] = m + logf(l);
     }
 }
 
@@ -459,13 +466,28 @@ ATTN_UNROLL
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_forward_f32(const float* q, const float* k, const float* v, float* out, float* lse,
                       int B, int T, int Hq, int Hkv, int D, float scale)
-{ if ((int)blockIdx.z < B) attnk::forward_body<float>(q, k, v, out, lse, T, Hq, Hkv, D, scale); }
+{ if ((int)blockIdx.z < B) attnk::forward_body<float>(q, k, v, out, lse, T, T, Hq, Hkv, D, scale); }
 EMU_REGISTER(attention_forward_f32)
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_forward_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
                        float* lse, int B, int T, int Hq, int Hkv, int D, float scale)
-{ if ((int)blockIdx.z < B) attnk::forward_body<__nv_bfloat16>(q, k, v, out, lse, T, Hq, Hkv, D, scale); }
+{ if ((int)blockIdx.z < B) attnk::forward_body<__nv_bfloat16>(q, k, v, out, lse, T, T, Hq, Hkv, D, scale); }
 EMU_REGISTER(attention_forward_bf16)
+
+// attention_forward_cached_{f32,bf16}(q, k, v, out, lse (null: not written), B, Tq, Tk, Hq, Hkv, D, scale):
+// Tq new queries at absolute positions [Tk - Tq, Tk) attend causally to Tk keys (a KV cache; 1 <= Tq <= Tk).
+// q, out [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D]; lse [B, Hq, Tq].
+// Launch: grid (ceil(Tq/32), Hq, B), block 128, dynamic shared (64 * (D + 1) + 32 * 17) * 4 bytes.
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_forward_cached_f32(const float* q, const float* k, const float* v, float* out, float* lse,
+                             int B, int Tq, int Tk, int Hq, int Hkv, int D, float scale)
+{ if ((int)blockIdx.z < B) attnk::forward_body<float>(q, k, v, out, lse, Tq, Tk, Hq, Hkv, D, scale); }
+EMU_REGISTER(attention_forward_cached_f32)
+extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
+attention_forward_cached_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
+                              float* lse, int B, int Tq, int Tk, int Hq, int Hkv, int D, float scale)
+{ if ((int)blockIdx.z < B) attnk::forward_body<__nv_bfloat16>(q, k, v, out, lse, Tq, Tk, Hq, Hkv, D, scale); }
+EMU_REGISTER(attention_forward_cached_bf16)
 
 // attention_backward_preprocess_{f32,bf16}(dout, out, delta, B, T, Hq, D)
 // Launch: grid ceil(B*T*Hq / 4), block 128, shared 0.

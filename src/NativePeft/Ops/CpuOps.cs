@@ -258,6 +258,17 @@ public sealed unsafe class CpuOps : IOps
             AttentionRef.Forward<double>(S<double>(q), S<double>(k), S<double>(v), S<double>(output), S<double>(lse), batch, seqLen, headsQ, headsKv, headDim);
     }
 
+    public void AttentionForwardCached(Tensor q, Tensor k, Tensor v, Tensor output, Tensor? lse, int batch, int queryLen, int keyLen,
+        int headsQ, int headsKv, int headDim)
+    {
+        if (Compute("AttentionForwardCached", q, k, v, output, lse) == DType.F32)
+            AttentionRef.ForwardCached<float>(S<float>(q), S<float>(k), S<float>(v), S<float>(output), lse is null ? default : S<float>(lse),
+                batch, queryLen, keyLen, headsQ, headsKv, headDim);
+        else
+            AttentionRef.ForwardCached<double>(S<double>(q), S<double>(k), S<double>(v), S<double>(output), lse is null ? default : S<double>(lse),
+                batch, queryLen, keyLen, headsQ, headsKv, headDim);
+    }
+
     public void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, Tensor dq, Tensor dk, Tensor dv,
         int batch, int seqLen, int headsQ, int headsKv, int headDim)
     {

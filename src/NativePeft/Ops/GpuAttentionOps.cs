@@ -125,6 +125,28 @@ public sealed class GpuAttentionOps
     }
 
     /// <summary>
+    /// Forward for queries at an offset (decoding with a KV cache): output [B, Tq, Hq, D] (dtype) and lse [B, Hq, Tq] fp32
+    /// (null: not written) from q [B, Tq, Hq, D] at absolute positions [Tk − Tq, Tk) and k, v [B, Tk, Hkv, D]; query i
+    /// attends to keys j ≤ Tk − Tq + i. 1 ≤ Tq ≤ Tk (nothing is launched when batch is 0). Launch:
+    /// attention_forward_cached_{dtype}, grid (ceil(Tq/32), Hq, B), block 128, <see cref="ForwardSharedBytes"/>; the
+    /// arithmetic of <see cref="Forward(DType, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, int, int, int, int, int)"/>.
+    /// </summary>
+    public void ForwardCached(DType dtype, DevicePtr q, DevicePtr k, DevicePtr v, DevicePtr output, DevicePtr lse,
+                              int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim)
+    {
+        string suffix = GpuTransformerOps.DTypeSuffix(dtype);
+        ValidateShape(batch, keyLen, headsQ, headsKv, headDim);
+        if (queryLen < 1 || queryLen > keyLen)
+            throw new ArgumentOutOfRangeException(nameof(queryLen), queryLen, $"queryLen must be in [1, keyLen = {keyLen}]");
+        if (batch == 0)
+            return;
+        CheckPtr(q, nameof(q)); CheckPtr(k, nameof(k)); CheckPtr(v, nameof(v)); CheckPtr(output, nameof(output));
+        int tiles = (queryLen + ForwardQueryTile - 1) / ForwardQueryTile;
+        _gpu.Launch($"attention_forward_cached_{suffix}", new Dim3((uint)tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
+            ForwardSharedBytes(headDim), q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim, Scale(headDim));
+    }
+
+    /// <summary>
     /// Backward: dq [B, T, Hq, D], dk, dv [B, T, Hkv, D] (dtype, all overwritten) from dout, q, k, v, the forward's
     /// output and lse. <paramref name="workspace"/>: at least <see cref="BackwardWorkspaceBytes"/> bytes of device
     /// memory (fp32 delta = rowsum(dout ∘ output)), free again when the launches have completed. Any of dq, or both
@@ -188,6 +210,37 @@ public sealed class GpuAttentionOps
         using var dO = new DeviceBuffer(_gpu, qn * dtype.ElementSize());
         using var dL = new DeviceBuffer(_gpu, ln * sizeof(float));
         Forward(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lse.IsEmpty ? DevicePtr.Null : dL.Ptr, batch, seqLen, headsQ, headsKv, headDim);
+        _gpu.Synchronize();
+        dO.Download(output);
+        if (!lse.IsEmpty)
+            dL.Download(lse);
+    }
+
+    /// <summary>
+    /// <see cref="ForwardCached(DType, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, int, int, int, int, int, int)"/>
+    /// on host arrays: q, output [batch, queryLen, headsQ, headDim], k, v [batch, keyLen, headsKv, headDim]; lse
+    /// [batch, headsQ, queryLen], or empty to skip it.
+    /// </summary>
+    public void ForwardCached<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<float> lse,
+                                 int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim) where T : unmanaged
+    {
+        DType dtype = GpuTransformerOps.DTypeOf<T>();
+        ValidateShape(batch, keyLen, headsQ, headsKv, headDim);
+        if (queryLen < 1 || queryLen > keyLen)
+            throw new ArgumentOutOfRangeException(nameof(queryLen), queryLen, $"queryLen must be in [1, keyLen = {keyLen}]");
+        long qn = (long)batch * queryLen * headsQ * headDim, kvn = (long)batch * keyLen * headsKv * headDim;
+        long ln = (long)batch * headsQ * queryLen;
+        CheckLength(q.Length, qn, nameof(q)); CheckLength(k.Length, kvn, nameof(k)); CheckLength(v.Length, kvn, nameof(v));
+        CheckLength(output.Length, qn, nameof(output));
+        if (!lse.IsEmpty) CheckLength(lse.Length, ln, nameof(lse));
+        if (qn == 0)
+            return;
+        using var dQ = DeviceBuffer.Upload(_gpu, q);
+        using var dK = DeviceBuffer.Upload(_gpu, k);
+        using var dV = DeviceBuffer.Upload(_gpu, v);
+        using var dO = new DeviceBuffer(_gpu, qn * dtype.ElementSize());
+        using var dL = new DeviceBuffer(_gpu, ln * sizeof(float));
+        ForwardCached(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lse.IsEmpty ? DevicePtr.Null : dL.Ptr, batch, queryLen, keyLen, headsQ, headsKv, headDim);
         _gpu.Synchronize();
         dO.Download(output);
         if (!lse.IsEmpty)

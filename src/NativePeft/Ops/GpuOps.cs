@@ -212,6 +212,14 @@ public sealed unsafe class GpuOps : IOps
             batch, seqLen, headsQ, headsKv, headDim);
     }
 
+    public void AttentionForwardCached(Tensor q, Tensor k, Tensor v, Tensor output, Tensor? lse, int batch, int queryLen, int keyLen,
+        int headsQ, int headsKv, int headDim)
+    {
+        if (lse is not null) RequireF32(lse, nameof(lse));
+        _attention.ForwardCached(Compute("AttentionForwardCached", q, k, v, output), q.Data, k.Data, v.Data, output.Data,
+            lse?.Data ?? DevicePtr.Null, batch, queryLen, keyLen, headsQ, headsKv, headDim);
+    }
+
     public void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, Tensor dq, Tensor dk, Tensor dv,
         int batch, int seqLen, int headsQ, int headsKv, int headDim)
     {

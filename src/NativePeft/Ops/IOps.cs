@@ -74,6 +74,16 @@ public interface IOps : IDisposable
     /// lse [B, Hq, T] (F32 on the GPU; saved for the backward).
     /// </summary>
     void AttentionForward(Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, int batch, int seqLen, int headsQ, int headsKv, int headDim);
+    /// <summary>
+    /// Attention for queries at an offset, as decoding with a KV cache needs: <paramref name="queryLen"/> new queries
+    /// q [B·queryLen, Hq·D] at absolute positions [keyLen − queryLen, keyLen) attend causally to <paramref name="keyLen"/>
+    /// keys k, v [B·keyLen, Hkv·D] (the cache, the new tokens' keys included); output [B·queryLen, Hq·D]; lse
+    /// [B, Hq, queryLen] (F32 on the GPU) or null (not written). Row i equals row keyLen − queryLen + i of
+    /// <see cref="AttentionForward"/> over the whole sequence (the same operations in the same order on the CPU and in
+    /// the kernel); queryLen = keyLen is <see cref="AttentionForward"/>. 1 ≤ queryLen ≤ keyLen.
+    /// </summary>
+    void AttentionForwardCached(Tensor q, Tensor k, Tensor v, Tensor output, Tensor? lse, int batch, int queryLen, int keyLen,
+        int headsQ, int headsKv, int headDim);
     /// <summary>dq, dk, dv overwritten.</summary>
     void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, Tensor dq, Tensor dk, Tensor dv,
         int batch, int seqLen, int headsQ, int headsKv, int headDim);

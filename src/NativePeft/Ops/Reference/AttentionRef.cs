@@ -41,7 +41,36 @@ public static class AttentionRef
         if (shape.QLength == 0) return;
         fixed (T* pq = q, pk = k, pv = v, po = output, pl = lse)
         {
-            var work = new ForwardWork<T>(shape, pq, pk, pv, po, pl);
+            var work = new ForwardWork<T>(shape, seqLen, seqLen, pq, pk, pv, po, pl);
+            Run(batch * headsQ, maxDegreeOfParallelism, work.Run);
+        }
+    }
+
+    /// <summary>
+    /// Attention for queries at an offset (decoding with a KV cache): <paramref name="queryLen"/> new queries at absolute
+    /// positions [keyLen − queryLen, keyLen) attend causally to <paramref name="keyLen"/> keys. q, output
+    /// [B, queryLen, Hq, D]; k, v [B, keyLen, Hkv, D]; lse [B, Hq, queryLen], or empty to skip it. Query row i gives
+    /// exactly what row keyLen − queryLen + i of <see cref="Forward{T}"/> over the full sequence gives (the same
+    /// operations in the same order); queryLen = keyLen is <see cref="Forward{T}"/>.
+    /// </summary>
+    public static unsafe void ForwardCached<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<T> lse,
+        int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim, int maxDegreeOfParallelism = -1)
+        where T : unmanaged, IFloatingPointIeee754<T>
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(queryLen);
+        if (queryLen > keyLen)
+            throw new ArgumentOutOfRangeException(nameof(queryLen), queryLen, $"queryLen ({queryLen}) must be at most keyLen ({keyLen})");
+        var shape = new Shape(batch, keyLen, headsQ, headsKv, headDim).Validate();
+        long qLength = (long)batch * queryLen * headsQ * headDim;
+        shape.Check(q, nameof(q), qLength);
+        shape.Check(k, nameof(k), shape.KvLength);
+        shape.Check(v, nameof(v), shape.KvLength);
+        shape.Check(output, nameof(output), qLength);
+        if (!lse.IsEmpty) shape.Check(lse, nameof(lse), (long)batch * headsQ * queryLen);
+        if (qLength == 0) return;
+        fixed (T* pq = q, pk = k, pv = v, po = output, pl = lse)
+        {
+            var work = new ForwardWork<T>(shape, queryLen, keyLen, pq, pk, pv, po, lse.IsEmpty ? null : pl);
             Run(batch * headsQ, maxDegreeOfParallelism, work.Run);
         }
     }
@@ -118,27 +147,31 @@ public static class AttentionRef
         return sum;
     }
 
-    /// <summary>One (b, h) pair: every query row t of that head, online softmax over s = 0..t.</summary>
-    private sealed unsafe class ForwardWork<T>(Shape s, T* q, T* k, T* v, T* output, T* lse)
+    /// <summary>
+    /// One (b, h) pair: every query row t of that head (absolute position t + kvLen − qLen), online softmax over the
+    /// keys up to that position. lse may be null (not written).
+    /// </summary>
+    private sealed unsafe class ForwardWork<T>(Shape s, int qLen, int kvLen, T* q, T* k, T* v, T* output, T* lse)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
         public void Run(int item)
         {
             int b = item / s.Hq, h = item % s.Hq, g = h / s.Group, D = s.D;
+            int offset = kvLen - qLen;
             T scale = T.One / T.Sqrt(T.CreateChecked(D));
             long qRow = (long)s.Hq * D, kvRow = (long)s.Hkv * D;
-            T* qHead = q + (long)b * s.T * qRow + (long)h * D;
-            T* oHead = output + (long)b * s.T * qRow + (long)h * D;
-            T* kHead = k + (long)b * s.T * kvRow + (long)g * D;
-            T* vHead = v + (long)b * s.T * kvRow + (long)g * D;
-            T* lseRow = lse + ((long)b * s.Hq + h) * s.T;
+            T* qHead = q + (long)b * qLen * qRow + (long)h * D;
+            T* oHead = output + (long)b * qLen * qRow + (long)h * D;
+            T* kHead = k + (long)b * kvLen * kvRow + (long)g * D;
+            T* vHead = v + (long)b * kvLen * kvRow + (long)g * D;
+            T* lseRow = lse is null ? null : lse + ((long)b * s.Hq + h) * qLen;
             var acc = new T[D];
-            for (int t = 0; t < s.T; t++)
+            for (int t = 0; t < qLen; t++)
             {
                 T* qt = qHead + t * qRow;
                 T m = T.NegativeInfinity, l = T.Zero;
                 Array.Clear(acc);
-                for (int j = 0; j <= t; j++)
+                for (int j = 0; j <= t + offset; j++)
                 {
                     T x = scale * Dot(qt, kHead + j * kvRow, D);
                     T* vj = vHead + j * kvRow;
@@ -159,7 +192,7 @@ public static class AttentionRef
                 }
                 T* ot = oHead + t * qRow;
                 for (int d = 0; d < D; d++) ot[d] = acc[d] / l;
-                lseRow[t] = m + T.Log(l);
+                if (lseRow is not null) lseRow[t] = m + T.Log(l);
             }
         }
     }
