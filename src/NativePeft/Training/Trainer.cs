@@ -237,7 +237,7 @@ public sealed partial class Trainer : IDisposable
     /// Evaluates at the current step: the token-weighted mean loss over the eval examples (the first
     /// <see cref="TrainerOptions.EvalBatches"/> batches of B rows in order, all when 0) and its perplexity; on the
     /// built-in task also exact match over the first <see cref="TrainerOptions.ExactMatchSamples"/> held-out problems by
-    /// <see cref="GreedyGenerate"/>. Dropout is off while evaluating. Appended to <see cref="EvalHistory"/>.
+    /// greedy decoding with a KV cache (<see cref="Inference.TextGenerator.Greedy"/>, the same tokens as <see cref="GreedyGenerate"/>). Dropout is off while evaluating. Appended to <see cref="EvalHistory"/>.
     /// </summary>
     public EvalMetrics Evaluate()
     {
@@ -274,7 +274,7 @@ public sealed partial class Trainer : IDisposable
                     var p = problems[i];
                     var prompt = _data.Tokenizer.Encode(p.Prompt, _data.Tokenizer.BosId is not null);
                     int maxNew = _data.Tokenizer.Encode(p.Answer, false).Length + 1;
-                    var generated = GreedyGenerate(_model, prompt, maxNew, _data.Tokenizer.EosId);
+                    var generated = Inference.TextGenerator.Greedy(_model, prompt, maxNew, _data.Tokenizer.EosId);
                     if (BuiltinTask.ExactMatch(generated, p.Answer, _data.Tokenizer)) hits++;
                 }
                 exactCount = take;
