@@ -23,6 +23,7 @@ public static class Program
             TrainCommand.Create(stdout),
             MergeCommand.Create(stdout),
             PretrainCommand.Create(stdout),
+            GenerateCommand.Create(stdout),
         };
         var config = new InvocationConfiguration { Output = stdout, Error = stderr, EnableDefaultExceptionHandler = false };
         try

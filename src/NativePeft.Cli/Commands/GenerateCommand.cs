@@ -1,0 +1,214 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using NativePeft.Data;
+using NativePeft.Inference;
+using NativePeft.IO;
+using NativePeft.Modules;
+using NativePeft.Numerics;
+using NativePeft.Ops;
+using NativePeft.Training;
+
+namespace NativePeft.Cli.Commands;
+
+/// <summary>
+/// `nativepeft generate`: text from a Llama checkpoint (the shipped built-in model by default), optionally with a PEFT
+/// LoRA adapter on top (applied unmerged, as in training), greedy or sampled, with a KV cache. Prints the completion as
+/// it is produced and a stats line (or one JSON object with --json). Writes no files.
+/// </summary>
+public static class GenerateCommand
+{
+    public static Command Create(TextWriter stdout)
+    {
+        var model = new Option<string>("--model") { Description = "HF Llama checkpoint folder (config.json, safetensors, tokenizer), or 'builtin' for the shipped model", DefaultValueFactory = _ => BuiltinModel.Name };
+        var adapter = new Option<string?>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), e.g. the output of `train`" };
+        var prompt = new Option<string>("--prompt") { Description = "the prompt text (for the built-in model and task: \"upper: word\\n\")", Required = true };
+        var maxTokens = new Option<int>("--max-tokens") { Description = "new tokens at most (generation also stops at eos)", DefaultValueFactory = _ => 64 };
+        var temperature = new Option<double>("--temperature") { Description = "0 = greedy; > 0 samples from softmax(logits / temperature)", DefaultValueFactory = _ => 0 };
+        var topP = new Option<double>("--top-p") { Description = "nucleus sampling: keep the most likely tokens up to this cumulative probability, (0, 1]", DefaultValueFactory = _ => 1.0 };
+        var topK = new Option<int>("--top-k") { Description = "keep only the k most likely tokens (0 = off)", DefaultValueFactory = _ => 0 };
+        var seed = new Option<ulong>("--seed") { Description = "seed of the sampler (the same seed gives the same tokens)", DefaultValueFactory = _ => 0 };
+        var quantize = new Option<string?>("--quantize") { Description = "load the base in 4 bits as QLoRA does: nf4 (or fp4), blocksize 64, double quant" };
+        quantize.AcceptOnlyFromAmong("nf4", "fp4");
+        var device = DeviceOption.Create("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator (fp32)");
+        var json = new Option<bool>("--json") { Description = "print one JSON object: prompt, completion, token ids, counts, tokens/s" };
+        var cmd = new Command("generate", "Generate text with a Llama model (and a LoRA adapter), greedy or sampled, with a KV cache")
+        {
+            model, adapter, prompt, maxTokens, temperature, topP, topK, seed, quantize, device, json,
+        };
+        cmd.SetAction(parse => Run(new Args(parse.GetValue(model)!, parse.GetValue(adapter), parse.GetValue(prompt)!, parse.GetValue(maxTokens),
+            parse.GetValue(temperature), parse.GetValue(topP), parse.GetValue(topK), parse.GetValue(seed), parse.GetValue(quantize),
+            parse.GetValue(device)!, parse.GetValue(json)), stdout));
+        return cmd;
+    }
+
+    /// <summary>The parsed options.</summary>
+    public sealed record Args(string Model, string? Adapter, string Prompt, int MaxTokens, double Temperature, double TopP, int TopK,
+        ulong Seed, string? Quantize, string Device, bool Json);
+
+    public static int Run(Args a, TextWriter stdout)
+    {
+        // ---- the options on their own
+        if (a.MaxTokens < 1) throw new CliException($"--max-tokens {a.MaxTokens}: must be at least 1", 2);
+        if (!(a.Temperature >= 0) || !double.IsFinite(a.Temperature))
+            throw new CliException($"--temperature {Num(a.Temperature)}: must be a finite number >= 0 (0 = greedy)", 2);
+        if (!(a.TopP > 0 && a.TopP <= 1)) throw new CliException($"--top-p {Num(a.TopP)}: must be in (0, 1] (1 = off)", 2);
+        if (a.TopK < 0) throw new CliException($"--top-k {a.TopK}: must be >= 0 (0 = off)", 2);
+        if (a.Prompt.Length == 0) throw new CliException("--prompt: the prompt is empty", 2);
+        var options = new GenerationOptions { MaxNewTokens = a.MaxTokens, Temperature = a.Temperature, TopP = a.TopP, TopK = a.TopK, Seed = a.Seed };
+
+        // ---- files
+        string modelDir;
+        if (a.Model == BuiltinModel.Name)
+        {
+            try { modelDir = BuiltinModel.Require(); }
+            catch (DirectoryNotFoundException e) { throw new CliException($"--model builtin: {e.Message}", 1, e); }
+        }
+        else
+        {
+            modelDir = Path.GetFullPath(a.Model);
+            if (!Directory.Exists(modelDir)) throw new CliException($"--model {a.Model}: folder not found");
+            if (!File.Exists(Path.Combine(modelDir, LlamaConfig.FileName)))
+                throw new CliException($"--model {a.Model}: no {LlamaConfig.FileName} (not a Hugging Face model folder)");
+        }
+        PeftAdapter? lora = null;
+        if (a.Adapter is not null)
+        {
+            string full = Path.GetFullPath(a.Adapter);
+            try { lora = PeftAdapter.Load(full); }
+            catch (PeftAdapterException e) when (e.Problems.Count > 1)
+            {
+                // The summary line and the first problems (the exception lists up to 40).
+                throw new CliException($"--adapter {a.Adapter}: {Strip(e.Message.Split('\n')[0], full)}{Problems(e)}", 1, e);
+            }
+            catch (Exception e) when (e is PeftAdapterException or SafetensorsException or IOException or UnauthorizedAccessException)
+            {
+                throw new CliException($"--adapter {a.Adapter}: {Strip(e.Message, full)}", 1, e);
+            }
+        }
+
+        HfCheckpoint ckpt;
+        try { ckpt = HfCheckpoint.Open(modelDir); }
+        catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException or UnauthorizedAccessException)
+        {
+            throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
+        }
+        using var _ckpt = ckpt;
+        ITokenizer tokenizer;
+        try { tokenizer = TokenizerLoader.FromFolder(modelDir); }
+        catch (Exception e) when (e is IOException or InvalidDataException or NotSupportedException)
+        {
+            throw new CliException($"--model {a.Model}: tokenizer: {e.Message}", 1, e);
+        }
+        var config = ckpt.Config;
+        if (tokenizer.VocabSize > config.VocabSize)
+            throw new CliException($"--model {a.Model}: the tokenizer has {tokenizer.VocabSize} ids, the model's vocab_size is {config.VocabSize}");
+
+        // ---- the prompt fits the context
+        var promptIds = tokenizer.Encode(a.Prompt, tokenizer.BosId is not null);
+        int context = config.MaxPositionEmbeddings;
+        if (promptIds.Length + a.MaxTokens > context)
+        {
+            throw new CliException(promptIds.Length >= context
+                ? $"--prompt: {promptIds.Length} tokens, the model's context is {context} tokens (max_position_embeddings): shorten the prompt"
+                : $"--prompt: {promptIds.Length} tokens + --max-tokens {a.MaxTokens} = {promptIds.Length + a.MaxTokens} exceed the model's context of {context} tokens (max_position_embeddings); use --max-tokens {context - promptIds.Length} or less");
+        }
+
+        // ---- the model (and the adapter, checked against it before anything runs)
+        var quantization = a.Quantize switch { "nf4" => BaseQuantization.Nf4, "fp4" => BaseQuantization.Fp4, _ => BaseQuantization.None };
+        bool bf16Stored = quantization == BaseQuantization.None && !ckpt.IsQuantizedCheckpoint && config.LayerTensors(0)
+            .Where(t => t.Shape.Length == 2).All(t => ckpt.GetInfo(t.Name).DType == DType.BF16);
+        var modelOptions = new LlamaModelOptions
+        {
+            Lora = lora?.Config.ToLoraSettings(),
+            Quantization = quantization,
+            DoubleQuant = true,
+            // A BF16 checkpoint keeps its frozen linear weights in BF16 (exact: they are BF16 already), half the memory.
+            BaseWeightDType = bf16Stored ? DType.BF16 : null,
+        };
+        var gpu = DeviceOption.Open(a.Device);
+        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true);
+        LlamaModel llama;
+        try { llama = LlamaModel.Load(ckpt, ops, modelOptions); }
+        catch (ArgumentOutOfRangeException e) when (e.ParamName == nameof(LoraSettings.Rank))
+        {
+            throw new CliException($"--adapter {a.Adapter} does not fit --model {a.Model} (was it trained on another base model?): {e.Message.Split(" (Parameter")[0]}", 1, e);
+        }
+        catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
+        {
+            throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
+        }
+        using var _llama = llama;
+        if (lora is not null)
+        {
+            try { lora.ApplyTo(llama); }
+            catch (PeftAdapterException e)
+            {
+                throw new CliException($"--adapter {a.Adapter} does not fit --model {a.Model} (was it trained on another base model?): {Problems(e)}", 1, e);
+            }
+        }
+
+        // ---- generate, streaming the text unless --json
+        var generator = new TextGenerator(llama, tokenizer);
+        var ids = new List<int>();
+        int printed = 0;
+        Action<int, string>? onToken = a.Json ? null : (id, _) =>
+        {
+            ids.Add(id);
+            string text = tokenizer.Decode(ids.ToArray());
+            if (text.EndsWith('\uFFFD')) return; // an incomplete UTF-8 sequence: wait for its next bytes
+            stdout.Write(text[Math.Min(printed, text.Length)..]);
+            printed = text.Length;
+            stdout.Flush();
+        };
+        var result = generator.Generate(promptIds, options, onToken);
+        string deviceName = a.Device == "cpu" ? "cpu" : ops.Name;
+        if (a.Json)
+        {
+            using var buffer = new MemoryStream();
+            using (var w = new Utf8JsonWriter(buffer, new JsonWriterOptions { Indented = false, Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping }))
+            {
+                w.WriteStartObject();
+                w.WriteString("prompt", a.Prompt);
+                w.WriteString("completion", result.Text);
+                w.WriteNumber("prompt_tokens", result.PromptTokens);
+                w.WriteNumber("new_tokens", result.TokenIds.Length);
+                w.WriteStartArray("token_ids");
+                foreach (int id in result.TokenIds) w.WriteNumberValue(id);
+                w.WriteEndArray();
+                w.WriteBoolean("stopped_at_eos", result.StoppedAtEos);
+                w.WriteNumber("tokens_per_second", Math.Round(result.TokensPerSecond, 3));
+                w.WriteNumber("kv_cache_bytes", result.KvCacheBytes);
+                w.WriteString("device", deviceName);
+                w.WriteEndObject();
+            }
+            stdout.WriteLine(Encoding.UTF8.GetString(buffer.ToArray()));
+        }
+        else
+        {
+            if (printed < result.Text.Length) stdout.Write(result.Text[printed..]);
+            stdout.WriteLine();
+            stdout.WriteLine($"-- {result.PromptTokens} prompt tokens, {result.TokenIds.Length} new tokens " +
+                $"({(result.StoppedAtEos ? "stopped at eos" : "reached --max-tokens")}), " +
+                $"{result.TokensPerSecond.ToString("0.0", CultureInfo.InvariantCulture)} tokens/s, KV cache {Output.Bytes(result.KvCacheBytes)}, " +
+                $"{(lora is null ? "no adapter" : "adapter " + a.Adapter)}, {deviceName}");
+        }
+        return 0;
+    }
+
+    private static string Num(double v) => v.ToString("R", CultureInfo.InvariantCulture);
+
+    /// <summary>The message with a leading "path: " dropped (the caller names the folder itself).</summary>
+    private static string Strip(string message, string path) =>
+        message.StartsWith(path + ": ", StringComparison.Ordinal) ? message[(path.Length + 2)..] : message;
+
+    /// <summary>The first problems of an adapter mismatch, one per line.</summary>
+    private static string Problems(PeftAdapterException e)
+    {
+        const int Shown = 3;
+        if (e.Problems.Count == 0) return e.Message;
+        string text = string.Join("", e.Problems.Take(Shown).Select(p => "\n  - " + p));
+        return e.Problems.Count > Shown ? text + $"\n  … and {e.Problems.Count - Shown} more" : text;
+    }
+}
