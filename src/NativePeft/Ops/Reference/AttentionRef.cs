@@ -68,6 +68,9 @@ public static class AttentionRef
         shape.Check(output, nameof(output), qLength);
         if (!lse.IsEmpty) shape.Check(lse, nameof(lse), (long)batch * headsQ * queryLen);
         if (qLength == 0) return;
+        // A decoding step (one query over a short cache) is too little work for the thread pool: run it inline.
+        // (The degree of parallelism never changes results.)
+        if (maxDegreeOfParallelism == -1 && qLength * keyLen < SequentialWork) maxDegreeOfParallelism = 1;
         fixed (T* pq = q, pk = k, pv = v, po = output, pl = lse)
         {
             var work = new ForwardWork<T>(shape, queryLen, keyLen, pq, pk, pv, po, lse.IsEmpty ? null : pl);
@@ -103,6 +106,9 @@ public static class AttentionRef
             Run(batch * headsKv, maxDegreeOfParallelism, work.Run);
         }
     }
+
+    /// <summary>Below this many multiply-adds (queries · D · keys) <see cref="ForwardCached{T}"/> runs on the calling thread.</summary>
+    private const long SequentialWork = 1L << 20;
 
     private static void Run(int items, int maxDegreeOfParallelism, Action<int> body)
     {
