@@ -36,7 +36,11 @@ public sealed class TextGenerator
         return tok.Encode(prompt, tok.BosId is not null);
     }
 
-    /// <summary>Generates from a text prompt. <paramref name="onToken"/> gets each new token and its text as it is produced.</summary>
+    /// <summary>
+    /// Generates from a text prompt. <paramref name="onToken"/> gets each new token and that token's own text as it is
+    /// produced (a character split over several byte tokens decodes whole only in <see cref="GenerationResult.Text"/>;
+    /// a streaming caller can decode the ids so far instead, as `nativepeft generate` does).
+    /// </summary>
     public GenerationResult Generate(string prompt, GenerationOptions? options = null, Action<int, string>? onToken = null) =>
         Generate(EncodePrompt(prompt), options, onToken);
 
