@@ -83,8 +83,8 @@ public sealed partial class Trainer : IDisposable
         options.Validate();
         if (model.TrainableParameters.Count == 0)
             throw new ArgumentException("the model has nothing to train: build it with LoRA or full fine-tuning", nameof(model));
-        if (model.ComputeDType != DType.F32)
-            throw new ArgumentException($"training needs an F32 model (the optimizers are fp32); this one computes in {model.ComputeDType}", nameof(model));
+        if (model.TrainableParameters.Any(p => p.Param.DType != DType.F32))
+            throw new ArgumentException($"training needs fp32 trainable parameters (the optimizers are fp32); this model computes in {model.ComputeDType}", nameof(model));
         if (model.LoraLayers.Any(l => l.IsMerged))
             throw new ArgumentException("the model's adapters are merged; unmerge them before training", nameof(model));
         if (data.Train.Count == 0) throw new ArgumentException("no training examples", nameof(data));
