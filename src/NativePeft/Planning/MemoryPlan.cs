@@ -32,7 +32,9 @@ namespace NativePeft.Planning;
 /// recompute, of one block, recomputed inside its backward — (n1, q, k, v, attention out, lse, h, n2, gate, up,
 /// silu·up and two rstd); the final norm's output and rstd, the lse of the loss; the backward's gradient buffers
 /// (residual, two [N, C] temporaries, d attention out, dq, dk, dv, and dgate, dup, d(silu·up) [N, I]); and with LoRA
-/// the shared adapter scratch (dropout(x) and its U8 mask [N, max in], xa and dxa [N, max r], dx [N, max in]).</item>
+/// the shared adapter scratch (dropout(x) and its U8 mask [N, max in], xa and dxa [N, max r], dx [N, max in]; with
+/// BF16 compute also the bf16 working copies of one layer's A [max r · max in] and B [max out · max r], which the
+/// adapter GEMMs use: bf16 × bf16 with fp32 accumulation, dA and dB written in fp32).</item>
 /// <item><b>Workspaces</b>: the shared dequantization/widening scratch (the largest projection in the compute dtype,
 /// with a 4-bit or BF16-stored base), the RoPE cos/sin tables [max(T, 64), D/2] (fp32 with BF16 compute), the 8-bit
 /// optimizers' two 256-entry maps (GPU), and the largest transient op workspace (GPU): the cross-entropy's chunk logits
@@ -42,7 +44,8 @@ namespace NativePeft.Planning;
 /// <see cref="TotalBytes"/> is the pool's peak in a steady training step (every category at once, plus the largest
 /// transient workspace); the first step peaks lower (<see cref="FirstStepPeakBytes"/>) because optimizer state is
 /// created at its end, after the transient workspaces are gone. For the configurations the code runs (F32 compute on
-/// CpuOps and GpuOps) these equal the measured <see cref="Ops.TensorMemory.PeakAllocatedBytes"/> to the byte (tests).
+/// CpuOps and GpuOps; BF16 compute with lora/qlora on GpuOps, with <see cref="AbsmaxLayout.DecodedF32"/> as the loader
+/// keeps absmax) these equal the measured <see cref="Ops.TensorMemory.PeakAllocatedBytes"/> to the byte (tests).
 /// Not counted: the CUDA context, cuBLAS' own workspace and allocator fragmentation (cudaMalloc rounds up), which a
 /// real GPU adds on top (typically a few hundred MB).
 /// </para>
@@ -110,8 +113,8 @@ public sealed class MemoryPlan
         var o = Options;
         var c = Config;
         DType d = o.ComputeDType;
-        // rstd, lse and the RoPE tables: fp32 on the GPU ops whatever the compute dtype (the model allocates them in the
-        // compute dtype, which is F32 or F64 today).
+        // rstd, lse and the RoPE tables: fp32 with BF16 compute (LlamaModel.StatisticsDType), the compute dtype otherwise;
+        // LoRA A/B and their gradients likewise (LlamaModel.AdapterDType).
         DType stat = d == DType.BF16 ? DType.F32 : d;
         DType adapterDType = d == DType.BF16 ? DType.F32 : d;
         bool full = o.Method == FineTuneMethod.Full;
@@ -144,7 +147,7 @@ public sealed class MemoryPlan
                 if (o.Targets.Contains(shortName) && o.Rank > Math.Min(outF, inF))
                     throw new ArgumentOutOfRangeException(nameof(PlanOptions.Rank), o.Rank,
                         $"r (LoRA rank) {o.Rank} is larger than min(in, out) = {Math.Min(outF, inF)} of {shortName} [{outF}, {inF}]");
-        long maxIn = 0, maxRank = 0;
+        long maxIn = 0, maxOut = 0, maxRank = 0;
         for (int l = 0; l < L; l++)
         {
             Dense(C); // input_layernorm
@@ -170,6 +173,7 @@ public sealed class MemoryPlan
                     trainable.Add(a);
                     trainable.Add(b);
                     maxIn = Math.Max(maxIn, inF);
+                    maxOut = Math.Max(maxOut, outF);
                     maxRank = Math.Max(maxRank, o.Rank);
                 }
             }
@@ -213,7 +217,11 @@ public sealed class MemoryPlan
         acts += 3 * Bytes(d, N * C) + 2 * Bytes(d, N * QD) + 2 * Bytes(d, N * KVD) + 3 * Bytes(d, N * I); // backward buffers
         long loraScratch = 0;
         if (lora && maxIn > 0)
+        {
             loraScratch = 2 * Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) + 2 * Bytes(d, N * maxRank);
+            // Mixed precision: the bf16 working copies of one layer's A [max r, max in] and B [max out, max r].
+            if (adapterDType != d) loraScratch += Bytes(d, maxRank * maxIn) + Bytes(d, maxOut * maxRank);
+        }
         LoraScratchBytes = loraScratch;
         ActivationBytes = acts + loraScratch;
 
