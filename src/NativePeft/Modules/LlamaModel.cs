@@ -78,6 +78,8 @@ public sealed partial class LlamaModel : IDisposable
     private readonly TensorArena _params;
     private readonly List<(string Name, Tensor Param, Tensor Grad)> _trainable = [];
     private readonly List<LoraLinear> _lora = [];
+    /// <summary>Mixed-precision full fine-tuning: each fp32 master weight (trained) and its bf16 working copy (computed with).</summary>
+    private readonly List<(Tensor Master, Tensor Working)> _workingCopies = [];
     private readonly LoraScratch _loraScratch = new();
     private readonly LlamaDecoderLayer[] _layers;
     private Activations? _acts;
@@ -96,8 +98,20 @@ public sealed partial class LlamaModel : IDisposable
     /// </summary>
     public DType StatisticsDType => ComputeDType == DType.BF16 ? DType.F32 : ComputeDType;
     /// <summary>The dtype of LoRA A and B, their gradients (and so the optimizer): F32 with BF16 compute (PEFT keeps
-    /// adapters in fp32), the compute dtype otherwise.</summary>
+    /// adapters in fp32), the compute dtype otherwise. Also the dtype of the master weights and gradients of full
+    /// fine-tuning.</summary>
     public DType AdapterDType => ComputeDType == DType.BF16 ? DType.F32 : ComputeDType;
+
+    /// <summary>
+    /// Mixed-precision full fine-tuning (BF16 compute): rounds every fp32 master weight (what the optimizer updates, in
+    /// <see cref="TrainableParameters"/>) into the bf16 working copy the forward and backward use. Call it after each
+    /// optimizer step and after writing the trainable parameters (the <see cref="Training.Trainer"/> does). A no-op
+    /// otherwise.
+    /// </summary>
+    public void RefreshWorkingWeights()
+    {
+        foreach (var (master, working) in _workingCopies) _ops.Copy(master, working);
+    }
     public Tensor EmbedTokens { get; private set; } = null!;
     public Tensor? EmbedTokensGrad { get; private set; }
     public Tensor Norm { get; private set; } = null!;
@@ -205,6 +219,19 @@ public sealed partial class LlamaModel : IDisposable
 
         (Tensor Param, Tensor? Grad) Dense(string name, params int[] shape)
         {
+            if (full && AdapterDType != dtype)
+            {
+                // Mixed precision: the optimizer trains an fp32 master weight with an fp32 gradient; the model computes
+                // with its bf16 working copy (RefreshWorkingWeights after each step).
+                var master = _params.Allocate(AdapterDType, shape);
+                UploadValues(source.Read(name, shape), master);
+                var working = _params.Allocate(dtype, shape);
+                _ops.Copy(master, working);
+                var grad = _params.Allocate(AdapterDType, shape);
+                _trainable.Add((name, master, grad));
+                _workingCopies.Add((master, working));
+                return (working, grad);
+            }
             var p = _params.Allocate(dtype, shape);
             UploadValues(source.Read(name, shape), p);
             Tensor? g = null;
@@ -387,10 +414,23 @@ public sealed partial class LlamaModel : IDisposable
     // ------------------------------------------------------------------------------------------ parameters
 
     /// <summary>
-    /// Every base tensor under its HF name: the dense tensor (compute dtype) or, for a 4-bit linear weight, the
-    /// quantized one. lm_head.weight is listed only when not tied.
+    /// Every base tensor under its HF name: the dense tensor (compute dtype; the fp32 master weight with mixed-precision
+    /// full fine-tuning) or, for a 4-bit linear weight, the quantized one. lm_head.weight is listed only when not tied.
     /// </summary>
     public IEnumerable<(string Name, Tensor? Dense, QuantizedWeight? Quantized)> BaseParameters()
+    {
+        foreach (var (name, dense, quantized) in BaseTensors())
+            yield return (name, dense is null ? null : MasterOf(dense), quantized);
+    }
+
+    private Tensor MasterOf(Tensor t)
+    {
+        foreach (var (master, working) in _workingCopies)
+            if (ReferenceEquals(working, t)) return master;
+        return t;
+    }
+
+    private IEnumerable<(string Name, Tensor? Dense, QuantizedWeight? Quantized)> BaseTensors()
     {
         yield return ("model.embed_tokens.weight", EmbedTokens, null);
         foreach (var layer in _layers)

@@ -18,12 +18,13 @@ namespace NativePeft.Planning;
 /// <list type="bullet">
 /// <item><b>Base weights</b>: embed_tokens [V, C], lm_head [V, C] unless tied, the 2L + 1 RMSNorm weights [C] (all in the
 /// compute dtype), and the 7L projections: compute dtype (full, or lora on an unwidened base), BF16 (lora's default
-/// frozen base) or 4-bit packed, ⌈n/2⌉ bytes (qlora).</item>
+/// frozen base) or 4-bit packed, ⌈n/2⌉ bytes (qlora). Full fine-tuning with BF16 compute adds each tensor's fp32
+/// master weight (the optimizer updates it; the bf16 working copy is refreshed from it after each step).</item>
 /// <item><b>Quantization state</b> (qlora): per projection fp32 absmax, one per block of 64 (what the loader keeps
 /// today), or bitsandbytes' double-quantized layout (1 byte per block + fp32 per 256 blocks + the 256-entry map + offset).</item>
 /// <item><b>Adapters</b>: lora_A [r, in] and lora_B [out, r] per targeted projection (compute dtype; fp32 with BF16
 /// compute, as PEFT keeps adapters and as the optimizers require).</item>
-/// <item><b>Gradients</b>: one per trainable tensor, in its dtype.</item>
+/// <item><b>Gradients</b>: one per trainable tensor, in its dtype (fp32 with BF16 compute).</item>
 /// <item><b>Optimizer states</b>: <see cref="AdamWOptimizer.StateBytesFor"/> per trainable tensor; on a GPU the paged
 /// optimizers put m and v of tensors ≥ 1e5 elements in managed memory: that part is the <b>paged</b> row and is not in
 /// the device total.</item>
@@ -44,7 +45,7 @@ namespace NativePeft.Planning;
 /// <see cref="TotalBytes"/> is the pool's peak in a steady training step (every category at once, plus the largest
 /// transient workspace); the first step peaks lower (<see cref="FirstStepPeakBytes"/>) because optimizer state is
 /// created at its end, after the transient workspaces are gone. For the configurations the code runs (F32 compute on
-/// CpuOps and GpuOps; BF16 compute with lora/qlora on GpuOps, with <see cref="AbsmaxLayout.DecodedF32"/> as the loader
+/// CpuOps and GpuOps; BF16 compute with full/lora/qlora on GpuOps, with <see cref="AbsmaxLayout.DecodedF32"/> as the loader
 /// keeps absmax) these equal the measured <see cref="Ops.TensorMemory.PeakAllocatedBytes"/> to the byte (tests).
 /// Not counted: the CUDA context, cuBLAS' own workspace and allocator fragmentation (cudaMalloc rounds up), which a
 /// real GPU adds on top (typically a few hundred MB).
@@ -132,7 +133,9 @@ public sealed class MemoryPlan
         {
             baseBytes += Bytes(d, n);
             if (!full) return;
-            grads += Bytes(d, n);
+            // Mixed precision (BF16): an fp32 master weight next to the bf16 working copy, and an fp32 gradient.
+            if (adapterDType != d) baseBytes += Bytes(adapterDType, n);
+            grads += Bytes(adapterDType, n);
             trainable.Add(n);
         }
 

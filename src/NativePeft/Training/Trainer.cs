@@ -214,6 +214,7 @@ public sealed partial class Trainer : IDisposable
         if (!double.IsFinite(gradNorm)) Diverge(stepNumber, "the gradient norm", gradNorm);
         double clip = Options.MaxGradNorm > 0 ? GradientClipping.ClipCoefficient(gradNorm, Options.MaxGradNorm) : 1.0;
         _optimizer.Step(_model.TrainableParameters, lr, gradScale * clip);
+        _model.RefreshWorkingWeights();
         _step = stepNumber;
         _tokensSeen += tokens;
         double seconds = clock.Elapsed.TotalSeconds;
@@ -414,6 +415,7 @@ public sealed partial class Trainer : IDisposable
                     throw new InvalidDataException($"{path}: {name} is {info.DType} [{string.Join(", ", info.Shape)}], expected F32 [{param.ShapeText}]");
                 _model.Ops.Upload<float>(file.GetSpan<float>(name), param);
             }
+            _model.RefreshWorkingWeights();
         }
         else PeftAdapter.Load(dir).ApplyTo(_model);
 

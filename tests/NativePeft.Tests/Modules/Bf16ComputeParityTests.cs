@@ -52,6 +52,8 @@ public class Bf16ComputeParityTests(string device)
         yield return new TestCaseData(new LlamaModelOptions { Lora = Lora, Quantization = BaseQuantization.Nf4, Blocksize = 32 }).SetArgDisplayNames("qlora-nf4");
         yield return new TestCaseData(new LlamaModelOptions { Lora = Lora with { Dropout = 0.3 }, Quantization = BaseQuantization.Nf4, Blocksize = 32, Recompute = true })
             .SetArgDisplayNames("qlora-nf4-dropout-recompute");
+        yield return new TestCaseData(new LlamaModelOptions { FullFineTuning = true }).SetArgDisplayNames("full");
+        yield return new TestCaseData(new LlamaModelOptions { FullFineTuning = true, Recompute = true }).SetArgDisplayNames("full-recompute");
     }
 
 
@@ -60,7 +62,7 @@ public class Bf16ComputeParityTests(string device)
         var (ids, labels) = ModelTestKit.TinyBatch();
         var config = ModelTestKit.Tiny with { HiddenSize = 32, IntermediateSize = 64, HeadDim = 16 };
         using var model = LlamaModel.CreateRandom(config, ops, options, weightSeed: 7, std: 0.3);
-        ModelTestKit.RandomizeLoraB(model, 11);
+        if (options.Lora is not null) ModelTestKit.RandomizeLoraB(model, 11);
         double loss = model.Forward(ids, labels, ModelTestKit.B, ModelTestKit.T);
         var logitsDType = options.ComputeDType == DType.F64 ? DType.F64 : DType.F32;
         var logits = ops.Memory.Allocate(logitsDType, ModelTestKit.B * ModelTestKit.T, config.VocabSize);
@@ -83,7 +85,7 @@ public class Bf16ComputeParityTests(string device)
         var reference = Run(cpu, options with { ComputeDType = DType.F64 });
         var bf16 = Run(_gpu, options with { ComputeDType = DType.BF16 });
 
-        Assert.That(bf16.Dtypes.Values.Distinct(), Is.EqualTo(new[] { DType.F32 }), "LoRA gradients are fp32");
+        Assert.That(bf16.Dtypes.Values.Distinct(), Is.EqualTo(new[] { DType.F32 }), "trainable gradients are fp32");
         double lossErr = Math.Abs(bf16.Loss - reference.Loss) / Math.Abs(reference.Loss);
         double logitsErr = RelMaxError(bf16.Logits, reference.Logits);
         double gradErr = reference.Grads.Max(kv => RelMaxError(bf16.Grads[kv.Key], kv.Value));

@@ -43,6 +43,8 @@ public class MemoryPlanBf16ExactnessTests(string device)
         {
             string r = recompute ? "-recompute" : "";
             var b = baseOptions with { Recompute = recompute };
+            yield return Case("full-adamw" + r, b with { Method = FineTuneMethod.Full });
+            yield return Case("full-paged-adamw8bit" + r, b with { Method = FineTuneMethod.Full, Optimizer = "paged-adamw8bit" });
             yield return Case("lora-bf16base-adamw" + r, b with { Method = FineTuneMethod.Lora });
             yield return Case("lora-bf16base-paged-adamw8bit" + r, b with { Method = FineTuneMethod.Lora, Optimizer = "paged-adamw8bit" });
             yield return Case("qlora-nf4-dq-adamw" + r, b with { Method = FineTuneMethod.Qlora });
