@@ -10,15 +10,16 @@ namespace NativePeft.Tests.Modules;
 /// Mixed precision: the tiny model with <c>ComputeDType = BF16</c> on GpuOps (the emulator always, CUDA when present)
 /// against the same weights and batch in F64 on the CPU reference: loss, logits and the fp32 LoRA A/B gradients.
 /// <para>
-/// Tolerances, derived from the unit roundoff and this model's measured conditioning. bf16 keeps 8 significant bits:
-/// each rounding has relative error ≤ u = 2⁻⁹ ≈ 1.95e-3 (fp32: 2⁻²⁴ ≈ 6e-8). The base weights are rounded once on load,
-/// every activation after each op, two blocks deep, and the backward rounds as many again. How much this tiny model
-/// (std 0.3 weights, B randomized) amplifies roundings was measured with the same F64 comparison in F32 on the same
-/// ops: loss ≈ 1 u, logits ≈ 7 u, LoRA gradients up to ≈ 70 u (max error over the tensor / max |tensor|; layer 1's
-/// k_proj lora_B, where the attention softmax backward cancels). BF16 measures loss ≈ 2–6 u, logits ≈ 7–12 u, gradients
-/// median ≈ 11–25 u, worst ≈ 70 u. The bounds, with 1.4–2.5× margin: loss 15 u = 0.03 (relative), logits 25 u = 0.05 of
-/// max|logit|, each gradient 100 u = 0.2 of its max, and the median over the gradient tensors 50 u = 0.1. The
-/// control test shows a wrong adapter (lora_alpha doubled) breaks them.
+/// Tolerances, derived from the unit roundoff and this model's measured conditioning. bf16 has an 8-bit significand:
+/// each rounding to nearest has relative error ≤ u = 2⁻⁸ ≈ 3.9e-3 (fp32: 2⁻²⁴ ≈ 6e-8). The base weights are rounded once
+/// on load, every activation after each op, two blocks deep, and the backward rounds as many again. How much this tiny
+/// model (std 0.3 weights, B randomized) amplifies roundings was measured with the same F64 comparison in F32 on the
+/// same ops: loss ≈ 1 u, logits ≈ 7 u, LoRA gradients up to ≈ 70 u (max error over the tensor / max |tensor|; layer
+/// 1's k_proj lora_B, where the attention softmax backward cancels). BF16 measures loss 1.2–3.2 u, logits 3.4–6 u,
+/// gradients median 5.6–12 u and worst 34 u (full fine-tuning: loss 0.3 u, logits 4.4 u, gradients median 9 u, worst
+/// 25 u). The bounds: loss 7.7 u = 0.03 (relative), logits 12.8 u = 0.05 of max|logit|, each gradient 51 u = 0.2 of its
+/// max, and the median over the gradient tensors 25.6 u = 0.1 — 1.5–2.5× the worst measured. The control test shows a
+/// wrong adapter (lora_alpha doubled) breaks them.
 /// </para>
 /// </summary>
 [TestFixture("emulator")]
