@@ -115,6 +115,31 @@ public class Bf16ComputeParityTests(string device)
         Assert.That(median, Is.GreaterThan(MedianGradTol), "median gradient error");
     }
 
+    /// <summary>
+    /// Merging fp32 adapters into a bf16 base (W += scaling·B·A through bf16 copies of B and A, one rounding into W)
+    /// keeps the loss within the loss tolerance; unmerging restores it likewise. The adapter's own effect on the loss
+    /// is far larger than that (checked), so a merge that dropped or doubled it would fail.
+    /// </summary>
+    [Test]
+    public void MergingIntoABf16BaseKeepsTheLoss()
+    {
+        var (ids, labels) = ModelTestKit.TinyBatch();
+        var config = ModelTestKit.Tiny with { HiddenSize = 32, IntermediateSize = 64, HeadDim = 16 };
+        using var model = LlamaModel.CreateRandom(config, _gpu, new LlamaModelOptions { ComputeDType = DType.BF16, Lora = Lora }, weightSeed: 7, std: 0.3);
+        model.Dropout.Training = false;
+        double baseOnly = model.Forward(ids, labels, ModelTestKit.B, ModelTestKit.T);
+        ModelTestKit.RandomizeLoraB(model, 11);
+        double adapted = model.Forward(ids, labels, ModelTestKit.B, ModelTestKit.T);
+        model.MergeAdapters();
+        double merged = model.Forward(ids, labels, ModelTestKit.B, ModelTestKit.T);
+        model.UnmergeAdapters();
+        double unmerged = model.Forward(ids, labels, ModelTestKit.B, ModelTestKit.T);
+        TestContext.Out.WriteLine($"base {baseOnly:G6}, adapted {adapted:G6}, merged {merged:G6}, unmerged {unmerged:G6}");
+        Assert.That(Math.Abs(adapted - baseOnly), Is.GreaterThan(5 * LossTol * adapted), "the adapter matters");
+        Assert.That(merged, Is.EqualTo(adapted).Within(LossTol * adapted), "merged");
+        Assert.That(unmerged, Is.EqualTo(adapted).Within(LossTol * adapted), "unmerged");
+    }
+
     private static double Median(IEnumerable<double> values)
     {
         var v = values.Order().ToArray();

@@ -174,3 +174,35 @@ public class Bf16CpuRejectionTests
         Assert.That(ops.Memory.AllocatedBytes, Is.Zero, "nothing allocated");
     }
 }
+
+/// <summary>`eval --precision`: the built-in model's loss on the emulator in bf16 against the CPU's fp32.</summary>
+[Parallelizable(ParallelScope.None)]
+public class Bf16EvalCliTests
+{
+    [Test]
+    public void EvalInBf16IsCloseToFp32AndAutoIsBf16OnTheEmulator()
+    {
+        using var dir = CliProcess.TempDir();
+        string data = dir["data.jsonl"];
+        var lines = new[] { "upper: cat\nCAT\n", "upper: house\nHOUSE\n", "the quick brown fox jumps over the lazy dog" }
+            .Select(t => "{\"input_ids\": [" + string.Join(", ", ByteTokenizer.Instance.Encode(t, false)) + "]}");
+        File.WriteAllLines(data, lines);
+        double Loss(params string[] extra)
+        {
+            var r = CliProcess.Run(["eval", "--model", "builtin", "--data", data, "--json", .. extra]);
+            Assert.That(r.ExitCode, Is.EqualTo(0), r.ToString());
+            using var doc = JsonDocument.Parse(r.Stdout);
+            return doc.RootElement.GetProperty("loss").GetDouble();
+        }
+        double cpu = Loss("--device", "cpu");
+        double bf16 = Loss("--device", "emulator", "--precision", "bf16");
+        double auto = Loss("--device", "emulator");
+        double fp32 = Loss("--device", "emulator", "--precision", "fp32");
+        TestContext.Out.WriteLine($"cpu fp32 {cpu:G8}, emulator fp32 {fp32:G8}, bf16 {bf16:G8}, auto {auto:G8}");
+        Assert.That(fp32, Is.EqualTo(cpu).Within(1e-5 * cpu), "fp32 on the emulator is the CPU's within fp32 rounding");
+        // The shipped weights are bf16 already, so only the activations round: a few units of 2⁻⁸ at most (2 %).
+        Assert.That(bf16, Is.EqualTo(cpu).Within(0.02 * cpu), "bf16 vs fp32");
+        Assert.That(bf16, Is.Not.EqualTo(fp32), "bf16 compute is not fp32");
+        Assert.That(auto, Is.EqualTo(bf16), "auto is bf16 on the emulator");
+    }
+}
