@@ -27,13 +27,14 @@ public static class BenchCommand
         var json = new Option<bool>("--json") { Description = "print the rows as JSON" };
         var model = new Option<string>("--model") { Description = "instead of the kernels, time a training step (forward + backward) of a random Llama: tiny or small" };
         model.AcceptOnlyFromAmong("tiny", "small");
+        var precision = DeviceOption.CreatePrecision();
         var profile = new Option<bool>("--profile") { Description = "with --model: also print where one step's time goes, by op" };
-        var cmd = new Command("bench", "Benchmark the 4-bit kernels against a copy of the same bytes, or a model's training step") { device, elements, json, model, profile };
+        var cmd = new Command("bench", "Benchmark the 4-bit kernels against a copy of the same bytes, or a model's training step") { device, elements, json, model, profile, precision };
         cmd.SetAction(parse =>
         {
             var deviceName = parse.GetValue(device)!;
             if (parse.GetValue(model) is { } size)
-                return ModelBench.Run(stdout, deviceName, size, parse.GetValue(json), parse.GetValue(profile));
+                return ModelBench.Run(stdout, deviceName, size, parse.GetValue(json), parse.GetValue(profile), parse.GetValue(precision)!);
             long n = parse.GetValue(elements);
             List<Row> rows;
             List<OpRow> opRows = [];

@@ -19,11 +19,12 @@ public static class EvalCommand
         var data = new Option<FileInfo>("--data") { Description = "pre-tokenized JSONL: one {\"input_ids\": [...]} per line, each line a separate sequence", Required = true };
         var quantize = new Option<string?>("--quantize") { Description = "quantize the linear weights on load: nf4 or fp4 (blocksize 64, double quant)" };
         quantize.AcceptOnlyFromAmong("nf4", "fp4");
-        var device = DeviceOption.Create("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator (fp32)");
+        var device = DeviceOption.Create("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator (see --precision)");
+        var precision = DeviceOption.CreatePrecision();
         var json = new Option<bool>("--json") { Description = "print {\"loss\": …, \"perplexity\": …, \"tokens\": …}" };
         var cmd = new Command("eval", "Mean next-token cross-entropy and perplexity of a Llama checkpoint on pre-tokenized data")
         {
-            model, data, quantize, device, json,
+            model, data, quantize, device, precision, json,
         };
         cmd.SetAction(parse =>
         {
@@ -39,7 +40,7 @@ public static class EvalCommand
             if (!Directory.Exists(dir)) throw new CliException($"--model {dir}: folder not found");
             try
             {
-                var result = Run(dir, file, quantization, parse.GetValue(device)!);
+                var result = Run(dir, file, quantization, parse.GetValue(device)!, parse.GetValue(precision)!);
                 if (parse.GetValue(json))
                     stdout.WriteLine("{\"loss\": " + R(result.Loss) + ", \"perplexity\": " + R(result.Perplexity) + ", \"tokens\": " + result.Tokens + "}");
                 else
@@ -64,14 +65,15 @@ public static class EvalCommand
     /// <summary>The result of an evaluation: mean loss over every predicted token, exp(loss), the counts.</summary>
     public sealed record EvalResult(double Loss, double Perplexity, long Tokens, int Sequences);
 
-    /// <summary>Evaluates <paramref name="dataFile"/> with the checkpoint in <paramref name="modelDir"/> in fp32 on the CPU or a device.</summary>
-    public static EvalResult Run(string modelDir, string dataFile, BaseQuantization quantization, string device = "cpu")
+    /// <summary>Evaluates <paramref name="dataFile"/> with the checkpoint in <paramref name="modelDir"/> on the CPU (fp32) or a device (--precision).</summary>
+    public static EvalResult Run(string modelDir, string dataFile, BaseQuantization quantization, string device = "cpu", string precision = "auto")
     {
+        var computeDType = DeviceOption.ComputeDType(precision, device);
         using var ckpt = HfCheckpoint.Open(modelDir);
         var sequences = ReadJsonl(dataFile, ckpt.Config.VocabSize);
         var gpu = DeviceOption.Open(device);
         using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true);
-        using var llama = LlamaModel.Load(ckpt, ops, new LlamaModelOptions { Quantization = quantization });
+        using var llama = LlamaModel.Load(ckpt, ops, new LlamaModelOptions { Quantization = quantization, ComputeDType = computeDType });
         llama.Dropout.Training = false;
         double sum = 0;
         long tokens = 0;

@@ -10,7 +10,7 @@ namespace NativePeft.Cli.Commands;
 /// <summary>
 /// `nativepeft bench --model tiny|small`: the training step (forward + backward) of a random Llama with full
 /// fine-tuning (fp32 weights), LoRA (bf16-stored frozen base) and QLoRA (NF4, double quant) on one device, timed in
-/// one run; compute is fp32; the share of the step spent in
+/// one run; compute per --precision (bf16 by default on a GPU device, fp32 on cpu); the share of the step spent in
 /// GEMMs comes from a profiled step (ProfilingOps).
 /// </summary>
 internal static class ModelBench
@@ -33,8 +33,9 @@ internal static class ModelBench
         }, 4, 256),
     };
 
-    public static int Run(TextWriter stdout, string device, string size, bool json, bool profile = false)
+    public static int Run(TextWriter stdout, string device, string size, bool json, bool profile = false, string precision = "auto")
     {
+        var computeDType = DeviceOption.ComputeDType(precision, device);
         var (config, batch, seq) = Shape(size);
         var gpu = DeviceOption.Open(device == "auto" ? "auto" : device);
         using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true);
@@ -48,8 +49,9 @@ internal static class ModelBench
         var rng = new Random(0);
         var ids = Enumerable.Range(0, batch * seq).Select(_ => rng.Next(config.VocabSize)).ToArray();
         var rows = new List<Row>();
-        foreach (var (name, options) in methods)
+        foreach (var (name, plainOptions) in methods)
         {
+            var options = plainOptions with { ComputeDType = computeDType };
             ops.Memory.ResetPeak();
             using var profiler = new ProfilingOps(ops);
             using var model = LlamaModel.CreateRandom(config, profiler, options, weightSeed: 1);
@@ -78,7 +80,7 @@ internal static class ModelBench
         rows = rows.Select(r => r with { RelativeToLora = r.MsPerStep / loraMs }).ToList();
 
         string title = $"training step of a random Llama ({size}: hidden {config.HiddenSize}, {config.NumHiddenLayers} layers, " +
-                       $"vocab {config.VocabSize}; batch {batch} x {seq} tokens) on {ops.Name}";
+                       $"vocab {config.VocabSize}; batch {batch} x {seq} tokens) on {ops.Name}, {computeDType.ToString().ToLowerInvariant()} compute";
         if (json)
         {
             stdout.WriteLine(JsonSerializer.Serialize(new { title, rows },

@@ -52,12 +52,13 @@ public static class TrainCommand
         var saveEvery = new Option<int>("--save-every") { Description = "write checkpoint-<step>/ every N steps (0 = never)", DefaultValueFactory = _ => 0 };
         var resume = new Option<DirectoryInfo?>("--resume") { Description = "continue from a checkpoint-<step> folder" };
         var device = DeviceOption.Create("cpu", "cpu (the C# reference), or the kernels on auto|cuda|emulator");
+        var precision = DeviceOption.CreatePrecision();
         var recompute = new Option<bool>("--recompute") { Description = "gradient checkpointing: keep only each block's input, recompute the block in the backward" };
         var output = new Option<DirectoryInfo>("--out") { Description = "output folder (new or empty, or the run's own folder with --resume)", Required = true };
         var cmd = new Command("train", "Fine-tune a Llama checkpoint with LoRA, QLoRA or full fine-tuning")
         {
             model, data, evalData, method, rank, alpha, dropout, targets, rslora, lr, schedule, warmup, steps, epochs, batch, gradAccum,
-            seq, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, recompute, output,
+            seq, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, recompute, output,
         };
         cmd.SetAction((parse, cancel) =>
         {
@@ -67,7 +68,7 @@ public static class TrainCommand
                 parse.GetValue(lr), parse.GetValue(schedule)!, parse.GetValue(warmup), parse.GetValue(steps), parse.GetValue(epochs),
                 parse.GetValue(batch), parse.GetValue(gradAccum), parse.GetValue(seq), parse.GetValue(seed), parse.GetValue(optim)!,
                 parse.GetValue(maxGradNorm), parse.GetValue(evalEvery), parse.GetValue(evalBatches), parse.GetValue(saveEvery),
-                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute) };
+                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Precision = parse.GetValue(precision)! };
             return Task.FromResult(Run(a, stdout, cancel));
         });
         return cmd;
@@ -84,6 +85,8 @@ public static class TrainCommand
         string Device, string Out)
     {
         public bool Recompute { get; init; }
+        /// <summary>--precision: auto (bf16 on a GPU device, fp32 on cpu), bf16 or fp32.</summary>
+        public string Precision { get; init; } = "auto";
     }
 
     public static int Run(Args a, TextWriter stdout, CancellationToken externalCancel = default)
@@ -188,6 +191,7 @@ public static class TrainCommand
             DoubleQuant = true,
             BaseWeightDType = a.Method == "lora" ? DType.BF16 : null,
             Recompute = a.Recompute,
+            ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device),
         };
         var trainerOptions = new TrainerOptions
         {
@@ -206,7 +210,7 @@ public static class TrainCommand
             {
                 Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
                 Rank = a.Rank, Alpha = a.Alpha, Targets = lora?.TargetModules ?? LoraSettings.KnownTargets, Batch = a.Batch, Seq = a.Seq,
-                Recompute = a.Recompute, Optimizer = a.Optim, ComputeDType = modelOptions.ComputeDType, BaseWeightDType = modelOptions.BaseWeightDType,
+                Recompute = a.Recompute, Optimizer = a.Optim, ComputeDType = modelOptions.ComputeDType, BaseWeightDType = modelOptions.BaseWeightDType, Absmax = AbsmaxLayout.DecodedF32,
                 ClipGradients = a.MaxGradNorm > 0,
             });
             if (plan.DoesNotFitMessage(gpu.MemoryInfo().Free) is { } message)

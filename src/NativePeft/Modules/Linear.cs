@@ -1,3 +1,4 @@
+using NativePeft.Numerics;
 using NativePeft.Ops;
 
 namespace NativePeft.Modules;
@@ -34,7 +35,8 @@ internal static class LinearChecks
 
 /// <summary>
 /// A full-precision linear layer: weight [out, in] in the compute dtype, trainable when it has a gradient tensor
-/// (full fine-tuning: dW += dyᵀ · x), frozen otherwise. A frozen weight may be stored narrower (BF16) than the compute
+/// (full fine-tuning: dW += dyᵀ · x; with BF16 compute the weight is the bf16 working copy and dW the fp32 gradient of
+/// its master, written by a bf16 × bf16 GEMM with fp32 output), frozen otherwise. A frozen weight may be stored narrower (BF16) than the compute
 /// dtype: its GEMMs then use the weight widened into the model's shared scratch.
 /// </summary>
 public sealed class Linear : ILinearLayer
@@ -55,8 +57,8 @@ public sealed class Linear : ILinearLayer
         ArgumentNullException.ThrowIfNull(weight);
         if (weight.Rank != 2) throw new ArgumentException($"weight must be [out, in], got [{weight.ShapeText}]", nameof(weight));
         weightGrad?.Expect(nameof(weightGrad), weight.Rows, weight.Columns);
-        if (weightGrad is not null && weightGrad.DType != weight.DType)
-            throw new ArgumentException($"a trainable weight is kept in its gradient's dtype ({weightGrad.DType}), got {weight.DType}", nameof(weight));
+        if (weightGrad is not null && weightGrad.DType != weight.DType && !(weight.DType == DType.BF16 && weightGrad.DType == DType.F32))
+            throw new ArgumentException($"a trainable weight is kept in its gradient's dtype ({weightGrad.DType}), or is the BF16 working copy of an F32 master; got {weight.DType}", nameof(weight));
         if (scratch is not null && scratch.Buffer.Count < weight.Count)
             throw new ArgumentException($"the scratch ({scratch.Buffer.Count} elements) is smaller than the [{weight.ShapeText}] weight", nameof(scratch));
         _ops = ops;

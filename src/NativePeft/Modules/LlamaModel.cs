@@ -78,6 +78,8 @@ public sealed partial class LlamaModel : IDisposable
     private readonly TensorArena _params;
     private readonly List<(string Name, Tensor Param, Tensor Grad)> _trainable = [];
     private readonly List<LoraLinear> _lora = [];
+    /// <summary>Mixed-precision full fine-tuning: each fp32 master weight (trained) and its bf16 working copy (computed with).</summary>
+    private readonly List<(Tensor Master, Tensor Working)> _workingCopies = [];
     private readonly LoraScratch _loraScratch = new();
     private readonly LlamaDecoderLayer[] _layers;
     private Activations? _acts;
@@ -90,6 +92,26 @@ public sealed partial class LlamaModel : IDisposable
     public LlamaModelOptions Options { get; }
     public IOps Ops => _ops;
     public DType ComputeDType => Options.ComputeDType;
+    /// <summary>
+    /// The dtype of the per-row statistics (RMSNorm rstd, attention and loss lse) and the RoPE tables: F32 with BF16
+    /// compute (the GPU ops keep them in fp32), the compute dtype otherwise.
+    /// </summary>
+    public DType StatisticsDType => ComputeDType == DType.BF16 ? DType.F32 : ComputeDType;
+    /// <summary>The dtype of LoRA A and B, their gradients (and so the optimizer): F32 with BF16 compute (PEFT keeps
+    /// adapters in fp32), the compute dtype otherwise. Also the dtype of the master weights and gradients of full
+    /// fine-tuning.</summary>
+    public DType AdapterDType => ComputeDType == DType.BF16 ? DType.F32 : ComputeDType;
+
+    /// <summary>
+    /// Mixed-precision full fine-tuning (BF16 compute): rounds every fp32 master weight (what the optimizer updates, in
+    /// <see cref="TrainableParameters"/>) into the bf16 working copy the forward and backward use. Call it after each
+    /// optimizer step and after writing the trainable parameters (the <see cref="Training.Trainer"/> does). A no-op
+    /// otherwise.
+    /// </summary>
+    public void RefreshWorkingWeights()
+    {
+        foreach (var (master, working) in _workingCopies) _ops.Copy(master, working);
+    }
     public Tensor EmbedTokens { get; private set; } = null!;
     public Tensor? EmbedTokensGrad { get; private set; }
     public Tensor Norm { get; private set; } = null!;
@@ -160,6 +182,9 @@ public sealed partial class LlamaModel : IDisposable
         ArgumentNullException.ThrowIfNull(ops);
         ArgumentNullException.ThrowIfNull(options);
         options.Validate();
+        if (options.ComputeDType == DType.BF16 && ops is CpuOps)
+            throw new ArgumentException("ComputeDType: BF16 (mixed precision) runs on the GPU ops (CUDA or the emulator); the CPU reference computes in F32 or F64",
+                nameof(LlamaModelOptions.ComputeDType));
         if (options.Lora is { } lora)
         {
             foreach (var (shortName, path) in LlamaDecoderLayer.Projections)
@@ -194,6 +219,19 @@ public sealed partial class LlamaModel : IDisposable
 
         (Tensor Param, Tensor? Grad) Dense(string name, params int[] shape)
         {
+            if (full && AdapterDType != dtype)
+            {
+                // Mixed precision: the optimizer trains an fp32 master weight with an fp32 gradient; the model computes
+                // with its bf16 working copy (RefreshWorkingWeights after each step).
+                var master = _params.Allocate(AdapterDType, shape);
+                UploadValues(source.Read(name, shape), master);
+                var working = _params.Allocate(dtype, shape);
+                _ops.Copy(master, working);
+                var grad = _params.Allocate(AdapterDType, shape);
+                _trainable.Add((name, master, grad));
+                _workingCopies.Add((master, working));
+                return (working, grad);
+            }
             var p = _params.Allocate(dtype, shape);
             UploadValues(source.Read(name, shape), p);
             Tensor? g = null;
@@ -250,10 +288,10 @@ public sealed partial class LlamaModel : IDisposable
                 if (Options.Lora is { } lora && lora.TargetModules.Contains(shortName))
                 {
                     int r = lora.Rank;
-                    var a = _params.Allocate(dtype, r, inF);
-                    var b = _params.Allocate(dtype, outF, r);
-                    var ga = _params.Allocate(dtype, r, inF);
-                    var gb = _params.Allocate(dtype, outF, r);
+                    var a = _params.Allocate(AdapterDType, r, inF);
+                    var b = _params.Allocate(AdapterDType, outF, r);
+                    var ga = _params.Allocate(AdapterDType, r, inF);
+                    var gb = _params.Allocate(AdapterDType, outF, r);
                     int index = loraIndex++;
                     var lin = new LoraLinear(_ops, layer, a, b, ga, gb, lora.Scaling, lora.Dropout, index, _loraScratch, Dropout);
                     lin.Initialize(new Random(DeriveSeed(Options.Seed, index)));
@@ -295,6 +333,12 @@ public sealed partial class LlamaModel : IDisposable
     private void UploadValues(float[] values, Tensor t)
     {
         if (t.DType == DType.F32) _ops.Upload<float>(values, t);
+        else if (t.DType == DType.BF16)
+        {
+            var rounded = new BFloat16[values.Length];
+            BFloat16.FromSingle(values, rounded);
+            _ops.Upload<BFloat16>(rounded, t);
+        }
         else _ops.Upload<double>(Array.ConvertAll(values, v => (double)v), t);
     }
 
@@ -370,10 +414,23 @@ public sealed partial class LlamaModel : IDisposable
     // ------------------------------------------------------------------------------------------ parameters
 
     /// <summary>
-    /// Every base tensor under its HF name: the dense tensor (compute dtype) or, for a 4-bit linear weight, the
-    /// quantized one. lm_head.weight is listed only when not tied.
+    /// Every base tensor under its HF name: the dense tensor (compute dtype; the fp32 master weight with mixed-precision
+    /// full fine-tuning) or, for a 4-bit linear weight, the quantized one. lm_head.weight is listed only when not tied.
     /// </summary>
     public IEnumerable<(string Name, Tensor? Dense, QuantizedWeight? Quantized)> BaseParameters()
+    {
+        foreach (var (name, dense, quantized) in BaseTensors())
+            yield return (name, dense is null ? null : MasterOf(dense), quantized);
+    }
+
+    private Tensor MasterOf(Tensor t)
+    {
+        foreach (var (master, working) in _workingCopies)
+            if (ReferenceEquals(working, t)) return master;
+        return t;
+    }
+
+    private IEnumerable<(string Name, Tensor? Dense, QuantizedWeight? Quantized)> BaseTensors()
     {
         yield return ("model.embed_tokens.weight", EmbedTokens, null);
         foreach (var layer in _layers)
@@ -575,9 +632,9 @@ public sealed partial class LlamaModel : IDisposable
         var arena = new TensorArena(_ops.Memory);
         try
         {
-            var cos = arena.Allocate(ComputeDType, rows, half);
-            var sin = arena.Allocate(ComputeDType, rows, half);
-            if (ComputeDType == DType.F64)
+            var cos = arena.Allocate(StatisticsDType, rows, half);
+            var sin = arena.Allocate(StatisticsDType, rows, half);
+            if (StatisticsDType == DType.F64)
             {
                 var inv = RopeRef.InverseFrequencies<double>(Config.HeadDim, Config.RopeTheta, scaling);
                 var c = new double[rows * half];
@@ -625,7 +682,11 @@ public sealed partial class LlamaModel : IDisposable
         {
             _acts = new Activations(this, arena, batch, seqLen);
             if (_lora.Count > 0)
+            {
                 _loraScratch.Allocate(arena, ComputeDType, batch * seqLen, _lora.Max(l => l.InFeatures), _lora.Max(l => l.Rank));
+                if (AdapterDType != ComputeDType)
+                    _loraScratch.AllocateWorkingCopies(arena, ComputeDType, _lora.Max(l => l.InFeatures), _lora.Max(l => l.OutFeatures), _lora.Max(l => l.Rank));
+            }
             return _acts;
         }
         catch
@@ -637,13 +698,14 @@ public sealed partial class LlamaModel : IDisposable
         }
     }
 
-    private sealed class BlockActivations(TensorArena m, DType d, LlamaConfig c, int B, int T)
+    /// <summary>d: the compute dtype; s: the statistics' dtype (rstd, lse).</summary>
+    private sealed class BlockActivations(TensorArena m, DType d, DType s, LlamaConfig c, int B, int T)
     {
         private readonly int _n = B * T;
-        public readonly Tensor N1 = m.Allocate(d, B * T, c.HiddenSize), Rstd1 = m.Allocate(d, B * T);
+        public readonly Tensor N1 = m.Allocate(d, B * T, c.HiddenSize), Rstd1 = m.Allocate(s, B * T);
         public readonly Tensor Q = m.Allocate(d, B * T, c.QueryDim), K = m.Allocate(d, B * T, c.KeyValueDim), V = m.Allocate(d, B * T, c.KeyValueDim);
-        public readonly Tensor Att = m.Allocate(d, B * T, c.QueryDim), Lse = m.Allocate(d, B, c.NumAttentionHeads, T);
-        public readonly Tensor H = m.Allocate(d, B * T, c.HiddenSize), N2 = m.Allocate(d, B * T, c.HiddenSize), Rstd2 = m.Allocate(d, B * T);
+        public readonly Tensor Att = m.Allocate(d, B * T, c.QueryDim), Lse = m.Allocate(s, B, c.NumAttentionHeads, T);
+        public readonly Tensor H = m.Allocate(d, B * T, c.HiddenSize), N2 = m.Allocate(d, B * T, c.HiddenSize), Rstd2 = m.Allocate(s, B * T);
         public readonly Tensor G = m.Allocate(d, B * T, c.IntermediateSize), U = m.Allocate(d, B * T, c.IntermediateSize), A = m.Allocate(d, B * T, c.IntermediateSize);
         public int Tokens => _n;
     }
@@ -667,6 +729,7 @@ public sealed partial class LlamaModel : IDisposable
             N = checked(batch * seqLen);
             var c = model.Config;
             var d = model.ComputeDType;
+            var st = model.StatisticsDType;
             Ids = m.Allocate(DType.I32, N);
             Labels = m.Allocate(DType.I32, N);
             Positions = m.Allocate(DType.I32, N);
@@ -675,10 +738,10 @@ public sealed partial class LlamaModel : IDisposable
             for (int i = 0; i < Hidden.Length; i++) Hidden[i] = m.Allocate(d, N, c.HiddenSize);
             _recompute = model.Options.Recompute;
             _blocks = new BlockActivations[_recompute ? 1 : c.NumHiddenLayers];
-            for (int i = 0; i < _blocks.Length; i++) _blocks[i] = new BlockActivations(m, d, c, batch, seqLen);
+            for (int i = 0; i < _blocks.Length; i++) _blocks[i] = new BlockActivations(m, d, st, c, batch, seqLen);
             NormOut = m.Allocate(d, N, c.HiddenSize);
-            RstdF = m.Allocate(d, N);
-            CeLse = m.Allocate(d, N);
+            RstdF = m.Allocate(st, N);
+            CeLse = m.Allocate(st, N);
             DRes = m.Allocate(d, N, c.HiddenSize);
             DTmp = m.Allocate(d, N, c.HiddenSize);
             DN = m.Allocate(d, N, c.HiddenSize);

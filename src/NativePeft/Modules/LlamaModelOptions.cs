@@ -55,7 +55,13 @@ public sealed record LoraSettings
 /// <summary>How <see cref="LlamaModel"/> builds a model.</summary>
 public sealed record LlamaModelOptions
 {
-    /// <summary>F32 (normal), or F64 on the CPU for gradient checks. Parameters, LoRA, gradients and activations all use it.</summary>
+    /// <summary>
+    /// F32, BF16 (mixed precision on the GPU ops: activations, frozen weights, embeddings and norms in bf16 with fp32
+    /// accumulation; rstd/lse, the RoPE tables, LoRA A/B, their gradients and the optimizer states in fp32), or F64 on
+    /// the CPU for gradient checks. With F32/F64 parameters, LoRA, gradients and activations all use it. Full fine-tuning
+    /// with BF16 trains fp32 master weights (fp32 gradients) and computes with bf16 working copies refreshed after each
+    /// step (<see cref="LlamaModel.RefreshWorkingWeights"/>). The CPU ops reject BF16.
+    /// </summary>
     public DType ComputeDType { get; init; } = DType.F32;
     /// <summary>Quantize the base's linear weights on load (embeddings, norms and lm_head stay full precision, as bitsandbytes does).
     /// A checkpoint already in bitsandbytes 4-bit is loaded as it is, whatever this says.</summary>
@@ -81,8 +87,8 @@ public sealed record LlamaModelOptions
 
     public void Validate()
     {
-        if (ComputeDType is not (DType.F32 or DType.F64))
-            throw new ArgumentException($"ComputeDType: {ComputeDType} is not supported (F32, or F64 on the CPU)", nameof(ComputeDType));
+        if (ComputeDType is not (DType.F32 or DType.BF16 or DType.F64))
+            throw new ArgumentException($"ComputeDType: {ComputeDType} is not supported (F32, BF16 on the GPU ops, or F64 on the CPU)", nameof(ComputeDType));
         if (Lora is not null && FullFineTuning)
             throw new ArgumentException("FullFineTuning and Lora are exclusive: choose one", nameof(FullFineTuning));
         if (FullFineTuning && Quantization != BaseQuantization.None)

@@ -23,8 +23,9 @@ public sealed class DropoutContext
 
 /// <summary>
 /// Workspace of the LoRA layers of one model, sized for the current number of tokens N: dropout(x) and its mask
-/// [N, max in], xa = dropout(x)·Aᵀ and its gradient [N, max r], and dx of the adapter path [N, max in]. Shared by
-/// every layer (each uses it only inside its own Forward / Backward).
+/// [N, max in], xa = dropout(x)·Aᵀ and its gradient [N, max r], and dx of the adapter path [N, max in], all in the
+/// compute dtype. With BF16 compute (fp32 adapters) also the bf16 working copies of one layer's A [max r · max in]
+/// and B [max out · max r]. Shared by every layer (each uses it only inside its own Forward / Backward).
 /// </summary>
 public sealed class LoraScratch
 {
@@ -33,6 +34,10 @@ public sealed class LoraScratch
     public Tensor? Xa { get; internal set; }
     public Tensor? DXa { get; internal set; }
     public Tensor? DIn { get; internal set; }
+    /// <summary>lora_A rounded to the compute dtype (mixed precision only).</summary>
+    public Tensor? AWork { get; internal set; }
+    /// <summary>lora_B rounded to the compute dtype (mixed precision only).</summary>
+    public Tensor? BWork { get; internal set; }
 
     internal void Allocate(TensorArena arena, DType dtype, int tokens, int maxIn, int maxRank)
     {
@@ -43,7 +48,14 @@ public sealed class LoraScratch
         DIn = arena.Allocate(dtype, tokens * maxIn);
     }
 
-    internal void Clear() => Dropped = Mask = Xa = DXa = DIn = null;
+    /// <summary>The working copies of A and B in <paramref name="dtype"/> (when the adapters are kept wider).</summary>
+    internal void AllocateWorkingCopies(TensorArena arena, DType dtype, int maxIn, int maxOut, int maxRank)
+    {
+        AWork = arena.Allocate(dtype, checked(maxRank * maxIn));
+        BWork = arena.Allocate(dtype, checked(maxOut * maxRank));
+    }
+
+    internal void Clear() => Dropped = Mask = Xa = DXa = DIn = AWork = BWork = null;
 
     internal static Tensor View(Tensor? t, int rows, int columns, string name) =>
         (t ?? throw new InvalidOperationException($"LoRA scratch {name} is not allocated (the model allocates it for each batch shape)"))
@@ -55,6 +67,15 @@ public sealed class LoraScratch
 /// y = base(x) + scaling · (dropout(x) · Aᵀ) · Bᵀ with A [r, in] (Kaiming-uniform a = √5) and B [out, r] (zeros).
 /// Stores no activations: the backward recomputes dropout(x) (same counter-based mask) and xa = dropout(x)·Aᵀ from
 /// the forward's input, one [N, in]×[in, r] GEMM. Gradients dA, dB accumulate.
+/// <para>
+/// Mixed precision (BF16 activations, fp32 A and B as PEFT keeps adapters): each Forward / Backward rounds A and B
+/// into bf16 working copies in the shared scratch (r·(in + out) elements, negligible next to the activations) and runs
+/// the adapter GEMMs as bf16 × bf16 with fp32 accumulation — what torch autocast does with PEFT's fp32 lora_A/lora_B.
+/// xa and dxa are bf16 [N, r]; dA and dB accumulate in fp32 straight from the bf16 GEMM operands (fp32 output), so
+/// the gradients and the optimizer see fp32 and the adapters are never rounded themselves. Casting x to fp32 instead
+/// would need fp32 [N, in] and [N, out] buffers (as large as the bf16 activations saved) for no gain in the output, which
+/// is rounded to bf16 anyway.
+/// </para>
 /// </summary>
 public sealed class LoraLinear : ILinearLayer
 {
@@ -105,6 +126,17 @@ public sealed class LoraLinear : ILinearLayer
 
     private bool DropoutOn => _dropout.Training && DropoutP > 0;
 
+    /// <summary>A and B in the dtype of the activations: themselves, or rounded into the scratch's working copies.</summary>
+    private (Tensor A, Tensor B) Adapters(DType activations)
+    {
+        if (LoraA.DType == activations) return (LoraA, LoraB);
+        var a = LoraScratch.View(_scratch.AWork, Rank, InFeatures, "A working copy");
+        var b = LoraScratch.View(_scratch.BWork, OutFeatures, Rank, "B working copy");
+        _ops.Copy(LoraA, a);
+        _ops.Copy(LoraB, b);
+        return (a, b);
+    }
+
     /// <summary>dropout(x) into the scratch (and its mask), or x itself when dropout is off.</summary>
     private (Tensor Dropped, Tensor? Mask) Drop(Tensor x)
     {
@@ -121,9 +153,10 @@ public sealed class LoraLinear : ILinearLayer
         Base.Forward(x, y);
         if (IsMerged) return;
         var (dropped, _) = Drop(x);
+        var (loraA, loraB) = Adapters(x.DType);
         var xa = LoraScratch.View(_scratch.Xa, x.Rows, Rank, "xa");
-        _ops.Matmul(dropped, false, LoraA, true, xa);
-        _ops.Matmul(xa, false, LoraB, true, y, Scaling, 1);
+        _ops.Matmul(dropped, false, loraA, true, xa);
+        _ops.Matmul(xa, false, loraB, true, y, Scaling, 1);
     }
 
     public void Backward(Tensor x, Tensor dy, Tensor dx, bool accumulateDx)
@@ -133,23 +166,24 @@ public sealed class LoraLinear : ILinearLayer
         Base.Backward(x, dy, dx, accumulateDx);
         int n = x.Rows;
         var (dropped, mask) = Drop(x);
+        var (loraA, loraB) = Adapters(x.DType);
         var xa = LoraScratch.View(_scratch.Xa, n, Rank, "xa");
         var dxa = LoraScratch.View(_scratch.DXa, n, Rank, "dxa");
         var din = LoraScratch.View(_scratch.DIn, n, InFeatures, "dx");
-        _ops.Matmul(dropped, false, LoraA, true, xa);                 // recompute xa [N, r]
+        _ops.Matmul(dropped, false, loraA, true, xa);                 // recompute xa [N, r]
         _ops.Matmul(dy, true, xa, false, LoraBGrad, Scaling, 1);      // dB += scaling · dyᵀ · xa
-        _ops.Matmul(dy, false, LoraB, false, dxa, Scaling, 0);        // dxa = scaling · dy · B
+        _ops.Matmul(dy, false, loraB, false, dxa, Scaling, 0);        // dxa = scaling · dy · B
         _ops.Matmul(dxa, true, dropped, false, LoraAGrad, 1, 1);      // dA += dxaᵀ · dropout(x)
-        _ops.Matmul(dxa, false, LoraA, false, din);                   // d dropout(x) = dxa · A
+        _ops.Matmul(dxa, false, loraA, false, din);                   // d dropout(x) = dxa · A
         if (mask is not null) _ops.DropoutBackward(din, mask, DropoutP, din);
-        _ops.Axpy(1, din, dx);
+        _ops.Add(dx, din, dx);
     }
 
     /// <summary>W += scaling · B·A into a full-precision base; the forward then skips the adapter.</summary>
     public void Merge()
     {
         if (IsMerged) throw new InvalidOperationException("already merged");
-        _ops.Matmul(LoraB, false, LoraA, false, BaseWeight(), Scaling, 1);
+        MergeInto(BaseWeight(), Scaling);
         IsMerged = true;
     }
 
@@ -157,8 +191,31 @@ public sealed class LoraLinear : ILinearLayer
     public void Unmerge()
     {
         if (!IsMerged) throw new InvalidOperationException("not merged");
-        _ops.Matmul(LoraB, false, LoraA, false, BaseWeight(), -Scaling, 1);
+        MergeInto(BaseWeight(), -Scaling);
         IsMerged = false;
+    }
+
+    /// <summary>W += scale · B·A; a base narrower than the adapters (bf16) gets it from rounded temporary copies of B and A.</summary>
+    private void MergeInto(Tensor weight, double scale)
+    {
+        if (weight.DType == LoraA.DType)
+        {
+            _ops.Matmul(LoraB, false, LoraA, false, weight, scale, 1);
+            return;
+        }
+        var a = _ops.Memory.Allocate(weight.DType, Rank, InFeatures);
+        try
+        {
+            var b = _ops.Memory.Allocate(weight.DType, OutFeatures, Rank);
+            try
+            {
+                _ops.Copy(LoraA, a);
+                _ops.Copy(LoraB, b);
+                _ops.Matmul(b, false, a, false, weight, scale, 1);
+            }
+            finally { _ops.Memory.Free(b); }
+        }
+        finally { _ops.Memory.Free(a); }
     }
 
     private Tensor BaseWeight() => Base is Linear l

@@ -7,7 +7,8 @@ namespace NativePeft.Ops;
 /// <see cref="IOps"/> on an <see cref="IGpu"/>: the kernels of kernels/*.cu through their launchers (GpuQuantOps,
 /// GpuTransformerOps, GpuAttentionOps, GpuLossOps, GpuElementwiseOps), the same code on CudaGpu and EmulatedGpu.
 /// GEMMs: cuBLAS (cublasGemmEx, fp32 accumulation) on CUDA; the host BLAS on the emulator, whose device memory
-/// is host memory. Compute dtypes: F32 and BF16 (on the emulator's host BLAS, F32 only); rstd and lse are F32.
+/// is host memory. Compute dtypes: F32 and BF16 (bf16 inputs, fp32 accumulation; on the emulator the host BLAS on
+/// exactly widened copies, C rounded once); rstd, lse and the RoPE tables are F32.
 /// Workspace the ops need (cross-entropy logits chunks, attention's row sums) comes from <see cref="Memory"/> and
 /// is returned before the op does.
 /// </summary>
@@ -143,25 +144,53 @@ public sealed unsafe class GpuOps : IOps
         int kb = transB ? b.Columns : b.Rows, n = transB ? b.Rows : b.Columns;
         if (kb != k) throw new ArgumentException($"Matmul: inner dimensions differ: op(A) is [{m}, {k}], op(B) is [{kb}, {n}]");
         if (c.Rows != m || c.Columns != n) throw new ArgumentException($"Matmul: C is [{c.Rows}, {c.Columns}], expected [{m}, {n}]");
-        var dtype = Compute("Matmul", a, b, c);
+        // A and B share a dtype; C has it too, or is F32 with BF16 inputs (mixed precision: bf16 in, fp32 accumulate
+        // and out, e.g. an fp32 weight gradient from bf16 activations).
+        var dtype = Compute("Matmul", a, b);
+        if (c.DType != dtype && !(dtype == DType.BF16 && c.DType == DType.F32))
+            throw new ArgumentException($"Matmul: C is {c.DType} with {dtype} inputs (C must be {dtype}{(dtype == DType.BF16 ? " or F32" : "")})");
         if (m == 0 || n == 0) return;
         switch (_gpu)
         {
             case CudaGpu cuda:
                 var t = dtype == DType.F32 ? CudaDataType.R32F : CudaDataType.R16BF;
+                var tc = c.DType == DType.F32 ? CudaDataType.R32F : CudaDataType.R16BF;
                 cuda.Blas.GemmRowMajor(transA, transB, m, n, k, (float)alpha, a.Data, t, a.Columns, b.Data, t, b.Columns,
-                    (float)beta, c.Data, t, c.Columns);
+                    (float)beta, c.Data, tc, c.Columns);
                 break;
             case EmulatedGpu:
-                if (dtype != DType.F32) throw new NotSupportedException("Matmul on the emulator runs through the host BLAS in F32 only");
-                HostBlas.Sgemm(transA, transB, m, n, k, (float)alpha,
-                    new ReadOnlySpan<float>((void*)a.Data.Address, checked((int)a.Count)),
-                    new ReadOnlySpan<float>((void*)b.Data.Address, checked((int)b.Count)), (float)beta,
-                    new Span<float>((void*)c.Data.Address, checked((int)c.Count)));
+                if (dtype == DType.F32)
+                {
+                    HostBlas.Sgemm(transA, transB, m, n, k, (float)alpha, HostSpan<float>(a), HostSpan<float>(b), (float)beta, HostSpan<float>(c));
+                    break;
+                }
+                // BF16 on the emulator: widen A and B exactly to fp32, sgemm (fp32 accumulation, as cuBLAS with
+                // CUBLAS_COMPUTE_32F), and round C once to bf16 (nearest even) when C is BF16.
+                _gpu.Synchronize();
+                var fa = Widen(a);
+                var fb = Widen(b);
+                if (c.DType == DType.F32)
+                    HostBlas.Sgemm(transA, transB, m, n, k, (float)alpha, fa, fb, (float)beta, HostSpan<float>(c));
+                else
+                {
+                    var fc = beta == 0 ? new float[c.Count] : Widen(c);
+                    HostBlas.Sgemm(transA, transB, m, n, k, (float)alpha, fa, fb, (float)beta, fc);
+                    BFloat16.FromSingle(fc, HostSpan<BFloat16>(c));
+                }
                 break;
             default:
                 throw new NotSupportedException($"Matmul: no GEMM for {_gpu.GetType().Name}");
         }
+    }
+
+    /// <summary>The emulator's device memory (host memory) of a tensor as a span.</summary>
+    private static Span<T> HostSpan<T>(Tensor t) where T : unmanaged => new((void*)t.Data.Address, checked((int)t.Count));
+
+    private static float[] Widen(Tensor t)
+    {
+        var f = new float[t.Count];
+        BFloat16.ToSingle(HostSpan<BFloat16>(t), f);
+        return f;
     }
 
     // --- 4-bit -----------------------------------------------------------------------------------
@@ -289,7 +318,9 @@ public sealed unsafe class GpuOps : IOps
     public void CrossEntropyBackward(Tensor hidden, Tensor weight, Tensor labels, Tensor lse, double dloss, Tensor dhidden, Tensor? dweight, int chunk)
     {
         Require(labels, nameof(labels), DType.I32); RequireF32(lse, nameof(lse));
-        var dtype = Compute("CrossEntropyBackward", hidden, weight, dhidden, dweight);
+        var dtype = Compute("CrossEntropyBackward", hidden, weight, dhidden);
+        if (dweight is not null && dweight.DType != dtype && !(dtype == DType.BF16 && dweight.DType == DType.F32))
+            throw new ArgumentException($"dweight: {dweight} with {dtype} activations (expected {dtype}, or F32 with BF16)", nameof(dweight));
         int rows = hidden.Rows, vocab = weight.Rows;
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(chunk);
         var hostLabels = new int[rows];

@@ -47,7 +47,8 @@ public interface IOps : IDisposable
     /// <summary>
     /// C = alpha · op(A) · op(B) + beta · C, with fp32 accumulation (fp64 for F64). A is [m, k] ([k, m] when
     /// <paramref name="transA"/>), B is [k, n] ([n, k] when <paramref name="transB"/>), C is [m, n]; the tensors are
-    /// read as matrices [Rows, Columns]. A linear layer is Matmul(x, false, W, true, y).
+    /// read as matrices [Rows, Columns]. A linear layer is Matmul(x, false, W, true, y). A and B share a dtype; C has
+    /// it too, or (GPU ops) is F32 with BF16 A and B: bf16 inputs, fp32 accumulation and output (mixed-precision gradients).
     /// </summary>
     void Matmul(Tensor a, bool transA, Tensor b, bool transB, Tensor c, double alpha = 1, double beta = 0);
 

@@ -18,12 +18,13 @@ namespace NativePeft.Planning;
 /// <list type="bullet">
 /// <item><b>Base weights</b>: embed_tokens [V, C], lm_head [V, C] unless tied, the 2L + 1 RMSNorm weights [C] (all in the
 /// compute dtype), and the 7L projections: compute dtype (full, or lora on an unwidened base), BF16 (lora's default
-/// frozen base) or 4-bit packed, ⌈n/2⌉ bytes (qlora).</item>
+/// frozen base) or 4-bit packed, ⌈n/2⌉ bytes (qlora). Full fine-tuning with BF16 compute adds each tensor's fp32
+/// master weight (the optimizer updates it; the bf16 working copy is refreshed from it after each step).</item>
 /// <item><b>Quantization state</b> (qlora): per projection fp32 absmax, one per block of 64 (what the loader keeps
 /// today), or bitsandbytes' double-quantized layout (1 byte per block + fp32 per 256 blocks + the 256-entry map + offset).</item>
 /// <item><b>Adapters</b>: lora_A [r, in] and lora_B [out, r] per targeted projection (compute dtype; fp32 with BF16
 /// compute, as PEFT keeps adapters and as the optimizers require).</item>
-/// <item><b>Gradients</b>: one per trainable tensor, in its dtype.</item>
+/// <item><b>Gradients</b>: one per trainable tensor, in its dtype (fp32 with BF16 compute).</item>
 /// <item><b>Optimizer states</b>: <see cref="AdamWOptimizer.StateBytesFor"/> per trainable tensor; on a GPU the paged
 /// optimizers put m and v of tensors ≥ 1e5 elements in managed memory: that part is the <b>paged</b> row and is not in
 /// the device total.</item>
@@ -32,7 +33,9 @@ namespace NativePeft.Planning;
 /// recompute, of one block, recomputed inside its backward — (n1, q, k, v, attention out, lse, h, n2, gate, up,
 /// silu·up and two rstd); the final norm's output and rstd, the lse of the loss; the backward's gradient buffers
 /// (residual, two [N, C] temporaries, d attention out, dq, dk, dv, and dgate, dup, d(silu·up) [N, I]); and with LoRA
-/// the shared adapter scratch (dropout(x) and its U8 mask [N, max in], xa and dxa [N, max r], dx [N, max in]).</item>
+/// the shared adapter scratch (dropout(x) and its U8 mask [N, max in], xa and dxa [N, max r], dx [N, max in]; with
+/// BF16 compute also the bf16 working copies of one layer's A [max r · max in] and B [max out · max r], which the
+/// adapter GEMMs use: bf16 × bf16 with fp32 accumulation, dA and dB written in fp32).</item>
 /// <item><b>Workspaces</b>: the shared dequantization/widening scratch (the largest projection in the compute dtype,
 /// with a 4-bit or BF16-stored base), the RoPE cos/sin tables [max(T, 64), D/2] (fp32 with BF16 compute), the 8-bit
 /// optimizers' two 256-entry maps (GPU), and the largest transient op workspace (GPU): the cross-entropy's chunk logits
@@ -42,7 +45,8 @@ namespace NativePeft.Planning;
 /// <see cref="TotalBytes"/> is the pool's peak in a steady training step (every category at once, plus the largest
 /// transient workspace); the first step peaks lower (<see cref="FirstStepPeakBytes"/>) because optimizer state is
 /// created at its end, after the transient workspaces are gone. For the configurations the code runs (F32 compute on
-/// CpuOps and GpuOps) these equal the measured <see cref="Ops.TensorMemory.PeakAllocatedBytes"/> to the byte (tests).
+/// CpuOps and GpuOps; BF16 compute with full/lora/qlora on GpuOps, with <see cref="AbsmaxLayout.DecodedF32"/> as the loader
+/// keeps absmax) these equal the measured <see cref="Ops.TensorMemory.PeakAllocatedBytes"/> to the byte (tests).
 /// Not counted: the CUDA context, cuBLAS' own workspace and allocator fragmentation (cudaMalloc rounds up), which a
 /// real GPU adds on top (typically a few hundred MB).
 /// </para>
@@ -110,8 +114,8 @@ public sealed class MemoryPlan
         var o = Options;
         var c = Config;
         DType d = o.ComputeDType;
-        // rstd, lse and the RoPE tables: fp32 on the GPU ops whatever the compute dtype (the model allocates them in the
-        // compute dtype, which is F32 or F64 today).
+        // rstd, lse and the RoPE tables: fp32 with BF16 compute (LlamaModel.StatisticsDType), the compute dtype otherwise;
+        // LoRA A/B and their gradients likewise (LlamaModel.AdapterDType).
         DType stat = d == DType.BF16 ? DType.F32 : d;
         DType adapterDType = d == DType.BF16 ? DType.F32 : d;
         bool full = o.Method == FineTuneMethod.Full;
@@ -129,7 +133,9 @@ public sealed class MemoryPlan
         {
             baseBytes += Bytes(d, n);
             if (!full) return;
-            grads += Bytes(d, n);
+            // Mixed precision (BF16): an fp32 master weight next to the bf16 working copy, and an fp32 gradient.
+            if (adapterDType != d) baseBytes += Bytes(adapterDType, n);
+            grads += Bytes(adapterDType, n);
             trainable.Add(n);
         }
 
@@ -144,7 +150,7 @@ public sealed class MemoryPlan
                 if (o.Targets.Contains(shortName) && o.Rank > Math.Min(outF, inF))
                     throw new ArgumentOutOfRangeException(nameof(PlanOptions.Rank), o.Rank,
                         $"r (LoRA rank) {o.Rank} is larger than min(in, out) = {Math.Min(outF, inF)} of {shortName} [{outF}, {inF}]");
-        long maxIn = 0, maxRank = 0;
+        long maxIn = 0, maxOut = 0, maxRank = 0;
         for (int l = 0; l < L; l++)
         {
             Dense(C); // input_layernorm
@@ -170,6 +176,7 @@ public sealed class MemoryPlan
                     trainable.Add(a);
                     trainable.Add(b);
                     maxIn = Math.Max(maxIn, inF);
+                    maxOut = Math.Max(maxOut, outF);
                     maxRank = Math.Max(maxRank, o.Rank);
                 }
             }
@@ -213,7 +220,11 @@ public sealed class MemoryPlan
         acts += 3 * Bytes(d, N * C) + 2 * Bytes(d, N * QD) + 2 * Bytes(d, N * KVD) + 3 * Bytes(d, N * I); // backward buffers
         long loraScratch = 0;
         if (lora && maxIn > 0)
+        {
             loraScratch = 2 * Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) + 2 * Bytes(d, N * maxRank);
+            // Mixed precision: the bf16 working copies of one layer's A [max r, max in] and B [max out, max r].
+            if (adapterDType != d) loraScratch += Bytes(d, maxRank * maxIn) + Bytes(d, maxOut * maxRank);
+        }
         LoraScratchBytes = loraScratch;
         ActivationBytes = acts + loraScratch;
 

@@ -61,8 +61,8 @@ public sealed record PlanOptions
     /// <summary>adamw, paged-adamw, adamw8bit or paged-adamw8bit (<see cref="OptimizerFactory.Names"/>).</summary>
     public string Optimizer { get; init; } = "adamw";
     /// <summary>
-    /// Activations, the dequantization scratch, embeddings, norms and lm_head are in this dtype. F32 is what every
-    /// device runs today (F64 on the CPU for gradient checks); BF16 is the planned GPU path the published figures assume.
+    /// Activations, the dequantization scratch, embeddings, norms and lm_head are in this dtype. F32 or BF16 on the GPU
+    /// ops (BF16: mixed precision, the published figures' setup), F32 or F64 on the CPU.
     /// </summary>
     public DType ComputeDType { get; init; } = DType.F32;
     /// <summary>
@@ -124,14 +124,12 @@ public sealed record PlanOptions
     }
 
     /// <summary>
-    /// The <see cref="LlamaModelOptions"/> that build the model this plan describes (F32/F64 compute only: the model
-    /// does not run BF16 yet).
+    /// The <see cref="LlamaModelOptions"/> that build the model this plan describes (F32/F64, or BF16 on the GPU ops;
+    /// the model keeps a 4-bit absmax decoded to fp32, so a BF16 qlora plan matches it with <see cref="AbsmaxLayout.DecodedF32"/>).
     /// </summary>
     public LlamaModelOptions ToModelOptions(int seed = 0)
     {
         Validate();
-        if (ComputeDType == DType.BF16)
-            throw new NotSupportedException("LlamaModel does not compute in BF16 yet; this plan is an estimate for the planned GPU path");
         var lora = Method == FineTuneMethod.Full ? null : new LoraSettings { Rank = Rank, Alpha = Alpha, TargetModules = Targets };
         return new LlamaModelOptions
         {

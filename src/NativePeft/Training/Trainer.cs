@@ -83,8 +83,8 @@ public sealed partial class Trainer : IDisposable
         options.Validate();
         if (model.TrainableParameters.Count == 0)
             throw new ArgumentException("the model has nothing to train: build it with LoRA or full fine-tuning", nameof(model));
-        if (model.ComputeDType != DType.F32)
-            throw new ArgumentException($"training needs an F32 model (the optimizers are fp32); this one computes in {model.ComputeDType}", nameof(model));
+        if (model.TrainableParameters.Any(p => p.Param.DType != DType.F32))
+            throw new ArgumentException($"training needs fp32 trainable parameters (the optimizers are fp32); this model computes in {model.ComputeDType}", nameof(model));
         if (model.LoraLayers.Any(l => l.IsMerged))
             throw new ArgumentException("the model's adapters are merged; unmerge them before training", nameof(model));
         if (data.Train.Count == 0) throw new ArgumentException("no training examples", nameof(data));
@@ -214,6 +214,7 @@ public sealed partial class Trainer : IDisposable
         if (!double.IsFinite(gradNorm)) Diverge(stepNumber, "the gradient norm", gradNorm);
         double clip = Options.MaxGradNorm > 0 ? GradientClipping.ClipCoefficient(gradNorm, Options.MaxGradNorm) : 1.0;
         _optimizer.Step(_model.TrainableParameters, lr, gradScale * clip);
+        _model.RefreshWorkingWeights();
         _step = stepNumber;
         _tokensSeen += tokens;
         double seconds = clock.Elapsed.TotalSeconds;
@@ -414,6 +415,7 @@ public sealed partial class Trainer : IDisposable
                     throw new InvalidDataException($"{path}: {name} is {info.DType} [{string.Join(", ", info.Shape)}], expected F32 [{param.ShapeText}]");
                 _model.Ops.Upload<float>(file.GetSpan<float>(name), param);
             }
+            _model.RefreshWorkingWeights();
         }
         else PeftAdapter.Load(dir).ApplyTo(_model);
 

@@ -79,7 +79,7 @@ public class EvalCliTests
         Assert.That(nf4, Is.Not.EqualTo(loss), "NF4 changes the weights");
         Assert.That(nf4, Is.EqualTo(loss).Within(0.5), "but not the loss by much");
 
-        var (emulated, _, emuTokens) = RunJson("--model", dir["model"], "--data", data, "--device", "emulator");
+        var (emulated, _, emuTokens) = RunJson("--model", dir["model"], "--data", data, "--device", "emulator", "--precision", "fp32");
         Assert.That(emuTokens, Is.EqualTo(ExpectedTokens));
         Assert.That(emulated, Is.EqualTo(loss).Within(1e-5 * loss), "the kernels on the emulator vs the CPU reference");
 

@@ -80,7 +80,7 @@ public class TrainCliTests
         string model = WriteModel(dir), data = WriteData(dir);
         var plain = CliProcess.Run(Args(model, data, dir["plain"], "--steps", "3", "--dropout", "0.1"));
         var recompute = CliProcess.Run(Args(model, data, dir["recompute"], "--steps", "3", "--dropout", "0.1", "--recompute"));
-        var emulated = CliProcess.Run(Args(model, data, dir["emulated"], "--steps", "3", "--dropout", "0.1", "--device", "emulator"));
+        var emulated = CliProcess.Run(Args(model, data, dir["emulated"], "--steps", "3", "--dropout", "0.1", "--device", "emulator", "--precision", "fp32"));
         foreach (var r in new[] { plain, recompute, emulated }) Assert.That(r.ExitCode, Is.EqualTo(0), r.ToString());
         Assert.That(Losses(dir["recompute"]), Is.EqualTo(Losses(dir["plain"])), "gradient checkpointing recomputes the same values, bit for bit");
         var cpu = Losses(dir["plain"]);
