@@ -31,21 +31,26 @@ public static class GenerateCommand
         var seed = new Option<ulong>("--seed") { Description = "seed of the sampler (the same seed gives the same tokens)", DefaultValueFactory = _ => 0 };
         var quantize = new Option<string?>("--quantize") { Description = "load the base in 4 bits as QLoRA does: nf4 (or fp4), blocksize 64, double quant" };
         quantize.AcceptOnlyFromAmong("nf4", "fp4");
-        var device = DeviceOption.Create("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator (fp32)");
+        var device = DeviceOption.Create("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator");
+        var precision = DeviceOption.CreatePrecision();
         var json = new Option<bool>("--json") { Description = "print one JSON object: prompt, completion, token ids, counts, tokens/s" };
         var cmd = new Command("generate", "Generate text with a Llama model (and a LoRA adapter), greedy or sampled, with a KV cache")
         {
-            model, adapter, prompt, maxTokens, temperature, topP, topK, seed, quantize, device, json,
+            model, adapter, prompt, maxTokens, temperature, topP, topK, seed, quantize, device, precision, json,
         };
         cmd.SetAction(parse => Run(new Args(parse.GetValue(model)!, parse.GetValue(adapter), parse.GetValue(prompt)!, parse.GetValue(maxTokens),
             parse.GetValue(temperature), parse.GetValue(topP), parse.GetValue(topK), parse.GetValue(seed), parse.GetValue(quantize),
-            parse.GetValue(device)!, parse.GetValue(json)), stdout));
+            parse.GetValue(device)!, parse.GetValue(json)) { Precision = parse.GetValue(precision)! }, stdout));
         return cmd;
     }
 
     /// <summary>The parsed options.</summary>
     public sealed record Args(string Model, string? Adapter, string Prompt, int MaxTokens, double Temperature, double TopP, int TopK,
-        ulong Seed, string? Quantize, string Device, bool Json);
+        ulong Seed, string? Quantize, string Device, bool Json)
+    {
+        /// <summary>--precision: auto (bf16 on cuda and the emulator, fp32 on cpu), bf16 or fp32.</summary>
+        public string Precision { get; init; } = "auto";
+    }
 
     public static int Run(Args a, TextWriter stdout)
     {
@@ -56,6 +61,7 @@ public static class GenerateCommand
         if (!(a.TopP > 0 && a.TopP <= 1)) throw new CliException($"--top-p {Num(a.TopP)}: must be in (0, 1] (1 = off)", 2);
         if (a.TopK < 0) throw new CliException($"--top-k {a.TopK}: must be >= 0 (0 = off)", 2);
         if (a.Prompt.Length == 0) throw new CliException("--prompt: the prompt is empty", 2);
+        var computeDType = DeviceOption.ComputeDType(a.Precision, a.Device);
         var options = new GenerationOptions { MaxNewTokens = a.MaxTokens, Temperature = a.Temperature, TopP = a.TopP, TopK = a.TopK, Seed = a.Seed };
 
         // ---- files
@@ -121,6 +127,7 @@ public static class GenerateCommand
             .Where(t => t.Shape.Length == 2).All(t => ckpt.GetInfo(t.Name).DType == DType.BF16);
         var modelOptions = new LlamaModelOptions
         {
+            ComputeDType = computeDType,
             Lora = lora?.Config.ToLoraSettings(),
             Quantization = quantization,
             DoubleQuant = true,

@@ -38,8 +38,10 @@ public sealed partial class LlamaModel
         // training batch's activations stay as they were).
         bool training = Dropout.Training;
         var savedXa = _loraScratch.Xa;
+        var (savedAWork, savedBWork) = (_loraScratch.AWork, _loraScratch.BWork);
         Dropout.Training = false;
         if (w.Xa is not null) _loraScratch.Xa = w.Xa;
+        if (w.AWork is not null) (_loraScratch.AWork, _loraScratch.BWork) = (w.AWork, w.BWork);
         try
         {
             var x = w.X0.Slice(0, n, Config.HiddenSize);
@@ -82,17 +84,18 @@ public sealed partial class LlamaModel
             _ops.RmsNormForward(last, Norm, lastNormed, rstd.Slice(0, rows), Config.RmsNormEps);
             var logitsT = w.Logits.Slice(0, rows, V);
             _ops.Matmul(lastNormed, false, LmHead, true, logitsT);
-            DownloadAsDouble(logitsT, logits[..(rows * V)], w.LogitsF32?.Slice(0, rows, V));
+            DownloadAsDouble(logitsT, logits[..(rows * V)]);
         }
         finally
         {
             Dropout.Training = training;
             _loraScratch.Xa = savedXa;
+            (_loraScratch.AWork, _loraScratch.BWork) = (savedAWork, savedBWork);
         }
         cache.Length = p + n;
     }
 
-    private void DownloadAsDouble(Tensor t, Span<double> destination, Tensor? f32)
+    private void DownloadAsDouble(Tensor t, Span<double> destination)
     {
         switch (t.DType)
         {
@@ -107,14 +110,7 @@ public sealed partial class LlamaModel
                 break;
             }
             default:
-            {
-                var tmp = f32 ?? throw new InvalidOperationException($"logits in {t.DType} need an F32 buffer");
-                _ops.Copy(t, tmp);
-                var f = new float[tmp.Count];
-                _ops.Download<float>(tmp, f);
-                for (int i = 0; i < f.Length; i++) destination[i] = f[i];
-                break;
-            }
+                throw new InvalidOperationException($"logits in {t.DType}: expected F32 or F64");
         }
     }
 }
@@ -231,17 +227,22 @@ public sealed class LlamaKvCache : IDisposable
         public readonly Tensor X0 = m.Allocate(model.ComputeDType, n, model.Config.HiddenSize);
         public readonly Tensor X1 = m.Allocate(model.ComputeDType, n, model.Config.HiddenSize);
         public readonly Tensor N = m.Allocate(model.ComputeDType, n, model.Config.HiddenSize);
-        public readonly Tensor Rstd = m.Allocate(model.ComputeDType, n);
+        public readonly Tensor Rstd = m.Allocate(model.StatisticsDType, n);
         public readonly Tensor Q = m.Allocate(model.ComputeDType, n, model.Config.QueryDim);
         public readonly Tensor Att = m.Allocate(model.ComputeDType, n, model.Config.QueryDim);
         public readonly Tensor H = m.Allocate(model.ComputeDType, n, model.Config.HiddenSize);
         public readonly Tensor G = m.Allocate(model.ComputeDType, n, model.Config.IntermediateSize);
         public readonly Tensor U = m.Allocate(model.ComputeDType, n, model.Config.IntermediateSize);
         public readonly Tensor A = m.Allocate(model.ComputeDType, n, model.Config.IntermediateSize);
-        public readonly Tensor Logits = m.Allocate(model.ComputeDType, logitRows, model.Config.VocabSize);
-        public readonly Tensor? LogitsF32 = model.ComputeDType is DType.F32 or DType.F64 ? null : m.Allocate(DType.F32, logitRows, model.Config.VocabSize);
+        // With BF16 compute the lm_head GEMM writes fp32 logits directly (bf16 inputs, fp32 accumulate and output).
+        public readonly Tensor Logits = m.Allocate(model.StatisticsDType, logitRows, model.Config.VocabSize);
         public readonly Tensor? Xa = model.LoraLayers.Count == 0 ? null
             : m.Allocate(model.ComputeDType, n * model.LoraLayers.Max(l => l.Rank));
+        // Mixed precision (fp32 adapters, bf16 activations): the adapters' bf16 working copies, as the training scratch has.
+        public readonly Tensor? AWork = model.LoraLayers.Count == 0 || model.AdapterDType == model.ComputeDType ? null
+            : m.Allocate(model.ComputeDType, model.LoraLayers.Max(l => l.Rank) * model.LoraLayers.Max(l => l.InFeatures));
+        public readonly Tensor? BWork = model.LoraLayers.Count == 0 || model.AdapterDType == model.ComputeDType ? null
+            : m.Allocate(model.ComputeDType, model.LoraLayers.Max(l => l.OutFeatures) * model.LoraLayers.Max(l => l.Rank));
     }
 
     public void Dispose()

@@ -105,8 +105,11 @@ public class GenerateCliTests
     {
         var p = HeldOut(1)[0];
         var cpu = Json(Run("generate", "--adapter", _adapter, "--prompt", p.Prompt, "--json"));
-        var emu = Json(Run("generate", "--adapter", _adapter, "--prompt", p.Prompt, "--device", "emulator", "--json"));
+        var emu = Json(Run("generate", "--adapter", _adapter, "--prompt", p.Prompt, "--device", "emulator", "--precision", "fp32", "--json"));
         Assert.That(emu.GetProperty("token_ids").GetRawText(), Is.EqualTo(cpu.GetProperty("token_ids").GetRawText()), "greedy on the emulator = the CPU");
+        // Mixed precision (the default on a GPU device): bf16 roundings, but the adapter still writes the word in capitals.
+        var bf16 = Json(Run("generate", "--adapter", _adapter, "--prompt", p.Prompt, "--device", "emulator", "--json"));
+        Assert.That(bf16.GetProperty("completion").GetString(), Is.EqualTo(p.Answer), "bf16 greedy on the emulator");
         var nf4 = Json(Run("generate", "--adapter", _adapter, "--prompt", p.Prompt, "--quantize", "nf4", "--max-tokens", "8", "--json"));
         Assert.That(nf4.GetProperty("new_tokens").GetInt32(), Is.InRange(0, 8));
         string config = _dir["gen.yaml"];
