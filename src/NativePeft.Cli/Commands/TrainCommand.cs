@@ -199,23 +199,29 @@ public static class TrainCommand
         };
 
         var gpu = DeviceOption.Open(a.Device);
-        if (gpu is CudaGpu)
+        DevicePool? pool = null;
+        if (gpu is not null)
         {
-            // Fail before the first step, with the options that would fit, when the plan exceeds the free device memory.
             var plan = MemoryPlan.Compute(ckpt.Config, new PlanOptions
             {
                 Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
                 Rank = a.Rank, Alpha = a.Alpha, Targets = lora?.TargetModules ?? LoraSettings.KnownTargets, Batch = a.Batch, Seq = a.Seq,
                 Recompute = a.Recompute, Optimizer = a.Optim, ComputeDType = modelOptions.ComputeDType, BaseWeightDType = modelOptions.BaseWeightDType,
-                ClipGradients = a.MaxGradNorm > 0,
+                ClipGradients = true, // the trainer computes the global norm every step (grad_norm), clipping or not
             });
-            if (plan.DoesNotFitMessage(gpu.MemoryInfo().Free) is { } message)
+            // Fail before the first step, with the options that would fit, when the plan exceeds the free device memory.
+            if (gpu is CudaGpu && plan.DoesNotFitMessage(gpu.MemoryInfo().Free) is { } message)
             {
                 gpu.Dispose();
                 throw new CliException($"--device {a.Device}: the run {message}");
             }
+            // The device memory pool, sized from the plan (and for the built-in task's greedy generation: B=1, prompt + answer).
+            int generation = trainingData.ExactMatchProblems?.Select(p => tokenizer.Encode(p.Prompt, tokenizer.BosId is not null).Length
+                + tokenizer.Encode(p.Answer, false).Length + 1).DefaultIfEmpty(0).Max() ?? 0;
+            try { pool = DevicePool.ForGpu(gpu, plan, generation > 0 ? [(1, generation)] : []); }
+            catch (OutOfMemoryException) { gpu.Dispose(); throw; }
         }
-        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true);
+        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);
         LlamaModel llama;
         try
         {

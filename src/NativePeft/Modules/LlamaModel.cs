@@ -172,7 +172,7 @@ public sealed partial class LlamaModel : IDisposable
                         $"r (LoRA rank) {lora.Rank} is larger than min(in, out) = {max} of {path} [{shape[0]}, {shape[1]}]");
             }
         }
-        var arena = new TensorArena(ops.Memory);
+        var arena = new TensorArena(ops.Memory, MemoryRegion.Persistent);
         try
         {
             var model = new LlamaModel(config, ops, options, arena);
@@ -233,13 +233,9 @@ public sealed partial class LlamaModel : IDisposable
                 {
                     // A frozen base stored narrower than the compute dtype (BF16): rounded once, widened per GEMM.
                     var w = _params.Allocate(baseDType, outF, inF);
-                    var wide = _params.Allocate(dtype, outF, inF);
-                    try
-                    {
-                        UploadValues(source.Read(name, [outF, inF]), wide);
-                        _ops.Copy(wide, w);
-                    }
-                    finally { _params.Free(wide); }
+                    var wide = Scratch().View(outF, inF); // the widening scratch doubles as the upload buffer: no temporary
+                    UploadValues(source.Read(name, [outF, inF]), wide);
+                    _ops.Copy(wide, w);
                     layer = new Linear(_ops, w, null, Scratch());
                 }
                 else
@@ -572,7 +568,7 @@ public sealed partial class LlamaModel : IDisposable
         var scaling = Config.RopeScaling is { } s
             ? new RopeScaling(s.Factor, s.LowFreqFactor, s.HighFreqFactor, s.OriginalMaxPositionEmbeddings)
             : null;
-        var arena = new TensorArena(_ops.Memory);
+        var arena = new TensorArena(_ops.Memory, MemoryRegion.RopeTables);
         try
         {
             var cos = arena.Allocate(ComputeDType, rows, half);

@@ -11,7 +11,10 @@ namespace NativePeft.Ops;
 /// </summary>
 public sealed unsafe class CpuOps : IOps
 {
-    private readonly HostTensorMemory _memory = new();
+    private readonly TensorMemory _memory;
+
+    /// <param name="memory">Where tensors live (owned: disposed with the ops); null: <see cref="HostTensorMemory"/>.</param>
+    public CpuOps(TensorMemory? memory = null) => _memory = memory ?? new HostTensorMemory();
 
     public string Name => "CPU reference";
     public TensorMemory Memory => _memory;

@@ -15,18 +15,20 @@ public sealed unsafe class GpuOps : IOps
 {
     private readonly IGpu _gpu;
     private readonly bool _ownsGpu;
-    private readonly GpuTensorMemory _memory;
+    private readonly TensorMemory _memory;
     private readonly GpuQuantOps _quant;
     private readonly GpuTransformerOps _tx;
     private readonly GpuAttentionOps _attention;
     private readonly GpuLossOps _loss;
     private readonly GpuElementwiseOps _elementwise;
 
-    public GpuOps(IGpu gpu, bool ownsGpu = false)
+    /// <param name="memory">Device memory of <paramref name="gpu"/> for the tensors (owned: disposed with the ops), e.g. a
+    /// <see cref="DevicePool"/>; null: <see cref="GpuTensorMemory"/>.</param>
+    public GpuOps(IGpu gpu, bool ownsGpu = false, TensorMemory? memory = null)
     {
         _gpu = gpu ?? throw new ArgumentNullException(nameof(gpu));
         _ownsGpu = ownsGpu;
-        _memory = new GpuTensorMemory(gpu);
+        _memory = memory ?? new GpuTensorMemory(gpu);
         _quant = new GpuQuantOps(gpu);
         _tx = new GpuTransformerOps(gpu);
         _attention = new GpuAttentionOps(gpu);

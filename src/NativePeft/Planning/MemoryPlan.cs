@@ -85,13 +85,56 @@ public sealed class MemoryPlan
     public long TrainableParameterCount { get; private set; }
     public long TotalParameterCount { get; private set; }
 
-    private MemoryPlan(LlamaConfig config, PlanOptions options)
+    /// <summary>
+    /// 1: every category counts the bytes requested (what <see cref="Ops.TensorMemory.PeakAllocatedBytes"/> reports).
+    /// Larger (a power of two): every tensor is rounded up to this many bytes, so each category is what the tensors
+    /// occupy in a pool that aligns them (<see cref="Aligned"/>).
+    /// </summary>
+    public int Alignment { get; }
+
+    private MemoryPlan(LlamaConfig config, PlanOptions options, int alignment)
     {
         Config = config;
         Options = options;
+        Alignment = alignment;
     }
 
-    private static long Bytes(DType dtype, long count) => Math.Max(1, checked(count * dtype.ElementSize()));
+    /// <summary>The bytes one tensor of <paramref name="count"/> elements occupies: at least 1, rounded up to <paramref name="alignment"/>.</summary>
+    public static long TensorBytes(DType dtype, long count, int alignment = 1)
+    {
+        long bytes = Math.Max(1, checked(count * dtype.ElementSize()));
+        return alignment <= 1 ? bytes : checked((bytes + alignment - 1) / alignment * alignment);
+    }
+
+    private long Bytes(DType dtype, long count) => TensorBytes(dtype, count, Alignment);
+
+    /// <summary>
+    /// This plan with every tensor rounded up to <paramref name="alignment"/> bytes (a power of two): the sizes of the
+    /// arenas of a <see cref="Ops.DevicePool"/> that aligns its sub-allocations so (<see cref="PersistentArenaBytes"/>,
+    /// <see cref="RopeArenaBytes"/>, <see cref="TransientArenaBytes"/>).
+    /// </summary>
+    public MemoryPlan Aligned(int alignment)
+    {
+        if (alignment < 1 || (alignment & (alignment - 1)) != 0)
+            throw new ArgumentOutOfRangeException(nameof(alignment), alignment, "must be a power of two");
+        if (alignment == Alignment) return this;
+        var plan = new MemoryPlan(Config, Options, alignment);
+        plan.Fill();
+        return plan;
+    }
+
+    /// <summary>
+    /// What lives for the whole run (the persistent arena of <see cref="Ops.DevicePool"/>): <see cref="ParameterBytes"/>
+    /// (base weights, quantization state, adapters, gradients, dequantization scratch), device optimizer state and the
+    /// 8-bit maps.
+    /// </summary>
+    public long PersistentArenaBytes => ParameterBytes + OptimizerStateBytes + OptimizerMapBytes;
+
+    /// <summary>The RoPE cos/sin tables (their own arena: they are reallocated when a longer sequence comes).</summary>
+    public long RopeArenaBytes => RopeTableBytes;
+
+    /// <summary>What is allocated per batch shape or per op (the transient arena): activations and the largest op workspace.</summary>
+    public long TransientArenaBytes => ActivationBytes + TransientWorkspaceBytes;
 
     /// <summary>The plan for <paramref name="config"/> and <paramref name="options"/> (both validated).</summary>
     public static MemoryPlan Compute(LlamaConfig config, PlanOptions options)
@@ -100,7 +143,7 @@ public sealed class MemoryPlan
         ArgumentNullException.ThrowIfNull(options);
         config.Validate();
         options.Validate();
-        var plan = new MemoryPlan(config, options);
+        var plan = new MemoryPlan(config, options, 1);
         plan.Fill();
         return plan;
     }
@@ -191,9 +234,13 @@ public sealed class MemoryPlan
         long state = 0, paged = 0;
         foreach (long n in trainable)
         {
-            long s = AdamWOptimizer.StateBytesFor(n, eightBit);
-            long p = managed ? AdamWOptimizer.PagedStateBytesFor(n, eightBit) : 0;
-            state += s - p;
+            // Per tensor, as AdamWOptimizer allocates them (= StateBytesFor / PagedStateBytesFor at alignment 1):
+            // m and v (F32, or U8 with an F32 absmax per 256-block each when quantized); m and v are paged when large.
+            bool quantized = eightBit && n >= AdamWMath.Min8BitSize;
+            long mv = quantized ? Bytes(DType.U8, n) : Bytes(DType.F32, n);
+            long absmax = quantized ? 2 * Bytes(DType.F32, AdamWMath.Blocks(n)) : 0;
+            long p = managed && n >= AdamWOptimizer.PagedMinElements ? 2 * mv : 0;
+            state += 2 * mv + absmax - p;
             paged += p;
         }
         OptimizerStateBytes = state;
