@@ -310,13 +310,26 @@ public sealed partial class LlamaModel : IDisposable
             throw new HfCheckpointException(name, $"{name}: 4-bit weight of shape [{string.Join(", ", shape)}], expected [{rows}, {columns}]");
         var packed = _params.Allocate(DType.U8, q.Packed.Length);
         _ops.Upload<byte>(q.Packed, packed);
-        var absmaxValues = q.State.GetAbsmax();
-        var absmax = _params.Allocate(DType.F32, absmaxValues.Length);
-        _ops.Upload<float>(absmaxValues, absmax);
         return new QuantizedWeight
         {
-            Packed = packed, Absmax = absmax, QuantType = q.State.QuantType, Blocksize = q.State.Blocksize, Rows = rows, Columns = columns,
+            Packed = packed, QuantType = q.State.QuantType, Blocksize = q.State.Blocksize, Rows = rows, Columns = columns,
+            Absmax = q.State.Nested is { NestedBlockSize: DoubleQuantAbsmax.NestedBlocksize } ? null : Upload(q.State.GetAbsmax(), DType.F32),
+            // bitsandbytes' double-quantized absmax stays as stored (the kernels decode it per block).
+            DoubleQuant = q.State.Nested is { NestedBlockSize: DoubleQuantAbsmax.NestedBlocksize } dq
+                ? new DoubleQuantAbsmax
+                {
+                    Absmax = Upload<byte>(dq.QuantizedAbsmax, DType.U8), NestedAbsmax = Upload(dq.NestedAbsmax, DType.F32),
+                    NestedQuantMap = Upload(dq.NestedQuantMap, DType.F32), NestedOffset = Upload([dq.Offset], DType.F32),
+                }
+                : null,
         };
+
+        Tensor Upload<T>(T[] values, DType dtype) where T : unmanaged
+        {
+            var t = _params.Allocate(dtype, values.Length);
+            _ops.Upload<T>(values, t);
+            return t;
+        }
     }
 
     private interface IWeightSource

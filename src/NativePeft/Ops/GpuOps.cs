@@ -175,8 +175,14 @@ public sealed unsafe class GpuOps : IOps
             throw new ArgumentException($"Dequantize4bit: rows [{firstRow}, {firstRow + output.Rows}) x {output.Columns} outside the [{weight.Rows}, {weight.Columns}] weight");
         if (first % weight.Blocksize != 0)
             throw new ArgumentException($"Dequantize4bit: row {firstRow} does not start a block of {weight.Blocksize}");
-        _quant.Dequantize4bit(weight.QuantType, Compute("Dequantize4bit", output), weight.Packed.Data.Offset(first / 2),
-            weight.Absmax.Data.Offset(first / weight.Blocksize * sizeof(float)), output.Count, weight.Blocksize, output.Data);
+        if (weight.DoubleQuant is { } dq)
+            _quant.Dequantize4bitDoubleQuant(weight.QuantType, Compute("Dequantize4bit", output), weight.Packed.Data.Offset(first / 2),
+                dq.Absmax.Data, dq.NestedQuantMap.Data, dq.NestedAbsmax.Data, dq.NestedOffset.Data, first / weight.Blocksize,
+                output.Count, weight.Blocksize, output.Data);
+        else
+            _quant.Dequantize4bit(weight.QuantType, Compute("Dequantize4bit", output), weight.Packed.Data.Offset(first / 2),
+                (weight.Absmax ?? throw new ArgumentException("Dequantize4bit: the weight has neither absmax nor a double-quantized state", nameof(weight)))
+                .Data.Offset(first / weight.Blocksize * sizeof(float)), output.Count, weight.Blocksize, output.Data);
     }
 
     // --- transformer ops -------------------------------------------------------------------------

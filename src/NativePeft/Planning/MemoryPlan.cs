@@ -19,8 +19,9 @@ namespace NativePeft.Planning;
 /// <item><b>Base weights</b>: embed_tokens [V, C], lm_head [V, C] unless tied, the 2L + 1 RMSNorm weights [C] (all in the
 /// compute dtype), and the 7L projections: compute dtype (full, or lora on an unwidened base), BF16 (lora's default
 /// frozen base) or 4-bit packed, ⌈n/2⌉ bytes (qlora).</item>
-/// <item><b>Quantization state</b> (qlora): per projection fp32 absmax, one per block of 64 (what the loader keeps
-/// today), or bitsandbytes' double-quantized layout (1 byte per block + fp32 per 256 blocks + the 256-entry map + offset).</item>
+/// <item><b>Quantization state</b> (qlora): per projection bitsandbytes' double-quantized absmax as the loader keeps
+/// it (1 byte per block + fp32 per 256 blocks + the fp32 256-entry map + the fp32 offset), or without double
+/// quantization fp32 absmax, one per block.</item>
 /// <item><b>Adapters</b>: lora_A [r, in] and lora_B [out, r] per targeted projection (compute dtype; fp32 with BF16
 /// compute, as PEFT keeps adapters and as the optimizers require).</item>
 /// <item><b>Gradients</b>: one per trainable tensor, in its dtype.</item>
@@ -43,8 +44,10 @@ namespace NativePeft.Planning;
 /// transient workspace); the first step peaks lower (<see cref="FirstStepPeakBytes"/>) because optimizer state is
 /// created at its end, after the transient workspaces are gone. For the configurations the code runs (F32 compute on
 /// CpuOps and GpuOps) these equal the measured <see cref="Ops.TensorMemory.PeakAllocatedBytes"/> to the byte (tests).
-/// Not counted: the CUDA context, cuBLAS' own workspace and allocator fragmentation (cudaMalloc rounds up), which a
-/// real GPU adds on top (typically a few hundred MB).
+/// <see cref="Aligned"/> gives the same plan with every tensor rounded up to the pool's alignment: the arena sizes
+/// of <see cref="Ops.DevicePool"/> (<see cref="PersistentArenaBytes"/>, <see cref="RopeArenaBytes"/>,
+/// <see cref="TransientArenaBytes"/>). Not counted: the CUDA context and cuBLAS' own workspace, which a real GPU
+/// adds on top (typically a few hundred MB).
 /// </para>
 /// </summary>
 public sealed class MemoryPlan
