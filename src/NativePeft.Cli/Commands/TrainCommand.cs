@@ -202,9 +202,12 @@ public static class TrainCommand
         DevicePool? pool = null;
         if (gpu is not null)
         {
+            // A bitsandbytes checkpoint is loaded 4-bit as stored: plan its blocksize and absmax layout.
+            var stored = ckpt.IsQuantizedCheckpoint && a.Method != "full" && ckpt.TensorNames.FirstOrDefault(ckpt.IsQuantized) is { } q4 ? ckpt.LoadQuantized(q4).State : null;
             var plan = MemoryPlan.Compute(ckpt.Config, new PlanOptions
             {
-                Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
+                Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => stored is null ? FineTuneMethod.Lora : FineTuneMethod.Qlora },
+                Blocksize = stored?.Blocksize ?? 64, DoubleQuant = stored?.IsDoubleQuant ?? true,
                 Rank = a.Rank, Alpha = a.Alpha, Targets = lora?.TargetModules ?? LoraSettings.KnownTargets, Batch = a.Batch, Seq = a.Seq,
                 Recompute = a.Recompute, Optimizer = a.Optim, ComputeDType = modelOptions.ComputeDType, BaseWeightDType = modelOptions.BaseWeightDType,
                 ClipGradients = true, // the trainer computes the global norm every step (grad_norm), clipping or not
