@@ -92,6 +92,52 @@ public class DoubleQuantDequantizeTests(string device)
 
     private static int[] Bits(float[] v) => Array.ConvertAll(v, BitConverter.SingleToInt32Bits);
 
+    /// <summary>
+    /// The kernels themselves, every output dtype: dequantize_4bit_dq against dequantize_absmax_dq (absmax decoded on the
+    /// device, bitsandbytes' order) followed by dequantize_4bit — the same bytes, from block 0 and from a later block.
+    /// </summary>
+    [TestCase(QuantType.Nf4, DType.F32)]
+    [TestCase(QuantType.Nf4, DType.BF16)]
+    [TestCase(QuantType.Fp4, DType.F16)]
+    public void TheKernelMatchesDecodingOnTheDeviceFirst(QuantType quantType, DType dtype)
+    {
+        if (device == "cpu") Assert.Ignore("kernels: the emulator and CUDA fixtures");
+        using var ops = CreateOps();
+        var quant = new GpuQuantOps(((GpuOps)ops).Gpu);
+        const int blocksize = 64, n = 700 * blocksize - 6; // 700 blocks (3 nested), the last one partial
+        var rng = new Random(11);
+        var values = new float[n];
+        for (int i = 0; i < n; i++) values[i] = (float)((rng.NextDouble() * 2 - 1) * (1 + i / 5000.0));
+        var q = Quantized4BitTensor.Quantize(new ReadOnlyMemory<float>(values), [n], quantType, blocksize, doubleQuant: true, DType.F32);
+        var nested = q.State.Nested!;
+        var packed = Upload(ops, q.Packed, DType.U8);
+        var codes = Upload(ops, nested.QuantizedAbsmax, DType.U8);
+        var map = Upload(ops, nested.NestedQuantMap, DType.F32);
+        var nestedAbsmax = Upload(ops, nested.NestedAbsmax, DType.F32);
+        var offset = Upload(ops, new[] { nested.Offset }, DType.F32);
+        var absmax = ops.Memory.Allocate(DType.F32, nested.Count);
+        quant.DequantizeAbsmaxDoubleQuant(codes.Data, map.Data, nestedAbsmax.Data, nested.Offset, absmax.Data, nested.Count);
+
+        foreach (long firstBlock in new long[] { 0, 517 })
+        {
+            long first = firstBlock * blocksize, count = n - first;
+            var a = ops.Memory.Allocate(dtype, checked((int)count));
+            var b = ops.Memory.Allocate(dtype, checked((int)count));
+            quant.Dequantize4bit(quantType, dtype, packed.Data.Offset(first / 2), absmax.Data.Offset(firstBlock * sizeof(float)), count, blocksize, a.Data);
+            quant.Dequantize4bitDoubleQuant(quantType, dtype, packed.Data.Offset(first / 2), codes.Data, map.Data, nestedAbsmax.Data, offset.Data,
+                firstBlock, count, blocksize, b.Data);
+            var ha = new byte[a.Bytes];
+            var hb = new byte[b.Bytes];
+            ops.Download<byte>(new Tensor(a.Data, DType.U8, ha.Length), ha);
+            ops.Download<byte>(new Tensor(b.Data, DType.U8, hb.Length), hb);
+            Assert.That(hb, Is.EqualTo(ha), $"{dtype} from block {firstBlock}");
+            Assert.That(hb.Any(x => x != 0), Is.True, "not all zero");
+        }
+        var decoded = new float[nested.Count];
+        ops.Download<float>(absmax, decoded);
+        Assert.That(Bits(decoded), Is.EqualTo(Bits(nested.Decode())), "the device decode equals the C# decode");
+    }
+
     [Test]
     public void TheLoaderKeepsTheNestedStateAndItsBytesAreThePlansRow()
     {
