@@ -365,7 +365,7 @@ public sealed class MemoryPlan
 
     /// <summary>
     /// JSON: the options, every category in bytes ("base_weights_bytes", …, "workspaces_bytes"), its parts, the
-    /// parameter counts and "total_bytes".
+    /// parameter counts, the memory pool's arena reservations ("pool_*") and "total_bytes".
     /// </summary>
     public string ToJson()
     {
@@ -394,6 +394,13 @@ public sealed class MemoryPlan
         Field("lora_scratch_bytes", LoraScratchBytes.ToString(inv));
         Field("parameter_bytes", ParameterBytes.ToString(inv));
         Field("first_step_peak_bytes", FirstStepPeakBytes.ToString(inv));
+        // What Ops.DevicePool reserves for this plan (every tensor rounded up to its alignment).
+        int alignment = o.Device == PlanDevice.Gpu ? Ops.DevicePool.GpuAlignment : Ops.DevicePool.HostAlignment;
+        var pool = Aligned(alignment);
+        Field("pool_alignment", alignment.ToString(inv));
+        Field("pool_persistent_bytes", pool.PersistentArenaBytes.ToString(inv));
+        Field("pool_rope_tables_bytes", pool.RopeArenaBytes.ToString(inv));
+        Field("pool_transient_bytes", pool.TransientArenaBytes.ToString(inv));
         Field("total_bytes", TotalBytes.ToString(inv), last: true);
         sb.Append('}');
         return sb.ToString();

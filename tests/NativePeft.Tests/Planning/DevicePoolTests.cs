@@ -105,6 +105,10 @@ public class DevicePoolTests(string device)
             // Rounding adds less than one alignment unit per tensor, so the reservation is within [plan, plan + slack).
             Assert.That(pool.ReservedBytes, Is.GreaterThanOrEqualTo(plan.TotalBytes));
             Assert.That(plan.PersistentArenaBytes + plan.RopeArenaBytes + plan.TransientArenaBytes, Is.EqualTo(plan.TotalBytes));
+            using var json = System.Text.Json.JsonDocument.Parse(plan.ToJson());
+            Assert.That(json.RootElement.GetProperty("pool_persistent_bytes").GetInt64(), Is.EqualTo(pool.Arena(MemoryRegion.Persistent).ReservedBytes), "estimate --json");
+            Assert.That(json.RootElement.GetProperty("pool_transient_bytes").GetInt64(), Is.EqualTo(pool.Arena(MemoryRegion.Transient).ReservedBytes), "estimate --json");
+            Assert.That(json.RootElement.GetProperty("pool_alignment").GetInt32(), Is.EqualTo(pool.Alignment));
         });
 
         using var model = LlamaModel.CreateRandom(Config, ops, options.ToModelOptions(seed: 3), weightSeed: 5, std: 0.05);
