@@ -26,8 +26,8 @@ public sealed record PoolArenaInfo(MemoryRegion Region, long ReservedBytes, long
 /// <list type="bullet">
 /// <item><b>persistent</b> (<see cref="MemoryPlan.PersistentArenaBytes"/>): base weights, quantization state,
 /// adapters, gradients, dequantization scratch, device optimizer state and the 8-bit maps — allocated once;</item>
-/// <item><b>rope tables</b> (<see cref="MemoryPlan.RopeArenaBytes"/>): the RoPE cos/sin tables, reallocated whole
-/// when a longer sequence comes;</item>
+/// <item><b>rope tables</b> (<see cref="MemoryPlan.RopeArenaBytes"/> for a sequence of B·T): the RoPE cos/sin tables,
+/// reallocated whole when a longer sequence comes;</item>
 /// <item><b>transient</b> (<see cref="MemoryPlan.TransientArenaBytes"/>): activations (freed and reallocated when the
 /// batch shape changes) and op workspaces (freed inside the op).</item>
 /// </list>
@@ -128,8 +128,9 @@ public sealed unsafe class DevicePool : TensorMemory
 
     /// <summary>
     /// The arena sizes for <paramref name="plan"/> at <paramref name="alignment"/>: the aligned plan's
-    /// <see cref="MemoryPlan.PersistentArenaBytes"/>, <see cref="MemoryPlan.RopeArenaBytes"/> and
-    /// <see cref="MemoryPlan.TransientArenaBytes"/>; each other shape (B, T) of <paramref name="alsoFits"/> raises the
+    /// <see cref="MemoryPlan.PersistentArenaBytes"/> and <see cref="MemoryPlan.TransientArenaBytes"/>, and its
+    /// <see cref="MemoryPlan.RopeArenaBytes"/> for one sequence of B·T tokens (equal to the plan's when B = 1 or
+    /// B·T ≤ 64); each other shape (B, T) of <paramref name="alsoFits"/> raises the
     /// RoPE arena to its tables and the transient arena to its activations plus the larger of its op workspaces and
     /// the F32 logits [B·T, vocab] that greedy generation reads.
     /// </summary>
@@ -137,7 +138,11 @@ public sealed unsafe class DevicePool : TensorMemory
     {
         ArgumentNullException.ThrowIfNull(plan);
         var aligned = plan.Aligned(alignment);
-        long rope = aligned.RopeArenaBytes, transient = aligned.TransientArenaBytes;
+        // The RoPE tables for a sequence of B·T: an evaluation with no more tokens than training (B = 1, T = B·T)
+        // fits the transient arena (activations and workspaces depend on B·T alone), and so it fits here too.
+        long rope = plan.Options.Batch == 1 ? aligned.RopeArenaBytes
+            : plan.With(o => o with { Batch = 1, Seq = o.Batch * o.Seq }).Aligned(alignment).RopeArenaBytes;
+        long transient = aligned.TransientArenaBytes;
         foreach (var (b, t) in alsoFits ?? [])
         {
             var other = plan.With(o => o with { Batch = b, Seq = t }).Aligned(alignment);

@@ -396,11 +396,11 @@ public sealed class MemoryPlan
         Field("first_step_peak_bytes", FirstStepPeakBytes.ToString(inv));
         // What Ops.DevicePool reserves for this plan (every tensor rounded up to its alignment).
         int alignment = o.Device == PlanDevice.Gpu ? Ops.DevicePool.GpuAlignment : Ops.DevicePool.HostAlignment;
-        var pool = Aligned(alignment);
+        var (persistent, ropeTables, transient) = Ops.DevicePool.Reservations(this, alignment);
         Field("pool_alignment", alignment.ToString(inv));
-        Field("pool_persistent_bytes", pool.PersistentArenaBytes.ToString(inv));
-        Field("pool_rope_tables_bytes", pool.RopeArenaBytes.ToString(inv));
-        Field("pool_transient_bytes", pool.TransientArenaBytes.ToString(inv));
+        Field("pool_persistent_bytes", persistent.ToString(inv));
+        Field("pool_rope_tables_bytes", ropeTables.ToString(inv));
+        Field("pool_transient_bytes", transient.ToString(inv));
         Field("total_bytes", TotalBytes.ToString(inv), last: true);
         sb.Append('}');
         return sb.ToString();

@@ -206,6 +206,36 @@ public class DevicePoolTests(string device)
     }
 
     [Test]
+    public void AnEvaluationWithNoMoreTokensThanTrainingFits()
+    {
+        // B = 2, T = 40: an evaluation of one sequence of 80 tokens needs 80 RoPE rows (training: 64).
+        var options = new PlanOptions { Method = FineTuneMethod.Lora, Batch = 2, Seq = 40, Rank = 4, CrossEntropyChunk = 512, Device = Device };
+        var plan = MemoryPlan.Compute(Config, options);
+        var (ops, pool) = Create(plan);
+        using var _ = ops;
+        var aligned = plan.Aligned(Alignment);
+        var oneSequence = plan.With(o => o with { Batch = 1, Seq = 80 }).Aligned(Alignment);
+        Assert.That(oneSequence.RopeArenaBytes, Is.GreaterThan(aligned.RopeArenaBytes));
+        Assert.That(pool.Arena(MemoryRegion.RopeTables).ReservedBytes, Is.EqualTo(oneSequence.RopeArenaBytes));
+        Assert.That(pool.Arena(MemoryRegion.Transient).ReservedBytes, Is.EqualTo(aligned.TransientArenaBytes));
+        using var model = LlamaModel.CreateRandom(Config, ops, options.ToModelOptions(seed: 3), weightSeed: 5);
+        using var optimizer = OptimizerFactory.Create(options.Optimizer, ops);
+        Step(model, ops, optimizer, options);
+        Assert.That(pool.PeakAllocatedBytes, Is.EqualTo(plan.FirstStepPeakBytes));
+        model.Dropout.Training = false;
+        foreach (var (b, t) in new[] { (1, 80), (4, 20), (1, 7) })
+        {
+            var (ids, labels) = Batch(b, t);
+            Assert.That(double.IsFinite(model.Forward(ids, labels, b, t)), Is.True, $"{b}×{t}");
+        }
+        model.Dropout.Training = true;
+        Step(model, ops, optimizer, options);
+        foreach (var a in pool.Arenas)
+            Assert.That(a.HighWaterBytes, Is.LessThanOrEqualTo(a.ReservedBytes), a.Name);
+        Assert.That(pool.Arena(MemoryRegion.Transient).PeakInUseBytes, Is.EqualTo(aligned.TransientArenaBytes), "training still peaks at the plan");
+    }
+
+    [Test]
     public void AlignedPlanRoundsEveryTensorUp()
     {
         // Hand-computed: lora_A of q_proj [4, 64] F32 is 1024 bytes (a multiple of 256); a [4] F32 tensor is 16 bytes -> 256.
