@@ -292,6 +292,7 @@ public static class TrainCommand
         if (result.FinalEval is { } ev && ev.Step != lastEvalShown) stdout.WriteLine(EvalLine(ev));
         stdout.WriteLine($"wrote {result.FinalOutput}");
         stdout.WriteLine($"metrics: {result.MetricsPath}");
+        if (pool is not null) stdout.WriteLine(pool.Describe());
         return 0;
     }
 

@@ -162,10 +162,10 @@ public sealed unsafe class DevicePool : TensorMemory
 
     private static string Describe(long bytes) => string.Create(CultureInfo.InvariantCulture, $"{bytes} bytes ({MemoryPlan.FormatBytes(bytes)})");
 
-    /// <summary>Every arena: reserved, in use, peak, high-water mark, largest free block.</summary>
+    /// <summary>Every arena (persistent, rope tables, transient): reserved, in use, peak, high-water mark, largest free block.</summary>
     public IReadOnlyList<PoolArenaInfo> Arenas
     {
-        get { lock (_poolLock) return [.. _arenas.Select(a => a.Info())]; }
+        get { lock (_poolLock) return [.. new[] { MemoryRegion.Persistent, MemoryRegion.RopeTables, MemoryRegion.Transient }.Select(r => _arenas[(int)r].Info())]; }
     }
 
     public PoolArenaInfo Arena(MemoryRegion region)
@@ -176,12 +176,20 @@ public sealed unsafe class DevicePool : TensorMemory
     /// <summary>Total bytes reserved (the pool's device footprint).</summary>
     public long ReservedBytes => _arenas.Sum(a => a.Size);
 
-    /// <summary>One line per arena: name, reserved, peak in use, high-water mark.</summary>
+    /// <summary>
+    /// One line: the peak (requested bytes) against the plan's total, then per arena its high-water mark against its
+    /// reservation (a high-water mark above the peak in use is fragmentation).
+    /// </summary>
     public string Describe()
     {
         var sb = new StringBuilder();
+        sb.Append(CultureInfo.InvariantCulture, $"memory pool: peak {MemoryPlan.FormatBytes(PeakAllocatedBytes)} of the plan's {MemoryPlan.FormatBytes(Plan.TotalBytes)}");
         foreach (var a in Arenas)
-            sb.Append(CultureInfo.InvariantCulture, $"{a.Name}: reserved {a.ReservedBytes}, peak in use {a.PeakInUseBytes}, high-water {a.HighWaterBytes}, in use {a.InUseBytes}\n");
+        {
+            string name = a.Region switch { MemoryRegion.Persistent => "persistent", MemoryRegion.RopeTables => "rope tables", _ => "transient" };
+            sb.Append(CultureInfo.InvariantCulture,
+                $"; {name} {MemoryPlan.FormatBytes(a.HighWaterBytes)} high-water of {MemoryPlan.FormatBytes(a.ReservedBytes)} reserved");
+        }
         return sb.ToString();
     }
 

@@ -35,6 +35,8 @@ public class PoolTrainCliTests
         var emu = CliProcess.Run(Args("emulator", dir["emu"]));
         Assert.That(emu.ExitCode, Is.EqualTo(0), emu.ToString());
         Assert.That(emu.Stdout, Does.Contain("exact match").And.Contain("of 50"), "greedy generation ran on the pool");
+        Assert.That(emu.Stdout, Does.Match(@"memory pool: peak .* of the plan's .*; persistent .* high-water of .* reserved; rope tables .*; transient .* reserved"),
+            "the pool's summary line");
         var cpu = CliProcess.Run(Args("cpu", dir["cpu"]));
         Assert.That(cpu.ExitCode, Is.EqualTo(0), cpu.ToString());
         var a = Losses(dir["emu"]);
