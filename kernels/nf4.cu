@@ -219,6 +219,44 @@ __device__ void dequantize_4bit_body(const uint8_t* __restrict__ packed, const f
 }
 
 // ---------------------------------------------------------------------------------------------
+// dequantize_4bit_dq: dequantize_4bit reading bitsandbytes' double-quantized absmax as stored:
+// absmax[b] = code256[qabsmax[b]] * nested_absmax[b / 256] + offset (fp32 multiply, then add, as
+// dequantize_absmax_dq and bitsandbytes' dequantize_blockwise + `absmax += offset`), then
+// out = code[nibble] * absmax[b] — bit-identical to decoding absmax first. b is block0 + the block of
+// the element within [0, n), so a row range of a weight passes its first block. *offset is the
+// one-element fp32 nested_offset on the device.
+//
+// Launch shape: as dequantize_4bit (block 256, grid-stride over packed bytes). Static shared: the
+// 16-entry 4-bit code and the 256-entry map (1088 B).
+// ---------------------------------------------------------------------------------------------
+template <int QT, typename T>
+__device__ void dequantize_4bit_dq_body(const uint8_t* __restrict__ packed, const uint8_t* __restrict__ qabsmax,
+                                        const float* __restrict__ code256, const float* __restrict__ nested_absmax,
+                                        const float* __restrict__ offset, T* __restrict__ out, long long n,
+                                        int blocksize, long long block0)
+{
+    __shared__ float s_code[16];
+    __shared__ float s_code256[256];
+    load_code_table<QT>(s_code);
+    for (int k = (int)threadIdx.x; k < 256; k += (int)blockDim.x) s_code256[k] = code256[k];
+    __syncthreads();
+
+    const float off = *offset;
+    const int shift = log2_pow2(blocksize);
+    const long long nbytes = (n + 1) / 2;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < nbytes; j += stride)
+    {
+        const unsigned int byte = packed[j];
+        const long long e = 2 * j;
+        const long long b = block0 + (e >> shift);
+        const float s = __fmul_rn(s_code256[qabsmax[b]], nested_absmax[b >> 8]) + off;
+        out[e] = from_f32<T>(s_code[byte >> 4] * s);
+        if (e + 1 < n) out[e + 1] = from_f32<T>(s_code[byte & 15] * s);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // gemv_4bit: y[o] = sum_k W[o,k] * x[k], W [out, in] row-major 4-bit, absmax per block of the
 // flattened tensor (element o*in + k), fp32 weights (code * absmax) and fp32 accumulation.
 //
@@ -438,6 +476,27 @@ EMU_REGISTER(dequantize_4bit_fp4_bf16)
 extern "C" __global__ void dequantize_4bit_fp4_f16(const uint8_t* packed, const float* absmax, __half* out, long long n, int blocksize)
 { nf4k::dequantize_4bit_body<nf4k::kFP4, __half>(packed, absmax, out, n, blocksize); }
 EMU_REGISTER(dequantize_4bit_fp4_f16)
+
+// dequantize_4bit_dq_{nf4,fp4}_{f32,bf16,f16}(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0)
+// Launch: block 256, grid min(ceil(((n + 1) / 2) / 256), cap); see dequantize_4bit_dq_body.
+extern "C" __global__ void dequantize_4bit_dq_nf4_f32(const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, float* out, long long n, int blocksize, long long block0)
+{ nf4k::dequantize_4bit_dq_body<nf4k::kNF4, float>(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0); }
+EMU_REGISTER(dequantize_4bit_dq_nf4_f32)
+extern "C" __global__ void dequantize_4bit_dq_nf4_bf16(const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, __nv_bfloat16* out, long long n, int blocksize, long long block0)
+{ nf4k::dequantize_4bit_dq_body<nf4k::kNF4, __nv_bfloat16>(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0); }
+EMU_REGISTER(dequantize_4bit_dq_nf4_bf16)
+extern "C" __global__ void dequantize_4bit_dq_nf4_f16(const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, __half* out, long long n, int blocksize, long long block0)
+{ nf4k::dequantize_4bit_dq_body<nf4k::kNF4, __half>(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0); }
+EMU_REGISTER(dequantize_4bit_dq_nf4_f16)
+extern "C" __global__ void dequantize_4bit_dq_fp4_f32(const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, float* out, long long n, int blocksize, long long block0)
+{ nf4k::dequantize_4bit_dq_body<nf4k::kFP4, float>(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0); }
+EMU_REGISTER(dequantize_4bit_dq_fp4_f32)
+extern "C" __global__ void dequantize_4bit_dq_fp4_bf16(const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, __nv_bfloat16* out, long long n, int blocksize, long long block0)
+{ nf4k::dequantize_4bit_dq_body<nf4k::kFP4, __nv_bfloat16>(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0); }
+EMU_REGISTER(dequantize_4bit_dq_fp4_bf16)
+extern "C" __global__ void dequantize_4bit_dq_fp4_f16(const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, __half* out, long long n, int blocksize, long long block0)
+{ nf4k::dequantize_4bit_dq_body<nf4k::kFP4, __half>(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0); }
+EMU_REGISTER(dequantize_4bit_dq_fp4_f16)
 
 // gemv_4bit_{nf4,fp4}_{f32,bf16,f16}(x, packedW, absmax, y, out_features, in_features, blocksize)
 // Launch: block 256 (8 warps, one row each), grid min(ceil(out_features / 8), cap); see gemv_4bit_body.

@@ -203,23 +203,32 @@ public static class TrainCommand
         };
 
         var gpu = DeviceOption.Open(a.Device);
-        if (gpu is CudaGpu)
+        DevicePool? pool = null;
+        if (gpu is not null)
         {
-            // Fail before the first step, with the options that would fit, when the plan exceeds the free device memory.
+            // A bitsandbytes checkpoint is loaded 4-bit as stored: plan its blocksize and absmax layout.
+            var stored = ckpt.IsQuantizedCheckpoint && a.Method != "full" && ckpt.TensorNames.FirstOrDefault(ckpt.IsQuantized) is { } q4 ? ckpt.LoadQuantized(q4).State : null;
             var plan = MemoryPlan.Compute(ckpt.Config, new PlanOptions
             {
-                Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
+                Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => stored is null ? FineTuneMethod.Lora : FineTuneMethod.Qlora },
+                Blocksize = stored?.Blocksize ?? 64, DoubleQuant = stored?.IsDoubleQuant ?? true,
                 Rank = a.Rank, Alpha = a.Alpha, Targets = lora?.TargetModules ?? LoraSettings.KnownTargets, Batch = a.Batch, Seq = a.Seq,
-                Recompute = a.Recompute, Optimizer = a.Optim, ComputeDType = modelOptions.ComputeDType, BaseWeightDType = modelOptions.BaseWeightDType, Absmax = AbsmaxLayout.DecodedF32,
-                ClipGradients = a.MaxGradNorm > 0,
+                Recompute = a.Recompute, Optimizer = a.Optim, ComputeDType = modelOptions.ComputeDType, BaseWeightDType = modelOptions.BaseWeightDType,
+                ClipGradients = true, // the trainer computes the global norm every step (grad_norm), clipping or not
             });
-            if (plan.DoesNotFitMessage(gpu.MemoryInfo().Free) is { } message)
+            // Fail before the first step, with the options that would fit, when the plan exceeds the free device memory.
+            if (gpu is CudaGpu && plan.DoesNotFitMessage(gpu.MemoryInfo().Free) is { } message)
             {
                 gpu.Dispose();
                 throw new CliException($"--device {a.Device}: the run {message}");
             }
+            // The device memory pool, sized from the plan (and for the built-in task's greedy generation: B=1, prompt + answer).
+            int generation = trainingData.ExactMatchProblems?.Select(p => tokenizer.Encode(p.Prompt, tokenizer.BosId is not null).Length
+                + tokenizer.Encode(p.Answer, false).Length + 1).DefaultIfEmpty(0).Max() ?? 0;
+            try { pool = DevicePool.ForGpu(gpu, plan, generation > 0 ? [(1, generation)] : []); }
+            catch (OutOfMemoryException) { gpu.Dispose(); throw; }
         }
-        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true);
+        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);
         LlamaModel llama;
         try
         {
@@ -287,6 +296,7 @@ public static class TrainCommand
         if (result.FinalEval is { } ev && ev.Step != lastEvalShown) stdout.WriteLine(EvalLine(ev));
         stdout.WriteLine($"wrote {result.FinalOutput}");
         stdout.WriteLine($"metrics: {result.MetricsPath}");
+        if (pool is not null) stdout.WriteLine(pool.Describe());
         return 0;
     }
 

@@ -197,7 +197,7 @@ public sealed partial class LlamaModel : IDisposable
                         $"r (LoRA rank) {lora.Rank} is larger than min(in, out) = {max} of {path} [{shape[0]}, {shape[1]}]");
             }
         }
-        var arena = new TensorArena(ops.Memory);
+        var arena = new TensorArena(ops.Memory, MemoryRegion.Persistent);
         try
         {
             var model = new LlamaModel(config, ops, options, arena);
@@ -271,13 +271,9 @@ public sealed partial class LlamaModel : IDisposable
                 {
                     // A frozen base stored narrower than the compute dtype (BF16): rounded once, widened per GEMM.
                     var w = _params.Allocate(baseDType, outF, inF);
-                    var wide = _params.Allocate(dtype, outF, inF);
-                    try
-                    {
-                        UploadValues(source.Read(name, [outF, inF]), wide);
-                        _ops.Copy(wide, w);
-                    }
-                    finally { _params.Free(wide); }
+                    var wide = Scratch().View(outF, inF); // the widening scratch doubles as the upload buffer: no temporary
+                    UploadValues(source.Read(name, [outF, inF]), wide);
+                    _ops.Copy(wide, w);
                     layer = new Linear(_ops, w, null, Scratch());
                 }
                 else
@@ -358,13 +354,26 @@ public sealed partial class LlamaModel : IDisposable
             throw new HfCheckpointException(name, $"{name}: 4-bit weight of shape [{string.Join(", ", shape)}], expected [{rows}, {columns}]");
         var packed = _params.Allocate(DType.U8, q.Packed.Length);
         _ops.Upload<byte>(q.Packed, packed);
-        var absmaxValues = q.State.GetAbsmax();
-        var absmax = _params.Allocate(DType.F32, absmaxValues.Length);
-        _ops.Upload<float>(absmaxValues, absmax);
         return new QuantizedWeight
         {
-            Packed = packed, Absmax = absmax, QuantType = q.State.QuantType, Blocksize = q.State.Blocksize, Rows = rows, Columns = columns,
+            Packed = packed, QuantType = q.State.QuantType, Blocksize = q.State.Blocksize, Rows = rows, Columns = columns,
+            Absmax = q.State.Nested is { NestedBlockSize: DoubleQuantAbsmax.NestedBlocksize } ? null : Upload(q.State.GetAbsmax(), DType.F32),
+            // bitsandbytes' double-quantized absmax stays as stored (the kernels decode it per block).
+            DoubleQuant = q.State.Nested is { NestedBlockSize: DoubleQuantAbsmax.NestedBlocksize } dq
+                ? new DoubleQuantAbsmax
+                {
+                    Absmax = Upload<byte>(dq.QuantizedAbsmax, DType.U8), NestedAbsmax = Upload(dq.NestedAbsmax, DType.F32),
+                    NestedQuantMap = Upload(dq.NestedQuantMap, DType.F32), NestedOffset = Upload([dq.Offset], DType.F32),
+                }
+                : null,
         };
+
+        Tensor Upload<T>(T[] values, DType dtype) where T : unmanaged
+        {
+            var t = _params.Allocate(dtype, values.Length);
+            _ops.Upload<T>(values, t);
+            return t;
+        }
     }
 
     private interface IWeightSource
@@ -629,7 +638,7 @@ public sealed partial class LlamaModel : IDisposable
         var scaling = Config.RopeScaling is { } s
             ? new RopeScaling(s.Factor, s.LowFreqFactor, s.HighFreqFactor, s.OriginalMaxPositionEmbeddings)
             : null;
-        var arena = new TensorArena(_ops.Memory);
+        var arena = new TensorArena(_ops.Memory, MemoryRegion.RopeTables);
         try
         {
             var cos = arena.Allocate(StatisticsDType, rows, half);

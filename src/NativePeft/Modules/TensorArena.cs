@@ -8,7 +8,7 @@ namespace NativePeft.Modules;
 /// <see cref="Dispose"/>. The model keeps its parameters in one arena and its activations in another, so a failed
 /// load or a change of batch shape frees exactly what it allocated.
 /// </summary>
-internal sealed class TensorArena(TensorMemory memory) : IDisposable
+internal sealed class TensorArena(TensorMemory memory, MemoryRegion region = MemoryRegion.Transient) : IDisposable
 {
     private readonly List<Tensor> _tensors = [];
 
@@ -19,7 +19,7 @@ internal sealed class TensorArena(TensorMemory memory) : IDisposable
 
     public Tensor Allocate(DType dtype, params int[] shape)
     {
-        var t = memory.Allocate(dtype, shape);
+        var t = memory.Allocate(region, dtype, shape);
         _tensors.Add(t);
         return t;
     }

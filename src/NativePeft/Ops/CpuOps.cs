@@ -11,7 +11,10 @@ namespace NativePeft.Ops;
 /// </summary>
 public sealed unsafe class CpuOps : IOps
 {
-    private readonly HostTensorMemory _memory = new();
+    private readonly TensorMemory _memory;
+
+    /// <param name="memory">Where tensors live (owned: disposed with the ops); null: <see cref="HostTensorMemory"/>.</param>
+    public CpuOps(TensorMemory? memory = null) => _memory = memory ?? new HostTensorMemory();
 
     public string Name => "CPU reference";
     public TensorMemory Memory => _memory;
@@ -195,7 +198,18 @@ public sealed unsafe class CpuOps : IOps
         if (first % weight.Blocksize != 0)
             throw new ArgumentException($"Dequantize4bit: row {firstRow} does not start a block of {weight.Blocksize}");
         var packed = S<byte>(weight.Packed).Slice(checked((int)(first / 2)));
-        var absmax = S<float>(weight.Absmax).Slice(checked((int)(first / weight.Blocksize)));
+        long firstBlock = first / weight.Blocksize;
+        ReadOnlySpan<float> absmax;
+        if (weight.DoubleQuant is { } dq)
+        {
+            // Decode the blocks of this row range from the double-quantized state (the device copy stays 8-bit).
+            var decoded = new float[Quant4Bit.BlockCount(n, weight.Blocksize)];
+            DoubleQuantState.Decode(S<byte>(dq.Absmax), S<float>(dq.NestedAbsmax), S<float>(dq.NestedQuantMap), S<float>(dq.NestedOffset)[0],
+                DoubleQuantAbsmax.NestedBlocksize, firstBlock, decoded);
+            absmax = decoded;
+        }
+        else absmax = S<float>(weight.Absmax ?? throw new ArgumentException("Dequantize4bit: the weight has neither absmax nor a double-quantized state", nameof(weight)))
+            .Slice(checked((int)firstBlock));
         switch (output.DType)
         {
             case DType.F32: Quant4Bit.Dequantize(packed, absmax, S<float>(output), weight.QuantType, weight.Blocksize); break;

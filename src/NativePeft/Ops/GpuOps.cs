@@ -16,18 +16,20 @@ public sealed unsafe class GpuOps : IOps
 {
     private readonly IGpu _gpu;
     private readonly bool _ownsGpu;
-    private readonly GpuTensorMemory _memory;
+    private readonly TensorMemory _memory;
     private readonly GpuQuantOps _quant;
     private readonly GpuTransformerOps _tx;
     private readonly GpuAttentionOps _attention;
     private readonly GpuLossOps _loss;
     private readonly GpuElementwiseOps _elementwise;
 
-    public GpuOps(IGpu gpu, bool ownsGpu = false)
+    /// <param name="memory">Device memory of <paramref name="gpu"/> for the tensors (owned: disposed with the ops), e.g. a
+    /// <see cref="DevicePool"/>; null: <see cref="GpuTensorMemory"/>.</param>
+    public GpuOps(IGpu gpu, bool ownsGpu = false, TensorMemory? memory = null)
     {
         _gpu = gpu ?? throw new ArgumentNullException(nameof(gpu));
         _ownsGpu = ownsGpu;
-        _memory = new GpuTensorMemory(gpu);
+        _memory = memory ?? new GpuTensorMemory(gpu);
         _quant = new GpuQuantOps(gpu);
         _tx = new GpuTransformerOps(gpu);
         _attention = new GpuAttentionOps(gpu);
@@ -202,8 +204,14 @@ public sealed unsafe class GpuOps : IOps
             throw new ArgumentException($"Dequantize4bit: rows [{firstRow}, {firstRow + output.Rows}) x {output.Columns} outside the [{weight.Rows}, {weight.Columns}] weight");
         if (first % weight.Blocksize != 0)
             throw new ArgumentException($"Dequantize4bit: row {firstRow} does not start a block of {weight.Blocksize}");
-        _quant.Dequantize4bit(weight.QuantType, Compute("Dequantize4bit", output), weight.Packed.Data.Offset(first / 2),
-            weight.Absmax.Data.Offset(first / weight.Blocksize * sizeof(float)), output.Count, weight.Blocksize, output.Data);
+        if (weight.DoubleQuant is { } dq)
+            _quant.Dequantize4bitDoubleQuant(weight.QuantType, Compute("Dequantize4bit", output), weight.Packed.Data.Offset(first / 2),
+                dq.Absmax.Data, dq.NestedQuantMap.Data, dq.NestedAbsmax.Data, dq.NestedOffset.Data, first / weight.Blocksize,
+                output.Count, weight.Blocksize, output.Data);
+        else
+            _quant.Dequantize4bit(weight.QuantType, Compute("Dequantize4bit", output), weight.Packed.Data.Offset(first / 2),
+                (weight.Absmax ?? throw new ArgumentException("Dequantize4bit: the weight has neither absmax nor a double-quantized state", nameof(weight)))
+                .Data.Offset(first / weight.Blocksize * sizeof(float)), output.Count, weight.Blocksize, output.Data);
     }
 
     // --- transformer ops -------------------------------------------------------------------------

@@ -126,6 +126,27 @@ public sealed class GpuQuantOps
     }
 
     /// <summary>
+    /// <see cref="Dequantize4bit(QuantType, DType, DevicePtr, DevicePtr, long, int, DevicePtr)"/> reading bitsandbytes'
+    /// double-quantized absmax as stored (kernel dequantize_4bit_dq): for the element of block b (counted from
+    /// <paramref name="firstBlock"/>, the block of packed[0] in the whole weight) absmax = code256[qabsmax[b]] ·
+    /// nestedAbsmax[b / 256] + *offset, fp32 multiply then add — bit-identical to
+    /// <see cref="DequantizeAbsmaxDoubleQuant(DevicePtr, DevicePtr, DevicePtr, float, DevicePtr, long)"/> followed by
+    /// Dequantize4bit. qabsmax, nestedAbsmax: the whole weight's; offset: one fp32 on the device. n = 0 launches nothing.
+    /// </summary>
+    public void Dequantize4bitDoubleQuant(QuantType quantType, DType outputDtype, DevicePtr packed, DevicePtr qabsmax, DevicePtr code256,
+                                          DevicePtr nestedAbsmax, DevicePtr offset, long firstBlock, long n, int blocksize, DevicePtr output)
+    {
+        ValidateBlocksize(blocksize);
+        CheckCount(n, nameof(n));
+        CheckCount(firstBlock, nameof(firstBlock));
+        string kernel = KernelName("dequantize_4bit_dq", quantType, outputDtype);
+        if (n == 0)
+            return;
+        _gpu.Launch(kernel, Grid(PackedBytes(n), ThreadsPerBlock), ThreadsPerBlock, 0,
+            packed, qabsmax, code256, nestedAbsmax, offset, output, n, blocksize, firstBlock);
+    }
+
+    /// <summary>
     /// Double quantization of <paramref name="nblocks"/> fp32 absmax values with nested blocksize 256:
     /// qabsmax[i] = nearest code of (absmax[i] - offset) / nested_absmax[i / 256] in the signed dynamic map
     /// <paramref name="code256"/> (256 fp32 on the device). The offset is computed on the host, see

@@ -112,10 +112,30 @@ public interface IOps : IDisposable
 public sealed class QuantizedWeight
 {
     public required Tensor Packed { get; init; }
-    /// <summary>fp32 absmax per block (double-quantized absmax is decoded when the weight is uploaded).</summary>
-    public required Tensor Absmax { get; init; }
+    /// <summary>F32 absmax per block; null when <see cref="DoubleQuant"/> holds it.</summary>
+    public Tensor? Absmax { get; init; }
+    /// <summary>bitsandbytes' double-quantized absmax as stored (0.127 instead of 0.5 bits per parameter at blocksize 64).</summary>
+    public DoubleQuantAbsmax? DoubleQuant { get; init; }
     public required QuantType QuantType { get; init; }
     public required int Blocksize { get; init; }
     public required int Rows { get; init; }
     public required int Columns { get; init; }
+}
+
+/// <summary>
+/// Double-quantized absmax on the device, bitsandbytes' names: absmax[b] = nested_quant_map[Absmax[b]] ·
+/// NestedAbsmax[b / 256] + NestedOffset (fp32 multiply, then add; formats.md).
+/// </summary>
+public sealed class DoubleQuantAbsmax
+{
+    /// <summary>Nested blocksize: the kernels read 256 (bitsandbytes' only value).</summary>
+    public const int NestedBlocksize = 256;
+    /// <summary>U8 [blocks]: one 8-bit code per absmax.</summary>
+    public required Tensor Absmax { get; init; }
+    /// <summary>F32 [ceil(blocks / 256)].</summary>
+    public required Tensor NestedAbsmax { get; init; }
+    /// <summary>F32 [256]: the map the codes index.</summary>
+    public required Tensor NestedQuantMap { get; init; }
+    /// <summary>F32 [1]: the mean of the absmax that was subtracted.</summary>
+    public required Tensor NestedOffset { get; init; }
 }

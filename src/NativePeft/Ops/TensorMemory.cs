@@ -5,6 +5,19 @@ using NativePeft.Runtime;
 namespace NativePeft.Ops;
 
 /// <summary>
+/// Which arena of a <see cref="DevicePool"/> a tensor comes from; the plain allocators ignore it.
+/// </summary>
+public enum MemoryRegion
+{
+    /// <summary>Allocated per batch shape or inside an op and freed again: activations, op workspaces, logits (the default).</summary>
+    Transient,
+    /// <summary>Allocated once and kept: base weights, quantization state, adapters, gradients, dequantization scratch, optimizer state and maps.</summary>
+    Persistent,
+    /// <summary>The RoPE cos/sin tables, reallocated (both at once) when a longer sequence comes.</summary>
+    RopeTables,
+}
+
+/// <summary>
 /// Where an <see cref="IOps"/>'s tensors live. Whole tensors are allocated zero-filled and freed by the caller; the
 /// allocator counts bytes in use and the peak, which the memory plan (training issue) is checked against.
 /// </summary>
@@ -18,12 +31,15 @@ public abstract class TensorMemory : IDisposable
     public long PeakAllocatedBytes { get { lock (_lock) return _peak; } }
     public void ResetPeak() { lock (_lock) _peak = _allocated; }
 
-    /// <summary>A zero-filled tensor.</summary>
-    public Tensor Allocate(DType dtype, params int[] shape)
+    /// <summary>A zero-filled tensor (transient).</summary>
+    public Tensor Allocate(DType dtype, params int[] shape) => Allocate(MemoryRegion.Transient, dtype, shape);
+
+    /// <summary>A zero-filled tensor from <paramref name="region"/> (see <see cref="MemoryRegion"/>).</summary>
+    public Tensor Allocate(MemoryRegion region, DType dtype, params int[] shape)
     {
         var probe = new Tensor(DevicePtr.Null, dtype, shape);
         long bytes = Math.Max(probe.Bytes, 1);
-        var ptr = AllocateBytes(bytes);
+        var ptr = AllocateBytes(bytes, region);
         lock (_lock)
         {
             _live[ptr.Address] = bytes;
@@ -46,7 +62,7 @@ public abstract class TensorMemory : IDisposable
         FreeBytes(tensor.Data);
     }
 
-    protected abstract DevicePtr AllocateBytes(long bytes);
+    protected abstract DevicePtr AllocateBytes(long bytes, MemoryRegion region);
     protected abstract void FreeBytes(DevicePtr ptr);
 
     public virtual void Dispose()
@@ -64,7 +80,7 @@ public abstract class TensorMemory : IDisposable
 /// <summary>Host memory (64-byte aligned, zero-filled) for <see cref="CpuOps"/>.</summary>
 public sealed unsafe class HostTensorMemory : TensorMemory
 {
-    protected override DevicePtr AllocateBytes(long bytes)
+    protected override DevicePtr AllocateBytes(long bytes, MemoryRegion region)
     {
         void* p = NativeMemory.AlignedAlloc((nuint)bytes, 64);
         if (p == null) throw new OutOfMemoryException($"host allocation of {bytes} bytes failed");
@@ -78,7 +94,7 @@ public sealed unsafe class HostTensorMemory : TensorMemory
 /// <summary>Device memory of an <see cref="IGpu"/> (zero-filled) for <see cref="GpuOps"/>.</summary>
 public sealed class GpuTensorMemory(IGpu gpu) : TensorMemory
 {
-    protected override DevicePtr AllocateBytes(long bytes)
+    protected override DevicePtr AllocateBytes(long bytes, MemoryRegion region)
     {
         var p = gpu.Alloc(bytes);
         gpu.Memset(p, 0, bytes);

@@ -123,7 +123,7 @@ public abstract class AdamWOptimizer : IOptimizer
             catch { _gpu.Free(ptr); throw; }
             return new Buffer(new Tensor(ptr, dtype, n), managed: true);
         }
-        return new Buffer(_ops.Memory.Allocate(dtype, n), managed: false);
+        return new Buffer(_ops.Memory.Allocate(MemoryRegion.Persistent, dtype, n), managed: false);
     }
 
     private void Free(Buffer b)
@@ -167,7 +167,7 @@ public abstract class AdamWOptimizer : IOptimizer
     {
         if (_maps is null)
         {
-            var maps = _ops.Memory.Allocate(DType.F32, 512);
+            var maps = _ops.Memory.Allocate(MemoryRegion.Persistent, DType.F32, 512);
             var host = new float[512];
             DynamicMap.Signed.CopyTo(host);
             DynamicMap.Unsigned.CopyTo(host.AsSpan(256));

@@ -20,8 +20,9 @@ namespace NativePeft.Planning;
 /// compute dtype), and the 7L projections: compute dtype (full, or lora on an unwidened base), BF16 (lora's default
 /// frozen base) or 4-bit packed, ⌈n/2⌉ bytes (qlora). Full fine-tuning with BF16 compute adds each tensor's fp32
 /// master weight (the optimizer updates it; the bf16 working copy is refreshed from it after each step).</item>
-/// <item><b>Quantization state</b> (qlora): per projection fp32 absmax, one per block of 64 (what the loader keeps
-/// today), or bitsandbytes' double-quantized layout (1 byte per block + fp32 per 256 blocks + the 256-entry map + offset).</item>
+/// <item><b>Quantization state</b> (qlora): per projection bitsandbytes' double-quantized absmax as the loader keeps
+/// it (1 byte per block + fp32 per 256 blocks + the fp32 256-entry map + the fp32 offset), or without double
+/// quantization fp32 absmax, one per block.</item>
 /// <item><b>Adapters</b>: lora_A [r, in] and lora_B [out, r] per targeted projection (compute dtype; fp32 with BF16
 /// compute, as PEFT keeps adapters and as the optimizers require).</item>
 /// <item><b>Gradients</b>: one per trainable tensor, in its dtype (fp32 with BF16 compute).</item>
@@ -45,10 +46,12 @@ namespace NativePeft.Planning;
 /// <see cref="TotalBytes"/> is the pool's peak in a steady training step (every category at once, plus the largest
 /// transient workspace); the first step peaks lower (<see cref="FirstStepPeakBytes"/>) because optimizer state is
 /// created at its end, after the transient workspaces are gone. For the configurations the code runs (F32 compute on
-/// CpuOps and GpuOps; BF16 compute with full/lora/qlora on GpuOps, with <see cref="AbsmaxLayout.DecodedF32"/> as the loader
-/// keeps absmax) these equal the measured <see cref="Ops.TensorMemory.PeakAllocatedBytes"/> to the byte (tests).
-/// Not counted: the CUDA context, cuBLAS' own workspace and allocator fragmentation (cudaMalloc rounds up), which a
-/// real GPU adds on top (typically a few hundred MB).
+/// CpuOps and GpuOps; BF16 compute with full/lora/qlora on GpuOps) these equal the measured
+/// <see cref="Ops.TensorMemory.PeakAllocatedBytes"/> to the byte (tests).
+/// <see cref="Aligned"/> gives the same plan with every tensor rounded up to the pool's alignment: the arena sizes
+/// of <see cref="Ops.DevicePool"/> (<see cref="PersistentArenaBytes"/>, <see cref="RopeArenaBytes"/>,
+/// <see cref="TransientArenaBytes"/>). Not counted: the CUDA context and cuBLAS' own workspace, which a real GPU
+/// adds on top (typically a few hundred MB).
 /// </para>
 /// </summary>
 public sealed class MemoryPlan
@@ -89,13 +92,56 @@ public sealed class MemoryPlan
     public long TrainableParameterCount { get; private set; }
     public long TotalParameterCount { get; private set; }
 
-    private MemoryPlan(LlamaConfig config, PlanOptions options)
+    /// <summary>
+    /// 1: every category counts the bytes requested (what <see cref="Ops.TensorMemory.PeakAllocatedBytes"/> reports).
+    /// Larger (a power of two): every tensor is rounded up to this many bytes, so each category is what the tensors
+    /// occupy in a pool that aligns them (<see cref="Aligned"/>).
+    /// </summary>
+    public int Alignment { get; }
+
+    private MemoryPlan(LlamaConfig config, PlanOptions options, int alignment)
     {
         Config = config;
         Options = options;
+        Alignment = alignment;
     }
 
-    private static long Bytes(DType dtype, long count) => Math.Max(1, checked(count * dtype.ElementSize()));
+    /// <summary>The bytes one tensor of <paramref name="count"/> elements occupies: at least 1, rounded up to <paramref name="alignment"/>.</summary>
+    public static long TensorBytes(DType dtype, long count, int alignment = 1)
+    {
+        long bytes = Math.Max(1, checked(count * dtype.ElementSize()));
+        return alignment <= 1 ? bytes : checked((bytes + alignment - 1) / alignment * alignment);
+    }
+
+    private long Bytes(DType dtype, long count) => TensorBytes(dtype, count, Alignment);
+
+    /// <summary>
+    /// This plan with every tensor rounded up to <paramref name="alignment"/> bytes (a power of two): the sizes of the
+    /// arenas of a <see cref="Ops.DevicePool"/> that aligns its sub-allocations so (<see cref="PersistentArenaBytes"/>,
+    /// <see cref="RopeArenaBytes"/>, <see cref="TransientArenaBytes"/>).
+    /// </summary>
+    public MemoryPlan Aligned(int alignment)
+    {
+        if (alignment < 1 || (alignment & (alignment - 1)) != 0)
+            throw new ArgumentOutOfRangeException(nameof(alignment), alignment, "must be a power of two");
+        if (alignment == Alignment) return this;
+        var plan = new MemoryPlan(Config, Options, alignment);
+        plan.Fill();
+        return plan;
+    }
+
+    /// <summary>
+    /// What lives for the whole run (the persistent arena of <see cref="Ops.DevicePool"/>): <see cref="ParameterBytes"/>
+    /// (base weights, quantization state, adapters, gradients, dequantization scratch), device optimizer state and the
+    /// 8-bit maps.
+    /// </summary>
+    public long PersistentArenaBytes => ParameterBytes + OptimizerStateBytes + OptimizerMapBytes;
+
+    /// <summary>The RoPE cos/sin tables (their own arena: they are reallocated when a longer sequence comes).</summary>
+    public long RopeArenaBytes => RopeTableBytes;
+
+    /// <summary>What is allocated per batch shape or per op (the transient arena): activations and the largest op workspace.</summary>
+    public long TransientArenaBytes => ActivationBytes + TransientWorkspaceBytes;
 
     /// <summary>The plan for <paramref name="config"/> and <paramref name="options"/> (both validated).</summary>
     public static MemoryPlan Compute(LlamaConfig config, PlanOptions options)
@@ -104,7 +150,7 @@ public sealed class MemoryPlan
         ArgumentNullException.ThrowIfNull(options);
         config.Validate();
         options.Validate();
-        var plan = new MemoryPlan(config, options);
+        var plan = new MemoryPlan(config, options, 1);
         plan.Fill();
         return plan;
     }
@@ -198,9 +244,13 @@ public sealed class MemoryPlan
         long state = 0, paged = 0;
         foreach (long n in trainable)
         {
-            long s = AdamWOptimizer.StateBytesFor(n, eightBit);
-            long p = managed ? AdamWOptimizer.PagedStateBytesFor(n, eightBit) : 0;
-            state += s - p;
+            // Per tensor, as AdamWOptimizer allocates them (= StateBytesFor / PagedStateBytesFor at alignment 1):
+            // m and v (F32, or U8 with an F32 absmax per 256-block each when quantized); m and v are paged when large.
+            bool quantized = eightBit && n >= AdamWMath.Min8BitSize;
+            long mv = quantized ? Bytes(DType.U8, n) : Bytes(DType.F32, n);
+            long absmax = quantized ? 2 * Bytes(DType.F32, AdamWMath.Blocks(n)) : 0;
+            long p = managed && n >= AdamWOptimizer.PagedMinElements ? 2 * mv : 0;
+            state += 2 * mv + absmax - p;
             paged += p;
         }
         OptimizerStateBytes = state;
@@ -326,7 +376,7 @@ public sealed class MemoryPlan
 
     /// <summary>
     /// JSON: the options, every category in bytes ("base_weights_bytes", …, "workspaces_bytes"), its parts, the
-    /// parameter counts and "total_bytes".
+    /// parameter counts, the memory pool's arena reservations ("pool_*") and "total_bytes".
     /// </summary>
     public string ToJson()
     {
@@ -355,6 +405,13 @@ public sealed class MemoryPlan
         Field("lora_scratch_bytes", LoraScratchBytes.ToString(inv));
         Field("parameter_bytes", ParameterBytes.ToString(inv));
         Field("first_step_peak_bytes", FirstStepPeakBytes.ToString(inv));
+        // What Ops.DevicePool reserves for this plan (every tensor rounded up to its alignment).
+        int alignment = o.Device == PlanDevice.Gpu ? Ops.DevicePool.GpuAlignment : Ops.DevicePool.HostAlignment;
+        var (persistent, ropeTables, transient) = Ops.DevicePool.Reservations(this, alignment);
+        Field("pool_alignment", alignment.ToString(inv));
+        Field("pool_persistent_bytes", persistent.ToString(inv));
+        Field("pool_rope_tables_bytes", ropeTables.ToString(inv));
+        Field("pool_transient_bytes", transient.ToString(inv));
         Field("total_bytes", TotalBytes.ToString(inv), last: true);
         sb.Append('}');
         return sb.ToString();

@@ -31,7 +31,7 @@ public enum PlanDevice
 /// <summary>How a 4-bit weight's absmax is held on the device.</summary>
 public enum AbsmaxLayout
 {
-    /// <summary>One fp32 absmax per block: what <see cref="LlamaModel"/> does today (a double-quantized absmax is decoded on load).</summary>
+    /// <summary>One fp32 absmax per block: a 4-bit base without double quantization.</summary>
     DecodedF32,
     /// <summary>
     /// bitsandbytes' double quantization kept as stored: one byte per block, one fp32 nested absmax per 256 blocks,
@@ -74,9 +74,8 @@ public sealed record PlanOptions
     public QuantType QuantType { get; init; } = QuantType.Nf4;
     public int Blocksize { get; init; } = 64;
     public bool DoubleQuant { get; init; } = true;
-    /// <summary>null: <see cref="AbsmaxLayout.DoubleQuantized"/> with BF16 compute (the planned GPU path dequantizes
-    /// bitsandbytes' layout directly) when <see cref="DoubleQuant"/>, <see cref="AbsmaxLayout.DecodedF32"/> otherwise
-    /// (what the loader does today).</summary>
+    /// <summary>null: <see cref="AbsmaxLayout.DoubleQuantized"/> when <see cref="DoubleQuant"/> (the loader keeps
+    /// bitsandbytes' layout and the dequantize kernels read it), <see cref="AbsmaxLayout.DecodedF32"/> otherwise.</summary>
     public AbsmaxLayout? Absmax { get; init; }
     /// <summary>Vocabulary rows per chunk of the fused cross-entropy (<see cref="LlamaModelOptions.CrossEntropyChunk"/>).</summary>
     public int CrossEntropyChunk { get; init; } = 8192;
@@ -88,7 +87,7 @@ public sealed record PlanOptions
     public DType LoraBaseDType => BaseWeightDType ?? DType.BF16;
 
     /// <summary>The absmax layout (resolved default).</summary>
-    public AbsmaxLayout ResolvedAbsmax => Absmax ?? (DoubleQuant && ComputeDType == DType.BF16 ? AbsmaxLayout.DoubleQuantized : AbsmaxLayout.DecodedF32);
+    public AbsmaxLayout ResolvedAbsmax => Absmax ?? (DoubleQuant ? AbsmaxLayout.DoubleQuantized : AbsmaxLayout.DecodedF32);
 
     public bool EightBitOptimizer => Optimizer.Contains("8bit", StringComparison.Ordinal);
     public bool PagedOptimizer => Optimizer.StartsWith("paged-", StringComparison.Ordinal);
@@ -125,11 +124,13 @@ public sealed record PlanOptions
 
     /// <summary>
     /// The <see cref="LlamaModelOptions"/> that build the model this plan describes (F32/F64, or BF16 on the GPU ops;
-    /// the model keeps a 4-bit absmax decoded to fp32, so a BF16 qlora plan matches it with <see cref="AbsmaxLayout.DecodedF32"/>).
+    /// the loader keeps a double-quantized absmax as it is, so <see cref="AbsmaxLayout.DecodedF32"/> needs DoubleQuant off).
     /// </summary>
     public LlamaModelOptions ToModelOptions(int seed = 0)
     {
         Validate();
+        if (Method == FineTuneMethod.Qlora && DoubleQuant && ResolvedAbsmax == AbsmaxLayout.DecodedF32)
+            throw new NotSupportedException("the loader keeps a double-quantized absmax as it is: the DecodedF32 layout needs DoubleQuant = false");
         var lora = Method == FineTuneMethod.Full ? null : new LoraSettings { Rank = Rank, Alpha = Alpha, TargetModules = Targets };
         return new LlamaModelOptions
         {

@@ -52,10 +52,21 @@ public sealed record DoubleQuantState
         if (absmax.Length != QuantizedAbsmax.Length)
             throw new ArgumentException($"absmax has {absmax.Length} entries, the state encodes {QuantizedAbsmax.Length}", nameof(absmax));
         Validate();
+        Decode(QuantizedAbsmax, NestedAbsmax, NestedQuantMap, Offset, NestedBlockSize, 0, absmax);
+    }
+
+    /// <summary>
+    /// absmax[i] = map[q[firstBlock + i]] * nested[(firstBlock + i) / nestedBlockSize] + offset for i in
+    /// [0, absmax.Length) (fp32 multiply, then add): a range of blocks of a state held elsewhere (a device tensor).
+    /// </summary>
+    public static void Decode(ReadOnlySpan<byte> q, ReadOnlySpan<float> nested, ReadOnlySpan<float> map, float offset,
+        int nestedBlockSize, long firstBlock, Span<float> absmax)
+    {
         for (int i = 0; i < absmax.Length; i++)
         {
-            float scaled = NestedQuantMap[QuantizedAbsmax[i]] * NestedAbsmax[i / NestedBlockSize];
-            absmax[i] = scaled + Offset;
+            long b = firstBlock + i;
+            float scaled = map[q[checked((int)b)]] * nested[checked((int)(b / nestedBlockSize))];
+            absmax[i] = scaled + offset;
         }
     }
 

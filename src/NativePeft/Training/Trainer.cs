@@ -270,6 +270,9 @@ public sealed partial class Trainer : IDisposable
             {
                 int take = Options.ExactMatchSamples == 0 ? problems.Count : Math.Min(problems.Count, Options.ExactMatchSamples);
                 int hits = 0;
+                // The KV cache and its workspace take the training activations' place (the next step reallocates them),
+                // so generation fits the transient arena of a pool sized from the plan (DevicePool's alsoFits).
+                _model.ReleaseActivations();
                 for (int i = 0; i < take; i++)
                 {
                     var p = problems[i];
