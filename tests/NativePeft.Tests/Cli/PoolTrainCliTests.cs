@@ -30,7 +30,7 @@ public class PoolTrainCliTests
         string[] Args(string device, string outDir) =>
         [
             "train", "--model", "builtin", "--data", "builtin", "--method", "qlora", "--steps", "2", "--batch", "1", "--seq", "16",
-            "--eval-every", "2", "--eval-batches", "1", "--device", device, "--out", outDir,
+            "--eval-every", "2", "--eval-batches", "1", "--device", device, "--precision", "fp32", "--out", outDir,
         ];
         var emu = CliProcess.Run(Args("emulator", dir["emu"]));
         Assert.That(emu.ExitCode, Is.EqualTo(0), emu.ToString());
@@ -75,7 +75,7 @@ public class PoolTrainCliTests
         string[] Args(string device, string outDir) =>
         [
             "train", "--model", dir["q4"], "--data", dir["data.jsonl"], "--method", "qlora", "--rank", "4", "--batch", "2", "--seq", "32",
-            "--steps", "2", "--device", device, "--out", outDir,
+            "--steps", "2", "--device", device, "--precision", "fp32", "--out", outDir,
         ];
         var emu = CliProcess.Run(Args("emulator", dir["emu"]));
         Assert.That(emu.ExitCode, Is.EqualTo(0), emu.ToString());

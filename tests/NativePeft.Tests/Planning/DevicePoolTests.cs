@@ -43,6 +43,10 @@ public class DevicePoolTests(string device)
         yield return Case("qlora-nf4-dq", o with { Method = FineTuneMethod.Qlora });
         yield return Case("full-adamw", o with { Method = FineTuneMethod.Full });
         yield return Case("full-paged-adamw8bit-recompute", o with { Method = FineTuneMethod.Full, Optimizer = "paged-adamw8bit", Recompute = true });
+        // Mixed precision (GPU devices only): bf16 activations and working copies, fp32 adapters, masters and statistics.
+        yield return Case("lora-bf16-compute", o with { Method = FineTuneMethod.Lora, ComputeDType = DType.BF16 });
+        yield return Case("qlora-nf4-dq-bf16-compute-recompute", o with { Method = FineTuneMethod.Qlora, ComputeDType = DType.BF16, Recompute = true });
+        yield return Case("full-bf16-compute", o with { Method = FineTuneMethod.Full, ComputeDType = DType.BF16 });
     }
 
     private PlanDevice Device => device == "cpu" ? PlanDevice.Cpu : PlanDevice.Gpu;
@@ -92,6 +96,7 @@ public class DevicePoolTests(string device)
     [TestCaseSource(nameof(Cases))]
     public void ThePoolsPeakIsThePlanAndEveryArenaIsFilledExactly(PlanOptions options)
     {
+        if (device == "cpu" && options.ComputeDType == DType.BF16) Assert.Ignore("BF16 compute runs on GPU devices only (the CPU reference is fp32)");
         options = options with { Device = Device };
         var plan = MemoryPlan.Compute(Config, options);
         var aligned = plan.Aligned(Alignment);
