@@ -153,6 +153,7 @@ public static class CompareCommand
                 stdout.WriteLine($"skipped {baseRun.SkippedLines} bad data line(s) (--on-bad-line skip); the first: {baseRun.SkippedMessages[0]}");
             if (!HasEval(baseRun.Data!))
                 throw new CliException($"--data {a.Data}: compare needs eval data for the eval loss: give --eval-data FILE (or use --data builtin)");
+            if (a.Device != "cpu") machine = machine with { Device = $"{a.Device} ({baseRun.DeviceName})" };
             var c = baseRun.Config;
             modelDescription = $"{(modelArg == BuiltinModel.Name ? "builtin" : modelArg)}: {c.NumHiddenLayers} layers, hidden {c.HiddenSize}, " +
                 $"intermediate {c.IntermediateSize}, {c.NumAttentionHeads}/{c.NumKeyValueHeads} heads, vocab {c.VocabSize}, {baseRun.BaseParameterCount:N0} parameters";

@@ -122,6 +122,8 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
             "(double quantization shrinks the stored absmax; it is decoded to fp32 on load).");
         sb.AppendLine("- **pool peak**: the highest number of bytes the ops' memory pool held during the run (weights, adapters, gradients, " +
             "optimizer states, activations, workspaces): host memory with `--device cpu`, device memory on a GPU. This is the VRAM figure.");
+        sb.AppendLine("  On a small model with a large batch the activations dominate the pool, so the weight savings show fully " +
+            "in the base-weights column and in the pool only as models grow (`nativepeft estimate` plans 8B and 70B models).");
         sb.AppendLine("- **peak RSS**: the process's peak resident memory while the method ran (Linux VmHWM, reset before each method); " +
             "it includes the .NET runtime and the memory-mapped checkpoint.");
         sb.AppendLine("- **tokens/s**, **ms/step**: tokens (rows × sequence, padding included) per second and wall time per optimizer step, over steps 2..N " +
