@@ -116,7 +116,21 @@ public static class CompareCommand
     /// <summary>The base model before any fine-tuning (fp32 compute, as loaded).</summary>
     public sealed record BaseResult(long BaseWeightBytes, long Parameters, EvalMetrics Eval);
 
-    public static int Run(Args a, TextWriter stdout, CancellationToken cancel = default)
+    public static int Run(Args a, TextWriter stdout, CancellationToken externalCancel = default)
+    {
+        // Ctrl-C: finish the current step, remove the output folder, exit 130.
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(externalCancel);
+        ConsoleCancelEventHandler onCancel = (_, e) =>
+        {
+            e.Cancel = true;
+            cts.Cancel();
+        };
+        Console.CancelKeyPress += onCancel;
+        try { return RunCore(a, stdout, cts.Token); }
+        finally { Console.CancelKeyPress -= onCancel; }
+    }
+
+    private static int RunCore(Args a, TextWriter stdout, CancellationToken cancel)
     {
         // ---- every option and input file is checked before --out exists
         var methods = ParseMethods(a.Methods);

@@ -156,6 +156,19 @@ public class CompareCliTests
     }
 
     [Test]
+    public void AnInterruptedCompareRemovesItsOutputFolder()
+    {
+        using var dir = CliProcess.TempDir();
+        using var cts = new CancellationTokenSource();
+        cts.Cancel();
+        var e = Assert.Throws<CliException>(() =>
+            NativePeft.Cli.Commands.CompareCommand.Run(new NativePeft.Cli.Commands.CompareCommand.Args { Steps = 2, Out = dir["out"] }, new StringWriter(), cts.Token))!;
+        Assert.That(e.ExitCode, Is.EqualTo(130));
+        Assert.That(e.Message, Does.Contain("interrupted"));
+        Assert.That(Directory.Exists(dir["out"]), Is.False, "the folder it created is gone");
+    }
+
+    [Test]
     public void TrainSkipsBadLinesWhenAskedAndNamesTheLineOtherwise()
     {
         using var dir = CliProcess.TempDir();
