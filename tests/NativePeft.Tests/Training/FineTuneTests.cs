@@ -15,17 +15,18 @@ namespace NativePeft.Tests.Training;
 [Parallelizable(ParallelScope.None)]
 public class FineTuneTests
 {
-    private static string RepoRoot()
+    /// <summary>The source checkout above the test assembly, or null (the self-contained GPU bundle has none).</summary>
+    private static string? RepoRoot()
     {
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
             if (File.Exists(Path.Combine(dir.FullName, "NativePeft.sln"))) return dir.FullName;
-        throw new InvalidOperationException("NativePeft.sln not found above " + AppContext.BaseDirectory);
+        return null;
     }
 
     [Test]
-    public void TheDocsSampleIsTheSampleFileAndItsAdapterLowersTheLoss()
+    public void TheDocsShowTheSampleFileWordForWord()
     {
-        string root = RepoRoot();
+        string root = RepoRoot() ?? throw new IgnoreException("not in a source checkout (no NativePeft.sln above the tests): docs/ and samples/ are not here");
         string doc = File.ReadAllText(Path.Combine(root, "docs", "embedding.md")).ReplaceLineEndings("\n");
         const string open = "```csharp\n";
         int start = doc.IndexOf(open, StringComparison.Ordinal) + open.Length;
@@ -34,6 +35,11 @@ public class FineTuneTests
         string program = File.ReadAllText(Path.Combine(root, "samples", "NativePeft.Sample", "Program.cs")).ReplaceLineEndings("\n");
         Assert.That(shown, Is.EqualTo(program), "docs/embedding.md shows samples/NativePeft.Sample/Program.cs word for word");
         Assert.That(program.Split('\n').Count(l => l.Trim().Length > 0 && !l.TrimStart().StartsWith("//", StringComparison.Ordinal)), Is.LessThan(40), "a few lines");
+    }
+
+    [Test]
+    public void TheSampleFineTunesAndItsAdapterLowersTheLoss()
+    {
 
         // Run the sample's own entry point (the compiled Program.cs) for 40 steps.
         using var dir = CliProcess.TempDir();
