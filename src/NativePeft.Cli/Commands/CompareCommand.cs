@@ -277,17 +277,17 @@ public static class CompareCommand
         ProcessMemory.ResetPeak();
         var options = Options(common, method, a) with { OutputDir = Path.Combine(outDir, name) };
         using var run = TrainCommand.Guard(() => FineTune.Create(options, NullLogger.Instance));
-        var before = run.Evaluate();
-        long poolPeak = run.PeakAllocatedBytes;
         var rss = new Dictionary<int, long?>();
         int every = Math.Max(1, a.Steps / 10);
-        var clock = Stopwatch.StartNew();
         var trainer = run.CreateTrainer(progress: new ActionProgress<TrainerProgress>(p =>
         {
             rss[p.Step] = ProcessMemory.RssBytes();
             if (p.Step % every == 0 || p.Step == p.TotalSteps)
                 stdout.WriteLine($"  {Label(name),-7} " + TrainCommand.StepLine(p));
         }));
+        var before = run.Evaluate();
+        long poolPeak = run.PeakAllocatedBytes;
+        var clock = Stopwatch.StartNew();
         var result = trainer.Train(cancel);
         if (result.Cancelled) throw new OperationCanceledException(cancel);
         double seconds = clock.Elapsed.TotalSeconds;

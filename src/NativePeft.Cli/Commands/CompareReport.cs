@@ -126,7 +126,7 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
             "in the base-weights column and in the pool only as models grow (`nativepeft estimate` plans 8B and 70B models).");
         sb.AppendLine("- **peak RSS**: the process's peak resident memory while the method ran (Linux VmHWM, reset before each method); " +
             "it includes the .NET runtime and the memory-mapped checkpoint.");
-        sb.AppendLine("- **tokens/s**, **ms/step**: tokens (rows × sequence, padding included) per second and wall time per optimizer step, over steps 2..N " +
+        sb.AppendLine("- **tokens/s**, **ms/step**: tokens (positions that are not padding) per second and wall time per optimizer step, over steps 2..N " +
             "(step 1 carries JIT compilation and first allocations).");
         sb.AppendLine($"- **speed vs {CompareCommand.Label(speedReference)}**: tokens/s divided by {CompareCommand.Label(speedReference)}'s.");
         sb.AppendLine("- **eval loss**: mean next-token cross-entropy on the held-out examples after the last step; **exact match**: greedy answers " +

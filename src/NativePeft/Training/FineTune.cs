@@ -302,6 +302,7 @@ public sealed class FineTune : IDisposable
         if (_trainer is not null)
         {
             if (data is not null && !ReferenceEquals(data, Data)) throw new InvalidOperationException("this run already has its trainer and data");
+            if (progress is not null) throw new InvalidOperationException("this run already has its trainer: pass the progress callback to the first CreateTrainer call (before Evaluate or Train)");
             return _trainer;
         }
         if (data is not null) SetData(data, 0, []);

@@ -42,6 +42,7 @@ public class CompareCliTests
         string outDir = dir["cmp"];
         var r = Cli("compare", "--steps", "150", "--exact-match-samples", "50", "--out", outDir);
         Assert.That(r.Exit, Is.EqualTo(0), r.Stdout + r.Stderr);
+        Assert.That(r.Stdout, Does.Contain("LoRA    step 150/150").And.Contain("QLoRA   step 15/150"), "progress lines while training");
         foreach (var f in new[] { "report.md", "metrics.json", "compare.png" })
         {
             Assert.That(File.Exists(Path.Combine(outDir, f)), f);
@@ -66,6 +67,8 @@ public class CompareCliTests
             Assert.That(steps.Select(s => s.GetProperty("step").GetInt32()), Is.EqualTo(Enumerable.Range(1, 150)), name);
             Assert.That(steps.All(s => s.GetProperty("loss").GetDouble() > 0 && s.GetProperty("tokens_per_second").GetDouble() > 0
                 && s.GetProperty("pool_peak_bytes").GetInt64() > 0 && s.TryGetProperty("lr", out _)), name);
+            if (OperatingSystem.IsLinux())
+                Assert.That(steps.All(s => s.GetProperty("rss_bytes").ValueKind == JsonValueKind.Number && s.GetProperty("rss_bytes").GetInt64() > 0), name + ": RSS after every step");
             // warmup 15 then cosine to 0 (transformers' schedule): step 1 has lr 0, step 16 the peak
             Assert.That(steps[0].GetProperty("lr").GetDouble(), Is.EqualTo(0));
             Assert.That(steps[15].GetProperty("lr").GetDouble(), Is.EqualTo(3e-3).Within(1e-12));
