@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # NativePeft build script (Linux). See README.md.
 #
-#   ./build.sh run         set up, build, and run the main job
+#   ./build.sh run         set up, build, and run the main job (ends with `nativepeft compare`: the measured table, out/compare/)
 #   ./build.sh test        set up, build, and run every test; ends with "N passed, N failed, N skipped"
 #   ./build.sh build       set up and build (kernels + solution) only
 #   ./build.sh gpu-bundle  self-contained linux-x64 bundle (CLI + tests + PTX/fatbin + gpu-check) in dist/
@@ -181,6 +181,10 @@ cmd_run() {
   cli bench --device auto
   # A training step of a random Llama: full fine-tuning, LoRA on a bf16 base, QLoRA on NF4 (fp32 compute, the CPU).
   cli bench --model tiny --device cpu
+  # The main job, last so that its table ends the output: full fine-tuning, LoRA and QLoRA of the built-in model on
+  # the built-in task from one seed, measured (docs/compare.md). A previous run's report is replaced.
+  rm -rf "$ROOT/out/compare"
+  cli compare --out "$ROOT/out/compare" "$@"
 }
 
 cmd_gpu_bundle() {

@@ -21,6 +21,7 @@ public static class Program
             EvalCommand.Create(stdout),
             EstimateCommand.Create(stdout),
             TrainCommand.Create(stdout),
+            CompareCommand.Create(stdout),
             MergeCommand.Create(stdout),
             PretrainCommand.Create(stdout),
             GenerateCommand.Create(stdout),

@@ -55,10 +55,11 @@ public static class TrainCommand
         var precision = DeviceOption.CreatePrecision();
         var recompute = new Option<bool>("--recompute") { Description = "gradient checkpointing: keep only each block's input, recompute the block in the backward" };
         var output = new Option<DirectoryInfo>("--out") { Description = "output folder (new or empty, or the run's own folder with --resume)", Required = true };
+        var onBadLine = OnBadLineOption();
         var cmd = new Command("train", "Fine-tune a Llama checkpoint with LoRA, QLoRA or full fine-tuning")
         {
             model, data, evalData, method, rank, alpha, dropout, targets, rslora, lr, schedule, warmup, steps, epochs, batch, gradAccum,
-            seq, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, recompute, output,
+            seq, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, recompute, output, onBadLine,
         };
         cmd.SetAction((parse, cancel) =>
         {
@@ -68,11 +69,25 @@ public static class TrainCommand
                 parse.GetValue(lr), parse.GetValue(schedule)!, parse.GetValue(warmup), parse.GetValue(steps), parse.GetValue(epochs),
                 parse.GetValue(batch), parse.GetValue(gradAccum), parse.GetValue(seq), parse.GetValue(seed), parse.GetValue(optim)!,
                 parse.GetValue(maxGradNorm), parse.GetValue(evalEvery), parse.GetValue(evalBatches), parse.GetValue(saveEvery),
-                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Precision = parse.GetValue(precision)! };
+                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Precision = parse.GetValue(precision)!, OnBadLine = ParseOnBadLine(parse.GetValue(onBadLine)!) };
             return Task.FromResult(Run(a, stdout, cancel));
         });
         return cmd;
     }
+
+    /// <summary>--on-bad-line stop|skip: what a JSONL data line that is not valid does (train and compare).</summary>
+    internal static Option<string> OnBadLineOption()
+    {
+        var option = new Option<string>("--on-bad-line")
+        {
+            Description = "stop: a data line that is not valid JSON (or not the format) stops with file:line; skip: leave it out, report how many",
+            DefaultValueFactory = _ => "stop",
+        };
+        option.AcceptOnlyFromAmong("stop", "skip");
+        return option;
+    }
+
+    internal static BadLinePolicy ParseOnBadLine(string value) => value == "skip" ? BadLinePolicy.Skip : BadLinePolicy.Stop;
 
     /// <summary>--model's folder; the shipped built-in model's folder for `--model builtin`.</summary>
     internal static string ModelPath(ParseResult parse, Option<DirectoryInfo> model) =>
@@ -85,6 +100,7 @@ public static class TrainCommand
         string Device, string Out)
     {
         public bool Recompute { get; init; }
+        public BadLinePolicy OnBadLine { get; init; } = BadLinePolicy.Stop;
         /// <summary>--precision: auto (bf16 on a GPU device, fp32 on cpu), bf16 or fp32.</summary>
         public string Precision { get; init; } = "auto";
     }
@@ -135,114 +151,24 @@ public static class TrainCommand
         if (a.Resume is null && Directory.Exists(a.Out) && Directory.EnumerateFileSystemEntries(a.Out).Any())
             throw new CliException($"--out {a.Out}: the folder exists and is not empty (choose a new one, or --resume a checkpoint)");
 
-        HfCheckpoint ckpt;
-        ITokenizer tokenizer;
-        TrainingData trainingData;
-        try
+        var options = new FineTuneOptions
         {
-            ckpt = HfCheckpoint.Open(a.Model);
-        }
-        catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
-        {
-            throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
-        }
-        using var _ckpt = ckpt;
-        try
-        {
-            tokenizer = TokenizerLoader.FromFolder(a.Model);
-        }
-        catch (Exception e) when (e is IOException or InvalidDataException or NotSupportedException)
-        {
-            throw new CliException($"--model {a.Model}: tokenizer: {e.Message}", 1, e);
-        }
-        if (tokenizer.VocabSize > ckpt.Config.VocabSize)
-            throw new CliException($"--model {a.Model}: the tokenizer has {tokenizer.VocabSize} ids, the model's vocab_size is {ckpt.Config.VocabSize}");
-        try
-        {
-            if (builtin)
-            {
-                if (tokenizer.EosId is null) throw new CliException("--data builtin: the tokenizer has no eos token");
-                trainingData = TrainingData.Builtin(BuiltinTask.Generate(BuiltinModel.TaskOptions), tokenizer);
-            }
-            else
-            {
-                var train = DatasetLoader.Load(a.Data, DataFormat.Auto, tokenizer, a.Seq);
-                if (train.Count == 0) throw new CliException($"--data {a.Data}: no examples");
-                IReadOnlyList<TrainingExample>? eval = a.EvalData is null ? null : DatasetLoader.Load(a.EvalData, DataFormat.Auto, tokenizer, a.Seq).Examples;
-                trainingData = new TrainingData(train.Examples, tokenizer) { Eval = eval };
-            }
-        }
-        catch (DataFormatException e) { throw new CliException($"{(e.FilePath == a.EvalData ? "--eval-data" : "--data")} {e.Message}", 1, e); }
-        catch (IOException e)
-        {
-            throw new CliException($"--data {a.Data}: {e.Message}", 1, e);
-        }
-        foreach (var ex in trainingData.Train.Concat(trainingData.Eval ?? []))
-            foreach (int id in ex.InputIds)
-                if (id < 0 || id >= ckpt.Config.VocabSize)
-                    throw new CliException($"--data {a.Data}: token id {id} is outside the model's vocabulary [0, {ckpt.Config.VocabSize})");
-
-        var modelOptions = new LlamaModelOptions
-        {
-            Seed = a.Seed,
-            Lora = lora,
-            FullFineTuning = a.Method == "full",
-            Quantization = a.Method == "qlora" ? BaseQuantization.Nf4 : BaseQuantization.None,
-            DoubleQuant = true,
-            BaseWeightDType = a.Method == "lora" ? DType.BF16 : null,
-            Recompute = a.Recompute,
+            Model = a.Model, Data = a.Data, EvalData = a.EvalData, OnBadLine = a.OnBadLine,
+            Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
+            Lora = lora ?? new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, TargetModules = LoraSettings.KnownTargets }, Device = a.Device, Recompute = a.Recompute, Seed = a.Seed,
             ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device),
-        };
-        var trainerOptions = new TrainerOptions
-        {
             Steps = a.Steps, Epochs = a.Steps is null ? a.Epochs ?? 1 : null, BatchSize = a.Batch, GradAccum = a.GradAccum, SeqLen = a.Seq,
             Lr = a.Lr, Schedule = LrSchedule.Parse(a.Schedule), WarmupSteps = a.Warmup, MaxGradNorm = a.MaxGradNorm,
-            EvalEvery = a.EvalEvery, EvalBatches = a.EvalBatches, SaveEvery = a.SaveEvery, Seed = a.Seed, Optimizer = a.Optim,
-            OutputDir = a.Out, BaseModelNameOrPath = a.Model,
+            EvalEvery = a.EvalEvery, EvalBatches = a.EvalBatches, SaveEvery = a.SaveEvery, Optimizer = a.Optim,
+            OutputDir = a.Out, ResumeFrom = a.Resume,
             ExtraConfig = new Dictionary<string, string> { ["model"] = a.Model, ["data"] = a.Data, ["device"] = a.Device, ["method"] = a.Method },
         };
-
-        var gpu = DeviceOption.Open(a.Device);
-        DevicePool? pool = null;
-        if (gpu is not null)
-        {
-            // A bitsandbytes checkpoint is loaded 4-bit as stored: plan its blocksize and absmax layout.
-            var stored = ckpt.IsQuantizedCheckpoint && a.Method != "full" && ckpt.TensorNames.FirstOrDefault(ckpt.IsQuantized) is { } q4 ? ckpt.LoadQuantized(q4).State : null;
-            var plan = MemoryPlan.Compute(ckpt.Config, new PlanOptions
-            {
-                Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => stored is null ? FineTuneMethod.Lora : FineTuneMethod.Qlora },
-                Blocksize = stored?.Blocksize ?? 64, DoubleQuant = stored?.IsDoubleQuant ?? true,
-                Rank = a.Rank, Alpha = a.Alpha, Targets = lora?.TargetModules ?? LoraSettings.KnownTargets, Batch = a.Batch, Seq = a.Seq,
-                Recompute = a.Recompute, Optimizer = a.Optim, ComputeDType = modelOptions.ComputeDType, BaseWeightDType = modelOptions.BaseWeightDType,
-                ClipGradients = true, // the trainer computes the global norm every step (grad_norm), clipping or not
-            });
-            // Fail before the first step, with the options that would fit, when the plan exceeds the free device memory.
-            if (gpu is CudaGpu && plan.DoesNotFitMessage(gpu.MemoryInfo().Free) is { } message)
-            {
-                gpu.Dispose();
-                throw new CliException($"--device {a.Device}: the run {message}");
-            }
-            // The device memory pool, sized from the plan (and for the built-in task's greedy generation: B=1, prompt + answer).
-            int generation = trainingData.ExactMatchProblems?.Select(p => tokenizer.Encode(p.Prompt, tokenizer.BosId is not null).Length
-                + tokenizer.Encode(p.Answer, false).Length + 1).DefaultIfEmpty(0).Max() ?? 0;
-            try { pool = DevicePool.ForGpu(gpu, plan, generation > 0 ? [(1, generation)] : []); }
-            catch (OutOfMemoryException) { gpu.Dispose(); throw; }
-        }
-        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);
-        LlamaModel llama;
-        try
-        {
-            llama = LlamaModel.Load(ckpt, ops, modelOptions);
-        }
-        catch (ArgumentOutOfRangeException e) when (e.ParamName == nameof(LoraSettings.Rank))
-        {
-            throw new CliException($"--rank {a.Rank}: {e.Message.Split(" (Parameter")[0]}", 1, e);
-        }
-        catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
-        {
-            throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
-        }
-        using var _model = llama;
+        using var run = Guard(() => FineTune.Create(options, NullLogger.Instance));
+        if (run.SkippedLines > 0)
+            stdout.WriteLine($"skipped {run.SkippedLines} bad data line(s) (--on-bad-line skip); the first: {run.SkippedMessages[0]}");
+        var trainingData = run.Data!;
+        var llama = run.Model;
+        var ckptConfig = run.Config;
         // Plain output (files, pipes, tests): one line per step and per evaluation. On a terminal a Spectre bar replaces it.
         int lastEvalShown = -1;
         Action<TrainerProgress> sink = p =>
@@ -250,18 +176,9 @@ public static class TrainCommand
             stdout.WriteLine(StepLine(p));
             if (p.Eval is { } e) { stdout.WriteLine(EvalLine(e)); lastEvalShown = e.Step; }
         };
-        using var trainer = new Trainer(llama, trainingData, trainerOptions, NullLogger<Trainer>.Instance,
-            new ActionProgress<TrainerProgress>(p => sink(p)));
-        if (a.Resume is not null)
-        {
-            try { trainer.Resume(a.Resume); }
-            catch (Exception e) when (e is InvalidDataException or IOException or PeftAdapterException or ArgumentException or SafetensorsException)
-            {
-                throw new CliException($"--resume {a.Resume}: {e.Message}", 1, e);
-            }
-        }
+        var trainer = Guard(() => run.CreateTrainer(progress: new ActionProgress<TrainerProgress>(p => sink(p))));
 
-        stdout.WriteLine($"train: {a.Method} on {a.Model} ({ckpt.Config.NumHiddenLayers} layers, hidden {ckpt.Config.HiddenSize}), {trainingData.Train.Count} examples, " +
+        stdout.WriteLine($"train: {a.Method} on {a.Model} ({ckptConfig.NumHiddenLayers} layers, hidden {ckptConfig.HiddenSize}), {trainingData.Train.Count} examples, " +
             $"{trainer.TotalSteps} steps of {a.GradAccum}×{a.Batch}×{a.Seq}, {llama.TrainableParameters.Sum(p => p.Param.Count)} trainable parameters, {a.Device}");
         if (a.Resume is not null) stdout.WriteLine($"resumed at step {trainer.Step} from {a.Resume}");
 
@@ -296,9 +213,33 @@ public static class TrainCommand
         if (result.FinalEval is { } ev && ev.Step != lastEvalShown) stdout.WriteLine(EvalLine(ev));
         stdout.WriteLine($"wrote {result.FinalOutput}");
         stdout.WriteLine($"metrics: {result.MetricsPath}");
-        if (pool is not null) stdout.WriteLine(pool.Describe());
+        if (run.Pool is { } pool) stdout.WriteLine(pool.Describe());
         return 0;
     }
+
+    /// <summary>Runs a FineTune call; its option errors become CliExceptions naming the command-line option.</summary>
+    internal static T Guard<T>(Func<T> action)
+    {
+        try { return action(); }
+        catch (FineTuneException e) { throw new CliException($"{Flag(e.Option)} {e.Detail}", 1, e); }
+    }
+
+    /// <summary>The command-line option of a <see cref="FineTuneOptions"/> property.</summary>
+    internal static string Flag(string option) => option switch
+    {
+        nameof(FineTuneOptions.EvalData) => "--eval-data",
+        nameof(FineTuneOptions.ResumeFrom) => "--resume",
+        nameof(FineTuneOptions.OutputDir) => "--out",
+        nameof(FineTuneOptions.BatchSize) => "--batch",
+        nameof(FineTuneOptions.SeqLen) => "--seq",
+        nameof(FineTuneOptions.WarmupSteps) => "--warmup",
+        nameof(FineTuneOptions.Optimizer) => "--optim",
+        nameof(FineTuneOptions.OnBadLine) => "--on-bad-line",
+        nameof(FineTuneOptions.ComputeDType) => "--precision",
+        "TargetModules" => "--targets",
+        "UseRsLora" => "--rslora",
+        _ => "--" + string.Concat(option.Select((c, i) => char.IsUpper(c) ? (i > 0 ? "-" : "") + char.ToLowerInvariant(c) : c.ToString())),
+    };
 
     private static void Positive(string name, int v)
     {

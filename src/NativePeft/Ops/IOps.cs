@@ -120,6 +120,11 @@ public sealed class QuantizedWeight
     public required int Blocksize { get; init; }
     public required int Rows { get; init; }
     public required int Columns { get; init; }
+
+    /// <summary>Bytes of the quantization state on the device: the fp32 absmax, or the double-quantized parts.</summary>
+    public long StateBytes => Absmax?.Bytes ?? (DoubleQuant is { } d ? d.Absmax.Bytes + d.NestedAbsmax.Bytes + d.NestedQuantMap.Bytes + d.NestedOffset.Bytes : 0);
+    /// <summary>Packed codes plus <see cref="StateBytes"/>.</summary>
+    public long Bytes => Packed.Bytes + StateBytes;
 }
 
 /// <summary>

@@ -1,0 +1,418 @@
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+using NativePeft.Data;
+using NativePeft.IO;
+using NativePeft.Modules;
+using NativePeft.Numerics;
+using NativePeft.Ops;
+using NativePeft.Optim;
+using NativePeft.Planning;
+using NativePeft.Runtime;
+
+namespace NativePeft.Training;
+
+/// <summary>
+/// A fine-tune in a few lines, without the CLI (docs/embedding.md):
+/// <code>
+/// using var run = FineTune.Create(new FineTuneOptions { Model = "builtin", Data = "builtin", Method = FineTuneMethod.Qlora }, logger);
+/// run.Train();
+/// run.SaveAdapter("my-adapter");
+/// </code>
+/// <see cref="Create(FineTuneOptions, ILogger?)"/> checks the options, opens the checkpoint and its tokenizer, loads the data
+/// (when <see cref="FineTuneOptions.Data"/> is set), opens the device and builds the <see cref="LlamaModel"/>: LoRA on a
+/// BF16-stored frozen base, QLoRA on an NF4 base with double-quantized absmax (blocksize 64), or full fine-tuning of
+/// every fp32 weight. Bad options and bad files throw a <see cref="FineTuneException"/> naming the option and what is
+/// wrong, before anything is written. <see cref="Train(CancellationToken)"/> runs the <see cref="Trainer"/>.
+/// </summary>
+public sealed class FineTune : IDisposable
+{
+    private readonly HfCheckpoint _checkpoint;
+    private readonly IOps _ops;
+    private readonly LlamaModel _model;
+    private readonly ILogger<Trainer> _logger;
+    private readonly string? _tempOutput;
+    private Trainer? _trainer;
+    private bool _disposed;
+
+    public FineTuneOptions Options { get; }
+    /// <summary>The model folder actually used (the built-in model's folder for "builtin").</summary>
+    public string ModelDirectory { get; }
+    public LlamaConfig Config => _checkpoint.Config;
+    public ITokenizer Tokenizer { get; }
+    public LlamaModel Model => _model;
+    public IOps Ops => _ops;
+    /// <summary>The device the ops run on ("cpu", or the GPU's name), for reports.</summary>
+    public string DeviceName { get; }
+    /// <summary>The data loaded from <see cref="FineTuneOptions.Data"/> (or given to Train), or null.</summary>
+    public TrainingData? Data { get; private set; }
+    /// <summary>Bad lines left out of the data files with <see cref="BadLinePolicy.Skip"/>, and the first few messages.</summary>
+    public int SkippedLines { get; private set; }
+    public IReadOnlyList<string> SkippedMessages { get; private set; } = [];
+    /// <summary>The trainer, once <see cref="Train(CancellationToken)"/>, <see cref="Evaluate"/> or <see cref="CreateTrainer"/> made it.</summary>
+    public Trainer? Trainer => _trainer;
+    /// <summary>Where checkpoints, metrics.json and the final adapter go.</summary>
+    public string OutputDir { get; }
+
+    /// <summary>Bytes of the frozen (or, with full fine-tuning, trained) base weights as they sit in device memory:
+    /// dense tensors at their stored dtype, 4-bit weights as packed codes plus their (double-quantized) absmax.</summary>
+    public long BaseWeightBytes => _model.BaseParameters().Sum(p => p.Dense?.Bytes ?? p.Quantized!.Bytes);
+    /// <summary>Elements of every base weight (a 4-bit weight counts rows × columns).</summary>
+    public long BaseParameterCount => _model.BaseParameters().Sum(p => p.Dense?.Count ?? (long)p.Quantized!.Rows * p.Quantized.Columns);
+    /// <summary>Elements trained: LoRA A and B, or every base weight.</summary>
+    public long TrainableParameterCount => _model.TrainableParameters.Sum(p => p.Param.Count);
+    /// <summary>PEFT's "all params": the base plus the adapters.</summary>
+    public long TotalParameterCount => BaseParameterCount + (_model.Options.FullFineTuning ? 0 : TrainableParameterCount);
+    /// <summary>Bytes the memory pool (host for cpu, device otherwise) holds now, and its peak since the last reset.</summary>
+    public long AllocatedBytes => _ops.Memory.AllocatedBytes;
+    public long PeakAllocatedBytes => _ops.Memory.PeakAllocatedBytes;
+    /// <summary>On a GPU device, the memory pool sized up front from the run's <see cref="MemoryPlan"/>; null on the CPU.</summary>
+    public DevicePool? Pool => _ops.Memory as DevicePool;
+    /// <summary>The memory plan the pool was sized from (GPU devices), or null.</summary>
+    public MemoryPlan? Plan { get; private set; }
+
+    private FineTune(FineTuneOptions options, string modelDir, HfCheckpoint checkpoint, ITokenizer tokenizer, IOps ops, LlamaModel model,
+        string deviceName, ILogger<Trainer> logger, string outputDir, string? tempOutput)
+    {
+        Options = options;
+        ModelDirectory = modelDir;
+        _checkpoint = checkpoint;
+        Tokenizer = tokenizer;
+        _ops = ops;
+        _model = model;
+        DeviceName = deviceName;
+        _logger = logger;
+        OutputDir = outputDir;
+        _tempOutput = tempOutput;
+    }
+
+    /// <summary>Creates the run; log events of the trainer go to <paramref name="logger"/> (the host's, or none).</summary>
+    public static FineTune Create(FineTuneOptions options, ILogger? logger = null) =>
+        Create(options, logger is null ? NullLogger<Trainer>.Instance : logger as ILogger<Trainer> ?? new ForwardingLogger<Trainer>(logger));
+
+    /// <summary>Creates the run with a logger from the host's factory.</summary>
+    public static FineTune Create(FineTuneOptions options, ILoggerFactory loggerFactory)
+    {
+        ArgumentNullException.ThrowIfNull(loggerFactory);
+        return Create(options, loggerFactory.CreateLogger<Trainer>());
+    }
+
+    private static FineTune Create(FineTuneOptions o, ILogger<Trainer> logger)
+    {
+        ArgumentNullException.ThrowIfNull(o);
+        ValidateOptions(o);
+        string modelDir = o.ModelDirectory;
+        if (!Directory.Exists(modelDir)) throw new FineTuneException(nameof(o.Model), $"{modelDir}: folder not found");
+        if (!File.Exists(Path.Combine(modelDir, LlamaConfig.FileName)))
+            throw new FineTuneException(nameof(o.Model), $"{modelDir}: no {LlamaConfig.FileName} (not a Hugging Face model folder)");
+        bool builtinData = o.Data == BuiltinTask.DataName;
+        if (o.Data is not null && !builtinData && !File.Exists(o.Data))
+            throw new FineTuneException(nameof(o.Data), $"{o.Data}: file not found (or use builtin)");
+        if (o.EvalData is not null && !File.Exists(o.EvalData)) throw new FineTuneException(nameof(o.EvalData), $"{o.EvalData}: file not found");
+        if (o.ResumeFrom is not null && !File.Exists(Path.Combine(o.ResumeFrom, Trainer.StateFileName)))
+            throw new FineTuneException(nameof(o.ResumeFrom), $"{o.ResumeFrom}: not a checkpoint folder (no {Trainer.StateFileName})");
+        if (o.OutputDir is not null && File.Exists(o.OutputDir)) throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: is a file");
+
+        HfCheckpoint ckpt;
+        try { ckpt = HfCheckpoint.Open(modelDir); }
+        catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
+        {
+            throw new FineTuneException(nameof(o.Model), $"{modelDir}: {e.Message}", e);
+        }
+        IOps? ops = null;
+        LlamaModel? model = null;
+        try
+        {
+            ITokenizer tokenizer;
+            try { tokenizer = TokenizerLoader.FromFolder(modelDir); }
+            catch (Exception e) when (e is IOException or InvalidDataException or NotSupportedException)
+            {
+                throw new FineTuneException(nameof(o.Model), $"{modelDir}: tokenizer: {e.Message}", e);
+            }
+            if (tokenizer.VocabSize > ckpt.Config.VocabSize)
+                throw new FineTuneException(nameof(o.Model), $"{modelDir}: the tokenizer has {tokenizer.VocabSize} ids, the model's vocab_size is {ckpt.Config.VocabSize}");
+
+            (TrainingData Data, int Skipped, IReadOnlyList<string> Messages)? data =
+                o.Data is null ? null : LoadData(o.Data, o.EvalData, tokenizer, ckpt.Config.VocabSize, o.SeqLen, o.OnBadLine);
+
+            var modelOptions = ModelOptions(o);
+            string deviceName = "cpu";
+            IGpu? gpu = null;
+            if (o.Device != "cpu")
+            {
+                gpu = GpuFactory.TryCreate(o.Device, out var reason) ?? throw new FineTuneException(nameof(o.Device), $"{o.Device}: {reason}");
+                deviceName = gpu.Properties.Name;
+            }
+            MemoryPlan? plan = null;
+            DevicePool? pool = null;
+            if (gpu is not null)
+            {
+                // A bitsandbytes checkpoint is loaded 4-bit as stored: plan its blocksize and absmax layout.
+                var stored = ckpt.IsQuantizedCheckpoint && o.Method != FineTuneMethod.Full && ckpt.TensorNames.FirstOrDefault(ckpt.IsQuantized) is { } q4
+                    ? ckpt.LoadQuantized(q4).State : null;
+                plan = MemoryPlan.Compute(ckpt.Config, new PlanOptions
+                {
+                    Method = o.Method == FineTuneMethod.Lora && stored is not null ? FineTuneMethod.Qlora : o.Method,
+                    Blocksize = stored?.Blocksize ?? 64, DoubleQuant = stored?.IsDoubleQuant ?? true,
+                    Rank = o.Lora.Rank, Alpha = o.Lora.Alpha, Targets = o.Lora.TargetModules, Batch = o.BatchSize, Seq = o.SeqLen,
+                    Recompute = o.Recompute, Optimizer = o.Optimizer, ComputeDType = modelOptions.ComputeDType, BaseWeightDType = modelOptions.BaseWeightDType,
+                    ClipGradients = true, // the trainer computes the global norm every step (grad_norm), clipping or not
+                    CrossEntropyChunk = modelOptions.CrossEntropyChunk,
+                });
+                // Fail before the first step, with the options that would fit, when the plan exceeds the free device memory.
+                if (gpu is CudaGpu && plan.DoesNotFitMessage(gpu.MemoryInfo().Free) is { } message)
+                {
+                    gpu.Dispose();
+                    throw new FineTuneException(nameof(o.Device), $"{o.Device}: the run {message}");
+                }
+                // The device memory pool, sized from the plan (and for the built-in task's greedy generation: B=1, prompt + answer).
+                int generation = data?.Data.ExactMatchProblems?.Select(p => tokenizer.Encode(p.Prompt, tokenizer.BosId is not null).Length
+                    + tokenizer.Encode(p.Answer, false).Length + 1).DefaultIfEmpty(0).Max() ?? 0;
+                try { pool = DevicePool.ForGpu(gpu, plan, generation > 0 ? [(1, generation)] : []); }
+                catch { gpu.Dispose(); throw; }
+            }
+            ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);
+            try { model = LlamaModel.Load(ckpt, ops, modelOptions); }
+            catch (ArgumentOutOfRangeException e) when (e.ParamName == nameof(LoraSettings.Rank))
+            {
+                throw new FineTuneException("Rank", $"{o.Lora.Rank}: {e.Message.Split(" (Parameter")[0]}", e);
+            }
+            catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
+            {
+                throw new FineTuneException(nameof(o.Model), $"{modelDir}: {e.Message}", e);
+            }
+
+            string? temp = o.OutputDir is null ? Directory.CreateTempSubdirectory("nativepeft-finetune-").FullName : null;
+            var run = new FineTune(o, modelDir, ckpt, tokenizer, ops, model, deviceName, logger, Path.GetFullPath(o.OutputDir ?? temp!), temp);
+            if (data is { } d) run.SetData(d.Data, d.Skipped, d.Messages);
+            run.Plan = plan;
+            return run;
+        }
+        catch
+        {
+            model?.Dispose();
+            ops?.Dispose();
+            ckpt.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The <see cref="LlamaModelOptions"/> a method stands for: LoRA = BF16-stored frozen base, QLoRA = NF4 with
+    /// double-quantized absmax, full = every weight trained in the compute dtype.</summary>
+    public static LlamaModelOptions ModelOptions(FineTuneOptions o) => new()
+    {
+        Seed = o.Seed,
+        ComputeDType = o.ResolvedComputeDType,
+        Lora = o.Method == FineTuneMethod.Full ? null : o.Lora,
+        FullFineTuning = o.Method == FineTuneMethod.Full,
+        Quantization = o.Method == FineTuneMethod.Qlora ? BaseQuantization.Nf4 : BaseQuantization.None,
+        DoubleQuant = true,
+        BaseWeightDType = o.Method == FineTuneMethod.Lora ? DType.BF16 : null,
+        Recompute = o.Recompute,
+    };
+
+    /// <summary>Throws <see cref="FineTuneException"/> for an option out of range (no file is touched).</summary>
+    public static void ValidateOptions(FineTuneOptions o)
+    {
+        ArgumentNullException.ThrowIfNull(o);
+        if (string.IsNullOrWhiteSpace(o.Model)) throw new FineTuneException(nameof(o.Model), "\"\": name a model folder or builtin");
+        if (!Enum.IsDefined(o.Method)) throw new FineTuneException(nameof(o.Method), $"{o.Method}: expected Full, Lora or Qlora");
+        if (o.Device is not ("cpu" or "auto" or "cuda" or "emulator")) throw new FineTuneException(nameof(o.Device), $"{o.Device}: expected cpu, auto, cuda or emulator");
+        if (o.Steps is not null && o.Epochs is not null) throw new FineTuneException(nameof(o.Steps), "and Epochs: give one of them, not both");
+        if (o.Steps is <= 0) throw new FineTuneException(nameof(o.Steps), $"{o.Steps}: must be positive");
+        if (o.Epochs is double ep && !(ep > 0 && double.IsFinite(ep))) throw new FineTuneException(nameof(o.Epochs), $"{ep}: must be positive");
+        if (o.BatchSize <= 0) throw new FineTuneException(nameof(o.BatchSize), $"{o.BatchSize}: must be positive");
+        if (o.GradAccum <= 0) throw new FineTuneException(nameof(o.GradAccum), $"{o.GradAccum}: must be positive");
+        if (o.SeqLen < 2) throw new FineTuneException(nameof(o.SeqLen), $"{o.SeqLen}: must be at least 2");
+        if (!(o.Lr >= 0) || !double.IsFinite(o.Lr)) throw new FineTuneException(nameof(o.Lr), $"{o.Lr}: must be a finite number >= 0");
+        if (o.WarmupSteps < 0) throw new FineTuneException(nameof(o.WarmupSteps), $"{o.WarmupSteps}: must be >= 0");
+        if (!(o.MaxGradNorm >= 0)) throw new FineTuneException(nameof(o.MaxGradNorm), $"{o.MaxGradNorm}: must be >= 0 (0 = off)");
+        if (!OptimizerFactory.Names.Contains(o.Optimizer)) throw new FineTuneException(nameof(o.Optimizer), $"{o.Optimizer}: expected one of {string.Join(", ", OptimizerFactory.Names)}");
+        if (o.EvalEvery < 0) throw new FineTuneException(nameof(o.EvalEvery), $"{o.EvalEvery}: must be >= 0");
+        if (o.EvalBatches < 0) throw new FineTuneException(nameof(o.EvalBatches), $"{o.EvalBatches}: must be >= 0");
+        if (o.ExactMatchSamples < 0) throw new FineTuneException(nameof(o.ExactMatchSamples), $"{o.ExactMatchSamples}: must be >= 0");
+        if (o.SaveEvery < 0) throw new FineTuneException(nameof(o.SaveEvery), $"{o.SaveEvery}: must be >= 0");
+        if (o.ComputeDType is { } cd)
+        {
+            if (cd is not (DType.F32 or DType.F64 or DType.BF16))
+                throw new FineTuneException(nameof(o.ComputeDType), $"{cd}: expected F32, BF16 (GPU devices) or F64 (the CPU)");
+            if (cd == DType.BF16 && o.Device == "cpu")
+                throw new FineTuneException(nameof(o.ComputeDType), "BF16: the CPU reference computes in F32 (or F64); BF16 mixed precision runs on cuda, emulator or auto");
+            if (cd == DType.F64 && o.Device != "cpu")
+                throw new FineTuneException(nameof(o.ComputeDType), $"F64: only on the CPU (Device {o.Device} computes in F32 or BF16)");
+        }
+        if (o.Method != FineTuneMethod.Full)
+        {
+            var l = o.Lora ?? throw new FineTuneException(nameof(o.Lora), "null: LoRA and QLoRA need LoRA settings");
+            if (l.Rank <= 0) throw new FineTuneException("Rank", $"{l.Rank}: the LoRA rank must be positive");
+            if (l.Dropout is < 0 or >= 1 || double.IsNaN(l.Dropout)) throw new FineTuneException("Dropout", $"{l.Dropout}: must be in [0, 1)");
+            if (!double.IsFinite(l.Alpha)) throw new FineTuneException("Alpha", $"{l.Alpha}: must be a finite number");
+            if (l.TargetModules is null || l.TargetModules.Count == 0)
+                throw new FineTuneException("TargetModules", $": name at least one of {string.Join(", ", LoraSettings.KnownTargets)}");
+            foreach (var t in l.TargetModules)
+                if (!LoraSettings.KnownTargets.Contains(t))
+                    throw new FineTuneException("TargetModules", $": unknown module \"{t}\"; known: {string.Join(", ", LoraSettings.KnownTargets)}");
+        }
+    }
+
+    /// <summary>
+    /// Loads a dataset ("builtin" = the built-in task with its held-out split for eval loss and exact match; else a file
+    /// in any <see cref="DatasetLoader"/> format, with an optional eval file) and checks every token id against the
+    /// model's vocabulary. Errors are <see cref="FineTuneException"/>s for Data or EvalData with file:line.
+    /// </summary>
+    public static (TrainingData Data, int SkippedLines, IReadOnlyList<string> SkippedMessages) LoadData(string data, string? evalData,
+        ITokenizer tokenizer, int vocabSize, int seqLen, BadLinePolicy onBadLine = BadLinePolicy.Stop)
+    {
+        TrainingData result;
+        int skipped = 0;
+        var messages = new List<string>();
+        try
+        {
+            if (data == BuiltinTask.DataName)
+            {
+                if (tokenizer.EosId is null) throw new FineTuneException(nameof(FineTuneOptions.Data), "builtin: the tokenizer has no eos token");
+                result = TrainingData.Builtin(BuiltinTask.Generate(BuiltinModel.TaskOptions), tokenizer);
+            }
+            else
+            {
+                var train = DatasetLoader.Load(data, DataFormat.Auto, tokenizer, seqLen, onBadLine);
+                skipped += train.SkippedLines;
+                messages.AddRange(train.SkippedMessages);
+                if (train.Count == 0) throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data}: no examples");
+                IReadOnlyList<TrainingExample>? eval = null;
+                if (evalData is not null)
+                {
+                    var e = DatasetLoader.Load(evalData, DataFormat.Auto, tokenizer, seqLen, onBadLine);
+                    skipped += e.SkippedLines;
+                    messages.AddRange(e.SkippedMessages);
+                    eval = e.Examples;
+                }
+                result = new TrainingData(train.Examples, tokenizer) { Eval = eval };
+            }
+        }
+        catch (DataFormatException e)
+        {
+            throw new FineTuneException(e.FilePath == evalData ? nameof(FineTuneOptions.EvalData) : nameof(FineTuneOptions.Data), e.Message, e);
+        }
+        catch (IOException e) { throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data}: {e.Message}", e); }
+        foreach (var ex in result.Train.Concat(result.Eval ?? []))
+            foreach (int id in ex.InputIds)
+                if (id < 0 || id >= vocabSize)
+                    throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data}: token id {id} is outside the model's vocabulary [0, {vocabSize})");
+        return (result, skipped, messages);
+    }
+
+    private void SetData(TrainingData data, int skipped, IReadOnlyList<string> messages)
+    {
+        Data = data;
+        SkippedLines = skipped;
+        SkippedMessages = messages;
+    }
+
+    /// <summary>The <see cref="TrainerOptions"/> of this run.</summary>
+    public TrainerOptions TrainerOptions => new()
+    {
+        Steps = Options.Steps, Epochs = Options.Steps is null ? Options.Epochs ?? 1 : null, BatchSize = Options.BatchSize, GradAccum = Options.GradAccum,
+        SeqLen = Options.SeqLen, Lr = Options.Lr, Schedule = Options.Schedule, WarmupSteps = Options.WarmupSteps, MaxGradNorm = Options.MaxGradNorm,
+        EvalEvery = Options.EvalEvery, EvalBatches = Options.EvalBatches, ExactMatchSamples = Options.ExactMatchSamples, SaveEvery = Options.SaveEvery,
+        Seed = Options.Seed, Optimizer = Options.Optimizer, OutputDir = OutputDir, BaseModelNameOrPath = Options.Model == BuiltinModel.Name ? BuiltinModel.Name : ModelDirectory,
+        ExtraConfig = Options.ExtraConfig,
+    };
+
+    /// <summary>
+    /// Makes the <see cref="Trainer"/> (once) over <paramref name="data"/> (or the loaded data), resuming from
+    /// <see cref="FineTuneOptions.ResumeFrom"/> when set; <paramref name="progress"/> gets every step and evaluation.
+    /// </summary>
+    public Trainer CreateTrainer(TrainingData? data = null, IProgress<TrainerProgress>? progress = null)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        if (_trainer is not null)
+        {
+            if (data is not null && !ReferenceEquals(data, Data)) throw new InvalidOperationException("this run already has its trainer and data");
+            if (progress is not null) throw new InvalidOperationException("this run already has its trainer: pass the progress callback to the first CreateTrainer call (before Evaluate or Train)");
+            return _trainer;
+        }
+        if (data is not null) SetData(data, 0, []);
+        var d = Data ?? throw new InvalidOperationException("no data: set FineTuneOptions.Data or pass the data to Train");
+        _trainer = new Trainer(_model, d, TrainerOptions, _logger, progress);
+        if (Options.ResumeFrom is not null)
+        {
+            try { _trainer.Resume(Options.ResumeFrom); }
+            catch (Exception e) when (e is InvalidDataException or IOException or PeftAdapterException or ArgumentException or SafetensorsException)
+            {
+                throw new FineTuneException(nameof(Options.ResumeFrom), $"{Options.ResumeFrom}: {e.Message}", e);
+            }
+        }
+        return _trainer;
+    }
+
+    /// <summary>Trains on the loaded data (<see cref="FineTuneOptions.Data"/>) to the end; see <see cref="Trainer.Train"/>.</summary>
+    public TrainResult Train(CancellationToken cancellationToken = default) => CreateTrainer().Train(cancellationToken);
+
+    /// <summary>Trains on <paramref name="data"/>.</summary>
+    public TrainResult Train(TrainingData data, CancellationToken cancellationToken = default) => CreateTrainer(data).Train(cancellationToken);
+
+    /// <summary>Trains on a dataset file or "builtin" (loaded with the run's seq length and bad-line policy).</summary>
+    public TrainResult Train(string dataset, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(dataset);
+        if (dataset != BuiltinTask.DataName && !File.Exists(dataset)) throw new FineTuneException(nameof(FineTuneOptions.Data), $"{dataset}: file not found (or use builtin)");
+        var (data, skipped, messages) = LoadData(dataset, Options.EvalData, Tokenizer, Config.VocabSize, Options.SeqLen, Options.OnBadLine);
+        var trainer = CreateTrainer(data);
+        SkippedLines = skipped;
+        SkippedMessages = messages;
+        return trainer.Train(cancellationToken);
+    }
+
+    /// <summary>Evaluates now (eval loss, perplexity, exact match on the built-in task); see <see cref="Trainer.Evaluate"/>.</summary>
+    public EvalMetrics Evaluate() => CreateTrainer().Evaluate();
+
+    /// <summary>
+    /// Writes the PEFT adapter (adapter_config.json + adapter_model.safetensors) into <paramref name="dir"/>; with full
+    /// fine-tuning, the whole model as a HF checkpoint. Returns the folder.
+    /// </summary>
+    public string SaveAdapter(string dir)
+    {
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        ArgumentException.ThrowIfNullOrWhiteSpace(dir);
+        string full = Path.GetFullPath(dir);
+        string baseName = Options.Model == BuiltinModel.Name ? BuiltinModel.Name : ModelDirectory;
+        if (!_model.Options.FullFineTuning)
+        {
+            PeftAdapter.Save(full, _model, baseName);
+            return full;
+        }
+        var tensors = _model.BaseParameters().Select(p =>
+        {
+            var t = p.Dense!;
+            var values = new float[t.Count];
+            _ops.Download<float>(t, values);
+            return SafetensorsTensor.From(p.Name, t.Shape.Select(x => (long)x).ToArray(), values);
+        }).ToList();
+        HfCheckpoint.Write(full, Config, tensors, long.MaxValue);
+        return full;
+    }
+
+    public void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        _trainer?.Dispose();
+        _model.Dispose();
+        _ops.Dispose();
+        _checkpoint.Dispose();
+        if (_tempOutput is not null)
+        {
+            try { Directory.Delete(_tempOutput, recursive: true); }
+            catch (IOException) { }
+        }
+    }
+
+    /// <summary>Passes a plain <see cref="ILogger"/> where an <see cref="ILogger{T}"/> is wanted.</summary>
+    private sealed class ForwardingLogger<T>(ILogger inner) : ILogger<T>
+    {
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => inner.BeginScope(state);
+        public bool IsEnabled(LogLevel logLevel) => inner.IsEnabled(logLevel);
+        public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter) =>
+            inner.Log(logLevel, eventId, state, exception, formatter);
+    }
+}

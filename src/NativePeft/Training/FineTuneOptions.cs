@@ -1,0 +1,81 @@
+using NativePeft.Data;
+using NativePeft.Modules;
+using NativePeft.Numerics;
+using NativePeft.Planning;
+
+namespace NativePeft.Training;
+
+/// <summary>
+/// Everything <see cref="FineTune.Create(FineTuneOptions, Microsoft.Extensions.Logging.ILogger?)"/> needs: the base
+/// model, the method (full | LoRA | QLoRA), the LoRA settings, the device, the data and the trainer's settings. The
+/// defaults are PEFT's and the CLI's (<c>nativepeft train</c>): LoRA r 16, alpha 32, dropout 0.05 on all seven
+/// projections, AdamW lr 2e-4 with a cosine schedule, batch 4 × seq 128, fp32 compute on the CPU.
+/// </summary>
+public sealed record FineTuneOptions
+{
+    /// <summary>A Hugging Face Llama folder (config.json, safetensors, tokenizer), or "builtin" for the shipped model.</summary>
+    public string Model { get; init; } = BuiltinModel.Name;
+    /// <summary>Training data: a dataset file (any <see cref="DatasetLoader"/> format) or "builtin" for the built-in task;
+    /// null to pass the data to <see cref="FineTune.Train(TrainingData, CancellationToken)"/> later.</summary>
+    public string? Data { get; init; }
+    /// <summary>Eval data file (same formats) for loss and perplexity; the built-in task brings its own held-out split.</summary>
+    public string? EvalData { get; init; }
+    /// <summary>What a JSONL line that is not valid (or not the format) does: stop with file:line (default) or be skipped and counted.</summary>
+    public BadLinePolicy OnBadLine { get; init; } = BadLinePolicy.Stop;
+    public FineTuneMethod Method { get; init; } = FineTuneMethod.Lora;
+    /// <summary>r, lora_alpha, lora_dropout, target_modules, use_rslora (ignored with <see cref="FineTuneMethod.Full"/>).</summary>
+    public LoraSettings Lora { get; init; } = new() { Rank = 16, Alpha = 32, Dropout = 0.05, TargetModules = LoraSettings.KnownTargets };
+    /// <summary>cpu (the C# reference ops), or the kernels on auto (CUDA when present, else the emulator) | cuda | emulator.</summary>
+    public string Device { get; init; } = "cpu";
+    /// <summary>
+    /// The dtype the model computes in: null (auto) = BF16 mixed precision on a GPU device (bf16 activations and frozen
+    /// weights, fp32 accumulation, fp32 LoRA, gradients and optimizer state) and F32 on the CPU; or F32 anywhere, BF16 on
+    /// a GPU device, F64 on the CPU (gradient checks).
+    /// </summary>
+    public DType? ComputeDType { get; init; }
+
+    /// <summary><see cref="ComputeDType"/> with auto resolved for <see cref="Device"/>.</summary>
+    public DType ResolvedComputeDType => ComputeDType ?? (Device == "cpu" ? DType.F32 : DType.BF16);
+    /// <summary>Gradient checkpointing: keep only each block's input, recompute the block in the backward.</summary>
+    public bool Recompute { get; init; }
+    /// <summary>Seeds the LoRA init, the dropout masks and the data order.</summary>
+    public int Seed { get; init; }
+
+    /// <summary>Optimizer steps; null with <see cref="Epochs"/> null means one epoch.</summary>
+    public int? Steps { get; init; }
+    public double? Epochs { get; init; }
+    public int BatchSize { get; init; } = 4;
+    public int GradAccum { get; init; } = 1;
+    public int SeqLen { get; init; } = 128;
+    public double Lr { get; init; } = 2e-4;
+    public LrScheduleKind Schedule { get; init; } = LrScheduleKind.Cosine;
+    public int WarmupSteps { get; init; }
+    public double MaxGradNorm { get; init; } = 1.0;
+    /// <summary>adamw | paged-adamw | adamw8bit | paged-adamw8bit.</summary>
+    public string Optimizer { get; init; } = "adamw";
+    public int EvalEvery { get; init; }
+    public int EvalBatches { get; init; }
+    /// <summary>Built-in-task problems per evaluation for exact match (0 = all).</summary>
+    public int ExactMatchSamples { get; init; } = 50;
+    public int SaveEvery { get; init; }
+    /// <summary>A checkpoint-&lt;step&gt; folder to continue from.</summary>
+    public string? ResumeFrom { get; init; }
+    /// <summary>Where checkpoints, metrics.json and the final adapter (or model) go; a new temporary folder when null.</summary>
+    public string? OutputDir { get; init; }
+    /// <summary>Extra entries for metrics.json's "config".</summary>
+    public IReadOnlyDictionary<string, string>? ExtraConfig { get; init; }
+
+    /// <summary>The model folder: <see cref="BuiltinModel.Directory"/> for "builtin", else <see cref="Model"/> as a full path.</summary>
+    public string ModelDirectory => Model == BuiltinModel.Name ? BuiltinModel.Directory : Path.GetFullPath(Model);
+}
+
+/// <summary>
+/// Bad <see cref="FineTuneOptions"/> or input files: <see cref="Option"/> names the option (a property of
+/// <see cref="FineTuneOptions"/>), <see cref="Detail"/> says what is wrong with its value ("/data/x.jsonl: file not found").
+/// </summary>
+public sealed class FineTuneException(string option, string detail, Exception? inner = null)
+    : Exception($"{option} {detail}", inner)
+{
+    public string Option { get; } = option;
+    public string Detail { get; } = detail;
+}
