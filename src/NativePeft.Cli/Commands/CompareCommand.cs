@@ -51,6 +51,8 @@ public static class CompareCommand
         public string Optim { get; init; } = "adamw";
         public int ExactMatchSamples { get; init; } = 100;
         public string Device { get; init; } = "cpu";
+        /// <summary>--precision: auto (bf16 on a GPU device, fp32 on cpu), bf16 or fp32.</summary>
+        public string Precision { get; init; } = "auto";
         public string Out { get; init; } = DefaultOut;
         public BadLinePolicy OnBadLine { get; init; } = BadLinePolicy.Stop;
         /// <summary>The command line, for the report.</summary>
@@ -78,11 +80,12 @@ public static class CompareCommand
         var optim = new Option<string>("--optim") { Description = string.Join('|', OptimizerFactory.Names), DefaultValueFactory = _ => d.Optim };
         var exact = new Option<int>("--exact-match-samples") { Description = "held-out built-in problems for exact match (0 = all 200)", DefaultValueFactory = _ => d.ExactMatchSamples };
         var device = DeviceOption.Create("cpu", "cpu (the C# reference), or the kernels on auto (CUDA when present, else the emulator) | cuda | emulator");
+        var precision = DeviceOption.CreatePrecision();
         var output = new Option<string>("--out") { Description = "output folder (new or empty) for report.md, metrics.json, compare.png", DefaultValueFactory = _ => d.Out };
         var onBadLine = TrainCommand.OnBadLineOption();
         var cmd = new Command("compare", "Fine-tune the same model on the same data with full, LoRA and QLoRA and print the measured table")
         {
-            model, data, evalData, methods, rank, alpha, dropout, targets, steps, lr, lrFull, warmup, batch, seq, seed, optim, exact, device, output, onBadLine,
+            model, data, evalData, methods, rank, alpha, dropout, targets, steps, lr, lrFull, warmup, batch, seq, seed, optim, exact, device, precision, output, onBadLine,
         };
         cmd.SetAction((parse, cancel) =>
         {
@@ -92,7 +95,7 @@ public static class CompareCommand
                 Rank = parse.GetValue(rank), Alpha = parse.GetValue(alpha), Dropout = parse.GetValue(dropout), Targets = parse.GetValue(targets)!,
                 Steps = parse.GetValue(steps), Lr = parse.GetValue(lr), LrFull = parse.GetValue(lrFull), Warmup = parse.GetValue(warmup),
                 Batch = parse.GetValue(batch), Seq = parse.GetValue(seq), Seed = parse.GetValue(seed), Optim = parse.GetValue(optim)!,
-                ExactMatchSamples = parse.GetValue(exact), Device = parse.GetValue(device)!, Out = parse.GetValue(output)!,
+                ExactMatchSamples = parse.GetValue(exact), Device = parse.GetValue(device)!, Precision = parse.GetValue(precision)!, Out = parse.GetValue(output)!,
                 OnBadLine = TrainCommand.ParseOnBadLine(parse.GetValue(onBadLine)!),
                 CommandLine = "nativepeft " + string.Join(' ', parse.Tokens.Select(t => t.Value.Contains(' ') ? $"\"{t.Value}\"" : t.Value)),
             };
@@ -148,7 +151,7 @@ public static class CompareCommand
         {
             Model = modelArg, Data = data, EvalData = a.EvalData is null ? null : Path.GetFullPath(a.EvalData), OnBadLine = a.OnBadLine,
             Lora = new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, Dropout = a.Dropout, TargetModules = targets },
-            Device = a.Device, Seed = a.Seed, Steps = a.Steps, BatchSize = a.Batch, SeqLen = a.Seq, Lr = a.Lr, Schedule = LrScheduleKind.Cosine,
+            Device = a.Device, ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device), Seed = a.Seed, Steps = a.Steps, BatchSize = a.Batch, SeqLen = a.Seq, Lr = a.Lr, Schedule = LrScheduleKind.Cosine,
             WarmupSteps = a.Warmup, Optimizer = a.Optim, ExactMatchSamples = a.ExactMatchSamples,
         };
         foreach (var m in methods) TrainCommand.Guard(() => { FineTune.ValidateOptions(Options(common, m, a)); return 0; });

@@ -57,13 +57,16 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
         return table;
     }
 
+    /// <summary>The compute precision the runs used (--precision resolved for --device).</summary>
+    private string Precision => DeviceOption.ComputeDType(args.Precision, args.Device) == Numerics.DType.BF16 ? "bf16 mixed precision" : "fp32";
+
     public IEnumerable<string> Notes()
     {
         yield return $"model: {model}";
         yield return string.Create(Inv, $"settings: {args.Steps} steps, batch {args.Batch} x seq {args.Seq}, lr {args.Lr:G3}") +
             (args.LrFull is double lf ? string.Create(Inv, $" (full FT {lf:G3})") : "") +
             string.Create(Inv, $", warmup {args.Warmup} then cosine, {args.Optim}, r {args.Rank}, alpha {args.Alpha:G}, dropout {args.Dropout:G}, seed {args.Seed}");
-        yield return $"machine: {machine.Cpu}, {machine.Cores} logical cores, {machine.Os}, {machine.Runtime}, device {machine.Device}";
+        yield return $"machine: {machine.Cpu}, {machine.Cores} logical cores, {machine.Os}, {machine.Runtime}, device {machine.Device}, compute {Precision}";
         yield return "pool peak: the ops' memory pool (host memory on cpu, device memory otherwise); peak RSS: the whole process; " +
             $"speed: tokens/s relative to {CompareCommand.Label(speedReference)} (steps 2..N); adapter file: the saved adapter (full FT: the whole model)";
         foreach (var claim in Claims()) yield return claim;
@@ -100,7 +103,7 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
             (args.EvalData is null ? "" : $", eval {args.EvalData}"));
         sb.AppendLine(string.Create(Inv, $"- settings (the same for every method, same seed): {args.Steps} steps, batch {args.Batch}, seq {args.Seq}, ") +
             string.Create(Inv, $"lr {args.Lr:G3}{(args.LrFull is double lf ? string.Create(Inv, $" (full FT {lf:G3})") : "")}, warmup {args.Warmup} then cosine, {args.Optim}, ") +
-            string.Create(Inv, $"LoRA r {args.Rank}, alpha {args.Alpha:G}, dropout {args.Dropout:G}, targets {args.Targets}, seed {args.Seed}, exact match over {(args.ExactMatchSamples == 0 ? "all" : args.ExactMatchSamples.ToString(Inv))} held-out problems"));
+            string.Create(Inv, $"LoRA r {args.Rank}, alpha {args.Alpha:G}, dropout {args.Dropout:G}, targets {args.Targets}, seed {args.Seed}, compute {Precision}, exact match over {(args.ExactMatchSamples == 0 ? "all" : args.ExactMatchSamples.ToString(Inv))} held-out problems"));
         sb.AppendLine();
         sb.Append("| ");
         sb.AppendJoin(" | ", Columns.Select(c => c == "speed" ? $"speed vs {CompareCommand.Label(speedReference)}" : c));
@@ -118,8 +121,8 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
         }
         sb.AppendLine("## What the columns mean").AppendLine();
         sb.AppendLine("- **base weights**: bytes of the base model's weights as they sit in memory: full FT fp32 (they are trained), " +
-            "LoRA bf16 linear weights (embeddings, norms and lm_head fp32), QLoRA NF4 codes (4 bits) plus one fp32 absmax per 64 weights " +
-            "(double quantization shrinks the stored absmax; it is decoded to fp32 on load).");
+            "LoRA bf16 linear weights (embeddings, norms and lm_head fp32), QLoRA NF4 codes (4 bits) plus bitsandbytes' double-quantized " +
+            "absmax (an 8-bit code per 64 weights and an fp32 scale per 256 blocks: 0.127 bits per weight), kept so on the device.");
         sb.AppendLine("- **pool peak**: the highest number of bytes the ops' memory pool held during the run (weights, adapters, gradients, " +
             "optimizer states, activations, workspaces): host memory with `--device cpu`, device memory on a GPU. This is the VRAM figure.");
         sb.AppendLine("  On a small model with a large batch the activations dominate the pool, so the weight savings show fully " +
@@ -166,6 +169,7 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
             w.WriteNumber("lr_full", args.LrFull ?? args.Lr);
             w.WriteNumber("warmup", args.Warmup);
             w.WriteString("optimizer", args.Optim);
+            w.WriteString("precision", Precision);
             w.WriteNumber("r", args.Rank);
             w.WriteNumber("lora_alpha", args.Alpha);
             w.WriteNumber("lora_dropout", args.Dropout);

@@ -19,7 +19,7 @@ public class CompareCliTests
     }
 
     /// <summary>Parameter counts of the built-in model from its config.json alone (not from the code under test).</summary>
-    private static (long Linear, long Other, long PerLayerLoraR1) CountFromConfig()
+    private static (long Linear, long Other, long PerLayerLoraR1, long QloraLinearBytes) CountFromConfig()
     {
         using var doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(BuiltinModel.Directory, "config.json")));
         var c = doc.RootElement;
@@ -32,7 +32,15 @@ public class CompareCliTests
         long linear = L * proj.Sum(p => p.In * p.Out);
         long other = V * H /* embed_tokens */ + V * H /* lm_head */ + L * 2 * H /* two norms */ + H /* final norm */;
         long loraR1 = proj.Sum(p => p.In + p.Out); // A is [r, in], B is [out, r]
-        return (linear, other, L * loraR1);
+        // QLoRA's device bytes per projection of n weights (formats.md, bitsandbytes' double quant at blocksize 64): the
+        // packed codes n/2, one U8 absmax code per block of 64, an fp32 nested absmax per 256 blocks, the fp32 256-entry
+        // nested code and the fp32 offset.
+        long qlora = L * proj.Sum(p =>
+        {
+            long n = p.In * p.Out, blocks = (n + 63) / 64;
+            return (n + 1) / 2 + blocks + (blocks + 255) / 256 * 4 + 256 * 4 + 4;
+        });
+        return (linear, other, L * loraR1, qlora);
     }
 
     [Test]
@@ -86,9 +94,9 @@ public class CompareCliTests
         Assert.That(lora.GetProperty("relative_speed").GetDouble(), Is.EqualTo(1.0), "LoRA is the speed reference");
 
         // Base-weight bytes from the config alone: full = fp32 everything; LoRA = bf16 linear + fp32 rest;
-        // QLoRA = 4-bit linear + one fp32 absmax per 64 weights + fp32 rest.
-        var (linear, other, loraR1) = CountFromConfig();
-        long fullBytes = 4 * (linear + other), loraBytes = 2 * linear + 4 * other, qloraBytes = linear / 2 + linear / 64 * 4 + 4 * other;
+        // QLoRA = 4-bit linear with its double-quantized absmax + fp32 rest.
+        var (linear, other, loraR1, qloraLinear) = CountFromConfig();
+        long fullBytes = 4 * (linear + other), loraBytes = 2 * linear + 4 * other, qloraBytes = qloraLinear + 4 * other;
         Assert.That(methods["full"].GetProperty("base_weight_bytes").GetInt64(), Is.EqualTo(fullBytes));
         Assert.That(lora.GetProperty("base_weight_bytes").GetInt64(), Is.EqualTo(loraBytes));
         Assert.That(methods["qlora"].GetProperty("base_weight_bytes").GetInt64(), Is.EqualTo(qloraBytes));
