@@ -15,7 +15,8 @@ public static class EvalCommand
 {
     public static Command Create(TextWriter stdout)
     {
-        var model = new Option<DirectoryInfo>("--model") { Description = "HF Llama checkpoint folder (config.json + safetensors, single or sharded)", Required = true };
+        var model = new Option<DirectoryInfo>("--model") { Description = "HF Llama checkpoint folder (config.json + safetensors, single or sharded), or 'builtin'", Required = true };
+        var adapter = new Option<string?>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied to the base" };
         var data = new Option<FileInfo>("--data") { Description = "pre-tokenized JSONL: one {\"input_ids\": [...]} per line, each line a separate sequence", Required = true };
         var quantize = new Option<string?>("--quantize") { Description = "quantize the linear weights on load: nf4 or fp4 (blocksize 64, double quant)" };
         quantize.AcceptOnlyFromAmong("nf4", "fp4");
@@ -24,7 +25,7 @@ public static class EvalCommand
         var json = new Option<bool>("--json") { Description = "print {\"loss\": …, \"perplexity\": …, \"tokens\": …}" };
         var cmd = new Command("eval", "Mean next-token cross-entropy and perplexity of a Llama checkpoint on pre-tokenized data")
         {
-            model, data, quantize, device, precision, json,
+            model, adapter, data, quantize, device, precision, json,
         };
         cmd.SetAction(parse =>
         {
@@ -40,7 +41,7 @@ public static class EvalCommand
             if (!Directory.Exists(dir)) throw new CliException($"--model {dir}: folder not found");
             try
             {
-                var result = Run(dir, file, quantization, parse.GetValue(device)!, parse.GetValue(precision)!);
+                var result = Run(dir, file, quantization, parse.GetValue(device)!, parse.GetValue(precision)!, parse.GetValue(adapter));
                 if (parse.GetValue(json))
                     stdout.WriteLine("{\"loss\": " + R(result.Loss) + ", \"perplexity\": " + R(result.Perplexity) + ", \"tokens\": " + result.Tokens + "}");
                 else
@@ -66,14 +67,23 @@ public static class EvalCommand
     public sealed record EvalResult(double Loss, double Perplexity, long Tokens, int Sequences);
 
     /// <summary>Evaluates <paramref name="dataFile"/> with the checkpoint in <paramref name="modelDir"/> on the CPU (fp32) or a device (--precision).</summary>
-    public static EvalResult Run(string modelDir, string dataFile, BaseQuantization quantization, string device = "cpu", string precision = "auto")
+    public static EvalResult Run(string modelDir, string dataFile, BaseQuantization quantization, string device = "cpu", string precision = "auto",
+        string? adapterDir = null)
     {
         var computeDType = DeviceOption.ComputeDType(precision, device);
+        var adapter = AdapterArgument.Load(adapterDir); // checked before the model is read
         using var ckpt = HfCheckpoint.Open(modelDir);
         var sequences = ReadJsonl(dataFile, ckpt.Config.VocabSize);
         var gpu = DeviceOption.Open(device);
         using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true);
-        using var llama = LlamaModel.Load(ckpt, ops, new LlamaModelOptions { Quantization = quantization, ComputeDType = computeDType });
+        LlamaModel llama;
+        try { llama = LlamaModel.Load(ckpt, ops, new LlamaModelOptions { Quantization = quantization, ComputeDType = computeDType, Lora = adapter?.Config.ToLoraSettings() }); }
+        catch (ArgumentOutOfRangeException e) when (adapter is not null && e.ParamName == nameof(LoraSettings.Rank))
+        {
+            throw AdapterArgument.RankDoesNotFit(e, adapterDir!, modelDir);
+        }
+        using var _llama = llama;
+        if (adapter is not null) AdapterArgument.Apply(adapter, llama, adapterDir!, modelDir);
         llama.Dropout.Training = false;
         double sum = 0;
         long tokens = 0;

@@ -20,7 +20,7 @@ public static class MergeCommand
 
     public static Command Create(TextWriter stdout)
     {
-        var model = new Option<string>("--model") { Description = "base HF Llama checkpoint folder (full precision or bitsandbytes 4-bit)", Required = true };
+        var model = new Option<string>("--model") { Description = "base HF Llama checkpoint folder (full precision or bitsandbytes 4-bit), or 'builtin'", Required = true };
         var adapter = new Option<string>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)", Required = true };
         var output = new Option<string>("--out") { Description = "output folder for the merged checkpoint (new or empty)", Required = true };
         var dtype = new Option<string>("--dtype") { Description = "bf16, fp16 or fp32: dtype of the merged weights", DefaultValueFactory = _ => "bf16" };
@@ -48,7 +48,7 @@ public static class MergeCommand
             ?? throw new CliException($"--max-shard-size {maxShardText}: expected a size such as 5GB, 2GiB, 500MB or a number of bytes", 2);
 
         // ---- files, all checked before --out is touched
-        string model = Path.GetFullPath(modelDir), adapterPath = Path.GetFullPath(adapterDir), outPath = Path.GetFullPath(outDir);
+        string model = Path.GetFullPath(modelDir == Training.BuiltinModel.Name ? Training.BuiltinModel.Directory : modelDir), adapterPath = Path.GetFullPath(adapterDir), outPath = Path.GetFullPath(outDir);
         if (!Directory.Exists(model)) throw new CliException($"--model {modelDir}: folder not found");
         if (!File.Exists(Path.Combine(model, LlamaConfig.FileName)))
             throw new CliException($"--model {modelDir}: no {LlamaConfig.FileName} (not a Hugging Face model folder)");
