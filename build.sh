@@ -198,6 +198,7 @@ cmd_gpu_bundle() {
     -p:NativePeftKernelDir="$KERNEL_OUT/" -o "$stage" -nologo -v quiet >&2 || die "publish of the CLI failed"
   cp "$ROOT/build.sh" "$stage/build.sh"
   cp "$ROOT/tests/reference/bnb_crosscheck.py" "$stage/bnb_crosscheck.py"
+  cp "$ROOT/tests/reference/peft_crosscheck.py" "$stage/peft_crosscheck.py"
   cat > "$stage/gpu-check" <<'SH'
 #!/usr/bin/env bash
 # Runs the CUDA tests and kernel benchmarks from this bundle; writes gpu-results.txt next to it.
@@ -224,13 +225,29 @@ cmd_gpu_check() {
     echo "## kernel benchmarks"
     # gpu-check is for GPU machines: no CUDA device (or a failing benchmark) fails it, even if the tests passed.
     timeout 300 ./NativePeft.Cli bench --device cuda 2>&1 || { echo "bench failed: no CUDA device or a kernel error"; echo 1 > "$status"; }
-    echo "## training step of a random Llama (full, LoRA, QLoRA), fp32 on CUDA"
-    timeout 200 ./NativePeft.Cli bench --model small --device cuda --profile 2>&1 || { echo "model bench failed"; echo 1 > "$status"; }
+    echo "## training step of a random Llama (full, LoRA, QLoRA) on CUDA: bf16 mixed precision, then fp32"
+    timeout 200 ./NativePeft.Cli bench --model small --device cuda --precision bf16 --profile 2>&1 || { echo "model bench (bf16) failed"; echo 1 > "$status"; }
+    timeout 200 ./NativePeft.Cli bench --model small --device cuda --precision fp32 2>&1 || { echo "model bench (fp32) failed"; echo 1 > "$status"; }
+    echo "## compare on CUDA (the main job: full, LoRA, QLoRA on the built-in model; bf16 mixed precision; the memory pool)"
+    rm -rf build/compare-cuda
+    timeout 600 ./NativePeft.Cli compare --device cuda --out build/compare-cuda 2>&1 || { echo "compare on CUDA failed"; echo 1 > "$status"; }
+    echo "## generate on CUDA with the LoRA adapter compare trained (KV cache), and without it"
+    for adapter in build/compare-cuda/lora/adapter ""; do
+      timeout 60 ./NativePeft.Cli generate --device cuda ${adapter:+--adapter "$adapter"} --prompt $'upper: orange\n' --max-tokens 12 2>&1 \
+        || { echo "generate failed"; echo 1 > "$status"; }
+    done
     echo "## bitsandbytes cross-check (same bytes both ways)"
     if python3 -c "import torch, safetensors, bitsandbytes" 2>/dev/null; then
       timeout 300 python3 ./bnb_crosscheck.py "$PWD/NativePeft.Cli" "$PWD/build/bnb-crosscheck" 2>&1 || echo 1 > "$status"
     else
       echo "skipped: python3 with torch, safetensors and bitsandbytes not found"
+    fi
+    echo "## transformers + PEFT cross-check (our adapters, merges and forward there; PEFT's adapters here)"
+    if python3 -c "import torch, transformers, peft, safetensors" 2>/dev/null; then
+      rm -rf build/peft-crosscheck
+      timeout 600 python3 ./peft_crosscheck.py "$PWD/NativePeft.Cli" "$PWD/builtin-model" "$PWD/build/peft-crosscheck" cuda 2>&1 || echo 1 > "$status"
+    else
+      echo "skipped: python3 with torch, transformers, peft and safetensors not found"
     fi
   } 2>&1 | tee "$out"
   echo "results written to $PWD/$out"
