@@ -19,10 +19,7 @@ public class ModelDeviceParityTests(string device)
     [OneTimeSetUp]
     public void SetUp()
     {
-        string reason = "";
-        var gpu = device == "emulator" ? TestGpus.CreateEmulated() : TestGpus.TryCreateCuda(out reason);
-        if (gpu is null) Assert.Ignore("no CUDA device: " + reason);
-        _gpu = new GpuOps(gpu!, ownsGpu: true);
+        _gpu = TestGpus.CreateOps(device);
     }
 
     [OneTimeTearDown]

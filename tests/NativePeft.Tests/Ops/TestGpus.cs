@@ -14,6 +14,18 @@ internal static class TestGpus
         return gpu!;
     }
 
+    /// <summary>
+    /// GpuOps over the fixture's device: "emulator" (always), or "cuda" — the fixture is ignored with "no CUDA device:
+    /// reason" when there is none.
+    /// </summary>
+    public static NativePeft.Ops.GpuOps CreateOps(string device)
+    {
+        string reason = "";
+        var gpu = device == "emulator" ? CreateEmulated() : TryCreateCuda(out reason);
+        if (gpu is null) Assert.Ignore("no CUDA device: " + reason);
+        return new NativePeft.Ops.GpuOps(gpu!, ownsGpu: true);
+    }
+
     /// <summary>The CUDA device, or null with the reason there is none.</summary>
     public static IGpu? TryCreateCuda(out string reason)
     {

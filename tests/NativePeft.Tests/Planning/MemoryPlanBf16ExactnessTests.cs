@@ -57,59 +57,12 @@ public class MemoryPlanBf16ExactnessTests(string device)
         yield return Case("qlora-noclip-chunk-above-vocab", baseOptions with { Method = FineTuneMethod.Qlora, ClipGradients = false, CrossEntropyChunk = 100_000 });
     }
 
-    private GpuOps CreateOps()
-    {
-        if (device == "emulator") return new GpuOps(TestGpus.CreateEmulated(), ownsGpu: true);
-        var cuda = TestGpus.TryCreateCuda(out string reason);
-        if (cuda is null) Assert.Ignore("no CUDA device: " + reason);
-        return new GpuOps(cuda!, ownsGpu: true);
-    }
-
-    private static (int[] Ids, int[] Labels) Batch(int batch, int seq)
-    {
-        var rng = new Random(17);
-        var ids = new int[batch * seq];
-        for (int i = 0; i < ids.Length; i++) ids[i] = rng.Next(Config.VocabSize);
-        var labels = (int[])ids.Clone();
-        labels[1] = -100;
-        return (ids, labels);
-    }
-
     [TestCaseSource(nameof(Cases))]
     public void MeasuredBytesEqualThePlan(PlanOptions options)
     {
-        var plan = MemoryPlan.Compute(Config, options);
-        using var ops = CreateOps();
-        var modelOptions = options.ToModelOptions(seed: 3);
-        Assert.That(modelOptions.ComputeDType, Is.EqualTo(DType.BF16));
-        using var model = LlamaModel.CreateRandom(Config, ops, modelOptions, weightSeed: 5, std: 0.05);
-        Assert.That(model.ParameterBytes, Is.EqualTo(plan.ParameterBytes), "parameters + gradients + dequantization scratch");
-        using var optimizer = OptimizerFactory.Create(options.Optimizer, ops);
-        var (ids, labels) = Batch(options.Batch, options.Seq);
-
-        void Step()
-        {
-            model.ZeroGrad();
-            double loss = model.Forward(ids, labels, options.Batch, options.Seq);
-            Assert.That(double.IsFinite(loss), Is.True);
-            Assert.That(model.ActivationBytes, Is.EqualTo(plan.ActivationBytes), "activations after a forward");
-            model.Backward();
-            double scale = 1.0;
-            if (options.ClipGradients)
-                scale = GradientClipping.ClipCoefficient(GradientClipping.GlobalNorm(ops, model.TrainableParameters.Select(p => p.Grad)), 1.0);
-            optimizer.Step(model.TrainableParameters, 1e-3, scale);
-        }
-
-        Step();
-        Assert.Multiple(() =>
-        {
-            Assert.That(optimizer.StateBytes, Is.EqualTo(plan.OptimizerStateBytes + plan.PagedOptimizerStateBytes), "optimizer state");
-            Assert.That(optimizer.PagedStateBytes, Is.EqualTo(plan.PagedOptimizerStateBytes), "paged optimizer state");
-            Assert.That(ops.Memory.PeakAllocatedBytes, Is.EqualTo(plan.FirstStepPeakBytes), "pool peak over the first step");
-            Assert.That(ops.Memory.AllocatedBytes, Is.EqualTo(plan.TotalBytes - plan.TransientWorkspaceBytes), "pool in use between steps");
-        });
-        Step();
-        Assert.That(ops.Memory.PeakAllocatedBytes, Is.EqualTo(plan.TotalBytes), "pool peak in a steady step");
+        Assert.That(options.ComputeDType, Is.EqualTo(DType.BF16));
+        using var ops = TestGpus.CreateOps(device);
+        MemoryPlanExactnessTests.AssertMeasuredBytesEqualThePlan(ops, Config, options);
     }
 
     [Test]

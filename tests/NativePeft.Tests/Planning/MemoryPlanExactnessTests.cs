@@ -68,11 +68,11 @@ public class MemoryPlanExactnessTests(string device)
 
     private PlanDevice Device => device == "cpu" ? PlanDevice.Cpu : PlanDevice.Gpu;
 
-    private static (int[] Ids, int[] Labels) Batch(int batch, int seq)
+    private static (int[] Ids, int[] Labels) Batch(LlamaConfig config, int batch, int seq)
     {
         var rng = new Random(17);
         var ids = new int[batch * seq];
-        for (int i = 0; i < ids.Length; i++) ids[i] = rng.Next(Config.VocabSize);
+        for (int i = 0; i < ids.Length; i++) ids[i] = rng.Next(config.VocabSize);
         var labels = (int[])ids.Clone();
         labels[1] = -100;
         return (ids, labels);
@@ -82,12 +82,22 @@ public class MemoryPlanExactnessTests(string device)
     public void MeasuredBytesEqualThePlan(PlanOptions options)
     {
         options = options with { Device = Device };
-        var plan = MemoryPlan.Compute(Config, options);
         using var ops = CreateOps();
-        using var model = LlamaModel.CreateRandom(Config, ops, options.ToModelOptions(seed: 3), weightSeed: 5, std: 0.05);
+        AssertMeasuredBytesEqualThePlan(ops, Config, options);
+    }
+
+    /// <summary>
+    /// Builds the model <paramref name="options"/> describe on <paramref name="ops"/>, trains it two steps and checks every
+    /// measured number against the plan to the byte: parameters, activations, optimizer state, the pool's peaks.
+    /// </summary>
+    internal static void AssertMeasuredBytesEqualThePlan(IOps ops, LlamaConfig config, PlanOptions options)
+    {
+        var plan = MemoryPlan.Compute(config, options);
+        using var model = LlamaModel.CreateRandom(config, ops, options.ToModelOptions(seed: 3), weightSeed: 5, std: 0.05);
+        Assert.That(model.ComputeDType, Is.EqualTo(options.ComputeDType));
         Assert.That(model.ParameterBytes, Is.EqualTo(plan.ParameterBytes), "parameters + gradients + dequantization scratch");
         using var optimizer = OptimizerFactory.Create(options.Optimizer, ops);
-        var (ids, labels) = Batch(options.Batch, options.Seq);
+        var (ids, labels) = Batch(config, options.Batch, options.Seq);
 
         void Step()
         {
