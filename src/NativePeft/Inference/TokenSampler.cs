@@ -19,13 +19,14 @@ namespace NativePeft.Inference;
 /// </summary>
 public static class TokenSampler
 {
-    /// <summary>The first index of the largest logit.</summary>
+    /// <summary>The first index of the largest logit (NaN logits are never chosen; all NaN is an error).</summary>
     public static int Argmax(ReadOnlySpan<double> logits)
     {
         if (logits.IsEmpty) throw new ArgumentException("no logits", nameof(logits));
-        int best = 0;
-        for (int i = 1; i < logits.Length; i++) if (logits[i] > logits[best]) best = i;
-        return best;
+        int best = -1;
+        for (int i = 0; i < logits.Length; i++)
+            if (!double.IsNaN(logits[i]) && (best < 0 || logits[i] > logits[best])) best = i;
+        return best >= 0 ? best : throw new ArgumentException("every logit is NaN (has the model diverged?)", nameof(logits));
     }
 
     /// <summary>
@@ -96,18 +97,32 @@ public static class TokenSampler
         return last >= 0 ? last : throw new ArgumentException("no token has a positive probability", nameof(probabilities));
     }
 
+    /// <summary>
+    /// softmax(logits / temperature) over the kept ids, as exp((l − max) / temperature): the exponent is ≤ 0 for every
+    /// temperature, so a tiny temperature cannot overflow to ∞ − ∞. When no kept logit is finite and above −∞ (all −∞
+    /// or NaN) the distribution is the argmax's one-hot.
+    /// </summary>
     private static double[] Softmax(ReadOnlySpan<double> logits, double temperature, bool[] keep)
     {
         int V = logits.Length;
         double max = double.NegativeInfinity;
-        for (int i = 0; i < V; i++) if (keep[i] && logits[i] / temperature > max) max = logits[i] / temperature;
+        for (int i = 0; i < V; i++) if (keep[i] && logits[i] > max) max = logits[i];
         var p = new double[V];
         double sum = 0;
-        for (int i = 0; i < V; i++)
+        if (double.IsFinite(max))
         {
-            if (!keep[i]) continue;
-            p[i] = Math.Exp(logits[i] / temperature - max);
-            sum += p[i];
+            for (int i = 0; i < V; i++)
+            {
+                if (!keep[i] || double.IsNaN(logits[i])) continue;
+                p[i] = Math.Exp((logits[i] - max) / temperature);
+                sum += p[i];
+            }
+        }
+        if (!(sum > 0) || !double.IsFinite(sum))
+        {
+            Array.Clear(p);
+            p[Argmax(logits)] = 1;
+            return p;
         }
         for (int i = 0; i < V; i++) p[i] /= sum;
         return p;

@@ -14,6 +14,22 @@ public class TokenSamplerTests
     }
 
     [Test]
+    public void ExtremeTemperaturesAndNonFiniteLogitsNeverGiveNaN()
+    {
+        // A tiny temperature: logits / T overflow to ±∞, but (l − max) / T does not — the distribution is the argmax's.
+        var p = TokenSampler.Distribution([1, 3, 2, -5], 1e-310);
+        Assert.That(p, Is.EqualTo(new double[] { 0, 1, 0, 0 }));
+        Assert.That(TokenSampler.Sample([1, 3, 2, -5], new GenerationOptions { Temperature = 1e-310 }, 0.999), Is.EqualTo(1));
+        // −∞ logits get probability 0; all −∞ falls back to the first id (argmax), not to the last.
+        Assert.That(TokenSampler.Distribution([double.NegativeInfinity, 0, double.NegativeInfinity], 1.0), Is.EqualTo(new double[] { 0, 1, 0 }));
+        Assert.That(TokenSampler.Distribution([double.NegativeInfinity, double.NegativeInfinity], 1.0), Is.EqualTo(new double[] { 1, 0 }));
+        // NaN logits are never chosen; only NaN is an error.
+        Assert.That(TokenSampler.Argmax([double.NaN, -1, 2, double.NaN]), Is.EqualTo(2));
+        Assert.That(TokenSampler.Distribution([double.NaN, 0, 0], 1.0), Is.EqualTo(new double[] { 0, 0.5, 0.5 }));
+        Assert.Throws<ArgumentException>(() => TokenSampler.Argmax([double.NaN, double.NaN]));
+    }
+
+    [Test]
     public void TemperatureScalesTheLogitsBeforeTheSoftmax()
     {
         // logits (ln 1, ln 2, ln 4) / T = 2 → p ∝ (1, √2, 2): (1, 1.41421356, 2) / 4.41421356.
