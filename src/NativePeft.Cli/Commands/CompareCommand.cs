@@ -116,7 +116,7 @@ public static class CompareCommand
         public double TrainableShare => TotalParameters > 0 ? (double)TrainableParameters / TotalParameters : 0;
     }
 
-    /// <summary>The base model before any fine-tuning (fp32 compute, as loaded).</summary>
+    /// <summary>The base model before any fine-tuning (loaded as the first requested LoRA method loads it, adapter at zero).</summary>
     public sealed record BaseResult(long BaseWeightBytes, long Parameters, EvalMetrics Eval);
 
     public static int Run(Args a, TextWriter stdout, CancellationToken externalCancel = default)
@@ -164,7 +164,10 @@ public static class CompareCommand
             $"data {a.Data}, {a.Steps} steps each, {machine.Cpu} ({machine.Cores} cores), device {a.Device}");
         BaseResult baseResult;
         string modelDescription;
-        using (var baseRun = TrainCommand.Guard(() => FineTune.Create(Options(common, FineTuneMethod.Full, a) with { Steps = 1 }, NullLogger.Instance)))
+        // Through a LoRA (or QLoRA) run when one is requested: lora_B starts at zero, so its outputs are the base's exactly,
+        // and the device pool is sized for that method, not for full fine-tuning's masters, gradients and optimizer state.
+        var baseMethod = methods.Contains(FineTuneMethod.Lora) ? FineTuneMethod.Lora : methods.Contains(FineTuneMethod.Qlora) ? FineTuneMethod.Qlora : FineTuneMethod.Full;
+        using (var baseRun = TrainCommand.Guard(() => FineTune.Create(Options(common, baseMethod, a) with { Steps = 1 }, NullLogger.Instance)))
         {
             if (baseRun.SkippedLines > 0)
                 stdout.WriteLine($"skipped {baseRun.SkippedLines} bad data line(s) (--on-bad-line skip); the first: {baseRun.SkippedMessages[0]}");
