@@ -187,7 +187,8 @@ public sealed class LoraLinear : ILinearLayer
         IsMerged = true;
     }
 
-    /// <summary>W −= scaling · B·A (undoes <see cref="Merge"/> up to rounding).</summary>
+    /// <summary>W −= scaling · B·A (undoes <see cref="Merge"/>; exactly for a base in the adapters' dtype, up to one
+    /// rounding per element for a narrower base).</summary>
     public void Unmerge()
     {
         if (!IsMerged) throw new InvalidOperationException("not merged");
@@ -195,7 +196,10 @@ public sealed class LoraLinear : ILinearLayer
         IsMerged = false;
     }
 
-    /// <summary>W += scale · B·A; a base narrower than the adapters (bf16) gets it from rounded temporary copies of B and A.</summary>
+    /// <summary>
+    /// W += scale · B·A computed in the adapters' dtype (fp32, as PEFT merges): a narrower base (bf16) is widened into a
+    /// temporary, B·A added there, and the sum rounded once into W.
+    /// </summary>
     private void MergeInto(Tensor weight, double scale)
     {
         if (weight.DType == LoraA.DType)
@@ -203,19 +207,14 @@ public sealed class LoraLinear : ILinearLayer
             _ops.Matmul(LoraB, false, LoraA, false, weight, scale, 1);
             return;
         }
-        var a = _ops.Memory.Allocate(weight.DType, Rank, InFeatures);
+        var wide = _ops.Memory.Allocate(LoraA.DType, OutFeatures, InFeatures);
         try
         {
-            var b = _ops.Memory.Allocate(weight.DType, OutFeatures, Rank);
-            try
-            {
-                _ops.Copy(LoraA, a);
-                _ops.Copy(LoraB, b);
-                _ops.Matmul(b, false, a, false, weight, scale, 1);
-            }
-            finally { _ops.Memory.Free(b); }
+            _ops.Copy(weight, wide);
+            _ops.Matmul(LoraB, false, LoraA, false, wide, scale, 1);
+            _ops.Copy(wide, weight);
         }
-        finally { _ops.Memory.Free(a); }
+        finally { _ops.Memory.Free(wide); }
     }
 
     private Tensor BaseWeight() => Base is Linear l
