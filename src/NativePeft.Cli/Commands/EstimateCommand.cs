@@ -49,10 +49,11 @@ public static class EstimateCommand
             Description = "plan generation with a KV cache instead of training: lora = a bf16 base + the adapter, qlora = NF4 (double quant) + the adapter, full = the base alone",
         };
         var maxLength = new Option<int?>("--max-length") { Description = "with --generate: tokens in the KV cache (prompt + new tokens; default --seq)" };
+        var noAdapter = new Option<bool>("--no-adapter") { Description = "with --generate: the base alone (no LoRA adapter on top)" };
         var promptTokens = new Option<int?>("--prompt-tokens") { Description = "with --generate: tokens of the prompt's prefill (default --max-length, the largest workspace)" };
         var cmd = new Command("estimate", "Memory plan of a fine-tune by category (base weights, adapters, optimizer, activations, …); needs no GPU and no weights")
         {
-            model, method, rank, alpha, targets, batch, seq, recompute, optim, compute, device, chunk, deviceMemory, json, generate, maxLength, promptTokens,
+            model, method, rank, alpha, targets, batch, seq, recompute, optim, compute, device, chunk, deviceMemory, json, generate, maxLength, promptTokens, noAdapter,
         };
         cmd.SetAction(parse =>
         {
@@ -87,6 +88,7 @@ public static class EstimateCommand
             {
                 if (parse.GetValue(maxLength) is not null) throw new CliException("--max-length is for --generate (training uses --seq)", 2);
                 if (parse.GetValue(promptTokens) is not null) throw new CliException("--prompt-tokens is for --generate", 2);
+                if (parse.GetValue(noAdapter)) throw new CliException("--no-adapter is for --generate", 2);
             }
             else
             {
@@ -100,7 +102,7 @@ public static class EstimateCommand
                     Mode = InferenceMode.Generate, PromptTokens = prompt, MaxNewTokens = length - prompt + 1,
                     Quantization = methodName == "qlora" ? BaseQuantization.Nf4 : BaseQuantization.None,
                     ComputeDType = bf16 ? DType.BF16 : DType.F32, BaseWeightDType = methodName == "lora" ? DType.BF16 : null,
-                    LoraRank = methodName == "full" ? null : rankValue, LoraTargets = targetList, Device = planDevice,
+                    LoraRank = methodName == "full" || parse.GetValue(noAdapter) ? null : rankValue, LoraTargets = targetList, Device = planDevice,
                 };
                 InferencePlan inferencePlan;
                 try { inferencePlan = InferencePlan.Compute(config, inference); }
