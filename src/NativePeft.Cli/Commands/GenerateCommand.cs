@@ -150,6 +150,10 @@ public static class GenerateCommand
             {
                 throw new CliException($"--adapter {a.Adapter} does not fit --model {a.Model} (was it trained on another base model?): {e.Message.Split(" (Parameter")[0]}", 1, e);
             }
+            catch (Exception e) when (e is HfCheckpointException or SafetensorsException or IOException)
+            {
+                throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
+            }
         }
         var gpu = DeviceOption.Open(a.Device);
         DevicePool? pool = null;
