@@ -44,9 +44,16 @@ public static class EstimateCommand
         var chunk = new Option<int>("--ce-chunk") { Description = "vocabulary rows per cross-entropy chunk", DefaultValueFactory = _ => 8192 };
         var deviceMemory = new Option<string?>("--device-memory") { Description = "check the plan against this much memory, e.g. 24GiB, 80GB or bytes" };
         var json = new Option<bool>("--json") { Description = "print every category in bytes and total_bytes as JSON" };
+        var generate = new Option<bool>("--generate")
+        {
+            Description = "plan generation with a KV cache instead of training: lora = a bf16 base + the adapter, qlora = NF4 (double quant) + the adapter, full = the base alone",
+        };
+        var maxLength = new Option<int?>("--max-length") { Description = "with --generate: tokens in the KV cache (prompt + new tokens; default --seq)" };
+        var noAdapter = new Option<bool>("--no-adapter") { Description = "with --generate: the base alone (no LoRA adapter on top)" };
+        var promptTokens = new Option<int?>("--prompt-tokens") { Description = "with --generate: tokens of the prompt's prefill (default --max-length, the largest workspace)" };
         var cmd = new Command("estimate", "Memory plan of a fine-tune by category (base weights, adapters, optimizer, activations, …); needs no GPU and no weights")
         {
-            model, method, rank, alpha, targets, batch, seq, recompute, optim, compute, device, chunk, deviceMemory, json,
+            model, method, rank, alpha, targets, batch, seq, recompute, optim, compute, device, chunk, deviceMemory, json, generate, maxLength, promptTokens, noAdapter,
         };
         cmd.SetAction(parse =>
         {
@@ -76,6 +83,38 @@ public static class EstimateCommand
             catch (Exception e) when (e is ArgumentException or LlamaConfigException or FileNotFoundException or IOException or UnauthorizedAccessException)
             {
                 throw new CliException("--model " + modelName + ": " + Clean(e), 1, e);
+            }
+            if (!parse.GetValue(generate))
+            {
+                if (parse.GetValue(maxLength) is not null) throw new CliException("--max-length is for --generate (training uses --seq)", 2);
+                if (parse.GetValue(promptTokens) is not null) throw new CliException("--prompt-tokens is for --generate", 2);
+                if (parse.GetValue(noAdapter)) throw new CliException("--no-adapter is for --generate", 2);
+            }
+            else
+            {
+                int length = parse.GetValue(maxLength) ?? seqValue;
+                if (length <= 0) throw new CliException($"--max-length {length}: must be a positive integer", 2);
+                int prompt = parse.GetValue(promptTokens) ?? length;
+                if (prompt <= 0 || prompt > length) throw new CliException($"--prompt-tokens {prompt}: must be in [1, --max-length {length}]", 2);
+                string methodName = parse.GetValue(method)!;
+                var inference = new InferencePlanOptions
+                {
+                    Mode = InferenceMode.Generate, PromptTokens = prompt, MaxNewTokens = length - prompt + 1,
+                    Quantization = methodName == "qlora" ? BaseQuantization.Nf4 : BaseQuantization.None,
+                    ComputeDType = bf16 ? DType.BF16 : DType.F32, BaseWeightDType = methodName == "lora" ? DType.BF16 : null,
+                    LoraRank = methodName == "full" || parse.GetValue(noAdapter) ? null : rankValue, LoraTargets = targetList, Device = planDevice,
+                };
+                InferencePlan inferencePlan;
+                try { inferencePlan = InferencePlan.Compute(config, inference); }
+                catch (ArgumentException e) { throw new CliException(Clean(e), 2, e); }
+                if (parse.GetValue(json)) stdout.WriteLine(inferencePlan.ToJson());
+                else Print(stdout, modelName, inferencePlan);
+                if (memory is { } im)
+                {
+                    if (inferencePlan.Fits(im)) stdout.WriteLine($"fits in {MemoryPlan.FormatBytes(im)} ({MemoryPlan.FormatBytes(im - inferencePlan.TotalBytes)} to spare)");
+                    else stdout.WriteLine(inferencePlan.DoesNotFitMessage(im));
+                }
+                return 0;
             }
             var options = new PlanOptions
             {
@@ -140,6 +179,29 @@ public static class EstimateCommand
                           (plan.OptimizerMapBytes > 0 ? ", 8-bit maps " + MemoryPlan.FormatBytes(plan.OptimizerMapBytes) : "") +
                           ". Paged optimizer state lives in host-backed managed memory and is not in the device total; " +
                           "the CUDA context and allocator rounding come on top.");
+    }
+
+    private static void Print(TextWriter stdout, string modelName, InferencePlan plan)
+    {
+        var o = plan.Options;
+        var console = Output.Console(stdout);
+        string setup = (o.Quantization == BaseQuantization.None ? (o.BaseWeightDType ?? o.ComputeDType).ToString().ToLowerInvariant() + " base" : "nf4 base (double quant)")
+                       + (o.LoraRank is { } r ? $", LoRA r={r} on {string.Join(",", o.LoraTargets)}" : ", no adapter");
+        console.WriteLine(
+            $"{modelName}: {plan.TotalParameterCount / 1e9:0.00} B parameters, generation with a KV cache of {o.MaxLength} tokens " +
+            $"(prompt {o.PromptTokens}); {setup}; {o.ComputeDType.ToString().ToLowerInvariant()} compute on {(o.Device == PlanDevice.Gpu ? "a GPU" : "the CPU")}");
+        var table = new Table().Border(TableBorder.Rounded).AddColumn("category").AddColumn(new TableColumn("bytes").RightAligned())
+            .AddColumn(new TableColumn("size").RightAligned()).AddColumn(new TableColumn("GB (10⁹)").RightAligned());
+        foreach (var (category, key, bytes) in plan.Rows())
+        {
+            string gb = (bytes / 1e9).ToString("0.000", CultureInfo.InvariantCulture);
+            string B(string t) => key == "total" ? "[bold]" + t + "[/]" : t;
+            table.AddRow(B(Markup.Escape(category)), B(bytes.ToString(CultureInfo.InvariantCulture)), B(MemoryPlan.FormatBytes(bytes)), B(gb));
+        }
+        console.Write(table);
+        console.WriteLine("Workspaces: dequantization scratch " + MemoryPlan.FormatBytes(plan.DequantScratchBytes) + ", RoPE tables " +
+                          MemoryPlan.FormatBytes(plan.RopeTableBytes) + ", the forward's workspace (prefill and decode) " +
+                          MemoryPlan.FormatBytes(plan.ForwardWorkspaceBytes) + ". The CUDA context and cuBLAS' workspace come on top.");
     }
 
     /// <summary>The message without .NET's " (Parameter 'x')" and "Actual value was" suffixes.</summary>

@@ -4,6 +4,7 @@ using System.Text.Json;
 using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Ops;
+using NativePeft.Planning;
 
 namespace NativePeft.Cli.Commands;
 
@@ -74,10 +75,26 @@ public static class EvalCommand
         var adapter = AdapterArgument.Load(adapterDir); // checked before the model is read
         using var ckpt = HfCheckpoint.Open(modelDir);
         var sequences = ReadJsonl(dataFile, ckpt.Config.VocabSize);
+        var modelOptions = new LlamaModelOptions { Quantization = quantization, ComputeDType = computeDType, Lora = adapter?.Config.ToLoraSettings() };
+        // On a GPU device every byte comes from a pool sized from the evaluation's plan (the forward of the longest
+        // sequence); on CUDA the plan is checked against free memory first.
+        InferencePlan? plan = null;
+        if (device != "cpu")
+        {
+            int longest = sequences.Where(s => s.Length >= 2).Select(s => s.Length).DefaultIfEmpty(1).Max();
+            plan = DevicePlanning.Inference(ckpt.Config, modelOptions, new InferencePlanOptions { Mode = InferenceMode.Eval, Seq = longest },
+                DevicePlanning.StoredQuantization(ckpt));
+        }
         var gpu = DeviceOption.Open(device);
-        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true);
+        DevicePool? pool = null;
+        if (gpu is not null)
+        {
+            try { pool = DevicePlanning.InferencePool(gpu, plan!); }
+            catch (PlanDoesNotFitException e) { throw new CliException($"--device {device}: the evaluation {e.Message}", 1, e); }
+        }
+        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);
         LlamaModel llama;
-        try { llama = LlamaModel.Load(ckpt, ops, new LlamaModelOptions { Quantization = quantization, ComputeDType = computeDType, Lora = adapter?.Config.ToLoraSettings() }); }
+        try { llama = LlamaModel.Load(ckpt, ops, modelOptions); }
         catch (ArgumentOutOfRangeException e) when (adapter is not null && e.ParamName == nameof(LoraSettings.Rank))
         {
             throw AdapterArgument.RankDoesNotFit(e, adapterDir!, modelDir);

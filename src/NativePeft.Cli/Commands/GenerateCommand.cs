@@ -8,6 +8,7 @@ using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Numerics;
 using NativePeft.Ops;
+using NativePeft.Planning;
 using NativePeft.Training;
 
 namespace NativePeft.Cli.Commands;
@@ -134,8 +135,34 @@ public static class GenerateCommand
             // A BF16 checkpoint keeps its frozen linear weights in BF16 (exact: they are BF16 already), half the memory.
             BaseWeightDType = bf16Stored ? DType.BF16 : null,
         };
+        // On a GPU device every byte comes from a pool sized from the generation's plan (weights, adapter, KV cache of
+        // prompt + --max-tokens − 1 tokens, the forward's workspace); on CUDA the plan is checked against free memory first.
+        InferencePlan? plan = null;
+        if (a.Device != "cpu")
+        {
+            try
+            {
+                plan = DevicePlanning.Inference(config, modelOptions,
+                    new InferencePlanOptions { Mode = InferenceMode.Generate, PromptTokens = promptIds.Length, MaxNewTokens = a.MaxTokens },
+                    DevicePlanning.StoredQuantization(ckpt));
+            }
+            catch (ArgumentOutOfRangeException e) when (e.ParamName == nameof(InferencePlanOptions.LoraRank))
+            {
+                throw new CliException($"--adapter {a.Adapter} does not fit --model {a.Model} (was it trained on another base model?): {e.Message.Split(" (Parameter")[0]}", 1, e);
+            }
+            catch (Exception e) when (e is HfCheckpointException or SafetensorsException or IOException)
+            {
+                throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
+            }
+        }
         var gpu = DeviceOption.Open(a.Device);
-        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true);
+        DevicePool? pool = null;
+        if (gpu is not null)
+        {
+            try { pool = DevicePlanning.InferencePool(gpu, plan!); }
+            catch (PlanDoesNotFitException e) { throw new CliException($"--device {a.Device}: the generation {e.Message}", 1, e); }
+        }
+        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);
         LlamaModel llama;
         try { llama = LlamaModel.Load(ckpt, ops, modelOptions); }
         catch (ArgumentOutOfRangeException e) when (e.ParamName == nameof(LoraSettings.Rank))

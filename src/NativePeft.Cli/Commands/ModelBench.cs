@@ -3,6 +3,7 @@ using System.Text.Json;
 using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Ops;
+using NativePeft.Planning;
 using Spectre.Console;
 
 namespace NativePeft.Cli.Commands;
@@ -38,7 +39,18 @@ internal static class ModelBench
         var computeDType = DeviceOption.ComputeDType(precision, device);
         var (config, batch, seq) = Shape(size);
         var gpu = DeviceOption.Open(device == "auto" ? "auto" : device);
-        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true);
+        using var _gpu = gpu;
+        string opsName = gpu?.Properties.Name ?? "CPU reference";
+        // On a GPU device each method runs on a memory pool sized from its training plan (DevicePlanning, as train does;
+        // the bench steps run no optimizer, so the pool's AdamW share stays unused), checked against CUDA's free memory.
+        IOps OpsFor(LlamaModelOptions options)
+        {
+            if (gpu is null) return new CpuOps();
+            var plan = DevicePlanning.Training(config, options, batch, seq, "adamw", clipGradients: false);
+            if (DevicePlanning.CheckFreeMemory(gpu, plan.DoesNotFitMessage) is { } message)
+                throw new CliException($"--device {device}: the {size} model's training step {message}");
+            return new GpuOps(gpu, ownsGpu: false, memory: DevicePool.ForGpu(gpu, plan));
+        }
         var lora = new LoraSettings { Rank = 16, Alpha = 32, TargetModules = LoraSettings.KnownTargets };
         var methods = new (string Name, LlamaModelOptions Options)[]
         {
@@ -52,7 +64,7 @@ internal static class ModelBench
         foreach (var (name, plainOptions) in methods)
         {
             var options = plainOptions with { ComputeDType = computeDType };
-            ops.Memory.ResetPeak();
+            using var ops = OpsFor(options);
             using var profiler = new ProfilingOps(ops);
             using var model = LlamaModel.CreateRandom(config, profiler, options, weightSeed: 1);
             double loss = Step(model, ids, batch, seq);                      // warm-up
@@ -80,7 +92,7 @@ internal static class ModelBench
         rows = rows.Select(r => r with { RelativeToLora = r.MsPerStep / loraMs }).ToList();
 
         string title = $"training step of a random Llama ({size}: hidden {config.HiddenSize}, {config.NumHiddenLayers} layers, " +
-                       $"vocab {config.VocabSize}; batch {batch} x {seq} tokens) on {ops.Name}, {computeDType.ToString().ToLowerInvariant()} compute";
+                       $"vocab {config.VocabSize}; batch {batch} x {seq} tokens) on {opsName}, {computeDType.ToString().ToLowerInvariant()} compute";
         if (json)
         {
             stdout.WriteLine(JsonSerializer.Serialize(new { title, rows },

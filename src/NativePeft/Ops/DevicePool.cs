@@ -21,8 +21,10 @@ public sealed record PoolArenaInfo(MemoryRegion Region, long ReservedBytes, long
 
 /// <summary>
 /// The memory pool: a <see cref="TensorMemory"/> that reserves its arenas with one device (or host) allocation each,
-/// up front, sized from a <see cref="MemoryPlan"/> with every tensor rounded up to <see cref="Alignment"/>
-/// (<see cref="MemoryPlan.Aligned"/>), and sub-allocates tensors from them:
+/// up front, sized from a <see cref="MemoryPlan"/> (training) or an <see cref="Planning.InferencePlan"/> (generation with a
+/// KV cache, evaluation) with every tensor rounded up to <see cref="Alignment"/> (<see cref="MemoryPlan.Aligned"/>), and
+/// sub-allocates tensors from them (an inference plan: persistent = weights, quantization state, adapters; transient = the
+/// KV cache and the forward's workspace, or eval's activations):
 /// <list type="bullet">
 /// <item><b>persistent</b> (<see cref="MemoryPlan.PersistentArenaBytes"/>): base weights, quantization state,
 /// adapters, gradients, dequantization scratch, device optimizer state and the 8-bit maps — allocated once;</item>
@@ -52,19 +54,39 @@ public sealed unsafe class DevicePool : TensorMemory
     private readonly Action<DevicePtr, long> _zero;
     private bool _disposed;
 
-    /// <summary>The plan the arenas were sized from (requested bytes, alignment 1).</summary>
-    public MemoryPlan Plan { get; }
+    /// <summary>The training plan the arenas were sized from (requested bytes, alignment 1); null for an <see cref="InferencePlan"/>.</summary>
+    public MemoryPlan? Plan { get; }
+    /// <summary>The inference plan (generate, eval) the arenas were sized from (requested bytes, alignment 1); null for a training plan.</summary>
+    public InferencePlan? InferencePlan { get; }
+    /// <summary>The plan's total (requested bytes): what <see cref="TensorMemory.PeakAllocatedBytes"/> reaches.</summary>
+    public long PlanTotalBytes { get; }
+    private readonly string _shape;
     public int Alignment { get; }
 
     private DevicePool(MemoryPlan plan, int alignment, IReadOnlyList<(int Batch, int Seq)> alsoFits,
         Func<long, DevicePtr> reserve, Action<DevicePtr> release, Action<DevicePtr, long> zero)
+        : this(Reservations(plan ?? throw new ArgumentNullException(nameof(plan)), alignment, alsoFits), plan.TotalBytes,
+            $"batch {plan.Options.Batch}, seq {plan.Options.Seq}", alignment, reserve, release, zero)
     {
-        ArgumentNullException.ThrowIfNull(plan);
         Plan = plan.Alignment == 1 ? plan : plan.Aligned(1);
+    }
+
+    private DevicePool(InferencePlan plan, int alignment, Func<long, DevicePtr> reserve, Action<DevicePtr> release, Action<DevicePtr, long> zero)
+        : this(Reservations(plan ?? throw new ArgumentNullException(nameof(plan)), alignment), plan.TotalBytes, plan.ShapeDescription,
+            alignment, reserve, release, zero)
+    {
+        InferencePlan = plan.Alignment == 1 ? plan : plan.Aligned(1);
+    }
+
+    private DevicePool((long Persistent, long RopeTables, long Transient) sizes, long planTotal, string shape, int alignment,
+        Func<long, DevicePtr> reserve, Action<DevicePtr> release, Action<DevicePtr, long> zero)
+    {
+        PlanTotalBytes = planTotal;
+        _shape = shape;
         Alignment = alignment;
         _release = release;
         _zero = zero;
-        var (persistent, rope, transient) = Reservations(plan, alignment, alsoFits);
+        var (persistent, rope, transient) = sizes;
         _arenas = new PoolArena[3];
         try
         {
@@ -86,7 +108,7 @@ public sealed unsafe class DevicePool : TensorMemory
                 catch (Exception e) when (e is not OutOfMemoryException)
                 {
                     throw new OutOfMemoryException(
-                        $"memory pool: reserving the {ArenaName(region)} arena of {Describe(bytes)} failed (plan total {Describe(Plan.TotalBytes)}): {e.Message}", e);
+                        $"memory pool: reserving the {ArenaName(region)} arena of {Describe(bytes)} failed (plan total {Describe(PlanTotalBytes)}): {e.Message}", e);
                 }
             }
             // cudaMalloc returns 256-byte aligned memory; a backing that aligns less (the emulator's host memory) gets
@@ -114,17 +136,41 @@ public sealed unsafe class DevicePool : TensorMemory
         return new DevicePool(plan, GpuAlignment, alsoFits, gpu.Alloc, gpu.Free, (p, n) => gpu.Memset(p, 0, n));
     }
 
+    /// <summary>
+    /// A pool of device memory of <paramref name="gpu"/> (256-byte alignment) sized from an inference plan (generation
+    /// with a KV cache, or evaluation): the aligned plan's persistent, rope-table and transient arenas.
+    /// </summary>
+    public static DevicePool ForGpu(IGpu gpu, InferencePlan plan)
+    {
+        ArgumentNullException.ThrowIfNull(gpu);
+        return new DevicePool(plan, GpuAlignment, gpu.Alloc, gpu.Free, (p, n) => gpu.Memset(p, 0, n));
+    }
+
+    /// <summary>A pool of host memory (64-byte alignment) for <see cref="CpuOps"/>, sized from an inference plan for <see cref="PlanDevice.Cpu"/>.</summary>
+    public static DevicePool ForHost(InferencePlan plan) => new(plan, HostAlignment, HostReserve, HostRelease, HostZero);
+
+    private static DevicePtr HostReserve(long bytes)
+    {
+        void* p = NativeMemory.AlignedAlloc((nuint)bytes, HostAlignment);
+        if (p == null) throw new OutOfMemoryException($"host allocation of {bytes} bytes failed");
+        return new DevicePtr((ulong)p);
+    }
+
+    private static void HostRelease(DevicePtr p) => NativeMemory.AlignedFree((void*)p.Address);
+
+    private static void HostZero(DevicePtr p, long n) => NativeMemory.Clear((void*)p.Address, (nuint)n);
+
+    /// <summary>The arena sizes for an inference plan at <paramref name="alignment"/>: the aligned plan's persistent, rope-table and transient bytes.</summary>
+    public static (long Persistent, long RopeTables, long Transient) Reservations(InferencePlan plan, int alignment)
+    {
+        ArgumentNullException.ThrowIfNull(plan);
+        var aligned = plan.Aligned(alignment);
+        return (aligned.PersistentArenaBytes, aligned.RopeArenaBytes, aligned.TransientArenaBytes);
+    }
+
     /// <summary>A pool of host memory (64-byte alignment) for <see cref="CpuOps"/>, sized from a plan for <see cref="PlanDevice.Cpu"/>.</summary>
     public static DevicePool ForHost(MemoryPlan plan, params IReadOnlyList<(int Batch, int Seq)> alsoFits) =>
-        new(plan, HostAlignment, alsoFits,
-            bytes =>
-            {
-                void* p = NativeMemory.AlignedAlloc((nuint)bytes, HostAlignment);
-                if (p == null) throw new OutOfMemoryException($"host allocation of {bytes} bytes failed");
-                return new DevicePtr((ulong)p);
-            },
-            p => NativeMemory.AlignedFree((void*)p.Address),
-            (p, n) => NativeMemory.Clear((void*)p.Address, (nuint)n));
+        new(plan, HostAlignment, alsoFits, HostReserve, HostRelease, HostZero);
 
     /// <summary>
     /// The arena sizes for <paramref name="plan"/> at <paramref name="alignment"/>: the aligned plan's
@@ -183,7 +229,7 @@ public sealed unsafe class DevicePool : TensorMemory
     public string Describe()
     {
         var sb = new StringBuilder();
-        sb.Append(CultureInfo.InvariantCulture, $"memory pool: peak {MemoryPlan.FormatBytes(PeakAllocatedBytes)} of the plan's {MemoryPlan.FormatBytes(Plan.TotalBytes)}");
+        sb.Append(CultureInfo.InvariantCulture, $"memory pool: peak {MemoryPlan.FormatBytes(PeakAllocatedBytes)} of the plan's {MemoryPlan.FormatBytes(PlanTotalBytes)}");
         foreach (var a in Arenas)
         {
             string name = a.Region switch { MemoryRegion.Persistent => "persistent", MemoryRegion.RopeTables => "rope tables", _ => "transient" };
@@ -206,7 +252,7 @@ public sealed unsafe class DevicePool : TensorMemory
                 throw new OutOfMemoryException(
                     $"memory pool: a request of {Describe(bytes)} does not fit the {arena.Name} arena of {Describe(arena.Size)} " +
                     $"({arena.InUse} bytes in use, largest free block {arena.LargestFree()} bytes); the memory plan's total is " +
-                    $"{Describe(Plan.TotalBytes)} (batch {Plan.Options.Batch}, seq {Plan.Options.Seq}): this run needs more than the plan it was sized for");
+                    $"{Describe(PlanTotalBytes)} ({_shape}): this run needs more than the plan it was sized for");
             p = arena.Base.Offset(offset);
         }
         _zero(p, bytes);

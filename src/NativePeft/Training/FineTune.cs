@@ -147,19 +147,12 @@ public sealed class FineTune : IDisposable
             if (gpu is not null)
             {
                 // A bitsandbytes checkpoint is loaded 4-bit as stored: plan its blocksize and absmax layout.
-                var stored = ckpt.IsQuantizedCheckpoint && o.Method != FineTuneMethod.Full && ckpt.TensorNames.FirstOrDefault(ckpt.IsQuantized) is { } q4
-                    ? ckpt.LoadQuantized(q4).State : null;
-                plan = MemoryPlan.Compute(ckpt.Config, new PlanOptions
-                {
-                    Method = o.Method == FineTuneMethod.Lora && stored is not null ? FineTuneMethod.Qlora : o.Method,
-                    Blocksize = stored?.Blocksize ?? 64, DoubleQuant = stored?.IsDoubleQuant ?? true,
-                    Rank = o.Lora.Rank, Alpha = o.Lora.Alpha, Targets = o.Lora.TargetModules, Batch = o.BatchSize, Seq = o.SeqLen,
-                    Recompute = o.Recompute, Optimizer = o.Optimizer, ComputeDType = modelOptions.ComputeDType, BaseWeightDType = modelOptions.BaseWeightDType,
-                    ClipGradients = true, // the trainer computes the global norm every step (grad_norm), clipping or not
-                    CrossEntropyChunk = modelOptions.CrossEntropyChunk,
-                });
+                var stored = o.Method != FineTuneMethod.Full ? DevicePlanning.StoredQuantization(ckpt) : null;
+                // The trainer computes the global norm every step (grad_norm), clipping or not.
+                plan = DevicePlanning.Training(ckpt.Config, modelOptions with { Lora = o.Lora }, o.BatchSize, o.SeqLen, o.Optimizer,
+                    clipGradients: true, stored: stored);
                 // Fail before the first step, with the options that would fit, when the plan exceeds the free device memory.
-                if (gpu is CudaGpu && plan.DoesNotFitMessage(gpu.MemoryInfo().Free) is { } message)
+                if (DevicePlanning.CheckFreeMemory(gpu, plan.DoesNotFitMessage) is { } message)
                 {
                     gpu.Dispose();
                     throw new FineTuneException(nameof(o.Device), $"{o.Device}: the run {message}");

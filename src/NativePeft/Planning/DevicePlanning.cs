@@ -1,0 +1,105 @@
+using NativePeft.IO;
+using NativePeft.Modules;
+using NativePeft.Numerics;
+using NativePeft.Ops;
+using NativePeft.Quantization;
+using NativePeft.Runtime;
+
+namespace NativePeft.Planning;
+
+/// <summary>
+/// The one place a run's memory plan is made from the <see cref="LlamaModelOptions"/> it loads the model with, and the
+/// device pool sized from it: training (<see cref="Training.FineTune"/>, `bench --model`), generation and evaluation
+/// (`generate`, `eval`).
+/// </summary>
+public static class DevicePlanning
+{
+    /// <summary>The blocksize and double quantization of a bitsandbytes checkpoint's 4-bit weights (loaded as stored), or null.</summary>
+    public static (int Blocksize, bool DoubleQuant)? StoredQuantization(HfCheckpoint checkpoint)
+    {
+        ArgumentNullException.ThrowIfNull(checkpoint);
+        if (!checkpoint.IsQuantizedCheckpoint || checkpoint.TensorNames.FirstOrDefault(checkpoint.IsQuantized) is not { } name) return null;
+        var state = checkpoint.LoadQuantized(name).State;
+        return (state.Blocksize, state.IsDoubleQuant);
+    }
+
+    /// <summary>
+    /// The training plan of a model loaded with <paramref name="model"/>: full fine-tuning, LoRA on a dense base (BF16-stored
+    /// or the compute dtype), or QLoRA on a 4-bit base (quantized on load, or a bitsandbytes checkpoint as
+    /// <paramref name="stored"/>), for a batch shape and an optimizer.
+    /// </summary>
+    public static MemoryPlan Training(LlamaConfig config, LlamaModelOptions model, int batch, int seq, string optimizer,
+        bool clipGradients = true, (int Blocksize, bool DoubleQuant)? stored = null, PlanDevice device = PlanDevice.Gpu)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        var method = model.FullFineTuning ? FineTuneMethod.Full
+            : model.Quantization != BaseQuantization.None || stored is not null ? FineTuneMethod.Qlora : FineTuneMethod.Lora;
+        if (method != FineTuneMethod.Full && model.Lora is null)
+            throw new ArgumentException("a training plan needs LoRA settings or full fine-tuning", nameof(model));
+        var lora = model.Lora ?? new LoraSettings();
+        if (method == FineTuneMethod.Full) stored = null;
+        return MemoryPlan.Compute(config, new PlanOptions
+        {
+            Method = method,
+            Blocksize = stored?.Blocksize ?? model.Blocksize, DoubleQuant = stored?.DoubleQuant ?? model.DoubleQuant,
+            QuantType = model.Quantization == BaseQuantization.Fp4 ? QuantType.Fp4 : QuantType.Nf4,
+            Rank = lora.Rank, Alpha = lora.Alpha, Targets = lora.TargetModules, Batch = batch, Seq = seq,
+            Recompute = model.Recompute, Optimizer = optimizer, ComputeDType = model.ComputeDType,
+            BaseWeightDType = method == FineTuneMethod.Lora ? model.BaseWeightDType ?? model.ComputeDType : null,
+            ClipGradients = clipGradients, CrossEntropyChunk = model.CrossEntropyChunk, Device = device,
+        });
+    }
+
+    /// <summary>The inference plan of a model loaded with <paramref name="model"/> (no full fine-tuning), its adapter included.</summary>
+    public static InferencePlan Inference(LlamaConfig config, LlamaModelOptions model, InferencePlanOptions shape,
+        (int Blocksize, bool DoubleQuant)? stored = null)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        ArgumentNullException.ThrowIfNull(shape);
+        if (model.FullFineTuning) throw new ArgumentException("an inference plan is for a frozen model (no full fine-tuning)", nameof(model));
+        bool q4 = model.Quantization != BaseQuantization.None || stored is not null;
+        return InferencePlan.Compute(config, shape with
+        {
+            Quantization = !q4 ? BaseQuantization.None : model.Quantization == BaseQuantization.Fp4 ? BaseQuantization.Fp4 : BaseQuantization.Nf4,
+            Blocksize = stored?.Blocksize ?? model.Blocksize, DoubleQuant = stored?.DoubleQuant ?? model.DoubleQuant,
+            ComputeDType = model.ComputeDType, BaseWeightDType = q4 ? null : model.BaseWeightDType,
+            LoraRank = model.Lora?.Rank, LoraTargets = model.Lora?.TargetModules ?? LoraSettings.KnownTargets,
+            CrossEntropyChunk = model.CrossEntropyChunk,
+        });
+    }
+
+    /// <summary>
+    /// On a CUDA device, <paramref name="doesNotFit"/> of its free memory (the plan's one-line message, or null when it
+    /// fits); null on the emulator (host memory) and the CPU.
+    /// </summary>
+    public static string? CheckFreeMemory(IGpu gpu, Func<long, string?> doesNotFit)
+    {
+        ArgumentNullException.ThrowIfNull(gpu);
+        ArgumentNullException.ThrowIfNull(doesNotFit);
+        return gpu is CudaGpu ? doesNotFit(gpu.MemoryInfo().Free) : null;
+    }
+
+    /// <summary>
+    /// The device pool for an inference plan on <paramref name="gpu"/>, after checking the plan against a CUDA device's
+    /// free memory: a <see cref="PlanDoesNotFitException"/> with the one-line message naming the options that would fit.
+    /// The GPU is disposed when this throws.
+    /// </summary>
+    public static DevicePool InferencePool(IGpu gpu, InferencePlan plan)
+    {
+        ArgumentNullException.ThrowIfNull(gpu);
+        ArgumentNullException.ThrowIfNull(plan);
+        try
+        {
+            if (CheckFreeMemory(gpu, plan.DoesNotFitMessage) is { } message) throw new PlanDoesNotFitException(message);
+            return DevicePool.ForGpu(gpu, plan);
+        }
+        catch
+        {
+            gpu.Dispose();
+            throw;
+        }
+    }
+}
+
+/// <summary>A memory plan exceeds the device's free memory; the message names the options that would make it fit.</summary>
+public sealed class PlanDoesNotFitException(string message) : Exception(message);
