@@ -79,21 +79,7 @@ public static class GenerateCommand
             if (!File.Exists(Path.Combine(modelDir, LlamaConfig.FileName)))
                 throw new CliException($"--model {a.Model}: no {LlamaConfig.FileName} (not a Hugging Face model folder)");
         }
-        PeftAdapter? lora = null;
-        if (a.Adapter is not null)
-        {
-            string full = Path.GetFullPath(a.Adapter);
-            try { lora = PeftAdapter.Load(full); }
-            catch (PeftAdapterException e) when (e.Problems.Count > 1)
-            {
-                // The summary line and the first problems (the exception lists up to 40).
-                throw new CliException($"--adapter {a.Adapter}: {Strip(e.Message.Split('\n')[0], full)}{Problems(e)}", 1, e);
-            }
-            catch (Exception e) when (e is PeftAdapterException or SafetensorsException or IOException or UnauthorizedAccessException)
-            {
-                throw new CliException($"--adapter {a.Adapter}: {Strip(e.Message, full)}", 1, e);
-            }
-        }
+        var lora = AdapterArgument.Load(a.Adapter);
 
         HfCheckpoint ckpt;
         try { ckpt = HfCheckpoint.Open(modelDir); }
@@ -165,23 +151,16 @@ public static class GenerateCommand
         using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);
         LlamaModel llama;
         try { llama = LlamaModel.Load(ckpt, ops, modelOptions); }
-        catch (ArgumentOutOfRangeException e) when (e.ParamName == nameof(LoraSettings.Rank))
+        catch (ArgumentOutOfRangeException e) when (lora is not null && e.ParamName == nameof(LoraSettings.Rank))
         {
-            throw new CliException($"--adapter {a.Adapter} does not fit --model {a.Model} (was it trained on another base model?): {e.Message.Split(" (Parameter")[0]}", 1, e);
+            throw AdapterArgument.RankDoesNotFit(e, a.Adapter!, a.Model);
         }
         catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
         {
             throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
         }
         using var _llama = llama;
-        if (lora is not null)
-        {
-            try { lora.ApplyTo(llama); }
-            catch (PeftAdapterException e)
-            {
-                throw new CliException($"--adapter {a.Adapter} does not fit --model {a.Model} (was it trained on another base model?): {Problems(e)}", 1, e);
-            }
-        }
+        if (lora is not null) AdapterArgument.Apply(lora, llama, a.Adapter!, a.Model);
 
         // ---- generate, streaming the text unless --json
         var generator = new TextGenerator(llama, tokenizer);
@@ -232,17 +211,4 @@ public static class GenerateCommand
     }
 
     private static string Num(double v) => v.ToString("R", CultureInfo.InvariantCulture);
-
-    /// <summary>The message with a leading "path: " dropped (the caller names the folder itself).</summary>
-    private static string Strip(string message, string path) =>
-        message.StartsWith(path + ": ", StringComparison.Ordinal) ? message[(path.Length + 2)..] : message;
-
-    /// <summary>The first problems of an adapter mismatch, one per line.</summary>
-    private static string Problems(PeftAdapterException e)
-    {
-        const int Shown = 3;
-        if (e.Problems.Count == 0) return e.Message;
-        string text = string.Join("", e.Problems.Take(Shown).Select(p => "\n  - " + p));
-        return e.Problems.Count > Shown ? text + $"\n  … and {e.Problems.Count - Shown} more" : text;
-    }
 }

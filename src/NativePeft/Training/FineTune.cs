@@ -119,6 +119,8 @@ public sealed class FineTune : IDisposable
             throw new FineTuneException(nameof(o.Model), $"{modelDir}: {e.Message}", e);
         }
         IOps? ops = null;
+        IGpu? gpu = null;
+        DevicePool? pool = null;
         LlamaModel? model = null;
         try
         {
@@ -136,32 +138,37 @@ public sealed class FineTune : IDisposable
 
             var modelOptions = ModelOptions(o);
             string deviceName = "cpu";
-            IGpu? gpu = null;
             if (o.Device != "cpu")
             {
                 gpu = GpuFactory.TryCreate(o.Device, out var reason) ?? throw new FineTuneException(nameof(o.Device), $"{o.Device}: {reason}");
                 deviceName = gpu.Properties.Name;
             }
             MemoryPlan? plan = null;
-            DevicePool? pool = null;
             if (gpu is not null)
             {
-                // A bitsandbytes checkpoint is loaded 4-bit as stored: plan its blocksize and absmax layout.
-                var stored = o.Method != FineTuneMethod.Full ? DevicePlanning.StoredQuantization(ckpt) : null;
-                // The trainer computes the global norm every step (grad_norm), clipping or not.
-                plan = DevicePlanning.Training(ckpt.Config, modelOptions with { Lora = o.Lora }, o.BatchSize, o.SeqLen, o.Optimizer,
-                    clipGradients: true, stored: stored);
+                try
+                {
+                    // A bitsandbytes checkpoint is loaded 4-bit as stored: plan its blocksize and absmax layout.
+                    var stored = o.Method != FineTuneMethod.Full ? DevicePlanning.StoredQuantization(ckpt) : null;
+                    // The trainer computes the global norm every step (grad_norm), clipping or not.
+                    plan = DevicePlanning.Training(ckpt.Config, modelOptions with { Lora = o.Lora }, o.BatchSize, o.SeqLen, o.Optimizer,
+                        clipGradients: true, stored: stored);
+                }
+                catch (ArgumentOutOfRangeException e) when (e.ParamName is "Rank" or nameof(LoraSettings.Rank))
+                {
+                    throw new FineTuneException("Rank", $"{o.Lora.Rank}: {e.Message.Split(" (Parameter")[0]}", e);
+                }
+                catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
+                {
+                    throw new FineTuneException(nameof(o.Model), $"{modelDir}: {e.Message}", e);
+                }
                 // Fail before the first step, with the options that would fit, when the plan exceeds the free device memory.
                 if (DevicePlanning.CheckFreeMemory(gpu, plan.DoesNotFitMessage) is { } message)
-                {
-                    gpu.Dispose();
                     throw new FineTuneException(nameof(o.Device), $"{o.Device}: the run {message}");
-                }
                 // The device memory pool, sized from the plan (and for the built-in task's greedy generation: B=1, prompt + answer).
                 int generation = data?.Data.ExactMatchProblems?.Select(p => tokenizer.Encode(p.Prompt, tokenizer.BosId is not null).Length
                     + tokenizer.Encode(p.Answer, false).Length + 1).DefaultIfEmpty(0).Max() ?? 0;
-                try { pool = DevicePool.ForGpu(gpu, plan, generation > 0 ? [(1, generation)] : []); }
-                catch { gpu.Dispose(); throw; }
+                pool = DevicePool.ForGpu(gpu, plan, generation > 0 ? [(1, generation)] : []);
             }
             ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);
             try { model = LlamaModel.Load(ckpt, ops, modelOptions); }
@@ -183,7 +190,12 @@ public sealed class FineTune : IDisposable
         catch
         {
             model?.Dispose();
-            ops?.Dispose();
+            if (ops is not null) ops.Dispose(); // it owns the pool and the device
+            else
+            {
+                pool?.Dispose();
+                gpu?.Dispose();
+            }
             ckpt.Dispose();
             throw;
         }
