@@ -337,9 +337,13 @@ public sealed unsafe class GpuOps : IOps
         float scale = GpuLossOps.BackwardScale(dloss, count);
         chunk = Math.Min(chunk, vocab);
         var z = _memory.Allocate(dtype, rows, chunk);
+        // bf16 activations over several chunks: dhidden is summed over the chunks in an fp32 buffer and rounded once at
+        // the end (as one GEMM with fp32 accumulation would), not rounded to bf16 after every chunk.
+        Tensor? sum = dtype == DType.BF16 && vocab > chunk ? _memory.Allocate(DType.F32, rows, hidden.Columns) : null;
         try
         {
-            Fill(dhidden, 0);
+            var acc = sum ?? dhidden;
+            Fill(acc, 0);
             for (int v0 = 0; v0 < vocab; v0 += chunk)
             {
                 int c = Math.Min(chunk, vocab - v0);
@@ -347,12 +351,17 @@ public sealed unsafe class GpuOps : IOps
                 var wc = weight.RowSlice(v0, c);
                 Matmul(hidden, false, wc, true, zc);
                 _loss.ChunkBackward(dtype, zc.Data, rows, c, c, v0, labels.Data, lse.Data, scale);
-                Matmul(zc, false, wc, false, dhidden, 1, 1);                          // dhidden += dz · W_chunk
+                Matmul(zc, false, wc, false, acc, 1, 1);                              // dhidden += dz · W_chunk
                 if (dweight is not null) Matmul(zc, true, hidden, false, dweight.RowSlice(v0, c), 1, 1); // dW_chunk += dzᵀ · hidden
             }
+            if (sum is not null) Copy(sum, dhidden);
             _gpu.Synchronize();
         }
-        finally { _memory.Free(z); }
+        finally
+        {
+            if (sum is not null) _memory.Free(sum);
+            _memory.Free(z);
+        }
     }
 
     public void Dispose()

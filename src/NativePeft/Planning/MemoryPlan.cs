@@ -40,7 +40,8 @@ namespace NativePeft.Planning;
 /// <item><b>Workspaces</b>: the shared dequantization/widening scratch (the largest projection in the compute dtype,
 /// with a 4-bit or BF16-stored base), the RoPE cos/sin tables [max(T, 64), D/2] (fp32 with BF16 compute), the 8-bit
 /// optimizers' two 256-entry maps (GPU), and the largest transient op workspace (GPU): the cross-entropy's chunk logits
-/// [N, min(chunk, V)] plus four fp32 rows in the forward, attention backward's fp32 [B, H, T], clipping's 1025 fp64.</item>
+/// [N, min(chunk, V)] plus four fp32 rows in the forward (in the backward with bf16 activations and more than one chunk,
+/// plus the fp32 [N, C] sum of dhidden), attention backward's fp32 [B, H, T], clipping's 1025 fp64.</item>
 /// </list>
 /// <para>
 /// <see cref="TotalBytes"/> is the pool's peak in a steady training step (every category at once, plus the largest
@@ -287,7 +288,8 @@ public sealed class MemoryPlan
         {
             long chunk = Math.Min(o.CrossEntropyChunk, V);
             long ceForward = Bytes(DType.F32, 4 * N) + Bytes(d, N * chunk);
-            long ceBackward = Bytes(d, N * chunk);
+            // With bf16 activations over more than one chunk, dhidden is summed in an fp32 [N, C] buffer and rounded once.
+            long ceBackward = Bytes(d, N * chunk) + (d == DType.BF16 && V > chunk ? Bytes(DType.F32, N * c.HiddenSize) : 0);
             long attention = Bytes(DType.F32, B * c.NumAttentionHeads * T);
             long clip = o.ClipGradients ? Bytes(DType.F64, GpuOptimKernels.MaxSumSquaresBlocks + 1) : 0;
             TransientWorkspaceBytes = Math.Max(Math.Max(ceForward, ceBackward), Math.Max(attention, clip));
