@@ -49,7 +49,9 @@ public static class Program
         {
             // A device failure mid-run (out of memory after the plan check, a failing cuBLAS call, a kernel fault):
             // one line for the user, not a stack trace.
-            stderr.WriteLine("error: " + e.Message + (e is OutOfMemoryException || (e is CudaException c && c.Result == CuResult.OutOfMemory)
+            // (The memory pool's own message already says which arena and plan; the hint is for the driver's.)
+            stderr.WriteLine("error: " + e.Message + ((e is OutOfMemoryException && !e.Message.StartsWith("memory pool:", StringComparison.Ordinal))
+                || (e is CudaException c && c.Result == CuResult.OutOfMemory)
                 ? " (try --recompute, a smaller --batch or --seq, or --method qlora; `nativepeft estimate` shows the plan)"
                 : ""));
             return 1;

@@ -252,10 +252,18 @@ public sealed unsafe class DevicePool : TensorMemory
                 throw new OutOfMemoryException(
                     $"memory pool: a request of {Describe(bytes)} does not fit the {arena.Name} arena of {Describe(arena.Size)} " +
                     $"({arena.InUse} bytes in use, largest free block {arena.LargestFree()} bytes); the memory plan's total is " +
-                    $"{Describe(PlanTotalBytes)} ({_shape}): this run needs more than the plan it was sized for");
+                    $"{Describe(PlanTotalBytes)} ({_shape}): this run needs more than the plan it was sized for" +
+                    (region == MemoryRegion.Transient
+                        ? " (generating with a model sized for training: call LlamaModel.ReleaseActivations() first, as the trainer's evaluation does)"
+                        : ""));
             p = arena.Base.Offset(offset);
         }
-        _zero(p, bytes);
+        try { _zero(p, bytes); }
+        catch
+        {
+            FreeBytes(p); // a failed zero-fill (a device fault) must not leak the block
+            throw;
+        }
         return p;
     }
 
