@@ -21,6 +21,20 @@ public sealed unsafe class CpuOps : IOps
 
     private static Span<T> S<T>(Tensor t) where T : unmanaged => new((void*)t.Data.Address, checked((int)t.Count));
 
+    /// <summary>
+    /// The elements of <paramref name="t"/> in place when <paramref name="ops"/> keeps tensors in host memory
+    /// (<see cref="HostTensorMemory"/>: CpuOps, also behind <see cref="ProfilingOps"/>), so host-side code (the
+    /// optimizer, gradient clipping) can work without a Download/Upload copy; false (and an empty span) otherwise.
+    /// </summary>
+    public static bool TryGetHostSpan<T>(IOps ops, Tensor t, out Span<T> span) where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(ops);
+        ArgumentNullException.ThrowIfNull(t);
+        if (ops.Memory is not HostTensorMemory || DTypes.Of<T>() != t.DType) { span = default; return false; }
+        span = S<T>(t);
+        return true;
+    }
+
     private static void Require(Tensor t, string name, params DType[] dtypes)
     {
         if (Array.IndexOf(dtypes, t.DType) < 0)
