@@ -1,4 +1,7 @@
 using System.Numerics;
+using System.Numerics.Tensors;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 using NativePeft.Numerics;
 using NativePeft.Ops.Reference;
 using NativePeft.Quantization;
@@ -98,7 +101,7 @@ public sealed unsafe class CpuOps : IOps
             new Span<byte>((void*)source.Data.Address, checked((int)source.Bytes)).CopyTo(new Span<byte>((void*)destination.Data.Address, checked((int)destination.Bytes)));
             return;
         }
-        if (source.DType == DType.BF16 && destination.DType == DType.F32) { BFloat16.ToSingle(S<BFloat16>(source), S<float>(destination)); return; }
+        if (source.DType == DType.BF16 && destination.DType == DType.F32) { WidenBf16(S<ushort>(source), S<uint>(destination)); return; }
         if (source.DType == DType.F32 && destination.DType == DType.BF16) { BFloat16.FromSingle(S<float>(source), S<BFloat16>(destination)); return; }
         double[] tmp = ToDouble(source);
         switch (destination.DType)
@@ -108,6 +111,20 @@ public sealed unsafe class CpuOps : IOps
             case DType.BF16: { var d = S<BFloat16>(destination); for (int i = 0; i < tmp.Length; i++) d[i] = BFloat16.FromSingle((float)tmp[i]); break; }
             default: throw new ArgumentException($"Copy: dtype {destination.DType} not supported", nameof(destination));
         }
+    }
+
+    /// <summary>bf16 → fp32 (the bf16 bits are the float's high half: exact), eight at a time (the LoRA base's widening).</summary>
+    private static void WidenBf16(ReadOnlySpan<ushort> source, Span<uint> destination)
+    {
+        int i = 0, n = source.Length;
+        if (Vector256.IsHardwareAccelerated)
+        {
+            ref ushort s = ref MemoryMarshal.GetReference(source);
+            ref uint d = ref MemoryMarshal.GetReference(destination);
+            for (; i <= n - 8; i += 8)
+                Vector256.ShiftLeft(Vector256.WidenLower(Vector128.LoadUnsafe(ref s, (nuint)i).ToVector256Unsafe()), 16).StoreUnsafe(ref d, (nuint)i);
+        }
+        for (; i < n; i++) destination[i] = (uint)source[i] << 16;
     }
 
     private static double[] ToDouble(Tensor t)
@@ -126,26 +143,23 @@ public sealed unsafe class CpuOps : IOps
     public void Add(Tensor a, Tensor b, Tensor c)
     {
         b.ExpectCount(nameof(b), a.Count); c.ExpectCount(nameof(c), a.Count);
-        if (Compute("Add", a, b, c) == DType.F32) AddT(S<float>(a), S<float>(b), S<float>(c));
-        else AddT(S<double>(a), S<double>(b), S<double>(c));
-    }
-
-    private static void AddT<T>(Span<T> a, Span<T> b, Span<T> c) where T : INumber<T>
-    {
-        for (int i = 0; i < c.Length; i++) c[i] = a[i] + b[i];
+        // TensorPrimitives: the same elementwise IEEE operations as a scalar loop, vectorized (also below).
+        if (Compute("Add", a, b, c) == DType.F32) TensorPrimitives.Add(S<float>(a), S<float>(b), S<float>(c));
+        else TensorPrimitives.Add(S<double>(a), S<double>(b), S<double>(c));
     }
 
     public void Axpy(double alpha, Tensor x, Tensor y)
     {
         y.ExpectCount(nameof(y), x.Count);
-        if (Compute("Axpy", x, y) == DType.F32) { var xs = S<float>(x); var ys = S<float>(y); float a = (float)alpha; for (int i = 0; i < ys.Length; i++) ys[i] += a * xs[i]; }
-        else { var xs = S<double>(x); var ys = S<double>(y); for (int i = 0; i < ys.Length; i++) ys[i] += alpha * xs[i]; }
+        // y = x · alpha + y: multiply, then add (not fused), as y[i] += alpha · x[i].
+        if (Compute("Axpy", x, y) == DType.F32) { var ys = S<float>(y); TensorPrimitives.MultiplyAdd(S<float>(x), (float)alpha, ys, ys); }
+        else { var ys = S<double>(y); TensorPrimitives.MultiplyAdd(S<double>(x), alpha, ys, ys); }
     }
 
     public void Scale(Tensor x, double alpha)
     {
-        if (Compute("Scale", x) == DType.F32) { var s = S<float>(x); float a = (float)alpha; for (int i = 0; i < s.Length; i++) s[i] *= a; }
-        else { var s = S<double>(x); for (int i = 0; i < s.Length; i++) s[i] *= alpha; }
+        if (Compute("Scale", x) == DType.F32) { var s = S<float>(x); TensorPrimitives.Multiply(s, (float)alpha, s); }
+        else { var s = S<double>(x); TensorPrimitives.Multiply(s, alpha, s); }
     }
 
     public void Dropout(Tensor x, Tensor mask, double p, ulong seed, Tensor y)
