@@ -1,6 +1,7 @@
 using System.Numerics;
 using System.Runtime.Intrinsics;
 using static NativePeft.Ops.Reference.RefChecks;
+using static NativePeft.Ops.Reference.RefVector;
 
 namespace NativePeft.Ops.Reference;
 
@@ -94,8 +95,6 @@ public static class SwiGluRef
     // and float and double inputs take the same path for the same index.
     // ----------------------------------------------------------------------------------------------
 
-    private const int Lanes = 4;
-
     /// <summary>Elements per parallel chunk (a multiple of <see cref="Lanes"/>).</summary>
     private const int ChunkElements = 16 * 1024;
 
@@ -106,20 +105,6 @@ public static class SwiGluRef
         if (chunks <= 1) { if (n > 0) body(0, n); return; }
         RefParallel.For(chunks, 8L * ChunkElements, c => // exp: worth about 8 multiply-adds an element
             body(c * ChunkElements, (int)Math.Min(n, (long)(c + 1) * ChunkElements)));
-    }
-
-    private static unsafe Vector256<double> Load<T>(T* p) where T : unmanaged
-    {
-        if (typeof(T) == typeof(double)) return Vector256.Load((double*)p);
-        var f = Vector128.Load((float*)p);
-        return Vector256.Create(Vector128.WidenLower(f), Vector128.WidenUpper(f));
-    }
-
-    /// <summary>Stores four doubles as T (for float: rounded to nearest even, as the scalar cast).</summary>
-    private static unsafe void Store<T>(T* p, Vector256<double> v) where T : unmanaged
-    {
-        if (typeof(T) == typeof(double)) v.Store((double*)p);
-        else Vector128.Narrow(v.GetLower(), v.GetUpper()).Store((float*)p);
     }
 
     private static Vector256<double> Sigmoid(Vector256<double> z) => Vector256<double>.One / (Vector256<double>.One + Vector256.Exp(-z));
