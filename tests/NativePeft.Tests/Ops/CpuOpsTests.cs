@@ -120,6 +120,38 @@ public class CpuOpsTests
         Assert.That(got, Is.EqualTo(a.Select(x => x * -1.7f)));
     }
 
+    [TestCase(1)]
+    [TestCase(7)]
+    [TestCase(3 * 16 * 1024 + 5)] // several parallel chunks and a partial Philox block at the end
+    public void DropoutMaskIsTheKernelsPhiloxStreamForAnyThreadCount(int n)
+    {
+        const ulong seed = 0x1234_5678_9ABCUL;
+        var want = new byte[n];
+        GpuElementwiseOps.DropoutMaskHost(want, seed, 0, 0.3); // element by element, as documented for the kernel
+        foreach (int degree in new[] { 1, 0, 3 })
+        {
+            NativePeft.Ops.Reference.RefParallel.MaxDegreeOverride = degree;
+            try
+            {
+                var got = new byte[n];
+                CpuOps.DropoutMask(got, seed, 0.3);
+                Assert.That(got, Is.EqualTo(want), $"{degree} threads");
+            }
+            finally { NativePeft.Ops.Reference.RefParallel.MaxDegreeOverride = 0; }
+        }
+        // Through the op: the mask it writes, and y = x · (float)(1/(1 − p)) where kept.
+        using var ops = new CpuOps();
+        var x = ops.Memory.Allocate(DType.F32, n); var mask = ops.Memory.Allocate(DType.U8, n); var y = ops.Memory.Allocate(DType.F32, n);
+        float[] xs = Rand(n, 90).Select(v => (float)v).ToArray();
+        ops.Upload<float>(xs, x);
+        ops.Dropout(x, mask, 0.3, seed, y);
+        var m = new byte[n]; var ys = new float[n];
+        ops.Download<byte>(mask, m); ops.Download<float>(y, ys);
+        Assert.That(m, Is.EqualTo(want));
+        float k = (float)(1 / (1 - 0.3));
+        Assert.That(ys, Is.EqualTo(xs.Select((v, i) => want[i] != 0 ? v * k : 0f)));
+    }
+
     [Test]
     public void DequantizeRowRangeEqualsTheSameRowsOfTheWholeWeight()
     {
