@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Numerics;
 using System.Numerics.Tensors;
 using System.Runtime.InteropServices;
@@ -114,6 +115,7 @@ public sealed unsafe class CpuOps : IOps
     }
 
     /// <summary>bf16 → fp32 (the bf16 bits are the float's high half: exact), eight at a time (the LoRA base's widening).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void WidenBf16(ReadOnlySpan<ushort> source, Span<uint> destination)
     {
         int i = 0, n = source.Length;

@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 using NativePeft.Quantization;
@@ -81,6 +82,7 @@ public static class AdamWMath
     }
 
     /// <summary>The adamw_f32 kernel on host spans.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void StepF32(Span<float> p, ReadOnlySpan<float> g, Span<float> m, Span<float> v, in AdamWStepScalars s)
     {
         int n = p.Length;

@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Numerics;
 using System.Numerics.Tensors;
 
@@ -169,6 +170,7 @@ public static class AttentionRef
     private sealed unsafe class ForwardWork<T>(Shape s, int qLen, int kvLen, T* q, T* k, T* v, T* output, T* lse)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Run(int item)
         {
             int b = item / s.Hq, h = item % s.Hq, g = h / s.Group, D = s.D;
@@ -217,6 +219,7 @@ public static class AttentionRef
     private sealed unsafe class BackwardWork<T>(Shape s, T* dout, T* q, T* k, T* v, T* output, T* lse, T* dq, T* dk, T* dv)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Run(int item)
         {
             int b = item / s.Hkv, g = item % s.Hkv, D = s.D;

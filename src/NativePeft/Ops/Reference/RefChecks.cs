@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Numerics;
 using System.Runtime.Intrinsics;
 
@@ -81,6 +82,7 @@ internal static unsafe class RefVector
 {
     public const int Lanes = 4;
 
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector256<double> Load<T>(T* p) where T : unmanaged
     {
         if (typeof(T) == typeof(double)) return Vector256.Load((double*)p);
@@ -88,6 +90,7 @@ internal static unsafe class RefVector
         return Vector256.Create(Vector128.WidenLower(f), Vector128.WidenUpper(f));
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static void Store<T>(T* p, Vector256<double> v) where T : unmanaged
     {
         if (typeof(T) == typeof(double)) v.Store((double*)p);

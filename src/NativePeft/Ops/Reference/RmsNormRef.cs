@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Numerics;
 using System.Numerics.Tensors;
 using System.Runtime.Intrinsics;
@@ -35,6 +36,7 @@ public static class RmsNormRef
         }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static unsafe void ForwardRow<T>(T* xr, T* weight, T* yr, T* rstd, int cols, double eps) where T : unmanaged, IFloatingPointIeee754<T>
     {
         double sumSquares = 0;
@@ -54,6 +56,7 @@ public static class RmsNormRef
     /// <paramref name="dweight"/> is not empty, ACCUMULATES <c>dweight[c] += Σ_n dy[n,c]·x[n,c]·rstd[n]</c>
     /// (summed over rows in order in double, added once). Allocates one double[cols] when dweight is given.
     /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static unsafe void Backward<T>(ReadOnlySpan<T> dy, ReadOnlySpan<T> x, ReadOnlySpan<T> weight, ReadOnlySpan<T> rstd,
         Span<T> dx, Span<T> dweight, int rows, int cols) where T : unmanaged, IFloatingPointIeee754<T>
     {
@@ -94,6 +97,7 @@ public static class RmsNormRef
             for (int c = 0; c < cols; c++) dweight[c] = R<T>(D(dweight[c]) + dwSum[c]);
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static unsafe void BackwardRow<T>(T* dyr, T* xr, T* weight, double r, T* dxr, int cols) where T : unmanaged, IFloatingPointIeee754<T>
     {
         double dot = 0; // Σ_j w[j]·dy[j]·x[j], in order

@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Numerics;
 using System.Runtime.Intrinsics;
 using static NativePeft.Ops.Reference.RefChecks;
@@ -28,6 +29,7 @@ public static class SwiGluRef
         }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static unsafe void ForwardRange<T>(T* gate, T* up, T* h, int start, int end) where T : unmanaged, IFloatingPointIeee754<T>
     {
         int i = start;
@@ -65,6 +67,7 @@ public static class SwiGluRef
         }
     }
 
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static unsafe void BackwardRange<T>(T* dh, T* gate, T* up, T* dgate, T* dup, int start, int end)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
