@@ -1,4 +1,8 @@
+using System.Runtime.CompilerServices;
 using System.Numerics;
+using System.Numerics.Tensors;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 using NativePeft.Numerics;
 using NativePeft.Ops.Reference;
 using NativePeft.Quantization;
@@ -20,6 +24,20 @@ public sealed unsafe class CpuOps : IOps
     public TensorMemory Memory => _memory;
 
     private static Span<T> S<T>(Tensor t) where T : unmanaged => new((void*)t.Data.Address, checked((int)t.Count));
+
+    /// <summary>
+    /// The elements of <paramref name="t"/> in place when <paramref name="ops"/> keeps tensors in host memory
+    /// (<see cref="HostTensorMemory"/>: CpuOps, also behind <see cref="ProfilingOps"/>), so host-side code (the
+    /// optimizer, gradient clipping) can work without a Download/Upload copy; false (and an empty span) otherwise.
+    /// </summary>
+    public static bool TryGetHostSpan<T>(IOps ops, Tensor t, out Span<T> span) where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(ops);
+        ArgumentNullException.ThrowIfNull(t);
+        if (ops.Memory is not HostTensorMemory || DTypes.Of<T>() != t.DType) { span = default; return false; }
+        span = S<T>(t);
+        return true;
+    }
 
     private static void Require(Tensor t, string name, params DType[] dtypes)
     {
@@ -84,7 +102,7 @@ public sealed unsafe class CpuOps : IOps
             new Span<byte>((void*)source.Data.Address, checked((int)source.Bytes)).CopyTo(new Span<byte>((void*)destination.Data.Address, checked((int)destination.Bytes)));
             return;
         }
-        if (source.DType == DType.BF16 && destination.DType == DType.F32) { BFloat16.ToSingle(S<BFloat16>(source), S<float>(destination)); return; }
+        if (source.DType == DType.BF16 && destination.DType == DType.F32) { WidenBf16(S<ushort>(source), S<uint>(destination)); return; }
         if (source.DType == DType.F32 && destination.DType == DType.BF16) { BFloat16.FromSingle(S<float>(source), S<BFloat16>(destination)); return; }
         double[] tmp = ToDouble(source);
         switch (destination.DType)
@@ -94,6 +112,21 @@ public sealed unsafe class CpuOps : IOps
             case DType.BF16: { var d = S<BFloat16>(destination); for (int i = 0; i < tmp.Length; i++) d[i] = BFloat16.FromSingle((float)tmp[i]); break; }
             default: throw new ArgumentException($"Copy: dtype {destination.DType} not supported", nameof(destination));
         }
+    }
+
+    /// <summary>bf16 → fp32 (the bf16 bits are the float's high half: exact), eight at a time (the LoRA base's widening).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void WidenBf16(ReadOnlySpan<ushort> source, Span<uint> destination)
+    {
+        int i = 0, n = source.Length;
+        if (Vector256.IsHardwareAccelerated)
+        {
+            ref ushort s = ref MemoryMarshal.GetReference(source);
+            ref uint d = ref MemoryMarshal.GetReference(destination);
+            for (; i <= n - 8; i += 8)
+                Vector256.ShiftLeft(Vector256.WidenLower(Vector128.LoadUnsafe(ref s, (nuint)i).ToVector256Unsafe()), 16).StoreUnsafe(ref d, (nuint)i);
+        }
+        for (; i < n; i++) destination[i] = (uint)source[i] << 16;
     }
 
     private static double[] ToDouble(Tensor t)
@@ -112,26 +145,23 @@ public sealed unsafe class CpuOps : IOps
     public void Add(Tensor a, Tensor b, Tensor c)
     {
         b.ExpectCount(nameof(b), a.Count); c.ExpectCount(nameof(c), a.Count);
-        if (Compute("Add", a, b, c) == DType.F32) AddT(S<float>(a), S<float>(b), S<float>(c));
-        else AddT(S<double>(a), S<double>(b), S<double>(c));
-    }
-
-    private static void AddT<T>(Span<T> a, Span<T> b, Span<T> c) where T : INumber<T>
-    {
-        for (int i = 0; i < c.Length; i++) c[i] = a[i] + b[i];
+        // TensorPrimitives: the same elementwise IEEE operations as a scalar loop, vectorized (also below).
+        if (Compute("Add", a, b, c) == DType.F32) TensorPrimitives.Add(S<float>(a), S<float>(b), S<float>(c));
+        else TensorPrimitives.Add(S<double>(a), S<double>(b), S<double>(c));
     }
 
     public void Axpy(double alpha, Tensor x, Tensor y)
     {
         y.ExpectCount(nameof(y), x.Count);
-        if (Compute("Axpy", x, y) == DType.F32) { var xs = S<float>(x); var ys = S<float>(y); float a = (float)alpha; for (int i = 0; i < ys.Length; i++) ys[i] += a * xs[i]; }
-        else { var xs = S<double>(x); var ys = S<double>(y); for (int i = 0; i < ys.Length; i++) ys[i] += alpha * xs[i]; }
+        // y = x · alpha + y: multiply, then add (not fused), as y[i] += alpha · x[i].
+        if (Compute("Axpy", x, y) == DType.F32) { var ys = S<float>(y); TensorPrimitives.MultiplyAdd(S<float>(x), (float)alpha, ys, ys); }
+        else { var ys = S<double>(y); TensorPrimitives.MultiplyAdd(S<double>(x), alpha, ys, ys); }
     }
 
     public void Scale(Tensor x, double alpha)
     {
-        if (Compute("Scale", x) == DType.F32) { var s = S<float>(x); float a = (float)alpha; for (int i = 0; i < s.Length; i++) s[i] *= a; }
-        else { var s = S<double>(x); for (int i = 0; i < s.Length; i++) s[i] *= alpha; }
+        if (Compute("Scale", x) == DType.F32) { var s = S<float>(x); TensorPrimitives.Multiply(s, (float)alpha, s); }
+        else { var s = S<double>(x); TensorPrimitives.Multiply(s, alpha, s); }
     }
 
     public void Dropout(Tensor x, Tensor mask, double p, ulong seed, Tensor y)
@@ -140,8 +170,41 @@ public sealed unsafe class CpuOps : IOps
         mask.ExpectCount(nameof(mask), x.Count); y.ExpectCount(nameof(y), x.Count);
         if (p is < 0 or >= 1) throw new ArgumentOutOfRangeException(nameof(p), p, "dropout probability must be in [0, 1)");
         var m = S<byte>(mask);
-        GpuElementwiseOps.DropoutMaskHost(m, seed, 0, p); // the dropout_mask kernel's Philox stream, bit for bit
+        DropoutMask(m, seed, p); // the dropout_mask kernel's Philox stream, bit for bit
         ApplyMask(x, m, p, y, "Dropout");
+    }
+
+    /// <summary>Elements per parallel chunk of <see cref="DropoutMask"/> (a multiple of 4: whole Philox blocks).</summary>
+    private const int DropoutChunk = 16 * 1024;
+
+    /// <summary>
+    /// <see cref="GpuElementwiseOps.DropoutMaskHost"/> at offset 0, the same bytes, faster: one Philox-4x32-10 call per
+    /// block of four elements gives the words of all four (DropoutWord(seed, e) is word e mod 4 of block e / 4), and
+    /// chunks of whole blocks run in parallel (each byte depends only on its index).
+    /// </summary>
+    internal static void DropoutMask(Span<byte> mask, ulong seed, double p)
+    {
+        uint threshold = GpuElementwiseOps.DropThreshold(p);
+        int n = mask.Length, chunks = (n + DropoutChunk - 1) / DropoutChunk;
+        if (n == 0) return;
+        fixed (byte* pm = mask)
+        {
+            nint at = (nint)pm;
+            RefParallel.For(chunks, 16L * DropoutChunk, c =>
+            {
+                int start = c * DropoutChunk, end = Math.Min(n, start + DropoutChunk);
+                byte* o = (byte*)at;
+                for (int e = start; e < end; e += 4)
+                {
+                    ulong block = (ulong)e >> 2;
+                    var (x0, x1, x2, x3) = GpuElementwiseOps.Philox4x32x10((uint)block, (uint)(block >> 32), 0, 0, (uint)seed, (uint)(seed >> 32));
+                    o[e] = x0 >= threshold ? (byte)1 : (byte)0;
+                    if (e + 1 < end) o[e + 1] = x1 >= threshold ? (byte)1 : (byte)0;
+                    if (e + 2 < end) o[e + 2] = x2 >= threshold ? (byte)1 : (byte)0;
+                    if (e + 3 < end) o[e + 3] = x3 >= threshold ? (byte)1 : (byte)0;
+                }
+            });
+        }
     }
 
     public void DropoutBackward(Tensor dy, Tensor mask, double p, Tensor dx)

@@ -231,6 +231,24 @@ public abstract class AdamWOptimizer : IOptimizer
 
     private void StepHost(ParamState state, Tensor param, Tensor grad, in AdamWStepScalars s)
     {
+        // Host memory (CpuOps): update in place, no copies (the same AdamWMath, so the same values).
+        if (CpuOps.TryGetHostSpan<float>(_ops, param, out var hp) && CpuOps.TryGetHostSpan<float>(_ops, grad, out var hg))
+        {
+            if (!state.Quantized && CpuOps.TryGetHostSpan<float>(_ops, state.M.Tensor, out var hm)
+                                  && CpuOps.TryGetHostSpan<float>(_ops, state.V.Tensor, out var hv))
+            {
+                AdamWMath.StepF32(hp, hg, hm, hv, s);
+                return;
+            }
+            if (state.Quantized && CpuOps.TryGetHostSpan<byte>(_ops, state.M.Tensor, out var hqm)
+                                && CpuOps.TryGetHostSpan<byte>(_ops, state.V.Tensor, out var hqv)
+                                && CpuOps.TryGetHostSpan<float>(_ops, state.AbsmaxM!.Tensor, out var ham)
+                                && CpuOps.TryGetHostSpan<float>(_ops, state.AbsmaxV!.Tensor, out var hav))
+            {
+                AdamWMath.Step8Bit(hp, hg, hqm, hqv, ham, hav, s);
+                return;
+            }
+        }
         int n = checked((int)param.Count);
         var p = new float[n];
         var g = new float[n];

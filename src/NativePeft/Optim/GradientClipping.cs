@@ -40,8 +40,15 @@ public static class GradientClipping
         double sum = 0;
         foreach (var g in list)
         {
-            var host = new float[g.Count];
-            ops.Download<float>(g, host);
+            // Host memory (CpuOps): read in place; otherwise a host copy. The same sum, in the same order.
+            ReadOnlySpan<float> host;
+            if (CpuOps.TryGetHostSpan<float>(ops, g, out var inPlace)) host = inPlace;
+            else
+            {
+                var copy = new float[g.Count];
+                ops.Download<float>(g, copy);
+                host = copy;
+            }
             foreach (float x in host)
             {
                 double d = x;

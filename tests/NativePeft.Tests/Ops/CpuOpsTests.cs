@@ -83,6 +83,76 @@ public class CpuOpsTests
     }
 
     [Test]
+    public void CopyWidensBf16ExactlyIncludingTheTailAndSpecials()
+    {
+        using var ops = new CpuOps();
+        // 8-wide vector body plus a tail of 3; the bit patterns include ±0, ±inf, a NaN, a subnormal and the extremes.
+        ushort[] bits = [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC1, 0x0001, 0x3F80, 0xC020, 0x7F7F, 0xFF7F, 0x4049];
+        var h = ops.Memory.Allocate(DType.BF16, bits.Length);
+        var f = ops.Memory.Allocate(DType.F32, bits.Length);
+        ops.Upload<BFloat16>(System.Runtime.InteropServices.MemoryMarshal.Cast<ushort, BFloat16>(bits).ToArray(), h);
+        ops.Copy(h, f);
+        var got = new float[bits.Length];
+        ops.Download<float>(f, got);
+        // bf16 is the high half of an fp32: the float's bits are the bf16 bits shifted left by 16.
+        Assert.That(got.Select(BitConverter.SingleToUInt32Bits), Is.EqualTo(bits.Select(b => (uint)b << 16)));
+        Assert.That(got[6], Is.EqualTo(1f));
+        Assert.That(got[7], Is.EqualTo(-2.5f));
+    }
+
+    [Test]
+    public void ElementwiseAddAxpyScaleMatchAScalarLoopBitForBit()
+    {
+        using var ops = new CpuOps();
+        const int n = 37; // vector body and a tail
+        float[] a = Rand(n, 70).Select(x => (float)x).ToArray(), b = Rand(n, 71).Select(x => (float)(x * 1e3)).ToArray();
+        var ta = ops.Memory.Allocate(DType.F32, n); var tb = ops.Memory.Allocate(DType.F32, n); var tc = ops.Memory.Allocate(DType.F32, n);
+        ops.Upload<float>(a, ta); ops.Upload<float>(b, tb);
+        ops.Add(ta, tb, tc);
+        var got = new float[n];
+        ops.Download<float>(tc, got);
+        Assert.That(got, Is.EqualTo(a.Zip(b, (x, y) => x + y)));
+        ops.Axpy(0.3, ta, tb);                      // b += 0.3f · a, multiply then add (not fused)
+        ops.Download<float>(tb, got);
+        Assert.That(got, Is.EqualTo(a.Zip(b, (x, y) => y + 0.3f * x)));
+        ops.Scale(ta, -1.7);
+        ops.Download<float>(ta, got);
+        Assert.That(got, Is.EqualTo(a.Select(x => x * -1.7f)));
+    }
+
+    [TestCase(1)]
+    [TestCase(7)]
+    [TestCase(3 * 16 * 1024 + 5)] // several parallel chunks and a partial Philox block at the end
+    public void DropoutMaskIsTheKernelsPhiloxStreamForAnyThreadCount(int n)
+    {
+        const ulong seed = 0x1234_5678_9ABCUL;
+        var want = new byte[n];
+        GpuElementwiseOps.DropoutMaskHost(want, seed, 0, 0.3); // element by element, as documented for the kernel
+        foreach (int degree in new[] { 1, 0, 3 })
+        {
+            NativePeft.Ops.Reference.RefParallel.MaxDegreeOverride = degree;
+            try
+            {
+                var got = new byte[n];
+                CpuOps.DropoutMask(got, seed, 0.3);
+                Assert.That(got, Is.EqualTo(want), $"{degree} threads");
+            }
+            finally { NativePeft.Ops.Reference.RefParallel.MaxDegreeOverride = 0; }
+        }
+        // Through the op: the mask it writes, and y = x · (float)(1/(1 − p)) where kept.
+        using var ops = new CpuOps();
+        var x = ops.Memory.Allocate(DType.F32, n); var mask = ops.Memory.Allocate(DType.U8, n); var y = ops.Memory.Allocate(DType.F32, n);
+        float[] xs = Rand(n, 90).Select(v => (float)v).ToArray();
+        ops.Upload<float>(xs, x);
+        ops.Dropout(x, mask, 0.3, seed, y);
+        var m = new byte[n]; var ys = new float[n];
+        ops.Download<byte>(mask, m); ops.Download<float>(y, ys);
+        Assert.That(m, Is.EqualTo(want));
+        float k = (float)(1 / (1 - 0.3));
+        Assert.That(ys, Is.EqualTo(xs.Select((v, i) => want[i] != 0 ? v * k : 0f)));
+    }
+
+    [Test]
     public void DequantizeRowRangeEqualsTheSameRowsOfTheWholeWeight()
     {
         using var ops = new CpuOps();

@@ -136,4 +136,55 @@ public class RmsNormTests
         Assert.Throws<ArgumentOutOfRangeException>(() =>
             RmsNormRef.Forward<float>(new float[8], new float[4], new float[8], new float[2], 2, 0, 1e-5));
     }
+
+    [Test]
+    public void SameResultsForAnyThreadCount()
+    {
+        // Big enough for the parallel rows (rows · cols · 4 ≥ RefParallel.MinParallelWork); cols = 130: a vector tail of 2.
+        const int rows = 600, cols = 130;
+        Assert.That(4L * rows * cols, Is.GreaterThanOrEqualTo(RefParallel.MinParallelWork));
+        float[] x = GradCheck.ToFloat(GradCheck.RandomNormal(rows * cols, 80));
+        float[] w = GradCheck.ToFloat(GradCheck.RandomNormal(cols, 81));
+        float[] dy = GradCheck.ToFloat(GradCheck.RandomNormal(rows * cols, 82));
+        (float[] Y, float[] Rstd, float[] Dx, float[] Dw) Run(int degree)
+        {
+            RefParallel.MaxDegreeOverride = degree;
+            try
+            {
+                float[] y = new float[x.Length], rstd = new float[rows], dw = Enumerable.Repeat(0.5f, cols).ToArray();
+                RmsNormRef.Forward<float>(x, w, y, rstd, rows, cols, 1e-5);
+                float[] dx = (float[])dy.Clone();  // dx aliases dy
+                RmsNormRef.Backward<float>(dx, x, w, rstd, dx, dw, rows, cols);
+                return (y, rstd, dx, dw);
+            }
+            finally { RefParallel.MaxDegreeOverride = 0; }
+        }
+        var serial = Run(1);
+        foreach (int degree in new[] { 0, 2, 3 })
+        {
+            var r = Run(degree);
+            Assert.That(r.Y, Is.EqualTo(serial.Y), $"y, {degree} threads");
+            Assert.That(r.Rstd, Is.EqualTo(serial.Rstd), $"rstd, {degree} threads");
+            Assert.That(r.Dx, Is.EqualTo(serial.Dx), $"dx, {degree} threads");
+            Assert.That(r.Dw, Is.EqualTo(serial.Dw), $"dweight, {degree} threads");
+        }
+        // The documented formulas in double, rounded once (dx, dweight) — the float path computes them in double too.
+        for (int n = 0; n < rows; n += 97)
+        {
+            double r = serial.Rstd[n], dot = 0;
+            for (int c = 0; c < cols; c++) dot += (double)w[c] * dy[n * cols + c] * x[n * cols + c];
+            double k = r * r * r * dot / cols;
+            for (int c = 0; c < cols; c++)
+            {
+                Assert.That(serial.Y[n * cols + c], Is.EqualTo(w[c] * (x[n * cols + c] * serial.Rstd[n])), $"y[{n},{c}]");
+                Assert.That(serial.Dx[n * cols + c], Is.EqualTo((float)(r * w[c] * dy[n * cols + c] - k * x[n * cols + c])), $"dx[{n},{c}]");
+            }
+        }
+        for (int c = 0; c < cols; c++)
+        {
+            double sum = 0;
+            for (int n = 0; n < rows; n++) sum += (double)dy[n * cols + c] * x[n * cols + c] * serial.Rstd[n];
+            Assert.That(serial.Dw[c], Is.EqualTo((float)(0.5 + sum)), $"dweight[{c}]");
+        }
+    }
 }

@@ -78,4 +78,48 @@ public class SwiGluTests
         Assert.Throws<ArgumentException>(() =>
             SwiGluRef.Backward<float>(new float[12], new float[12], new float[12], new float[12], new float[11], 3, 4));
     }
+
+    [Test]
+    public void LargeInputsSameForAnyThreadCountAndCloseToScalarFormula()
+    {
+        // 3 × 20001 elements: several parallel chunks, the vectorized path (Vector256.Exp) and a scalar tail (count % 4 = 3).
+        const int rows = 3, intermediate = 20001;
+        int n = rows * intermediate;
+        float[] gate = GradCheck.ToFloat(GradCheck.RandomNormal(n, 60, 6)), up = GradCheck.ToFloat(GradCheck.RandomNormal(n, 61));
+        float[] dh = GradCheck.ToFloat(GradCheck.RandomNormal(n, 62));
+        gate[5] = -1000; gate[6] = 1000; gate[7] = 40; // saturation inside the vector path: no NaN
+        (float[] H, float[] Dg, float[] Du) Run(int degree)
+        {
+            RefParallel.MaxDegreeOverride = degree;
+            try
+            {
+                float[] h = new float[n], dg = new float[n], du = new float[n];
+                SwiGluRef.Forward<float>(gate, up, h, rows, intermediate);
+                SwiGluRef.Backward<float>(dh, gate, up, dg, du, rows, intermediate);
+                return (h, dg, du);
+            }
+            finally { RefParallel.MaxDegreeOverride = 0; }
+        }
+        var serial = Run(1);
+        foreach (int degree in new[] { 0, 2, 3 })
+        {
+            var r = Run(degree);
+            Assert.That(r.H, Is.EqualTo(serial.H), $"h, {degree} threads");
+            Assert.That(r.Dg, Is.EqualTo(serial.Dg), $"dgate, {degree} threads");
+            Assert.That(r.Du, Is.EqualTo(serial.Du), $"dup, {degree} threads");
+        }
+        // The scalar formula in double with Math.Exp, rounded once: the vector exp may differ from it by an ulp of a
+        // double, so the float results agree to within one float ulp (relative 2^-23), plus an absolute floor near 0.
+        for (int i = 0; i < n; i++)
+        {
+            double g = gate[i], u = up[i], d = dh[i], s = 1.0 / (1.0 + Math.Exp(-g));
+            Assert.That(serial.H[i], Is.EqualTo((float)(g * s * u)).Within(Math.Abs(g * s * u) * 1.2e-7 + 1e-30), $"h[{i}]");
+            double dgWant = d * u * s * (1 + g * (1 - s)), duWant = d * g * s;
+            Assert.That(serial.Dg[i], Is.EqualTo((float)dgWant).Within(Math.Abs(dgWant) * 1.2e-7 + 1e-30), $"dgate[{i}]");
+            Assert.That(serial.Du[i], Is.EqualTo((float)duWant).Within(Math.Abs(duWant) * 1.2e-7 + 1e-30), $"dup[{i}]");
+        }
+        Assert.That(serial.H.Concat(serial.Dg).Concat(serial.Du), Has.None.NaN);
+        Assert.That(serial.H[5], Is.EqualTo(0f).Or.EqualTo(-0f));
+        Assert.That(serial.H[6], Is.EqualTo(1000f * up[6]));
+    }
 }

@@ -1,4 +1,6 @@
+using System.Runtime.CompilerServices;
 using System.Numerics;
+using System.Numerics.Tensors;
 
 namespace NativePeft.Ops.Reference;
 
@@ -146,12 +148,20 @@ public static class AttentionRef
         public void Check<TE>(Span<TE> span, string name, long needed) => Check((ReadOnlySpan<TE>)span, name, needed);
     }
 
-    private static unsafe T Dot<T>(T* a, T* b, int n) where T : unmanaged, IFloatingPointIeee754<T>
+    /// <summary>a·b over n elements (TensorPrimitives: vectorized, a fixed lane order for a given n, so deterministic).</summary>
+    private static unsafe T Dot<T>(T* a, T* b, int n) where T : unmanaged, IFloatingPointIeee754<T> =>
+        TensorPrimitives.Dot(new ReadOnlySpan<T>(a, n), new ReadOnlySpan<T>(b, n));
+
+    /// <summary>y[i] = x[i] · alpha + y[i] over n elements (multiply, then add: not fused, as the scalar loop).</summary>
+    private static unsafe void Axpy<T>(T alpha, T* x, T* y, int n) where T : unmanaged, IFloatingPointIeee754<T>
     {
-        T sum = T.Zero;
-        for (int i = 0; i < n; i++) sum += a[i] * b[i];
-        return sum;
+        var ys = new Span<T>(y, n);
+        TensorPrimitives.MultiplyAdd(new ReadOnlySpan<T>(x, n), alpha, ys, ys);
     }
+
+    /// <summary>z[i] = x[i] · alpha + y[i] over n elements (z may be x).</summary>
+    private static unsafe void Axpy<T>(T alpha, T* x, T* y, int n, T* z) where T : unmanaged, IFloatingPointIeee754<T> =>
+        TensorPrimitives.MultiplyAdd(new ReadOnlySpan<T>(x, n), alpha, new ReadOnlySpan<T>(y, n), new Span<T>(z, n));
 
     /// <summary>
     /// One (b, h) pair: every query row t of that head (absolute position t + kvLen − qLen), online softmax over the
@@ -160,6 +170,7 @@ public static class AttentionRef
     private sealed unsafe class ForwardWork<T>(Shape s, int qLen, int kvLen, T* q, T* k, T* v, T* output, T* lse)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Run(int item)
         {
             int b = item / s.Hq, h = item % s.Hq, g = h / s.Group, D = s.D;
@@ -171,12 +182,13 @@ public static class AttentionRef
             T* kHead = k + (long)b * kvLen * kvRow + (long)g * D;
             T* vHead = v + (long)b * kvLen * kvRow + (long)g * D;
             T* lseRow = lse is null ? null : lse + ((long)b * s.Hq + h) * qLen;
-            var acc = new T[D];
+            var accArray = new T[D];
+            fixed (T* acc = accArray)
             for (int t = 0; t < qLen; t++)
             {
                 T* qt = qHead + t * qRow;
                 T m = T.NegativeInfinity, l = T.Zero;
-                Array.Clear(acc);
+                Array.Clear(accArray);
                 for (int j = 0; j <= t + offset; j++)
                 {
                     T x = scale * Dot(qt, kHead + j * kvRow, D);
@@ -186,14 +198,14 @@ public static class AttentionRef
                         // New running max: rescale what was accumulated so far (exp(-inf) = 0 on the first key).
                         T correction = T.Exp(m - x);
                         l = l * correction + T.One;
-                        for (int d = 0; d < D; d++) acc[d] = acc[d] * correction + vj[d];
+                        Axpy(correction, acc, vj, D, acc); // acc = acc · correction + vj
                         m = x;
                     }
                     else
                     {
                         T p = T.Exp(x - m);
                         l += p;
-                        for (int d = 0; d < D; d++) acc[d] += p * vj[d];
+                        Axpy(p, vj, acc, D);
                     }
                 }
                 T* ot = oHead + t * qRow;
@@ -207,6 +219,7 @@ public static class AttentionRef
     private sealed unsafe class BackwardWork<T>(Shape s, T* dout, T* q, T* k, T* v, T* output, T* lse, T* dq, T* dk, T* dv)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Run(int item)
         {
             int b = item / s.Hkv, g = item % s.Hkv, D = s.D;
@@ -220,7 +233,8 @@ public static class AttentionRef
                 dkHead[j * kvRow + d] = T.Zero;
                 dvHead[j * kvRow + d] = T.Zero;
             }
-            var dqAcc = new T[D];
+            var dqArray = new T[D];
+            fixed (T* dqAcc = dqArray)
             for (int h = g * s.Group; h < (g + 1) * s.Group; h++)
             {
                 long qBase = (long)b * s.T * qRow + (long)h * D;
@@ -230,19 +244,16 @@ public static class AttentionRef
                     T* qt = q + qBase + t * qRow, dot = dout + qBase + t * qRow, ot = output + qBase + t * qRow;
                     T rowD = Dot(dot, ot, D);
                     T lseT = lseRow[t];
-                    Array.Clear(dqAcc);
+                    Array.Clear(dqArray);
                     for (int j = 0; j <= t; j++)
                     {
                         T* kj = kHead + j * kvRow, vj = vHead + j * kvRow, dkj = dkHead + j * kvRow, dvj = dvHead + j * kvRow;
                         T p = T.Exp(scale * Dot(qt, kj, D) - lseT);
                         T dS = p * (Dot(dot, vj, D) - rowD);
                         T dSScaled = scale * dS;
-                        for (int d = 0; d < D; d++)
-                        {
-                            dqAcc[d] += dS * kj[d];
-                            dkj[d] += dSScaled * qt[d];
-                            dvj[d] += p * dot[d];
-                        }
+                        Axpy(dS, kj, dqAcc, D);
+                        Axpy(dSScaled, qt, dkj, D);
+                        Axpy(p, dot, dvj, D);
                     }
                     T* dqt = dq + qBase + t * qRow;
                     for (int d = 0; d < D; d++) dqt[d] = scale * dqAcc[d];
