@@ -233,7 +233,7 @@ cmd_gpu_check() {
     timeout 600 ./NativePeft.Cli compare --device cuda --out build/compare-cuda 2>&1 || { echo "compare on CUDA failed"; echo 1 > "$status"; }
     echo "## generate on CUDA with the LoRA adapter compare trained (KV cache), and without it"
     for adapter in build/compare-cuda/lora/adapter ""; do
-      timeout 60 ./NativePeft.Cli generate --device cuda ${adapter:+--adapter "$adapter"} --prompt $'upper: orange\n' --max-tokens 12 2>&1 \
+      timeout 60 ./NativePeft.Cli generate --device cuda ${adapter:+--adapter "$adapter"} --prompt $'upper: ajjgi\n' --max-tokens 12 2>&1 \
         || { echo "generate failed"; echo 1 > "$status"; }
     done
     echo "## bitsandbytes cross-check (same bytes both ways)"
