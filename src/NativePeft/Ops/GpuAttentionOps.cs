@@ -195,25 +195,8 @@ public sealed class GpuAttentionOps
     public void Forward<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<float> lse,
                            int batch, int seqLen, int headsQ, int headsKv, int headDim) where T : unmanaged
     {
-        DType dtype = GpuTransformerOps.DTypeOf<T>();
         ValidateShape(batch, seqLen, headsQ, headsKv, headDim);
-        long qn = (long)batch * seqLen * headsQ * headDim, kvn = (long)batch * seqLen * headsKv * headDim;
-        long ln = (long)batch * headsQ * seqLen;
-        CheckLength(q.Length, qn, nameof(q)); CheckLength(k.Length, kvn, nameof(k)); CheckLength(v.Length, kvn, nameof(v));
-        CheckLength(output.Length, qn, nameof(output));
-        if (!lse.IsEmpty) CheckLength(lse.Length, ln, nameof(lse));
-        if (qn == 0)
-            return;
-        using var dQ = DeviceBuffer.Upload(_gpu, q);
-        using var dK = DeviceBuffer.Upload(_gpu, k);
-        using var dV = DeviceBuffer.Upload(_gpu, v);
-        using var dO = new DeviceBuffer(_gpu, qn * dtype.ElementSize());
-        using var dL = new DeviceBuffer(_gpu, ln * sizeof(float));
-        Forward(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lse.IsEmpty ? DevicePtr.Null : dL.Ptr, batch, seqLen, headsQ, headsKv, headDim);
-        _gpu.Synchronize();
-        dO.Download(output);
-        if (!lse.IsEmpty)
-            dL.Download(lse);
+        ForwardOnHost(q, k, v, output, lse, batch, seqLen, seqLen, headsQ, headsKv, headDim, cached: false);
     }
 
     /// <summary>
@@ -224,10 +207,17 @@ public sealed class GpuAttentionOps
     public void ForwardCached<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<float> lse,
                                  int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim) where T : unmanaged
     {
-        DType dtype = GpuTransformerOps.DTypeOf<T>();
         ValidateShape(batch, keyLen, headsQ, headsKv, headDim);
         if (queryLen < 1 || queryLen > keyLen)
             throw new ArgumentOutOfRangeException(nameof(queryLen), queryLen, $"queryLen must be in [1, keyLen = {keyLen}]");
+        ForwardOnHost(q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim, cached: true);
+    }
+
+    /// <summary>The host-array forward of both kernels: check the lengths, copy in, launch, copy out.</summary>
+    private void ForwardOnHost<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<float> lse,
+                                  int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim, bool cached) where T : unmanaged
+    {
+        DType dtype = GpuTransformerOps.DTypeOf<T>();
         long qn = (long)batch * queryLen * headsQ * headDim, kvn = (long)batch * keyLen * headsKv * headDim;
         long ln = (long)batch * headsQ * queryLen;
         CheckLength(q.Length, qn, nameof(q)); CheckLength(k.Length, kvn, nameof(k)); CheckLength(v.Length, kvn, nameof(v));
@@ -240,7 +230,9 @@ public sealed class GpuAttentionOps
         using var dV = DeviceBuffer.Upload(_gpu, v);
         using var dO = new DeviceBuffer(_gpu, qn * dtype.ElementSize());
         using var dL = new DeviceBuffer(_gpu, ln * sizeof(float));
-        ForwardCached(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lse.IsEmpty ? DevicePtr.Null : dL.Ptr, batch, queryLen, keyLen, headsQ, headsKv, headDim);
+        var lsePtr = lse.IsEmpty ? DevicePtr.Null : dL.Ptr;
+        if (cached) ForwardCached(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lsePtr, batch, queryLen, keyLen, headsQ, headsKv, headDim);
+        else Forward(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lsePtr, batch, queryLen, headsQ, headsKv, headDim);
         _gpu.Synchronize();
         dO.Download(output);
         if (!lse.IsEmpty)
