@@ -24,6 +24,7 @@ public static class EstimateCommand
         method.AcceptOnlyFromAmong("full", "lora", "qlora");
         var rank = new Option<int>("--rank") { Description = "LoRA r", DefaultValueFactory = _ => 16 };
         var alpha = new Option<double>("--alpha") { Description = "lora_alpha (no effect on memory)", DefaultValueFactory = _ => 32 };
+        var dropout = new Option<double>("--dropout") { Description = "lora_dropout (train's default 0.05; above 0 the LoRA layers keep dropout(x) and its mask)", DefaultValueFactory = _ => 0.05 };
         var targets = new Option<string>("--targets")
         {
             Description = "comma-separated target_modules", DefaultValueFactory = _ => string.Join(",", LoraSettings.KnownTargets),
@@ -53,7 +54,7 @@ public static class EstimateCommand
         var promptTokens = new Option<int?>("--prompt-tokens") { Description = "with --generate: tokens of the prompt's prefill (default --max-length, the largest workspace)" };
         var cmd = new Command("estimate", "Memory plan of a fine-tune by category (base weights, adapters, optimizer, activations, …); needs no GPU and no weights")
         {
-            model, method, rank, alpha, targets, batch, seq, recompute, optim, compute, device, chunk, deviceMemory, json, generate, maxLength, promptTokens, noAdapter,
+            model, method, rank, alpha, dropout, targets, batch, seq, recompute, optim, compute, device, chunk, deviceMemory, json, generate, maxLength, promptTokens, noAdapter,
         };
         cmd.SetAction(parse =>
         {
@@ -119,7 +120,7 @@ public static class EstimateCommand
             var options = new PlanOptions
             {
                 Method = parse.GetValue(method) switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
-                Rank = rankValue, Alpha = parse.GetValue(alpha), Targets = targetList, Batch = batchValue, Seq = seqValue,
+                Rank = rankValue, Alpha = parse.GetValue(alpha), Dropout = parse.GetValue(dropout), Targets = targetList, Batch = batchValue, Seq = seqValue,
                 Recompute = parse.GetValue(recompute), Optimizer = parse.GetValue(optim)!, ComputeDType = bf16 ? DType.BF16 : DType.F32,
                 Device = planDevice, CrossEntropyChunk = chunkValue,
             };

@@ -692,7 +692,8 @@ public sealed partial class LlamaModel : IDisposable
             _acts = new Activations(this, arena, batch, seqLen);
             if (_lora.Count > 0)
             {
-                _loraScratch.Allocate(arena, ComputeDType, batch * seqLen, _lora.Max(l => l.InFeatures), _lora.Max(l => l.Rank));
+                _loraScratch.Allocate(arena, ComputeDType, batch * seqLen, _lora.Max(l => l.InFeatures), _lora.Max(l => l.Rank),
+                    dropout: _lora.Any(l => l.DropoutP > 0));
                 if (AdapterDType != ComputeDType)
                     _loraScratch.AllocateWorkingCopies(arena, ComputeDType, _lora.Max(l => l.InFeatures), _lora.Max(l => l.OutFeatures), _lora.Max(l => l.Rank));
             }

@@ -39,10 +39,14 @@ public sealed class LoraScratch
     /// <summary>lora_B rounded to the compute dtype (mixed precision only).</summary>
     public Tensor? BWork { get; internal set; }
 
-    internal void Allocate(TensorArena arena, DType dtype, int tokens, int maxIn, int maxRank)
+    /// <summary>The per-batch buffers; dropout(x) and its mask only when some layer has lora_dropout &gt; 0.</summary>
+    internal void Allocate(TensorArena arena, DType dtype, int tokens, int maxIn, int maxRank, bool dropout)
     {
-        Dropped = arena.Allocate(dtype, tokens * maxIn);
-        Mask = arena.Allocate(DType.U8, tokens * maxIn);
+        if (dropout)
+        {
+            Dropped = arena.Allocate(dtype, tokens * maxIn);
+            Mask = arena.Allocate(DType.U8, tokens * maxIn);
+        }
         Xa = arena.Allocate(dtype, tokens * maxRank);
         DXa = arena.Allocate(dtype, tokens * maxRank);
         DIn = arena.Allocate(dtype, tokens * maxIn);

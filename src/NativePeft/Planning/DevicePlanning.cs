@@ -43,7 +43,7 @@ public static class DevicePlanning
             Method = method,
             Blocksize = stored?.Blocksize ?? model.Blocksize, DoubleQuant = stored?.DoubleQuant ?? model.DoubleQuant,
             QuantType = model.Quantization == BaseQuantization.Fp4 ? QuantType.Fp4 : QuantType.Nf4,
-            Rank = lora.Rank, Alpha = lora.Alpha, Targets = lora.TargetModules, Batch = batch, Seq = seq,
+            Rank = lora.Rank, Alpha = lora.Alpha, Dropout = method == FineTuneMethod.Full ? 0 : lora.Dropout, Targets = lora.TargetModules, Batch = batch, Seq = seq,
             Recompute = model.Recompute, Optimizer = optimizer, ComputeDType = model.ComputeDType,
             BaseWeightDType = method == FineTuneMethod.Lora ? model.BaseWeightDType ?? model.ComputeDType : null,
             ClipGradients = clipGradients, CrossEntropyChunk = model.CrossEntropyChunk, Device = device,
@@ -63,7 +63,7 @@ public static class DevicePlanning
             Quantization = !q4 ? BaseQuantization.None : model.Quantization == BaseQuantization.Fp4 ? BaseQuantization.Fp4 : BaseQuantization.Nf4,
             Blocksize = stored?.Blocksize ?? model.Blocksize, DoubleQuant = stored?.DoubleQuant ?? model.DoubleQuant,
             ComputeDType = model.ComputeDType, BaseWeightDType = q4 ? null : model.BaseWeightDType,
-            LoraRank = model.Lora?.Rank, LoraTargets = model.Lora?.TargetModules ?? LoraSettings.KnownTargets,
+            LoraRank = model.Lora?.Rank, LoraDropout = model.Lora?.Dropout ?? 0, LoraTargets = model.Lora?.TargetModules ?? LoraSettings.KnownTargets,
             CrossEntropyChunk = model.CrossEntropyChunk,
         });
     }

@@ -49,6 +49,8 @@ public sealed record InferencePlanOptions
     public int? LoraRank { get; init; }
     /// <summary>The adapter's target_modules (short names).</summary>
     public IReadOnlyList<string> LoraTargets { get; init; } = LoraSettings.KnownTargets;
+    /// <summary>The adapter's lora_dropout: above 0 an eval forward also allocates dropout(x) and its mask (unused in eval).</summary>
+    public double LoraDropout { get; init; }
     public PlanDevice Device { get; init; } = PlanDevice.Gpu;
     /// <summary>Eval: vocabulary rows per chunk of the fused cross-entropy.</summary>
     public int CrossEntropyChunk { get; init; } = 8192;
@@ -260,7 +262,8 @@ public sealed class InferencePlan
             acts += 3 * Bytes(d, N * C) + 2 * Bytes(d, N * QD) + 2 * Bytes(d, N * KVD) + 3 * Bytes(d, N * I);
             if (anyLora)
             {
-                acts += 2 * Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) + 2 * Bytes(d, N * maxRank);
+                acts += Bytes(d, N * maxIn) + 2 * Bytes(d, N * maxRank)
+                        + (o.LoraDropout > 0 ? Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) : 0);
                 if (adapterDType != d) acts += Bytes(d, maxRank * maxIn) + Bytes(d, maxOut * maxRank);
             }
             ActivationBytes = acts;

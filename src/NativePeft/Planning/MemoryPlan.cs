@@ -272,7 +272,9 @@ public sealed class MemoryPlan
         long loraScratch = 0;
         if (lora && maxIn > 0)
         {
-            loraScratch = 2 * Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) + 2 * Bytes(d, N * maxRank);
+            // dx [N, max in], xa and dxa [N, max r]; with lora_dropout > 0 also dropout(x) and its U8 mask [N, max in].
+            loraScratch = Bytes(d, N * maxIn) + 2 * Bytes(d, N * maxRank)
+                          + (o.Dropout > 0 ? Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) : 0);
             // Mixed precision: the bf16 working copies of one layer's A [max r, max in] and B [max out, max r].
             if (adapterDType != d) loraScratch += Bytes(d, maxRank * maxIn) + Bytes(d, maxOut * maxRank);
         }

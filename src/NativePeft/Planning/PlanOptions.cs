@@ -54,6 +54,8 @@ public sealed record PlanOptions
     public double Alpha { get; init; } = 32;
     /// <summary>target_modules (short names, <see cref="LoraSettings.KnownTargets"/>).</summary>
     public IReadOnlyList<string> Targets { get; init; } = LoraSettings.KnownTargets;
+    /// <summary>lora_dropout: above 0 the LoRA layers keep dropout(x) and its mask [N, max in] per batch.</summary>
+    public double Dropout { get; init; }
     public int Batch { get; init; } = 1;
     public int Seq { get; init; } = 2048;
     /// <summary>Gradient checkpointing: keep only block inputs, recompute one block at a time in the backward.</summary>
@@ -112,7 +114,7 @@ public sealed record PlanOptions
         if (CrossEntropyChunk <= 0) throw new ArgumentOutOfRangeException(nameof(CrossEntropyChunk), CrossEntropyChunk, "must be positive");
         if (Method != FineTuneMethod.Full)
         {
-            new LoraSettings { Rank = Rank, Alpha = Alpha, TargetModules = Targets }.Validate();
+            new LoraSettings { Rank = Rank, Alpha = Alpha, Dropout = Dropout, TargetModules = Targets }.Validate();
         }
         if (Method == FineTuneMethod.Qlora)
         {
@@ -131,7 +133,7 @@ public sealed record PlanOptions
         Validate();
         if (Method == FineTuneMethod.Qlora && DoubleQuant && ResolvedAbsmax == AbsmaxLayout.DecodedF32)
             throw new NotSupportedException("the loader keeps a double-quantized absmax as it is: the DecodedF32 layout needs DoubleQuant = false");
-        var lora = Method == FineTuneMethod.Full ? null : new LoraSettings { Rank = Rank, Alpha = Alpha, TargetModules = Targets };
+        var lora = Method == FineTuneMethod.Full ? null : new LoraSettings { Rank = Rank, Alpha = Alpha, Dropout = Dropout, TargetModules = Targets };
         return new LlamaModelOptions
         {
             ComputeDType = ComputeDType,
@@ -154,7 +156,7 @@ public sealed record PlanOptions
     /// </summary>
     public static PlanOptions Published(FineTuneMethod method) => new()
     {
-        Method = method, Rank = 16, Alpha = 32, Targets = LoraSettings.KnownTargets, Batch = 1, Seq = 2048, Recompute = true,
+        Method = method, Rank = 16, Alpha = 32, Dropout = 0.05, Targets = LoraSettings.KnownTargets, Batch = 1, Seq = 2048, Recompute = true,
         Optimizer = "adamw", ComputeDType = DType.BF16, Device = PlanDevice.Gpu,
     };
 }

@@ -175,7 +175,9 @@ public class DevicePoolTests(string device)
         Assert.Throws<OutOfMemoryException>(() => model.Forward(ids, labels, 4, T));
         Assert.That(pool.AllocatedBytes, Is.EqualTo(plan.TotalBytes - plan.ActivationBytes - plan.TransientWorkspaceBytes),
             "the failed forward released what it had allocated");
-        // What was free is still usable: training at the planned shape goes on.
+        // What was free is still usable: training at the planned shape goes on, at the plan's peak. (The failed forward's
+        // partial allocations may have gone a few bytes past the plan inside the arenas' alignment slack: not counted.)
+        pool.ResetPeak();
         Step(model, ops, optimizer, options);
         Assert.That(pool.PeakAllocatedBytes, Is.EqualTo(plan.TotalBytes));
     }

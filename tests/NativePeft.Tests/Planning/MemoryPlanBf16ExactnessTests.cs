@@ -46,7 +46,7 @@ public class MemoryPlanBf16ExactnessTests(string device)
             yield return Case("full-adamw" + r, b with { Method = FineTuneMethod.Full });
             yield return Case("full-paged-adamw8bit" + r, b with { Method = FineTuneMethod.Full, Optimizer = "paged-adamw8bit" });
             yield return Case("lora-bf16base-adamw" + r, b with { Method = FineTuneMethod.Lora });
-            yield return Case("lora-bf16base-paged-adamw8bit" + r, b with { Method = FineTuneMethod.Lora, Optimizer = "paged-adamw8bit" });
+            yield return Case("lora-bf16base-paged-adamw8bit-dropout" + r, b with { Method = FineTuneMethod.Lora, Optimizer = "paged-adamw8bit", Dropout = 0.1 });
             yield return Case("qlora-nf4-dq-adamw" + r, b with { Method = FineTuneMethod.Qlora });
             yield return Case("qlora-fp4-qv-adamw8bit" + r, b with
             {

@@ -46,11 +46,12 @@ public class MemoryPlanExactnessTests(string device)
             yield return Case("full-adamw" + r, b with { Method = FineTuneMethod.Full });
             yield return Case("full-paged-adamw8bit" + r, b with { Method = FineTuneMethod.Full, Optimizer = "paged-adamw8bit" });
             yield return Case("lora-f32base" + r, b with { Method = FineTuneMethod.Lora, BaseWeightDType = DType.F32 });
-            yield return Case("lora-bf16base-paged-adamw" + r, b with { Method = FineTuneMethod.Lora, Optimizer = "paged-adamw" });
+            yield return Case("lora-bf16base-paged-adamw-dropout" + r, b with { Method = FineTuneMethod.Lora, Optimizer = "paged-adamw", Dropout = 0.1 });
             yield return Case("qlora-nf4-dq" + r, b with { Method = FineTuneMethod.Qlora });
-            yield return Case("qlora-fp4-qv-adamw8bit" + r, b with
+            yield return Case("qlora-fp4-qv-adamw8bit-dropout" + r, b with
             {
                 Method = FineTuneMethod.Qlora, QuantType = QuantType.Fp4, DoubleQuant = false, Targets = ["q_proj", "v_proj"], Optimizer = "adamw8bit",
+                Dropout = 0.05,
             });
         }
         yield return Case("full-noclip-chunk-above-vocab", baseOptions with { Method = FineTuneMethod.Full, ClipGradients = false, CrossEntropyChunk = 100_000 });
@@ -76,6 +77,17 @@ public class MemoryPlanExactnessTests(string device)
         var labels = (int[])ids.Clone();
         labels[1] = -100;
         return (ids, labels);
+    }
+
+    [Test]
+    public void LoraDropoutAddsItsInputCopyAndMaskOnlyWhenOn()
+    {
+        // dropout(x) [N, max in] in the compute dtype and its U8 mask [N, max in]: N = 2·5 tokens, max in = 128 (down_proj's
+        // intermediate size), fp32 — 10·128·(4 + 1) = 6400 bytes, and nothing at lora_dropout 0 (PEFT's default).
+        var off = MemoryPlan.Compute(Config, new PlanOptions { Batch = B, Seq = T, Rank = 4, Device = Device });
+        var on = MemoryPlan.Compute(Config, off.Options with { Dropout = 0.05 });
+        Assert.That(on.ActivationBytes - off.ActivationBytes, Is.EqualTo(B * T * 128 * (4 + 1)));
+        Assert.That(on.LoraScratchBytes - off.LoraScratchBytes, Is.EqualTo(B * T * 128 * (4 + 1)));
     }
 
     [TestCaseSource(nameof(Cases))]
