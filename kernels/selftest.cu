@@ -240,3 +240,94 @@ extern "C" __global__ void selftest_deadlock(int* out) {
     else if (threadIdx.x == 1) __syncthreads();
 }
 EMU_REGISTER(selftest_deadlock)
+
+// ---------------------------------------------------------------- warp-level matrix instructions
+// Raw per-lane registers in, raw per-lane registers out, so that the tests lay out the fragments with
+// their own table from the PTX ISA (tests/NativePeft.Tests/Emulator/MatrixInstructionTests.cs).
+#include "mma.cuh"
+
+// d[w][lane][0..3] = mma.m16n8k16 bf16 of a[w][lane][0..3], b[w][lane][0..1], c[w][lane][0..3] for every
+// warp w of the block. Launch: grid 1, block 32 * warps.
+extern "C" __global__ void selftest_mma_bf16(const uint32_t* __restrict__ a, const uint32_t* __restrict__ b,
+                                             const float* __restrict__ c, float* __restrict__ d)
+{
+    const int tid = threadIdx.x;
+    const uint32_t ra[4] = {a[4 * tid], a[4 * tid + 1], a[4 * tid + 2], a[4 * tid + 3]};
+    const uint32_t rb[2] = {b[2 * tid], b[2 * tid + 1]};
+    const float rc[4] = {c[4 * tid], c[4 * tid + 1], c[4 * tid + 2], c[4 * tid + 3]};
+    float rd[4];
+    npmma::mma_bf16_16816(rd, ra, rb, rc);
+    for (int i = 0; i < 4; ++i) d[4 * tid + i] = rd[i];
+}
+EMU_REGISTER(selftest_mma_bf16)
+
+// Copies `bytes` of src into dynamic shared memory, then lane l runs ldmatrix.x{num}{.trans} with the row
+// address smem + offsets[l] (bytes); out[l][0..num-1] = its registers. Launch: grid 1, block 32,
+// dynamic shared `bytes` (a multiple of 16).
+extern "C" __global__ void selftest_ldmatrix(const uint4* __restrict__ src, int bytes, const int* __restrict__ offsets,
+                                             int num, int trans, uint32_t* __restrict__ out)
+{
+    EMU_DYNAMIC_SHARED(unsigned char, smem);
+    const int lane = threadIdx.x;
+    for (int i = lane; i < bytes / 16; i += 32) reinterpret_cast<uint4*>(smem)[i] = src[i];
+    __syncthreads();
+    const unsigned char* row = smem + offsets[lane];
+    uint32_t r[4] = {0, 0, 0, 0};
+    if (num == 1) {
+        uint32_t x[1];
+        if (trans) npmma::ldmatrix_x1_trans(x, row); else npmma::ldmatrix_x1(x, row);
+        r[0] = x[0];
+    } else if (num == 2) {
+        uint32_t x[2];
+        if (trans) npmma::ldmatrix_x2_trans(x, row); else npmma::ldmatrix_x2(x, row);
+        r[0] = x[0]; r[1] = x[1];
+    } else {
+        uint32_t x[4];
+        if (trans) npmma::ldmatrix_x4_trans(x, row); else npmma::ldmatrix_x4(x, row);
+        r[0] = x[0]; r[1] = x[1]; r[2] = x[2]; r[3] = x[3];
+    }
+    for (int m = 0; m < num; ++m) out[lane * 4 + m] = r[m];
+}
+EMU_REGISTER(selftest_ldmatrix)
+
+// Thread t copies 16-byte chunk t of src (n chunks, src_bytes[t] of it, the rest zero-filled) into shared
+// memory with cp.async, in two commit groups (chunks t < n/2, then the others); waits for the first group,
+// copies the first half out, waits for all, copies the second half out, each after a barrier.
+// With early_read != 0 the first half is copied out BEFORE the first wait: a bug the check mode must show
+// (emulator-only that way).
+// Launch: grid 1, block n (<= 1024, even), dynamic shared 16 * n.
+extern "C" __global__ void selftest_cp_async(const uint4* __restrict__ src, const int* __restrict__ src_bytes,
+                                             uint4* __restrict__ out, int early_read)
+{
+    EMU_DYNAMIC_SHARED(uint4, smem);
+    const int t = threadIdx.x, n = blockDim.x, half = n / 2;
+    if (t < half) npmma::cp_async_16(smem + t, src + t, src_bytes[t]);
+    npmma::cp_async_commit();
+    if (t >= half) npmma::cp_async_16(smem + t, src + t, src_bytes[t]);
+    npmma::cp_async_commit();
+    if (early_read) {
+        __syncthreads();
+        if (t < half) out[t] = smem[t];
+    }
+    npmma::cp_async_wait<1>();
+    __syncthreads();
+    if (!early_read && t < half) out[t] = smem[t];
+    npmma::cp_async_wait<0>();
+    __syncthreads();
+    if (t >= half) out[t] = smem[t];
+}
+EMU_REGISTER(selftest_cp_async)
+
+// Emulator-only with barrier = 0 (a race on a GPU). out[t] = x[t - 1] (x[0] for t = 0) through shared
+// memory; with barrier = 0 the barrier between the
+// write and the read is missing (a race the default schedule hides: thread t - 1 runs before t).
+// Launch: grid 1, block n, dynamic shared 4 * n.
+extern "C" __global__ void selftest_neighbour(const float* __restrict__ x, float* __restrict__ out, int barrier)
+{
+    EMU_DYNAMIC_SHARED(float, s);
+    const int t = threadIdx.x;
+    s[t] = x[t];
+    if (barrier) __syncthreads();
+    out[t] = s[t > 0 ? t - 1 : 0];
+}
+EMU_REGISTER(selftest_neighbour)

@@ -109,7 +109,7 @@ extern __thread Tls tls EMU_HIDDEN;
 
 enum Collective : int {
     kSyncWarp = 0, kShflIdx = 1, kShflUp = 2, kShflDown = 3, kShflXor = 4,
-    kBallot = 5, kAny = 6, kAll = 7,
+    kBallot = 5, kAny = 6, kAll = 7, kExchange = 8,
 };
 enum BlockOp : int { kBarrier = 0, kBarrierCount = 1, kBarrierAnd = 2, kBarrierOr = 3 };
 
@@ -118,6 +118,21 @@ EMU_HIDDEN int block_barrier(int op, int predicate);
 EMU_HIDDEN unsigned long long warp_collective(int op, unsigned int mask, unsigned long long value, int b, int c);
 EMU_HIDDEN unsigned int active_mask();
 [[noreturn]] EMU_HIDDEN void trap(const char* what);
+
+// Warp-level matrix instructions and asynchronous copies (sm_80), reached through kernels/mma.cuh.
+// mma and ldmatrix are warp collectives like the shuffles: all 32 lanes must arrive (a missing lane
+// is an error, not a hang); the lane that completes the group computes every lane's result from the
+// operands all lanes supplied (each waiting lane's operands stay on its fiber's stack).
+//   mma_m16n8k16_bf16: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 (PTX ISA fragment layout).
+//   ldmatrix_m8n8: ldmatrix.sync.aligned.m8n8.x{num}{.trans}.shared.b16; row_addr is this lane's row.
+//   cp_async_16: cp.async.cg.shared.global 16 bytes, zero-filling bytes [src_bytes, 16).
+// Check mode (emu_set_checks): cp.async copies are deferred to the wait that covers them and their
+// destinations hold 0xFF bytes (a bf16/fp32 NaN) until then, so a read before the wait shows.
+EMU_HIDDEN void mma_m16n8k16_bf16(float* d, const unsigned* a, const unsigned* b, const float* c);
+EMU_HIDDEN void ldmatrix_m8n8(unsigned* r, int num, bool trans, const void* row_addr);
+EMU_HIDDEN void cp_async_16(void* dst, const void* src, int src_bytes);
+EMU_HIDDEN void cp_async_commit();
+EMU_HIDDEN void cp_async_wait(int pending_groups);
 
 using Thunk = void (*)(void** args);
 EMU_HIDDEN void register_kernel(const char* name, Thunk thunk, int param_count, const int* param_sizes);

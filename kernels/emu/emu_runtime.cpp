@@ -40,6 +40,24 @@ constexpr int kMaxWarps = kMaxThreads / 32;
 constexpr int kGroupsPerWarp = 4;
 constexpr unsigned kMaxSharedBytes = 227u * 1024u;
 
+// ------------------------------------------------------------------ check mode
+// emu_set_checks(flags, seed): kCheckShuffle runs the threads of a block in a random order (a new
+// permutation at the start and after every barrier, seeded per block), so that a missing barrier
+// changes results; kCheckAsync defers cp.async copies to their wait and poisons the destination
+// until then; any check fills dynamic shared memory with 0xFF bytes at each block's start; kCheckCollectives makes a shuffle from a lane that supplied no value return a poison
+// (all ones) instead of the reader's own value, and checks that ldmatrix addresses lie in the
+// launch's dynamic shared memory. Set between launches, read by every block.
+constexpr int kCheckShuffle = 1, kCheckAsync = 2, kCheckCollectives = 4;
+std::atomic<int> g_checks{0};
+std::atomic<unsigned long long> g_check_seed{0};
+
+inline unsigned long long splitmix64(unsigned long long& state) {
+    unsigned long long z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
 // ------------------------------------------------------------------ registry
 struct KernelInfo {
     std::string name;
@@ -77,9 +95,12 @@ struct Fiber {
     uint3 tidx{0, 0, 0};
 };
 
+using ExchangeFn = const char* (*)(void* const* lanes);
+
 struct WarpGroup {
     bool active = false;
     int op = 0;
+    ExchangeFn fn = nullptr;  // kExchange: computes every lane's result; returns an error or nullptr
     unsigned mask = 0;
     unsigned arrived = 0;
     unsigned long long value[32];
@@ -95,13 +116,19 @@ struct WarpState {
 
 struct Launch;
 
+// A deferred cp.async (check mode): the 16 bytes read at issue, written at the covering wait.
+struct PendingCopy {
+    unsigned char* dst;
+    unsigned char data[16];
+    int group;  // -1: not committed yet
+};
+
 // Per-OS-thread state of the block being run.
 struct Block {
     Thunk thunk = nullptr;
     void** args = nullptr;
     int nthreads = 0;
     int next_unstarted = 0;
-    uint3 next_tidx{0, 0, 0};
     int exited = 0;
     // __syncthreads
     int bar_arrived = 0;
@@ -121,6 +148,20 @@ struct Block {
     // outcome
     bool failed = false;
     std::string error;
+    // check mode
+    int checks = 0;
+    unsigned long long rng = 0;
+    std::vector<int> order;          // kCheckShuffle: the order in which threads start
+    Fiber* scratch[kMaxThreads + 1];
+    unsigned char* smem = nullptr;   // the launch's dynamic shared memory
+    unsigned smem_bytes = 0;
+    std::vector<PendingCopy> pending[kMaxThreads];
+    int committed[kMaxThreads];
+
+    // Fisher-Yates with the block's generator.
+    template <typename T> void shuffle(T* v, int n) {
+        for (int i = n - 1; i > 0; --i) std::swap(v[i], v[static_cast<int>(splitmix64(rng) % (i + 1u))]);
+    }
 
     void push_ready(Fiber* f) {
         ready[(ready_head + ready_count) % (kMaxThreads + 1)] = f;
@@ -251,7 +292,9 @@ void switch_away(Worker& w, Fiber* cur) {
                               "threads never reach");
         }
     }
-    if (next == nullptr) {
+    if (next == cur) {  // check mode: the fiber queued itself among the others and came first
+        cur->state = FiberState::Running;
+    } else if (next == nullptr) {
         w.current = nullptr;
         fiber_switch(cur->ctx, w.main_ctx);
     } else {
@@ -264,8 +307,17 @@ void switch_away(Worker& w, Fiber* cur) {
     tls.thread_idx = cur->tidx;
 }
 
-void complete_group(Block& b, int warp, WarpGroup& g, int self_tid) {
+// Returns an error message (the group is then left incomplete and the block fails) or nullptr.
+const char* complete_group(Block& b, int warp, WarpGroup& g, int self_tid) {
     const int base = warp * 32;
+    if (g.op == kExchange) {
+        if (g.arrived != 0xffffffffu)
+            return "a warp-level matrix instruction (mma/ldmatrix) needs all 32 lanes of the warp; some lanes "
+                   "exited or do not exist";
+        void* lanes[32];
+        for (int l = 0; l < 32; ++l) lanes[l] = reinterpret_cast<void*>(static_cast<std::uintptr_t>(g.value[l]));
+        if (const char* e = g.fn(lanes)) return e;
+    }
     unsigned ballot = 0;
     for (int l = 0; l < 32; ++l)
         if (((g.arrived >> l) & 1u) && g.value[l] != 0) ballot |= 1u << l;
@@ -273,7 +325,7 @@ void complete_group(Block& b, int warp, WarpGroup& g, int self_tid) {
         if (!((g.arrived >> l) & 1u)) continue;
         unsigned long long r = 0;
         switch (g.op) {
-            case kSyncWarp: break;
+            case kSyncWarp: case kExchange: break;
             case kBallot: r = ballot; break;
             case kAny: r = ballot != 0; break;
             case kAll: r = ballot == g.arrived; break;
@@ -289,26 +341,35 @@ void complete_group(Block& b, int warp, WarpGroup& g, int self_tid) {
                 else if (g.op == kShflDown) { j = l + bval; pval = j <= max_lane; }
                 else if (g.op == kShflXor) { j = l ^ bval; pval = j <= max_lane; }
                 else { j = min_lane | (bval & 0x1f & ~segmask); pval = j <= max_lane; }
+                if (pval && j >= 0 && j <= 31 && !((g.arrived >> j) & 1u) && (b.checks & kCheckCollectives)) {
+                    r = ~0ull;  // undefined on the GPU: a poison that shows where it is used
+                    break;
+                }
                 if (!pval || j < 0 || j > 31 || !((g.arrived >> j) & 1u)) j = l;  // inactive source: own value
                 r = g.value[j];
                 break;
             }
         }
-        const int tid = base + l;
-        b.thread_result[tid] = r;
-        if (tid != self_tid) {
-            Fiber* f = b.thread_fiber[tid];
-            f->state = FiberState::Running;
-            b.push_ready(f);
-        }
+        b.thread_result[base + l] = r;
+    }
+    Fiber* wake[32];
+    int n = 0;
+    for (int l = 0; l < 32; ++l)
+        if (((g.arrived >> l) & 1u) && base + l != self_tid) wake[n++] = b.thread_fiber[base + l];
+    if (b.checks & kCheckShuffle) b.shuffle(wake, n);
+    for (int i = 0; i < n; ++i) {
+        wake[i]->state = FiberState::Running;
+        b.push_ready(wake[i]);
     }
     g.active = false;
+    return nullptr;
 }
 
 void complete_barrier(Block& b, Fiber* self) {
     b.bar_result = b.bar_accum;
     b.bar_arrived = 0;
     b.bar_accum = 0;
+    if (b.checks & kCheckShuffle) b.shuffle(b.bar_waiters.data(), static_cast<int>(b.bar_waiters.size()));
     for (Fiber* f : b.bar_waiters)
         if (f != self) {
             f->state = FiberState::Running;
@@ -317,7 +378,18 @@ void complete_barrier(Block& b, Fiber* self) {
     b.bar_waiters.clear();
 }
 
+void apply_copies(std::vector<PendingCopy>& v, int below_group) {
+    std::size_t kept = 0;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+        if (v[i].group >= 0 && v[i].group < below_group) std::memcpy(v[i].dst, v[i].data, 16);
+        else v[kept++] = v[i];
+    }
+    v.resize(kept);
+}
+
 void thread_exited(Block& b, int tid) {
+    for (PendingCopy& p : b.pending[tid]) std::memcpy(p.dst, p.data, 16);  // a kernel may exit with copies in flight
+    b.pending[tid].clear();
     ++b.exited;
     if (b.bar_arrived > 0 && b.bar_arrived == b.nthreads - b.exited) complete_barrier(b, nullptr);
     WarpState& ws = b.warps[tid / 32];
@@ -325,7 +397,8 @@ void thread_exited(Block& b, int tid) {
     for (WarpGroup& g : ws.groups) {
         if (!g.active) continue;
         const unsigned expected = g.mask & ws.existing & ~ws.exited;
-        if ((g.arrived & expected) == expected) complete_group(b, tid / 32, g, -1);
+        if ((g.arrived & expected) == expected)
+            if (const char* e = complete_group(b, tid / 32, g, -1)) set_failed(b, thread_name(b, tid) + ": " + e);
     }
 }
 
@@ -335,14 +408,12 @@ void fiber_entry(void* arg) {
     for (;;) {
         Block& b = *w.block;
         while (!b.failed && b.next_unstarted < b.nthreads) {
-            const int t = b.next_unstarted++;
+            const int t = b.order.empty() ? b.next_unstarted : b.order[b.next_unstarted];
+            ++b.next_unstarted;
             f->tid = t;
-            f->tidx = b.next_tidx;
+            f->tidx = uint3{t % tls.block_dim.x, (t / tls.block_dim.x) % tls.block_dim.y,
+                            t / (tls.block_dim.x * tls.block_dim.y)};
             f->state = FiberState::Running;
-            if (++b.next_tidx.x == tls.block_dim.x) {
-                b.next_tidx.x = 0;
-                if (++b.next_tidx.y == tls.block_dim.y) { b.next_tidx.y = 0; ++b.next_tidx.z; }
-            }
             b.thread_fiber[t] = f;
             tls.thread_idx = f->tidx;
             try {
@@ -376,7 +447,24 @@ bool run_block(Thunk thunk, void** args, dim3 block_dim, unsigned shared_bytes, 
     b.args = args;
     b.nthreads = n;
     b.next_unstarted = 0;
-    b.next_tidx = uint3{0, 0, 0};
+    b.checks = g_checks.load(std::memory_order_relaxed);
+    b.smem = tls.dynamic_smem;
+    b.smem_bytes = shared_bytes;
+    // Shared memory is undefined at a block's start: in check mode it holds 0xFF bytes (NaN), not what the
+    // previous block on this worker left (which a read before the write would otherwise see unharmed).
+    if (b.checks != 0 && shared_bytes > 0) std::memset(w.smem, 0xFF, shared_bytes);
+    b.order.clear();
+    if (b.checks & kCheckShuffle) {
+        b.rng = g_check_seed.load(std::memory_order_relaxed) ^
+                (0x9E3779B97F4A7C15ull * (1ull + tls.block_idx.x + 65536ull * (tls.block_idx.y + 65536ull * tls.block_idx.z)));
+        b.order.resize(static_cast<std::size_t>(n));
+        for (int i = 0; i < n; ++i) b.order[static_cast<std::size_t>(i)] = i;
+        b.shuffle(b.order.data(), n);
+    }
+    for (int i = 0; i < n; ++i) {
+        b.pending[i].clear();
+        b.committed[i] = 0;
+    }
     b.exited = 0;
     b.bar_arrived = b.bar_accum = b.bar_result = 0;
     b.bar_waiters.clear();
@@ -566,6 +654,17 @@ int block_barrier(int op, int predicate) {
     ++b.bar_arrived;
     if (b.bar_arrived == b.nthreads - b.exited) {
         complete_barrier(b, cur);
+        if (b.checks & kCheckShuffle) {
+            // Queue this thread too, at a random place among the ones just released.
+            b.push_ready(cur);
+            const int n = b.ready_count;
+            Fiber** tmp = b.scratch;
+            for (int i = 0; i < n; ++i) tmp[i] = b.pop_ready();
+            b.shuffle(tmp, n);
+            for (int i = 0; i < n; ++i) b.push_ready(tmp[i]);
+            cur->state = FiberState::Waiting;
+            switch_away(w, cur);
+        }
         return b.bar_result;
     }
     b.bar_waiters.push_back(cur);
@@ -574,7 +673,16 @@ int block_barrier(int op, int predicate) {
     return b.bar_result;
 }
 
+namespace {
+unsigned long long join_warp_group(int op, unsigned int mask, unsigned long long value, int bv, int cv, ExchangeFn fn);
+}
+
 unsigned long long warp_collective(int op, unsigned int mask, unsigned long long value, int bv, int cv) {
+    return join_warp_group(op, mask, value, bv, cv, nullptr);
+}
+
+namespace {
+unsigned long long join_warp_group(int op, unsigned int mask, unsigned long long value, int bv, int cv, ExchangeFn fn) {
     Worker& w = worker();
     Block& b = *w.block;
     Fiber* cur = w.current;
@@ -594,9 +702,10 @@ unsigned long long warp_collective(int op, unsigned int mask, unsigned long long
         g = free_slot;
         g->active = true;
         g->op = op;
+        g->fn = fn;
         g->mask = mask;
         g->arrived = 0;
-    } else if (g->op != op) {
+    } else if (g->op != op || g->fn != fn) {
         trap("lanes of a warp reached different warp collectives with the same mask");
     }
     g->arrived |= 1u << lane;
@@ -605,12 +714,148 @@ unsigned long long warp_collective(int op, unsigned int mask, unsigned long long
     g->c[lane] = cv;
     const unsigned expected = mask & ws.existing & ~ws.exited;
     if ((g->arrived & expected) == expected) {
-        complete_group(b, warp, *g, tid);
+        if (const char* e = complete_group(b, warp, *g, tid)) trap(e);
         return b.thread_result[tid];
     }
     cur->state = FiberState::Waiting;
     switch_away(w, cur);
     return b.thread_result[tid];
+}
+}  // namespace
+
+// ------------------------------------------------------------------ warp-level matrix instructions
+namespace {
+
+inline float bf16_lo(unsigned r) { return bf16_to_float(static_cast<unsigned short>(r & 0xffffu)); }
+inline float bf16_hi(unsigned r) { return bf16_to_float(static_cast<unsigned short>(r >> 16)); }
+
+struct MmaLane {
+    float* d;
+    const unsigned* a;
+    const unsigned* b;
+    const float* c;
+};
+
+// PTX ISA "Matrix Fragments for mma.m16n8k16 with floating point type": g = lane / 4, t = lane % 4;
+// A: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..), lower column in bits 0-15;
+// B: b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g); C/D: c0 c1 (g, 2t / 2t+1), c2 c3 (g+8, 2t / 2t+1).
+// Products of bf16 are exact in fp32; the sum is taken in double and rounded once (the hardware's
+// order and intermediate rounding are unspecified, so GPU-vs-emulator comparisons use a tolerance).
+const char* mma_complete(void* const* lanes) {
+    float A[16][16], B[16][8], C[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const MmaLane& x = *static_cast<const MmaLane*>(lanes[l]);
+        const int g = l >> 2, t = l & 3;
+        A[g][2 * t] = bf16_lo(x.a[0]);         A[g][2 * t + 1] = bf16_hi(x.a[0]);
+        A[g + 8][2 * t] = bf16_lo(x.a[1]);     A[g + 8][2 * t + 1] = bf16_hi(x.a[1]);
+        A[g][2 * t + 8] = bf16_lo(x.a[2]);     A[g][2 * t + 9] = bf16_hi(x.a[2]);
+        A[g + 8][2 * t + 8] = bf16_lo(x.a[3]); A[g + 8][2 * t + 9] = bf16_hi(x.a[3]);
+        B[2 * t][g] = bf16_lo(x.b[0]);         B[2 * t + 1][g] = bf16_hi(x.b[0]);
+        B[2 * t + 8][g] = bf16_lo(x.b[1]);     B[2 * t + 9][g] = bf16_hi(x.b[1]);
+        C[g][2 * t] = x.c[0];     C[g][2 * t + 1] = x.c[1];
+        C[g + 8][2 * t] = x.c[2]; C[g + 8][2 * t + 1] = x.c[3];
+    }
+    float D[16][8];
+    for (int i = 0; i < 16; ++i)
+        for (int j = 0; j < 8; ++j) {
+            double acc = 0.0;
+            for (int k = 0; k < 16; ++k) acc += static_cast<double>(A[i][k]) * static_cast<double>(B[k][j]);
+            D[i][j] = static_cast<float>(acc + static_cast<double>(C[i][j]));
+        }
+    for (int l = 0; l < 32; ++l) {  // after every read: d may alias c
+        const MmaLane& x = *static_cast<const MmaLane*>(lanes[l]);
+        const int g = l >> 2, t = l & 3;
+        x.d[0] = D[g][2 * t];     x.d[1] = D[g][2 * t + 1];
+        x.d[2] = D[g + 8][2 * t]; x.d[3] = D[g + 8][2 * t + 1];
+    }
+    return nullptr;
+}
+
+struct LdmatrixLane {
+    unsigned* r;
+    const unsigned char* addr;
+    int num;
+    bool trans;
+};
+
+// PTX ISA ldmatrix: lanes 8m .. 8m+7 give the row addresses of matrix m (16 bytes each, 16-byte
+// aligned); register m of lane 4r + w holds M_m[r][2w] (low half) and M_m[r][2w+1] (high half), or
+// with .trans M_m[2w][r] and M_m[2w+1][r]. Lanes at or past 8 * num supply no address.
+const char* ldmatrix_complete(void* const* lanes) {
+    const LdmatrixLane& first = *static_cast<const LdmatrixLane*>(lanes[0]);
+    const int num = first.num;
+    const bool trans = first.trans;
+    const Block& b = *worker().block;
+    unsigned short M[4][8][8];
+    for (int l = 0; l < 32; ++l) {
+        const LdmatrixLane& x = *static_cast<const LdmatrixLane*>(lanes[l]);
+        if (x.num != num || x.trans != trans) return "lanes of a warp reached ldmatrix with different shapes";
+        if (l >= 8 * num) continue;
+        const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(x.addr);
+        if (a % 16 != 0) return "ldmatrix: a row address is not 16-byte aligned";
+        if ((b.checks & kCheckCollectives) &&
+            (b.smem == nullptr || x.addr < b.smem || x.addr + 16 > b.smem + b.smem_bytes))
+            return "ldmatrix: a row address is outside the launch's dynamic shared memory";
+        std::memcpy(M[l / 8][l % 8], x.addr, 16);
+    }
+    for (int l = 0; l < 32; ++l) {
+        const LdmatrixLane& x = *static_cast<const LdmatrixLane*>(lanes[l]);
+        const int r = l >> 2, w = l & 3;
+        for (int m = 0; m < num; ++m) {
+            const unsigned lo = trans ? M[m][2 * w][r] : M[m][r][2 * w];
+            const unsigned hi = trans ? M[m][2 * w + 1][r] : M[m][r][2 * w + 1];
+            x.r[m] = lo | (hi << 16);
+        }
+    }
+    return nullptr;
+}
+
+}  // namespace
+
+void mma_m16n8k16_bf16(float* d, const unsigned* a, const unsigned* b, const float* c) {
+    MmaLane mine{d, a, b, c};
+    join_warp_group(kExchange, 0xffffffffu, reinterpret_cast<std::uintptr_t>(&mine), 0, 0, &mma_complete);
+}
+
+void ldmatrix_m8n8(unsigned* r, int num, bool trans, const void* row_addr) {
+    LdmatrixLane mine{r, static_cast<const unsigned char*>(row_addr), num, trans};
+    join_warp_group(kExchange, 0xffffffffu, reinterpret_cast<std::uintptr_t>(&mine), 0, 0, &ldmatrix_complete);
+}
+
+void cp_async_16(void* dst, const void* src, int src_bytes) {
+    Worker& w = worker();
+    Block& b = *w.block;
+    if (reinterpret_cast<std::uintptr_t>(dst) % 16 != 0 || (src_bytes > 0 && reinterpret_cast<std::uintptr_t>(src) % 16 != 0))
+        trap("cp.async: a 16-byte copy needs 16-byte aligned addresses");
+    if (src_bytes < 0 || src_bytes > 16) trap("cp.async: src-size must be 0..16");
+    unsigned char data[16] = {};
+    if (src_bytes > 0) std::memcpy(data, src, static_cast<std::size_t>(src_bytes));
+    if (b.checks & kCheckAsync) {
+        PendingCopy p;
+        p.dst = static_cast<unsigned char*>(dst);
+        std::memcpy(p.data, data, 16);
+        p.group = -1;
+        b.pending[w.current->tid].push_back(p);
+        std::memset(dst, 0xFF, 16);
+    } else {
+        std::memcpy(dst, data, 16);
+    }
+}
+
+void cp_async_commit() {
+    Worker& w = worker();
+    Block& b = *w.block;
+    const int tid = w.current->tid;
+    for (PendingCopy& p : b.pending[tid])
+        if (p.group < 0) p.group = b.committed[tid];
+    ++b.committed[tid];
+}
+
+void cp_async_wait(int pending_groups) {
+    Worker& w = worker();
+    Block& b = *w.block;
+    const int tid = w.current->tid;
+    if (!b.pending[tid].empty()) apply_copies(b.pending[tid], b.committed[tid] - pending_groups);
 }
 
 unsigned int active_mask() {
@@ -708,5 +953,14 @@ EMU_EXPORT int emu_kernel_params(const char* name, int* sizes, int max_sizes) {
 }
 
 EMU_EXPORT void emu_set_worker_threads(int n) { pool().set_threads(n); }
+
+// Check mode for the launches that follow (see kCheckShuffle, kCheckAsync, kCheckCollectives): flags 0 is
+// the normal, fastest mode. The seed picks the thread orders of kCheckShuffle.
+EMU_EXPORT void emu_set_checks(int flags, unsigned long long seed) {
+    g_check_seed.store(seed);
+    g_checks.store(flags & (kCheckShuffle | kCheckAsync | kCheckCollectives));
+}
+
+EMU_EXPORT int emu_checks(void) { return g_checks.load(); }
 
 EMU_EXPORT int emu_worker_threads(void) { return pool().threads(); }

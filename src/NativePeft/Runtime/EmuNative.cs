@@ -23,6 +23,8 @@ internal sealed unsafe class EmuNative
     private readonly delegate* unmanaged<byte*, int*, int, int> _kernelParams;
     private readonly delegate* unmanaged<int, void> _setWorkerThreads;
     private readonly delegate* unmanaged<int> _workerThreads;
+    private readonly delegate* unmanaged<int, ulong, void> _setChecks;
+    private readonly delegate* unmanaged<int> _checks;
 
     public string LibraryPath { get; }
 
@@ -37,6 +39,8 @@ internal sealed unsafe class EmuNative
         _kernelParams = (delegate* unmanaged<byte*, int*, int, int>)NativeLibrary.GetExport(handle, "emu_kernel_params");
         _setWorkerThreads = (delegate* unmanaged<int, void>)NativeLibrary.GetExport(handle, "emu_set_worker_threads");
         _workerThreads = (delegate* unmanaged<int>)NativeLibrary.GetExport(handle, "emu_worker_threads");
+        _setChecks = (delegate* unmanaged<int, ulong, void>)NativeLibrary.GetExport(handle, "emu_set_checks");
+        _checks = (delegate* unmanaged<int>)NativeLibrary.GetExport(handle, "emu_checks");
     }
 
     public static string LibraryFileName => Path.GetFileName(KernelLocator.EmulatorLibraryPath);
@@ -114,4 +118,8 @@ internal sealed unsafe class EmuNative
     public void SetWorkerThreads(int n) => _setWorkerThreads(n);
 
     public int WorkerThreads() => _workerThreads();
+
+    public void SetChecks(int flags, ulong seed) => _setChecks(flags, seed);
+
+    public int Checks() => _checks();
 }

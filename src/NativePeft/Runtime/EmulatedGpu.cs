@@ -20,6 +20,28 @@ public sealed class EmulatorException : Exception
 /// name. Launches are synchronous. Allocations are tracked against a budget (default: the machine's
 /// physical memory) so memory plans can be checked: <see cref="AllocatedBytes"/>, <see cref="PeakAllocatedBytes"/>.
 /// </summary>
+/// <summary>
+/// The emulator's race-finding checks (kernels/emu/emu_runtime.cpp, <c>emu_set_checks</c>). Each changes a
+/// legal schedule into one that exposes a class of bugs the default schedule hides; none changes the
+/// results of a correct kernel.
+/// </summary>
+[Flags]
+public enum EmulatorChecks
+{
+    None = 0,
+    /// <summary>The threads of a block start, and resume after every barrier, in a random order (per block,
+    /// from the seed): a read of shared memory that another warp writes without a barrier between gives a
+    /// different result.</summary>
+    ShuffleThreads = 1,
+    /// <summary>cp.async copies land at the wait that covers them, and their destination holds 0xFF bytes
+    /// (NaN for bf16 and fp32) from the issue until then: a read before the wait shows.</summary>
+    DeferAsyncCopies = 2,
+    /// <summary>A shuffle from a lane that supplied no value returns all ones (not the reader's own value);
+    /// ldmatrix row addresses must lie in the launch's dynamic shared memory.</summary>
+    StrictCollectives = 4,
+    All = ShuffleThreads | DeferAsyncCopies | StrictCollectives,
+}
+
 public sealed unsafe class EmulatedGpu : IGpu
 {
     private const int Alignment = 64;
@@ -194,6 +216,15 @@ public sealed unsafe class EmulatedGpu : IGpu
     }
 
     public bool HasKernel(string kernel) => _kernels.Contains(kernel);
+
+    /// <summary>
+    /// The race-finding checks of the launches that follow, for the whole process (the emulator library is
+    /// loaded once): set them around a test, and back to <see cref="EmulatorChecks.None"/> after it.
+    /// </summary>
+    public void SetChecks(EmulatorChecks checks, ulong seed = 0) => _native.SetChecks((int)checks, seed);
+
+    /// <summary>The checks in force.</summary>
+    public EmulatorChecks Checks => (EmulatorChecks)_native.Checks();
 
     public void Synchronize() => ObjectDisposedException.ThrowIf(_disposed, this);
 
