@@ -20,3 +20,10 @@
 #else
 #include "emu/cuda_emu.h"
 #endif
+
+// Full unrolling of a loop with a compile-time trip count (keeps per-thread fragment arrays in registers).
+#if defined(__CUDACC__)
+#define NP_UNROLL _Pragma("unroll")
+#else
+#define NP_UNROLL _Pragma("GCC unroll 64")
+#endif

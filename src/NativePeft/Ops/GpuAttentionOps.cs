@@ -50,16 +50,47 @@ public sealed class GpuAttentionOps
     private const int MaxGridYZ = 65535;
     private const int RowsPerPreprocessBlock = ThreadsPerBlock / 32;
 
+    /// <summary>Query rows per block of the tensor-core forward (4 warps of 16 rows).</summary>
+    public const int TcQueryTile = 64;
+
+    /// <summary>Keys per shared-memory tile of the tensor-core forward.</summary>
+    public const int TcKeyTile = 64;
+
     private readonly IGpu _gpu;
 
-    /// <param name="gpu">The device the kernels run on; its kernel image must contain kernels/attention.cu.</param>
-    public GpuAttentionOps(IGpu gpu)
+    /// <param name="gpu">The device the kernels run on; its kernel image must contain kernels/attention.cu and
+    /// kernels/attention_tc.cu.</param>
+    /// <param name="tensorCores">Run bf16 attention with head dimension 64 or 128 on the tensor-core kernels
+    /// (kernels/attention_tc*.cu: mma.sync, ldmatrix, cp.async; P and dS rounded to bf16 as MMA operands). false: the
+    /// fp32-arithmetic kernels of kernels/attention.cu for every shape (what f32 and other head dims always use).</param>
+    public GpuAttentionOps(IGpu gpu, bool tensorCores = true)
     {
         ArgumentNullException.ThrowIfNull(gpu);
         _gpu = gpu;
+        TensorCores = tensorCores;
     }
 
     public IGpu Gpu => _gpu;
+
+    /// <summary>Whether bf16 attention at head dimension 64 or 128 runs on the tensor-core kernels.</summary>
+    public bool TensorCores { get; }
+
+    /// <summary>
+    /// Whether a call with these operands takes the tensor-core path: <see cref="TensorCores"/>, bf16, head dimension
+    /// 64 or 128, and every pointer 16-byte aligned (the kernels move 16-byte chunks with cp.async).
+    /// </summary>
+    public bool UsesTensorCores(DType dtype, int headDim, params ReadOnlySpan<DevicePtr> pointers)
+    {
+        if (!TensorCores || dtype != DType.BF16 || headDim is not (64 or 128))
+            return false;
+        foreach (DevicePtr p in pointers)
+            if (!p.IsNull && p.Address % 16 != 0)
+                return false;
+        return true;
+    }
+
+    /// <summary>Dynamic shared memory of the tensor-core forward: Q, K, V tiles [64][D] bf16.</summary>
+    public static int TcForwardSharedBytes(int headDim) => (TcQueryTile + 2 * TcKeyTile) * headDim * 2;
 
     // ------------------------------------------------------------------------------------------
     // Launch shapes
@@ -119,6 +150,11 @@ public sealed class GpuAttentionOps
         if (batch == 0 || seqLen == 0)
             return;
         CheckPtr(q, nameof(q)); CheckPtr(k, nameof(k)); CheckPtr(v, nameof(v)); CheckPtr(output, nameof(output));
+        if (UsesTensorCores(dtype, headDim, q, k, v, output))
+        {
+            LaunchTcForward(q, k, v, output, lse, batch, seqLen, seqLen, headsQ, headsKv, headDim);
+            return;
+        }
         int tiles = (seqLen + ForwardQueryTile - 1) / ForwardQueryTile;
         _gpu.Launch($"attention_forward_{suffix}", new Dim3((uint)tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
             ForwardSharedBytes(headDim), q, k, v, output, lse, batch, seqLen, headsQ, headsKv, headDim, Scale(headDim));
@@ -141,9 +177,26 @@ public sealed class GpuAttentionOps
         if (batch == 0)
             return;
         CheckPtr(q, nameof(q)); CheckPtr(k, nameof(k)); CheckPtr(v, nameof(v)); CheckPtr(output, nameof(output));
+        if (UsesTensorCores(dtype, headDim, q, k, v, output))
+        {
+            LaunchTcForward(q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim);
+            return;
+        }
         int tiles = (queryLen + ForwardQueryTile - 1) / ForwardQueryTile;
         _gpu.Launch($"attention_forward_cached_{suffix}", new Dim3((uint)tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
             ForwardSharedBytes(headDim), q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim, Scale(headDim));
+    }
+
+    /// <summary>
+    /// The tensor-core forward, attention_fwd_tc_d{64,128}_bf16: grid (ceil(Tq/64), Hq, B), block 128,
+    /// <see cref="TcForwardSharedBytes"/>; queries at absolute positions [Tk − Tq, Tk).
+    /// </summary>
+    private void LaunchTcForward(DevicePtr q, DevicePtr k, DevicePtr v, DevicePtr output, DevicePtr lse,
+                                 int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim)
+    {
+        int tiles = (queryLen + TcQueryTile - 1) / TcQueryTile;
+        _gpu.Launch($"attention_fwd_tc_d{headDim}_bf16", new Dim3((uint)tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
+            TcForwardSharedBytes(headDim), q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, Scale(headDim));
     }
 
     /// <summary>

@@ -40,7 +40,8 @@ public sealed class GpuAttentionOpsTests(string device) : DeviceFixture<GpuAtten
     private const double AbsSlack = 1e-37;
     private const int Batch = 2;
 
-    protected override GpuAttentionOps CreateOps(IGpu gpu) => new(gpu);
+    // The fp32-arithmetic kernels for every shape; the tensor-core path has its own tests (AttentionTc*Tests).
+    protected override GpuAttentionOps CreateOps(IGpu gpu) => new(gpu, tensorCores: false);
 
     protected override IEnumerable<string> RequiredKernels =>
         from op in new[] { "forward", "backward_preprocess", "backward_dkdv", "backward_dq" }

@@ -1,0 +1,219 @@
+// attention_tc.cu: causal GQA attention forward on tensor cores (FlashAttention-2, bf16), head dims 64
+// and 128. Same semantics and layouts as attention_forward_cached_bf16 in kernels/attention.cu (which
+// stays the path for fp32 and other head dims): q, out [B, Tq, Hq, D], k, v [B, Tk, Hkv, D] bf16,
+// lse [B, Hq, Tq] fp32 natural-log (null: not written); query row i sits at absolute position
+// Tk - Tq + i and attends to keys j <= Tk - Tq + i (the training forward is Tq = Tk). Query head h reads
+// kv head h / (Hq / Hkv) (native GQA: K and V are never replicated).
+//
+// Algorithm (FA2 forward): one CTA of 4 warps per (64-query tile, q head, batch); warp w owns query
+// rows 16w .. 16w + 15 of the tile (no inter-warp reduction). Q, K, V tiles of 64 rows are staged in
+// swizzled shared memory by cp.async (attention_tc.cuh); Q goes to registers once as mma A fragments
+// (ldmatrix.x4). Per 64-key tile: S = Q K^T (mma.sync m16n8k16, fp32 accumulators; K fragments by
+// ldmatrix.x4), the causal mask only on tiles that reach past the diagonal, online softmax in fp32 on
+// the accumulators with exp2 and the scale folded in (p = 2^(s * scale * log2 e - m * scale * log2 e):
+// one FFMA and one EX2), row max/sum over the 4 lanes of a row by xor shuffles, then O += P V with P
+// rounded to bf16 only as the A operand (the S accumulators of n-tiles 2j, 2j+1 ARE the A fragment of
+// key chunk j; no shared memory) and V fragments by ldmatrix.x4.trans. Rows keep an unnormalised O and
+// a per-lane partial l; both are reduced and normalised once at the end (FA2). The key tiles are walked
+// from 0 to the diagonal; the V load of tile j overlaps S of tile j, the K load of tile j+1 overlaps
+// P V of tile j (single-buffered K and V: 3 * 64 * D * 2 bytes = 48 KB at D = 128, no opt-in).
+// Causal CTAs are unbalanced, so block x takes query tile nqt - 1 - x (the heaviest first).
+//
+// Numerics: S and O accumulate in fp32; P is rounded to bf16 (relative error <= 2^-8) for the P V
+// product only, l sums the fp32 p. Rows with no visible key cannot occur for valid rows (key 0 is
+// always visible); rows past Tq are computed on zero-filled Q and never stored. m = -inf is guarded
+// (no inf - inf). out = O / l rounded to bf16 once; lse = m * scale + log(l).
+//
+// C ABI: attention_fwd_tc_d64_bf16, attention_fwd_tc_d128_bf16
+//   (q, k, v, out, lse, B, Tq, Tk, Hq, Hkv, scale); grid (ceil(Tq / 64), Hq, B), block 128,
+//   dynamic shared 3 * 64 * D * 2 bytes; q, k, v, out 16-byte aligned.
+#include "attention_tc.cuh"
+
+namespace attntc {
+
+constexpr int kBR = 64;  // query rows per CTA (4 warps x 16)
+constexpr int kBC = 64;  // keys per tile
+
+template <int D>
+__device__ void fwd_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                         const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
+                         int Tq, int Tk, int Hq, int Hkv, float scale)
+{
+    constexpr int KC = D / 16;    // k16 chunks of the head dim
+    constexpr int NT = kBC / 8;   // n8 tiles of S per key tile
+    constexpr int DT = D / 8;     // n8 tiles of O
+    EMU_DYNAMIC_SHARED(unsigned char, smem);
+    unsigned char* sQ = smem;
+    unsigned char* sK = sQ + kBR * D * 2;
+    unsigned char* sV = sK + kBC * D * 2;
+
+    const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int nqt = (Tq + kBR - 1) / kBR;
+    const int q0 = (nqt - 1 - (int)blockIdx.x) * kBR;
+    const int h = (int)blockIdx.y, b = (int)blockIdx.z;
+    const int hk = h / (Hq / Hkv);
+    const int off = Tk - Tq;  // absolute position of query row 0
+    const long long q_stride = (long long)Hq * D, kv_stride = (long long)Hkv * D;
+    const __nv_bfloat16* q_head = q + (long long)b * Tq * q_stride + (long long)h * D;
+    const __nv_bfloat16* k_head = k + (long long)b * Tk * kv_stride + (long long)hk * D;
+    const __nv_bfloat16* v_head = v + (long long)b * Tk * kv_stride + (long long)hk * D;
+
+    // Keys visible to the tile's last row (or to the last query): tiles 0 .. nkt - 1.
+    const int last_key = min(q0 + kBR, Tq) - 1 + off;
+    const int nkt = last_key / kBC + 1;
+
+    load_tile_async<D, kBR>(sQ, q_head, q_stride, q0, Tq);
+    load_tile_async<D, kBC>(sK, k_head, kv_stride, 0, Tk);
+    npmma::cp_async_commit();
+    npmma::cp_async_wait<0>();
+    __syncthreads();
+
+    uint32_t qf[KC][4];
+NP_UNROLL
+    for (int kc = 0; kc < KC; ++kc) load_a<D>(qf[kc], sQ, warp * 16, kc * 16, lane);
+
+    float o[DT][4];
+NP_UNROLL
+    for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m_row[2] = {-INFINITY, -INFINITY};  // rows g and g + 8: running max of the raw scores
+    float l_row[2] = {0.0f, 0.0f};            // this lane's partial sums of p
+    const float sl2 = scale * 1.4426950408889634f;
+    const int row_abs0 = q0 + warp * 16 + g + off;  // absolute position of row g (row g + 8: + 8)
+
+    for (int j = 0; j < nkt; ++j)
+    {
+        const int k0 = j * kBC;
+        // V_j streams in while S_j is computed (the previous P V finished before the last barrier).
+        load_tile_async<D, kBC>(sV, v_head, kv_stride, k0, Tk);
+        npmma::cp_async_commit();
+
+        float s[NT][4];
+NP_UNROLL
+        for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+NP_UNROLL
+        for (int kc = 0; kc < KC; ++kc)
+        {
+NP_UNROLL
+            for (int n = 0; n < NT; n += 2)
+            {
+                uint32_t kb[4];
+                load_b_t2<D>(kb, sK, n * 8, kc * 16, lane);
+                mma(s[n], qf[kc], kb[0], kb[1]);
+                mma(s[n + 1], qf[kc], kb[2], kb[3]);
+            }
+        }
+
+        // Mask: keys past a row's position (causal) or past Tk. Only tiles that reach past the first
+        // row's position need it (every row of the tile sees every key of the earlier tiles).
+        if (k0 + kBC - 1 > q0 + off || k0 + kBC > Tk)
+        {
+NP_UNROLL
+            for (int n = 0; n < NT; ++n)
+NP_UNROLL
+                for (int e = 0; e < 4; ++e)
+                {
+                    const int key = k0 + n * 8 + 2 * t + (e & 1);
+                    const int row_abs = row_abs0 + ((e >> 1) << 3);
+                    if (key > row_abs || key >= Tk) s[n][e] = -INFINITY;
+                }
+        }
+
+        // Online softmax per row (e < 2: row g, e >= 2: row g + 8).
+        float alpha[2];
+NP_UNROLL
+        for (int r = 0; r < 2; ++r)
+        {
+            float mx = m_row[r];
+NP_UNROLL
+            for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            // A row that has seen no key yet keeps m = -inf; use 0 as the base so that p = 2^-inf = 0, not NaN.
+            const float base = mx == -INFINITY ? 0.0f : mx * sl2;
+            alpha[r] = m_row[r] == -INFINITY ? 0.0f : exp2f(m_row[r] * sl2 - base);
+            m_row[r] = mx;
+            float sum = 0.0f;
+NP_UNROLL
+            for (int n = 0; n < NT; ++n)
+            {
+                const float p0 = exp2f(s[n][2 * r] * sl2 - base);
+                const float p1 = exp2f(s[n][2 * r + 1] * sl2 - base);
+                s[n][2 * r] = p0;
+                s[n][2 * r + 1] = p1;
+                sum += p0 + p1;
+            }
+            l_row[r] = l_row[r] * alpha[r] + sum;
+        }
+NP_UNROLL
+        for (int i = 0; i < DT; ++i)
+        {
+            o[i][0] *= alpha[0]; o[i][1] *= alpha[0];
+            o[i][2] *= alpha[1]; o[i][3] *= alpha[1];
+        }
+
+        npmma::cp_async_wait<0>();
+        __syncthreads();  // V_j visible to all; every warp is done reading K_j
+        if (j + 1 < nkt)
+        {
+            load_tile_async<D, kBC>(sK, k_head, kv_stride, k0 + kBC, Tk);
+            npmma::cp_async_commit();
+        }
+
+        // O += P V_j: key chunk c (16 keys) = S n-tiles 2c, 2c + 1.
+NP_UNROLL
+        for (int c = 0; c < kBC / 16; ++c)
+        {
+            const uint32_t pa[4] = {npmma::pack_bf16(s[2 * c][0], s[2 * c][1]),
+                                    npmma::pack_bf16(s[2 * c][2], s[2 * c][3]),
+                                    npmma::pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]),
+                                    npmma::pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3])};
+NP_UNROLL
+            for (int i = 0; i < DT; i += 2)
+            {
+                uint32_t vb[4];
+                load_b_n2<D>(vb, sV, c * 16, i * 8, lane);
+                mma(o[i], pa, vb[0], vb[1]);
+                mma(o[i + 1], pa, vb[2], vb[3]);
+            }
+        }
+        npmma::cp_async_wait<0>();
+        __syncthreads();  // K_{j+1} visible; every warp is done reading V_j
+    }
+
+    // Normalise and store: rows g and g + 8 of the warp; lanes t hold columns 8i + 2t, 8i + 2t + 1.
+NP_UNROLL
+    for (int r = 0; r < 2; ++r)
+    {
+        float l = l_row[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int row = q0 + warp * 16 + g + 8 * r;
+        if (row >= Tq) continue;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        __nv_bfloat16* orow = out + (long long)b * Tq * q_stride + (long long)row * q_stride + (long long)h * D;
+NP_UNROLL
+        for (int i = 0; i < DT; ++i)
+        {
+            const uint32_t packed = npmma::pack_bf16(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
+            *reinterpret_cast<uint32_t*>(orow + i * 8 + 2 * t) = packed;
+        }
+        if (t == 0 && lse != nullptr)
+            lse[((long long)b * Hq + h) * Tq + row] = l > 0.0f ? m_row[r] * scale + logf(l) : INFINITY;
+    }
+}
+
+}  // namespace attntc
+
+#define ATTN_TC_FWD(DIM)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(attntc::kThreads)                                            \
+    attention_fwd_tc_d##DIM##_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,    \
+                                   __nv_bfloat16* out, float* lse, int B, int Tq, int Tk, int Hq, int Hkv,    \
+                                   float scale)                                                               \
+    {                                                                                                         \
+        if ((int)blockIdx.z < B) attntc::fwd_body<DIM>(q, k, v, out, lse, Tq, Tk, Hq, Hkv, scale);            \
+    }                                                                                                         \
+    EMU_REGISTER(attention_fwd_tc_d##DIM##_bf16)
+
+ATTN_TC_FWD(64)
+ATTN_TC_FWD(128)

@@ -1,0 +1,84 @@
+// attention_tc.cuh: what the tensor-core attention kernels share (kernels/attention_tc.cu forward,
+// kernels/attention_tc_bwd.cu backward): swizzled bf16 tiles in shared memory filled by cp.async, and
+// the ldmatrix address of a fragment in them.
+//
+// A tile holds ROWS rows of D bf16 (D = 64 or 128), row r at byte r * 2D, 16-byte chunk c of the row
+// stored at chunk c ^ (r & 7) (an XOR swizzle inside each 128-byte span). ldmatrix reads 8 rows of one
+// logical chunk at a time; the swizzle puts those 8 rows' chunks in 8 different 16-byte bank groups,
+// so every ldmatrix phase and every cp.async store is free of bank conflicts (unswizzled, rows 2D
+// bytes apart all start in the same bank: an 8-way conflict at D = 64 or 128).
+#pragma once
+#include "mma.cuh"
+
+namespace attntc {
+
+constexpr int kThreads = 128;  // 4 warps
+
+// Byte offset of (row, 16-byte chunk) in a swizzled tile with D columns.
+template <int D>
+__device__ __forceinline__ int swz(int row, int chunk)
+{
+    return row * (D * 2) + ((chunk ^ (row & 7)) << 4);
+}
+
+// Address of element (row, col) in a swizzled tile; col a multiple of 8 (a chunk start).
+template <int D>
+__device__ __forceinline__ const unsigned char* tile_at(const unsigned char* tile, int row, int col)
+{
+    return tile + swz<D>(row, col >> 3);
+}
+
+// Issues the cp.async copies of rows row0 .. row0 + ROWS - 1 of one head into a swizzled tile: `head`
+// points at element (t = 0, d = 0) of the head, consecutive t are `stride` elements apart; rows at or
+// past `len` are zero-filled (nothing is read for them). All kThreads threads take part; the caller
+// commits and waits.
+template <int D, int ROWS>
+__device__ __forceinline__ void load_tile_async(unsigned char* tile, const __nv_bfloat16* head, long long stride,
+                                                int row0, int len)
+{
+    constexpr int kChunks = D / 8;  // 16-byte chunks per row
+    static_assert((ROWS * kChunks) % kThreads == 0, "whole chunks per thread");
+NP_UNROLL
+    for (int i = 0; i < ROWS * kChunks / kThreads; ++i)
+    {
+        const int e = i * kThreads + (int)threadIdx.x;
+        const int r = e / kChunks, c = e % kChunks, t = row0 + r;
+        const bool ok = t < len;
+        const __nv_bfloat16* src = head + (ok ? (long long)t * stride + c * 8 : 0);
+        npmma::cp_async_16(tile + swz<D>(r, c), src, ok ? 16 : 0);
+    }
+}
+
+// The A fragment (16 x 16) at rows r0.., columns c0.. of a swizzled row-major tile (ldmatrix.x4):
+// lane l gives row r0 + (l & 15), column c0 + 8 (l >> 4).
+template <int D>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const unsigned char* tile, int r0, int c0, int lane)
+{
+    npmma::ldmatrix_x4(a, tile_at<D>(tile, r0 + (lane & 15), c0 + ((lane >> 4) << 3)));
+}
+
+// B fragments of two adjacent n8 tiles for a product with the TRANSPOSE of a row-major tile (B[k][n] =
+// tile[n][k], e.g. K for S = Q K^T): n rows n0 .. n0 + 15, k columns c0 .. c0 + 15 (ldmatrix.x4):
+// b[0..1] for rows n0.., b[2..3] for rows n0 + 8...
+template <int D>
+__device__ __forceinline__ void load_b_t2(uint32_t (&b)[4], const unsigned char* tile, int n0, int c0, int lane)
+{
+    npmma::ldmatrix_x4(b, tile_at<D>(tile, n0 + (lane & 7) + ((lane >> 4) << 3), c0 + (((lane >> 3) & 1) << 3)));
+}
+
+// B fragments of two adjacent n8 tiles for a product with a row-major tile itself (B[k][n] = tile[k][n],
+// e.g. V for O = P V): k rows k0 .. k0 + 15, n columns n0 .. n0 + 15 (ldmatrix.x4.trans): b[0..1] for
+// columns n0.., b[2..3] for columns n0 + 8...
+template <int D>
+__device__ __forceinline__ void load_b_n2(uint32_t (&b)[4], const unsigned char* tile, int k0, int n0, int lane)
+{
+    npmma::ldmatrix_x4_trans(b, tile_at<D>(tile, k0 + (lane & 15), n0 + ((lane >> 4) << 3)));
+}
+
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
+{
+    const uint32_t b[2] = {b0, b1};
+    npmma::mma_bf16_16816(d, a, b, d);
+}
+
+}  // namespace attntc
