@@ -92,6 +92,18 @@ public sealed class GpuAttentionOps
     /// <summary>Dynamic shared memory of the tensor-core forward: Q, K, V tiles [64][D] bf16.</summary>
     public static int TcForwardSharedBytes(int headDim) => (TcQueryTile + 2 * TcKeyTile) * headDim * 2;
 
+    /// <summary>Keys per block of the tensor-core dk/dv kernel, and queries per block of its dq kernel.</summary>
+    public const int TcBackwardTile = 64;
+
+    /// <summary>
+    /// Dynamic shared memory of attention_bwd_dkdv_tc: K, V [64][D] and double-buffered Q, dout [2][32][D] bf16, lse and
+    /// delta [2][32] fp32 (above 48 KB at D = 128: the launcher opts in).
+    /// </summary>
+    public static int TcBackwardDkDvSharedBytes(int headDim) => (2 * 64 + 4 * 32) * headDim * 2 + 4 * 32 * sizeof(float);
+
+    /// <summary>Dynamic shared memory of attention_bwd_dq_tc: Q, dout, V [64][D] and double-buffered K [2][64][D] bf16.</summary>
+    public static int TcBackwardDqSharedBytes(int headDim) => 5 * 64 * headDim * 2;
+
     // ------------------------------------------------------------------------------------------
     // Launch shapes
     // ------------------------------------------------------------------------------------------
@@ -224,6 +236,17 @@ public sealed class GpuAttentionOps
         int preBlocks = (int)((rows + RowsPerPreprocessBlock - 1) / RowsPerPreprocessBlock);
         _gpu.Launch($"attention_backward_preprocess_{suffix}", preBlocks, ThreadsPerBlock, 0,
             dout, output, workspace, batch, seqLen, headsQ, headDim);
+        if (UsesTensorCores(dtype, headDim, dout, q, k, v, output, dq, dk, dv))
+        {
+            uint tcTiles = (uint)((seqLen + TcBackwardTile - 1) / TcBackwardTile);
+            if (!dk.IsNull)
+                _gpu.Launch($"attention_bwd_dkdv_tc_d{headDim}_bf16", new Dim3(tcTiles, (uint)headsKv, (uint)batch), ThreadsPerBlock,
+                    TcBackwardDkDvSharedBytes(headDim), dout, q, k, v, lse, workspace, dk, dv, batch, seqLen, headsQ, headsKv, scale);
+            if (!dq.IsNull)
+                _gpu.Launch($"attention_bwd_dq_tc_d{headDim}_bf16", new Dim3(tcTiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
+                    TcBackwardDqSharedBytes(headDim), dout, q, k, v, lse, workspace, dq, batch, seqLen, headsQ, headsKv, scale);
+            return;
+        }
         uint tiles = (uint)((seqLen + BackwardTile - 1) / BackwardTile);
         if (!dk.IsNull)
         {
