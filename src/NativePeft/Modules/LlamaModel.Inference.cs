@@ -66,8 +66,9 @@ public sealed partial class LlamaModel
                 layer.VProj.Forward(normed, vNew);
                 _ops.RopeForward(q, pos, _ropeCos!, _ropeSin!, Hq, D);
                 _ops.RopeForward(kNew, pos, _ropeCos!, _ropeSin!, Hkv, D);
+                // The MLP's gate buffer is free until the MLP runs: the split-KV decode keeps its partials there.
                 _ops.AttentionForwardCached(q, cache.K[l].Slice(0, p + n, KVD), cache.V[l].Slice(0, p + n, KVD), att, null,
-                    1, n, p + n, Hq, Hkv, D);
+                    1, n, p + n, Hq, Hkv, D, workspace: w.G);
                 layer.OProj.Forward(att, h);
                 _ops.Add(x, h, h);
                 _ops.RmsNormForward(h, layer.PostAttentionLayernorm, normed, rstd, Config.RmsNormEps);

@@ -336,7 +336,7 @@ public sealed unsafe class CpuOps : IOps
     }
 
     public void AttentionForwardCached(Tensor q, Tensor k, Tensor v, Tensor output, Tensor? lse, int batch, int queryLen, int keyLen,
-        int headsQ, int headsKv, int headDim)
+        int headsQ, int headsKv, int headDim, Tensor? workspace = null)
     {
         if (Compute("AttentionForwardCached", q, k, v, output, lse) == DType.F32)
             AttentionRef.ForwardCached<float>(S<float>(q), S<float>(k), S<float>(v), S<float>(output), lse is null ? default : S<float>(lse),

@@ -180,7 +180,8 @@ public sealed class GpuAttentionOps
     /// arithmetic of <see cref="Forward(DType, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, int, int, int, int, int)"/>.
     /// </summary>
     public void ForwardCached(DType dtype, DevicePtr q, DevicePtr k, DevicePtr v, DevicePtr output, DevicePtr lse,
-                              int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim)
+                              int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim,
+                              DevicePtr workspace = default, long workspaceBytes = 0)
     {
         string suffix = GpuTransformerOps.DTypeSuffix(dtype);
         ValidateShape(batch, keyLen, headsQ, headsKv, headDim);
@@ -191,12 +192,94 @@ public sealed class GpuAttentionOps
         CheckPtr(q, nameof(q)); CheckPtr(k, nameof(k)); CheckPtr(v, nameof(v)); CheckPtr(output, nameof(output));
         if (UsesTensorCores(dtype, headDim, q, k, v, output))
         {
-            LaunchTcForward(q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim);
+            int splits = DecodeSplits(batch, queryLen, keyLen, headsQ, headsKv, headDim, workspace, workspaceBytes);
+            if (splits >= 2)
+                LaunchDecode(q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim, splits, workspace);
+            else
+                LaunchTcForward(q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim);
             return;
         }
         int tiles = (queryLen + ForwardQueryTile - 1) / ForwardQueryTile;
         _gpu.Launch($"attention_forward_cached_{suffix}", new Dim3((uint)tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
             ForwardSharedBytes(headDim), q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim, Scale(headDim));
+    }
+
+    /// <summary>Rows of the split-KV decode's mma tile: the query heads of a kv group times the new queries fit in it.</summary>
+    public const int DecodeRows = 16;
+
+    /// <summary>Keys per tile of the split-KV decode (a split's chunk is a multiple of it).</summary>
+    public const int DecodeKeyTile = 64;
+
+    /// <summary>Bytes of the split-KV decode's partial results per split: O [B, Hkv, 16, D] and lse [B, Hkv, 16] fp32.</summary>
+    public static long DecodeWorkspaceBytesPerSplit(int batch, int headsKv, int headDim) =>
+        (long)batch * headsKv * DecodeRows * (headDim + 1) * sizeof(float);
+
+    /// <summary>Dynamic shared memory of attention_decode_tc: Q [16][D] and double-buffered K, V [2][64][D] bf16.</summary>
+    public static int DecodeSharedBytes(int headDim) => (DecodeRows + 4 * DecodeKeyTile) * headDim * 2;
+
+    /// <summary>
+    /// How many key splits a cached forward runs with (flash-decoding), or 1 for the one-pass kernel: split-KV when the
+    /// group's query rows fit one mma tile ((Hq/Hkv)·queryLen ≤ 16), there are at least two key tiles, and the workspace
+    /// holds at least two splits; then enough splits for two CTAs per multiprocessor, each at least one key tile.
+    /// <paramref name="forceSplits"/> &gt; 0 overrides the heuristic (tests), still bounded by the tiles and the workspace.
+    /// </summary>
+    public int DecodeSplits(int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim,
+                            DevicePtr workspace, long workspaceBytes, int forceSplits = 0)
+    {
+        if (workspace.IsNull || batch == 0 || headsQ / headsKv * queryLen > DecodeRows)
+            return 1;
+        int tiles = (keyLen + DecodeKeyTile - 1) / DecodeKeyTile;
+        long fit = workspaceBytes / DecodeWorkspaceBytesPerSplit(batch, headsKv, headDim);
+        int wanted = forceSplits > 0 ? forceSplits
+            : (int)Math.Ceiling(2.0 * Math.Max(1, _gpu.Properties.MultiprocessorCount) / ((long)batch * headsKv));
+        int splits = (int)Math.Min(Math.Min(wanted, tiles), fit);
+        if (splits < 2)
+            return 1;
+        // Equal chunks of whole tiles; the last split is never empty.
+        int chunkTiles = (tiles + splits - 1) / splits;
+        return (tiles + chunkTiles - 1) / chunkTiles;
+    }
+
+    /// <summary>
+    /// Split-KV decode: attention_decode_tc_d{64,128}_bf16 over <paramref name="splits"/> key chunks (grid (splits, Hkv,
+    /// B), block 128, <see cref="DecodeSharedBytes"/>), partials in the workspace, then attention_decode_combine_bf16
+    /// (grid ((Hq/Hkv)·Tq, Hkv, B), block 128).
+    /// </summary>
+    private void LaunchDecode(DevicePtr q, DevicePtr k, DevicePtr v, DevicePtr output, DevicePtr lse,
+                              int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim, int splits, DevicePtr workspace)
+    {
+        int tiles = (keyLen + DecodeKeyTile - 1) / DecodeKeyTile;
+        int chunk = (tiles + splits - 1) / splits * DecodeKeyTile;
+        long oBytes = (long)batch * headsKv * splits * DecodeRows * headDim * sizeof(float);
+        DevicePtr oPart = workspace, lsePart = workspace.Offset(oBytes);
+        _gpu.Launch($"attention_decode_tc_d{headDim}_bf16", new Dim3((uint)splits, (uint)headsKv, (uint)batch), ThreadsPerBlock,
+            DecodeSharedBytes(headDim), q, k, v, oPart, lsePart, batch, queryLen, keyLen, headsQ, headsKv, chunk, Scale(headDim));
+        _gpu.Launch("attention_decode_combine_bf16", new Dim3((uint)(headsQ / headsKv * queryLen), (uint)headsKv, (uint)batch),
+            ThreadsPerBlock, 0, oPart, lsePart, output, lse, batch, queryLen, headsQ, headsKv, splits, headDim);
+    }
+
+    /// <summary>
+    /// <see cref="ForwardCached(DType, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, int, int, int, int, int, int, DevicePtr, long)"/>
+    /// on the split-KV decode with a given number of splits (tests and benchmarks): bf16, head dim 64 or 128,
+    /// (Hq/Hkv)·queryLen ≤ 16, and a workspace of at least splits · <see cref="DecodeWorkspaceBytesPerSplit"/> bytes.
+    /// Returns the splits it ran with (the key tiles may allow fewer).
+    /// </summary>
+    public int ForwardDecode(DevicePtr q, DevicePtr k, DevicePtr v, DevicePtr output, DevicePtr lse, int batch, int queryLen,
+                             int keyLen, int headsQ, int headsKv, int headDim, DevicePtr workspace, long workspaceBytes, int splits)
+    {
+        ValidateShape(batch, keyLen, headsQ, headsKv, headDim);
+        if (!UsesTensorCores(DType.BF16, headDim, q, k, v, output))
+            throw new ArgumentException($"the split-KV decode takes bf16 with head dim 64 or 128 and 16-byte aligned operands (head dim {headDim})", nameof(headDim));
+        if (queryLen < 1 || queryLen > keyLen || headsQ / headsKv * queryLen > DecodeRows)
+            throw new ArgumentOutOfRangeException(nameof(queryLen), queryLen, $"(Hq/Hkv)·queryLen must be at most {DecodeRows} and queryLen in [1, keyLen]");
+        ArgumentOutOfRangeException.ThrowIfLessThan(splits, 1);
+        int tiles = (keyLen + DecodeKeyTile - 1) / DecodeKeyTile;
+        int chunkTiles = (tiles + Math.Min(splits, tiles) - 1) / Math.Min(splits, tiles);
+        int n = (tiles + chunkTiles - 1) / chunkTiles;
+        if (workspace.IsNull || workspaceBytes < n * DecodeWorkspaceBytesPerSplit(batch, headsKv, headDim))
+            throw new ArgumentException($"the workspace must hold {n} splits ({n * DecodeWorkspaceBytesPerSplit(batch, headsKv, headDim)} bytes)", nameof(workspaceBytes));
+        LaunchDecode(q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim, n, workspace);
+        return n;
     }
 
     /// <summary>

@@ -250,11 +250,12 @@ public sealed unsafe class GpuOps : IOps
     }
 
     public void AttentionForwardCached(Tensor q, Tensor k, Tensor v, Tensor output, Tensor? lse, int batch, int queryLen, int keyLen,
-        int headsQ, int headsKv, int headDim)
+        int headsQ, int headsKv, int headDim, Tensor? workspace = null)
     {
         if (lse is not null) RequireF32(lse, nameof(lse));
         _attention.ForwardCached(Compute("AttentionForwardCached", q, k, v, output), q.Data, k.Data, v.Data, output.Data,
-            lse?.Data ?? DevicePtr.Null, batch, queryLen, keyLen, headsQ, headsKv, headDim);
+            lse?.Data ?? DevicePtr.Null, batch, queryLen, keyLen, headsQ, headsKv, headDim,
+            workspace?.Data ?? DevicePtr.Null, workspace?.Bytes ?? 0);
     }
 
     public void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, Tensor dq, Tensor dk, Tensor dv,

@@ -82,9 +82,13 @@ public interface IOps : IDisposable
     /// [B, Hq, queryLen] (F32 on the GPU) or null (not written). Row i equals row keyLen − queryLen + i of
     /// <see cref="AttentionForward"/> over the whole sequence (the same operations in the same order on the CPU and in
     /// the kernel); queryLen = keyLen is <see cref="AttentionForward"/>. 1 ≤ queryLen ≤ keyLen.
+    /// <paramref name="workspace"/>: optional scratch the call may use (any dtype; its bytes are overwritten), free
+    /// during the call. On a GPU with bf16 and head dim 64/128, a few queries against a long cache then run split-KV
+    /// (flash-decoding, kernels/attention_decode.cu): the splits' partial results live in the workspace, and rows
+    /// equal the full forward's within the bf16 rounding of the output (the splits change the order of the sums).
     /// </summary>
     void AttentionForwardCached(Tensor q, Tensor k, Tensor v, Tensor output, Tensor? lse, int batch, int queryLen, int keyLen,
-        int headsQ, int headsKv, int headDim);
+        int headsQ, int headsKv, int headDim, Tensor? workspace = null);
     /// <summary>dq, dk, dv overwritten.</summary>
     void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, Tensor dq, Tensor dk, Tensor dv,
         int batch, int seqLen, int headsQ, int headsKv, int headDim);

@@ -22,7 +22,7 @@ namespace NativePeft.Tests.Ops;
 /// </summary>
 public sealed class AttentionTcForwardTests(string device) : DeviceFixture<GpuAttentionOps>(device)
 {
-    private const int Batch = 2;
+    internal const int Batch = 2;
     private const double U = 1.0 / 256;
 
     protected override GpuAttentionOps CreateOps(IGpu gpu) => new(gpu, tensorCores: true);
@@ -36,9 +36,9 @@ public sealed class AttentionTcForwardTests(string device) : DeviceFixture<GpuAt
         (130, 130, 4, 4, 64), (200, 200, 8, 8, 128), (1, 130, 8, 2, 128), (5, 70, 4, 1, 64), (70, 135, 4, 2, 64),
     ];
 
-    private sealed record Problem(int Tq, int Tk, int Hq, int Hkv, int D, float[] Q, float[] K, float[] V);
+    internal sealed record Problem(int Tq, int Tk, int Hq, int Hkv, int D, float[] Q, float[] K, float[] V);
 
-    private static Problem Make((int Tq, int Tk, int Hq, int Hkv, int D) s, int seed) =>
+    internal static Problem Make((int Tq, int Tk, int Hq, int Hkv, int D) s, int seed) =>
         new(s.Tq, s.Tk, s.Hq, s.Hkv, s.D,
             Representable(Normal(Batch * s.Tq * s.Hq * s.D, seed, 1.5), DType.BF16),
             Representable(Normal(Batch * s.Tk * s.Hkv * s.D, seed + 1), DType.BF16),
@@ -58,7 +58,7 @@ public sealed class AttentionTcForwardTests(string device) : DeviceFixture<GpuAt
     }
 
     /// <summary>Worst error of out and lse as fractions of their bounds (float64 reference, see the class remarks).</summary>
-    private static (double Out, double Lse) WorstError(Problem p, float[] out_, float[] lse)
+    internal static (double Out, double Lse) WorstError(Problem p, float[] out_, float[] lse)
     {
         int Dh = p.D, group = p.Hq / p.Hkv, off = p.Tk - p.Tq;
         double scale = GpuAttentionOps.Scale(Dh);
