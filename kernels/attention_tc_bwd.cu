@@ -20,7 +20,7 @@
 // A fragments), then dV += P^T dout and dK += dS^T Q with P^T, dS^T rounded to bf16 as MMA operands.
 //
 // dq: one CTA of 4 warps per (64-query tile, q head, batch), heaviest tiles first; warp w owns 16 query
-// rows, their Q fragments in registers and dQ (16 x D fp32) in registers; over the 64-key tiles up to
+// rows and their dQ (16 x D fp32) in registers (Q and dout fragments re-read from shared memory); over the 64-key tiles up to
 // the diagonal: S = Q K^T, dP = dout V^T, dS = P (dP - delta), dQ += dS K (dS rounded to bf16 as the
 // operand). K is double-buffered and the V load overlaps S.
 //
@@ -249,9 +249,6 @@ NP_UNROLL
 
     npmma::cp_async_wait<0>();
     __syncthreads();
-    uint32_t qf[KC][4];
-NP_UNROLL
-    for (int kc = 0; kc < KC; ++kc) load_a<D>(qf[kc], sQ, warp * 16, kc * 16, lane);
 
     float dq_acc[DT][4];
 NP_UNROLL
@@ -274,14 +271,20 @@ NP_UNROLL
         for (int n = 0; n < NT; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 NP_UNROLL
         for (int kc = 0; kc < KC; ++kc)
+        {
+            // Q's fragments are re-read from shared memory (ldmatrix) rather than kept: with dQ, S and dP in
+            // registers, holding Q too made the D = 128 kernel spill.
+            uint32_t qa[4];
+            load_a<D>(qa, sQ, warp * 16, kc * 16, lane);
 NP_UNROLL
             for (int n = 0; n < NT; n += 2)
             {
                 uint32_t kb[4];
                 load_b_t2<D>(kb, tK, n * 8, kc * 16, lane);
-                mma(s[n], qf[kc], kb[0], kb[1]);
-                mma(s[n + 1], qf[kc], kb[2], kb[3]);
+                mma(s[n], qa, kb[0], kb[1]);
+                mma(s[n + 1], qa, kb[2], kb[3]);
             }
+        }
 
         npmma::cp_async_wait<1>();
         __syncthreads();  // V_j visible
