@@ -25,14 +25,16 @@ public sealed unsafe class GpuOps : IOps
 
     /// <param name="memory">Device memory of <paramref name="gpu"/> for the tensors (owned: disposed with the ops), e.g. a
     /// <see cref="DevicePool"/>; null: <see cref="GpuTensorMemory"/>.</param>
-    public GpuOps(IGpu gpu, bool ownsGpu = false, TensorMemory? memory = null)
+    /// <param name="attentionTensorCores">bf16 attention at head dim 64/128 on the tensor-core kernels (the default);
+    /// false: the fp32-arithmetic kernels for every shape (see <see cref="GpuAttentionOps(IGpu, bool)"/>).</param>
+    public GpuOps(IGpu gpu, bool ownsGpu = false, TensorMemory? memory = null, bool attentionTensorCores = true)
     {
         _gpu = gpu ?? throw new ArgumentNullException(nameof(gpu));
         _ownsGpu = ownsGpu;
         _memory = memory ?? new GpuTensorMemory(gpu);
         _quant = new GpuQuantOps(gpu);
         _tx = new GpuTransformerOps(gpu);
-        _attention = new GpuAttentionOps(gpu);
+        _attention = new GpuAttentionOps(gpu, attentionTensorCores);
         _loss = new GpuLossOps(gpu);
         _elementwise = new GpuElementwiseOps(gpu);
     }
