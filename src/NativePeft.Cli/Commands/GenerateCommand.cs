@@ -88,13 +88,16 @@ public static class GenerateCommand
             throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
         }
         using var _ckpt = ckpt;
+        var config = ckpt.Config;
         ITokenizer tokenizer;
-        try { tokenizer = TokenizerLoader.FromFolder(modelDir); }
+        // generate reads the prompt and prints text: unlike train and eval on pre-tokenized data, it needs the tokenizer files.
+        try { tokenizer = TokenizerLoader.ForModel(modelDir, config.VocabSize); }
         catch (Exception e) when (e is IOException or InvalidDataException or NotSupportedException)
         {
             throw new CliException($"--model {a.Model}: tokenizer: {e.Message}", 1, e);
         }
-        var config = ckpt.Config;
+        if (tokenizer is IdsOnlyTokenizer idsOnly)
+            throw new CliException($"--model {a.Model}: {idsOnly.MissingMessage("generate (it reads the prompt and prints text)", suggestPreTokenized: false)}");
         if (tokenizer.VocabSize > config.VocabSize)
             throw new CliException($"--model {a.Model}: the tokenizer has {tokenizer.VocabSize} ids, the model's vocab_size is {config.VocabSize}");
 

@@ -5,12 +5,16 @@ using Spectre.Console;
 
 namespace NativePeft.Cli.Commands;
 
-/// <summary>`nativepeft info`: devices, why CUDA is unavailable if it is, the kernel files, the BLAS.</summary>
+/// <summary>
+/// `nativepeft info`: devices, why CUDA is unavailable if it is, the kernel files, the BLAS, cuBLAS, and below the
+/// table where the CUDA driver and cuBLAS were looked for, in order: what loaded, what was there but failed to load
+/// (with the loader's message), and the folders that did not have them.
+/// </summary>
 public static class InfoCommand
 {
     public static Command Create(TextWriter stdout)
     {
-        var cmd = new Command("info", "Show the devices found, the kernel files and the BLAS in use");
+        var cmd = new Command("info", "Show the devices found, the kernel files, the BLAS and cuBLAS in use, and where the CUDA libraries were looked for");
         cmd.SetAction(_ =>
         {
             var console = Output.Console(stdout);
@@ -48,9 +52,18 @@ public static class InfoCommand
                     m.Name + " (" + string.Join("+", new[] { m.PtxPath is null ? null : "ptx", m.FatbinPath is null ? null : "fatbin" }.Where(s => s is not null)) + ")"))
                     + " in " + KernelLocator.Directory));
 
+            var cublas = CudaLibraries.Cublas();
+            table.AddRow("cuBLAS", cublas.Loaded is not null
+                ? Markup.Escape(cublas.Summary + (CudaLibraries.CublasVersion() is { } v ? $", version {v}" : ""))
+                : "[yellow]unavailable[/]: " + Markup.Escape(cublas.Summary));
             table.AddRow("BLAS", HostBlas.IsAvailable ? Markup.Escape(HostBlas.Description) : "[yellow]unavailable[/]: " + Markup.Escape(HostBlas.Description));
             table.AddRow(".NET", Markup.Escape($"{Environment.Version}, {System.Runtime.InteropServices.RuntimeInformation.RuntimeIdentifier}, {Environment.ProcessorCount} cores"));
             console.Write(table);
+
+            // Where the libraries were looked for, plain lines (paths and the loader's messages are not cut by the table).
+            stdout.WriteLine("library search, in order:");
+            foreach (var (name, report) in new[] { ("CUDA driver", CudaLibraries.Driver()), ("cuBLAS", cublas) })
+                foreach (var line in report.Lines()) stdout.WriteLine($"  {name}: {line}");
             return 0;
         });
         return cmd;

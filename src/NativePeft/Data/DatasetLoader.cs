@@ -25,19 +25,37 @@ public enum DataFormat
 /// </summary>
 public static class DatasetLoader
 {
-    public static Dataset Load(string path, DataFormat format, ITokenizer tokenizer, int seqLen, BadLinePolicy policy = BadLinePolicy.Stop)
+    /// <summary>
+    /// Reads <paramref name="path"/> in <paramref name="format"/> (Auto: <see cref="DetectFormat"/>). Pre-tokenized ids
+    /// are checked against <paramref name="vocabSize"/> (the model's vocab_size; default: the tokenizer's), and need no
+    /// tokenizer: with an <see cref="IdsOnlyTokenizer"/> only the text formats fail, with a
+    /// <see cref="FileNotFoundException"/> naming the model folder and the missing tokenizer files.
+    /// </summary>
+    public static Dataset Load(string path, DataFormat format, ITokenizer tokenizer, int seqLen, BadLinePolicy policy = BadLinePolicy.Stop,
+        int? vocabSize = null)
     {
         ArgumentNullException.ThrowIfNull(tokenizer);
         if (format == DataFormat.Auto) format = DetectFormat(path);
+        if (format != DataFormat.PreTokenized && tokenizer is IdsOnlyTokenizer ids)
+            throw new FileNotFoundException(ids.MissingMessage($"{path} ({TextFormatName(format)})"), Path.Combine(ids.Folder, "tokenizer.json"));
         return format switch
         {
-            DataFormat.PreTokenized => PreTokenizedJsonl(path, tokenizer.VocabSize, policy),
+            DataFormat.PreTokenized => PreTokenizedJsonl(path, vocabSize ?? tokenizer.VocabSize, policy),
             DataFormat.PlainText => PlainText(path, tokenizer, seqLen),
             DataFormat.TextJsonl => TextJsonl(path, tokenizer, seqLen, policy),
             DataFormat.Alpaca => Alpaca(path, tokenizer, policy),
             _ => throw new ArgumentOutOfRangeException(nameof(format)),
         };
     }
+
+    /// <summary>How a text format is named in messages.</summary>
+    internal static string TextFormatName(DataFormat format) => format switch
+    {
+        DataFormat.PlainText => "plain text",
+        DataFormat.TextJsonl => "{\"text\": ...} JSONL",
+        DataFormat.Alpaca => "Alpaca records",
+        _ => format.ToString(),
+    };
 
     /// <summary>The format of a file from its extension and its first record's keys.</summary>
     public static DataFormat DetectFormat(string path)

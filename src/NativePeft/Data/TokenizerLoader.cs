@@ -10,6 +10,8 @@ namespace NativePeft.Data;
 /// config.json's vocab_size is 259 with no tokenizer file. Special ids: tokenizer_config.json's bos_token /
 /// eos_token / pad_token (a string or {"content": …}) looked up in the vocabulary; else config.json's bos_token_id /
 /// eos_token_id / pad_token_id (an int, or the first of a list); else the SentencePiece model's own bos/eos.
+/// A tokenizer is needed only to read or print text: <see cref="ForModel"/> gives an <see cref="IdsOnlyTokenizer"/>
+/// for a folder without tokenizer files, so that pre-tokenized data trains and evaluates with any model folder.
 /// </summary>
 public static class TokenizerLoader
 {
@@ -28,7 +30,21 @@ public static class TokenizerLoader
             : WithSpecials(HfBpeTokenizer.FromFile(pathOrName), dir);
     }
 
-    public static ITokenizer FromFolder(string dir)
+    /// <summary>The tokenizer files a folder can have, as named in messages.</summary>
+    public const string TokenizerFilesText = "tokenizer.json or tokenizer.model (nor a tokenizer_config.json naming the byte tokenizer)";
+
+    /// <summary>The folder's tokenizer; throws <see cref="FileNotFoundException"/> naming the missing files when it has none.</summary>
+    public static ITokenizer FromFolder(string dir) =>
+        TryFromFolder(dir) ?? throw new FileNotFoundException($"{dir} has no {TokenizerFilesText}", Path.Combine(dir, "tokenizer.json"));
+
+    /// <summary>
+    /// The folder's tokenizer, or, when it has no tokenizer files, an <see cref="IdsOnlyTokenizer"/> of the model's
+    /// <paramref name="vocabSize"/>: enough for pre-tokenized data, an error naming the missing files for text.
+    /// </summary>
+    public static ITokenizer ForModel(string dir, int vocabSize) => TryFromFolder(dir) ?? IdsOnlyTokenizer.Create(dir, vocabSize);
+
+    /// <summary>The folder's tokenizer, or null when the folder has no tokenizer files (see the class summary for the order).</summary>
+    public static ITokenizer? TryFromFolder(string dir)
     {
         string json = Path.Combine(dir, "tokenizer.json"), model = Path.Combine(dir, "tokenizer.model");
         if (File.Exists(json))
@@ -43,7 +59,7 @@ public static class TokenizerLoader
         var cfg = ReadJson(Path.Combine(dir, "config.json"));
         if (cfg is JsonElement c && c.TryGetProperty("vocab_size", out var vs) && vs.ValueKind == JsonValueKind.Number && vs.GetInt32() == ByteTokenizer.Size)
             return ByteTokenizer.Instance;
-        throw new FileNotFoundException($"{dir} has no tokenizer.json or tokenizer.model (and is not marked as using the byte tokenizer)");
+        return null;
     }
 
     /// <summary>Writes tokenizer_config.json marking <paramref name="dir"/> as using the built-in byte tokenizer.</summary>
@@ -86,6 +102,15 @@ public static class TokenizerLoader
             return IdFrom(tc, idKey) ?? IdFrom(cfg, idKey);
         }
         return (Get("bos_token", "bos_token_id"), Get("eos_token", "eos_token_id"), Get("pad_token", "pad_token_id"));
+    }
+
+    /// <summary>bos / eos / pad from the id keys alone (tokenizer_config.json, then config.json): for a folder without a vocabulary.</summary>
+    internal static (int? Bos, int? Eos, int? Pad) ResolveSpecialIds(string dir)
+    {
+        var tc = ReadJson(Path.Combine(dir, "tokenizer_config.json"));
+        var cfg = ReadJson(Path.Combine(dir, "config.json"));
+        return (IdFrom(tc, "bos_token_id") ?? IdFrom(cfg, "bos_token_id"), IdFrom(tc, "eos_token_id") ?? IdFrom(cfg, "eos_token_id"),
+            IdFrom(tc, "pad_token_id") ?? IdFrom(cfg, "pad_token_id"));
     }
 
     private static int? IdFrom(JsonElement? e, string key)

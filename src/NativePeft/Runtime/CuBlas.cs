@@ -91,6 +91,22 @@ internal static unsafe partial class CuBlas
 
     public static bool TryLoad(out string reason) => NativeLibraries.TryLoadCublas(out _, out reason);
 
+    // libraryPropertyType: MAJOR_VERSION 0, MINOR_VERSION 1, PATCH_LEVEL 2
+    [LibraryImport(Lib)] private static partial CublasStatus cublasGetProperty(int type, out int value);
+
+    /// <summary>"13.1.0": the loaded cuBLAS's version (cublasGetProperty), or null when it is not loadable.</summary>
+    public static string? Version()
+    {
+        if (!TryLoad(out _)) return null;
+        try
+        {
+            if (cublasGetProperty(0, out int major) != CublasStatus.Success || cublasGetProperty(1, out int minor) != CublasStatus.Success
+                || cublasGetProperty(2, out int patch) != CublasStatus.Success) return null;
+            return $"{major}.{minor}.{patch}";
+        }
+        catch (EntryPointNotFoundException) { return null; }
+    }
+
     [LibraryImport(Lib)] public static partial CublasStatus cublasCreate_v2(out IntPtr handle);
     [LibraryImport(Lib)] public static partial CublasStatus cublasDestroy_v2(IntPtr handle);
     [LibraryImport(Lib)] public static partial CublasStatus cublasSetStream_v2(IntPtr handle, IntPtr stream);

@@ -7,9 +7,13 @@ namespace NativePeft.Runtime;
 /// The one <see cref="NativeLibrary.SetDllImportResolver"/> of this assembly (a second call would throw),
 /// mapping the logical names used in <c>[LibraryImport]</c> to real files:
 /// <list type="bullet">
-/// <item><c>"cuda"</c> → libcuda.so.1 (Linux) / nvcuda.dll (Windows)</item>
-/// <item><c>"cublas"</c> → libcublas.so.13, .12, .11 (Linux) / cublas64_13, 12, 11.dll (Windows), first found</item>
+/// <item><c>"cuda"</c> → libcuda.so.1 (Linux) / nvcuda.dll (Windows), through the loader's own search (the driver
+/// installs it where the loader looks)</item>
+/// <item><c>"cublas"</c> → libcublas.so.13, .12, .11 (Linux) / cublas64_13, 12, 11.dll (Windows), first found; on
+/// Linux also where the loader does not look (<see cref="LibraryProbe"/>: CUDA_HOME, /usr/local/cuda*, the ldconfig
+/// cache, pip's nvidia/*/lib), with libcublasLt from the same folder</item>
 /// </list>
+/// What each probe tried is kept (<see cref="Report"/>) for `nativepeft info` and the error messages.
 /// Other code that needs a resolver for another library name registers a loader with
 /// <see cref="Register"/> instead of installing its own resolver.
 /// </summary>
@@ -20,7 +24,7 @@ internal static class NativeLibraries
 
     private static readonly object Gate = new();
     private static readonly Dictionary<string, Func<IntPtr>> Loaders = new(StringComparer.Ordinal);
-    private static readonly Dictionary<string, (IntPtr Handle, string? Path, string Reason)> Loaded = new(StringComparer.Ordinal);
+    private static readonly Dictionary<string, (IntPtr Handle, LibraryProbeReport Report)> Loaded = new(StringComparer.Ordinal);
 
     static NativeLibraries()
     {
@@ -49,46 +53,49 @@ internal static class NativeLibraries
         lock (Gate) Loaders[libraryName] = loader;
     }
 
-    /// <summary>Loads (once) the CUDA driver library.</summary>
-    public static bool TryLoadCuda(out IntPtr handle, out string reason) =>
-        TryLoad(Cuda, CudaCandidates, out handle, out reason);
+    /// <summary>The companion of a cuBLAS file name: libcublasLt of the same major version (null for other names).</summary>
+    public static string? CublasCompanion(string fileName) =>
+        fileName.StartsWith("libcublas.so.", StringComparison.Ordinal) ? "libcublasLt.so." + fileName["libcublas.so.".Length..]
+        : fileName.StartsWith("cublas64_", StringComparison.Ordinal) ? "cublasLt64_" + fileName["cublas64_".Length..]
+        : null;
 
-    /// <summary>Loads (once) cuBLAS, newest major version first.</summary>
+    /// <summary>Loads (once) the CUDA driver library (the loader's own search).</summary>
+    public static bool TryLoadCuda(out IntPtr handle, out string reason) =>
+        TryLoad(Cuda, () => CudaCandidates.Select(n => new LibraryCandidate("default loader", n, null)).ToList(), out handle, out reason);
+
+    /// <summary>Loads (once) cuBLAS, newest major version first: the loader's search, then <see cref="LibraryProbe"/>'s folders.</summary>
     public static bool TryLoadCublas(out IntPtr handle, out string reason) =>
-        TryLoad(Cublas, CublasCandidates, out handle, out reason);
+        TryLoad(Cublas, () => OperatingSystem.IsWindows()
+            ? CublasCandidates.Select(n => new LibraryCandidate("default loader", n, null)).ToList()
+            : LibraryProbe.Candidates(CublasCandidates, ProbeEnvironment.System), out handle, out reason);
 
     /// <summary>The path (or file name) a library was loaded from, if loaded.</summary>
     public static string? LoadedFrom(string libraryName)
     {
-        lock (Gate) return Loaded.TryGetValue(libraryName, out var e) ? e.Path : null;
+        lock (Gate) return Loaded.TryGetValue(libraryName, out var e) && e.Report.Loaded is { } ok ? ok.Message ?? ok.Candidate.Path : null;
     }
 
-    private static bool TryLoad(string key, IReadOnlyList<string> candidates, out IntPtr handle, out string reason)
+    /// <summary>What the probe of <paramref name="libraryName"/> tried (null before the first load attempt).</summary>
+    public static LibraryProbeReport? Report(string libraryName)
+    {
+        lock (Gate) return Loaded.TryGetValue(libraryName, out var e) ? e.Report : null;
+    }
+
+    private static bool TryLoad(string key, Func<IReadOnlyList<LibraryCandidate>> candidates, out IntPtr handle, out string reason)
     {
         EnsureInstalled();
         lock (Gate)
         {
             if (!Loaded.TryGetValue(key, out var entry))
             {
-                entry = (IntPtr.Zero, null, "");
-                foreach (var name in candidates)
-                {
-                    if (NativeLibrary.TryLoad(name, out var h))
-                    {
-                        entry = (h, name, "");
-                        break;
-                    }
-                }
-                if (entry.Handle == IntPtr.Zero)
-                {
-                    entry.Reason = candidates.Count == 1
-                        ? $"{candidates[0]} not found"
-                        : $"none of {string.Join(", ", candidates)} found";
-                }
+                var names = key == Cuda ? CudaCandidates : CublasCandidates;
+                var (h, report) = LibraryProbe.Load(names.Count == 1 ? names[0] : string.Join(", ", names), candidates(),
+                    key == Cublas ? CublasCompanion : _ => null, LibraryProbe.NativeLoad, File.Exists, NativeLibrary.Free, LibraryProbe.MappedFile);
+                entry = (h, report);
                 Loaded[key] = entry;
             }
             handle = entry.Handle;
-            reason = entry.Reason;
+            reason = handle == IntPtr.Zero ? entry.Report.Summary : "";
             return handle != IntPtr.Zero;
         }
     }

@@ -18,7 +18,8 @@ namespace NativePeft.Training;
 /// run.Train();
 /// run.SaveAdapter("my-adapter");
 /// </code>
-/// <see cref="Create(FineTuneOptions, ILogger?)"/> checks the options, opens the checkpoint and its tokenizer, loads the data
+/// <see cref="Create(FineTuneOptions, ILogger?)"/> checks the options, opens the checkpoint and its tokenizer (an
+/// <see cref="IdsOnlyTokenizer"/> when the folder has none: pre-tokenized data needs no tokenizer), loads the data
 /// (when <see cref="FineTuneOptions.Data"/> is set), opens the device and builds the <see cref="LlamaModel"/>: LoRA on a
 /// BF16-stored frozen base, QLoRA on an NF4 base with double-quantized absmax (blocksize 64), or full fine-tuning of
 /// every fp32 weight. Bad options and bad files throw a <see cref="FineTuneException"/> naming the option and what is
@@ -38,6 +39,7 @@ public sealed class FineTune : IDisposable
     /// <summary>The model folder actually used (the built-in model's folder for "builtin").</summary>
     public string ModelDirectory { get; }
     public LlamaConfig Config => _checkpoint.Config;
+    /// <summary>The model folder's tokenizer, or an <see cref="IdsOnlyTokenizer"/> when it has no tokenizer files.</summary>
     public ITokenizer Tokenizer { get; }
     public LlamaModel Model => _model;
     public IOps Ops => _ops;
@@ -124,8 +126,9 @@ public sealed class FineTune : IDisposable
         LlamaModel? model = null;
         try
         {
+            // A folder without tokenizer files gets the ids-only stand-in: pre-tokenized data needs no tokenizer.
             ITokenizer tokenizer;
-            try { tokenizer = TokenizerLoader.FromFolder(modelDir); }
+            try { tokenizer = TokenizerLoader.ForModel(modelDir, ckpt.Config.VocabSize); }
             catch (Exception e) when (e is IOException or InvalidDataException or NotSupportedException)
             {
                 throw new FineTuneException(nameof(o.Model), $"{modelDir}: tokenizer: {e.Message}", e);
@@ -262,7 +265,9 @@ public sealed class FineTune : IDisposable
     /// <summary>
     /// Loads a dataset ("builtin" = the built-in task with its held-out split for eval loss and exact match; else a file
     /// in any <see cref="DatasetLoader"/> format, with an optional eval file) and checks every token id against the
-    /// model's vocabulary. Errors are <see cref="FineTuneException"/>s for Data or EvalData with file:line.
+    /// model's vocabulary (<paramref name="vocabSize"/>, config.json's vocab_size). Errors are <see cref="FineTuneException"/>s
+    /// for Data or EvalData with file:line (and the id); text data with an <see cref="IdsOnlyTokenizer"/> is an error for
+    /// Model naming the missing tokenizer files.
     /// </summary>
     public static (TrainingData Data, int SkippedLines, IReadOnlyList<string> SkippedMessages) LoadData(string data, string? evalData,
         ITokenizer tokenizer, int vocabSize, int seqLen, BadLinePolicy onBadLine = BadLinePolicy.Stop)
@@ -272,6 +277,18 @@ public sealed class FineTune : IDisposable
         var messages = new List<string>();
         try
         {
+            if (tokenizer is IdsOnlyTokenizer ids)
+            {
+                // Only pre-tokenized data can do without a tokenizer: say so before reading anything else.
+                foreach (var file in new[] { data, evalData })
+                {
+                    if (file is null) continue;
+                    if (file == BuiltinTask.DataName) throw new FineTuneException(nameof(FineTuneOptions.Model), ids.MissingMessage("the built-in task (text)"));
+                    var format = DatasetLoader.DetectFormat(file);
+                    if (format != DataFormat.PreTokenized)
+                        throw new FineTuneException(nameof(FineTuneOptions.Model), ids.MissingMessage($"{file} ({DatasetLoader.TextFormatName(format)})"));
+                }
+            }
             if (data == BuiltinTask.DataName)
             {
                 if (tokenizer.EosId is null) throw new FineTuneException(nameof(FineTuneOptions.Data), "builtin: the tokenizer has no eos token");
@@ -279,14 +296,14 @@ public sealed class FineTune : IDisposable
             }
             else
             {
-                var train = DatasetLoader.Load(data, DataFormat.Auto, tokenizer, seqLen, onBadLine);
+                var train = DatasetLoader.Load(data, DataFormat.Auto, tokenizer, seqLen, onBadLine, vocabSize);
                 skipped += train.SkippedLines;
                 messages.AddRange(train.SkippedMessages);
                 if (train.Count == 0) throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data}: no examples");
                 IReadOnlyList<TrainingExample>? eval = null;
                 if (evalData is not null)
                 {
-                    var e = DatasetLoader.Load(evalData, DataFormat.Auto, tokenizer, seqLen, onBadLine);
+                    var e = DatasetLoader.Load(evalData, DataFormat.Auto, tokenizer, seqLen, onBadLine, vocabSize);
                     skipped += e.SkippedLines;
                     messages.AddRange(e.SkippedMessages);
                     eval = e.Examples;

@@ -13,7 +13,7 @@ namespace NativePeft.Training;
 /// </summary>
 public sealed record FineTuneOptions
 {
-    /// <summary>A Hugging Face Llama folder (config.json, safetensors, tokenizer), or "builtin" for the shipped model.</summary>
+    /// <summary>A Hugging Face Llama folder (config.json, safetensors; tokenizer.json or tokenizer.model only for text data), or "builtin" for the shipped model.</summary>
     public string Model { get; init; } = BuiltinModel.Name;
     /// <summary>Training data: a dataset file (any <see cref="DatasetLoader"/> format) or "builtin" for the built-in task;
     /// null to pass the data to <see cref="FineTune.Train(TrainingData, CancellationToken)"/> later.</summary>

@@ -42,6 +42,31 @@ public class DatasetTests
     }
 
     [Test]
+    public void PreTokenized_IdsAreCheckedAgainstTheModelsVocabSizeWhenGiven()
+    {
+        // The byte tokenizer has 259 ids; a model whose vocab_size is 300 takes 299 and refuses 300.
+        string ok = Write("{\"input_ids\": [299, 258, 260], \"labels\": [-100, 258, 299]}\n");
+        var d = DatasetLoader.Load(ok, DataFormat.Auto, Bt, 16, vocabSize: 300);
+        Assert.That(d[0].InputIds, Is.EqualTo(new[] { 299, 258, 260 }));
+        Assert.That(d[0].Labels, Is.EqualTo(new[] { M, 258, 299 }));
+        string bad = Write("{\"input_ids\": [1]}\n{\"input_ids\": [1, 300]}\n");
+        var e = Assert.Throws<DataFormatException>(() => DatasetLoader.Load(bad, DataFormat.Auto, Bt, 16, vocabSize: 300))!;
+        Assert.That(e.Message, Does.StartWith($"{bad}:2: ").And.Contain("input_ids[1] = 300 is outside the vocabulary [0, 300)"));
+        Assert.Throws<DataFormatException>(() => DatasetLoader.Load(ok, DataFormat.Auto, Bt, 16), "without vocabSize: the tokenizer's 259");
+    }
+
+    [Test]
+    public void TextFormatsWithTheIdsOnlyTokenizerNameTheMissingTokenizerFiles()
+    {
+        var ids = new IdsOnlyTokenizer("/models/m", 300);
+        string text = Write("{\"text\": \"hello\"}\n");
+        var e = Assert.Throws<FileNotFoundException>(() => DatasetLoader.Load(text, DataFormat.Auto, ids, 16))!;
+        Assert.That(e.Message, Does.StartWith("/models/m has no tokenizer.json or tokenizer.model").And.Contain(text));
+        string pre = Write("{\"input_ids\": [299]}\n");
+        Assert.That(DatasetLoader.Load(pre, DataFormat.Auto, ids, 16)[0].InputIds, Is.EqualTo(new[] { 299 }), "pre-tokenized: the stand-in's 300 ids");
+    }
+
+    [Test]
     public void BadLines_SkipPolicy_CountsThem()
     {
         string p = Write("{\"input_ids\": [1]}\nnot json\n{\"input_ids\": [999]}\n{\"input_ids\": [2]}\n");
