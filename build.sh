@@ -168,7 +168,9 @@ cmd_test() {
     done
     [ ${#missing[@]} -eq 0 ] || { echo "0 passed, 1 failed, 0 skipped"; die "kernels did not compile to PTX: ${missing[*]} (${NVCC_SKIP_REASON:-nvcc failed})"; }
   fi
-  run_tests "$ROOT/tests/NativePeft.Tests/bin/$CONFIG/$TFM/NativePeft.Tests" "$@"
+  # Every kernel the suite runs on the CPU emulator runs under its race checks (docs/attention.md).
+  NATIVEPEFT_EMU_CHECKS="${NATIVEPEFT_EMU_CHECKS:-all}" \
+    run_tests "$ROOT/tests/NativePeft.Tests/bin/$CONFIG/$TFM/NativePeft.Tests" "$@"
 }
 
 cmd_run() {

@@ -15,8 +15,8 @@
 // rounded to bf16 only as the A operand (the S accumulators of n-tiles 2j, 2j+1 ARE the A fragment of
 // key chunk j; no shared memory) and V fragments by ldmatrix.x4.trans. Rows keep an unnormalised O and
 // a per-lane partial l; both are reduced and normalised once at the end (FA2). The key tiles are walked
-// from 0 to the diagonal; the V load of tile j overlaps S of tile j, the K load of tile j+1 overlaps
-// P V of tile j (single-buffered K and V: 3 * 64 * D * 2 bytes = 48 KB at D = 128, no opt-in).
+// from 0 to the diagonal; K and V are double-buffered: tile j + 1 loads (cp.async) while tile j is
+// computed (5 * 64 * D * 2 bytes of shared memory: 80 KB at D = 128, with the opt-in above 48 KB).
 // Causal CTAs are unbalanced, so block x takes query tile nqt - 1 - x (the heaviest first).
 //
 // Numerics: S and O accumulate in fp32; P is rounded to bf16 (relative error <= 2^-8) for the P V
@@ -26,7 +26,7 @@
 //
 // C ABI: attention_fwd_tc_d64_bf16, attention_fwd_tc_d128_bf16
 //   (q, k, v, out, lse, B, Tq, Tk, Hq, Hkv, scale); grid (ceil(Tq / 64), Hq, B), block 128,
-//   dynamic shared 3 * 64 * D * 2 bytes; q, k, v, out 16-byte aligned.
+//   dynamic shared 5 * 64 * D * 2 bytes; q, k, v, out 16-byte aligned.
 #include "attention_tc.cuh"
 
 namespace attntc {
@@ -42,10 +42,11 @@ __device__ void fwd_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat1
     constexpr int KC = D / 16;    // k16 chunks of the head dim
     constexpr int NT = kBC / 8;   // n8 tiles of S per key tile
     constexpr int DT = D / 8;     // n8 tiles of O
+    constexpr int kTile = kBC * D * 2;
     EMU_DYNAMIC_SHARED(unsigned char, smem);
     unsigned char* sQ = smem;
-    unsigned char* sK = sQ + kBR * D * 2;
-    unsigned char* sV = sK + kBC * D * 2;
+    unsigned char* sK = sQ + kBR * D * 2;  // [2][64][D]
+    unsigned char* sV = sK + 2 * kTile;    // [2][64][D]
 
     const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -65,13 +66,10 @@ __device__ void fwd_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat1
 
     load_tile_async<D, kBR>(sQ, q_head, q_stride, q0, Tq);
     load_tile_async<D, kBC>(sK, k_head, kv_stride, 0, Tk);
+    load_tile_async<D, kBC>(sV, v_head, kv_stride, 0, Tk);
     npmma::cp_async_commit();
-    npmma::cp_async_wait<0>();
-    __syncthreads();
 
     uint32_t qf[KC][4];
-NP_UNROLL
-    for (int kc = 0; kc < KC; ++kc) load_a<D>(qf[kc], sQ, warp * 16, kc * 16, lane);
 
     float o[DT][4];
 NP_UNROLL
@@ -83,10 +81,24 @@ NP_UNROLL
 
     for (int j = 0; j < nkt; ++j)
     {
-        const int k0 = j * kBC;
-        // V_j streams in while S_j is computed (the previous P V finished before the last barrier).
-        load_tile_async<D, kBC>(sV, v_head, kv_stride, k0, Tk);
-        npmma::cp_async_commit();
+        const int k0 = j * kBC, buf = j & 1;
+        // Tile j + 1 streams into the other buffers while tile j is computed (its last readers, at tile j - 1,
+        // passed the barrier that ended that iteration).
+        if (j + 1 < nkt)
+        {
+            load_tile_async<D, kBC>(sK + (buf ^ 1) * kTile, k_head, kv_stride, k0 + kBC, Tk);
+            load_tile_async<D, kBC>(sV + (buf ^ 1) * kTile, v_head, kv_stride, k0 + kBC, Tk);
+        }
+        npmma::cp_async_commit();  // possibly empty: "all but the newest group" is then always tile j
+        npmma::cp_async_wait<1>();
+        __syncthreads();  // tile j (and at j = 0, Q) visible to every warp
+        if (j == 0)
+        {
+NP_UNROLL
+            for (int kc = 0; kc < KC; ++kc) load_a<D>(qf[kc], sQ, warp * 16, kc * 16, lane);
+        }
+        const unsigned char* tK = sK + buf * kTile;
+        const unsigned char* tV = sV + buf * kTile;
 
         float s[NT][4];
 NP_UNROLL
@@ -98,7 +110,7 @@ NP_UNROLL
             for (int n = 0; n < NT; n += 2)
             {
                 uint32_t kb[4];
-                load_b_t2<D>(kb, sK, n * 8, kc * 16, lane);
+                load_b_t2<D>(kb, tK, n * 8, kc * 16, lane);
                 mma(s[n], qf[kc], kb[0], kb[1]);
                 mma(s[n + 1], qf[kc], kb[2], kb[3]);
             }
@@ -152,14 +164,6 @@ NP_UNROLL
             o[i][2] *= alpha[1]; o[i][3] *= alpha[1];
         }
 
-        npmma::cp_async_wait<0>();
-        __syncthreads();  // V_j visible to all; every warp is done reading K_j
-        if (j + 1 < nkt)
-        {
-            load_tile_async<D, kBC>(sK, k_head, kv_stride, k0 + kBC, Tk);
-            npmma::cp_async_commit();
-        }
-
         // O += P V_j: key chunk c (16 keys) = S n-tiles 2c, 2c + 1.
 NP_UNROLL
         for (int c = 0; c < kBC / 16; ++c)
@@ -172,13 +176,12 @@ NP_UNROLL
             for (int i = 0; i < DT; i += 2)
             {
                 uint32_t vb[4];
-                load_b_n2<D>(vb, sV, c * 16, i * 8, lane);
+                load_b_n2<D>(vb, tV, c * 16, i * 8, lane);
                 mma(o[i], pa, vb[0], vb[1]);
                 mma(o[i + 1], pa, vb[2], vb[3]);
             }
         }
-        npmma::cp_async_wait<0>();
-        __syncthreads();  // K_{j+1} visible; every warp is done reading V_j
+        __syncthreads();  // every warp is done with buffer buf before tile j + 2 is loaded into it
     }
 
     // Normalise and store: rows g and g + 8 of the warp; lanes t hold columns 8i + 2t, 8i + 2t + 1.

@@ -51,6 +51,24 @@ constexpr int kCheckShuffle = 1, kCheckAsync = 2, kCheckCollectives = 4;
 std::atomic<int> g_checks{0};
 std::atomic<unsigned long long> g_check_seed{0};
 
+// The process's default checks: NATIVEPEFT_EMU_CHECKS = all | none | a number (the flags), and
+// NATIVEPEFT_EMU_CHECK_SEED (decimal), read when the library loads. ./build.sh test runs the whole suite with "all".
+struct DefaultChecks {
+    int flags = 0;
+    unsigned long long seed = 0;
+    DefaultChecks() {
+        if (const char* e = std::getenv("NATIVEPEFT_EMU_CHECKS")) {
+            const std::string v(e);
+            if (v == "all") flags = kCheckShuffle | kCheckAsync | kCheckCollectives;
+            else if (v != "none" && !v.empty()) flags = static_cast<int>(std::strtol(e, nullptr, 10)) & 7;
+        }
+        if (const char* e = std::getenv("NATIVEPEFT_EMU_CHECK_SEED")) seed = std::strtoull(e, nullptr, 10);
+        g_checks.store(flags);
+        g_check_seed.store(seed);
+    }
+};
+const DefaultChecks g_default_checks;
+
 inline unsigned long long splitmix64(unsigned long long& state) {
     unsigned long long z = (state += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -962,5 +980,8 @@ EMU_EXPORT void emu_set_checks(int flags, unsigned long long seed) {
 }
 
 EMU_EXPORT int emu_checks(void) { return g_checks.load(); }
+
+// The checks NATIVEPEFT_EMU_CHECKS asked for when the library loaded (what a test restores after changing them).
+EMU_EXPORT int emu_default_checks(void) { return g_default_checks.flags; }
 
 EMU_EXPORT int emu_worker_threads(void) { return pool().threads(); }

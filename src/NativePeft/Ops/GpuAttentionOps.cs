@@ -89,8 +89,9 @@ public sealed class GpuAttentionOps
         return true;
     }
 
-    /// <summary>Dynamic shared memory of the tensor-core forward: Q, K, V tiles [64][D] bf16.</summary>
-    public static int TcForwardSharedBytes(int headDim) => (TcQueryTile + 2 * TcKeyTile) * headDim * 2;
+    /// <summary>Dynamic shared memory of the tensor-core forward: Q [64][D] and double-buffered K, V [2][64][D] bf16
+    /// (80 KB at D = 128: the launcher opts in above 48 KB).</summary>
+    public static int TcForwardSharedBytes(int headDim) => (TcQueryTile + 4 * TcKeyTile) * headDim * 2;
 
     /// <summary>Keys per block of the tensor-core dk/dv kernel, and queries per block of its dq kernel.</summary>
     public const int TcBackwardTile = 64;

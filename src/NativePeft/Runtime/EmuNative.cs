@@ -25,6 +25,7 @@ internal sealed unsafe class EmuNative
     private readonly delegate* unmanaged<int> _workerThreads;
     private readonly delegate* unmanaged<int, ulong, void> _setChecks;
     private readonly delegate* unmanaged<int> _checks;
+    private readonly delegate* unmanaged<int> _defaultChecks;
 
     public string LibraryPath { get; }
 
@@ -41,6 +42,7 @@ internal sealed unsafe class EmuNative
         _workerThreads = (delegate* unmanaged<int>)NativeLibrary.GetExport(handle, "emu_worker_threads");
         _setChecks = (delegate* unmanaged<int, ulong, void>)NativeLibrary.GetExport(handle, "emu_set_checks");
         _checks = (delegate* unmanaged<int>)NativeLibrary.GetExport(handle, "emu_checks");
+        _defaultChecks = (delegate* unmanaged<int>)NativeLibrary.GetExport(handle, "emu_default_checks");
     }
 
     public static string LibraryFileName => Path.GetFileName(KernelLocator.EmulatorLibraryPath);
@@ -122,4 +124,6 @@ internal sealed unsafe class EmuNative
     public void SetChecks(int flags, ulong seed) => _setChecks(flags, seed);
 
     public int Checks() => _checks();
+
+    public int DefaultChecks() => _defaultChecks();
 }

@@ -226,6 +226,12 @@ public sealed unsafe class EmulatedGpu : IGpu
     /// <summary>The checks in force.</summary>
     public EmulatorChecks Checks => (EmulatorChecks)_native.Checks();
 
+    /// <summary>
+    /// The process's default checks: <c>NATIVEPEFT_EMU_CHECKS</c> (all | none | the flags as a number) when the emulator
+    /// library loaded; <c>./build.sh test</c> sets it to all, so every kernel of the test suite runs under the checks.
+    /// </summary>
+    public EmulatorChecks DefaultChecks => (EmulatorChecks)_native.DefaultChecks();
+
     public void Synchronize() => ObjectDisposedException.ThrowIf(_disposed, this);
 
     public (long Free, long Total) MemoryInfo()

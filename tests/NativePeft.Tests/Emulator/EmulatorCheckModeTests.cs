@@ -22,8 +22,13 @@ public sealed class EmulatorCheckModeTests
         _gpu = gpu!;
     }
 
-    [TearDown]
+    // Each test starts from the default schedule (the planted bugs are invisible there) and leaves the process's
+    // default checks (NATIVEPEFT_EMU_CHECKS) in force after it.
+    [SetUp]
     public void ChecksOff() => _gpu.SetChecks(EmulatorChecks.None);
+
+    [TearDown]
+    public void DefaultChecksBack() => _gpu.SetChecks(_gpu.DefaultChecks);
 
     [OneTimeTearDown]
     public void DisposeEmulator() => _gpu?.Dispose();

@@ -8,7 +8,8 @@ namespace NativePeft.Tests.Ops;
 /// The device fixture of the kernel-launcher tests, run as [TestFixture("emulated")] and [TestFixture("cuda")]: the
 /// emulator always (a missing libnativepeft_emu is a failure), CUDA when a device exists (each test is ignored with
 /// "no CUDA device: …" otherwise). Creates the launcher under test once per fixture, fails a test when one of the
-/// launcher's kernels is not loaded, and frees after each test the device memory taken with <see cref="Alloc"/>.
+/// launcher's kernels is not loaded, and frees after each test the device memory taken with <see cref="Alloc"/>. On the
+/// emulator every launch runs under the race checks (<see cref="EmulatorChecks.All"/>).
 /// </summary>
 [TestFixture("emulated")]
 [TestFixture("cuda")]
@@ -42,6 +43,33 @@ public abstract class DeviceFixture<TOps>(string device) where TOps : class
         _gpu = Device == "emulated" ? TestGpus.CreateEmulated() : TestGpus.TryCreateCuda(out _ignoreReason);
         if (_gpu is not null)
             Ops = CreateOps(_gpu);
+        // Every kernel these fixtures launch on the emulator runs under the race checks (shuffled thread order,
+        // deferred poisoned cp.async, poisoned shared memory at block start, strict collectives): a correct kernel
+        // gives the same bits under them, so every assertion stays as it is, and a race becomes a wrong result.
+        if (_gpu is EmulatedGpu emu)
+            emu.SetChecks(EmulatorChecks.All, FixtureSeed);
+    }
+
+    /// <summary>The race checks' seed of this fixture: fixed per fixture class (a failure reproduces run to run).</summary>
+    private ulong FixtureSeed => GetType().Name.Aggregate(17UL, (h, c) => h * 31 + c);
+
+    /// <summary>
+    /// On the emulator: <paramref name="run"/> under the race checks with another <paramref name="seed"/> (another
+    /// thread order), then the fixture's checks again. Elsewhere: null.
+    /// </summary>
+    protected T? UnderOtherSchedule<T>(ulong seed, Func<T> run) where T : class
+    {
+        if (_gpu is not EmulatedGpu emu)
+            return null;
+        emu.SetChecks(EmulatorChecks.All, seed);
+        try
+        {
+            return run();
+        }
+        finally
+        {
+            emu.SetChecks(EmulatorChecks.All, FixtureSeed);
+        }
     }
 
     [SetUp]
@@ -64,7 +92,11 @@ public abstract class DeviceFixture<TOps>(string device) where TOps : class
     }
 
     [OneTimeTearDown]
-    public void DisposeDevice() => _gpu?.Dispose();
+    public void DisposeDevice()
+    {
+        if (_gpu is EmulatedGpu emu) emu.SetChecks(emu.DefaultChecks);
+        _gpu?.Dispose();
+    }
 
     // ------------------------------------------------------------------------------------------
     // Device buffers (freed after the test)
