@@ -198,6 +198,99 @@ public sealed class AttentionTcBackwardTests(string device) : DeviceFixture<GpuA
         });
     }
 
+    /// <summary>f(q, k, v) = Σ dout ∘ attention(q, k, v) in float64 (causal GQA, the kernels' layouts).</summary>
+    private static double Objective(Problem p, double[] q, double[] k, double[] v)
+    {
+        double scale = GpuAttentionOps.Scale(p.D), f = 0;
+        var sc = new double[p.T];
+        for (int b = 0; b < Batch; b++)
+            for (int h = 0; h < p.Hq; h++)
+                for (int i = 0; i < p.T; i++)
+                {
+                    int hk = h / (p.Hq / p.Hkv);
+                    double mx = double.NegativeInfinity, l = 0;
+                    for (int j = 0; j <= i; j++)
+                    {
+                        double dot = 0;
+                        for (int d = 0; d < p.D; d++) dot += q[Qi(p, b, i, h) + d] * k[Ki(p, b, j, hk) + d];
+                        sc[j] = dot * scale;
+                        mx = Math.Max(mx, sc[j]);
+                    }
+                    for (int j = 0; j <= i; j++) l += Math.Exp(sc[j] - mx);
+                    for (int d = 0; d < p.D; d++)
+                    {
+                        double o = 0;
+                        for (int j = 0; j <= i; j++) o += Math.Exp(sc[j] - mx) / l * v[Ki(p, b, j, hk) + d];
+                        f += p.Dout[Qi(p, b, i, h) + d] * o;
+                    }
+                }
+        return f;
+    }
+
+    [Test]
+    public void TheReferenceGradientsAreTheFiniteDifferenceGradients()
+    {
+        // The oracle of the tests above (P = exp(s − lse), dS = P(dP − delta), ...) against central differences of the
+        // float64 forward, on a tiny GQA shape: 24 random elements each of q, k and v. The reference here takes out and
+        // lse exact (float64), so the two may differ only by the differences' truncation (h² terms, h = 1e-4).
+        Problem p = Make((5, 4, 1, 64), seed: 21);
+        double[] q = ToDouble(p.Q), k = ToDouble(p.K), v = ToDouble(p.V);
+        // Exact out and lse for the analytic gradients.
+        double scale = GpuAttentionOps.Scale(p.D);
+        var gq = new double[q.Length]; var gk = new double[k.Length]; var gv = new double[v.Length];
+        var sc = new double[p.T];
+        for (int b = 0; b < Batch; b++)
+            for (int h = 0; h < p.Hq; h++)
+                for (int i = 0; i < p.T; i++)
+                {
+                    int hk = h / (p.Hq / p.Hkv), qi = Qi(p, b, i, h);
+                    double mx = double.NegativeInfinity, l = 0;
+                    for (int j = 0; j <= i; j++)
+                    {
+                        double dot = 0;
+                        for (int d = 0; d < p.D; d++) dot += q[qi + d] * k[Ki(p, b, j, hk) + d];
+                        sc[j] = dot * scale;
+                        mx = Math.Max(mx, sc[j]);
+                    }
+                    for (int j = 0; j <= i; j++) l += Math.Exp(sc[j] - mx);
+                    double lse = mx + Math.Log(l), delta = 0;
+                    for (int d = 0; d < p.D; d++)
+                    {
+                        double o = 0;
+                        for (int j = 0; j <= i; j++) o += Math.Exp(sc[j] - lse) * v[Ki(p, b, j, hk) + d];
+                        delta += p.Dout[qi + d] * o;
+                    }
+                    for (int j = 0; j <= i; j++)
+                    {
+                        int kj = Ki(p, b, j, hk);
+                        double P = Math.Exp(sc[j] - lse), dp = 0;
+                        for (int d = 0; d < p.D; d++) dp += p.Dout[qi + d] * v[kj + d];
+                        double ds = P * (dp - delta);
+                        for (int d = 0; d < p.D; d++)
+                        {
+                            gq[qi + d] += scale * ds * k[kj + d];
+                            gk[kj + d] += scale * ds * q[qi + d];
+                            gv[kj + d] += P * p.Dout[qi + d];
+                        }
+                    }
+                }
+        var rng = new Random(3);
+        const double H = 1e-4;
+        foreach (var (x, g, name) in new[] { (q, gq, "dq"), (k, gk, "dk"), (v, gv, "dv") })
+            for (int n = 0; n < 24; n++)
+            {
+                int e = rng.Next(x.Length);
+                double keep = x[e];
+                x[e] = keep + H;
+                double fp = Objective(p, q, k, v);
+                x[e] = keep - H;
+                double fm = Objective(p, q, k, v);
+                x[e] = keep;
+                double fd = (fp - fm) / (2 * H);
+                Assert.That(g[e], Is.EqualTo(fd).Within(1e-6 * (1 + Math.Abs(fd))), $"{name}[{e}]");
+            }
+    }
+
     [Test]
     public void Backward_IsBitIdenticalRunToRun()
     {
