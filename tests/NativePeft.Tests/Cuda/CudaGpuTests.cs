@@ -16,6 +16,8 @@ public class CudaGpuTests
     public void OpenDevice()
     {
         if (!CudaGpu.TryCreate(out gpu, out reason)) gpu = null;
+        if (gpu is null && NativePeft.Tests.Ops.TestGpus.CudaRequired)
+            Assert.Fail($"{NativePeft.Tests.Ops.TestGpus.RequireCudaVariable}=1 but the CUDA device is unavailable: {reason}");
     }
 
     [OneTimeTearDown]

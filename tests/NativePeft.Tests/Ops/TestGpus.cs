@@ -26,11 +26,23 @@ internal static class TestGpus
         return new NativePeft.Ops.GpuOps(gpu!, ownsGpu: true);
     }
 
-    /// <summary>The CUDA device, or null with the reason there is none.</summary>
+    /// <summary>
+    /// Set (to 1) by gpu-check on a GPU machine: there, an unavailable CUDA device or cuBLAS is a failure with its reason,
+    /// not a "no CUDA device" skip of every CUDA test.
+    /// </summary>
+    public const string RequireCudaVariable = "NATIVEPEFT_REQUIRE_CUDA";
+
+    public static bool CudaRequired => Environment.GetEnvironmentVariable(RequireCudaVariable) == "1";
+
+    /// <summary>The CUDA device, or null with the reason there is none (a failure when <see cref="CudaRequired"/>).</summary>
     public static IGpu? TryCreateCuda(out string reason)
     {
         if (!CudaGpu.TryCreate(out CudaGpu? gpu, out reason))
+        {
+            if (CudaRequired)
+                Assert.Fail($"{RequireCudaVariable}=1 but the CUDA device is unavailable: {reason}");
             return null;
+        }
         return gpu;
     }
 }
