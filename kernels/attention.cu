@@ -18,6 +18,18 @@
 // running max and sum per query row (online softmax) over key tiles staged in shared memory, and the
 // backward recomputes P from lse tile by tile.
 //
+// Packed sequences: positions (int32 [B, T], or null) holds each token's position inside its document
+// (0 at every document start, +1 per token inside it; NOT checked here: the host validates). With
+// positions, query t sees keys s with t - positions[t] <= s <= t (its own document up to itself); the
+// kernels mask keys before a row's document start like keys past the diagonal, skip key tiles that end
+// before the document start of the tile's first row (the smallest start of the tile: starts never
+// decrease along a row), and the dk/dv kernel stops at the first query tile whose first row starts
+// after the block's last key. Null positions: plain causal, the arithmetic (and bits) of no positions.
+// A row keeps at least one visible key (itself). Per row, the sums run over the same keys in the same
+// order as for the document alone, so a packed document's dq, dk, dv (given the same lse and delta)
+// are bit-identical to the document run alone, and its forward is too when the document starts at a
+// multiple of the 16-key tile (otherwise the online softmax sees its keys in other tile groupings).
+//
 // Head dimension D: a runtime argument, 1 <= D <= ATTN_MAX_HEAD_DIM = 128 (any value; the model uses
 // even 32..128). Shared memory is dynamic and sized by the host from D (rows are padded to D + 1
 // floats so that the rows read by one warp fall in different banks); at D = 128 every kernel uses
@@ -106,11 +118,12 @@ __device__ __forceinline__ float dot_rows(const float* a, const float* b, int D)
 // Queries at an offset (decoding with a KV cache): q, out [B, q_len, Hq, D], k, v [B, kv_len, Hkv, D],
 // lse [B, Hq, q_len]; query row i sits at absolute position i + kv_len - q_len and attends to keys
 // j <= i + kv_len - q_len. The training forward is the case q_len = kv_len (the same arithmetic, so
-// its results are unchanged bit for bit).
+// its results are unchanged bit for bit). pos (null, or [B, kv_len] indexed by absolute position):
+// row i also needs j >= i + off - pos[i + off] (packed sequences; the C ABI passes it for q_len = kv_len).
 template <typename T>
 __device__ void forward_body(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                             T* __restrict__ out, float* __restrict__ lse, int q_len, int kv_len, int Hq, int Hkv,
-                             int D, float scale)
+                             T* __restrict__ out, float* __restrict__ lse, const int* __restrict__ pos,
+                             int q_len, int kv_len, int Hq, int Hkv, int D, float scale)
 {
     constexpr int BR = kFwdRows, BC = kFwdKeys, LANES = kFwdLanes;
     constexpr int NS = BC / LANES, NO = kMaxD / LANES, LDP = BC + 1;
@@ -134,6 +147,10 @@ __device__ void forward_body(const T* __restrict__ q, const T* __restrict__ k, c
     const int tid = (int)threadIdx.x, r = tid / LANES, c = tid % LANES;
     const int i = q0 + r;
     const bool row_ok = i < q_len;
+    // Document starts (absolute key index): this row's, and the tile's first row's (the smallest).
+    const int* pos_b = pos == nullptr ? nullptr : pos + (long long)b * kv_len;
+    const int start = pos_b != nullptr && row_ok ? i + off - pos_b[i + off] : 0;
+    const int tile_start = pos_b != nullptr ? q0 + off - pos_b[q0 + off] : 0;
 
     load_tile(sQ, ld, q_head, q_stride, q0, BR, q_len, D);
 
@@ -144,7 +161,7 @@ ATTN_UNROLL
 
     const int last_row = min(q0 + BR, q_len) - 1 + off;  // the last key any row of the tile sees
     const int nkt = last_row / BC + 1;
-    for (int kt = 0; kt < nkt; ++kt)
+    for (int kt = tile_start / BC; kt < nkt; ++kt)
     {
         const int k0 = kt * BC;
         __syncthreads();  // the previous tile's reads of sK, sV, sP are done
@@ -159,7 +176,7 @@ ATTN_UNROLL
         {
             const int jj = c + LANES * n, j = k0 + jj;
             float x = -INFINITY;
-            if (row_ok && j <= i + off)  // j <= i + off < kv_len
+            if (row_ok && j <= i + off && j >= start)  // j <= i + off < kv_len
                 x = dot_rows(sQ + r * ld, sK + jj * ld, D) * scale;
             s[n] = x;
             mt = fmaxf(mt, x);
@@ -168,8 +185,8 @@ ATTN_UNROLL
         for (int off = 1; off < LANES; off <<= 1)
             mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
         const float m_new = fmaxf(m, mt);
-        // A row with no key yet (only rows past seq_len: key 0 is in the first tile) keeps m = -inf,
-        // l = 0, o = 0, without a NaN from exp(-inf - -inf).
+        // A row with no key yet (rows past seq_len, and packed rows whose document starts in a later
+        // tile) keeps m = -inf, l = 0, o = 0, without a NaN from exp(-inf - -inf).
         const float corr = m == -INFINITY ? 0.0f : expf(m - m_new);
         float ps = 0.0f;
 ATTN_UNROLL
@@ -244,18 +261,20 @@ ATTN_UNROLL
 
 // ---------------------------------------------------------------------------------------------
 // Backward, dk and dv (overwritten). Launch: grid (ceil(T / 16), Hkv, B), block 128, dynamic shared
-// ((4 * 16) * (D + 1) + 2 * 16 * 17 + 2 * 16) * 4 bytes. Block (x, g, b) owns keys k0 = 16x ..
+// ((4 * 16) * (D + 1) + 2 * 16 * 17 + 3 * 16) * 4 bytes. Block (x, g, b) owns keys k0 = 16x ..
 // k0 + 15 of kv head g: K and V stay in shared memory; it loops over the query heads of the group
 // in order and, for each, over the query tiles (16 rows) from the one holding row k0 to the last,
-// in order. Thread (jr = tid / 8, c = tid % 8) computes P and dS for key k0 + jr and query rows
+// in order (with positions: up to the last tile whose first row's document starts at or before the
+// block's last key). Thread (jr = tid / 8, c = tid % 8) computes P and dS for key k0 + jr and query rows
 // c, c + 8 of the tile (into shared memory), then accumulates dv[d] += P dout, dk[d] += dS q for
 // its key and columns d = c + 8k in registers. dk is scaled once at the end.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 __device__ void backward_dkdv_body(const T* __restrict__ dout, const T* __restrict__ q, const T* __restrict__ k,
                                    const T* __restrict__ v, const float* __restrict__ lse,
-                                   const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
-                                   int seq_len, int Hq, int Hkv, int D, float scale)
+                                   const float* __restrict__ delta, const int* __restrict__ pos,
+                                   T* __restrict__ dk, T* __restrict__ dv, int seq_len, int Hq, int Hkv, int D,
+                                   float scale)
 {
     constexpr int BR = kBwdRows, BC = kBwdKeys, LANES = kBwdLanes;
     constexpr int NS = BR / LANES, NO = kMaxD / LANES, LDP = BR + 1;
@@ -269,6 +288,7 @@ __device__ void backward_dkdv_body(const T* __restrict__ dout, const T* __restri
     float* sdS = sP + BC * LDP;    // [BC][LDP]
     float* sL = sdS + BC * LDP;    // [BR] lse of the tile's rows
     float* sD = sL + BR;           // [BR] delta of the tile's rows
+    int* sS = reinterpret_cast<int*>(sD + BR);  // [BR] document start of the tile's rows
 
     const int k0 = (int)blockIdx.x * BC;
     const int g = (int)blockIdx.y, b = (int)blockIdx.z;
@@ -278,6 +298,8 @@ __device__ void backward_dkdv_body(const T* __restrict__ dout, const T* __restri
 
     const int tid = (int)threadIdx.x, jr = tid / LANES, c = tid % LANES;
     const int j = k0 + jr;
+    const int* pos_b = pos == nullptr ? nullptr : pos + (long long)b * seq_len;
+    const int k_last = min(k0 + BC, seq_len) - 1;  // the block's last key
 
     load_tile(sK, ld, k + kv_off, kv_stride, k0, BC, seq_len, D);
     load_tile(sV, ld, v + kv_off, kv_stride, k0, BC, seq_len, D);
@@ -296,7 +318,9 @@ ATTN_UNROLL
         for (int qt = qt_first; qt < nqt; ++qt)
         {
             const int q0 = qt * BR;
-            __syncthreads();  // the previous tile's reads of sQ, sdO, sP, sdS, sL, sD are done
+            // This tile's rows (and every later row) start their documents after the block's last key.
+            if (pos_b != nullptr && q0 - pos_b[q0] > k_last) break;  // uniform over the block
+            __syncthreads();  // the previous tile's reads of sQ, sdO, sP, sdS, sL, sD, sS are done
             load_tile(sQ, ld, q + q_off, q_stride, q0, BR, seq_len, D);
             load_tile(sdO, ld, dout + q_off, q_stride, q0, BR, seq_len, D);
             for (int e = tid; e < BR; e += (int)blockDim.x)
@@ -304,6 +328,7 @@ ATTN_UNROLL
                 const int i = q0 + e;
                 sL[e] = i < seq_len ? lse[row_off + i] : 0.0f;
                 sD[e] = i < seq_len ? delta[row_off + i] : 0.0f;
+                sS[e] = pos_b != nullptr && i < seq_len ? i - pos_b[i] : 0;
             }
             __syncthreads();
 
@@ -312,7 +337,7 @@ ATTN_UNROLL
             {
                 const int ii = c + LANES * n, i = q0 + ii;
                 float p = 0.0f, ds = 0.0f;
-                if (j <= i && i < seq_len)
+                if (j <= i && i < seq_len && j >= sS[ii])
                 {
                     const float s = dot_rows(sK + jr * ld, sQ + ii * ld, D) * scale;
                     p = expf(s - sL[ii]);
@@ -365,14 +390,14 @@ ATTN_UNROLL
 // Backward, dq (overwritten). Launch: grid (ceil(T / 16), Hq, B), block 128, dynamic shared
 // ((4 * 16) * (D + 1) + 16 * 17) * 4 bytes. Block x handles query tile nqt - 1 - x (longest rows
 // first): Q and dout of its 16 rows stay in shared memory; it loops over the key tiles (16 keys) up
-// to the diagonal in order. Thread (ir = tid / 8, c = tid % 8) computes dS for query q0 + ir and keys
+// to the diagonal in order (from the tile holding the first row's document start). Thread (ir = tid / 8, c = tid % 8) computes dS for query q0 + ir and keys
 // c, c + 8 of the tile (into shared memory), then dq[d] += dS k for columns d = c + 8k in registers;
 // scaled once at the end.
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 __device__ void backward_dq_body(const T* __restrict__ dout, const T* __restrict__ q, const T* __restrict__ k,
                                  const T* __restrict__ v, const float* __restrict__ lse,
-                                 const float* __restrict__ delta, T* __restrict__ dq,
+                                 const float* __restrict__ delta, const int* __restrict__ pos, T* __restrict__ dq,
                                  int seq_len, int Hq, int Hkv, int D, float scale)
 {
     constexpr int BR = kBwdRows, BC = kBwdKeys, LANES = kBwdLanes;
@@ -399,6 +424,9 @@ __device__ void backward_dq_body(const T* __restrict__ dout, const T* __restrict
     const long long row = ((long long)b * Hq + h) * seq_len + i;
     const float lse_i = row_ok ? lse[row] : 0.0f;
     const float delta_i = row_ok ? delta[row] : 0.0f;
+    const int* pos_b = pos == nullptr ? nullptr : pos + (long long)b * seq_len;
+    const int start = pos_b != nullptr && row_ok ? i - pos_b[i] : 0;
+    const int tile_start = pos_b != nullptr ? q0 - pos_b[q0] : 0;
 
     load_tile(sQ, ld, q + q_off, q_stride, q0, BR, seq_len, D);
     load_tile(sdO, ld, dout + q_off, q_stride, q0, BR, seq_len, D);
@@ -409,7 +437,7 @@ ATTN_UNROLL
 
     const int last_row = min(q0 + BR, seq_len) - 1;
     const int nkt = last_row / BC + 1;
-    for (int kt = 0; kt < nkt; ++kt)
+    for (int kt = tile_start / BC; kt < nkt; ++kt)
     {
         const int k0 = kt * BC;
         __syncthreads();  // the previous tile's reads of sK, sdS are done
@@ -422,7 +450,7 @@ ATTN_UNROLL
         {
             const int jj = c + LANES * n, j = k0 + jj;
             float ds = 0.0f;
-            if (row_ok && j <= i)
+            if (row_ok && j <= i && j >= start)
             {
                 const float s = dot_rows(sQ + ir * ld, sK + jj * ld, D) * scale;
                 const float p = expf(s - lse_i);
@@ -461,32 +489,34 @@ ATTN_UNROLL
 
 }  // namespace attnk
 
-// attention_forward_{f32,bf16}(q, k, v, out, lse (null: not written, inference), B, T, Hq, Hkv, D, scale)
+// attention_forward_{f32,bf16}(q, k, v, out, lse (null: not written, inference), positions (null: plain causal;
+//   int32 [B, T]: packed sequences), B, T, Hq, Hkv, D, scale)
 // Launch: grid (ceil(T/32), Hq, B), block 128, dynamic shared (64 * (D + 1) + 32 * 17) * 4 bytes.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_forward_f32(const float* q, const float* k, const float* v, float* out, float* lse,
+attention_forward_f32(const float* q, const float* k, const float* v, float* out, float* lse, const int* positions,
                       int B, int T, int Hq, int Hkv, int D, float scale)
-{ if ((int)blockIdx.z < B) attnk::forward_body<float>(q, k, v, out, lse, T, T, Hq, Hkv, D, scale); }
+{ if ((int)blockIdx.z < B) attnk::forward_body<float>(q, k, v, out, lse, positions, T, T, Hq, Hkv, D, scale); }
 EMU_REGISTER(attention_forward_f32)
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_forward_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
-                       float* lse, int B, int T, int Hq, int Hkv, int D, float scale)
-{ if ((int)blockIdx.z < B) attnk::forward_body<__nv_bfloat16>(q, k, v, out, lse, T, T, Hq, Hkv, D, scale); }
+                       float* lse, const int* positions, int B, int T, int Hq, int Hkv, int D, float scale)
+{ if ((int)blockIdx.z < B) attnk::forward_body<__nv_bfloat16>(q, k, v, out, lse, positions, T, T, Hq, Hkv, D, scale); }
 EMU_REGISTER(attention_forward_bf16)
 
 // attention_forward_cached_{f32,bf16}(q, k, v, out, lse (null: not written), B, Tq, Tk, Hq, Hkv, D, scale):
 // Tq new queries at absolute positions [Tk - Tq, Tk) attend causally to Tk keys (a KV cache; 1 <= Tq <= Tk).
-// q, out [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D]; lse [B, Hq, Tq].
+// q, out [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D]; lse [B, Hq, Tq]. One sequence per batch entry (no packing:
+// decoding continues one document).
 // Launch: grid (ceil(Tq/32), Hq, B), block 128, dynamic shared (64 * (D + 1) + 32 * 17) * 4 bytes.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_forward_cached_f32(const float* q, const float* k, const float* v, float* out, float* lse,
                              int B, int Tq, int Tk, int Hq, int Hkv, int D, float scale)
-{ if ((int)blockIdx.z < B) attnk::forward_body<float>(q, k, v, out, lse, Tq, Tk, Hq, Hkv, D, scale); }
+{ if ((int)blockIdx.z < B) attnk::forward_body<float>(q, k, v, out, lse, nullptr, Tq, Tk, Hq, Hkv, D, scale); }
 EMU_REGISTER(attention_forward_cached_f32)
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_forward_cached_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
                               float* lse, int B, int Tq, int Tk, int Hq, int Hkv, int D, float scale)
-{ if ((int)blockIdx.z < B) attnk::forward_body<__nv_bfloat16>(q, k, v, out, lse, Tq, Tk, Hq, Hkv, D, scale); }
+{ if ((int)blockIdx.z < B) attnk::forward_body<__nv_bfloat16>(q, k, v, out, lse, nullptr, Tq, Tk, Hq, Hkv, D, scale); }
 EMU_REGISTER(attention_forward_cached_bf16)
 
 // attention_backward_preprocess_{f32,bf16}(dout, out, delta, B, T, Hq, D)
@@ -501,30 +531,34 @@ attention_backward_preprocess_bf16(const __nv_bfloat16* dout, const __nv_bfloat1
 { attnk::preprocess_body<__nv_bfloat16>(dout, out, delta, B, T, Hq, D); }
 EMU_REGISTER(attention_backward_preprocess_bf16)
 
-// attention_backward_dkdv_{f32,bf16}(dout, q, k, v, lse, delta, dk, dv, B, T, Hq, Hkv, D, scale)
-// Launch: grid (ceil(T/16), Hkv, B), block 128, dynamic shared (64 * (D + 1) + 2 * 16 * 17 + 32) * 4 bytes.
+// attention_backward_dkdv_{f32,bf16}(dout, q, k, v, lse, delta, positions (null or int32 [B, T]), dk, dv, B, T, Hq,
+//   Hkv, D, scale)
+// Launch: grid (ceil(T/16), Hkv, B), block 128, dynamic shared (64 * (D + 1) + 2 * 16 * 17 + 48) * 4 bytes.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_backward_dkdv_f32(const float* dout, const float* q, const float* k, const float* v, const float* lse,
-                            const float* delta, float* dk, float* dv, int B, int T, int Hq, int Hkv, int D, float scale)
-{ if ((int)blockIdx.z < B) attnk::backward_dkdv_body<float>(dout, q, k, v, lse, delta, dk, dv, T, Hq, Hkv, D, scale); }
+                            const float* delta, const int* positions, float* dk, float* dv, int B, int T, int Hq, int Hkv,
+                            int D, float scale)
+{ if ((int)blockIdx.z < B) attnk::backward_dkdv_body<float>(dout, q, k, v, lse, delta, positions, dk, dv, T, Hq, Hkv, D, scale); }
 EMU_REGISTER(attention_backward_dkdv_f32)
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_backward_dkdv_bf16(const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                             const __nv_bfloat16* v, const float* lse, const float* delta, __nv_bfloat16* dk,
-                             __nv_bfloat16* dv, int B, int T, int Hq, int Hkv, int D, float scale)
-{ if ((int)blockIdx.z < B) attnk::backward_dkdv_body<__nv_bfloat16>(dout, q, k, v, lse, delta, dk, dv, T, Hq, Hkv, D, scale); }
+                             const __nv_bfloat16* v, const float* lse, const float* delta, const int* positions,
+                             __nv_bfloat16* dk, __nv_bfloat16* dv, int B, int T, int Hq, int Hkv, int D, float scale)
+{ if ((int)blockIdx.z < B) attnk::backward_dkdv_body<__nv_bfloat16>(dout, q, k, v, lse, delta, positions, dk, dv, T, Hq, Hkv, D, scale); }
 EMU_REGISTER(attention_backward_dkdv_bf16)
 
-// attention_backward_dq_{f32,bf16}(dout, q, k, v, lse, delta, dq, B, T, Hq, Hkv, D, scale)
+// attention_backward_dq_{f32,bf16}(dout, q, k, v, lse, delta, positions (null or int32 [B, T]), dq, B, T, Hq, Hkv, D,
+//   scale)
 // Launch: grid (ceil(T/16), Hq, B), block 128, dynamic shared (64 * (D + 1) + 16 * 17) * 4 bytes.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_backward_dq_f32(const float* dout, const float* q, const float* k, const float* v, const float* lse,
-                          const float* delta, float* dq, int B, int T, int Hq, int Hkv, int D, float scale)
-{ if ((int)blockIdx.z < B) attnk::backward_dq_body<float>(dout, q, k, v, lse, delta, dq, T, Hq, Hkv, D, scale); }
+                          const float* delta, const int* positions, float* dq, int B, int T, int Hq, int Hkv, int D,
+                          float scale)
+{ if ((int)blockIdx.z < B) attnk::backward_dq_body<float>(dout, q, k, v, lse, delta, positions, dq, T, Hq, Hkv, D, scale); }
 EMU_REGISTER(attention_backward_dq_f32)
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_backward_dq_bf16(const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                           const __nv_bfloat16* v, const float* lse, const float* delta, __nv_bfloat16* dq,
-                           int B, int T, int Hq, int Hkv, int D, float scale)
-{ if ((int)blockIdx.z < B) attnk::backward_dq_body<__nv_bfloat16>(dout, q, k, v, lse, delta, dq, T, Hq, Hkv, D, scale); }
+                           const __nv_bfloat16* v, const float* lse, const float* delta, const int* positions,
+                           __nv_bfloat16* dq, int B, int T, int Hq, int Hkv, int D, float scale)
+{ if ((int)blockIdx.z < B) attnk::backward_dq_body<__nv_bfloat16>(dout, q, k, v, lse, delta, positions, dq, T, Hq, Hkv, D, scale); }
 EMU_REGISTER(attention_backward_dq_bf16)

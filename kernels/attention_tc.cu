@@ -19,13 +19,23 @@
 // computed (5 * 64 * D * 2 bytes of shared memory: 80 KB at D = 128, with the opt-in above 48 KB).
 // Causal CTAs are unbalanced, so block x takes query tile nqt - 1 - x (the heaviest first).
 //
+// Packed sequences (positions: null, or int32 [B, Tk] indexed by absolute position, each token's position
+// inside its document): row i (absolute a = Tk - Tq + i) sees keys j with a - positions[a] <= j <= a.
+// The key tiles start at the one holding the document start of the CTA's first row (the smallest
+// start of the tile: starts never decrease), and keys before a row's start are masked like keys past
+// the diagonal, on the tiles that begin before the CTA's last row's start (the packed entry points
+// below; the causal ones are the code without positions).
+//
 // Numerics: S and O accumulate in fp32; P is rounded to bf16 (relative error <= 2^-8) for the P V
-// product only, l sums the fp32 p. Rows with no visible key cannot occur for valid rows (key 0 is
-// always visible); rows past Tq are computed on zero-filled Q and never stored. m = -inf is guarded
-// (no inf - inf). out = O / l rounded to bf16 once; lse = m * scale + log(l).
+// product only, l sums the fp32 p. Valid rows always end with a visible key (the row's own);
+// rows past Tq are computed on zero-filled Q and never stored. m = -inf is guarded (no inf - inf:
+// a packed row whose document starts in a later tile passes fully masked tiles with m = -inf, l = 0,
+// O = 0). out = O / l rounded to bf16 once; lse = m * scale + log(l).
 //
 // C ABI: attention_fwd_tc_d64_bf16, attention_fwd_tc_d128_bf16
-//   (q, k, v, out, lse, B, Tq, Tk, Hq, Hkv, scale); grid (ceil(Tq / 64), Hq, B), block 128,
+//   (q, k, v, out, lse, B, Tq, Tk, Hq, Hkv, scale); attention_fwd_tc_packed_d{64,128}_bf16
+//   (q, k, v, out, lse, positions, B, T, Hq, Hkv, scale) for packed training rows (Tq = Tk = T, positions
+//   not null); grid (ceil(Tq / 64), Hq, B), block 128,
 //   dynamic shared 5 * 64 * D * 2 bytes; q, k, v, out 16-byte aligned.
 #include "attention_tc.cuh"
 
@@ -34,10 +44,11 @@ namespace attntc {
 constexpr int kBR = 64;  // query rows per CTA (4 warps x 16)
 constexpr int kBC = 64;  // keys per tile
 
-template <int D>
+// kPacked: positions given (attention_fwd_tc_packed_*); false: plain causal, pos unused.
+template <int D, bool kPacked>
 __device__ void fwd_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                          const __nv_bfloat16* __restrict__ v, __nv_bfloat16* __restrict__ out, float* __restrict__ lse,
-                         int Tq, int Tk, int Hq, int Hkv, float scale)
+                         const int* __restrict__ pos, int Tq, int Tk, int Hq, int Hkv, float scale)
 {
     constexpr int KC = D / 16;    // k16 chunks of the head dim
     constexpr int NT = kBC / 8;   // n8 tiles of S per key tile
@@ -60,13 +71,19 @@ __device__ void fwd_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat1
     const __nv_bfloat16* k_head = k + (long long)b * Tk * kv_stride + (long long)hk * D;
     const __nv_bfloat16* v_head = v + (long long)b * Tk * kv_stride + (long long)hk * D;
 
-    // Keys visible to the tile's last row (or to the last query): tiles 0 .. nkt - 1.
+    // Keys visible to the tile's last row (or to the last query): tiles j0 .. nkt - 1, j0 the tile of the
+    // first row's document start (0 without positions).
     const int last_key = min(q0 + kBR, Tq) - 1 + off;
     const int nkt = last_key / kBC + 1;
+    const int* pos_b = kPacked ? pos + (long long)b * Tk : nullptr;
+    const int first_start = pos_b != nullptr ? q0 + off - pos_b[q0 + off] : 0;
+    const int last_start = pos_b != nullptr ? last_key - pos_b[last_key] : 0;  // the largest start of the tile
+    const int j0 = first_start / kBC;
 
     load_tile_async<D, kBR>(sQ, q_head, q_stride, q0, Tq);
-    load_tile_async<D, kBC>(sK, k_head, kv_stride, 0, Tk);
-    load_tile_async<D, kBC>(sV, v_head, kv_stride, 0, Tk);
+    // Tile j0 goes to buffer j0 & 1 (tile j always computes from buffer j & 1).
+    load_tile_async<D, kBC>(sK + (j0 & 1) * kTile, k_head, kv_stride, j0 * kBC, Tk);
+    load_tile_async<D, kBC>(sV + (j0 & 1) * kTile, v_head, kv_stride, j0 * kBC, Tk);
     npmma::cp_async_commit();
 
     uint32_t qf[KC][4];
@@ -79,7 +96,7 @@ NP_UNROLL
     const float sl2 = scale * 1.4426950408889634f;
     const int row_abs0 = q0 + warp * 16 + g + off;  // absolute position of row g (row g + 8: + 8)
 
-    for (int j = 0; j < nkt; ++j)
+    for (int j = j0; j < nkt; ++j)
     {
         const int k0 = j * kBC, buf = j & 1;
         // Tile j + 1 streams into the other buffers while tile j is computed (its last readers, at tile j - 1,
@@ -91,8 +108,8 @@ NP_UNROLL
         }
         npmma::cp_async_commit();  // possibly empty: "all but the newest group" is then always tile j
         npmma::cp_async_wait<1>();
-        __syncthreads();  // tile j (and at j = 0, Q) visible to every warp
-        if (j == 0)
+        __syncthreads();  // tile j (and at j = j0, Q) visible to every warp
+        if (j == j0)
         {
 NP_UNROLL
             for (int kc = 0; kc < KC; ++kc) load_a<D>(qf[kc], sQ, warp * 16, kc * 16, lane);
@@ -116,10 +133,23 @@ NP_UNROLL
             }
         }
 
-        // Mask: keys past a row's position (causal) or past Tk. Only tiles that reach past the first
-        // row's position need it (every row of the tile sees every key of the earlier tiles).
-        if (k0 + kBC - 1 > q0 + off || k0 + kBC > Tk)
+        // Mask: keys past a row's position (causal), past Tk, or before the row's document start. Only
+        // tiles that reach past the first row's position or begin before the last row's document start
+        // need it (every row of the tile sees every key of the others).
+        if (k0 + kBC - 1 > q0 + off || k0 + kBC > Tk || (kPacked && k0 < last_start))
         {
+            // Document starts of rows g and g + 8 (0 for rows past Tq), read here rather than held in registers
+            // across the loop (at D = 128 every register is taken).
+            int row_start[2] = {0, 0};
+            if (kPacked)
+            {
+NP_UNROLL
+                for (int r = 0; r < 2; ++r)
+                {
+                    const int a = row_abs0 + 8 * r;
+                    if (a < Tk) row_start[r] = a - pos_b[a];
+                }
+            }
 NP_UNROLL
             for (int n = 0; n < NT; ++n)
 NP_UNROLL
@@ -127,7 +157,7 @@ NP_UNROLL
                 {
                     const int key = k0 + n * 8 + 2 * t + (e & 1);
                     const int row_abs = row_abs0 + ((e >> 1) << 3);
-                    if (key > row_abs || key >= Tk) s[n][e] = -INFINITY;
+                    if (key > row_abs || key >= Tk || (kPacked && key < row_start[e >> 1])) s[n][e] = -INFINITY;
                 }
         }
 
@@ -208,15 +238,26 @@ NP_UNROLL
 
 }  // namespace attntc
 
+// The causal kernel (no positions) and the packed one are separate entry points, so that the causal kernel keeps its
+// instructions and registers exactly (at D = 128 on sm_90 it uses 241; the packed one reads its rows' document starts
+// inside the masked tiles instead of holding them, and fits too).
 #define ATTN_TC_FWD(DIM)                                                                                         \
     extern "C" __global__ void __launch_bounds__(attntc::kThreads)                                            \
     attention_fwd_tc_d##DIM##_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,    \
                                    __nv_bfloat16* out, float* lse, int B, int Tq, int Tk, int Hq, int Hkv,    \
                                    float scale)                                                               \
     {                                                                                                         \
-        if ((int)blockIdx.z < B) attntc::fwd_body<DIM>(q, k, v, out, lse, Tq, Tk, Hq, Hkv, scale);            \
+        if ((int)blockIdx.z < B) attntc::fwd_body<DIM, false>(q, k, v, out, lse, nullptr, Tq, Tk, Hq, Hkv, scale); \
     }                                                                                                         \
-    EMU_REGISTER(attention_fwd_tc_d##DIM##_bf16)
+    EMU_REGISTER(attention_fwd_tc_d##DIM##_bf16)                                                              \
+    extern "C" __global__ void __launch_bounds__(attntc::kThreads)                                            \
+    attention_fwd_tc_packed_d##DIM##_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,                     \
+                                          const __nv_bfloat16* v, __nv_bfloat16* out, float* lse,             \
+                                          const int* positions, int B, int T, int Hq, int Hkv, float scale)   \
+    {                                                                                                         \
+        if ((int)blockIdx.z < B) attntc::fwd_body<DIM, true>(q, k, v, out, lse, positions, T, T, Hq, Hkv, scale); \
+    }                                                                                                         \
+    EMU_REGISTER(attention_fwd_tc_packed_d##DIM##_bf16)
 
 ATTN_TC_FWD(64)
 ATTN_TC_FWD(128)

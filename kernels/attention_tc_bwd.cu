@@ -24,9 +24,15 @@
 // the diagonal: S = Q K^T, dP = dout V^T, dS = P (dP - delta), dQ += dS K (dS rounded to bf16 as the
 // operand). K is double-buffered and the V load overlaps S.
 //
-// C ABI: attention_bwd_dkdv_tc_d{64,128}_bf16(dout, q, k, v, lse, delta, dk, dv, B, T, Hq, Hkv, scale):
-//          grid (ceil(T / 64), Hkv, B), block 128, dynamic shared (2 * 64 + 4 * 32) * D * 2 + 512 bytes;
-//        attention_bwd_dq_tc_d{64,128}_bf16(dout, q, k, v, lse, delta, dq, B, T, Hq, Hkv, scale):
+// Packed sequences (positions: null, or int32 [B, T], each token's position inside its document): query i
+// sees keys j with i - positions[i] <= j <= i; P (and so dS) is 0 for the others. dk/dv visits, per query
+// head, only the query tiles from the block's first key up to the last one whose first row's document
+// starts at or before the block's last key (found by a binary search: starts never decrease); dq starts
+// at the key tile holding the document start of its first row. Null: plain causal, as before.
+//
+// C ABI: attention_bwd_dkdv_tc_d{64,128}_bf16(dout, q, k, v, lse, delta, positions, dk, dv, B, T, Hq, Hkv, scale):
+//          grid (ceil(T / 64), Hkv, B), block 128, dynamic shared (2 * 64 + 4 * 32) * D * 2 + 768 bytes;
+//        attention_bwd_dq_tc_d{64,128}_bf16(dout, q, k, v, lse, delta, positions, dq, B, T, Hq, Hkv, scale):
 //          grid (ceil(T / 64), Hq, B), block 128, dynamic shared 5 * 64 * D * 2 bytes.
 //        All bf16 pointers 16-byte aligned.
 #include "attention_tc.cuh"
@@ -45,8 +51,8 @@ template <int D>
 __device__ void bwd_dkdv_body(const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ q,
                               const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
                               const float* __restrict__ lse, const float* __restrict__ delta,
-                              __nv_bfloat16* __restrict__ dk, __nv_bfloat16* __restrict__ dv,
-                              int T, int Hq, int Hkv, float scale)
+                              const int* __restrict__ pos, __nv_bfloat16* __restrict__ dk,
+                              __nv_bfloat16* __restrict__ dv, int T, int Hq, int Hkv, float scale)
 {
     constexpr int KC = D / 16, DT = D / 8, NQ = kBwdQ / 8;
     constexpr int kTile = kBwdQ * D * 2;
@@ -57,6 +63,7 @@ __device__ void bwd_dkdv_body(const __nv_bfloat16* __restrict__ dout, const __nv
     unsigned char* sO = sQ + 2 * kTile;         // dout, [2][kBwdQ][D]
     float* sL = reinterpret_cast<float*>(sO + 2 * kTile);  // [2][kBwdQ] lse * log2 e (+inf past T)
     float* sD = sL + 2 * kBwdQ;                            // [2][kBwdQ] delta
+    int* sS = reinterpret_cast<int*>(sD + 2 * kBwdQ);      // [2][kBwdQ] document start of each query
 
     const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -68,7 +75,21 @@ __device__ void bwd_dkdv_body(const __nv_bfloat16* __restrict__ dout, const __nv
 
     const int qt_first = k0 / kBwdQ;
     const int nqt = (T + kBwdQ - 1) / kBwdQ;
-    const int per_head = nqt - qt_first;
+    const int* pos_b = pos == nullptr ? nullptr : pos + (long long)b * T;
+    int qt_end = nqt;  // with positions: the first tile whose first row starts after the block's last key
+    if (pos_b != nullptr)
+    {
+        const int k_last = min(k0 + kBwdKeys, T) - 1;
+        int lo = qt_first + 1, hi = nqt;  // tile qt_first holds row k0, which sees key k0
+        while (lo < hi)
+        {
+            const int mid = (lo + hi) >> 1, r0 = mid * kBwdQ;
+            if (r0 - pos_b[r0] > k_last) hi = mid;
+            else lo = mid + 1;
+        }
+        qt_end = lo;
+    }
+    const int per_head = qt_end - qt_first;
     const int steps = group * per_head;
 
     // Stage step s (query head hh, tile qt) into buffer s & 1.
@@ -86,6 +107,7 @@ __device__ void bwd_dkdv_body(const __nv_bfloat16* __restrict__ dout, const __nv
             const bool ok = q0 + i < T;
             sL[buf * kBwdQ + i] = ok ? lse[row] * kLog2e : INFINITY;
             sD[buf * kBwdQ + i] = ok ? delta[row] : 0.0f;
+            sS[buf * kBwdQ + i] = ok && pos_b != nullptr ? q0 + i - pos_b[q0 + i] : 0;
         }
     };
 
@@ -117,6 +139,7 @@ NP_UNROLL
         const unsigned char* tO = sO + buf * kTile;
         const float* tL = sL + buf * kBwdQ;
         const float* tD = sD + buf * kBwdQ;
+        const int* tS = sS + buf * kBwdQ;
         const int q0 = (qt_first + s % per_head) * kBwdQ;
 
         // S^T = K_w Q^T and dP^T = V_w dout^T: 16 keys x 32 queries each.
@@ -152,8 +175,9 @@ NP_UNROLL
             {
                 const int qi = n * 8 + 2 * t + (e & 1);
                 const int key = key_g + ((e >> 1) << 3);
-                // Queries past T have lse = +inf: p = 2^-inf = 0.
-                const float p = key > q0 + qi ? 0.0f : exp2f(st[n][e] * sl2 - tL[qi]);
+                // Queries past T have lse = +inf: p = 2^-inf = 0. Keys past the query or before its
+                // document start: p = 0.
+                const float p = key > q0 + qi || key < tS[qi] ? 0.0f : exp2f(st[n][e] * sl2 - tL[qi]);
                 st[n][e] = p;
                 dpt[n][e] = p * (dpt[n][e] - tD[qi]);
             }
@@ -211,7 +235,8 @@ template <int D>
 __device__ void bwd_dq_body(const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ q,
                             const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
                             const float* __restrict__ lse, const float* __restrict__ delta,
-                            __nv_bfloat16* __restrict__ dq, int T, int Hq, int Hkv, float scale)
+                            const int* __restrict__ pos, __nv_bfloat16* __restrict__ dq, int T, int Hq, int Hkv,
+                            float scale)
 {
     constexpr int KC = D / 16, DT = D / 8, NT = kDqKeys / 8;
     constexpr int kTile = 64 * D * 2;
@@ -231,13 +256,18 @@ __device__ void bwd_dq_body(const __nv_bfloat16* __restrict__ dout, const __nv_b
     const long long q_off = (long long)b * T * q_stride + (long long)h * D;
     const long long kv_off = (long long)b * T * kv_stride + (long long)hk * D;
 
+    // Key tiles j0 .. nkt - 1: j0 holds the document start of the first row (0 without positions).
+    const int* pos_b = pos == nullptr ? nullptr : pos + (long long)b * T;
+    const int j0 = (pos_b != nullptr ? q0 - pos_b[q0] : 0) / kDqKeys;
+
     load_tile_async<D, kDqRows>(sQ, q + q_off, q_stride, q0, T);
     load_tile_async<D, kDqRows>(sO, dout + q_off, q_stride, q0, T);
-    load_tile_async<D, kDqKeys>(sK, k + kv_off, kv_stride, 0, T);
+    load_tile_async<D, kDqKeys>(sK + (j0 & 1) * kTile, k + kv_off, kv_stride, j0 * kDqKeys, T);
     npmma::cp_async_commit();
 
     const int row_g = q0 + warp * 16 + g;  // query of accumulator rows g (and g + 8)
     float lse2[2], dl[2];
+    int row_start[2];  // document starts of the two rows
 NP_UNROLL
     for (int r = 0; r < 2; ++r)
     {
@@ -245,6 +275,7 @@ NP_UNROLL
         const long long idx = ((long long)b * Hq + h) * T + row;
         lse2[r] = row < T ? lse[idx] * kLog2e : INFINITY;
         dl[r] = row < T ? delta[idx] : 0.0f;
+        row_start[r] = pos_b != nullptr && row < T ? row - pos_b[row] : 0;
     }
 
     npmma::cp_async_wait<0>();
@@ -256,7 +287,7 @@ NP_UNROLL
     const float sl2 = scale * kLog2e;
     const int nkt = (min(q0 + kDqRows, T) - 1) / kDqKeys + 1;
 
-    for (int j = 0; j < nkt; ++j)
+    for (int j = j0; j < nkt; ++j)
     {
         const int k0 = j * kDqKeys;
         const unsigned char* tK = sK + (j & 1) * kTile;
@@ -315,7 +346,7 @@ NP_UNROLL
             {
                 const int r = e >> 1;
                 const int key = k0 + n * 8 + 2 * t + (e & 1);
-                const float p = key > row_g + 8 * r ? 0.0f : exp2f(s[n][e] * sl2 - lse2[r]);
+                const float p = key > row_g + 8 * r || key < row_start[r] ? 0.0f : exp2f(s[n][e] * sl2 - lse2[r]);
                 s[n][e] = p * (dp[n][e] - dl[r]);
             }
 
@@ -359,19 +390,21 @@ NP_UNROLL
     extern "C" __global__ void __launch_bounds__(attntc::kThreads)                                            \
     attention_bwd_dkdv_tc_d##DIM##_bf16(const __nv_bfloat16* dout, const __nv_bfloat16* q,                    \
                                         const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse,     \
-                                        const float* delta, __nv_bfloat16* dk, __nv_bfloat16* dv, int B,      \
-                                        int T, int Hq, int Hkv, float scale)                                  \
+                                        const float* delta, const int* positions, __nv_bfloat16* dk,          \
+                                        __nv_bfloat16* dv, int B, int T, int Hq, int Hkv, float scale)        \
     {                                                                                                         \
-        if ((int)blockIdx.z < B) attntc::bwd_dkdv_body<DIM>(dout, q, k, v, lse, delta, dk, dv, T, Hq, Hkv, scale); \
+        if ((int)blockIdx.z < B)                                                                              \
+            attntc::bwd_dkdv_body<DIM>(dout, q, k, v, lse, delta, positions, dk, dv, T, Hq, Hkv, scale);      \
     }                                                                                                         \
     EMU_REGISTER(attention_bwd_dkdv_tc_d##DIM##_bf16)                                                         \
     extern "C" __global__ void __launch_bounds__(attntc::kThreads)                                            \
     attention_bwd_dq_tc_d##DIM##_bf16(const __nv_bfloat16* dout, const __nv_bfloat16* q,                      \
                                       const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse,       \
-                                      const float* delta, __nv_bfloat16* dq, int B, int T, int Hq, int Hkv,   \
-                                      float scale)                                                            \
+                                      const float* delta, const int* positions, __nv_bfloat16* dq, int B,     \
+                                      int T, int Hq, int Hkv, float scale)                                    \
     {                                                                                                         \
-        if ((int)blockIdx.z < B) attntc::bwd_dq_body<DIM>(dout, q, k, v, lse, delta, dq, T, Hq, Hkv, scale);  \
+        if ((int)blockIdx.z < B)                                                                              \
+            attntc::bwd_dq_body<DIM>(dout, q, k, v, lse, delta, positions, dq, T, Hq, Hkv, scale);            \
     }                                                                                                         \
     EMU_REGISTER(attention_bwd_dq_tc_d##DIM##_bf16)
 

@@ -47,6 +47,8 @@ public static class CompareCommand
         public int Warmup { get; init; } = 15;
         public int Batch { get; init; } = 16;
         public int Seq { get; init; } = 24;
+        /// <summary>--pack: several examples per row, each its own document (<see cref="BatchMode.Packing"/>).</summary>
+        public bool Pack { get; init; }
         public int Seed { get; init; }
         public string Optim { get; init; } = "adamw";
         public int ExactMatchSamples { get; init; } = 100;
@@ -76,6 +78,7 @@ public static class CompareCommand
         var warmup = new Option<int>("--warmup") { Description = "linear warmup steps, then cosine to 0", DefaultValueFactory = _ => d.Warmup };
         var batch = new Option<int>("--batch") { Description = "rows per step", DefaultValueFactory = _ => d.Batch };
         var seq = new Option<int>("--seq") { Description = "sequence length", DefaultValueFactory = _ => d.Seq };
+        var pack = new Option<bool>("--pack") { Description = "pack several examples into each row; each stays its own document (positions restart, attention and targets never cross a boundary)" };
         var seed = new Option<int>("--seed") { Description = "seed of data order, LoRA init and dropout (the same for every method)", DefaultValueFactory = _ => d.Seed };
         var optim = new Option<string>("--optim") { Description = string.Join('|', OptimizerFactory.Names), DefaultValueFactory = _ => d.Optim };
         var exact = new Option<int>("--exact-match-samples") { Description = "held-out built-in problems for exact match (0 = all 200)", DefaultValueFactory = _ => d.ExactMatchSamples };
@@ -85,7 +88,7 @@ public static class CompareCommand
         var onBadLine = TrainCommand.OnBadLineOption();
         var cmd = new Command("compare", "Fine-tune the same model on the same data with full, LoRA and QLoRA and print the measured table")
         {
-            model, data, evalData, methods, rank, alpha, dropout, targets, steps, lr, lrFull, warmup, batch, seq, seed, optim, exact, device, precision, output, onBadLine,
+            model, data, evalData, methods, rank, alpha, dropout, targets, steps, lr, lrFull, warmup, batch, seq, pack, seed, optim, exact, device, precision, output, onBadLine,
         };
         cmd.SetAction((parse, cancel) =>
         {
@@ -94,7 +97,7 @@ public static class CompareCommand
                 Model = parse.GetValue(model)!, Data = parse.GetValue(data)!, EvalData = parse.GetValue(evalData), Methods = parse.GetValue(methods)!,
                 Rank = parse.GetValue(rank), Alpha = parse.GetValue(alpha), Dropout = parse.GetValue(dropout), Targets = parse.GetValue(targets)!,
                 Steps = parse.GetValue(steps), Lr = parse.GetValue(lr), LrFull = parse.GetValue(lrFull), Warmup = parse.GetValue(warmup),
-                Batch = parse.GetValue(batch), Seq = parse.GetValue(seq), Seed = parse.GetValue(seed), Optim = parse.GetValue(optim)!,
+                Batch = parse.GetValue(batch), Seq = parse.GetValue(seq), Pack = parse.GetValue(pack), Seed = parse.GetValue(seed), Optim = parse.GetValue(optim)!,
                 ExactMatchSamples = parse.GetValue(exact), Device = parse.GetValue(device)!, Precision = parse.GetValue(precision)!, Out = parse.GetValue(output)!,
                 OnBadLine = TrainCommand.ParseOnBadLine(parse.GetValue(onBadLine)!),
                 CommandLine = "nativepeft " + string.Join(' ', parse.Tokens.Select(t => t.Value.Contains(' ') ? $"\"{t.Value}\"" : t.Value)),
@@ -151,7 +154,7 @@ public static class CompareCommand
         {
             Model = modelArg, Data = data, EvalData = a.EvalData is null ? null : Path.GetFullPath(a.EvalData), OnBadLine = a.OnBadLine,
             Lora = new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, Dropout = a.Dropout, TargetModules = targets },
-            Device = a.Device, ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device), Seed = a.Seed, Steps = a.Steps, BatchSize = a.Batch, SeqLen = a.Seq, Lr = a.Lr, Schedule = LrScheduleKind.Cosine,
+            Device = a.Device, ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device), Seed = a.Seed, Steps = a.Steps, BatchSize = a.Batch, SeqLen = a.Seq, Pack = a.Pack, Lr = a.Lr, Schedule = LrScheduleKind.Cosine,
             WarmupSteps = a.Warmup, Optimizer = a.Optim, ExactMatchSamples = a.ExactMatchSamples,
         };
         foreach (var m in methods) TrainCommand.Guard(() => { FineTune.ValidateOptions(Options(common, m, a)); return 0; });

@@ -63,7 +63,7 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
     public IEnumerable<string> Notes()
     {
         yield return $"model: {model}";
-        yield return string.Create(Inv, $"settings: {args.Steps} steps, batch {args.Batch} x seq {args.Seq}, lr {args.Lr:G3}") +
+        yield return string.Create(Inv, $"settings: {args.Steps} steps, batch {args.Batch} x seq {args.Seq}{(args.Pack ? " packed" : "")}, lr {args.Lr:G3}") +
             (args.LrFull is double lf ? string.Create(Inv, $" (full FT {lf:G3})") : "") +
             string.Create(Inv, $", warmup {args.Warmup} then cosine, {args.Optim}, r {args.Rank}, alpha {args.Alpha:G}, dropout {args.Dropout:G}, seed {args.Seed}");
         yield return $"machine: {machine.Cpu}, {machine.Cores} logical cores, {machine.Os}, {machine.Runtime}, device {machine.Device}, compute {Precision}";
@@ -101,7 +101,7 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
         sb.AppendLine($"- model: {model}");
         sb.AppendLine($"- data: {(args.Data == "builtin" ? "builtin (upper: word -> WORD; 2000 training problems, 200 held out)" : args.Data)}" +
             (args.EvalData is null ? "" : $", eval {args.EvalData}"));
-        sb.AppendLine(string.Create(Inv, $"- settings (the same for every method, same seed): {args.Steps} steps, batch {args.Batch}, seq {args.Seq}, ") +
+        sb.AppendLine(string.Create(Inv, $"- settings (the same for every method, same seed): {args.Steps} steps, batch {args.Batch}, seq {args.Seq}{(args.Pack ? " (packed rows)" : "")}, ") +
             string.Create(Inv, $"lr {args.Lr:G3}{(args.LrFull is double lf ? string.Create(Inv, $" (full FT {lf:G3})") : "")}, warmup {args.Warmup} then cosine, {args.Optim}, ") +
             string.Create(Inv, $"LoRA r {args.Rank}, alpha {args.Alpha:G}, dropout {args.Dropout:G}, targets {args.Targets}, seed {args.Seed}, compute {Precision}, exact match over {(args.ExactMatchSamples == 0 ? "all" : args.ExactMatchSamples.ToString(Inv))} held-out problems"));
         sb.AppendLine();
@@ -165,6 +165,7 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
             w.WriteNumber("steps", args.Steps);
             w.WriteNumber("batch", args.Batch);
             w.WriteNumber("seq", args.Seq);
+            w.WriteBoolean("pack", args.Pack);
             w.WriteNumber("lr", args.Lr);
             w.WriteNumber("lr_full", args.LrFull ?? args.Lr);
             w.WriteNumber("warmup", args.Warmup);

@@ -44,6 +44,7 @@ public static class TrainCommand
         var batch = new Option<int>("--batch") { Description = "rows per micro-batch", DefaultValueFactory = _ => 4 };
         var gradAccum = new Option<int>("--grad-accum") { Description = "micro-batches per optimizer step (token-weighted)", DefaultValueFactory = _ => 1 };
         var seq = new Option<int>("--seq") { Description = "sequence length (longer examples are truncated)", DefaultValueFactory = _ => 128 };
+        var pack = new Option<bool>("--pack") { Description = "pack several examples into each row; each stays its own document (positions restart, attention and targets never cross a boundary)" };
         var seed = new Option<int>("--seed") { Description = "seed of data order, LoRA init and dropout", DefaultValueFactory = _ => 0 };
         var optim = new Option<string>("--optim") { Description = string.Join('|', OptimizerFactory.Names), DefaultValueFactory = _ => "adamw" };
         var maxGradNorm = new Option<double>("--max-grad-norm") { Description = "global-norm clipping (0 = off)", DefaultValueFactory = _ => 1.0 };
@@ -59,7 +60,7 @@ public static class TrainCommand
         var cmd = new Command("train", "Fine-tune a Llama checkpoint with LoRA, QLoRA or full fine-tuning")
         {
             model, data, evalData, method, rank, alpha, dropout, targets, rslora, lr, schedule, warmup, steps, epochs, batch, gradAccum,
-            seq, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, recompute, output, onBadLine,
+            seq, pack, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, recompute, output, onBadLine,
         };
         cmd.SetAction((parse, cancel) =>
         {
@@ -69,7 +70,7 @@ public static class TrainCommand
                 parse.GetValue(lr), parse.GetValue(schedule)!, parse.GetValue(warmup), parse.GetValue(steps), parse.GetValue(epochs),
                 parse.GetValue(batch), parse.GetValue(gradAccum), parse.GetValue(seq), parse.GetValue(seed), parse.GetValue(optim)!,
                 parse.GetValue(maxGradNorm), parse.GetValue(evalEvery), parse.GetValue(evalBatches), parse.GetValue(saveEvery),
-                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Precision = parse.GetValue(precision)!, OnBadLine = ParseOnBadLine(parse.GetValue(onBadLine)!) };
+                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Pack = parse.GetValue(pack), Precision = parse.GetValue(precision)!, OnBadLine = ParseOnBadLine(parse.GetValue(onBadLine)!) };
             return Task.FromResult(Run(a, stdout, cancel));
         });
         return cmd;
@@ -100,6 +101,8 @@ public static class TrainCommand
         string Device, string Out)
     {
         public bool Recompute { get; init; }
+        /// <summary>--pack: several examples per row, each its own document (<see cref="BatchMode.Packing"/>).</summary>
+        public bool Pack { get; init; }
         public BadLinePolicy OnBadLine { get; init; } = BadLinePolicy.Stop;
         /// <summary>--precision: auto (bf16 on a GPU device, fp32 on cpu), bf16 or fp32.</summary>
         public string Precision { get; init; } = "auto";
@@ -157,7 +160,7 @@ public static class TrainCommand
             Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
             Lora = lora ?? new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, TargetModules = LoraSettings.KnownTargets }, Device = a.Device, Recompute = a.Recompute, Seed = a.Seed,
             ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device),
-            Steps = a.Steps, Epochs = a.Steps is null ? a.Epochs ?? 1 : null, BatchSize = a.Batch, GradAccum = a.GradAccum, SeqLen = a.Seq,
+            Steps = a.Steps, Epochs = a.Steps is null ? a.Epochs ?? 1 : null, BatchSize = a.Batch, GradAccum = a.GradAccum, SeqLen = a.Seq, Pack = a.Pack,
             Lr = a.Lr, Schedule = LrSchedule.Parse(a.Schedule), WarmupSteps = a.Warmup, MaxGradNorm = a.MaxGradNorm,
             EvalEvery = a.EvalEvery, EvalBatches = a.EvalBatches, SaveEvery = a.SaveEvery, Optimizer = a.Optim,
             OutputDir = a.Out, ResumeFrom = a.Resume,
@@ -179,7 +182,7 @@ public static class TrainCommand
         var trainer = Guard(() => run.CreateTrainer(progress: new ActionProgress<TrainerProgress>(p => sink(p))));
 
         stdout.WriteLine($"train: {a.Method} on {a.Model} ({ckptConfig.NumHiddenLayers} layers, hidden {ckptConfig.HiddenSize}), {trainingData.Train.Count} examples, " +
-            $"{trainer.TotalSteps} steps of {a.GradAccum}×{a.Batch}×{a.Seq}, {llama.TrainableParameters.Sum(p => p.Param.Count)} trainable parameters, {a.Device}");
+            $"{trainer.TotalSteps} steps of {a.GradAccum}×{a.Batch}×{a.Seq}{(a.Pack ? " packed" : "")}, {llama.TrainableParameters.Sum(p => p.Param.Count)} trainable parameters, {a.Device}");
         if (a.Resume is not null) stdout.WriteLine($"resumed at step {trainer.Step} from {a.Resume}");
 
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(externalCancel);

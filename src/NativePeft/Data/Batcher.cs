@@ -9,11 +9,19 @@ public enum BatchMode
     /// <summary>One example per row, right-padded with the pad id (labels -100) to the sequence length. The default.</summary>
     Padding,
     /// <summary>
-    /// Several examples per row, back to back, an eos (label -100) between two examples when the first does not end
-    /// with eos; the rest of the row padded. CAVEAT: attention is NOT masked at the boundaries — the kernels have no
-    /// sequence boundaries yet — so a packed example attends to the ones before it in its row (and positions run on).
+    /// Several examples per row, back to back (in order, a new row when the next example does not fit), the rest of the
+    /// row padded. Each example stays a document of its own: the batch's <see cref="Batch.Positions"/> restart at 0 at
+    /// every example (and at the padding), so the model's RoPE positions are those the example has alone, attention
+    /// never crosses a boundary, and each example's first label is -100 (nothing predicts across a boundary). An
+    /// example thus trains exactly as in <see cref="Padding"/>, with fewer padding positions.
     /// </summary>
     Packing,
+    /// <summary>
+    /// Concatenation for pretraining streams (how the built-in model was pretrained): examples back to back as in
+    /// <see cref="Packing"/>, an eos (label -100) between two examples when the first does not end with eos, but one
+    /// sequence per row: attention runs across the examples, positions run on (0..T−1), labels are kept as they are.
+    /// </summary>
+    Concatenation,
 }
 
 /// <summary>Settings of a <see cref="Batcher"/>.</summary>
@@ -56,6 +64,12 @@ public sealed class Batch
     public required int SeqLen { get; init; }
     public required int[] InputIds { get; init; }
     public required int[] Labels { get; init; }
+    /// <summary>
+    /// <see cref="BatchMode.Packing"/>: each token's position inside its document, row-major [Rows, SeqLen] (0 at every
+    /// document start, +1 per token; the padding at a row's end is a document of its own). Null in the other modes:
+    /// each row is one sequence, positions 0..SeqLen−1.
+    /// </summary>
+    public int[]? Positions { get; init; }
     /// <summary>Epoch the batch's examples came from.</summary>
     public required int Epoch { get; init; }
     /// <summary>Examples in the batch.</summary>
@@ -89,7 +103,7 @@ public sealed class Batcher
     public int Truncated { get; private set; }
 
     /// <param name="padId">Id for padding positions (their labels are -100): the tokenizer's pad, else its eos.</param>
-    /// <param name="eosId">Separator for <see cref="BatchMode.Packing"/> (required there).</param>
+    /// <param name="eosId">Separator for <see cref="BatchMode.Concatenation"/> (required there).</param>
     public Batcher(IReadOnlyList<TrainingExample> examples, BatcherOptions options, int padId, int? eosId = null)
     {
         ArgumentNullException.ThrowIfNull(examples);
@@ -97,7 +111,7 @@ public sealed class Batcher
         ArgumentOutOfRangeException.ThrowIfLessThan(options.BatchSize, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(options.SeqLen, 1);
         if (examples.Count == 0) throw new ArgumentException("no examples to batch", nameof(examples));
-        if (options.Mode == BatchMode.Packing && eosId is null) throw new ArgumentException("packing needs an eos id", nameof(eosId));
+        if (options.Mode == BatchMode.Concatenation && eosId is null) throw new ArgumentException("concatenation needs an eos id", nameof(eosId));
         if (options.DropLast && options.Mode == BatchMode.Padding && examples.Count < options.BatchSize)
             throw new ArgumentException($"drop_last with {examples.Count} examples and batch size {options.BatchSize} would never produce a batch");
         for (int i = 0; i < examples.Count; i++)
@@ -183,11 +197,19 @@ public sealed class Batcher
         return (new Batch { Rows = rows, SeqLen = T, InputIds = ids, Labels = labels, Epoch = _epoch, Examples = rows, Tokens = tokens }, rows);
     }
 
+    /// <summary>
+    /// <see cref="BatchMode.Packing"/> (documents: positions restart, first labels -100, no separator) and
+    /// <see cref="BatchMode.Concatenation"/> (one stream per row: eos separators, labels as they are, no positions).
+    /// </summary>
     private (Batch, int) Pack(int start)
     {
-        int B = Options.BatchSize, T = Options.SeqLen, eos = _eosId!.Value;
+        int B = Options.BatchSize, T = Options.SeqLen;
+        bool documents = Options.Mode == BatchMode.Packing;
+        int eos = documents ? -1 : _eosId!.Value;
         var ids = new int[B * T];
         var labels = new int[B * T];
+        var positions = documents ? new int[B * T] : null;
+        var filled = new int[B];  // tokens of each row before its padding
         Array.Fill(ids, _padId);
         Array.Fill(labels, TrainingExample.IgnoreIndex);
         int row = 0, col = 0, k = start, tokens = 0;
@@ -196,26 +218,43 @@ public sealed class Batcher
         while (k < _examples.Count && row < B)
         {
             var ex = _examples[_perm[k]];
-            int sep = col > 0 && !prevEndsWithEos ? 1 : 0;
-            if (col > 0 && col + sep + ex.Length > T) { row++; col = 0; prevEndsWithEos = true; continue; }
+            int sep = !documents && col > 0 && !prevEndsWithEos ? 1 : 0;
+            if (col > 0 && col + sep + ex.Length > T) { filled[row] = col; row++; col = 0; prevEndsWithEos = true; continue; }
             int at = row * T + col;
             if (sep == 1) { ids[at] = eos; at++; col++; tokens++; }
             int n = Math.Min(ex.Length, T - col);
             if (n < ex.Length) _lastTruncated++;
             ex.InputIds.AsSpan(0, n).CopyTo(ids.AsSpan(at));
             ex.Labels.AsSpan(0, n).CopyTo(labels.AsSpan(at));
+            if (documents)
+            {
+                // A document of its own: positions 0.., and its first token is no target of the previous document.
+                for (int i = 0; i < n; i++) positions![at + i] = i;
+                labels[at] = TrainingExample.IgnoreIndex;
+            }
             col += n; tokens += n;
             prevEndsWithEos = ex.InputIds[^1] == eos;
             k++;
-            if (col >= T) { row++; col = 0; prevEndsWithEos = true; }
+            if (col >= T) { filled[row] = col; row++; col = 0; prevEndsWithEos = true; }
         }
         int rows = col > 0 ? row + 1 : row;
+        if (col > 0) filled[row] = col;
+        if (positions is not null)
+        {
+            // The padding after a row's last document is a document of its own (0, 1, ...): it attends only to padding.
+            for (int r = 0; r < rows; r++)
+                for (int i = filled[r]; i < T; i++) positions[r * T + i] = i - filled[r];
+        }
         if (rows < B)
         {
             Array.Resize(ref ids, rows * T);
             Array.Resize(ref labels, rows * T);
+            if (positions is not null) Array.Resize(ref positions, rows * T);
         }
-        return (new Batch { Rows = rows, SeqLen = T, InputIds = ids, Labels = labels, Epoch = _epoch, Examples = k - start, Tokens = tokens }, k - start);
+        return (new Batch
+        {
+            Rows = rows, SeqLen = T, InputIds = ids, Labels = labels, Positions = positions, Epoch = _epoch, Examples = k - start, Tokens = tokens,
+        }, k - start);
     }
 
     /// <summary>One pass over the examples in order, padded, last batch possibly smaller (for evaluation).</summary>

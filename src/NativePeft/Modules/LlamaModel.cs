@@ -66,6 +66,13 @@ public sealed class LlamaDecoderLayer
 /// -100 contribute nothing. The loss is the mean over the counted positions.
 /// </para>
 /// <para>
+/// Packed rows (<see cref="Forward(ReadOnlySpan{int}, ReadOnlySpan{int}, int, int, ReadOnlySpan{int})"/> with
+/// positions): a row holds several documents back to back; each token's position restarts at 0 at its document's
+/// start (RoPE uses it), attention never crosses a document boundary, and the last token of a document predicts
+/// nothing (its target, the next document's first label, is ignored). Each document then gets the logits, loss terms
+/// and gradients it gets alone in a row of its own.
+/// </para>
+/// <para>
 /// Memory: parameters, gradients and the 4-bit dequantization scratch live in one arena; activations for the current
 /// batch shape in another (reallocated when the shape changes). Without <see cref="LlamaModelOptions.Recompute"/> each
 /// block keeps its activations from the forward to the backward; with it only the block inputs [N, hidden] are kept and
@@ -495,6 +502,22 @@ public sealed partial class LlamaModel : IDisposable
     }
 
     /// <summary>
+    /// <see cref="ShiftLabels(ReadOnlySpan{int}, int, int)"/> for packed rows: also -100 at every t whose next token
+    /// starts a new document (positions[b, t+1] = 0), so that no document predicts another's first token.
+    /// </summary>
+    public static int[] ShiftLabels(ReadOnlySpan<int> labels, int batch, int seqLen, ReadOnlySpan<int> positions)
+    {
+        var shifted = ShiftLabels(labels, batch, seqLen);
+        if (positions.IsEmpty) return shifted;
+        if (positions.Length != shifted.Length)
+            throw new ArgumentException($"positions has {positions.Length} elements, expected {batch}·{seqLen}", nameof(positions));
+        for (int b = 0; b < batch; b++)
+            for (int t = 0; t + 1 < seqLen; t++)
+                if (positions[b * seqLen + t + 1] == 0) shifted[b * seqLen + t] = CrossEntropyRef.IgnoreIndex;
+        return shifted;
+    }
+
+    /// <summary>
     /// HF's shift: target[b, t] = labels[b, t+1] for t &lt; T−1 and -100 (ignored) at t = T−1; [batch · seqLen].
     /// </summary>
     public static int[] ShiftLabels(ReadOnlySpan<int> labels, int batch, int seqLen)
@@ -533,16 +556,32 @@ public sealed partial class LlamaModel : IDisposable
     }
 
     /// <summary>As <see cref="Forward(Tensor, Tensor)"/> from host arrays [batch · seqLen].</summary>
-    public double Forward(ReadOnlySpan<int> inputIds, ReadOnlySpan<int> labels, int batch, int seqLen)
+    public double Forward(ReadOnlySpan<int> inputIds, ReadOnlySpan<int> labels, int batch, int seqLen) =>
+        Forward(inputIds, labels, batch, seqLen, default);
+
+    /// <summary>
+    /// As <see cref="Forward(ReadOnlySpan{int}, ReadOnlySpan{int}, int, int)"/> over packed rows: <paramref name="positions"/>
+    /// [batch · seqLen] is each token's position inside its document (0 at every document start, +1 per token; checked
+    /// by <see cref="AttentionRef.ValidatePositions"/>), or empty for one sequence per row (positions 0..T−1). With
+    /// positions, RoPE uses them, attention stays inside each document, and targets across a boundary are ignored
+    /// (<see cref="ShiftLabels(ReadOnlySpan{int}, int, int, ReadOnlySpan{int})"/>); <see cref="Backward"/> and
+    /// <see cref="Logits"/> follow the same batch.
+    /// </summary>
+    public double Forward(ReadOnlySpan<int> inputIds, ReadOnlySpan<int> labels, int batch, int seqLen, ReadOnlySpan<int> positions)
     {
         if (batch <= 0 || seqLen <= 0) throw new ArgumentOutOfRangeException(nameof(batch), $"batch {batch} and seqLen {seqLen} must be positive");
         if (inputIds.Length != (long)batch * seqLen)
             throw new ArgumentException($"inputIds has {inputIds.Length} elements, expected {batch}·{seqLen}", nameof(inputIds));
+        bool packed = !positions.IsEmpty;
+        if (packed) AttentionRef.ValidatePositions(positions, batch, seqLen);
         _forwardDone = false;
         var a = EnsureActivations(batch, seqLen);
         EnsureRope(seqLen);
         _ops.Upload(inputIds, a.Ids);
-        _ops.Upload<int>(ShiftLabels(labels, batch, seqLen), a.Labels);
+        _ops.Upload<int>(ShiftLabels(labels, batch, seqLen, positions), a.Labels);
+        if (packed) _ops.Upload(positions, a.Positions);
+        else if (a.Packed) _ops.Upload<int>(PositionIds(batch, seqLen), a.Positions);
+        a.Packed = packed;
 
         _ops.EmbeddingForward(a.Ids, EmbedTokens, a.Hidden[0]);
         for (int l = 0; l < _layers.Length; l++)
@@ -591,7 +630,7 @@ public sealed partial class LlamaModel : IDisposable
         layer.VProj.Forward(s.N1, s.V);
         _ops.RopeForward(s.Q, a.Positions, _ropeCos!, _ropeSin!, Hq, D);
         _ops.RopeForward(s.K, a.Positions, _ropeCos!, _ropeSin!, Hkv, D);
-        _ops.AttentionForward(s.Q, s.K, s.V, s.Att, s.Lse, a.B, a.T, Hq, Hkv, D);
+        _ops.AttentionForward(s.Q, s.K, s.V, s.Att, s.Lse, a.B, a.T, Hq, Hkv, D, a.Packed ? a.Positions : null);
         layer.OProj.Forward(s.Att, s.H);
         _ops.Add(x, s.H, s.H);
         _ops.RmsNormForward(s.H, layer.PostAttentionLayernorm, s.N2, s.Rstd2, Config.RmsNormEps);
@@ -616,7 +655,7 @@ public sealed partial class LlamaModel : IDisposable
         _ops.Add(a.DRes, a.DTmp, a.DRes);
         // attention: h = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x)
         layer.OProj.Backward(s.Att, a.DRes, a.DAtt, false);
-        _ops.AttentionBackward(a.DAtt, s.Q, s.K, s.V, s.Att, s.Lse, a.DQ, a.DK, a.DV, a.B, a.T, Hq, Hkv, D);
+        _ops.AttentionBackward(a.DAtt, s.Q, s.K, s.V, s.Att, s.Lse, a.DQ, a.DK, a.DV, a.B, a.T, Hq, Hkv, D, a.Packed ? a.Positions : null);
         _ops.RopeBackward(a.DQ, a.Positions, _ropeCos!, _ropeSin!, Hq, D);
         _ops.RopeBackward(a.DK, a.Positions, _ropeCos!, _ropeSin!, Hkv, D);
         layer.QProj.Backward(s.N1, a.DQ, a.DN, false);
@@ -725,6 +764,8 @@ public sealed partial class LlamaModel : IDisposable
         public readonly TensorArena Arena;
         public readonly int B, T, N;
         public readonly Tensor Ids, Labels, Positions;
+        /// <summary>Positions holds the last forward's packed-document positions (else 0..T−1 per row).</summary>
+        public bool Packed;
         public readonly Tensor[] Hidden;
         private readonly BlockActivations[] _blocks;
         private readonly bool _recompute;

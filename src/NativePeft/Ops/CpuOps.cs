@@ -327,12 +327,23 @@ public sealed unsafe class CpuOps : IOps
         }
     }
 
-    public void AttentionForward(Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, int batch, int seqLen, int headsQ, int headsKv, int headDim)
+    public void AttentionForward(Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, int batch, int seqLen, int headsQ, int headsKv, int headDim,
+        Tensor? positions = null)
     {
+        var pos = Positions(positions, batch, seqLen);
         if (Compute("AttentionForward", q, k, v, output, lse) == DType.F32)
-            AttentionRef.Forward<float>(S<float>(q), S<float>(k), S<float>(v), S<float>(output), S<float>(lse), batch, seqLen, headsQ, headsKv, headDim);
+            AttentionRef.Forward<float>(S<float>(q), S<float>(k), S<float>(v), S<float>(output), S<float>(lse), pos, batch, seqLen, headsQ, headsKv, headDim);
         else
-            AttentionRef.Forward<double>(S<double>(q), S<double>(k), S<double>(v), S<double>(output), S<double>(lse), batch, seqLen, headsQ, headsKv, headDim);
+            AttentionRef.Forward<double>(S<double>(q), S<double>(k), S<double>(v), S<double>(output), S<double>(lse), pos, batch, seqLen, headsQ, headsKv, headDim);
+    }
+
+    /// <summary>The packed-sequence positions as a span (empty for null), I32 [B·T].</summary>
+    private static ReadOnlySpan<int> Positions(Tensor? positions, int batch, int seqLen)
+    {
+        if (positions is null) return default;
+        Require(positions, nameof(positions), DType.I32);
+        positions.ExpectCount(nameof(positions), (long)batch * seqLen);
+        return S<int>(positions);
     }
 
     public void AttentionForwardCached(Tensor q, Tensor k, Tensor v, Tensor output, Tensor? lse, int batch, int queryLen, int keyLen,
@@ -347,14 +358,15 @@ public sealed unsafe class CpuOps : IOps
     }
 
     public void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, Tensor dq, Tensor dk, Tensor dv,
-        int batch, int seqLen, int headsQ, int headsKv, int headDim)
+        int batch, int seqLen, int headsQ, int headsKv, int headDim, Tensor? positions = null)
     {
+        var pos = Positions(positions, batch, seqLen);
         if (Compute("AttentionBackward", dout, q, k, v, output, lse, dq, dk, dv) == DType.F32)
             AttentionRef.Backward<float>(S<float>(dout), S<float>(q), S<float>(k), S<float>(v), S<float>(output), S<float>(lse),
-                S<float>(dq), S<float>(dk), S<float>(dv), batch, seqLen, headsQ, headsKv, headDim);
+                S<float>(dq), S<float>(dk), S<float>(dv), pos, batch, seqLen, headsQ, headsKv, headDim);
         else
             AttentionRef.Backward<double>(S<double>(dout), S<double>(q), S<double>(k), S<double>(v), S<double>(output), S<double>(lse),
-                S<double>(dq), S<double>(dk), S<double>(dv), batch, seqLen, headsQ, headsKv, headDim);
+                S<double>(dq), S<double>(dk), S<double>(dv), pos, batch, seqLen, headsQ, headsKv, headDim);
     }
 
     public void SwiGluForward(Tensor gate, Tensor up, Tensor h)

@@ -11,8 +11,15 @@ namespace NativePeft.Ops;
 /// <para>
 /// Layouts (row-major): q, output, dout, dq [B, T, Hq, D]; k, v, dk, dv [B, T, Hkv, D]; lse [B, Hq, T] fp32 (the
 /// natural-log log-sum-exp of the scaled scores, written by the forward and read by the backward). Query head h
-/// reads kv head h / (Hq / Hkv); scale = 1/sqrt(D); query t attends to keys s &lt;= t (each batch entry is one
-/// causal sequence: no packed-sequence boundaries).
+/// reads kv head h / (Hq / Hkv); scale = 1/sqrt(D); query t attends to keys s &lt;= t.
+/// </para>
+/// <para>
+/// Packed sequences: <see cref="Forward(DType, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, int, int, int, int, int, DevicePtr)"/>
+/// and <see cref="Backward(DType, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, int, int, int, int, int, DevicePtr)"/>
+/// take an optional positions pointer, I32 [B, T]: each token's position inside its document (0 at a document start,
+/// +1 per token; <see cref="Reference.AttentionRef.ValidatePositions"/> states the rule, the kernels do not check it).
+/// Query t then sees keys s with t − positions[t] ≤ s ≤ t, so no row attends across a document boundary; null is plain
+/// causal attention, with the same launches and bits as before. The cached (decoding) forward has no positions.
 /// </para>
 /// <para>
 /// Element types: q, k, v, output, dout, dq, dk, dv in <see cref="DType.F32"/> or <see cref="DType.BF16"/> (one
@@ -98,9 +105,9 @@ public sealed class GpuAttentionOps
 
     /// <summary>
     /// Dynamic shared memory of attention_bwd_dkdv_tc: K, V [64][D] and double-buffered Q, dout [2][32][D] bf16, lse and
-    /// delta [2][32] fp32 (above 48 KB at D = 128: the launcher opts in).
+    /// delta [2][32] fp32, document starts [2][32] int32 (above 48 KB at D = 128: the launcher opts in).
     /// </summary>
-    public static int TcBackwardDkDvSharedBytes(int headDim) => (2 * 64 + 4 * 32) * headDim * 2 + 4 * 32 * sizeof(float);
+    public static int TcBackwardDkDvSharedBytes(int headDim) => (2 * 64 + 4 * 32) * headDim * 2 + 6 * 32 * sizeof(float);
 
     /// <summary>Dynamic shared memory of attention_bwd_dq_tc: Q, dout, V [64][D] and double-buffered K [2][64][D] bf16.</summary>
     public static int TcBackwardDqSharedBytes(int headDim) => 5 * 64 * headDim * 2;
@@ -114,10 +121,11 @@ public sealed class GpuAttentionOps
         ((ForwardQueryTile + 2 * ForwardKeyTile) * (headDim + 1) + ForwardQueryTile * (ForwardKeyTile + 1)) * sizeof(float);
 
     /// <summary>
-    /// Dynamic shared memory of attention_backward_dkdv: K, V, Q, dout [16][D+1], P, dS [16][17], lse, delta [16] floats.
+    /// Dynamic shared memory of attention_backward_dkdv: K, V, Q, dout [16][D+1], P, dS [16][17], lse, delta [16] floats,
+    /// document starts [16] int32.
     /// </summary>
     public static int BackwardDkDvSharedBytes(int headDim) =>
-        (4 * BackwardTile * (headDim + 1) + 2 * BackwardTile * (BackwardTile + 1) + 2 * BackwardTile) * sizeof(float);
+        (4 * BackwardTile * (headDim + 1) + 2 * BackwardTile * (BackwardTile + 1) + 3 * BackwardTile) * sizeof(float);
 
     /// <summary>Dynamic shared memory of attention_backward_dq: Q, dout, K, V [16][D+1], dS [16][17] floats.</summary>
     public static int BackwardDqSharedBytes(int headDim) =>
@@ -151,12 +159,13 @@ public sealed class GpuAttentionOps
     // ------------------------------------------------------------------------------------------
 
     /// <summary>
-    /// Forward: output [B, T, Hq, D] (dtype) and lse [B, Hq, T] fp32 (null: not written, for inference) from q, k, v.
+    /// Forward: output [B, T, Hq, D] (dtype) and lse [B, Hq, T] fp32 (null: not written, for inference) from q, k, v;
+    /// <paramref name="positions"/>: null (causal) or I32 [B, T] positions inside packed documents (see the class remarks).
     /// Nothing is launched when batch or seqLen is 0. Launch: attention_forward_{dtype}, grid (ceil(T/32), Hq, B),
     /// block 128, <see cref="ForwardSharedBytes"/>.
     /// </summary>
     public void Forward(DType dtype, DevicePtr q, DevicePtr k, DevicePtr v, DevicePtr output, DevicePtr lse,
-                        int batch, int seqLen, int headsQ, int headsKv, int headDim)
+                        int batch, int seqLen, int headsQ, int headsKv, int headDim, DevicePtr positions = default)
     {
         string suffix = GpuTransformerOps.DTypeSuffix(dtype);
         ValidateShape(batch, seqLen, headsQ, headsKv, headDim);
@@ -165,12 +174,12 @@ public sealed class GpuAttentionOps
         CheckPtr(q, nameof(q)); CheckPtr(k, nameof(k)); CheckPtr(v, nameof(v)); CheckPtr(output, nameof(output));
         if (UsesTensorCores(dtype, headDim, q, k, v, output))
         {
-            LaunchTcForward(q, k, v, output, lse, batch, seqLen, seqLen, headsQ, headsKv, headDim);
+            LaunchTcForward(q, k, v, output, lse, positions, batch, seqLen, seqLen, headsQ, headsKv, headDim);
             return;
         }
         int tiles = (seqLen + ForwardQueryTile - 1) / ForwardQueryTile;
         _gpu.Launch($"attention_forward_{suffix}", new Dim3((uint)tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
-            ForwardSharedBytes(headDim), q, k, v, output, lse, batch, seqLen, headsQ, headsKv, headDim, Scale(headDim));
+            ForwardSharedBytes(headDim), q, k, v, output, lse, positions, batch, seqLen, headsQ, headsKv, headDim, Scale(headDim));
     }
 
     /// <summary>
@@ -197,7 +206,7 @@ public sealed class GpuAttentionOps
             if (splits >= 2)
                 LaunchDecode(q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim, splits, workspace);
             else
-                LaunchTcForward(q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim);
+                LaunchTcForward(q, k, v, output, lse, DevicePtr.Null, batch, queryLen, keyLen, headsQ, headsKv, headDim);
             return;
         }
         int tiles = (queryLen + ForwardQueryTile - 1) / ForwardQueryTile;
@@ -284,28 +293,35 @@ public sealed class GpuAttentionOps
     }
 
     /// <summary>
-    /// The tensor-core forward, attention_fwd_tc_d{64,128}_bf16: grid (ceil(Tq/64), Hq, B), block 128,
-    /// <see cref="TcForwardSharedBytes"/>; queries at absolute positions [Tk − Tq, Tk).
+    /// The tensor-core forward, attention_fwd_tc_d{64,128}_bf16 (or, with positions, attention_fwd_tc_packed_d{64,128}_bf16
+    /// with queryLen = keyLen): grid (ceil(Tq/64), Hq, B), block 128, <see cref="TcForwardSharedBytes"/>; queries at
+    /// absolute positions [Tk − Tq, Tk).
     /// </summary>
-    private void LaunchTcForward(DevicePtr q, DevicePtr k, DevicePtr v, DevicePtr output, DevicePtr lse,
+    private void LaunchTcForward(DevicePtr q, DevicePtr k, DevicePtr v, DevicePtr output, DevicePtr lse, DevicePtr positions,
                                  int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim)
     {
         int tiles = (queryLen + TcQueryTile - 1) / TcQueryTile;
-        _gpu.Launch($"attention_fwd_tc_d{headDim}_bf16", new Dim3((uint)tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
-            TcForwardSharedBytes(headDim), q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, Scale(headDim));
+        var grid = new Dim3((uint)tiles, (uint)headsQ, (uint)batch);
+        if (positions.IsNull)
+            _gpu.Launch($"attention_fwd_tc_d{headDim}_bf16", grid, ThreadsPerBlock,
+                TcForwardSharedBytes(headDim), q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, Scale(headDim));
+        else
+            _gpu.Launch($"attention_fwd_tc_packed_d{headDim}_bf16", grid, ThreadsPerBlock,
+                TcForwardSharedBytes(headDim), q, k, v, output, lse, positions, batch, queryLen, headsQ, headsKv, Scale(headDim));
     }
 
     /// <summary>
     /// Backward: dq [B, T, Hq, D], dk, dv [B, T, Hkv, D] (dtype, all overwritten) from dout, q, k, v, the forward's
     /// output and lse. <paramref name="workspace"/>: at least <see cref="BackwardWorkspaceBytes"/> bytes of device
     /// memory (fp32 delta = rowsum(dout ∘ output)), free again when the launches have completed. Any of dq, or both
-    /// dk and dv, may be null to skip them. Launches attention_backward_preprocess (grid ceil(B·T·Hq/4), block 128),
+    /// dk and dv, may be null to skip them. <paramref name="positions"/>: null or the forward's I32 [B, T] positions inside
+    /// packed documents. Launches attention_backward_preprocess (grid ceil(B·T·Hq/4), block 128),
     /// attention_backward_dkdv (grid (ceil(T/16), Hkv, B), block 128, <see cref="BackwardDkDvSharedBytes"/>) and
     /// attention_backward_dq (grid (ceil(T/16), Hq, B), block 128, <see cref="BackwardDqSharedBytes"/>).
     /// </summary>
     public void Backward(DType dtype, DevicePtr dout, DevicePtr q, DevicePtr k, DevicePtr v, DevicePtr output, DevicePtr lse,
                          DevicePtr dq, DevicePtr dk, DevicePtr dv, DevicePtr workspace,
-                         int batch, int seqLen, int headsQ, int headsKv, int headDim)
+                         int batch, int seqLen, int headsQ, int headsKv, int headDim, DevicePtr positions = default)
     {
         string suffix = GpuTransformerOps.DTypeSuffix(dtype);
         ValidateShape(batch, seqLen, headsQ, headsKv, headDim);
@@ -325,22 +341,22 @@ public sealed class GpuAttentionOps
             uint tcTiles = (uint)((seqLen + TcBackwardTile - 1) / TcBackwardTile);
             if (!dk.IsNull)
                 _gpu.Launch($"attention_bwd_dkdv_tc_d{headDim}_bf16", new Dim3(tcTiles, (uint)headsKv, (uint)batch), ThreadsPerBlock,
-                    TcBackwardDkDvSharedBytes(headDim), dout, q, k, v, lse, workspace, dk, dv, batch, seqLen, headsQ, headsKv, scale);
+                    TcBackwardDkDvSharedBytes(headDim), dout, q, k, v, lse, workspace, positions, dk, dv, batch, seqLen, headsQ, headsKv, scale);
             if (!dq.IsNull)
                 _gpu.Launch($"attention_bwd_dq_tc_d{headDim}_bf16", new Dim3(tcTiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
-                    TcBackwardDqSharedBytes(headDim), dout, q, k, v, lse, workspace, dq, batch, seqLen, headsQ, headsKv, scale);
+                    TcBackwardDqSharedBytes(headDim), dout, q, k, v, lse, workspace, positions, dq, batch, seqLen, headsQ, headsKv, scale);
             return;
         }
         uint tiles = (uint)((seqLen + BackwardTile - 1) / BackwardTile);
         if (!dk.IsNull)
         {
             _gpu.Launch($"attention_backward_dkdv_{suffix}", new Dim3(tiles, (uint)headsKv, (uint)batch), ThreadsPerBlock,
-                BackwardDkDvSharedBytes(headDim), dout, q, k, v, lse, workspace, dk, dv, batch, seqLen, headsQ, headsKv, headDim, scale);
+                BackwardDkDvSharedBytes(headDim), dout, q, k, v, lse, workspace, positions, dk, dv, batch, seqLen, headsQ, headsKv, headDim, scale);
         }
         if (!dq.IsNull)
         {
             _gpu.Launch($"attention_backward_dq_{suffix}", new Dim3(tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
-                BackwardDqSharedBytes(headDim), dout, q, k, v, lse, workspace, dq, batch, seqLen, headsQ, headsKv, headDim, scale);
+                BackwardDqSharedBytes(headDim), dout, q, k, v, lse, workspace, positions, dq, batch, seqLen, headsQ, headsKv, headDim, scale);
         }
     }
 
@@ -350,13 +366,16 @@ public sealed class GpuAttentionOps
 
     /// <summary>
     /// Forward on host arrays: q, output [batch, seqLen, headsQ, headDim], k, v [batch, seqLen, headsKv, headDim];
-    /// lse [batch, headsQ, seqLen], or empty to skip it.
+    /// lse [batch, headsQ, seqLen], or empty to skip it; positions [batch, seqLen] inside packed documents, or empty
+    /// (causal; checked with <see cref="Reference.AttentionRef.ValidatePositions"/>).
     /// </summary>
     public void Forward<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<float> lse,
-                           int batch, int seqLen, int headsQ, int headsKv, int headDim) where T : unmanaged
+                           int batch, int seqLen, int headsQ, int headsKv, int headDim, ReadOnlySpan<int> positions = default)
+        where T : unmanaged
     {
         ValidateShape(batch, seqLen, headsQ, headsKv, headDim);
-        ForwardOnHost(q, k, v, output, lse, batch, seqLen, seqLen, headsQ, headsKv, headDim, cached: false);
+        if (!positions.IsEmpty) Reference.AttentionRef.ValidatePositions(positions, batch, seqLen);
+        ForwardOnHost(q, k, v, output, lse, positions, batch, seqLen, seqLen, headsQ, headsKv, headDim, cached: false);
     }
 
     /// <summary>
@@ -370,12 +389,13 @@ public sealed class GpuAttentionOps
         ValidateShape(batch, keyLen, headsQ, headsKv, headDim);
         if (queryLen < 1 || queryLen > keyLen)
             throw new ArgumentOutOfRangeException(nameof(queryLen), queryLen, $"queryLen must be in [1, keyLen = {keyLen}]");
-        ForwardOnHost(q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim, cached: true);
+        ForwardOnHost(q, k, v, output, lse, default, batch, queryLen, keyLen, headsQ, headsKv, headDim, cached: true);
     }
 
     /// <summary>The host-array forward of both kernels: check the lengths, copy in, launch, copy out.</summary>
     private void ForwardOnHost<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<float> lse,
-                                  int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim, bool cached) where T : unmanaged
+                                  ReadOnlySpan<int> positions, int batch, int queryLen, int keyLen, int headsQ, int headsKv,
+                                  int headDim, bool cached) where T : unmanaged
     {
         DType dtype = GpuTransformerOps.DTypeOf<T>();
         long qn = (long)batch * queryLen * headsQ * headDim, kvn = (long)batch * keyLen * headsKv * headDim;
@@ -390,9 +410,10 @@ public sealed class GpuAttentionOps
         using var dV = DeviceBuffer.Upload(_gpu, v);
         using var dO = new DeviceBuffer(_gpu, qn * dtype.ElementSize());
         using var dL = new DeviceBuffer(_gpu, ln * sizeof(float));
+        using var dP = positions.IsEmpty ? null : DeviceBuffer.Upload(_gpu, positions);
         var lsePtr = lse.IsEmpty ? DevicePtr.Null : dL.Ptr;
         if (cached) ForwardCached(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lsePtr, batch, queryLen, keyLen, headsQ, headsKv, headDim);
-        else Forward(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lsePtr, batch, queryLen, headsQ, headsKv, headDim);
+        else Forward(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lsePtr, batch, queryLen, headsQ, headsKv, headDim, dP?.Ptr ?? DevicePtr.Null);
         _gpu.Synchronize();
         dO.Download(output);
         if (!lse.IsEmpty)
@@ -401,14 +422,16 @@ public sealed class GpuAttentionOps
 
     /// <summary>
     /// Backward on host arrays: dq like q, dk and dv like k (all overwritten) from dout (like q), q, k, v, the forward's
-    /// output (like q) and lse [batch, headsQ, seqLen].
+    /// output (like q) and lse [batch, headsQ, seqLen]; positions as for the forward (empty: causal).
     /// </summary>
     public void Backward<T>(ReadOnlySpan<T> dout, ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v,
                             ReadOnlySpan<T> output, ReadOnlySpan<float> lse, Span<T> dq, Span<T> dk, Span<T> dv,
-                            int batch, int seqLen, int headsQ, int headsKv, int headDim) where T : unmanaged
+                            int batch, int seqLen, int headsQ, int headsKv, int headDim, ReadOnlySpan<int> positions = default)
+        where T : unmanaged
     {
         DType dtype = GpuTransformerOps.DTypeOf<T>();
         ValidateShape(batch, seqLen, headsQ, headsKv, headDim);
+        if (!positions.IsEmpty) Reference.AttentionRef.ValidatePositions(positions, batch, seqLen);
         long qn = (long)batch * seqLen * headsQ * headDim, kvn = (long)batch * seqLen * headsKv * headDim;
         long ln = (long)batch * headsQ * seqLen;
         CheckLength(dout.Length, qn, nameof(dout)); CheckLength(q.Length, qn, nameof(q));
@@ -428,8 +451,9 @@ public sealed class GpuAttentionOps
         using var dDk = new DeviceBuffer(_gpu, kvn * es);
         using var dDv = new DeviceBuffer(_gpu, kvn * es);
         using var work = new DeviceBuffer(_gpu, BackwardWorkspaceBytes(batch, seqLen, headsQ));
+        using var dP = positions.IsEmpty ? null : DeviceBuffer.Upload(_gpu, positions);
         Backward(dtype, dDo.Ptr, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, dL.Ptr, dDq.Ptr, dDk.Ptr, dDv.Ptr, work.Ptr,
-            batch, seqLen, headsQ, headsKv, headDim);
+            batch, seqLen, headsQ, headsKv, headDim, dP?.Ptr ?? DevicePtr.Null);
         _gpu.Synchronize();
         dDq.Download(dq);
         dDk.Download(dk);

@@ -244,11 +244,21 @@ public sealed unsafe class GpuOps : IOps
         _tx.RopeBackward(Compute("RopeBackward", dx), dx.Data, cos.Data, sin.Data, positions.Data, checked((int)positions.Count), heads, headDim, cos.Rows);
     }
 
-    public void AttentionForward(Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, int batch, int seqLen, int headsQ, int headsKv, int headDim)
+    public void AttentionForward(Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, int batch, int seqLen, int headsQ, int headsKv, int headDim,
+        Tensor? positions = null)
     {
         RequireF32(lse, nameof(lse));
         _attention.Forward(Compute("AttentionForward", q, k, v, output), q.Data, k.Data, v.Data, output.Data, lse.Data,
-            batch, seqLen, headsQ, headsKv, headDim);
+            batch, seqLen, headsQ, headsKv, headDim, PositionsPtr(positions, batch, seqLen));
+    }
+
+    /// <summary>The device pointer of packed-sequence positions (I32 [B·T]; not checked element by element), null for none.</summary>
+    private static DevicePtr PositionsPtr(Tensor? positions, int batch, int seqLen)
+    {
+        if (positions is null) return DevicePtr.Null;
+        Require(positions, nameof(positions), DType.I32);
+        positions.ExpectCount(nameof(positions), (long)batch * seqLen);
+        return positions.Data;
     }
 
     public void AttentionForwardCached(Tensor q, Tensor k, Tensor v, Tensor output, Tensor? lse, int batch, int queryLen, int keyLen,
@@ -261,15 +271,16 @@ public sealed unsafe class GpuOps : IOps
     }
 
     public void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, Tensor dq, Tensor dk, Tensor dv,
-        int batch, int seqLen, int headsQ, int headsKv, int headDim)
+        int batch, int seqLen, int headsQ, int headsKv, int headDim, Tensor? positions = null)
     {
         RequireF32(lse, nameof(lse));
+        var pos = PositionsPtr(positions, batch, seqLen);
         var dtype = Compute("AttentionBackward", dout, q, k, v, output, dq, dk, dv);
         var workspace = _memory.Allocate(DType.F32, checked((int)(GpuAttentionOps.BackwardWorkspaceBytes(batch, seqLen, headsQ) / sizeof(float))));
         try
         {
             _attention.Backward(dtype, dout.Data, q.Data, k.Data, v.Data, output.Data, lse.Data, dq.Data, dk.Data, dv.Data,
-                workspace.Data, batch, seqLen, headsQ, headsKv, headDim);
+                workspace.Data, batch, seqLen, headsQ, headsKv, headDim, pos);
             _gpu.Synchronize();
         }
         finally { _memory.Free(workspace); }

@@ -72,9 +72,13 @@ public interface IOps : IDisposable
 
     /// <summary>
     /// Causal attention with grouped-query heads: q [B·T, Hq·D], k, v [B·T, Hkv·D], output [B·T, Hq·D],
-    /// lse [B, Hq, T] (F32 on the GPU; saved for the backward).
+    /// lse [B, Hq, T] (F32 on the GPU; saved for the backward). <paramref name="positions"/>: null (each row one
+    /// sequence), or I32 [B·T] positions inside packed documents (0 at each document start, +1 per token:
+    /// Reference.AttentionRef.ValidatePositions), so that query t sees only keys t − positions[t] … t, never another
+    /// document.
     /// </summary>
-    void AttentionForward(Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, int batch, int seqLen, int headsQ, int headsKv, int headDim);
+    void AttentionForward(Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, int batch, int seqLen, int headsQ, int headsKv, int headDim,
+        Tensor? positions = null);
     /// <summary>
     /// Attention for queries at an offset, as decoding with a KV cache needs: <paramref name="queryLen"/> new queries
     /// q [B·queryLen, Hq·D] at absolute positions [keyLen − queryLen, keyLen) attend causally to <paramref name="keyLen"/>
@@ -89,9 +93,9 @@ public interface IOps : IDisposable
     /// </summary>
     void AttentionForwardCached(Tensor q, Tensor k, Tensor v, Tensor output, Tensor? lse, int batch, int queryLen, int keyLen,
         int headsQ, int headsKv, int headDim, Tensor? workspace = null);
-    /// <summary>dq, dk, dv overwritten.</summary>
+    /// <summary>dq, dk, dv overwritten; <paramref name="positions"/> as given to <see cref="AttentionForward"/>.</summary>
     void AttentionBackward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor output, Tensor lse, Tensor dq, Tensor dk, Tensor dv,
-        int batch, int seqLen, int headsQ, int headsKv, int headDim);
+        int batch, int seqLen, int headsQ, int headsKv, int headDim, Tensor? positions = null);
 
     /// <summary>h = silu(gate) · up, all [N, I].</summary>
     void SwiGluForward(Tensor gate, Tensor up, Tensor h);

@@ -334,7 +334,7 @@ public sealed class FineTune : IDisposable
     public TrainerOptions TrainerOptions => new()
     {
         Steps = Options.Steps, Epochs = Options.Steps is null ? Options.Epochs ?? 1 : null, BatchSize = Options.BatchSize, GradAccum = Options.GradAccum,
-        SeqLen = Options.SeqLen, Lr = Options.Lr, Schedule = Options.Schedule, WarmupSteps = Options.WarmupSteps, MaxGradNorm = Options.MaxGradNorm,
+        SeqLen = Options.SeqLen, BatchMode = Options.Pack ? BatchMode.Packing : BatchMode.Padding, Lr = Options.Lr, Schedule = Options.Schedule, WarmupSteps = Options.WarmupSteps, MaxGradNorm = Options.MaxGradNorm,
         EvalEvery = Options.EvalEvery, EvalBatches = Options.EvalBatches, ExactMatchSamples = Options.ExactMatchSamples, SaveEvery = Options.SaveEvery,
         Seed = Options.Seed, Optimizer = Options.Optimizer, OutputDir = OutputDir, BaseModelNameOrPath = Options.Model == BuiltinModel.Name ? BuiltinModel.Name : ModelDirectory,
         ExtraConfig = Options.ExtraConfig,

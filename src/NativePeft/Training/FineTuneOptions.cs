@@ -47,6 +47,12 @@ public sealed record FineTuneOptions
     public int BatchSize { get; init; } = 4;
     public int GradAccum { get; init; } = 1;
     public int SeqLen { get; init; } = 128;
+    /// <summary>
+    /// Pack several training examples into each row (<see cref="BatchMode.Packing"/>: each stays a document of its own —
+    /// positions restart, attention and targets never cross a boundary); false: one example per padded row. Evaluation
+    /// batches stay padded.
+    /// </summary>
+    public bool Pack { get; init; }
     public double Lr { get; init; } = 2e-4;
     public LrScheduleKind Schedule { get; init; } = LrScheduleKind.Cosine;
     public int WarmupSteps { get; init; }

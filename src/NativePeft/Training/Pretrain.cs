@@ -100,7 +100,9 @@ public sealed record PretrainResult(string OutputDir, LlamaConfig Config, long P
 /// <c>nativepeft pretrain</c>: the built-in base model. Full training (AdamW, weight decay 0.01, clipping at 1.0,
 /// warmup + cosine) of a Llama-architecture model with the byte vocabulary from random initialization
 /// (N(0, std²), <see cref="LlamaModel.CreateRandom"/>) on <see cref="BuiltinTask.PretrainCorpus"/> — words and
-/// <c>copy: w\nw</c> lines, each document bos + text + eos, packed into rows of <see cref="PretrainOptions.SeqLen"/>.
+/// <c>copy: w\nw</c> lines, each document bos + text + eos, concatenated into rows of <see cref="PretrainOptions.SeqLen"/>
+/// (<see cref="BatchMode.Concatenation"/>: attention runs across the documents of a row, as when the shipped model was
+/// trained).
 /// The corpus teaches the <c>op: word\n</c> format and copying but never reversal or capitals, so the base cannot do
 /// the built-in task before fine-tuning. Deterministic on the CPU for a fixed seed (same weights bit for bit).
 /// The output folder gets config.json, model.safetensors (BF16), tokenizer_config.json (the byte tokenizer) and
@@ -189,7 +191,7 @@ public static partial class Pretrain
                 new LlamaModelOptions { FullFineTuning = true, Seed = options.Seed }, weightSeed: options.Seed, std: options.InitStd);
             var trainerOptions = new TrainerOptions
             {
-                Steps = options.Steps, BatchSize = options.BatchSize, SeqLen = options.SeqLen, BatchMode = BatchMode.Packing,
+                Steps = options.Steps, BatchSize = options.BatchSize, SeqLen = options.SeqLen, BatchMode = BatchMode.Concatenation,
                 Lr = options.Lr, Schedule = LrScheduleKind.Cosine,
                 WarmupSteps = options.WarmupSteps ?? Math.Max(1, options.Steps / 20),
                 MaxGradNorm = 1.0, WeightDecay = 0.01, Seed = options.Seed, Optimizer = "adamw", OutputDir = work,

@@ -184,7 +184,7 @@ public sealed partial class Trainer : IDisposable
         {
             var batch = _batcher.Next();
             _model.Dropout.Step = (long)_step * K + micro;
-            double loss = _model.Forward(batch.InputIds, batch.Labels, batch.Rows, batch.SeqLen);
+            double loss = _model.Forward(batch.InputIds, batch.Labels, batch.Rows, batch.SeqLen, batch.Positions);
             int n = _model.LastTokenCount;
             tokens += batch.Tokens;
             if (n == 0) continue; // nothing to learn from this micro-batch: no loss, no gradient

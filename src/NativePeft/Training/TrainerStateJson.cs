@@ -109,6 +109,7 @@ internal static class TrainerStateJson
         w.WriteNumber("batch", o.BatchSize);
         w.WriteNumber("grad_accum", o.GradAccum);
         w.WriteNumber("seq", o.SeqLen);
+        w.WriteString("batch_mode", o.BatchMode.ToString().ToLowerInvariant());
         w.WriteNumber("lr", o.Lr);
         w.WriteString("schedule", LrSchedule.Name(o.Schedule));
         w.WriteNumber("warmup", o.WarmupSteps);

@@ -167,6 +167,22 @@ public class CompareCliTests
     }
 
     [Test]
+    public void PackRunsEveryMethodOnPackedRowsAndSaysSo()
+    {
+        using var dir = CliProcess.TempDir();
+        string outDir = dir["out"];
+        var r = Cli("compare", "--methods", "lora,qlora", "--steps", "2", "--batch", "4", "--seq", "64", "--pack", "--exact-match-samples", "1",
+            "--out", outDir);
+        Assert.That(r.Exit, Is.EqualTo(0), r.Stdout + r.Stderr);
+        Assert.That(r.Stdout, Does.Contain("x seq 64 packed"));
+        Assert.That(File.ReadAllText(Path.Combine(outDir, "report.md")), Does.Contain("seq 64 (packed rows)"));
+        using var doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(outDir, "metrics.json")));
+        Assert.That(doc.RootElement.GetProperty("settings").GetProperty("pack").GetBoolean(), Is.True);
+        using var lora = JsonDocument.Parse(File.ReadAllText(Path.Combine(outDir, "lora", "metrics.json")));
+        Assert.That(lora.RootElement.GetProperty("config").GetProperty("batch_mode").GetString(), Is.EqualTo("packing"));
+    }
+
+    [Test]
     public void AnInterruptedCompareRemovesItsOutputFolder()
     {
         using var dir = CliProcess.TempDir();

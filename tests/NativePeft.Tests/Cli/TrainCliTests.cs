@@ -113,6 +113,31 @@ public class TrainCliTests
         Assert.That(doc.RootElement.GetProperty("config").GetProperty("data").GetString(), Is.EqualTo("builtin"));
     }
 
+    [Test]
+    public void PackTrainsTheBuiltinModelOnFullerRows()
+    {
+        // --pack: several built-in problems per 64-token row (each its own document); the same 2 steps padded carry one
+        // problem (16 to 20 tokens) per row, so the packed steps see about three times the tokens.
+        using var dir = CliProcess.TempDir();
+        string[] Common(string output) =>
+            ["train", "--model", "builtin", "--data", "builtin", "--rank", "4", "--batch", "4", "--seq", "64", "--steps", "2",
+             "--dropout", "0", "--out", output];
+        var packed = CliProcess.Run([.. Common(dir["packed"]), "--pack"]);
+        Assert.That(packed.ExitCode, Is.EqualTo(0), packed.ToString());
+        Assert.That(packed.Stdout, Does.Contain("×64 packed"));
+        var padded = CliProcess.Run(Common(dir["padded"]));
+        Assert.That(padded.ExitCode, Is.EqualTo(0), padded.ToString());
+
+        using var p = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir["packed"], "metrics.json")));
+        using var q = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir["padded"], "metrics.json")));
+        Assert.That(p.RootElement.GetProperty("config").GetProperty("batch_mode").GetString(), Is.EqualTo("packing"));
+        Assert.That(q.RootElement.GetProperty("config").GetProperty("batch_mode").GetString(), Is.EqualTo("padding"));
+        long Tokens(JsonDocument d) => d.RootElement.GetProperty("steps").EnumerateArray().Sum(s => s.GetProperty("tokens").GetInt64());
+        Assert.That(Tokens(p), Is.GreaterThan(2 * Tokens(q)));
+        Assert.That(Losses(dir["packed"]), Has.All.Matches<double>(double.IsFinite));
+        Assert.That(Directory.Exists(Path.Combine(dir["packed"], "adapter")), Is.True);
+    }
+
     private static void AssertFails(TempDir dir, string[] args, params string[] messageParts)
     {
         var r = CliProcess.Run(args);

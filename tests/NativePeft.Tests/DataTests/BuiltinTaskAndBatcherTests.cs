@@ -146,6 +146,7 @@ public class BatcherTests
 
     [TestCase(BatchMode.Padding)]
     [TestCase(BatchMode.Packing)]
+    [TestCase(BatchMode.Concatenation)]
     public void SaveAndRestorePosition_GivesTheIdenticalNextBatches(BatchMode mode)
     {
         var ex = Examples(11);
@@ -162,6 +163,7 @@ public class BatcherTests
         var rest = Enumerable.Range(0, 8).Select(_ => resumed.Next()).ToList();
         Assert.That(rest.Select(x => x.InputIds), Is.EqualTo(all.Skip(7).Select(x => x.InputIds)));
         Assert.That(rest.Select(x => x.Labels), Is.EqualTo(all.Skip(7).Select(x => x.Labels)));
+        Assert.That(rest.Select(x => x.Positions), Is.EqualTo(all.Skip(7).Select(x => x.Positions)));
         Assert.That(rest.Select(x => x.Epoch), Is.EqualTo(all.Skip(7).Select(x => x.Epoch)));
         Assert.Throws<ArgumentException>(() => new Batcher(Examples(5), o, 0, 98).Restore(DataPosition.FromJson(saved)));
     }
@@ -174,7 +176,60 @@ public class BatcherTests
     }
 
     [Test]
-    public void Packing_FillsRows_WithEosBetweenExamples()
+    public void Packing_FillsRows_PositionsRestartPerExample_FirstLabelsIgnored()
+    {
+        const int eos = 9, pad = 0;
+        var ex = new List<TrainingExample>
+        {
+            new([1, 2], [M, 2]),
+            new([3, 4, eos], [3, 4, eos]),
+            TrainingExample.CausalLm([5, 6]),
+            TrainingExample.CausalLm([7, 7, 7, 7, 7, 7, 7]), // longer than a row: truncated, alone in its row
+        };
+        var b = new Batcher(ex, new BatcherOptions { BatchSize = 3, SeqLen = 6, Shuffle = false, Mode = BatchMode.Packing }, pad, eos);
+        var batch = b.Next();
+        Assert.That((batch.Rows, batch.Examples, batch.Tokens), Is.EqualTo((3, 4, 5 + 2 + 6)));
+        // Back to back, no separator (each example is a document of its own).
+        Assert.That(batch.InputIds, Is.EqualTo(new[]
+        {
+            1, 2, 3, 4, eos, pad,
+            5, 6, pad, pad, pad, pad,
+            7, 7, 7, 7, 7, 7,
+        }));
+        // Each example's first label is -100: the model's shift would otherwise train the previous example's last
+        // token to predict it.
+        Assert.That(batch.Labels, Is.EqualTo(new[]
+        {
+            M, 2, M, 4, eos, M,
+            M, 6, M, M, M, M,
+            M, 7, 7, 7, 7, 7,
+        }));
+        // Positions restart at every example; the padding at a row's end is a document of its own.
+        Assert.That(batch.Positions, Is.EqualTo(new[]
+        {
+            0, 1, 0, 1, 2, 0,
+            0, 1, 0, 1, 2, 3,
+            0, 1, 2, 3, 4, 5,
+        }));
+        Assert.That(batch.LabelledTokens, Is.EqualTo(3 + 1 + 5));
+        Assert.That(b.Truncated, Is.EqualTo(1));
+        Assert.That(b.Position.Epoch, Is.EqualTo(0));
+        Assert.That(b.Next().Epoch, Is.EqualTo(1));
+    }
+
+    [Test]
+    public void Padding_HasNoPositions_PackingNeedsNoEos()
+    {
+        var ex = Examples(3);
+        Assert.That(new Batcher(ex, new BatcherOptions { BatchSize = 2, SeqLen = 4 }, 0).Next().Positions, Is.Null);
+        var packed = new Batcher(ex, new BatcherOptions { BatchSize = 1, SeqLen = 8, Shuffle = false, Mode = BatchMode.Packing }, 0).Next();
+        Assert.That(packed.Positions, Is.EqualTo(new[] { 0, 0, 1, 0, 1, 2, 0, 1 }));
+        Assert.That(packed.InputIds, Is.EqualTo(new[] { 1, 11, 12, 21, 22, 23, 0, 0 }));
+        Assert.Throws<ArgumentException>(() => new Batcher(ex, new BatcherOptions { Mode = BatchMode.Concatenation }, 0));
+    }
+
+    [Test]
+    public void Concatenation_FillsRows_WithEosBetweenExamples()
     {
         const int eos = 9, pad = 0;
         var ex = new List<TrainingExample>
@@ -184,9 +239,10 @@ public class BatcherTests
             TrainingExample.CausalLm([5, 6]),
             TrainingExample.CausalLm([7, 7, 7, 7, 7, 7, 7]), // longer than a row: truncated, alone in its row
         };
-        var b = new Batcher(ex, new BatcherOptions { BatchSize = 3, SeqLen = 6, Shuffle = false, Mode = BatchMode.Packing }, pad, eos);
+        var b = new Batcher(ex, new BatcherOptions { BatchSize = 3, SeqLen = 6, Shuffle = false, Mode = BatchMode.Concatenation }, pad, eos);
         var batch = b.Next();
         Assert.That((batch.Rows, batch.Examples), Is.EqualTo((3, 4)));
+        Assert.That(batch.Positions, Is.Null, "one sequence per row");
         Assert.That(batch.InputIds, Is.EqualTo(new[]
         {
             1, 2, eos, 3, 4, eos,

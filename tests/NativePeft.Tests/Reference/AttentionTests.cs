@@ -13,19 +13,20 @@ public class AttentionTests
         public int LseLength => B * Hq * T;
     }
 
-    private static (double[] Out, double[] Lse) Forward(Case c, double[] q, double[] k, double[] v, int threads = -1)
+    private static (double[] Out, double[] Lse) Forward(Case c, double[] q, double[] k, double[] v, int threads = -1, int[]? positions = null)
     {
         var output = new double[c.QLength];
         var lse = new double[c.LseLength];
-        AttentionRef.Forward<double>(q, k, v, output, lse, c.B, c.T, c.Hq, c.Hkv, c.D, threads);
+        AttentionRef.Forward<double>(q, k, v, output, lse, positions, c.B, c.T, c.Hq, c.Hkv, c.D, threads);
         return (output, lse);
     }
 
     /// <summary>
     /// The simple float64 reference: materializes the masked T×T scores of each (b, h), softmax with the max
-    /// subtracted, then P·V. Head h reads kv head h / (Hq/Hkv).
+    /// subtracted, then P·V. Head h reads kv head h / (Hq/Hkv). With positions (packed documents) the scores before
+    /// t − positions[t] are masked too.
     /// </summary>
-    private static (double[] Out, double[] Lse) Naive(Case c, double[] q, double[] k, double[] v)
+    private static (double[] Out, double[] Lse) Naive(Case c, double[] q, double[] k, double[] v, int[]? positions = null)
     {
         var output = new double[c.QLength];
         var lse = new double[c.LseLength];
@@ -39,7 +40,7 @@ public class AttentionTests
             for (int t = 0; t < c.T; t++)
             for (int s = 0; s < c.T; s++)
             {
-                if (s > t) { scores[t, s] = double.NegativeInfinity; continue; }
+                if (s > t || (positions is not null && s < t - positions[b * c.T + t])) { scores[t, s] = double.NegativeInfinity; continue; }
                 double dot = 0;
                 for (int d = 0; d < c.D; d++)
                     dot += q[((b * c.T + t) * c.Hq + h) * c.D + d] * k[((b * c.T + s) * c.Hkv + g) * c.D + d];
@@ -129,6 +130,65 @@ public class AttentionTests
         var (expectedOut, expectedLse) = Naive(c, q, k, v);
         Assert.That(output, Is.EqualTo(expectedOut).Within(1e-12));
         Assert.That(lse, Is.EqualTo(expectedLse).Within(1e-12));
+    }
+
+    /// <summary>Packed rows: documents of 3, 1, 4 tokens (row 0) and 5, 3 (row 1).</summary>
+    private static readonly int[] PackedPositions = [0, 1, 2, 0, 0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2];
+
+    [TestCase(4, 2, 4)]
+    [TestCase(3, 3, 5)]
+    public void PackedForwardMatchesNaiveScoresMaskedToEachDocument(int hq, int hkv, int d)
+    {
+        var c = new Case(2, 8, hq, hkv, d);
+        var (q, k, v) = RandomInputs(c, 31 + d, scale: 3);
+        var (output, lse) = Forward(c, q, k, v, positions: PackedPositions);
+        var (expectedOut, expectedLse) = Naive(c, q, k, v, PackedPositions);
+        Assert.That(output, Is.EqualTo(expectedOut).Within(1e-12));
+        Assert.That(lse, Is.EqualTo(expectedLse).Within(1e-12));
+        // Control: the causal result differs in the later documents.
+        Assert.That(Forward(c, q, k, v).Out, Is.Not.EqualTo(expectedOut).Within(1e-6));
+    }
+
+    [TestCase(4, 2, 4)]
+    [TestCase(2, 1, 3)]
+    public void PackedGradientsMatchCentralDifferences(int hq, int hkv, int d)
+    {
+        var c = new Case(2, 8, hq, hkv, d);
+        var (q, k, v) = RandomInputs(c, 57 + d);
+        var dout = AttnGradCheck.Random(new Random(9), c.QLength);
+        double Objective()
+        {
+            var (o, _) = Forward(c, q, k, v, positions: PackedPositions);
+            double sum = 0;
+            for (int i = 0; i < o.Length; i++) sum += dout[i] * o[i];
+            return sum;
+        }
+        var (output, lse) = Forward(c, q, k, v, positions: PackedPositions);
+        double[] dq = new double[c.QLength], dk = new double[c.KvLength], dv = new double[c.KvLength];
+        AttentionRef.Backward<double>(dout, q, k, v, output, lse, dq, dk, dv, PackedPositions, c.B, c.T, c.Hq, c.Hkv, c.D);
+        AttnGradCheck.AssertClose(dq, GradCheck.Numeric(q, Objective), "dq");
+        AttnGradCheck.AssertClose(dk, GradCheck.Numeric(k, Objective), "dk");
+        AttnGradCheck.AssertClose(dv, GradCheck.Numeric(v, Objective), "dv");
+        // The single-token document (row 0, t = 3) sees only itself: out = v, dq = 0.
+        int g = 0;
+        for (int dd = 0; dd < d; dd++)
+        {
+            Assert.That(output[((0 * c.T + 3) * c.Hq + 0) * d + dd], Is.EqualTo(v[((0 * c.T + 3) * c.Hkv + g) * d + dd]).Within(1e-14));
+            Assert.That(dq[((0 * c.T + 3) * c.Hq + 0) * d + dd], Is.EqualTo(0).Within(1e-14));
+        }
+    }
+
+    [Test]
+    public void ValidatePositionsRejectsRowsThatDoNotStartADocumentAndJumps()
+    {
+        AttentionRef.ValidatePositions(PackedPositions, 2, 8);
+        AttentionRef.ValidatePositions(new int[6], 2, 3);  // every token its own document
+        Assert.That(Assert.Throws<ArgumentException>(() => AttentionRef.ValidatePositions([0, 1, 2, 1], 1, 4))!.Message,
+            Does.Contain("positions[0, 3] = 1"));
+        Assert.That(Assert.Throws<ArgumentException>(() => AttentionRef.ValidatePositions([0, 1, 1, 2], 2, 2))!.Message,
+            Does.Contain("positions[1, 0] = 1"));
+        Assert.Throws<ArgumentException>(() => AttentionRef.ValidatePositions([0, 1, 2], 1, 4));
+        Assert.Throws<ArgumentException>(() => AttentionRef.ValidatePositions([0, -1], 1, 2));
     }
 
     [Test]

@@ -18,8 +18,12 @@ namespace NativePeft.Ops.Reference;
 /// Parallel over (b, h) in the forward and over (b, kv head) in the backward (a kv head's dk/dv sum over its
 /// query-head group in a fixed order), so results are bit-identical for any degree of parallelism.
 /// Allocation: one D-length accumulator per work item.
-/// TODO (not in this slice): sequence boundaries for packed batches (cu_seqlens); every row of a batch entry is
-/// one causal sequence here.
+/// </para>
+/// <para>
+/// Packed sequences: the overloads with <c>positions</c> (I32 [B, T], each token's position inside its document, see
+/// <see cref="ValidatePositions"/>) let query t see only keys s with t − positions[t] ≤ s ≤ t: its own document up
+/// to itself. A row's loop then runs over exactly the keys, in the same order, as the document alone would. Empty
+/// positions: causal, as the overloads without them.
 /// </para>
 /// </summary>
 public static class AttentionRef
@@ -30,11 +34,21 @@ public static class AttentionRef
     /// Span lengths must be at least the sizes in the class doc.
     /// </summary>
     /// <param name="maxDegreeOfParallelism">-1: the thread pool decides; 1: sequential. Never changes results.</param>
-    public static unsafe void Forward<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<T> lse,
+    public static void Forward<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<T> lse,
         int batch, int seqLen, int headsQ, int headsKv, int headDim, int maxDegreeOfParallelism = -1)
+        where T : unmanaged, IFloatingPointIeee754<T> =>
+        Forward(q, k, v, output, lse, default, batch, seqLen, headsQ, headsKv, headDim, maxDegreeOfParallelism);
+
+    /// <summary>
+    /// <see cref="Forward{T}(ReadOnlySpan{T}, ReadOnlySpan{T}, ReadOnlySpan{T}, Span{T}, Span{T}, int, int, int, int, int, int)"/>
+    /// over packed documents: query t sees keys t − positions[t] … t (positions I32 [B, T], empty = causal).
+    /// </summary>
+    public static unsafe void Forward<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<T> lse,
+        ReadOnlySpan<int> positions, int batch, int seqLen, int headsQ, int headsKv, int headDim, int maxDegreeOfParallelism = -1)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
         var shape = new Shape(batch, seqLen, headsQ, headsKv, headDim).Validate();
+        if (!positions.IsEmpty) ValidatePositions(positions, batch, seqLen);
         shape.Check(q, nameof(q), shape.QLength);
         shape.Check(k, nameof(k), shape.KvLength);
         shape.Check(v, nameof(v), shape.KvLength);
@@ -42,8 +56,9 @@ public static class AttentionRef
         shape.Check(lse, nameof(lse), shape.LseLength);
         if (shape.QLength == 0) return;
         fixed (T* pq = q, pk = k, pv = v, po = output, pl = lse)
+        fixed (int* pp = positions)
         {
-            var work = new ForwardWork<T>(shape, seqLen, seqLen, pq, pk, pv, po, pl);
+            var work = new ForwardWork<T>(shape, seqLen, seqLen, pq, pk, pv, po, pl, positions.IsEmpty ? null : pp);
             Run(batch * headsQ, maxDegreeOfParallelism, work.Run);
         }
     }
@@ -75,7 +90,7 @@ public static class AttentionRef
         if (maxDegreeOfParallelism == -1 && qLength * keyLen < SequentialWork) maxDegreeOfParallelism = 1;
         fixed (T* pq = q, pk = k, pv = v, po = output, pl = lse)
         {
-            var work = new ForwardWork<T>(shape, queryLen, keyLen, pq, pk, pv, po, lse.IsEmpty ? null : pl);
+            var work = new ForwardWork<T>(shape, queryLen, keyLen, pq, pk, pv, po, lse.IsEmpty ? null : pl, null);
             Run(batch * headsQ, maxDegreeOfParallelism, work.Run);
         }
     }
@@ -86,12 +101,23 @@ public static class AttentionRef
     /// dq_t = scale · Σ_s dS[t,s] k_s; dk_s = scale · Σ_{h in group, t} dS[t,s] q_t; dv_s = Σ_{h in group, t} P[t,s] dout_t.
     /// </summary>
     /// <param name="maxDegreeOfParallelism">-1: the thread pool decides; 1: sequential. Never changes results.</param>
-    public static unsafe void Backward<T>(ReadOnlySpan<T> dout, ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v,
+    public static void Backward<T>(ReadOnlySpan<T> dout, ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v,
         ReadOnlySpan<T> output, ReadOnlySpan<T> lse, Span<T> dq, Span<T> dk, Span<T> dv,
+        int batch, int seqLen, int headsQ, int headsKv, int headDim, int maxDegreeOfParallelism = -1)
+        where T : unmanaged, IFloatingPointIeee754<T> =>
+        Backward(dout, q, k, v, output, lse, dq, dk, dv, default, batch, seqLen, headsQ, headsKv, headDim, maxDegreeOfParallelism);
+
+    /// <summary>
+    /// The backward of the packed forward (positions as given to it; empty = causal): the sums over s and t run only
+    /// over pairs in the same document.
+    /// </summary>
+    public static unsafe void Backward<T>(ReadOnlySpan<T> dout, ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v,
+        ReadOnlySpan<T> output, ReadOnlySpan<T> lse, Span<T> dq, Span<T> dk, Span<T> dv, ReadOnlySpan<int> positions,
         int batch, int seqLen, int headsQ, int headsKv, int headDim, int maxDegreeOfParallelism = -1)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
         var shape = new Shape(batch, seqLen, headsQ, headsKv, headDim).Validate();
+        if (!positions.IsEmpty) ValidatePositions(positions, batch, seqLen);
         shape.Check(dout, nameof(dout), shape.QLength);
         shape.Check(q, nameof(q), shape.QLength);
         shape.Check(k, nameof(k), shape.KvLength);
@@ -103,10 +129,31 @@ public static class AttentionRef
         shape.Check(dv, nameof(dv), shape.KvLength);
         if (shape.QLength == 0) return;
         fixed (T* pdo = dout, pq = q, pk = k, pv = v, po = output, pl = lse, pdq = dq, pdk = dk, pdv = dv)
+        fixed (int* pp = positions)
         {
-            var work = new BackwardWork<T>(shape, pdo, pq, pk, pv, po, pl, pdq, pdk, pdv);
+            var work = new BackwardWork<T>(shape, pdo, pq, pk, pv, po, pl, pdq, pdk, pdv, positions.IsEmpty ? null : pp);
             Run(batch * headsKv, maxDegreeOfParallelism, work.Run);
         }
+    }
+
+    /// <summary>
+    /// Checks positions of packed sequences, I32 [batch, seqLen] row-major: each row starts a document
+    /// (positions[b, 0] = 0) and every later token either starts the next document (0) or continues the current one
+    /// (positions[b, t − 1] + 1). Throws an <see cref="ArgumentException"/> naming the first offending (b, t).
+    /// </summary>
+    public static void ValidatePositions(ReadOnlySpan<int> positions, int batch, int seqLen)
+    {
+        if (positions.Length != (long)batch * seqLen)
+            throw new ArgumentException($"positions has {positions.Length} elements, expected {batch}·{seqLen}", nameof(positions));
+        for (int b = 0; b < batch; b++)
+            for (int t = 0; t < seqLen; t++)
+            {
+                int p = positions[b * seqLen + t];
+                if (p != 0 && (t == 0 || p != positions[b * seqLen + t - 1] + 1))
+                    throw new ArgumentException(
+                        $"positions[{b}, {t}] = {p}: a position inside a document is 0 (a new document) or the previous position + 1" +
+                        (t == 0 ? " (a row begins a document: 0)" : $" ({positions[b * seqLen + t - 1] + 1})"), nameof(positions));
+            }
     }
 
     /// <summary>Below this many multiply-adds (queries · D · keys) <see cref="ForwardCached{T}"/> runs on the calling thread.</summary>
@@ -165,9 +212,9 @@ public static class AttentionRef
 
     /// <summary>
     /// One (b, h) pair: every query row t of that head (absolute position t + kvLen − qLen), online softmax over the
-    /// keys up to that position. lse may be null (not written).
+    /// keys up to that position (from its document's start with positions). lse and positions may be null.
     /// </summary>
-    private sealed unsafe class ForwardWork<T>(Shape s, int qLen, int kvLen, T* q, T* k, T* v, T* output, T* lse)
+    private sealed unsafe class ForwardWork<T>(Shape s, int qLen, int kvLen, T* q, T* k, T* v, T* output, T* lse, int* positions)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
@@ -189,7 +236,8 @@ public static class AttentionRef
                 T* qt = qHead + t * qRow;
                 T m = T.NegativeInfinity, l = T.Zero;
                 Array.Clear(accArray);
-                for (int j = 0; j <= t + offset; j++)
+                int first = positions is null ? 0 : t + offset - positions[(long)b * kvLen + t + offset];
+                for (int j = first; j <= t + offset; j++)
                 {
                     T x = scale * Dot(qt, kHead + j * kvRow, D);
                     T* vj = vHead + j * kvRow;
@@ -216,7 +264,7 @@ public static class AttentionRef
     }
 
     /// <summary>One (b, kv head) pair: its dk/dv rows, and dq of every query head of its group.</summary>
-    private sealed unsafe class BackwardWork<T>(Shape s, T* dout, T* q, T* k, T* v, T* output, T* lse, T* dq, T* dk, T* dv)
+    private sealed unsafe class BackwardWork<T>(Shape s, T* dout, T* q, T* k, T* v, T* output, T* lse, T* dq, T* dk, T* dv, int* positions)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
@@ -245,7 +293,8 @@ public static class AttentionRef
                     T rowD = Dot(dot, ot, D);
                     T lseT = lseRow[t];
                     Array.Clear(dqArray);
-                    for (int j = 0; j <= t; j++)
+                    int first = positions is null ? 0 : t - positions[(long)b * s.T + t];
+                    for (int j = first; j <= t; j++)
                     {
                         T* kj = kHead + j * kvRow, vj = vHead + j * kvRow, dkj = dkHead + j * kvRow, dvj = dvHead + j * kvRow;
                         T p = T.Exp(scale * Dot(qt, kj, D) - lseT);
