@@ -139,8 +139,8 @@ NP_UNROLL
             }
             l_row[r] = l_row[r] * alpha[r] + sum;
         }
-        const uint32_t pa[4] = {npmma::pack_bf16(s[0][0], s[0][1]), npmma::pack_bf16(s[0][2], s[0][3]),
-                                npmma::pack_bf16(s[1][0], s[1][1]), npmma::pack_bf16(s[1][2], s[1][3])};
+        uint32_t pa[4];
+        acc_to_a(pa, s[0], s[1]);
 NP_UNROLL
         for (int i = 0; i < DT; i += 2)
         {

@@ -198,10 +198,8 @@ NP_UNROLL
 NP_UNROLL
         for (int c = 0; c < kBC / 16; ++c)
         {
-            const uint32_t pa[4] = {npmma::pack_bf16(s[2 * c][0], s[2 * c][1]),
-                                    npmma::pack_bf16(s[2 * c][2], s[2 * c][3]),
-                                    npmma::pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]),
-                                    npmma::pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3])};
+            uint32_t pa[4];
+            acc_to_a(pa, s[2 * c], s[2 * c + 1]);
 NP_UNROLL
             for (int i = 0; i < DT; i += 2)
             {

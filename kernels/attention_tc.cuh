@@ -75,6 +75,17 @@ __device__ __forceinline__ void load_b_n2(uint32_t (&b)[4], const unsigned char*
     npmma::ldmatrix_x4_trans(b, tile_at<D>(tile, k0 + (lane & 15), n0 + ((lane >> 4) << 3)));
 }
 
+// The A fragment (16 x 16, bf16) made of the fp32 accumulators of two adjacent n8 tiles of a 16-row product:
+// tile lo holds columns 0..7, tile hi columns 8..15 (the C and A layouts put the same rows and column pairs in
+// the same lanes: a0 = lo.c0 c1, a1 = lo.c2 c3, a2 = hi.c0 c1, a3 = hi.c2 c3), rounded to nearest even.
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4])
+{
+    a[0] = npmma::pack_bf16(lo[0], lo[1]);
+    a[1] = npmma::pack_bf16(lo[2], lo[3]);
+    a[2] = npmma::pack_bf16(hi[0], hi[1]);
+    a[3] = npmma::pack_bf16(hi[2], hi[3]);
+}
+
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
 {
     const uint32_t b[2] = {b0, b1};

@@ -186,14 +186,10 @@ NP_UNROLL
 NP_UNROLL
         for (int c = 0; c < kBwdQ / 16; ++c)
         {
-            const uint32_t pa[4] = {npmma::pack_bf16(st[2 * c][0], st[2 * c][1]),
-                                    npmma::pack_bf16(st[2 * c][2], st[2 * c][3]),
-                                    npmma::pack_bf16(st[2 * c + 1][0], st[2 * c + 1][1]),
-                                    npmma::pack_bf16(st[2 * c + 1][2], st[2 * c + 1][3])};
-            const uint32_t sa[4] = {npmma::pack_bf16(dpt[2 * c][0], dpt[2 * c][1]),
-                                    npmma::pack_bf16(dpt[2 * c][2], dpt[2 * c][3]),
-                                    npmma::pack_bf16(dpt[2 * c + 1][0], dpt[2 * c + 1][1]),
-                                    npmma::pack_bf16(dpt[2 * c + 1][2], dpt[2 * c + 1][3])};
+            uint32_t pa[4];
+            acc_to_a(pa, st[2 * c], st[2 * c + 1]);
+            uint32_t sa[4];
+            acc_to_a(sa, dpt[2 * c], dpt[2 * c + 1]);
 NP_UNROLL
             for (int i = 0; i < DT; i += 2)
             {
@@ -354,10 +350,8 @@ NP_UNROLL
 NP_UNROLL
         for (int c = 0; c < kDqKeys / 16; ++c)
         {
-            const uint32_t sa[4] = {npmma::pack_bf16(s[2 * c][0], s[2 * c][1]),
-                                    npmma::pack_bf16(s[2 * c][2], s[2 * c][3]),
-                                    npmma::pack_bf16(s[2 * c + 1][0], s[2 * c + 1][1]),
-                                    npmma::pack_bf16(s[2 * c + 1][2], s[2 * c + 1][3])};
+            uint32_t sa[4];
+            acc_to_a(sa, s[2 * c], s[2 * c + 1]);
 NP_UNROLL
             for (int i = 0; i < DT; i += 2)
             {
