@@ -35,6 +35,7 @@ public static class BenchCommand
         {
             Description = "kernels: the 4-bit kernels and transformer ops; attention: causal GQA attention forward, backward and decode",
             DefaultValueFactory = _ => "kernels",
+            HelpName = "kernels|attention",
         };
         op.Validators.Add(r =>
         {
