@@ -229,7 +229,7 @@ SH
 # else (failed); it may leave a one-line headline figure with gc_headline. `./build.sh gpu-check-selftest` runs the
 # runner on fake sections (one that sleeps past its limit, one past the budget) and checks the summary.
 # ---------------------------------------------------------------------------------------------------------------
-GPU_CHECK_BUDGET=480
+GPU_CHECK_BUDGET="${GPU_CHECK_BUDGET:-480}"   # seconds; an override is for trying the runner out
 GC_SKIP=77
 # name:limit seconds:what it runs. The limits add up to 460 s of the 480 s budget (the rest: kill grace and the summary).
 GPU_SECTIONS=(
@@ -386,14 +386,14 @@ gc_json_str() { local s="$1"; s="${s//\\/\\\\}"; s="${s//\"/\\\"}"; printf '"%s"
 gc_run_all() {
   local budget="$1" t0 deadline entry name limit what fn rc status secs headline now remaining bad=0
   local results=()
-  t0=$(gc_now_ms); deadline=$(( t0 / 1000 + budget ))
+  t0=$(gc_now_ms); deadline=$(( t0 + budget * 1000 ))
   export -f $(compgen -A function)
   export ROOT CONFIG TFM GC_DIR GC_SKIP
   for entry in "${GPU_SECTIONS[@]}"; do
     name="${entry%%:*}"; limit="${entry#*:}"; what="${limit#*:}"; limit="${limit%%:*}"
     if [ -n "${GC_ONLY:-}" ] && [[ ",$GC_ONLY," != *",$name,"* ]]; then continue; fi
     fn="gc_${name//-/_}"
-    now=$(( $(gc_now_ms) / 1000 )); remaining=$(( deadline - now ))
+    now=$(gc_now_ms); remaining=$(( (deadline - now) / 1000 ))
     if [ "$remaining" -lt "$limit" ]; then limit=$remaining; fi   # no section runs past the budget
     rm -f "$GC_DIR/$name.headline"
     echo
@@ -410,7 +410,9 @@ gc_run_all() {
       case "$rc" in
         0) status="passed" ;;
         "$GC_SKIP") status="skipped" ;;
-        124|137) status="timed out"; headline="killed at its ${limit} s limit${headline:+; before that: $headline}"; bad=1 ;;
+        124|137) status="timed out"; bad=1
+           # killed by timeout at the limit, or stopped earlier by its own clock (the test runner's --timeout)
+           if [ "${secs%.*}" -ge "$limit" ]; then headline="killed at its ${limit} s limit${headline:+; before that: $headline}"; fi ;;
         *) status="failed"; bad=1
            # no headline of its own: the section's last error line (or last line) says why
            # the section's last error line (or, with no headline, its last line) says why
@@ -497,7 +499,8 @@ cmd_gpu_check() {
   [ "$(cat "$status" 2>/dev/null)" = 0 ]
 }
 
-# The runner on fake sections: one passes, one fails, one skips, one sleeps past its limit (its child must die with it),
+# The runner on fake sections: one passes, one fails, one skips, one stops itself with 124 (the test runner's own
+# --timeout), one sleeps past its limit (its child must die with it),
 # one comes after the budget is spent. Checks the statuses, the timings and both results files.
 cmd_gpu_check_selftest() {
   local dir fails=0 t0 elapsed rc
@@ -508,10 +511,12 @@ cmd_gpu_check_selftest() {
   gc_fake_pass() { echo "fake output"; gc_headline "42 widgets/s"; }
   gc_fake_fail() { echo "fake failure"; gc_headline "1 passed, 1 failed, 0 skipped"; return 3; }
   gc_fake_skip() { gc_skip "torch not installed"; }
+  gc_fake_stopped() { gc_headline "stopped by its own --timeout: 5 passed before that"; return 124; }
   gc_fake_sleep() { gc_headline "started"; sleep "$GC_MARKER"; gc_headline "finished"; }
   gc_fake_late() { gc_headline "ran"; }
   export GC_MARKER="$marker"
-  GPU_SECTIONS=("fake-pass:5:passes" "fake-fail:5:fails with exit 3" "fake-skip:5:skips" "fake-sleep:3:sleeps ${marker} s, past its 3 s limit"
+  GPU_SECTIONS=("fake-pass:5:passes" "fake-fail:5:fails with exit 3" "fake-skip:5:skips" "fake-stopped:5:stops itself with 124"
+                "fake-sleep:3:sleeps ${marker} s, past its 3 s limit"
                 "fake-late:30:comes after the budget is spent")
   t0=$(gc_now_ms)
   rc=0
@@ -526,10 +531,11 @@ cmd_gpu_check_selftest() {
   check "fake-pass passed with its headline" 'grep -q "^| fake-pass | passed | [0-9.]* | 5 | 42 widgets/s |$" gpu-check-results.md'
   check "fake-fail failed with its exit code" 'grep -q "^| fake-fail | failed | .* | exit 3; 1 passed, 1 failed, 0 skipped |$" gpu-check-results.md'
   check "fake-skip skipped with the reason" 'grep -q "^| fake-skip | skipped | .* | torch not installed |$" gpu-check-results.md'
+  check "fake-stopped timed out by its own clock, its headline as it is" 'grep -q "^| fake-stopped | timed out | [0-9.]* | 5 | stopped by its own --timeout: 5 passed before that |$" gpu-check-results.md'
   check "fake-sleep timed out, its partial headline kept" 'grep -q "^| fake-sleep | timed out | [0-9.]* | 3 | killed at its 3 s limit; before that: started |$" gpu-check-results.md'
   check "fake-late skipped: the budget was spent" 'grep -q "^| fake-late | skipped | 0.0 | .* | only -\?[0-9]* s of the 8 s budget left |$" gpu-check-results.md'
   check "the summary was printed" 'grep -q "^# gpu-check summary" log.txt && grep -q "overall: FAILED" log.txt'
-  check "the JSON has the five sections" '[ $(grep -c "\"section\": " gpu-check-results.json) = 5 ] && grep -q "\"status\": \"timed out\"" gpu-check-results.json'
+  check "the JSON has the six sections" '[ $(grep -c "\"section\": " gpu-check-results.json) = 6 ] && grep -q "\"status\": \"timed out\"" gpu-check-results.json'
   if have python3; then check "the JSON parses" 'python3 -c "import json,sys; json.load(open(\"gpu-check-results.json\"))"'; fi
   cd / && rm -rf "$dir"
   if [ $fails = 0 ]; then echo "gpu-check self-test: passed"; else echo "gpu-check self-test: $fails check(s) failed"; return 1; fi
