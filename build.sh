@@ -5,7 +5,9 @@
 #   ./build.sh test        set up, build, and run every test; ends with "N passed, N failed, N skipped"
 #   ./build.sh build       set up and build (kernels + solution) only
 #   ./build.sh gpu-bundle  self-contained linux-x64 bundle (CLI + tests + PTX/fatbin + gpu-check) in dist/
-#   ./build.sh gpu-check   run the CUDA tests and kernel benchmarks from an unpacked bundle (no .NET SDK needed)
+#   ./build.sh gpu-check   run the CUDA tests and benchmarks from an unpacked bundle (no .NET SDK needed), each section
+#                          under its own time limit, 8 minutes in all, ending with a summary (--dry-run: the plan)
+#   ./build.sh gpu-check-selftest   gpu-check's section runner on fake sections (a timeout, a failure, a skip)
 #
 # Set-up is automatic on Debian/Ubuntu as root: cmake, a C++ compiler, OpenBLAS, and the CUDA toolkit
 # (on Debian 12 nvcc 11.8 comes from nvidia-cuda-toolkit in the non-free component, which is enabled
@@ -201,9 +203,11 @@ cmd_gpu_bundle() {
   cp "$ROOT/build.sh" "$stage/build.sh"
   cp "$ROOT/tests/reference/bnb_crosscheck.py" "$stage/bnb_crosscheck.py"
   cp "$ROOT/tests/reference/peft_crosscheck.py" "$stage/peft_crosscheck.py"
+  cp "$ROOT/tests/reference/attn_peer.py" "$stage/attn_peer.py"
   cat > "$stage/gpu-check" <<'SH'
 #!/usr/bin/env bash
-# Runs the CUDA tests and kernel benchmarks from this bundle; writes gpu-results.txt next to it.
+# Runs the CUDA tests and benchmarks from this bundle, each section under its own time limit (8 minutes in all);
+# writes gpu-results.txt (everything), gpu-check-results.md and .json (the summary) next to it. --dry-run: the plan.
 cd "$(dirname "$0")" && exec ./build.sh gpu-check "$@"
 SH
   chmod +x "$stage/gpu-check" "$stage/build.sh"
@@ -213,47 +217,330 @@ SH
   [ "$size" -le $((60 * 1024 * 1024)) ] || die "bundle is larger than 60 MiB"
 }
 
-# Inside an unpacked bundle: no SDK, no network. Runs everything that needs a GPU, and the benchmarks.
+# ---------------------------------------------------------------------------------------------------------------
+# gpu-check: inside an unpacked bundle (no SDK, no network), everything that needs a GPU, and the benchmarks.
+# One call that always finishes: each section runs under `timeout` with its own limit (the limits add up to at most
+# GPU_CHECK_BUDGET seconds, 8 minutes, and no section runs past the budget), a failing or timed-out section never stops
+# the rest, and the end is a summary table (section, status, seconds, headline figure) also written to
+# gpu-check-results.md and gpu-check-results.json next to the full log (gpu-results.txt).
+#
+#   ./gpu-check [--dry-run] [--only s1,s2] [LOG]    (./build.sh gpu-check ... inside the bundle)
+#
+# A section is a function gc_<name> (dashes as underscores) run as `bash -c` under `timeout -k 5 LIMIT` (the whole
+# process group is killed at the limit). It returns 0 (passed), GC_SKIP (77, skipped: gc_skip says why) or anything
+# else (failed); it may leave a one-line headline figure with gc_headline. `./build.sh gpu-check-selftest` runs the
+# runner on fake sections (one that sleeps past its limit, one past the budget) and checks the summary.
+# ---------------------------------------------------------------------------------------------------------------
+GPU_CHECK_BUDGET="${GPU_CHECK_BUDGET:-480}"   # seconds; an override is for trying the runner out
+GC_SKIP=77
+# name:limit seconds:what it runs. The limits add up to 460 s of the 480 s budget (the rest: kill grace and the summary).
+GPU_SECTIONS=(
+  "env:15:nvidia-smi and nativepeft info"
+  "tests:140:the CUDA-dependent tests (filter FullyQualifiedName~cuda|~Cuda; GPU_CHECK_TESTS_FILTER= runs all)"
+  "kernel-bench:25:bench --device cuda: the 4-bit kernels and transformer ops against a device copy"
+  "attention:40:bench --op attention --device cuda: ours, forward/backward TFLOP/s and decode GB/s"
+  "attention-sdpa:50:attn_peer.py: PyTorch SDPA on the same shapes, then ours/SDPA per shape (python3 with torch)"
+  "model-bench:45:bench --model small --device cuda, bf16 with --profile, then fp32"
+  "compare:75:compare --device cuda: full, LoRA and QLoRA on the built-in model (the main job)"
+  "generate:20:generate --device cuda with the LoRA adapter compare trained (KV cache), and without it"
+  "bnb:15:bnb_crosscheck.py: our 4-bit files against bitsandbytes' (python3 with torch, safetensors, bitsandbytes)"
+  "peft:35:peft_crosscheck.py: our adapters and merges in transformers + PEFT and theirs here (python3 with torch, transformers, peft)"
+)
+
+gc_headline() { printf '%s' "$*" | tr -d '\000-\037' | head -c 400 > "$GC_DIR/$GC_SECTION.headline"; }
+gc_skip() { gc_headline "$*"; echo "skipped: $*"; return $GC_SKIP; }
+# Cells of a Spectre table row (split on │, trimmed), for headlines: gc_cells FILE AWK-CONDITION 'print ...'
+gc_cells() { awk -F'│|[|]' "{ for (i = 1; i <= NF; i++) gsub(/^ +| +\$/, \"\", \$i) } $2 { $3; exit }" "$1"; }
+
+gc_env() {
+  local rc=0 gpu
+  if gpu="$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"; then
+    echo "$gpu"
+  else
+    echo "nvidia-smi not available: $gpu"; gpu="no GPU: nvidia-smi not available"; rc=1
+  fi
+  ./NativePeft.Cli info 2>&1 || rc=1
+  gc_headline "$(echo "$gpu" | head -1)"
+  return $rc
+}
+
+# The CUDA-dependent tests (the fixtures run as "cuda" and the Cuda namespace; the filter is case-sensitive; CPU and emulator tests are CI's,
+# and the whole suite does not fit the budget); GPU_CHECK_TESTS_FILTER="" runs every test, another value that filter.
+gc_tests() {
+  local log="$GC_DIR/tests.txt" rc line cuda stop filter="${GPU_CHECK_TESTS_FILTER-FullyQualifiedName~cuda|FullyQualifiedName~Cuda}" args=()
+  [ -n "$filter" ] && args+=(--filter "$filter")
+  # The test runner's own --timeout, 30 s before the section's limit, still writes the TRX of what ran.
+  stop=$(( ${GC_LIMIT:-0} - 30 ))
+  [ "$stop" -ge 30 ] && args+=(--timeout "${stop}s")
+  echo "test filter: ${filter:-none (every test)}"
+  run_tests ./NativePeft.Tests "${args[@]}" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  line="$(summarize_trx "$ROOT/build/test-results/tests.trx" 0 2>/dev/null | tail -1)"
+  cuda="$(grep -E '^  skipped: [0-9]+ tests: .*CUDA' "$log" | awk '{ n += $2 } END { print n + 0 }')"
+  [ "$cuda" = 0 ] && cuda="" || cuda="; $cuda of them skipped for want of a CUDA device"
+  # on a machine whose GPU nvidia-smi sees, a test skipped for want of a CUDA device is a failure (driver, cuBLAS, kernels)
+  if [ -n "$cuda" ] && nvidia-smi -L >/dev/null 2>&1; then
+    gc_headline "${line}${cuda} although nvidia-smi lists a GPU"
+    return 1
+  fi
+  if grep -q "Canceling the test session" "$log"; then
+    gc_headline "stopped by the runner's --timeout ${stop}s: ${line} before that${cuda}"
+    return 124
+  fi
+  gc_headline "${line:-no TRX}${filter:+ ($filter)}${cuda}"
+  return $rc
+}
+
+gc_kernel_bench() {
+  local log="$GC_DIR/kernel-bench.txt" rc copy deq
+  ./NativePeft.Cli bench --device cuda 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  copy="$(gc_cells "$log" '$2 ~ /^copy bf16/' 'print $5')"
+  deq="$(gc_cells "$log" '$2 == "dequantize_4bit_nf4_bf16"' 'print $5 " GB/s (" $6 " of copy)"')"
+  [ -n "$copy" ] && gc_headline "copy ${copy} GB/s; dequantize nf4→bf16 ${deq:-?}"
+  return $rc
+}
+
+gc_attention() {
+  local log="$GC_DIR/attention.txt" rc fwd dec
+  rm -f "$GC_DIR/attention-ours.json"
+  ./NativePeft.Cli bench --op attention --device cuda --json "$GC_DIR/attention-ours.json" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  # the prefill table comes first, then the decode table (B, KV T, Hq/Hkv/D, ms, K+V MiB, GB/s, of copy)
+  fwd="$(gc_cells "$log" '$2 == "1" && $3 == "4096"' 'print "fwd " $6 ", bwd " $8 " TFLOP/s"')"
+  sed -n '/^ *decode: one query row/,$p' "$log" > "$log.decode"
+  dec="$(gc_cells "$log.decode" '$2 == "8" && $3 == "4096"' 'print $7 " GB/s = " $8 " of copy"')"
+  [ -n "$fwd" ] && gc_headline "B=1 T=4096: $fwd; decode B=8: ${dec:-?}"
+  return $rc
+}
+
+gc_attention_sdpa() {
+  local log="$GC_DIR/attention-sdpa.txt" ours="$GC_DIR/attention-ours.json" rc args head
+  have python3 || { gc_skip "python3 not found"; return; }
+  python3 -c "import torch" 2>/dev/null || { gc_skip "torch not installed"; return; }
+  args=(--out "$GC_DIR/attention-sdpa.json")
+  [ -s "$ours" ] && args+=(--ours "$ours") || echo "no figures of ours (the attention section did not finish): SDPA alone, default shapes"
+  python3 ./attn_peer.py "${args[@]}" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  head="$(sed -n 's/^headline: //p' "$log" | tail -1)"
+  [ -z "$head" ] && head="SDPA $(grep -m1 '^prefill B=1 T=4096 ' "$log" | sed 's/^prefill //')"
+  gc_headline "$head"
+  return $rc
+}
+
+gc_model_bench() {
+  local log="$GC_DIR/model-bench.txt" rc=0 head="" p r
+  for p in bf16 fp32; do
+    local extra=(); [ $p = bf16 ] && extra=(--profile)
+    ./NativePeft.Cli bench --model small --device cuda --precision $p "${extra[@]}" 2>&1 | tee "$log.$p"; r=${PIPESTATUS[0]}
+    [ "$r" = 0 ] || { echo "model bench ($p) failed"; rc=$r; }
+    local ms; ms="$(awk -F'│|[|]' '{ for (i = 1; i <= NF; i++) gsub(/^ +| +$/, "", $i) }
+                 $2 ~ /^(full|lora|qlora)/ { split($2, m, " "); s = s (s ? ", " : "") m[1] " " $3 } END { if (s) print s " ms/step" }' "$log.$p")"
+    [ -n "$ms" ] && head+="$p: $ms; "
+  done
+  [ -n "$head" ] && gc_headline "${head%; }"
+  return $rc
+}
+
+gc_compare() {
+  local log="$GC_DIR/compare.txt" rc
+  rm -rf build/compare-cuda
+  ./NativePeft.Cli compare --device cuda --out build/compare-cuda 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  gc_headline "$(awk '/ done in / { s = s (s ? ", " : "") $1 " " $4 " s" } END { print s ? "trained: " s : "" }' "$log")"
+  return $rc
+}
+
+gc_generate() {
+  local log="$GC_DIR/generate.txt" rc=0 r adapter=build/compare-cuda/lora/adapter
+  : > "$log"
+  if [ -d "$adapter" ]; then
+    ./NativePeft.Cli generate --device cuda --adapter "$adapter" --prompt $'upper: ajjgi\n' --max-tokens 12 2>&1 | tee -a "$log"
+    r=${PIPESTATUS[0]}; [ "$r" = 0 ] || { echo "generate with the adapter failed"; rc=$r; }
+  else
+    echo "with the adapter: not run, compare left no $adapter"
+  fi
+  ./NativePeft.Cli generate --device cuda --prompt $'upper: ajjgi\n' --max-tokens 12 2>&1 | tee -a "$log"
+  r=${PIPESTATUS[0]}; [ "$r" = 0 ] || { echo "generate without an adapter failed"; rc=$r; }
+  local stats; stats="$(grep '^-- ' "$log" | sed 's/^-- //; s/, KV cache.*//' | paste -sd ';' -)"
+  [ -d "$adapter" ] || stats="${stats:+$stats; }no adapter run: compare left none"
+  gc_headline "$stats"
+  return $rc
+}
+
+gc_bnb() {
+  local log="$GC_DIR/bnb.txt" rc
+  python3 -c "import torch, safetensors, bitsandbytes" 2>/dev/null || { gc_skip "python3 with torch, safetensors and bitsandbytes not found"; return; }
+  python3 ./bnb_crosscheck.py "$PWD/NativePeft.Cli" "$PWD/build/bnb-crosscheck" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  gc_headline "$(grep -c '^PASS' "$log") PASS, $(grep -c '^FAIL' "$log") FAIL"
+  return $rc
+}
+
+gc_peft() {
+  local log="$GC_DIR/peft.txt" rc
+  python3 -c "import torch, transformers, peft, safetensors" 2>/dev/null || { gc_skip "python3 with torch, transformers, peft and safetensors not found"; return; }
+  rm -rf build/peft-crosscheck
+  python3 ./peft_crosscheck.py "$PWD/NativePeft.Cli" "$PWD/builtin-model" "$PWD/build/peft-crosscheck" cuda 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  gc_headline "$(grep -c '^PASS' "$log") PASS, $(grep -c '^FAIL' "$log") FAIL"
+  return $rc
+}
+
+gc_now_ms() { date +%s%3N; }
+gc_json_str() { local s="$1"; s="${s//\\/\\\\}"; s="${s//\"/\\\"}"; printf '"%s"' "$s"; }
+
+# Runs the sections of GPU_SECTIONS (those named in GC_ONLY when set) and writes the summary; the exit status is 1
+# when a section failed or timed out (a skip is not a failure).
+gc_run_all() {
+  local budget="$1" t0 deadline entry name limit what fn rc status secs headline now remaining bad=0
+  local results=()
+  t0=$(gc_now_ms); deadline=$(( t0 + budget * 1000 ))
+  export -f $(compgen -A function)
+  export ROOT CONFIG TFM GC_DIR GC_SKIP
+  for entry in "${GPU_SECTIONS[@]}"; do
+    name="${entry%%:*}"; limit="${entry#*:}"; what="${limit#*:}"; limit="${limit%%:*}"
+    if [ -n "${GC_ONLY:-}" ] && [[ ",$GC_ONLY," != *",$name,"* ]]; then continue; fi
+    fn="gc_${name//-/_}"
+    now=$(gc_now_ms); remaining=$(( (deadline - now) / 1000 ))
+    if [ "$remaining" -lt "$limit" ]; then limit=$remaining; fi   # no section runs past the budget
+    rm -f "$GC_DIR/$name.headline"
+    echo
+    echo "## $name (limit ${limit} s): $what"
+    if [ "$remaining" -lt 5 ]; then
+      status="skipped"; secs="0.0"; headline="only ${remaining} s of the ${budget} s budget left"
+      echo "skipped: $headline"
+    else
+      local s0; s0=$(gc_now_ms)
+      GC_SECTION="$name" GC_LIMIT="$limit" timeout -k 5 "$limit" bash -c "set -uo pipefail; $fn" </dev/null 2>&1 | tee "$GC_DIR/$name.log"
+      rc=${PIPESTATUS[0]}
+      secs="$(awk -v ms=$(( $(gc_now_ms) - s0 )) 'BEGIN { printf "%.1f", ms / 1000 }')"
+      headline="$(cat "$GC_DIR/$name.headline" 2>/dev/null || true)"
+      case "$rc" in
+        0) status="passed" ;;
+        "$GC_SKIP") status="skipped" ;;
+        124|137) status="timed out"; bad=1
+           # killed by timeout at the limit, or stopped earlier by its own clock (the test runner's --timeout)
+           if [ "${secs%.*}" -ge "$limit" ]; then headline="killed at its ${limit} s limit${headline:+; before that: $headline}"; fi ;;
+        *) status="failed"; bad=1
+           # no headline of its own: the section's last error line (or last line) says why
+           # the section's last error line (or, with no headline, its last line) says why
+           local why; why="$( (grep -E '^(error|Error|FAIL)' "$GC_DIR/$name.log" || { [ -z "$headline" ] && grep -v '^ *$' "$GC_DIR/$name.log"; }) | tail -1 | tr -d '\000-\037' | head -c 300)"
+           [ -n "$why" ] && [[ "$headline" != *"$why"* ]] && headline="${headline:+$headline; }$why"
+           headline="exit $rc${headline:+; $headline}" ;;
+      esac
+    fi
+    echo "-- $name: $status in $secs s${headline:+: $headline}"
+    results+=("$name"$'\t'"$status"$'\t'"$secs"$'\t'"$limit"$'\t'"$headline")
+  done
+  local total; total="$(awk -v ms=$(( $(gc_now_ms) - t0 )) 'BEGIN { printf "%.1f", ms / 1000 }')"
+  # The summary: a table here and in gpu-check-results.md, the same rows in gpu-check-results.json.
+  {
+    echo "# gpu-check summary"
+    echo
+    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname); $total s of the $budget s budget; overall: $([ $bad = 0 ] && echo passed || echo FAILED)"
+    echo
+    echo "| section | status | seconds | limit | headline |"
+    echo "|---|---|---:|---:|---|"
+    local row f
+    for row in "${results[@]}"; do
+      IFS=$'\t' read -r -a f <<< "$row"
+      echo "| ${f[0]} | ${f[1]} | ${f[2]} | ${f[3]} | ${f[4]//|/\\|} |"
+    done
+  } > gpu-check-results.md
+  {
+    printf '{\n  "date": %s,\n  "host": %s,\n  "budget_s": %s,\n  "total_s": %s,\n  "passed": %s,\n  "sections": [\n' \
+      "$(gc_json_str "$(date -u +%Y-%m-%dT%H:%M:%SZ)")" "$(gc_json_str "$(hostname)")" "$budget" "$total" "$([ $bad = 0 ] && echo true || echo false)"
+    local i=0 n=${#results[@]}
+    for row in "${results[@]}"; do
+      IFS=$'\t' read -r -a f <<< "$row"
+      i=$((i + 1))
+      printf '    {"section": %s, "status": %s, "seconds": %s, "limit_s": %s, "headline": %s}%s\n' \
+        "$(gc_json_str "${f[0]}")" "$(gc_json_str "${f[1]}")" "${f[2]}" "${f[3]}" "$(gc_json_str "${f[4]:-}")" "$([ $i -lt $n ] && echo ,)"
+    done
+    printf '  ]\n}\n'
+  } > gpu-check-results.json
+  echo
+  cat gpu-check-results.md
+  return $bad
+}
+
+gc_plan() {
+  local entry name limit what sum=0
+  echo "gpu-check plan: ${#GPU_SECTIONS[@]} sections, each under its own limit, within a ${GPU_CHECK_BUDGET} s budget"
+  for entry in "${GPU_SECTIONS[@]}"; do
+    name="${entry%%:*}"; limit="${entry#*:}"; what="${limit#*:}"; limit="${limit%%:*}"
+    if [ -n "${GC_ONLY:-}" ] && [[ ",$GC_ONLY," != *",$name,"* ]]; then continue; fi
+    sum=$((sum + limit))
+    printf '  %-15s %4s s  %s\n' "$name" "$limit" "$what"
+  done
+  echo "  limits add up to $sum s"
+  echo "here: nvidia-smi $(have nvidia-smi && echo found || echo 'not found'); python3 $(have python3 && echo found || echo 'not found');" \
+       "torch $(python3 -c 'import torch' 2>/dev/null && echo installed || echo 'not installed: the SDPA section will skip');" \
+       "bundle $([ -x ./NativePeft.Tests ] && echo 'here' || echo 'not here (run it inside the unpacked bundle)')"
+  echo "results: the log (gpu-results.txt), gpu-check-results.md and gpu-check-results.json in $PWD"
+}
+
 cmd_gpu_check() {
-  [ -x ./NativePeft.Tests ] || die "gpu-check runs inside an unpacked bundle (./build.sh gpu-bundle makes one)"
-  local out="${1:-gpu-results.txt}" status="$PWD/build/gpu-check-status"
-  mkdir -p build
+  local out="gpu-results.txt" dry=0
+  GC_ONLY=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --dry-run) dry=1 ;;
+      --only) shift; GC_ONLY="${1:-}" ;;
+      --only=*) GC_ONLY="${1#--only=}" ;;
+      -*) die "gpu-check: unknown option $1 (options: --dry-run, --only s1,s2, and the log file name)" ;;
+      *) out="$1" ;;
+    esac
+    shift
+  done
+  if [ $dry = 1 ]; then gc_plan; return 0; fi
+  [ -x ./NativePeft.Tests ] || die "gpu-check runs inside an unpacked bundle (./build.sh gpu-bundle makes one); --dry-run prints the plan"
+  GC_DIR="$PWD/build/gpu-check"
+  rm -rf "$GC_DIR"; mkdir -p "$GC_DIR"
+  local status="$GC_DIR/overall-status"
   {
     echo "# NativePeft gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
-    echo "## nvidia-smi"; (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 || echo "nvidia-smi not available")
-    echo "## nativepeft info"; ./NativePeft.Cli info 2>&1
-    echo "## tests"
-    if run_tests ./NativePeft.Tests; then echo 0 > "$status"; else echo 1 > "$status"; fi
-    echo "## kernel benchmarks"
-    # gpu-check is for GPU machines: no CUDA device (or a failing benchmark) fails it, even if the tests passed.
-    timeout 300 ./NativePeft.Cli bench --device cuda 2>&1 || { echo "bench failed: no CUDA device or a kernel error"; echo 1 > "$status"; }
-    echo "## training step of a random Llama (full, LoRA, QLoRA) on CUDA: bf16 mixed precision, then fp32"
-    timeout 200 ./NativePeft.Cli bench --model small --device cuda --precision bf16 --profile 2>&1 || { echo "model bench (bf16) failed"; echo 1 > "$status"; }
-    timeout 200 ./NativePeft.Cli bench --model small --device cuda --precision fp32 2>&1 || { echo "model bench (fp32) failed"; echo 1 > "$status"; }
-    echo "## compare on CUDA (the main job: full, LoRA, QLoRA on the built-in model; bf16 mixed precision; the memory pool)"
-    rm -rf build/compare-cuda
-    timeout 600 ./NativePeft.Cli compare --device cuda --out build/compare-cuda 2>&1 || { echo "compare on CUDA failed"; echo 1 > "$status"; }
-    echo "## generate on CUDA with the LoRA adapter compare trained (KV cache), and without it"
-    for adapter in build/compare-cuda/lora/adapter ""; do
-      timeout 60 ./NativePeft.Cli generate --device cuda ${adapter:+--adapter "$adapter"} --prompt $'upper: ajjgi\n' --max-tokens 12 2>&1 \
-        || { echo "generate failed"; echo 1 > "$status"; }
-    done
-    echo "## bitsandbytes cross-check (same bytes both ways)"
-    if python3 -c "import torch, safetensors, bitsandbytes" 2>/dev/null; then
-      timeout 300 python3 ./bnb_crosscheck.py "$PWD/NativePeft.Cli" "$PWD/build/bnb-crosscheck" 2>&1 || echo 1 > "$status"
-    else
-      echo "skipped: python3 with torch, safetensors and bitsandbytes not found"
-    fi
-    echo "## transformers + PEFT cross-check (our adapters, merges and forward there; PEFT's adapters here)"
-    if python3 -c "import torch, transformers, peft, safetensors" 2>/dev/null; then
-      rm -rf build/peft-crosscheck
-      timeout 600 python3 ./peft_crosscheck.py "$PWD/NativePeft.Cli" "$PWD/builtin-model" "$PWD/build/peft-crosscheck" cuda 2>&1 || echo 1 > "$status"
-    else
-      echo "skipped: python3 with torch, transformers, peft and safetensors not found"
-    fi
+    gc_plan
+    if gc_run_all "$GPU_CHECK_BUDGET"; then echo 0 > "$status"; else echo 1 > "$status"; fi
   } 2>&1 | tee "$out"
-  echo "results written to $PWD/$out"
+  echo "results: $PWD/$out (everything), $PWD/gpu-check-results.md and .json (the summary)"
   [ "$(cat "$status" 2>/dev/null)" = 0 ]
+}
+
+# The runner on fake sections: one passes, one fails, one skips, one stops itself with 124 (the test runner's own
+# --timeout), one sleeps past its limit (its child must die with it),
+# one comes after the budget is spent. Checks the statuses, the timings and both results files.
+cmd_gpu_check_selftest() {
+  local dir fails=0 t0 elapsed rc
+  dir="$(mktemp -d)"; cd "$dir"
+  GC_DIR="$dir/build/gpu-check"; mkdir -p "$GC_DIR"
+  GC_ONLY=""
+  local marker="61.$$"
+  gc_fake_pass() { echo "fake output"; gc_headline "42 widgets/s"; }
+  gc_fake_fail() { echo "fake failure"; gc_headline "1 passed, 1 failed, 0 skipped"; return 3; }
+  gc_fake_skip() { gc_skip "torch not installed"; }
+  gc_fake_stopped() { gc_headline "stopped by its own --timeout: 5 passed before that"; return 124; }
+  gc_fake_sleep() { gc_headline "started"; sleep "$GC_MARKER"; gc_headline "finished"; }
+  gc_fake_late() { gc_headline "ran"; }
+  export GC_MARKER="$marker"
+  GPU_SECTIONS=("fake-pass:5:passes" "fake-fail:5:fails with exit 3" "fake-skip:5:skips" "fake-stopped:5:stops itself with 124"
+                "fake-sleep:3:sleeps ${marker} s, past its 3 s limit"
+                "fake-late:30:comes after the budget is spent")
+  t0=$(gc_now_ms)
+  rc=0
+  gc_run_all 8 > "$dir/log.txt" 2>&1 || rc=$?
+  elapsed=$(( $(gc_now_ms) - t0 ))
+  cat "$dir/log.txt"
+  check() { if eval "$2"; then echo "ok: $1"; else echo "FAILED: $1"; fails=$((fails + 1)); fi; }
+  check "exit status 1 (a section failed)" '[ $rc = 1 ]'
+  check "finished within 20 s (the sleeping section killed at 3 s)" '[ $elapsed -lt 20000 ]'
+  gone() { local i; for i in 1 2 3 4 5 6 7 8 9 10; do pgrep -f "sleep $marker" >/dev/null || return 0; sleep 0.3; done; return 1; }
+  check "the sleeping child process was killed with its section" gone
+  check "fake-pass passed with its headline" 'grep -q "^| fake-pass | passed | [0-9.]* | 5 | 42 widgets/s |$" gpu-check-results.md'
+  check "fake-fail failed with its exit code" 'grep -q "^| fake-fail | failed | .* | exit 3; 1 passed, 1 failed, 0 skipped |$" gpu-check-results.md'
+  check "fake-skip skipped with the reason" 'grep -q "^| fake-skip | skipped | .* | torch not installed |$" gpu-check-results.md'
+  check "fake-stopped timed out by its own clock, its headline as it is" 'grep -q "^| fake-stopped | timed out | [0-9.]* | 5 | stopped by its own --timeout: 5 passed before that |$" gpu-check-results.md'
+  check "fake-sleep timed out, its partial headline kept" 'grep -q "^| fake-sleep | timed out | [0-9.]* | 3 | killed at its 3 s limit; before that: started |$" gpu-check-results.md'
+  check "fake-late skipped: the budget was spent" 'grep -q "^| fake-late | skipped | 0.0 | .* | only -\?[0-9]* s of the 8 s budget left |$" gpu-check-results.md'
+  check "the summary was printed" 'grep -q "^# gpu-check summary" log.txt && grep -q "overall: FAILED" log.txt'
+  check "the JSON has the six sections" '[ $(grep -c "\"section\": " gpu-check-results.json) = 6 ] && grep -q "\"status\": \"timed out\"" gpu-check-results.json'
+  if have python3; then check "the JSON parses" 'python3 -c "import json,sys; json.load(open(\"gpu-check-results.json\"))"'; fi
+  cd / && rm -rf "$dir"
+  if [ $fails = 0 ]; then echo "gpu-check self-test: passed"; else echo "gpu-check self-test: $fails check(s) failed"; return 1; fi
 }
 
 case "${1:-}" in
@@ -262,5 +549,6 @@ case "${1:-}" in
   build) shift; build_all ;;
   gpu-bundle) shift; cmd_gpu_bundle ;;
   gpu-check) shift; ROOT="$PWD"; cmd_gpu_check "$@" ;;
-  *) echo "usage: ./build.sh run | test | build | gpu-bundle | gpu-check" >&2; exit 2 ;;
+  gpu-check-selftest) shift; cmd_gpu_check_selftest ;;
+  *) echo "usage: ./build.sh run | test | build | gpu-bundle | gpu-check [--dry-run] [--only s1,s2] | gpu-check-selftest" >&2; exit 2 ;;
 esac

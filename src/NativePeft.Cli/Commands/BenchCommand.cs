@@ -12,6 +12,7 @@ namespace NativePeft.Cli.Commands;
 /// <summary>
 /// `nativepeft bench`: the 4-bit kernels' throughput on one device, each against the limit measured in the same
 /// run: a device-to-device copy of the bf16 tensor (the memory-bandwidth ceiling those kernels work under).
+/// `--op attention`: causal GQA attention forward, backward and decode instead (<see cref="AttentionBench"/>).
 /// </summary>
 public static class BenchCommand
 {
@@ -24,17 +25,55 @@ public static class BenchCommand
     {
         var device = DeviceOption.Create("auto", "auto|cuda|emulator, or cpu for the C# reference");
         var elements = new Option<long>("--elements") { Description = "tensor size (default: 64M on CUDA, 16M on CPU, 4M on the emulator)" };
-        var json = new Option<bool>("--json") { Description = "print the rows as JSON" };
+        var json = new Option<string>("--json")
+        {
+            Description = "print the rows as JSON; with FILE, write them there (--op attention: and print the table)",
+            HelpName = "FILE",
+            Arity = ArgumentArity.ZeroOrOne,
+        };
+        var op = new Option<string>("--op")
+        {
+            Description = "kernels: the 4-bit kernels and transformer ops; attention: causal GQA attention forward, backward and decode",
+            DefaultValueFactory = _ => "kernels",
+            HelpName = "kernels|attention",
+        };
+        op.Validators.Add(r =>
+        {
+            if (r.Tokens.Count > 0 && r.Tokens[^1].Value is not ("kernels" or "attention"))
+                r.AddError($"--op {r.Tokens[^1].Value}: expected kernels or attention");
+        });
+        var seq = new Option<int[]>("--seq") { Description = "--op attention: sequence length(s) instead of the defaults", AllowMultipleArgumentsPerToken = true };
+        var batch = new Option<int[]>("--batch") { Description = "--op attention: batch size(s) instead of the defaults", AllowMultipleArgumentsPerToken = true };
+        var heads = new Option<int?>("--heads") { Description = "--op attention: query heads (default 32 on CUDA, 4 elsewhere)" };
+        var kvHeads = new Option<int?>("--kv-heads") { Description = "--op attention: key/value heads (default 8 on CUDA, 1 elsewhere)" };
+        var headDim = new Option<int?>("--head-dim") { Description = "--op attention: head dimension (default 128)" };
         var model = new Option<string>("--model") { Description = "instead of the kernels, time a training step (forward + backward) of a random Llama: tiny or small" };
         model.AcceptOnlyFromAmong("tiny", "small");
         var precision = DeviceOption.CreatePrecision();
         var profile = new Option<bool>("--profile") { Description = "with --model: also print where one step's time goes, by op" };
-        var cmd = new Command("bench", "Benchmark the 4-bit kernels against a copy of the same bytes, or a model's training step") { device, elements, json, model, profile, precision };
+        var cmd = new Command("bench", "Benchmark the 4-bit kernels against a copy of the same bytes, attention (--op attention), or a model's training step")
+        {
+            device, elements, json, op, seq, batch, heads, kvHeads, headDim, model, profile, precision,
+        };
         cmd.SetAction(parse =>
         {
             var deviceName = parse.GetValue(device)!;
+            bool jsonRequested = parse.GetResult(json) is { Implicit: false };
+            string? jsonFile = parse.GetValue(json) is { Length: > 0 } f ? f : null;
+            bool attention = parse.GetValue(op) == "attention";
+            foreach (var shapeOption in new Option[] { seq, batch, heads, kvHeads, headDim })
+                if (!attention && parse.GetResult(shapeOption) is { Implicit: false })
+                    throw new CliException($"{shapeOption.Name}: only with --op attention", 2);
+            if (attention)
+            {
+                if (parse.GetValue(model) is not null) throw new CliException("--model: not with --op attention (a training step is its own benchmark)", 2);
+                return AttentionBench.Run(stdout, deviceName,
+                    new AttentionBench.Overrides(NullIfEmpty(parse.GetValue(seq)), NullIfEmpty(parse.GetValue(batch)), parse.GetValue(heads), parse.GetValue(kvHeads), parse.GetValue(headDim)),
+                    jsonRequested, jsonFile);
+            }
+            if (jsonFile is not null) throw new CliException($"--json {jsonFile}: a file only with --op attention (print with --json alone)", 2);
             if (parse.GetValue(model) is { } size)
-                return ModelBench.Run(stdout, deviceName, size, parse.GetValue(json), parse.GetValue(profile), parse.GetValue(precision)!);
+                return ModelBench.Run(stdout, deviceName, size, jsonRequested, parse.GetValue(profile), parse.GetValue(precision)!);
             long n = parse.GetValue(elements);
             List<Row> rows;
             List<OpRow> opRows = [];
@@ -53,7 +92,7 @@ public static class BenchCommand
                 opRows = RunTransformerOps(gpu, rows[0].GBps);
                 where = gpu.Properties.Name;
             }
-            if (parse.GetValue(json))
+            if (jsonRequested)
             {
                 stdout.WriteLine(JsonSerializer.Serialize(new { device = where, elements = n, rows, transformer_ops = opRows },
                     new JsonSerializerOptions { WriteIndented = true, PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower }));
@@ -79,6 +118,8 @@ public static class BenchCommand
         });
         return cmd;
     }
+
+    private static int[]? NullIfEmpty(int[]? values) => values is { Length: > 0 } ? values : null;
 
     /// <summary>
     /// The model's ops through GpuOps at a Llama-like layer shape (CUDA: tokens 4096, hidden 4096, 32/8 heads of 128;

@@ -1,0 +1,64 @@
+using System.Diagnostics;
+using System.Text.RegularExpressions;
+using NUnit.Framework;
+
+namespace NativePeft.Tests.Cli;
+
+/// <summary>
+/// build.sh's gpu-check runner, which only a GPU machine runs for real: its self-test (fake sections that pass, fail,
+/// skip, sleep past their limit, and come after the budget) and its plan (every limit within the 8-minute budget).
+/// Runs from the repository (build.sh five folders up) or from an unpacked bundle (build.sh next to the tests).
+/// </summary>
+public class GpuCheckScriptTests
+{
+    private static string BuildScript()
+    {
+        if (OperatingSystem.IsWindows()) Assert.Ignore("build.sh is bash: Linux only (build.ps1 has no gpu-check)");
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+        {
+            string candidate = Path.Combine(dir.FullName, "build.sh");
+            if (File.Exists(candidate)) return candidate;
+        }
+        Assert.Ignore("build.sh not found above " + AppContext.BaseDirectory);
+        return "";
+    }
+
+    private static (int ExitCode, string Output) Bash(string script, params string[] args)
+    {
+        var psi = new ProcessStartInfo("bash") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false,
+            WorkingDirectory = Path.GetDirectoryName(script)! };
+        psi.ArgumentList.Add(script);
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        if (!p.WaitForExit(TimeSpan.FromSeconds(90)))
+        {
+            p.Kill(entireProcessTree: true);
+            Assert.Fail($"bash {script} {string.Join(' ', args)} did not finish in 90 s");
+        }
+        return (p.ExitCode, stdout.Result + stderr.Result);
+    }
+
+    [Test]
+    public void TheRunnerTimesOutFailsAndSkipsSectionsAndStillWritesTheSummary()
+    {
+        var (rc, output) = Bash(BuildScript(), "gpu-check-selftest");
+        Assert.That(rc, Is.EqualTo(0), output);
+        Assert.That(output, Does.Contain("gpu-check self-test: passed"), output);
+        Assert.That(output, Does.Contain("| fake-sleep | timed out |"), output);
+    }
+
+    [Test]
+    public void ThePlansLimitsFitTheEightMinuteBudget()
+    {
+        var (rc, output) = Bash(BuildScript(), "gpu-check", "--dry-run");
+        Assert.That(rc, Is.EqualTo(0), output);
+        var sum = Regex.Match(output, @"limits add up to (\d+) s");
+        Assert.That(sum.Success, Is.True, output);
+        Assert.That(int.Parse(sum.Groups[1].Value), Is.LessThanOrEqualTo(480), output);
+        var limits = Regex.Matches(output, @"^  (\S+) +(\d+) s  ", RegexOptions.Multiline).Select(m => (m.Groups[1].Value, int.Parse(m.Groups[2].Value))).ToList();
+        Assert.That(limits.Select(l => l.Item1), Is.SupersetOf(new[] { "tests", "kernel-bench", "attention", "attention-sdpa", "compare", "peft" }), output);
+        Assert.That(limits.Sum(l => l.Item2), Is.EqualTo(int.Parse(sum.Groups[1].Value)), output);
+    }
+}
