@@ -273,7 +273,10 @@ gc_tests() {
   stop=$(( ${GC_LIMIT:-0} - 30 ))
   [ "$stop" -ge 30 ] && args+=(--timeout "${stop}s")
   echo "test filter: ${filter:-none (every test)}"
-  run_tests ./NativePeft.Tests "${args[@]}" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  # Where nvidia-smi sees a GPU, an unavailable CUDA device or cuBLAS fails each CUDA test with its reason (no skips).
+  local require=0
+  nvidia-smi -L >/dev/null 2>&1 && require=1
+  NATIVEPEFT_REQUIRE_CUDA=$require run_tests ./NativePeft.Tests "${args[@]}" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
   line="$(summarize_trx "$ROOT/build/test-results/tests.trx" 0 2>/dev/null | tail -1)"
   cuda="$(grep -E '^  skipped: [0-9]+ tests: .*CUDA' "$log" | awk '{ n += $2 } END { print n + 0 }')"
   [ "$cuda" = 0 ] && cuda="" || cuda="; $cuda of them skipped for want of a CUDA device"
