@@ -159,8 +159,8 @@ internal static class AttentionBench
         var console = Output.Console(stdout);
         string forwardPath = tensorCores switch
         {
-            true => "forward on the tensor-core kernels (kernels/attention_tc*.cu)",
-            false => "forward on the fp32-arithmetic kernels (kernels/attention.cu)",
+            true => "forward, backward and decode on the tensor-core kernels (kernels/attention_tc*.cu, attention_decode.cu)",
+            false => "forward, backward and decode on the fp32-arithmetic kernels (kernels/attention.cu)",
             null => "C# reference (AttentionRef), fp32",
         };
         stdout.WriteLine($"causal GQA attention, {r.DType}, on {r.Device}: {forwardPath}");
@@ -184,7 +184,7 @@ internal static class AttentionBench
             dec.AddRow(d.Batch.ToString(), d.KvLen.ToString(), $"{d.HeadsQ}/{d.HeadsKv}/{d.HeadDim}", d.Ms.ToString("0.0000"),
                 (d.KvBytes / (1 << 20)).ToString("0.00"), Rate(d.GBps), d.OfCopy >= 0.01 ? d.OfCopy.ToString("P0") : d.OfCopy.ToString("P3"));
         console.Write(dec);
-        stdout.WriteLine($"decode: ForwardCached with queryLen 1 (lse not written); copy = a device-to-device copy in this run, read + write bytes counted");
+        stdout.WriteLine($"decode: ForwardCached with queryLen 1 (lse not written) and a split-KV workspace; copy = a device-to-device copy in this run, read + write bytes counted");
         stdout.WriteLine(FlopConvention);
         stdout.WriteLine("timing: " + r.Timing);
         foreach (var n in r.Notes) stdout.WriteLine("note: " + n);
@@ -287,10 +287,18 @@ internal static class AttentionBench
                     ks[c] = Alloc(kvn * 2); vs[c] = Alloc(kvn * 2);
                     gpu.CopyToDevice<BFloat16>(hostK, ks[c]); gpu.CopyToDevice<BFloat16>(hostV, vs[c]);
                 }
+                // A workspace for the split-KV decode (what generate lends it: the MLP's gate buffer), room for 64 splits;
+                // ForwardCached picks the splits (two CTAs per multiprocessor) when the shape allows it.
+                long wsBytes = 64 * GpuAttentionOps.DecodeWorkspaceBytesPerSplit(s.Batch, s.HeadsKv, s.HeadDim);
+                var ws = Alloc(wsBytes);
+                int splits = attention.UsesTensorCores(dt, s.HeadDim, q, ks[0], vs[0], o)
+                    ? attention.DecodeSplits(s.Batch, 1, s.Seq, s.HeadsQ, s.HeadsKv, s.HeadDim, ws, wsBytes) : 1;
+                notes.Add($"decode B={s.Batch} T={s.Seq}: " + (splits >= 2 ? $"split-KV, {splits} splits" : "one pass (no split)"));
                 int next = 0;
                 double ms = Time(() =>
                 {
-                    attention.ForwardCached(dt, q, ks[next], vs[next], o, DevicePtr.Null, s.Batch, 1, s.Seq, s.HeadsQ, s.HeadsKv, s.HeadDim);
+                    attention.ForwardCached(dt, q, ks[next], vs[next], o, DevicePtr.Null, s.Batch, 1, s.Seq, s.HeadsQ, s.HeadsKv, s.HeadDim,
+                        ws, wsBytes);
                     next = (next + 1) % copies;
                 }, gpu.Synchronize, minLoops, budget);
                 FreeAll();
