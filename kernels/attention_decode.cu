@@ -126,13 +126,13 @@ NP_UNROLL
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             const float base = mx == -INFINITY ? 0.0f : mx * sl2;
-            alpha[r] = m_row[r] == -INFINITY ? 0.0f : exp2f(m_row[r] * sl2 - base);
+            alpha[r] = m_row[r] == -INFINITY ? 0.0f : npmma::fast_exp2(m_row[r] * sl2 - base);
             m_row[r] = mx;
             float sum = 0.0f;
 NP_UNROLL
             for (int n = 0; n < 2; ++n)
             {
-                const float p0 = exp2f(s[n][2 * r] * sl2 - base), p1 = exp2f(s[n][2 * r + 1] * sl2 - base);
+                const float p0 = npmma::fast_exp2(s[n][2 * r] * sl2 - base), p1 = npmma::fast_exp2(s[n][2 * r + 1] * sl2 - base);
                 s[n][2 * r] = p0;
                 s[n][2 * r + 1] = p1;
                 sum += p0 + p1;
@@ -154,6 +154,7 @@ NP_UNROLL
         __syncthreads();  // every warp is done with buffer buf before tile j + 2 is loaded into it
     }
     npmma::cp_async_wait<0>();
+    __syncthreads();  // every thread's copies have landed before the merge's writes alias the tiles
 
     // Merge the 4 warps: each writes m, l (reduced over its 4 lanes) and O for the 16 rows.
     float* sM = reinterpret_cast<float*>(smem);  // [4][16] (K/V/Q are no longer read: last barrier above)
@@ -192,7 +193,7 @@ NP_UNROLL
             for (int w = 0; w < 4; ++w)
             {
                 const float mw = sM[w * kRows + row];
-                const float f = mw == -INFINITY ? 0.0f : exp2f((mw - mx) * sl2);
+                const float f = mw == -INFINITY ? 0.0f : npmma::fast_exp2((mw - mx) * sl2);
                 l += f * sL[w * kRows + row];
                 acc += f * sO[((long long)w * kRows + row) * D + d];
             }

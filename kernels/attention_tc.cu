@@ -76,7 +76,8 @@ __device__ void fwd_body(const __nv_bfloat16* __restrict__ q, const __nv_bfloat1
     const int last_key = min(q0 + kBR, Tq) - 1 + off;
     const int nkt = last_key / kBC + 1;
     const int* pos_b = kPacked ? pos + (long long)b * Tk : nullptr;
-    const int first_start = pos_b != nullptr ? q0 + off - pos_b[q0 + off] : 0;
+    // max(0, .): a position larger than its index (invalid input, checked on the host) must not send cp.async before the row.
+    const int first_start = pos_b != nullptr ? max(0, q0 + off - pos_b[q0 + off]) : 0;
     const int last_start = pos_b != nullptr ? last_key - pos_b[last_key] : 0;  // the largest start of the tile
     const int j0 = first_start / kBC;
 
@@ -173,14 +174,14 @@ NP_UNROLL
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
             // A row that has seen no key yet keeps m = -inf; use 0 as the base so that p = 2^-inf = 0, not NaN.
             const float base = mx == -INFINITY ? 0.0f : mx * sl2;
-            alpha[r] = m_row[r] == -INFINITY ? 0.0f : exp2f(m_row[r] * sl2 - base);
+            alpha[r] = m_row[r] == -INFINITY ? 0.0f : npmma::fast_exp2(m_row[r] * sl2 - base);
             m_row[r] = mx;
             float sum = 0.0f;
 NP_UNROLL
             for (int n = 0; n < NT; ++n)
             {
-                const float p0 = exp2f(s[n][2 * r] * sl2 - base);
-                const float p1 = exp2f(s[n][2 * r + 1] * sl2 - base);
+                const float p0 = npmma::fast_exp2(s[n][2 * r] * sl2 - base);
+                const float p1 = npmma::fast_exp2(s[n][2 * r + 1] * sl2 - base);
                 s[n][2 * r] = p0;
                 s[n][2 * r + 1] = p1;
                 sum += p0 + p1;

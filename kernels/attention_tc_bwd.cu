@@ -177,7 +177,7 @@ NP_UNROLL
                 const int key = key_g + ((e >> 1) << 3);
                 // Queries past T have lse = +inf: p = 2^-inf = 0. Keys past the query or before its
                 // document start: p = 0.
-                const float p = key > q0 + qi || key < tS[qi] ? 0.0f : exp2f(st[n][e] * sl2 - tL[qi]);
+                const float p = key > q0 + qi || key < tS[qi] ? 0.0f : npmma::fast_exp2(st[n][e] * sl2 - tL[qi]);
                 st[n][e] = p;
                 dpt[n][e] = p * (dpt[n][e] - tD[qi]);
             }
@@ -254,7 +254,7 @@ __device__ void bwd_dq_body(const __nv_bfloat16* __restrict__ dout, const __nv_b
 
     // Key tiles j0 .. nkt - 1: j0 holds the document start of the first row (0 without positions).
     const int* pos_b = pos == nullptr ? nullptr : pos + (long long)b * T;
-    const int j0 = (pos_b != nullptr ? q0 - pos_b[q0] : 0) / kDqKeys;
+    const int j0 = (pos_b != nullptr ? max(0, q0 - pos_b[q0]) : 0) / kDqKeys;
 
     load_tile_async<D, kDqRows>(sQ, q + q_off, q_stride, q0, T);
     load_tile_async<D, kDqRows>(sO, dout + q_off, q_stride, q0, T);
@@ -342,7 +342,7 @@ NP_UNROLL
             {
                 const int r = e >> 1;
                 const int key = k0 + n * 8 + 2 * t + (e & 1);
-                const float p = key > row_g + 8 * r || key < row_start[r] ? 0.0f : exp2f(s[n][e] * sl2 - lse2[r]);
+                const float p = key > row_g + 8 * r || key < row_start[r] ? 0.0f : npmma::fast_exp2(s[n][e] * sl2 - lse2[r]);
                 s[n][e] = p * (dp[n][e] - dl[r]);
             }
 

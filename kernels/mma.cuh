@@ -19,6 +19,7 @@
 //   cp_async_commit()            cp.async.commit_group
 //   cp_async_wait<N>()           cp.async.wait_group N: all but the newest N committed groups are done.
 //   pack_bf16(lo, hi)            two floats rounded to bf16 (nearest even) in one register, lo in bits 0-15.
+//   fast_exp2(x)                 ex2.approx.ftz.f32 (the emulator: exp2f; the two differ by ~2^-22 relative).
 //
 // All mma/ldmatrix calls are warp collectives: every lane of the warp must call them convergently.
 #pragma once
@@ -83,10 +84,20 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
 {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// "memory" clobbers: no shared-memory access may be moved across a commit or a wait by the compiler.
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait()
 {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// 2^x by the SFU (MUFU.EX2, relative error about 2^-22, subnormal results flushed to 0): the softmax's exp, as
+// FlashAttention's (exp2f would add a range fix-up around each MUFU.EX2). -inf gives 0.
+__device__ __forceinline__ float fast_exp2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
 }
 
 #else  // the emulator
@@ -105,6 +116,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) { ::emu::cp_async_16(dst, src, src_bytes); }
 __device__ __forceinline__ void cp_async_commit() { ::emu::cp_async_commit(); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { ::emu::cp_async_wait(N); }
+__device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
 
 #endif
 

@@ -292,8 +292,8 @@ internal static class AttentionBench
                 long wsBytes = 64 * GpuAttentionOps.DecodeWorkspaceBytesPerSplit(s.Batch, s.HeadsKv, s.HeadDim);
                 var ws = Alloc(wsBytes);
                 int splits = attention.UsesTensorCores(dt, s.HeadDim, q, ks[0], vs[0], o)
-                    ? attention.DecodeSplits(s.Batch, 1, s.Seq, s.HeadsQ, s.HeadsKv, s.HeadDim, ws, wsBytes) : 1;
-                notes.Add($"decode B={s.Batch} T={s.Seq}: " + (splits >= 2 ? $"split-KV, {splits} splits" : "one pass (no split)"));
+                    ? attention.DecodeSplits(s.Batch, 1, s.Seq, s.HeadsQ, s.HeadsKv, s.HeadDim, ws, wsBytes) : 0;
+                notes.Add($"decode B={s.Batch} T={s.Seq}: " + (splits >= 1 ? $"split-KV decode kernel, {splits} split(s)" : "the forward kernel (no decode kernel for this shape)"));
                 int next = 0;
                 double ms = Time(() =>
                 {

@@ -203,7 +203,7 @@ public sealed class GpuAttentionOps
         if (UsesTensorCores(dtype, headDim, q, k, v, output))
         {
             int splits = DecodeSplits(batch, queryLen, keyLen, headsQ, headsKv, headDim, workspace, workspaceBytes);
-            if (splits >= 2)
+            if (splits >= 1)
                 LaunchDecode(q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim, splits, workspace);
             else
                 LaunchTcForward(q, k, v, output, lse, DevicePtr.Null, batch, queryLen, keyLen, headsQ, headsKv, headDim);
@@ -228,23 +228,25 @@ public sealed class GpuAttentionOps
     public static int DecodeSharedBytes(int headDim) => (DecodeRows + 4 * DecodeKeyTile) * headDim * 2;
 
     /// <summary>
-    /// How many key splits a cached forward runs with (flash-decoding), or 1 for the one-pass kernel: split-KV when the
-    /// group's query rows fit one mma tile ((Hq/Hkv)·queryLen ≤ 16), there are at least two key tiles, and the workspace
-    /// holds at least two splits; then enough splits for two CTAs per multiprocessor, each at least one key tile.
+    /// How many key splits a cached forward runs the decode kernel with (flash-decoding), or 0 for the 64-query-tile
+    /// forward kernel. The decode kernel runs whenever the group's query rows fit one mma tile ((Hq/Hkv)·queryLen ≤ 16)
+    /// and the workspace holds a split: it reads K and V once per kv head (the forward kernel once per query head,
+    /// with 1 useful row of 64). Splits: enough for two CTAs per multiprocessor, each at least one key tile, as many
+    /// as the workspace holds — 1 when the batch's kv heads alone fill the GPU.
     /// <paramref name="forceSplits"/> &gt; 0 overrides the heuristic (tests), still bounded by the tiles and the workspace.
     /// </summary>
     public int DecodeSplits(int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim,
                             DevicePtr workspace, long workspaceBytes, int forceSplits = 0)
     {
         if (workspace.IsNull || batch == 0 || headsQ / headsKv * queryLen > DecodeRows)
-            return 1;
+            return 0;
         int tiles = (keyLen + DecodeKeyTile - 1) / DecodeKeyTile;
         long fit = workspaceBytes / DecodeWorkspaceBytesPerSplit(batch, headsKv, headDim);
         int wanted = forceSplits > 0 ? forceSplits
             : (int)Math.Ceiling(2.0 * Math.Max(1, _gpu.Properties.MultiprocessorCount) / ((long)batch * headsKv));
-        int splits = (int)Math.Min(Math.Min(wanted, tiles), fit);
-        if (splits < 2)
-            return 1;
+        int splits = (int)Math.Min(Math.Min(Math.Max(wanted, 1), tiles), fit);
+        if (splits < 1)
+            return 0;
         // Equal chunks of whole tiles; the last split is never empty.
         int chunkTiles = (tiles + splits - 1) / splits;
         return (tiles + chunkTiles - 1) / chunkTiles;

@@ -78,8 +78,11 @@ public sealed class AttentionDecodeTests(string device) : DeviceFixture<GpuAtten
         DevicePtr ws = Alloc(wsBytes);
         int splits = Ops.DecodeSplits(Batch, p.Tq, p.Tk, p.Hq, p.Hkv, p.D, ws, wsBytes);
         Assert.That(splits, Is.InRange(2, 5), "the heuristic splits a long cache (at most its 5 key tiles)");
-        Assert.That(Ops.DecodeSplits(Batch, p.Tq, p.Tk, p.Hq, p.Hkv, p.D, DevicePtr.Null, 0), Is.EqualTo(1), "no workspace: one pass");
-        Assert.That(Ops.DecodeSplits(Batch, 5, p.Tk, p.Hq, p.Hkv, p.D, ws, wsBytes), Is.EqualTo(1), "G·Tq = 20 rows: one pass");
+        Assert.That(Ops.DecodeSplits(Batch, p.Tq, p.Tk, p.Hq, p.Hkv, p.D, DevicePtr.Null, 0), Is.EqualTo(0), "no workspace: the forward kernel");
+        Assert.That(Ops.DecodeSplits(Batch, 5, p.Tk, p.Hq, p.Hkv, p.D, ws, wsBytes), Is.EqualTo(0), "G·Tq = 20 rows: the forward kernel");
+        Assert.That(Ops.DecodeSplits(Batch, p.Tq, 40, p.Hq, p.Hkv, p.D, ws, wsBytes), Is.EqualTo(1), "one key tile: the decode kernel, one split");
+        Assert.That(Ops.DecodeSplits(Batch, p.Tq, p.Tk, p.Hq, p.Hkv, p.D, ws,
+            GpuAttentionOps.DecodeWorkspaceBytesPerSplit(Batch, p.Hkv, p.D)), Is.EqualTo(1), "room for one split: one");
 
         DevicePtr q = Upload(p.Q, DType.BF16), k = Upload(p.K, DType.BF16), v = Upload(p.V, DType.BF16);
         int qn = Batch * p.Tq * p.Hq * p.D, ln = Batch * p.Hq * p.Tq;
