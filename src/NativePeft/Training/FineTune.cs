@@ -25,7 +25,7 @@ namespace NativePeft.Training;
 /// every fp32 weight. Bad options and bad files throw a <see cref="FineTuneException"/> naming the option and what is
 /// wrong, before anything is written. <see cref="Train(CancellationToken)"/> runs the <see cref="Trainer"/>.
 /// </summary>
-public sealed class FineTune : IDisposable
+public sealed partial class FineTune : IDisposable
 {
     private readonly HfCheckpoint _checkpoint;
     private readonly IOps _ops;
@@ -50,6 +50,9 @@ public sealed class FineTune : IDisposable
     /// <summary>Bad lines left out of the data files with <see cref="BadLinePolicy.Skip"/>, and the first few messages.</summary>
     public int SkippedLines { get; private set; }
     public IReadOnlyList<string> SkippedMessages { get; private set; } = [];
+    /// <summary>What truncation to <see cref="FineTuneOptions.SeqLen"/> leaves of the training examples' trainable tokens
+    /// (labels ≠ -100); examples that lose all of them are logged as a warning before the first step.</summary>
+    public TruncationReport? Truncation { get; private set; }
     /// <summary>The trainer, once <see cref="Train(CancellationToken)"/>, <see cref="Evaluate"/> or <see cref="CreateTrainer"/> made it.</summary>
     public Trainer? Trainer => _trainer;
     /// <summary>Where checkpoints, metrics.json and the final adapter go.</summary>
@@ -138,6 +141,7 @@ public sealed class FineTune : IDisposable
 
             (TrainingData Data, int Skipped, IReadOnlyList<string> Messages)? data =
                 o.Data is null ? null : LoadData(o.Data, o.EvalData, tokenizer, ckpt.Config.VocabSize, o.SeqLen, o.OnBadLine);
+            TruncationReport? truncation = data is { } loaded ? CheckTrainable(loaded.Data, o.SeqLen, logger) : null;
 
             var modelOptions = ModelOptions(o);
             string deviceName = "cpu";
@@ -187,6 +191,7 @@ public sealed class FineTune : IDisposable
             string? temp = o.OutputDir is null ? Directory.CreateTempSubdirectory("nativepeft-finetune-").FullName : null;
             var run = new FineTune(o, modelDir, ckpt, tokenizer, ops, model, deviceName, logger, Path.GetFullPath(o.OutputDir ?? temp!), temp);
             if (data is { } d) run.SetData(d.Data, d.Skipped, d.Messages);
+            run.Truncation = truncation;
             run.Plan = plan;
             return run;
         }
@@ -323,6 +328,32 @@ public sealed class FineTune : IDisposable
         return (result, skipped, messages);
     }
 
+    /// <summary>
+    /// Checks that truncation to <paramref name="seqLen"/> leaves some training example a trainable token (a label ≠ -100
+    /// at a position ≥ 1 inside the first seqLen tokens): when none is left, a <see cref="FineTuneException"/> for SeqLen
+    /// naming the length that would fit; when some examples lose all of theirs, a warning with their count.
+    /// </summary>
+    public static TruncationReport CheckTrainable(TrainingData data, int seqLen, ILogger? logger = null)
+    {
+        ArgumentNullException.ThrowIfNull(data);
+        var report = TruncationReport.Check(data.Train, seqLen);
+        if (report.Trainable == 0)
+        {
+            if (report.CutOff == 0)
+                throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data.Train.Count} example(s): none has a trainable token (every label is -100)");
+            throw new FineTuneException(nameof(FineTuneOptions.SeqLen),
+                $"{seqLen}: every training example's trainable tokens (labels != -100) lie past the first {seqLen} tokens " +
+                $"({report.CutOff} cut off{(report.WithoutTargets > 0 ? $", {report.WithoutTargets} without any" : "")}), so nothing would be trained; {report.FitHint}");
+        }
+        if (report.CutOff > 0)
+            LogCutOff(logger ?? NullLogger.Instance, report.CutOff, report.Examples, seqLen, report.FitHint);
+        return report;
+    }
+
+    [LoggerMessage(EventId = 20, Level = LogLevel.Warning,
+        Message = "{CutOff} of {Examples} training examples lose every trainable token (labels != -100) to truncation at a sequence length of {SeqLen} and train nothing; {Hint}")]
+    private static partial void LogCutOff(ILogger logger, int cutOff, int examples, int seqLen, string hint);
+
     private void SetData(TrainingData data, int skipped, IReadOnlyList<string> messages)
     {
         Data = data;
@@ -353,7 +384,11 @@ public sealed class FineTune : IDisposable
             if (progress is not null) throw new InvalidOperationException("this run already has its trainer: pass the progress callback to the first CreateTrainer call (before Evaluate or Train)");
             return _trainer;
         }
-        if (data is not null) SetData(data, 0, []);
+        if (data is not null && !ReferenceEquals(data, Data))
+        {
+            Truncation = CheckTrainable(data, Options.SeqLen, _logger);
+            SetData(data, 0, []);
+        }
         var d = Data ?? throw new InvalidOperationException("no data: set FineTuneOptions.Data or pass the data to Train");
         _trainer = new Trainer(_model, d, TrainerOptions, _logger, progress);
         if (Options.ResumeFrom is not null)

@@ -156,7 +156,8 @@ public sealed partial class Trainer : IDisposable
             int stepsDone = _step - stepsAtStart;
             TimeSpan? eta = stepsDone > 0 ? TimeSpan.FromSeconds(done / stepsDone * (TotalSteps - _step)) : null;
             _progress?.Report(new TrainerProgress(_step, TotalSteps, m.Loss, m.Lr, m.TokensPerSecond, m.GradNorm,
-                ops.Memory.AllocatedBytes, m.PeakBytes, clock.Elapsed, eta, _evals.Count > 0 && _evals[^1].Step == _step ? _evals[^1] : null));
+                ops.Memory.AllocatedBytes, m.PeakBytes, clock.Elapsed, eta, _evals.Count > 0 && _evals[^1].Step == _step ? _evals[^1] : null)
+            { NoTrainableTokens = double.IsNaN(m.Loss) });
         }
         if (HasEvalData && (_evals.Count == 0 || _evals[^1].Step != _step)) Evaluate();
         WriteMetrics();
