@@ -282,6 +282,8 @@ public sealed partial class FineTune : IDisposable
         var messages = new List<string>();
         try
         {
+            if (data != BuiltinTask.DataName && IsBlank(data)) throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data}: the file is empty (no examples)");
+            if (evalData is not null && IsBlank(evalData)) throw new FineTuneException(nameof(FineTuneOptions.EvalData), $"{evalData}: the file is empty (no examples)");
             if (tokenizer is IdsOnlyTokenizer ids)
             {
                 // Only pre-tokenized data can do without a tokenizer: say so before reading anything else.
@@ -309,6 +311,7 @@ public sealed partial class FineTune : IDisposable
                 if (evalData is not null)
                 {
                     var e = DatasetLoader.Load(evalData, DataFormat.Auto, tokenizer, seqLen, onBadLine, vocabSize);
+                    if (e.Count == 0) throw new FineTuneException(nameof(FineTuneOptions.EvalData), $"{evalData}: no examples");
                     skipped += e.SkippedLines;
                     messages.AddRange(e.SkippedMessages);
                     eval = e.Examples;
@@ -353,6 +356,15 @@ public sealed partial class FineTune : IDisposable
     [LoggerMessage(EventId = 20, Level = LogLevel.Warning,
         Message = "{CutOff} of {Examples} training examples lose every trainable token (labels != -100) to truncation at a sequence length of {SeqLen} and train nothing; {Hint}")]
     private static partial void LogCutOff(ILogger logger, int cutOff, int examples, int seqLen, string hint);
+
+    private static bool IsBlank(string path)
+    {
+        if (!File.Exists(path)) return false; // the loader names the missing file
+        using var reader = new StreamReader(path);
+        int c;
+        while ((c = reader.Read()) >= 0) if (!char.IsWhiteSpace((char)c)) return false;
+        return true;
+    }
 
     private void SetData(TrainingData data, int skipped, IReadOnlyList<string> messages)
     {
