@@ -116,6 +116,9 @@ public sealed partial class FineTune : IDisposable
         if (o.ResumeFrom is not null && !File.Exists(Path.Combine(o.ResumeFrom, Trainer.StateFileName)))
             throw new FineTuneException(nameof(o.ResumeFrom), $"{o.ResumeFrom}: not a checkpoint folder (no {Trainer.StateFileName})");
         if (o.OutputDir is not null && File.Exists(o.OutputDir)) throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: is a file");
+        // An earlier run's adapter, checkpoints and metrics are not overwritten (as the CLI's --out).
+        if (o.OutputDir is not null && o.ResumeFrom is null && Directory.Exists(o.OutputDir) && Directory.EnumerateFileSystemEntries(o.OutputDir).Any())
+            throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: the folder exists and is not empty (choose a new one, or resume a checkpoint with ResumeFrom)");
 
         HfCheckpoint ckpt;
         try { ckpt = HfCheckpoint.Open(modelDir); }
