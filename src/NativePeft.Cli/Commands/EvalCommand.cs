@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using System.Text.Json;
+using NativePeft.Data;
 using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Ops;
@@ -9,8 +10,10 @@ using NativePeft.Planning;
 namespace NativePeft.Cli.Commands;
 
 /// <summary>
-/// `nativepeft eval`: mean next-token cross-entropy of a HF Llama checkpoint over pre-tokenized JSONL
-/// (one {"input_ids": [...]} per line, each line its own sequence, no BOS added): loss, perplexity, predicted tokens.
+/// `nativepeft eval`: mean next-token cross-entropy of a HF Llama checkpoint over a dataset in any format `train` reads:
+/// pre-tokenized JSONL (one {"input_ids": [...], "labels"?: [...]} per line, each line its own sequence, no BOS added),
+/// {"text": ...} JSONL and .txt (tokenized with the model's tokenizer, packed into --seq tokens), Alpaca records (loss on
+/// the response only, as in training): loss, perplexity, predicted tokens.
 /// </summary>
 public static class EvalCommand
 {
@@ -18,15 +21,16 @@ public static class EvalCommand
     {
         var model = new Option<DirectoryInfo>("--model") { Description = "HF Llama checkpoint folder (config.json + safetensors, single or sharded), or 'builtin'", Required = true };
         var adapter = new Option<string?>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied to the base" };
-        var data = new Option<FileInfo>("--data") { Description = "pre-tokenized JSONL: one {\"input_ids\": [...]} per line, each line a separate sequence", Required = true };
+        var data = new Option<FileInfo>("--data") { Description = "dataset file in any format train reads: pre-tokenized JSONL (each line a separate sequence), {\"text\": ...} JSONL, .txt, Alpaca records", Required = true };
+        var seq = new Option<int>("--seq") { Description = "sequence length the text formats (.txt, text JSONL) are packed into", DefaultValueFactory = _ => 128 };
         var quantize = new Option<string?>("--quantize") { Description = "quantize the linear weights on load: nf4 or fp4 (blocksize 64, double quant)" };
         quantize.AcceptOnlyFromAmong("nf4", "fp4");
         var device = DeviceOption.Create("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator (see --precision)");
         var precision = DeviceOption.CreatePrecision();
         var json = new Option<bool>("--json") { Description = "print {\"loss\": …, \"perplexity\": …, \"tokens\": …}" };
-        var cmd = new Command("eval", "Mean next-token cross-entropy and perplexity of a Llama checkpoint on pre-tokenized data")
+        var cmd = new Command("eval", "Mean next-token cross-entropy and perplexity of a Llama checkpoint on a dataset (any format train reads)")
         {
-            model, adapter, data, quantize, device, precision, json,
+            model, adapter, data, seq, quantize, device, precision, json,
         };
         cmd.SetAction(parse =>
         {
@@ -40,9 +44,10 @@ public static class EvalCommand
             };
             if (!File.Exists(file)) throw new CliException($"--data {file}: file not found");
             if (!Directory.Exists(dir)) throw new CliException($"--model {dir}: folder not found");
+            if (parse.GetValue(seq) < 2) throw new CliException($"--seq {parse.GetValue(seq)}: must be at least 2");
             try
             {
-                var result = Run(dir, file, quantization, parse.GetValue(device)!, parse.GetValue(precision)!, parse.GetValue(adapter));
+                var result = Run(dir, file, quantization, parse.GetValue(device)!, parse.GetValue(precision)!, parse.GetValue(adapter), parse.GetValue(seq));
                 if (parse.GetValue(json))
                     stdout.WriteLine("{\"loss\": " + R(result.Loss) + ", \"perplexity\": " + R(result.Perplexity) + ", \"tokens\": " + result.Tokens + "}");
                 else
@@ -69,12 +74,12 @@ public static class EvalCommand
 
     /// <summary>Evaluates <paramref name="dataFile"/> with the checkpoint in <paramref name="modelDir"/> on the CPU (fp32) or a device (--precision).</summary>
     public static EvalResult Run(string modelDir, string dataFile, BaseQuantization quantization, string device = "cpu", string precision = "auto",
-        string? adapterDir = null)
+        string? adapterDir = null, int seqLen = 128)
     {
         var computeDType = DeviceOption.ComputeDType(precision, device);
         var adapter = AdapterArgument.Load(adapterDir); // checked before the model is read
         using var ckpt = HfCheckpoint.Open(modelDir);
-        var sequences = ReadJsonl(dataFile, ckpt.Config.VocabSize);
+        var sequences = ReadData(dataFile, modelDir, ckpt.Config.VocabSize, seqLen);
         var modelOptions = new LlamaModelOptions { Quantization = quantization, ComputeDType = computeDType, Lora = adapter?.Config.ToLoraSettings() };
         // On a GPU device every byte comes from a pool sized from the evaluation's plan (the forward of the longest
         // sequence); on CUDA the plan is checked against free memory first.
@@ -104,16 +109,50 @@ public static class EvalCommand
         llama.Dropout.Training = false;
         double sum = 0;
         long tokens = 0;
-        foreach (var ids in sequences)
+        foreach (var (ids, labels) in sequences)
         {
             if (ids.Length < 2) continue; // nothing to predict
-            double loss = llama.Forward(ids, ids, 1, ids.Length);
+            double loss = llama.Forward(ids, labels, 1, ids.Length);
+            if (llama.LastTokenCount == 0) continue;
             sum += loss * llama.LastTokenCount;
             tokens += llama.LastTokenCount;
         }
         if (tokens == 0) throw new CliException($"--data {dataFile}: no line has two or more tokens, so there is nothing to predict");
         double mean = sum / tokens;
         return new EvalResult(mean, Math.Exp(mean), tokens, sequences.Count);
+    }
+
+    /// <summary>
+    /// The examples of <paramref name="path"/> in any <see cref="DatasetLoader"/> format: pre-tokenized JSONL as
+    /// <see cref="ReadJsonl"/> (labels = input_ids), the text formats with the model folder's tokenizer. An empty file is an error.
+    /// </summary>
+    public static List<TrainingExample> ReadData(string path, string modelDir, int vocabSize, int seqLen)
+    {
+        if (IsBlank(path)) throw new CliException($"--data {path}: the file is empty (no examples)");
+        try
+        {
+            var format = DatasetLoader.DetectFormat(path);
+            if (format == DataFormat.PreTokenized) return ReadJsonl(path, vocabSize).Select(TrainingExample.CausalLm).ToList();
+            var tokenizer = TokenizerLoader.ForModel(modelDir, vocabSize);
+            var set = DatasetLoader.Load(path, format, tokenizer, seqLen, BadLinePolicy.Stop, vocabSize);
+            if (set.Count == 0) throw new CliException($"--data {path}: no examples");
+            foreach (var ex in set.Examples)
+                foreach (int id in ex.InputIds)
+                    if (id < 0 || id >= vocabSize)
+                        throw new CliException($"--data {path}: token id {id} is outside the model's vocabulary [0, {vocabSize})");
+            return set.Examples.ToList();
+        }
+        catch (DataFormatException e) { throw new CliException($"--data {e.Message}", 1, e); }
+        catch (Exception e) when (e is InvalidDataException or NotSupportedException) { throw new CliException($"--model {modelDir}: tokenizer: {e.Message}", 1, e); }
+    }
+
+    /// <summary>True when the file holds nothing but white space.</summary>
+    internal static bool IsBlank(string path)
+    {
+        using var reader = new StreamReader(path);
+        int c;
+        while ((c = reader.Read()) >= 0) if (!char.IsWhiteSpace((char)c)) return false;
+        return true;
     }
 
     /// <summary>Reads the JSONL; blank lines are skipped; errors name the line (1-based).</summary>

@@ -166,7 +166,7 @@ public static class TrainCommand
             OutputDir = a.Out, ResumeFrom = a.Resume,
             ExtraConfig = new Dictionary<string, string> { ["model"] = a.Model, ["data"] = a.Data, ["device"] = a.Device, ["method"] = a.Method },
         };
-        using var run = Guard(() => FineTune.Create(options, NullLogger.Instance));
+        using var run = Guard(() => FineTune.Create(options, new WarningLogger(stdout)));
         if (run.SkippedLines > 0)
             stdout.WriteLine($"skipped {run.SkippedLines} bad data line(s) (--on-bad-line skip); the first: {run.SkippedMessages[0]}");
         var trainingData = run.Data!;
@@ -254,8 +254,9 @@ public static class TrainCommand
         if (v < 0) throw new CliException($"{name} {v}: must be >= 0");
     }
 
-    internal static string StepLine(TrainerProgress p) =>
-        string.Create(CultureInfo.InvariantCulture, $"step {p.Step}/{p.TotalSteps}  loss {p.Loss:F4}  lr {p.Lr:0.000e+00}  grad_norm {p.GradNorm:F3}  tok/s {p.TokensPerSecond:F0}  ") +
+    internal static string StepLine(TrainerProgress p) => p.NoTrainableTokens
+        ? string.Create(CultureInfo.InvariantCulture, $"step {p.Step}/{p.TotalSteps}  skipped: no trainable token (every label -100 after truncation to --seq)  lr {p.Lr:0.000e+00}  eta {Eta(p.Eta)}")
+        : string.Create(CultureInfo.InvariantCulture, $"step {p.Step}/{p.TotalSteps}  loss {p.Loss:F4}  lr {p.Lr:0.000e+00}  grad_norm {p.GradNorm:F3}  tok/s {p.TokensPerSecond:F0}  ") +
         $"mem {Output.Bytes(p.AllocatedBytes)}  peak {Output.Bytes(p.PeakBytes)}  eta {Eta(p.Eta)}";
 
     internal static string EvalLine(EvalMetrics e) =>
@@ -279,7 +280,7 @@ public static class TrainCommand
                 {
                     task.Value = p.Step;
                     task.Description = Markup.Escape(string.Create(CultureInfo.InvariantCulture,
-                        $"step {p.Step}/{p.TotalSteps} loss {p.Loss:F4} lr {p.Lr:0.00e+00} tok/s {p.TokensPerSecond:F0} mem {Output.Bytes(p.PeakBytes)}"));
+                        $"step {p.Step}/{p.TotalSteps} {(p.NoTrainableTokens ? "skipped (no trainable token)" : $"loss {p.Loss:F4}")} lr {p.Lr:0.00e+00} tok/s {p.TokensPerSecond:F0} mem {Output.Bytes(p.PeakBytes)}"));
                     if (p.Eval is { } e) console.MarkupLine(Markup.Escape(EvalLine(e)));
                 });
                 result = trainer.Train(ct);

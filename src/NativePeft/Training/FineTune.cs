@@ -25,7 +25,7 @@ namespace NativePeft.Training;
 /// every fp32 weight. Bad options and bad files throw a <see cref="FineTuneException"/> naming the option and what is
 /// wrong, before anything is written. <see cref="Train(CancellationToken)"/> runs the <see cref="Trainer"/>.
 /// </summary>
-public sealed class FineTune : IDisposable
+public sealed partial class FineTune : IDisposable
 {
     private readonly HfCheckpoint _checkpoint;
     private readonly IOps _ops;
@@ -50,6 +50,9 @@ public sealed class FineTune : IDisposable
     /// <summary>Bad lines left out of the data files with <see cref="BadLinePolicy.Skip"/>, and the first few messages.</summary>
     public int SkippedLines { get; private set; }
     public IReadOnlyList<string> SkippedMessages { get; private set; } = [];
+    /// <summary>What truncation to <see cref="FineTuneOptions.SeqLen"/> leaves of the training examples' trainable tokens
+    /// (labels ≠ -100); examples that lose all of them are logged as a warning before the first step.</summary>
+    public TruncationReport? Truncation { get; private set; }
     /// <summary>The trainer, once <see cref="Train(CancellationToken)"/>, <see cref="Evaluate"/> or <see cref="CreateTrainer"/> made it.</summary>
     public Trainer? Trainer => _trainer;
     /// <summary>Where checkpoints, metrics.json and the final adapter go.</summary>
@@ -113,6 +116,9 @@ public sealed class FineTune : IDisposable
         if (o.ResumeFrom is not null && !File.Exists(Path.Combine(o.ResumeFrom, Trainer.StateFileName)))
             throw new FineTuneException(nameof(o.ResumeFrom), $"{o.ResumeFrom}: not a checkpoint folder (no {Trainer.StateFileName})");
         if (o.OutputDir is not null && File.Exists(o.OutputDir)) throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: is a file");
+        // An earlier run's adapter, checkpoints and metrics are not overwritten (as the CLI's --out).
+        if (o.OutputDir is not null && o.ResumeFrom is null && Directory.Exists(o.OutputDir) && Directory.EnumerateFileSystemEntries(o.OutputDir).Any())
+            throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: the folder exists and is not empty (choose a new one, or resume a checkpoint with ResumeFrom)");
 
         HfCheckpoint ckpt;
         try { ckpt = HfCheckpoint.Open(modelDir); }
@@ -138,6 +144,7 @@ public sealed class FineTune : IDisposable
 
             (TrainingData Data, int Skipped, IReadOnlyList<string> Messages)? data =
                 o.Data is null ? null : LoadData(o.Data, o.EvalData, tokenizer, ckpt.Config.VocabSize, o.SeqLen, o.OnBadLine);
+            TruncationReport? truncation = data is { } loaded ? CheckTrainable(loaded.Data, o.SeqLen, logger) : null;
 
             var modelOptions = ModelOptions(o);
             string deviceName = "cpu";
@@ -187,6 +194,7 @@ public sealed class FineTune : IDisposable
             string? temp = o.OutputDir is null ? Directory.CreateTempSubdirectory("nativepeft-finetune-").FullName : null;
             var run = new FineTune(o, modelDir, ckpt, tokenizer, ops, model, deviceName, logger, Path.GetFullPath(o.OutputDir ?? temp!), temp);
             if (data is { } d) run.SetData(d.Data, d.Skipped, d.Messages);
+            run.Truncation = truncation;
             run.Plan = plan;
             return run;
         }
@@ -277,6 +285,8 @@ public sealed class FineTune : IDisposable
         var messages = new List<string>();
         try
         {
+            if (data != BuiltinTask.DataName && IsBlank(data)) throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data}: the file is empty (no examples)");
+            if (evalData is not null && IsBlank(evalData)) throw new FineTuneException(nameof(FineTuneOptions.EvalData), $"{evalData}: the file is empty (no examples)");
             if (tokenizer is IdsOnlyTokenizer ids)
             {
                 // Only pre-tokenized data can do without a tokenizer: say so before reading anything else.
@@ -304,6 +314,7 @@ public sealed class FineTune : IDisposable
                 if (evalData is not null)
                 {
                     var e = DatasetLoader.Load(evalData, DataFormat.Auto, tokenizer, seqLen, onBadLine, vocabSize);
+                    if (e.Count == 0) throw new FineTuneException(nameof(FineTuneOptions.EvalData), $"{evalData}: no examples");
                     skipped += e.SkippedLines;
                     messages.AddRange(e.SkippedMessages);
                     eval = e.Examples;
@@ -321,6 +332,41 @@ public sealed class FineTune : IDisposable
                 if (id < 0 || id >= vocabSize)
                     throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data}: token id {id} is outside the model's vocabulary [0, {vocabSize})");
         return (result, skipped, messages);
+    }
+
+    /// <summary>
+    /// Checks that truncation to <paramref name="seqLen"/> leaves some training example a trainable token (a label ≠ -100
+    /// at a position ≥ 1 inside the first seqLen tokens): when none is left, a <see cref="FineTuneException"/> for SeqLen
+    /// naming the length that would fit; when some examples lose all of theirs, a warning with their count.
+    /// </summary>
+    public static TruncationReport CheckTrainable(TrainingData data, int seqLen, ILogger? logger = null)
+    {
+        ArgumentNullException.ThrowIfNull(data);
+        var report = TruncationReport.Check(data.Train, seqLen);
+        if (report.Trainable == 0)
+        {
+            if (report.CutOff == 0)
+                throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data.Train.Count} example(s): none has a trainable token (every label is -100)");
+            throw new FineTuneException(nameof(FineTuneOptions.SeqLen),
+                $"{seqLen}: every training example's trainable tokens (labels != -100) lie past the first {seqLen} tokens " +
+                $"({report.CutOff} cut off{(report.WithoutTargets > 0 ? $", {report.WithoutTargets} without any" : "")}), so nothing would be trained; {report.FitHint}");
+        }
+        if (report.CutOff > 0)
+            LogCutOff(logger ?? NullLogger.Instance, report.CutOff, report.Examples, seqLen, report.FitHint);
+        return report;
+    }
+
+    [LoggerMessage(EventId = 20, Level = LogLevel.Warning,
+        Message = "{CutOff} of {Examples} training examples lose every trainable token (labels != -100) to truncation at a sequence length of {SeqLen} and train nothing; {Hint}")]
+    private static partial void LogCutOff(ILogger logger, int cutOff, int examples, int seqLen, string hint);
+
+    private static bool IsBlank(string path)
+    {
+        if (!File.Exists(path)) return false; // the loader names the missing file
+        using var reader = new StreamReader(path);
+        int c;
+        while ((c = reader.Read()) >= 0) if (!char.IsWhiteSpace((char)c)) return false;
+        return true;
     }
 
     private void SetData(TrainingData data, int skipped, IReadOnlyList<string> messages)
@@ -353,7 +399,11 @@ public sealed class FineTune : IDisposable
             if (progress is not null) throw new InvalidOperationException("this run already has its trainer: pass the progress callback to the first CreateTrainer call (before Evaluate or Train)");
             return _trainer;
         }
-        if (data is not null) SetData(data, 0, []);
+        if (data is not null && !ReferenceEquals(data, Data))
+        {
+            Truncation = CheckTrainable(data, Options.SeqLen, _logger);
+            SetData(data, 0, []);
+        }
         var d = Data ?? throw new InvalidOperationException("no data: set FineTuneOptions.Data or pass the data to Train");
         _trainer = new Trainer(_model, d, TrainerOptions, _logger, progress);
         if (Options.ResumeFrom is not null)

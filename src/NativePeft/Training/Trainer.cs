@@ -156,7 +156,8 @@ public sealed partial class Trainer : IDisposable
             int stepsDone = _step - stepsAtStart;
             TimeSpan? eta = stepsDone > 0 ? TimeSpan.FromSeconds(done / stepsDone * (TotalSteps - _step)) : null;
             _progress?.Report(new TrainerProgress(_step, TotalSteps, m.Loss, m.Lr, m.TokensPerSecond, m.GradNorm,
-                ops.Memory.AllocatedBytes, m.PeakBytes, clock.Elapsed, eta, _evals.Count > 0 && _evals[^1].Step == _step ? _evals[^1] : null));
+                ops.Memory.AllocatedBytes, m.PeakBytes, clock.Elapsed, eta, _evals.Count > 0 && _evals[^1].Step == _step ? _evals[^1] : null)
+            { NoTrainableTokens = double.IsNaN(m.Loss) });
         }
         if (HasEvalData && (_evals.Count == 0 || _evals[^1].Step != _step)) Evaluate();
         WriteMetrics();
@@ -399,8 +400,17 @@ public sealed partial class Trainer : IDisposable
         string statePath = Path.Combine(dir, StateFileName);
         if (!File.Exists(statePath)) throw new InvalidDataException($"{statePath}: missing (not a checkpoint folder?)");
         var state = TrainerStateJson.Read(statePath);
-        if (state.FullFineTuning != _full)
-            throw new InvalidDataException($"{statePath}: the checkpoint is of {(state.FullFineTuning ? "full fine-tuning" : "LoRA")}, this run uses {(_full ? "full fine-tuning" : "LoRA")}");
+        string method = TrainerStateJson.MethodName(this);
+        if (state.FullFineTuning != _full || (state.Method is { } saved && saved != method))
+        {
+            // Name every setting that differs, not only the one refused.
+            var changed = new List<string> { $"method {state.Method ?? (state.FullFineTuning ? "full" : "lora")} -> {method}" };
+            if (state.Lr is double lr && lr != Options.Lr) changed.Add(string.Create(CultureInfo.InvariantCulture, $"lr {lr} -> {Options.Lr}"));
+            if (state.Schedule is { } kind && kind != LrSchedule.Name(Options.Schedule)) changed.Add($"schedule {kind} -> {LrSchedule.Name(Options.Schedule)}");
+            if (state.WarmupSteps is int w && w != Options.WarmupSteps) changed.Add($"warmup {w} -> {Options.WarmupSteps}");
+            if (!string.Equals(state.Optimizer, _optimizer.Name, StringComparison.Ordinal)) changed.Add($"optimizer {state.Optimizer} -> {_optimizer.Name}");
+            throw new InvalidDataException($"{statePath}: the checkpoint was trained with other settings ({string.Join(", ", changed)}); resume with the checkpoint's method, or start a new run");
+        }
         if (state.Step > TotalSteps)
             throw new InvalidDataException($"{statePath}: the checkpoint is at step {state.Step}, past this run's {TotalSteps} steps");
         if (!string.Equals(state.Optimizer, _optimizer.Name, StringComparison.Ordinal))

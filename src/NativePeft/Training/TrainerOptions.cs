@@ -145,7 +145,12 @@ public sealed record EvalMetrics(int Step, double Loss, double Perplexity, long 
 
 /// <summary>What the progress callback gets after every optimizer step and evaluation.</summary>
 public sealed record TrainerProgress(int Step, int TotalSteps, double Loss, double Lr, double TokensPerSecond, double GradNorm,
-    long AllocatedBytes, long PeakBytes, TimeSpan Elapsed, TimeSpan? Eta, EvalMetrics? Eval);
+    long AllocatedBytes, long PeakBytes, TimeSpan Elapsed, TimeSpan? Eta, EvalMetrics? Eval)
+{
+    /// <summary>The step's micro-batches had no trainable token (every label -100, e.g. cut off by truncation): no loss
+    /// (<see cref="Loss"/> is NaN), no update.</summary>
+    public bool NoTrainableTokens { get; init; }
+}
 
 /// <summary>How a <see cref="Trainer.Train"/> call ended.</summary>
 public sealed record TrainResult(int Steps, int TotalSteps, bool Cancelled, double? FinalLoss, EvalMetrics? FinalEval,

@@ -7,7 +7,14 @@ namespace NativePeft.Training;
 
 /// <summary>What trainer_state.json holds (what <see cref="Trainer.Resume"/> needs besides the tensors).</summary>
 internal sealed record TrainerState(int Step, int TotalSteps, bool FullFineTuning, string Optimizer, DataPosition Data, ulong DropoutSeed,
-    long TokensSeen, double Seconds, IReadOnlyList<StepMetrics> Steps, IReadOnlyList<EvalMetrics> Evals);
+    long TokensSeen, double Seconds, IReadOnlyList<StepMetrics> Steps, IReadOnlyList<EvalMetrics> Evals)
+{
+    /// <summary>full, lora or qlora; null for a checkpoint written before the base's quantization was recorded (it says "lora" for both).</summary>
+    public string? Method { get; init; }
+    public string? Schedule { get; init; }
+    public double? Lr { get; init; }
+    public int? WarmupSteps { get; init; }
+}
 
 /// <summary>
 /// trainer_state.json and metrics.json. Doubles are written with "R" (round-trip), so metrics restored from a
@@ -25,7 +32,8 @@ internal static class TrainerStateJson
             w.WriteStartObject();
             w.WriteNumber("step", t.Step);
             w.WriteNumber("total_steps", t.TotalSteps);
-            w.WriteString("method", t.Model.Options.FullFineTuning ? "full" : "lora");
+            w.WriteString("method", MethodName(t));
+            w.WriteString("quantization", t.Model.Options.Quantization.ToString().ToLowerInvariant());
             w.WriteString("optimizer", t.Optimizer.Name);
             w.WriteNumber("seed", t.Options.Seed);
             w.WriteNumber("dropout_seed", t.Model.Dropout.Seed);
@@ -74,7 +82,13 @@ internal static class TrainerStateJson
                 e.GetProperty("exact_match_count").GetInt32())).ToList();
             return new TrainerState(r.GetProperty("step").GetInt32(), r.GetProperty("total_steps").GetInt32(),
                 r.GetProperty("method").GetString() == "full", r.GetProperty("optimizer").GetString() ?? "",
-                data, r.GetProperty("dropout_seed").GetUInt64(), r.GetProperty("tokens_seen").GetInt64(), D(r, "seconds"), steps, evals);
+                data, r.GetProperty("dropout_seed").GetUInt64(), r.GetProperty("tokens_seen").GetInt64(), D(r, "seconds"), steps, evals)
+            {
+                Method = r.TryGetProperty("quantization", out _) || r.GetProperty("method").GetString() == "full" ? r.GetProperty("method").GetString() : null,
+                Schedule = r.TryGetProperty("lr_schedule", out var ls) && ls.TryGetProperty("kind", out var kind) ? kind.GetString() : null,
+                Lr = r.TryGetProperty("lr_schedule", out ls) && ls.TryGetProperty("base_lr", out var lr) && lr.ValueKind == JsonValueKind.Number ? lr.GetDouble() : null,
+                WarmupSteps = r.TryGetProperty("lr_schedule", out ls) && ls.TryGetProperty("warmup_steps", out var wu) && wu.ValueKind == JsonValueKind.Number ? wu.GetInt32() : null,
+            };
         }
         catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException or FormatException)
         {
@@ -98,11 +112,15 @@ internal static class TrainerStateJson
         return Encoding.UTF8.GetString(ms.ToArray()) + "\n";
     }
 
+    /// <summary>full, qlora (LoRA on a quantized base) or lora.</summary>
+    public static string MethodName(Trainer t) =>
+        t.Model.Options.FullFineTuning ? "full" : t.Model.LoraLayers.Count > 0 && t.Model.Options.Quantization != Modules.BaseQuantization.None ? "qlora" : "lora";
+
     private static void WriteConfig(Utf8JsonWriter w, Trainer t)
     {
         var o = t.Options;
         w.WriteStartObject();
-        w.WriteString("method", t.Model.Options.FullFineTuning ? "full" : t.Model.LoraLayers.Count > 0 && t.Model.Options.Quantization != Modules.BaseQuantization.None ? "qlora" : "lora");
+        w.WriteString("method", MethodName(t));
         w.WriteNumber("total_steps", t.TotalSteps);
         if (o.Steps is int s) w.WriteNumber("steps", s);
         if (o.Epochs is double e) w.WriteNumber("epochs", e);

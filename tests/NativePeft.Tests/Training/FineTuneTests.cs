@@ -127,7 +127,8 @@ public class FineTuneTests
         Assert.That(bad.Detail, Does.Contain("a.jsonl:4"));
         Assert.That(Directory.Exists(dir["out"]), Is.False, "nothing written on bad input");
 
-        using var skip = FineTune.Create(ok with { Data = dir["a.jsonl"], OnBadLine = BadLinePolicy.Skip });
+        // SeqLen 160: the Alpaca template alone is over 128 byte tokens (at 128 every response would be cut off).
+        using var skip = FineTune.Create(ok with { Data = dir["a.jsonl"], OnBadLine = BadLinePolicy.Skip, SeqLen = 160 });
         Assert.That(skip.SkippedLines, Is.EqualTo(1));
         Assert.That(skip.SkippedMessages.Single(), Does.Contain("a.jsonl:4"));
         Assert.That(skip.Data!.Train, Has.Count.EqualTo(4));
