@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.Text.RegularExpressions;
 using NativePeft.Cli.Commands;
 using NativePeft.Runtime;
 
@@ -34,7 +35,7 @@ public static class Program
             if (parsed.Errors.Count > 0)
             {
                 // One line per problem, naming the option, and a pointer to --help; no full help dump.
-                foreach (var error in parsed.Errors) stderr.WriteLine("error: " + error.Message);
+                foreach (var error in parsed.Errors) stderr.WriteLine("error: " + ParseErrors.Friendly(error.Message, parsed.CommandResult.Command));
                 stderr.WriteLine("(run with --help for the options)");
                 return 2;
             }
@@ -63,4 +64,63 @@ public static class Program
 public sealed class CliException(string message, int exitCode = 1, Exception? inner = null) : Exception(message, inner)
 {
     public int ExitCode { get; } = exitCode;
+}
+
+/// <summary>The parser's messages in the user's terms: value types by name, and the nearest command or option for a typo.</summary>
+internal static partial class ParseErrors
+{
+    [GeneratedRegex(@"^Cannot parse argument '(?<value>.*)' for option '(?<option>[^']*)' as expected type '(?<type>[^']*)'\.?$")]
+    private static partial Regex CannotParse();
+
+    [GeneratedRegex(@"^Unrecognized command or argument '(?<token>.*)'\.?$")]
+    private static partial Regex Unrecognized();
+
+    public static string Friendly(string message, Command command)
+    {
+        var m = CannotParse().Match(message);
+        if (m.Success)
+            return $"{m.Groups["option"].Value}: '{m.Groups["value"].Value}' is not {Expected(m.Groups["type"].Value)}";
+        m = Unrecognized().Match(message);
+        if (m.Success)
+        {
+            string token = m.Groups["token"].Value;
+            var names = command.Subcommands.Select(c => c.Name)
+                .Concat(command.Options.SelectMany(o => o.Aliases.Prepend(o.Name)))
+                .Where(n => !n.StartsWith("-", StringComparison.Ordinal) || token.StartsWith("-", StringComparison.Ordinal));
+            string? best = names.Select(n => (Name: n, Distance: Distance(token, n)))
+                .Where(x => x.Distance <= Math.Max(2, x.Name.Length / 3))
+                .OrderBy(x => x.Distance).Select(x => x.Name).FirstOrDefault();
+            string what = token.StartsWith("-", StringComparison.Ordinal) ? "option" : "command or argument";
+            return $"unrecognized {what} '{token}'" + (best is null ? "" : $" (did you mean '{best}'?)");
+        }
+        return message;
+    }
+
+    private static string Expected(string type)
+    {
+        if (type.Contains("Int32", StringComparison.Ordinal) || type.Contains("Int64", StringComparison.Ordinal)) return "an integer";
+        if (type.Contains("Double", StringComparison.Ordinal) || type.Contains("Single", StringComparison.Ordinal)) return "a number";
+        if (type.Contains("Boolean", StringComparison.Ordinal)) return "true or false";
+        int dot = type.LastIndexOf('.');
+        return "a " + (dot >= 0 ? type[(dot + 1)..] : type).TrimEnd(']');
+    }
+
+    /// <summary>Levenshtein distance (insert, delete, substitute).</summary>
+    internal static int Distance(string a, string b)
+    {
+        var row = new int[b.Length + 1];
+        for (int j = 0; j <= b.Length; j++) row[j] = j;
+        for (int i = 1; i <= a.Length; i++)
+        {
+            int diag = row[0];
+            row[0] = i;
+            for (int j = 1; j <= b.Length; j++)
+            {
+                int up = row[j];
+                row[j] = Math.Min(Math.Min(row[j] + 1, row[j - 1] + 1), diag + (a[i - 1] == b[j - 1] ? 0 : 1));
+                diag = up;
+            }
+        }
+        return row[b.Length];
+    }
 }
