@@ -43,7 +43,7 @@ public static class EstimateCommand
         var device = new Option<string>("--device") { Description = "gpu (CUDA or the emulator) or cpu: where workspaces and paged state live", DefaultValueFactory = _ => "gpu" };
         device.AcceptOnlyFromAmong("gpu", "cuda", "emulator", "cpu");
         var chunk = new Option<int>("--ce-chunk") { Description = "vocabulary rows per cross-entropy chunk", DefaultValueFactory = _ => 8192 };
-        var deviceMemory = new Option<string?>("--device-memory") { Description = "check the plan against this much memory, e.g. 24GiB, 80GB or bytes" };
+        var deviceMemory = new Option<string?>("--device-memory") { Description = "check the plan against this much memory, e.g. 24GiB, 80GB or bytes (exit 1 when it does not fit)" };
         var json = new Option<bool>("--json") { Description = "print every category in bytes and total_bytes as JSON" };
         var generate = new Option<bool>("--generate")
         {
@@ -113,7 +113,12 @@ public static class EstimateCommand
                 if (memory is { } im)
                 {
                     if (inferencePlan.Fits(im)) stdout.WriteLine($"fits in {MemoryPlan.FormatBytes(im)} ({MemoryPlan.FormatBytes(im - inferencePlan.TotalBytes)} to spare)");
-                    else stdout.WriteLine(inferencePlan.DoesNotFitMessage(im));
+                    else
+                    {
+                        // The plan is printed; the answer to "does it fit?" is the exit status too (scripts check it).
+                        stdout.WriteLine(inferencePlan.DoesNotFitMessage(im));
+                        return 1;
+                    }
                 }
                 return 0;
             }
@@ -145,7 +150,11 @@ public static class EstimateCommand
             if (memory is { } m)
             {
                 if (plan.Fits(m)) stdout.WriteLine($"fits in {MemoryPlan.FormatBytes(m)} ({MemoryPlan.FormatBytes(m - plan.TotalBytes)} to spare)");
-                else stdout.WriteLine(plan.DoesNotFitMessage(m));
+                else
+                {
+                    stdout.WriteLine(plan.DoesNotFitMessage(m));
+                    return 1;  // a plan that does not fit is a failed check, also for scripts
+                }
             }
             return 0;
         });
