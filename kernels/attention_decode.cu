@@ -119,26 +119,7 @@ NP_UNROLL
                 if (key >= key_end || key > last_vis[e >> 1]) s[n][e] = -INFINITY;
             }
         float alpha[2];
-NP_UNROLL
-        for (int r = 0; r < 2; ++r)
-        {
-            float mx = fmaxf(m_row[r], fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1])));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float base = mx == -INFINITY ? 0.0f : mx * sl2;
-            alpha[r] = m_row[r] == -INFINITY ? 0.0f : npmma::fast_exp2(m_row[r] * sl2 - base);
-            m_row[r] = mx;
-            float sum = 0.0f;
-NP_UNROLL
-            for (int n = 0; n < 2; ++n)
-            {
-                const float p0 = npmma::fast_exp2(s[n][2 * r] * sl2 - base), p1 = npmma::fast_exp2(s[n][2 * r + 1] * sl2 - base);
-                s[n][2 * r] = p0;
-                s[n][2 * r + 1] = p1;
-                sum += p0 + p1;
-            }
-            l_row[r] = l_row[r] * alpha[r] + sum;
-        }
+        online_softmax<2>(s, m_row, l_row, alpha, sl2);
         uint32_t pa[4];
         acc_to_a(pa, s[0], s[1]);
 NP_UNROLL

@@ -164,30 +164,7 @@ NP_UNROLL
 
         // Online softmax per row (e < 2: row g, e >= 2: row g + 8).
         float alpha[2];
-NP_UNROLL
-        for (int r = 0; r < 2; ++r)
-        {
-            float mx = m_row[r];
-NP_UNROLL
-            for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            // A row that has seen no key yet keeps m = -inf; use 0 as the base so that p = 2^-inf = 0, not NaN.
-            const float base = mx == -INFINITY ? 0.0f : mx * sl2;
-            alpha[r] = m_row[r] == -INFINITY ? 0.0f : npmma::fast_exp2(m_row[r] * sl2 - base);
-            m_row[r] = mx;
-            float sum = 0.0f;
-NP_UNROLL
-            for (int n = 0; n < NT; ++n)
-            {
-                const float p0 = npmma::fast_exp2(s[n][2 * r] * sl2 - base);
-                const float p1 = npmma::fast_exp2(s[n][2 * r + 1] * sl2 - base);
-                s[n][2 * r] = p0;
-                s[n][2 * r + 1] = p1;
-                sum += p0 + p1;
-            }
-            l_row[r] = l_row[r] * alpha[r] + sum;
-        }
+        online_softmax<NT>(s, m_row, l_row, alpha, sl2);
 NP_UNROLL
         for (int i = 0; i < DT; ++i)
         {

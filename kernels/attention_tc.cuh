@@ -86,6 +86,39 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4],
     a[3] = npmma::pack_bf16(hi[2], hi[3]);
 }
 
+// One online-softmax step (FA2) over NT n8 tiles of raw scores s of a warp's 16 rows (e < 2: row g, e >= 2: row
+// g + 8; masked scores -inf): the rows' running max m (raw units) and this lane's partial sum l are updated, s
+// becomes p = 2^(s * sl2 - m * sl2) in place (sl2 = scale * log2 e), and alpha is what the rows' O must be scaled
+// by. A row that has seen no key keeps m = -inf and uses 0 as the base, so p = 2^-inf = 0, never NaN.
+template <int NT>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&m_row)[2], float (&l_row)[2], float (&alpha)[2],
+                                               float sl2)
+{
+NP_UNROLL
+    for (int r = 0; r < 2; ++r)
+    {
+        float mx = m_row[r];
+NP_UNROLL
+        for (int n = 0; n < NT; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float base = mx == -INFINITY ? 0.0f : mx * sl2;
+        alpha[r] = m_row[r] == -INFINITY ? 0.0f : npmma::fast_exp2(m_row[r] * sl2 - base);
+        m_row[r] = mx;
+        float sum = 0.0f;
+NP_UNROLL
+        for (int n = 0; n < NT; ++n)
+        {
+            const float p0 = npmma::fast_exp2(s[n][2 * r] * sl2 - base);
+            const float p1 = npmma::fast_exp2(s[n][2 * r + 1] * sl2 - base);
+            s[n][2 * r] = p0;
+            s[n][2 * r + 1] = p1;
+            sum += p0 + p1;
+        }
+        l_row[r] = l_row[r] * alpha[r] + sum;
+    }
+}
+
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
 {
     const uint32_t b[2] = {b0, b1};
