@@ -3,6 +3,8 @@
 //   rstd[n]   = 1 / sqrt(mean_c(x[n,c]^2) + eps)                  (fp32, saved for the backward)
 //   y[n,c]    = w[c] * (x[n,c] * rstd[n])                          (fp32, one rounding to T)
 //   dx[n,c]   = rstd[n] * (w[c]*dy[n,c]) - x[n,c] * (rstd[n]^3 * dot[n] / C),  dot[n] = sum_c w*dy*x
+//               (or dx[n,c] += that, accumulate != 0: the residual stream's gradient takes the norm's in the
+//               same pass, one rounding of the fp32 sum, instead of a separate buffer and an add)
 //   dw[c]    += sum_n dy[n,c] * (x[n,c] * rstd[n])                 (fp32 accumulator, +=)
 //
 // T (x, w, y, dy, dx) is float or __nv_bfloat16; every value is widened to fp32 and all math and
@@ -79,11 +81,12 @@ __device__ void forward_body(const T* x, const T* __restrict__ w, T* y,
 
 // ---------------------------------------------------------------------------------------------
 // Backward, dx. Launch shape: as the forward (grid = N, block = min(256, 32 * ceil(C / 32))).
-// dot = block_sum(w*dy*x); dx = r*(w*dy) - x*(r^3 * dot / C). dx is overwritten (may alias dy).
+// dot = block_sum(w*dy*x); dx = r*(w*dy) - x*(r^3 * dot / C). dx is overwritten (may alias dy), or with
+// accumulate the result is added to dx in fp32 and rounded once (dx must not alias dy or x then: the host checks).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 __device__ void backward_body(const T* __restrict__ x, const T* __restrict__ w, const T* dy,
-                              const float* __restrict__ rstd, T* dx, int C)
+                              const float* __restrict__ rstd, T* dx, int C, int accumulate)
 {
     __shared__ float s_partial[32];
     const long long row = (long long)blockIdx.x * C;
@@ -101,7 +104,8 @@ __device__ void backward_body(const T* __restrict__ x, const T* __restrict__ w, 
     for (int c = (int)threadIdx.x; c < C; c += (int)blockDim.x)
     {
         const float g = to_f32(w[c]) * to_f32(dyr[c]);
-        dxr[c] = from_f32<T>(r * g - to_f32(xr[c]) * k);
+        const float v = r * g - to_f32(xr[c]) * k;
+        dxr[c] = from_f32<T>(accumulate ? to_f32(dxr[c]) + v : v);
     }
 }
 
@@ -149,13 +153,13 @@ extern "C" __global__ void rmsnorm_forward_bf16(const __nv_bfloat16* x, const __
 { if ((int)blockIdx.x < N) rmsk::forward_body<__nv_bfloat16>(x, w, y, rstd, C, eps); }
 EMU_REGISTER(rmsnorm_forward_bf16)
 
-// rmsnorm_backward_{f32,bf16}(x[N,C], w[C], dy[N,C], rstd[N], dx[N,C], N, C)
+// rmsnorm_backward_{f32,bf16}(x[N,C], w[C], dy[N,C], rstd[N], dx[N,C], N, C, accumulate)
 // Launch: grid N, block min(256, 32*ceil(C/32)), shared 0.
-extern "C" __global__ void rmsnorm_backward_f32(const float* x, const float* w, const float* dy, const float* rstd, float* dx, int N, int C)
-{ if ((int)blockIdx.x < N) rmsk::backward_body<float>(x, w, dy, rstd, dx, C); }
+extern "C" __global__ void rmsnorm_backward_f32(const float* x, const float* w, const float* dy, const float* rstd, float* dx, int N, int C, int accumulate)
+{ if ((int)blockIdx.x < N) rmsk::backward_body<float>(x, w, dy, rstd, dx, C, accumulate); }
 EMU_REGISTER(rmsnorm_backward_f32)
-extern "C" __global__ void rmsnorm_backward_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* dy, const float* rstd, __nv_bfloat16* dx, int N, int C)
-{ if ((int)blockIdx.x < N) rmsk::backward_body<__nv_bfloat16>(x, w, dy, rstd, dx, C); }
+extern "C" __global__ void rmsnorm_backward_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* dy, const float* rstd, __nv_bfloat16* dx, int N, int C, int accumulate)
+{ if ((int)blockIdx.x < N) rmsk::backward_body<__nv_bfloat16>(x, w, dy, rstd, dx, C, accumulate); }
 EMU_REGISTER(rmsnorm_backward_bf16)
 
 // rmsnorm_backward_dw_{f32,bf16}(x[N,C], dy[N,C], rstd[N], dw[C] f32 (+=), N, C)

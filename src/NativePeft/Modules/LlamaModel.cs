@@ -651,8 +651,7 @@ public sealed partial class LlamaModel : IDisposable
         _ops.SwiGluBackward(a.DA, s.G, s.U, a.DG, a.DU);
         layer.GateProj.Backward(s.N2, a.DG, a.DN, false);
         layer.UpProj.Backward(s.N2, a.DU, a.DN, true);
-        _ops.RmsNormBackward(a.DN, s.H, layer.PostAttentionLayernorm, s.Rstd2, a.DTmp, layer.PostAttentionLayernormGrad);
-        _ops.Add(a.DRes, a.DTmp, a.DRes);
+        _ops.RmsNormBackward(a.DN, s.H, layer.PostAttentionLayernorm, s.Rstd2, a.DRes, layer.PostAttentionLayernormGrad, accumulate: true);
         // attention: h = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x)
         layer.OProj.Backward(s.Att, a.DRes, a.DAtt, false);
         _ops.AttentionBackward(a.DAtt, s.Q, s.K, s.V, s.Att, s.Lse, a.DQ, a.DK, a.DV, a.B, a.T, Hq, Hkv, D, a.Packed ? a.Positions : null);
@@ -661,8 +660,7 @@ public sealed partial class LlamaModel : IDisposable
         layer.QProj.Backward(s.N1, a.DQ, a.DN, false);
         layer.KProj.Backward(s.N1, a.DK, a.DN, true);
         layer.VProj.Backward(s.N1, a.DV, a.DN, true);
-        _ops.RmsNormBackward(a.DN, x, layer.InputLayernorm, s.Rstd1, a.DTmp, layer.InputLayernormGrad);
-        _ops.Add(a.DRes, a.DTmp, a.DRes);
+        _ops.RmsNormBackward(a.DN, x, layer.InputLayernorm, s.Rstd1, a.DRes, layer.InputLayernormGrad, accumulate: true);
     }
 
     // ------------------------------------------------------------------------------------------ buffers
@@ -770,7 +768,7 @@ public sealed partial class LlamaModel : IDisposable
         private readonly BlockActivations[] _blocks;
         private readonly bool _recompute;
         public readonly Tensor NormOut, RstdF, CeLse;
-        public readonly Tensor DRes, DTmp, DN, DAtt, DQ, DK, DV, DA, DG, DU;
+        public readonly Tensor DRes, DN, DAtt, DQ, DK, DV, DA, DG, DU;
 
         public Activations(LlamaModel model, TensorArena m, int batch, int seqLen)
         {
@@ -794,7 +792,6 @@ public sealed partial class LlamaModel : IDisposable
             RstdF = m.Allocate(st, N);
             CeLse = m.Allocate(st, N);
             DRes = m.Allocate(d, N, c.HiddenSize);
-            DTmp = m.Allocate(d, N, c.HiddenSize);
             DN = m.Allocate(d, N, c.HiddenSize);
             DAtt = m.Allocate(d, N, c.QueryDim);
             DQ = m.Allocate(d, N, c.QueryDim);

@@ -22,8 +22,8 @@ public sealed class DropoutContext
 }
 
 /// <summary>
-/// Workspace of the LoRA layers of one model, sized for the current number of tokens N: dropout(x) and its mask
-/// [N, max in], xa = dropout(x)·Aᵀ and its gradient [N, max r], and dx of the adapter path [N, max in], all in the
+/// Workspace of the LoRA layers of one model, sized for the current number of tokens N: xa = dropout(x)·Aᵀ and its
+/// gradient [N, max r]; with dropout also dropout(x), its mask and dx of the adapter path [N, max in]; all in the
 /// compute dtype. With BF16 compute (fp32 adapters) also the bf16 working copies of one layer's A [max r · max in]
 /// and B [max out · max r]. Shared by every layer (each uses it only inside its own Forward / Backward).
 /// </summary>
@@ -39,17 +39,18 @@ public sealed class LoraScratch
     /// <summary>lora_B rounded to the compute dtype (mixed precision only).</summary>
     public Tensor? BWork { get; internal set; }
 
-    /// <summary>The per-batch buffers; dropout(x) and its mask only when some layer has lora_dropout &gt; 0.</summary>
+    /// <summary>The per-batch buffers; dropout(x), its mask and the adapter's dx only when some layer has
+    /// lora_dropout &gt; 0 (without dropout the adapter's dx = dxa · A is accumulated into the layer's dx by the GEMM).</summary>
     internal void Allocate(TensorArena arena, DType dtype, int tokens, int maxIn, int maxRank, bool dropout)
     {
         if (dropout)
         {
             Dropped = arena.Allocate(dtype, tokens * maxIn);
             Mask = arena.Allocate(DType.U8, tokens * maxIn);
+            DIn = arena.Allocate(dtype, tokens * maxIn);
         }
         Xa = arena.Allocate(dtype, tokens * maxRank);
         DXa = arena.Allocate(dtype, tokens * maxRank);
-        DIn = arena.Allocate(dtype, tokens * maxIn);
     }
 
     /// <summary>The working copies of A and B in <paramref name="dtype"/> (when the adapters are kept wider).</summary>
@@ -173,13 +174,18 @@ public sealed class LoraLinear : ILinearLayer
         var (loraA, loraB) = Adapters(x.DType);
         var xa = LoraScratch.View(_scratch.Xa, n, Rank, "xa");
         var dxa = LoraScratch.View(_scratch.DXa, n, Rank, "dxa");
-        var din = LoraScratch.View(_scratch.DIn, n, InFeatures, "dx");
         _ops.Matmul(dropped, false, loraA, true, xa);                 // recompute xa [N, r]
         _ops.Matmul(dy, true, xa, false, LoraBGrad, Scaling, 1);      // dB += scaling · dyᵀ · xa
         _ops.Matmul(dy, false, loraB, false, dxa, Scaling, 0);        // dxa = scaling · dy · B
         _ops.Matmul(dxa, true, dropped, false, LoraAGrad, 1, 1);      // dA += dxaᵀ · dropout(x)
+        if (mask is null)
+        {
+            _ops.Matmul(dxa, false, loraA, false, dx, 1, 1);           // dx += dxa · A, in the GEMM (beta = 1)
+            return;
+        }
+        var din = LoraScratch.View(_scratch.DIn, n, InFeatures, "dx");
         _ops.Matmul(dxa, false, loraA, false, din);                   // d dropout(x) = dxa · A
-        if (mask is not null) _ops.DropoutBackward(din, mask, DropoutP, din);
+        _ops.DropoutBackward(din, mask, DropoutP, din);
         _ops.Add(dx, din, dx);
     }
 

@@ -295,13 +295,15 @@ public sealed unsafe class CpuOps : IOps
             RmsNormRef.Forward<double>(S<double>(x), S<double>(weight), S<double>(y), S<double>(rstd), rows, cols, eps);
     }
 
-    public void RmsNormBackward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight)
+    public void RmsNormBackward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight, bool accumulate = false)
     {
         int rows = x.Rows, cols = x.Columns;
+        if (accumulate && (dx.Data == dy.Data || dx.Data == x.Data))
+            throw new ArgumentException("dx: accumulating into dx needs a buffer apart from dy and x", nameof(dx));
         if (Compute("RmsNormBackward", dy, x, weight, rstd, dx, dweight) == DType.F32)
-            RmsNormRef.Backward<float>(S<float>(dy), S<float>(x), S<float>(weight), S<float>(rstd), S<float>(dx), dweight is null ? default : S<float>(dweight), rows, cols);
+            RmsNormRef.Backward<float>(S<float>(dy), S<float>(x), S<float>(weight), S<float>(rstd), S<float>(dx), dweight is null ? default : S<float>(dweight), rows, cols, accumulate);
         else
-            RmsNormRef.Backward<double>(S<double>(dy), S<double>(x), S<double>(weight), S<double>(rstd), S<double>(dx), dweight is null ? default : S<double>(dweight), rows, cols);
+            RmsNormRef.Backward<double>(S<double>(dy), S<double>(x), S<double>(weight), S<double>(rstd), S<double>(dx), dweight is null ? default : S<double>(dweight), rows, cols, accumulate);
     }
 
     public void RopeForward(Tensor x, Tensor positions, Tensor cos, Tensor sin, int heads, int headDim) => Rope(x, positions, cos, sin, heads, headDim, false);

@@ -224,12 +224,12 @@ public sealed unsafe class GpuOps : IOps
         _tx.RmsNormForward(Compute("RmsNormForward", x, weight, y), x.Data, weight.Data, y.Data, rstd.Data, x.Rows, x.Columns, (float)eps);
     }
 
-    public void RmsNormBackward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight)
+    public void RmsNormBackward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight, bool accumulate = false)
     {
         RequireF32(rstd, nameof(rstd));
         if (dweight is not null) RequireF32(dweight, nameof(dweight));
         _tx.RmsNormBackward(Compute("RmsNormBackward", dy, x, weight, dx), x.Data, weight.Data, dy.Data, rstd.Data, dx.Data,
-            dweight?.Data ?? DevicePtr.Null, x.Rows, x.Columns);
+            dweight?.Data ?? DevicePtr.Null, x.Rows, x.Columns, accumulate);
     }
 
     public void RopeForward(Tensor x, Tensor positions, Tensor cos, Tensor sin, int heads, int headDim)

@@ -117,10 +117,11 @@ public sealed class GpuTransformerOps
     /// RMSNorm backward: dx[rows, hidden] (overwritten, dtype; may alias dy) from x, w, dy and the forward's rstd;
     /// and dw[hidden] fp32 += sum over rows of dy * x * rstd. Either output may be null to skip it
     /// (two kernels: rmsnorm_backward for dx, rmsnorm_backward_dw for dw; dw is launched first, so dx may
-    /// alias dy).
+    /// alias dy). With <paramref name="accumulate"/> dx += the gradient (summed in fp32, rounded once); dx must then
+    /// not alias dy or x.
     /// </summary>
     public void RmsNormBackward(DType dtype, DevicePtr x, DevicePtr w, DevicePtr dy, DevicePtr rstd, DevicePtr dx, DevicePtr dw,
-                                int rows, int hidden)
+                                int rows, int hidden, bool accumulate = false)
     {
         string suffix = DTypeSuffix(dtype);
         CheckCount(rows, nameof(rows));
@@ -137,7 +138,9 @@ public sealed class GpuTransformerOps
         if (!dx.IsNull)
         {
             CheckPtr(w, nameof(w));
-            _gpu.Launch($"rmsnorm_backward_{suffix}", rows, RowBlockThreads(hidden), 0, x, w, dy, rstd, dx, rows, hidden);
+            if (accumulate && (dx == dy || dx == x))
+                throw new ArgumentException("dx: accumulating into dx needs a buffer apart from dy and x", nameof(dx));
+            _gpu.Launch($"rmsnorm_backward_{suffix}", rows, RowBlockThreads(hidden), 0, x, w, dy, rstd, dx, rows, hidden, accumulate ? 1 : 0);
         }
     }
 

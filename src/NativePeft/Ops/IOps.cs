@@ -59,8 +59,9 @@ public interface IOps : IDisposable
     // --- transformer ops (semantics: ops/Reference/*Ref.cs) --------------------------------------
     /// <summary>y = weight · x · rstd per row; x, y [N, C] (y may be x), weight [C], rstd [N] (saved for the backward).</summary>
     void RmsNormForward(Tensor x, Tensor weight, Tensor y, Tensor rstd, double eps);
-    /// <summary>dx (overwritten); dweight accumulates (null: frozen weight).</summary>
-    void RmsNormBackward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight);
+    /// <summary>dx (overwritten, or += with <paramref name="accumulate"/>: the residual stream's gradient takes the
+    /// norm's in the same pass, dx then apart from dy and x); dweight accumulates (null: frozen weight).</summary>
+    void RmsNormBackward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, Tensor dx, Tensor? dweight, bool accumulate = false);
 
     /// <summary>
     /// HF rotate_half RoPE in place on x [N, heads · headDim], token n at row positions[n] (I32) of the tables

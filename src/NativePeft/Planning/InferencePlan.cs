@@ -259,11 +259,11 @@ public sealed class InferencePlan
                          + Bytes(d, N * QD) + Bytes(stat, N * c.NumAttentionHeads) + 2 * Bytes(d, N * C) + Bytes(stat, N) + 3 * Bytes(d, N * I);
             acts += L * block;
             acts += Bytes(d, N * C) + 2 * Bytes(stat, N);
-            acts += 3 * Bytes(d, N * C) + 2 * Bytes(d, N * QD) + 2 * Bytes(d, N * KVD) + 3 * Bytes(d, N * I);
+            acts += 2 * Bytes(d, N * C) + 2 * Bytes(d, N * QD) + 2 * Bytes(d, N * KVD) + 3 * Bytes(d, N * I);
             if (anyLora)
             {
-                acts += Bytes(d, N * maxIn) + 2 * Bytes(d, N * maxRank)
-                        + (o.LoraDropout > 0 ? Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) : 0);
+                acts += 2 * Bytes(d, N * maxRank)
+                        + (o.LoraDropout > 0 ? 2 * Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) : 0);
                 if (adapterDType != d) acts += Bytes(d, maxRank * maxIn) + Bytes(d, maxOut * maxRank);
             }
             ActivationBytes = acts;

@@ -268,13 +268,13 @@ public sealed class MemoryPlan
                      + 3 * Bytes(d, N * I);                                              // gate, up, silu·up
         acts += (o.Recompute ? 1 : L) * block;
         acts += Bytes(d, N * C) + 2 * Bytes(stat, N);                                    // final norm out, rstd, loss lse
-        acts += 3 * Bytes(d, N * C) + 2 * Bytes(d, N * QD) + 2 * Bytes(d, N * KVD) + 3 * Bytes(d, N * I); // backward buffers
+        acts += 2 * Bytes(d, N * C) + 2 * Bytes(d, N * QD) + 2 * Bytes(d, N * KVD) + 3 * Bytes(d, N * I); // backward buffers
         long loraScratch = 0;
         if (lora && maxIn > 0)
         {
-            // dx [N, max in], xa and dxa [N, max r]; with lora_dropout > 0 also dropout(x) and its U8 mask [N, max in].
-            loraScratch = Bytes(d, N * maxIn) + 2 * Bytes(d, N * maxRank)
-                          + (o.Dropout > 0 ? Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) : 0);
+            // xa and dxa [N, max r]; with lora_dropout > 0 also dropout(x), its U8 mask and the adapter's dx [N, max in].
+            loraScratch = 2 * Bytes(d, N * maxRank)
+                          + (o.Dropout > 0 ? 2 * Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) : 0);
             // Mixed precision: the bf16 working copies of one layer's A [max r, max in] and B [max out, max r].
             if (adapterDType != d) loraScratch += Bytes(d, maxRank * maxIn) + Bytes(d, maxOut * maxRank);
         }

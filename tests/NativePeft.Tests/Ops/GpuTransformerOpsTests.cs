@@ -221,6 +221,47 @@ public sealed class GpuTransformerOpsTests(string device) : DeviceFixture<GpuTra
     }
 
     [Test]
+    public void RmsNormBackwardAccumulatesIntoDx([ValueSource(nameof(DTypes))] DType dtype)
+    {
+        // The residual stream's gradient takes the norm's in the kernel (dx += ...), summed in fp32 and rounded once.
+        const int n = 5, c = 200;
+        float[] x = Representable(Normal(n * c, seed: 41), dtype);
+        float[] w = Representable(Normal(c, seed: 42, scale: 0.5), dtype);
+        float[] dy = Representable(Normal(n * c, seed: 43), dtype);
+        float[] dx0 = Representable(Normal(n * c, seed: 44, scale: 3), dtype);
+        (_, double[] r64) = RmsForward64(x, w, n, c, 1e-5);
+        float[] rstd = r64.Select(v => (float)v).ToArray();
+        DevicePtr dX = Upload(x, dtype), dW = Upload(w, dtype), dDy = Upload(dy, dtype), dR = Upload(rstd, DType.F32);
+        DevicePtr dDx = Upload(dx0, dtype);
+        Ops.RmsNormBackward(dtype, dX, dW, dDy, dR, dDx, DevicePtr.Null, n, c, accumulate: true);
+        Gpu.Synchronize();
+        float[] got = Download(dDx, n * c, dtype);
+
+        // float64, written out here: dx0 + rstd·w·dy − x·rstd³·(Σ w·dy·x)/C
+        var want = new double[n * c];
+        var mag = new double[n * c];
+        for (int r = 0; r < n; r++)
+        {
+            double rs = rstd[r], dot = 0, dotAbs = 0;
+            for (int j = 0; j < c; j++) { double t = (double)w[j] * dy[r * c + j] * x[r * c + j]; dot += t; dotAbs += Math.Abs(t); }
+            for (int j = 0; j < c; j++)
+            {
+                int e = r * c + j;
+                double g = (double)w[j] * dy[e];
+                want[e] = dx0[e] + (rs * g - x[e] * (rs * rs * rs * dot / c));
+                mag[e] = Math.Abs(dx0[e]) + rs * Math.Abs(g) + Math.Abs(x[e]) * (rs * rs * rs * dotAbs / c);
+            }
+        }
+        AssertClose(got, want, mag, dtype, RmsBoundUlps(c) + 8, "dx0 + norm gradient");
+        // and it did add: without dx0 the result is far from it
+        double moved = got.Select((v, i) => Math.Abs(v - (want[i] - dx0[i]))).Max();
+        Assert.That(moved, Is.GreaterThan(1.0), "dx0 was added, not overwritten");
+
+        Assert.Throws<ArgumentException>(() => Ops.RmsNormBackward(dtype, dX, dW, dDy, dR, dDy, DevicePtr.Null, n, c, accumulate: true),
+            "accumulating over dy is refused");
+    }
+
+    [Test]
     public void RmsNormBackwardSkipsNullOutputsAndDxMayAliasDy()
     {
         const int n = 4, c = 40;

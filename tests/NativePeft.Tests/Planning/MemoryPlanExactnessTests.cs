@@ -82,12 +82,13 @@ public class MemoryPlanExactnessTests(string device)
     [Test]
     public void LoraDropoutAddsItsInputCopyAndMaskOnlyWhenOn()
     {
-        // dropout(x) [N, max in] in the compute dtype and its U8 mask [N, max in]: N = 2·5 tokens, max in = 128 (down_proj's
-        // intermediate size), fp32 — 10·128·(4 + 1) = 6400 bytes, and nothing at lora_dropout 0 (PEFT's default).
+        // dropout(x) [N, max in] in the compute dtype, its U8 mask and the adapter's dx [N, max in] (without dropout dx is
+        // accumulated by the GEMM, no buffer): N = 2·5 tokens, max in = 128 (down_proj's intermediate size), fp32 —
+        // 10·128·(4 + 1 + 4) = 11520 bytes, and nothing at lora_dropout 0 (PEFT's default).
         var off = MemoryPlan.Compute(Config, new PlanOptions { Batch = B, Seq = T, Rank = 4, Device = Device });
         var on = MemoryPlan.Compute(Config, off.Options with { Dropout = 0.05 });
-        Assert.That(on.ActivationBytes - off.ActivationBytes, Is.EqualTo(B * T * 128 * (4 + 1)));
-        Assert.That(on.LoraScratchBytes - off.LoraScratchBytes, Is.EqualTo(B * T * 128 * (4 + 1)));
+        Assert.That(on.ActivationBytes - off.ActivationBytes, Is.EqualTo(B * T * 128 * (4 + 1 + 4)));
+        Assert.That(on.LoraScratchBytes - off.LoraScratchBytes, Is.EqualTo(B * T * 128 * (4 + 1 + 4)));
     }
 
     [TestCaseSource(nameof(Cases))]

@@ -45,10 +45,11 @@ public static class RmsNormRef
     /// <paramref name="rstd"/>, overwrites <paramref name="dx"/> <c>[rows, cols]</c> with
     /// <c>dx[c] = rstd·w[c]·dy[c] − rstd³/cols · x[c] · Σ_j w[j]·dy[j]·x[j]</c> (dx may alias dy exactly) and, when
     /// <paramref name="dweight"/> is not empty, ACCUMULATES <c>dweight[c] += Σ_n dy[n,c]·x[n,c]·rstd[n]</c>
-    /// (summed over rows in order in double, added once). Allocates one double[cols] when dweight is given.
+    /// (summed over rows in order in double, added once). Allocates one double[cols] when dweight is given. With
+    /// <paramref name="accumulate"/>, dx += the gradient instead (the sum in double, rounded once; dx apart from dy).
     /// </summary>
     public static void Backward<T>(ReadOnlySpan<T> dy, ReadOnlySpan<T> x, ReadOnlySpan<T> weight, ReadOnlySpan<T> rstd,
-        Span<T> dx, Span<T> dweight, int rows, int cols) where T : unmanaged, IFloatingPointIeee754<T>
+        Span<T> dx, Span<T> dweight, int rows, int cols, bool accumulate = false) where T : unmanaged, IFloatingPointIeee754<T>
     {
         NonNegative(rows, nameof(rows));
         Positive(cols, nameof(cols));
@@ -70,7 +71,10 @@ public static class RmsNormRef
             for (int c = 0; c < cols; c++) dot += D(weight[c]) * D(dyr[c]) * D(xr[c]);
             if (dwSum != null) AccumulateWeightGrad(dwSum, dyr, xr, r);
             double k = r * r * r * dot / cols;
-            for (int c = 0; c < cols; c++) dxr[c] = R<T>(r * D(weight[c]) * D(dyr[c]) - k * D(xr[c]));
+            if (accumulate)
+                for (int c = 0; c < cols; c++) dxr[c] = R<T>(D(dxr[c]) + (r * D(weight[c]) * D(dyr[c]) - k * D(xr[c])));
+            else
+                for (int c = 0; c < cols; c++) dxr[c] = R<T>(r * D(weight[c]) * D(dyr[c]) - k * D(xr[c]));
         }
         if (dwSum != null)
             for (int c = 0; c < cols; c++) dweight[c] = R<T>(D(dweight[c]) + dwSum[c]);
