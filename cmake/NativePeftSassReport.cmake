@@ -1,13 +1,15 @@
 # NativePeftSassReport.cmake: the static profile of one kernels/*.cu for one real architecture, read from
 # the SASS nvcc put in its fatbin (no second compile). One line per kernel:
 #
-#   kernel registers stack local spill_stores spill_loads instructions HMMA LDSM LDGSTS STL LDL BAR
+#   kernel registers stack local spill_stores spill_loads instructions HMMA LDSM LDGSTS STL LDL BAR LDG128 STG128
 #
 #   registers, stack, local   cuobjdump -res-usage (REG, STACK, LOCAL)
 #   spill_stores, spill_loads ptxas -v of the fatbin build (PTXAS_LOG), "-" when the log has no figures
 #   instructions, HMMA ...    cuobjdump -sass: instructions per kernel, and those whose opcode is HMMA
 #                             (mma.sync), LDSM (ldmatrix), LDGSTS (cp.async), STL/LDL (local memory:
 #                             spills), BAR (bar.sync); predicated instructions count
+#   LDG128, STG128            global loads / stores of 16 bytes (LDG/STG with a .128 modifier): the
+#                             vectorized memory-bound kernels
 #
 #   cmake -DCUOBJDUMP=<cuobjdump> -DFATBIN=<f.fatbin> -DARCH=90 [-DPTXAS_LOG=<log>] -DOUT=<report> -P <this>
 #   cmake -DSASS_FILE=<sass.txt> -DRES_FILE=<res.txt> -DARCH=90 [-DPTXAS_LOG=<log>] -DOUT=<report> -P <this>
@@ -40,7 +42,7 @@ endif()
 # SASS: "Function : <name>" opens a kernel; an instruction line is "/*0a90*/  [@!UP0 ]OPCODE.modifiers ...".
 # The encoding lines ("/* 0x... */") have a space after "/*" and do not match. The matches contain no ';'
 # or '[', so they form a clean CMake list.
-string(REGEX MATCHALL "Function : [A-Za-z0-9_$]+|/\\*[0-9a-f]+\\*/[ \t]+(@!?U?P[T0-9][ \t]+)?[A-Z][A-Z0-9_]*"
+string(REGEX MATCHALL "Function : [A-Za-z0-9_$]+|/\\*[0-9a-f]+\\*/[ \t]+(@!?U?P[T0-9][ \t]+)?[A-Z][A-Z0-9_.]*"
        tokens "${sass}")
 set(kernels "")
 set(current "")
@@ -49,9 +51,12 @@ foreach(t IN LISTS tokens)
     set(current "${CMAKE_MATCH_1}")
     list(APPEND kernels "${current}")
     set(ops_${current} "")
+    set(full_${current} "")
   elseif(current)
-    string(REGEX REPLACE "^.*[ \t]" "" op "${t}")
+    string(REGEX REPLACE "^.*[ \t]" "" full "${t}")
+    string(REGEX REPLACE "\\..*$" "" op "${full}")
     list(APPEND ops_${current} "${op}")
+    list(APPEND full_${current} "${full}")
   endif()
 endforeach()
 
@@ -98,7 +103,7 @@ endif()
 set(text "# NativePeft static kernel profile: ${source}, sm_${ARCH}\n")
 string(APPEND text "# generated at build time by cmake/NativePeftSassReport.cmake (cuobjdump -sass/-res-usage, ptxas -v); do not edit\n")
 list(JOIN opcodes " " opcode_columns)
-string(APPEND text "kernel registers stack local spill_stores spill_loads instructions ${opcode_columns}\n")
+string(APPEND text "kernel registers stack local spill_stores spill_loads instructions ${opcode_columns} LDG128 STG128\n")
 list(SORT kernels)
 foreach(k IN LISTS kernels)
   set(line "${k}")
@@ -114,6 +119,12 @@ foreach(k IN LISTS kernels)
   foreach(op IN LISTS opcodes)
     set(matching ${ops_${k}})
     list(FILTER matching INCLUDE REGEX "^${op}$")
+    list(LENGTH matching n)
+    string(APPEND line " ${n}")
+  endforeach()
+  foreach(op LDG STG)
+    set(matching ${full_${k}})
+    list(FILTER matching INCLUDE REGEX "^${op}\\.(.*\\.)?128(\\..*)?$")
     list(LENGTH matching n)
     string(APPEND line " ${n}")
   endforeach()

@@ -27,3 +27,54 @@
 #else
 #define NP_UNROLL _Pragma("GCC unroll 64")
 #endif
+
+// --- 16-byte vector access --------------------------------------------------------------------
+// Memory-bound kernels move 16 bytes per load/store instruction where the data allows it (LDG.E.128 /
+// STG.E.128): a warp of 2-byte loads keeps too few bytes in flight to reach HBM bandwidth. npvec::load8 /
+// store8 read and write 8 consecutive elements (one 16-byte access for bf16/f16, two for f32) as fp32,
+// converting exactly as the scalar paths do (bf16 -> f32 is exact; f32 -> bf16/f16 rounds to nearest even),
+// so a kernel's vector path and its scalar fallback give identical bits. The caller checks alignment
+// (npvec::aligned16 on every pointer of the vector path) and falls back to its scalar loop otherwise.
+namespace npvec {
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0; }
+
+__device__ __forceinline__ void unpack_bf16x2(unsigned int w, float& lo, float& hi)
+{
+    lo = __uint_as_float(w << 16);
+    hi = __uint_as_float(w & 0xffff0000u);
+}
+__device__ __forceinline__ unsigned int pack_bf16x2(float lo, float hi)
+{
+    return (unsigned int)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) | ((unsigned int)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
+}
+__device__ __forceinline__ unsigned int pack_f16x2(float lo, float hi)
+{
+    return (unsigned int)__half_as_ushort(__float2half_rn(lo)) | ((unsigned int)__half_as_ushort(__float2half_rn(hi)) << 16);
+}
+
+__device__ __forceinline__ void load8(const float* p, float (&f)[8])
+{
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&f)[8])
+{
+    const uint4 r = *reinterpret_cast<const uint4*>(p);
+    unpack_bf16x2(r.x, f[0], f[1]); unpack_bf16x2(r.y, f[2], f[3]); unpack_bf16x2(r.z, f[4], f[5]); unpack_bf16x2(r.w, f[6], f[7]);
+}
+__device__ __forceinline__ void store8(float* p, const float (&f)[8])
+{
+    reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float (&f)[8])
+{
+    *reinterpret_cast<uint4*>(p) = make_uint4(pack_bf16x2(f[0], f[1]), pack_bf16x2(f[2], f[3]), pack_bf16x2(f[4], f[5]), pack_bf16x2(f[6], f[7]));
+}
+__device__ __forceinline__ void store8(__half* p, const float (&f)[8])
+{
+    *reinterpret_cast<uint4*>(p) = make_uint4(pack_f16x2(f[0], f[1]), pack_f16x2(f[2], f[3]), pack_f16x2(f[4], f[5]), pack_f16x2(f[6], f[7]));
+}
+
+}  // namespace npvec

@@ -190,12 +190,39 @@ __device__ void quantize_4bit_body(const T* __restrict__ x, float* __restrict__ 
     }
 }
 
+// The dequantize kernels' vector path: 8 packed bytes (one 8-byte load) -> 16 elements (16-byte stores), all
+// in one quantization block (blocksize >= 16, a power of two, and the group starts at a multiple of 16).
+// Taken when packed is 8-byte and out 16-byte aligned; the n % 16 tail and unaligned buffers go element by
+// element. Same arithmetic (code * absmax in fp32, one rounding) on both paths.
+template <typename T>
+__device__ __forceinline__ bool vector16_ok(const uint8_t* packed, const T* out, int blocksize)
+{
+    return blocksize >= 16 && (reinterpret_cast<unsigned long long>(packed) & 7ull) == 0 && npvec::aligned16(out);
+}
+
+template <typename T>
+__device__ __forceinline__ void dequantize16(uint2 q, float s, const float* s_code, T* out)
+{
+    float lo[8], hi[8];
+    const unsigned int w[2] = {q.x, q.y};
+    NP_UNROLL
+    for (int k = 0; k < 8; k++)
+    {
+        const unsigned int byte = (w[k >> 2] >> (8 * (k & 3))) & 0xffu;  // little-endian: packed byte k
+        float* dst = k < 4 ? lo : hi;
+        dst[2 * (k & 3)] = s_code[byte >> 4] * s;
+        dst[2 * (k & 3) + 1] = s_code[byte & 15] * s;
+    }
+    npvec::store8(out, lo);
+    npvec::store8(out + 8, hi);
+}
+
 // ---------------------------------------------------------------------------------------------
 // dequantize_4bit
 //
-// Launch shape: block = 256 threads, 1-D grid = min(ceil(nbytes / 256), cap), grid-stride over
-// packed bytes: one byte (two elements, same quant block since blocksize is even) per thread per
-// step. out = code[nibble] * absmax[i / blocksize] in fp32, then RNE to T. 64 B shared (code).
+// Launch shape: block = 256 threads, 1-D grid = min(ceil(n / 16 / 256), cap), grid-stride: 8 packed
+// bytes (16 elements) per thread per step on the vector path (vector16_ok), else one byte (two elements,
+// same quant block since blocksize is even) per thread per step. out = code[nibble] * absmax[i / blocksize] in fp32, then RNE to T. 64 B shared (code).
 // ---------------------------------------------------------------------------------------------
 template <int QT, typename T>
 __device__ void dequantize_4bit_body(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
@@ -207,8 +234,21 @@ __device__ void dequantize_4bit_body(const uint8_t* __restrict__ packed, const f
 
     const int shift = log2_pow2(blocksize);
     const long long nbytes = (n + 1) / 2;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < nbytes; j += stride)
+    long long done = 0;  // packed bytes handled by the vector path
+    if (vector16_ok(packed, out, blocksize))
+    {
+        const long long n16 = n / 16;
+        for (long long v = first; v < n16; v += stride)
+        {
+            const long long e = 16 * v;
+            const uint2 q = reinterpret_cast<const uint2*>(packed)[v];
+            dequantize16(q, absmax[e >> shift], s_code, out + e);
+        }
+        done = 8 * n16;
+    }
+    for (long long j = done + first; j < nbytes; j += stride)
     {
         const unsigned int byte = packed[j];
         const long long e = 2 * j;
@@ -244,8 +284,23 @@ __device__ void dequantize_4bit_dq_body(const uint8_t* __restrict__ packed, cons
     const float off = *offset;
     const int shift = log2_pow2(blocksize);
     const long long nbytes = (n + 1) / 2;
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long j = (long long)blockIdx.x * blockDim.x + threadIdx.x; j < nbytes; j += stride)
+    long long done = 0;  // packed bytes handled by the vector path
+    if (vector16_ok(packed, out, blocksize))
+    {
+        const long long n16 = n / 16;
+        for (long long v = first; v < n16; v += stride)
+        {
+            const long long e = 16 * v;
+            const long long b = block0 + (e >> shift);
+            const float s = __fmul_rn(s_code256[qabsmax[b]], nested_absmax[b >> 8]) + off;
+            const uint2 q = reinterpret_cast<const uint2*>(packed)[v];
+            dequantize16(q, s, s_code, out + e);
+        }
+        done = 8 * n16;
+    }
+    for (long long j = done + first; j < nbytes; j += stride)
     {
         const unsigned int byte = packed[j];
         const long long e = 2 * j;

@@ -42,6 +42,32 @@ __device__ void rope_body(T* x, const float* __restrict__ cos_t, const float* __
     const float* sr = sin_t + (long long)p * half;
     T* xr = x + (long long)n * row_stride;
     const int pairs = H * half;
+    // Vector path (half % 8 == 0, row_stride % 8 == 0, x 16-byte aligned, so are the tables' rows): 8
+    // consecutive pairs of one head per thread per step, 16-byte accesses to x and the tables.
+    if ((half & 7) == 0 && (row_stride & 7) == 0 && npvec::aligned16(x) && npvec::aligned16(cos_t) && npvec::aligned16(sin_t))
+    {
+        for (int j = 8 * (int)threadIdx.x; j < pairs; j += 8 * (int)blockDim.x)
+        {
+            const int h = j / half;
+            const int i = j - h * half;
+            T* xh = xr + (long long)h * D;
+            float c[8], sn[8], a[8], b[8], lo[8], hi[8];
+            npvec::load8(cr + i, c);
+            npvec::load8(sr + i, sn);
+            npvec::load8(xh + i, a);
+            npvec::load8(xh + i + half, b);
+            NP_UNROLL
+            for (int k = 0; k < 8; k++)
+            {
+                const float s = Inverse ? -sn[k] : sn[k];
+                lo[k] = a[k] * c[k] - b[k] * s;
+                hi[k] = b[k] * c[k] + a[k] * s;
+            }
+            npvec::store8(xh + i, lo);
+            npvec::store8(xh + i + half, hi);
+        }
+        return;
+    }
     for (int j = (int)threadIdx.x; j < pairs; j += (int)blockDim.x)
     {
         const int h = j / half;

@@ -121,7 +121,7 @@ public sealed class GpuQuantOps
         string kernel = KernelName("dequantize_4bit", quantType, outputDtype);
         if (n == 0)
             return;
-        _gpu.Launch(kernel, Grid(PackedBytes(n), ThreadsPerBlock), ThreadsPerBlock, 0,
+        _gpu.Launch(kernel, Grid(KernelLaunch.CeilDiv(n, 16), ThreadsPerBlock), ThreadsPerBlock, 0, // 16 elements a thread
             packed, absmax, output, n, blocksize);
     }
 
@@ -142,7 +142,7 @@ public sealed class GpuQuantOps
         string kernel = KernelName("dequantize_4bit_dq", quantType, outputDtype);
         if (n == 0)
             return;
-        _gpu.Launch(kernel, Grid(PackedBytes(n), ThreadsPerBlock), ThreadsPerBlock, 0,
+        _gpu.Launch(kernel, Grid(KernelLaunch.CeilDiv(n, 16), ThreadsPerBlock), ThreadsPerBlock, 0, // 16 elements a thread
             packed, qabsmax, code256, nestedAbsmax, offset, output, n, blocksize, firstBlock);
     }
 

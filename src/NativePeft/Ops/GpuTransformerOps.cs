@@ -205,7 +205,7 @@ public sealed class GpuTransformerOps
         if (n == 0)
             return;
         CheckPtr(g, nameof(g)); CheckPtr(u, nameof(u)); CheckPtr(h, nameof(h));
-        _gpu.Launch(kernel, GridStride(n, MaxThreadsPerBlock), MaxThreadsPerBlock, 0, g, u, h, n);
+        _gpu.Launch(kernel, GridStride(KernelLaunch.CeilDiv(n, 8), MaxThreadsPerBlock), MaxThreadsPerBlock, 0, g, u, h, n); // 8 elements a thread
     }
 
     /// <summary>
@@ -219,7 +219,7 @@ public sealed class GpuTransformerOps
         if (n == 0)
             return;
         CheckPtr(g, nameof(g)); CheckPtr(u, nameof(u)); CheckPtr(dh, nameof(dh)); CheckPtr(dg, nameof(dg)); CheckPtr(du, nameof(du));
-        _gpu.Launch(kernel, GridStride(n, MaxThreadsPerBlock), MaxThreadsPerBlock, 0, g, u, dh, dg, du, n);
+        _gpu.Launch(kernel, GridStride(KernelLaunch.CeilDiv(n, 8), MaxThreadsPerBlock), MaxThreadsPerBlock, 0, g, u, dh, dg, du, n);
     }
 
     // ------------------------------------------------------------------------------------------

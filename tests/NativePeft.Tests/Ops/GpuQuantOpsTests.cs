@@ -117,6 +117,35 @@ public sealed class GpuQuantOpsTests(string device) : DeviceFixture<GpuQuantOps>
     }
 
     [Test]
+    public void Dequantize4bitVectorAndBytewisePathsGiveTheSameBits([Values(DType.F32, DType.BF16)] DType dtype)
+    {
+        // Aligned buffers take the 16-elements-a-thread path (8-byte packed loads, 16-byte stores); the output one
+        // element further on, or the packed bytes one byte further on, take the byte-by-byte path. Same bits.
+        const int n = 16 * 40 + 6, blocksize = 64;
+        float[] x = MakeInput(n, blocksize, seed: 7);
+        (byte[] packed, float[] absmax) = CpuReference.Quantize(QuantType.Nf4, x, blocksize);
+        int es = dtype.ElementSize();
+        DevicePtr dAbsmax = Upload(absmax);
+        byte[] Run(int outShift, int packedShift)
+        {
+            DevicePtr dPacked = Alloc(packed.Length + 1).Offset(packedShift);
+            Gpu.CopyToDevice<byte>(packed, dPacked);
+            DevicePtr dOut = Alloc((long)(n + 1) * es).Offset((long)outShift * es);
+            Ops.Dequantize4bit(QuantType.Nf4, dtype, dPacked, dAbsmax, n, blocksize, dOut);
+            return Download<byte>(dOut, n * es);
+        }
+        byte[] vector = Run(0, 0);
+        Assert.That(Run(1, 0), Is.EqualTo(vector), "output not 16-byte aligned");
+        Assert.That(Run(0, 1), Is.EqualTo(vector), "packed not 8-byte aligned");
+        float[] cpu = CpuReference.Dequantize<float>(QuantType.Nf4, packed, absmax, blocksize, n);
+        float[] got = new float[n];
+        for (int i = 0; i < n; i++)
+            got[i] = dtype == DType.F32 ? BitConverter.ToSingle(vector, 4 * i) : (float)BFloat16.FromBits(BitConverter.ToUInt16(vector, 2 * i));
+        for (int i = 0; i < n; i++)
+            Assert.That(got[i], Is.EqualTo(dtype == DType.F32 ? cpu[i] : (float)BFloat16.FromSingle(cpu[i])), $"out[{i}]");
+    }
+
+    [Test]
     public void Dequantize4bitMatchesCpuReferenceBitForBit(
         [Values] QuantType qt, [ValueSource(nameof(FloatDTypes))] DType dtype,
         [ValueSource(nameof(Blocksizes))] int blocksize, [ValueSource(nameof(Sizes))] int n)
