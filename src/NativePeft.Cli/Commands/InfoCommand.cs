@@ -56,6 +56,7 @@ public static class InfoCommand
             table.AddRow("cuBLAS", cublas.Loaded is not null
                 ? Markup.Escape(cublas.Summary + (CudaLibraries.CublasVersion() is { } v ? $", version {v}" : ""))
                 : "[yellow]unavailable[/]: " + Markup.Escape(cublas.Summary));
+            table.AddRow("NVTX ranges", Markup.Escape(Nvtx.Status));
             table.AddRow("BLAS", HostBlas.IsAvailable ? Markup.Escape(HostBlas.Description) : "[yellow]unavailable[/]: " + Markup.Escape(HostBlas.Description));
             table.AddRow(".NET", Markup.Escape($"{Environment.Version}, {System.Runtime.InteropServices.RuntimeInformation.RuntimeIdentifier}, {Environment.ProcessorCount} cores"));
             console.Write(table);

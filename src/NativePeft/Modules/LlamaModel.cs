@@ -3,6 +3,7 @@ using NativePeft.Numerics;
 using NativePeft.Ops;
 using NativePeft.Ops.Reference;
 using NativePeft.Quantization;
+using NativePeft.Runtime;
 
 namespace NativePeft.Modules;
 
@@ -89,6 +90,8 @@ public sealed partial class LlamaModel : IDisposable
     private readonly List<(Tensor Master, Tensor Working)> _workingCopies = [];
     private readonly LoraScratch _loraScratch = new();
     private readonly LlamaDecoderLayer[] _layers;
+    /// <summary>"layer 0", "layer 1", …: the NVTX range names of the blocks (made once).</summary>
+    private readonly string[] _layerNames;
     private Activations? _acts;
     private TensorArena? _ropeArena;
     private Tensor? _ropeCos, _ropeSin;
@@ -155,6 +158,7 @@ public sealed partial class LlamaModel : IDisposable
         Options = options;
         _params = arena;
         _layers = new LlamaDecoderLayer[config.NumHiddenLayers];
+        _layerNames = Enumerable.Range(0, config.NumHiddenLayers).Select(l => $"layer {l}").ToArray();
         Dropout.Seed = (ulong)(uint)options.Seed;
     }
 
@@ -583,11 +587,18 @@ public sealed partial class LlamaModel : IDisposable
         else if (a.Packed) _ops.Upload<int>(PositionIds(batch, seqLen), a.Positions);
         a.Packed = packed;
 
-        _ops.EmbeddingForward(a.Ids, EmbedTokens, a.Hidden[0]);
+        using var range = Nvtx.Range("forward");
+        using (Nvtx.Range("embedding")) _ops.EmbeddingForward(a.Ids, EmbedTokens, a.Hidden[0]);
         for (int l = 0; l < _layers.Length; l++)
-            BlockForward(l, a.Hidden[l], a.Hidden[l + 1], a.BlockFor(l), a);
-        _ops.RmsNormForward(a.Hidden[^1], Norm, a.NormOut, a.RstdF, Config.RmsNormEps);
-        var (loss, count) = _ops.CrossEntropyForward(a.NormOut, LmHead, a.Labels, a.CeLse, Options.CrossEntropyChunk);
+            using (Nvtx.Range(_layerNames[l]))
+                BlockForward(l, a.Hidden[l], a.Hidden[l + 1], a.BlockFor(l), a);
+        double loss;
+        int count;
+        using (Nvtx.Range("final norm + lm_head + cross-entropy"))
+        {
+            _ops.RmsNormForward(a.Hidden[^1], Norm, a.NormOut, a.RstdF, Config.RmsNormEps);
+            (loss, count) = _ops.CrossEntropyForward(a.NormOut, LmHead, a.Labels, a.CeLse, Options.CrossEntropyChunk);
+        }
         LastTokenCount = count;
         _forwardDone = true;
         return loss;
@@ -602,14 +613,23 @@ public sealed partial class LlamaModel : IDisposable
         if (!_forwardDone || _acts is null) throw new InvalidOperationException("Backward needs a Forward first");
         if (_trainable.Count == 0) throw new InvalidOperationException("the model has nothing trainable (no LoRA, no full fine-tuning)");
         var a = _acts;
-        _ops.CrossEntropyBackward(a.NormOut, LmHead, a.Labels, a.CeLse, 1.0, a.DN, LmHeadGrad, Options.CrossEntropyChunk);
-        _ops.RmsNormBackward(a.DN, a.Hidden[^1], Norm, a.RstdF, a.DRes, NormGrad);
+        using var range = Nvtx.Range("backward");
+        using (Nvtx.Range("final norm + lm_head + cross-entropy"))
+        {
+            _ops.CrossEntropyBackward(a.NormOut, LmHead, a.Labels, a.CeLse, 1.0, a.DN, LmHeadGrad, Options.CrossEntropyChunk);
+            _ops.RmsNormBackward(a.DN, a.Hidden[^1], Norm, a.RstdF, a.DRes, NormGrad);
+        }
         for (int l = _layers.Length - 1; l >= 0; l--)
         {
-            if (Options.Recompute) BlockForward(l, a.Hidden[l], a.Hidden[l + 1], a.BlockFor(l), a);
+            using var layer = Nvtx.Range(_layerNames[l]);
+            if (Options.Recompute)
+                using (Nvtx.Range("recompute"))
+                    BlockForward(l, a.Hidden[l], a.Hidden[l + 1], a.BlockFor(l), a);
             BlockBackward(l, a.Hidden[l], a.BlockFor(l), a);
         }
-        if (EmbedTokensGrad is not null) _ops.EmbeddingBackward(a.Ids, a.DRes, EmbedTokensGrad);
+        if (EmbedTokensGrad is not null)
+            using (Nvtx.Range("embedding"))
+                _ops.EmbeddingBackward(a.Ids, a.DRes, EmbedTokensGrad);
     }
 
     /// <summary>The last forward's logits [B·T, V] = final-norm output · lm_headᵀ into <paramref name="output"/> (tests, generation).</summary>
@@ -624,15 +644,19 @@ public sealed partial class LlamaModel : IDisposable
     {
         var layer = _layers[l];
         int Hq = Config.NumAttentionHeads, Hkv = Config.NumKeyValueHeads, D = Config.HeadDim;
+        var attention = Nvtx.Range("attention block");
         _ops.RmsNormForward(x, layer.InputLayernorm, s.N1, s.Rstd1, Config.RmsNormEps);
         layer.QProj.Forward(s.N1, s.Q);
         layer.KProj.Forward(s.N1, s.K);
         layer.VProj.Forward(s.N1, s.V);
         _ops.RopeForward(s.Q, a.Positions, _ropeCos!, _ropeSin!, Hq, D);
         _ops.RopeForward(s.K, a.Positions, _ropeCos!, _ropeSin!, Hkv, D);
-        _ops.AttentionForward(s.Q, s.K, s.V, s.Att, s.Lse, a.B, a.T, Hq, Hkv, D, a.Packed ? a.Positions : null);
+        using (Nvtx.Range("attention"))
+            _ops.AttentionForward(s.Q, s.K, s.V, s.Att, s.Lse, a.B, a.T, Hq, Hkv, D, a.Packed ? a.Positions : null);
         layer.OProj.Forward(s.Att, s.H);
         _ops.Add(x, s.H, s.H);
+        attention.Dispose();
+        using var mlp = Nvtx.Range("mlp block");
         _ops.RmsNormForward(s.H, layer.PostAttentionLayernorm, s.N2, s.Rstd2, Config.RmsNormEps);
         layer.GateProj.Forward(s.N2, s.G);
         layer.UpProj.Forward(s.N2, s.U);
@@ -647,14 +671,18 @@ public sealed partial class LlamaModel : IDisposable
         var layer = _layers[l];
         int Hq = Config.NumAttentionHeads, Hkv = Config.NumKeyValueHeads, D = Config.HeadDim;
         // MLP: out = h + down(silu(gate(n2)) · up(n2)), n2 = norm(h)
+        var mlp = Nvtx.Range("mlp block");
         layer.DownProj.Backward(s.A, a.DRes, a.DA, false);
         _ops.SwiGluBackward(a.DA, s.G, s.U, a.DG, a.DU);
         layer.GateProj.Backward(s.N2, a.DG, a.DN, false);
         layer.UpProj.Backward(s.N2, a.DU, a.DN, true);
         _ops.RmsNormBackward(a.DN, s.H, layer.PostAttentionLayernorm, s.Rstd2, a.DRes, layer.PostAttentionLayernormGrad, accumulate: true);
+        mlp.Dispose();
         // attention: h = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x)
+        using var attention = Nvtx.Range("attention block");
         layer.OProj.Backward(s.Att, a.DRes, a.DAtt, false);
-        _ops.AttentionBackward(a.DAtt, s.Q, s.K, s.V, s.Att, s.Lse, a.DQ, a.DK, a.DV, a.B, a.T, Hq, Hkv, D, a.Packed ? a.Positions : null);
+        using (Nvtx.Range("attention"))
+            _ops.AttentionBackward(a.DAtt, s.Q, s.K, s.V, s.Att, s.Lse, a.DQ, a.DK, a.DV, a.B, a.T, Hq, Hkv, D, a.Packed ? a.Positions : null);
         _ops.RopeBackward(a.DQ, a.Positions, _ropeCos!, _ropeSin!, Hq, D);
         _ops.RopeBackward(a.DK, a.Positions, _ropeCos!, _ropeSin!, Hkv, D);
         layer.QProj.Backward(s.N1, a.DQ, a.DN, false);

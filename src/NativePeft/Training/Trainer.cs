@@ -6,6 +6,7 @@ using NativePeft.Modules;
 using NativePeft.Numerics;
 using NativePeft.Ops;
 using NativePeft.Optim;
+using NativePeft.Runtime;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 
@@ -173,6 +174,7 @@ public sealed partial class Trainer : IDisposable
     {
         var ops = _model.Ops;
         var clock = Stopwatch.StartNew();
+        using var range = Nvtx.Range("train step");
         ops.Memory.ResetPeak();
         int stepNumber = _step + 1;
         int K = Options.GradAccum;
@@ -211,11 +213,15 @@ public sealed partial class Trainer : IDisposable
         double stepLoss = weightedLoss / labelled;
         if (!double.IsFinite(stepLoss)) Diverge(stepNumber, "the loss", stepLoss);
         double gradScale = (double)previousCount / labelled;
-        double gradNorm = GradientClipping.GlobalNorm(ops, grads) * gradScale;
+        double gradNorm;
+        using (Nvtx.Range("gradient norm")) gradNorm = GradientClipping.GlobalNorm(ops, grads) * gradScale;
         if (!double.IsFinite(gradNorm)) Diverge(stepNumber, "the gradient norm", gradNorm);
         double clip = Options.MaxGradNorm > 0 ? GradientClipping.ClipCoefficient(gradNorm, Options.MaxGradNorm) : 1.0;
-        _optimizer.Step(_model.TrainableParameters, lr, gradScale * clip);
-        _model.RefreshWorkingWeights();
+        using (Nvtx.Range("optimizer step"))
+        {
+            _optimizer.Step(_model.TrainableParameters, lr, gradScale * clip);
+            _model.RefreshWorkingWeights();
+        }
         _step = stepNumber;
         _tokensSeen += tokens;
         double seconds = clock.Elapsed.TotalSeconds;

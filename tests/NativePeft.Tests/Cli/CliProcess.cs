@@ -10,7 +10,10 @@ internal static class CliProcess
         public override string ToString() => $"exit {ExitCode}\n--- stdout\n{Stdout}\n--- stderr\n{Stderr}";
     }
 
-    public static Result Run(params string[] args)
+    public static Result Run(params string[] args) => RunWith(null, args);
+
+    /// <summary>As <see cref="Run"/>, with these environment variables set (a null value removes one).</summary>
+    public static Result RunWith(IReadOnlyDictionary<string, string?>? environment, params string[] args)
     {
         var exe = Path.Combine(AppContext.BaseDirectory, OperatingSystem.IsWindows() ? "NativePeft.Cli.exe" : "NativePeft.Cli");
         var psi = new ProcessStartInfo(exe)
@@ -20,6 +23,9 @@ internal static class CliProcess
             UseShellExecute = false,
         };
         foreach (var a in args) psi.ArgumentList.Add(a);
+        if (environment is not null)
+            foreach (var (name, value) in environment)
+                if (value is null) psi.Environment.Remove(name); else psi.Environment[name] = value;
         using var p = Process.Start(psi) ?? throw new InvalidOperationException("could not start " + exe);
         var stdout = p.StandardOutput.ReadToEndAsync();
         var stderr = p.StandardError.ReadToEndAsync();
