@@ -4,6 +4,7 @@ using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Numerics;
 using NativePeft.Planning;
+using NativePeft.Training;
 using Spectre.Console;
 
 namespace NativePeft.Cli.Commands;
@@ -32,6 +33,7 @@ public static class EstimateCommand
         var batch = new Option<int>("--batch") { Description = "sequences per step", DefaultValueFactory = _ => 1 };
         var seq = new Option<int>("--seq") { Description = "sequence length", DefaultValueFactory = _ => 2048 };
         var recompute = new Option<bool>("--recompute") { Description = "gradient checkpointing (keep block inputs only)" };
+        var embedding = TrainCommand.EmbeddingOption();
         var optim = new Option<string>("--optim") { Description = "adamw, paged-adamw, adamw8bit or paged-adamw8bit", DefaultValueFactory = _ => "adamw" };
         optim.AcceptOnlyFromAmong("adamw", "paged-adamw", "adamw8bit", "paged-adamw8bit");
         var compute = new Option<string>("--compute")
@@ -54,7 +56,7 @@ public static class EstimateCommand
         var promptTokens = new Option<int?>("--prompt-tokens") { Description = "with --generate: tokens of the prompt's prefill (default --max-length, the largest workspace)" };
         var cmd = new Command("estimate", "Memory plan of a fine-tune by category (base weights, adapters, optimizer, activations, …); needs no GPU and no weights")
         {
-            model, method, rank, alpha, dropout, targets, batch, seq, recompute, optim, compute, device, chunk, deviceMemory, json, generate, maxLength, promptTokens, noAdapter,
+            model, method, rank, alpha, dropout, targets, batch, seq, recompute, embedding, optim, compute, device, chunk, deviceMemory, json, generate, maxLength, promptTokens, noAdapter,
         };
         cmd.SetAction(parse =>
         {
@@ -122,9 +124,14 @@ public static class EstimateCommand
                 }
                 return 0;
             }
+            var planMethod = parse.GetValue(method) switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora };
+            bool embeddingOnHost;
+            try { embeddingOnHost = FineTune.ResolveEmbeddingOnHost(parse.GetValue(embedding)!, planMethod, config.TieWordEmbeddings, planDevice == PlanDevice.Gpu); }
+            catch (FineTuneException e) { throw new CliException($"--embedding {e.Detail}", 2, e); }
             var options = new PlanOptions
             {
-                Method = parse.GetValue(method) switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
+                Method = planMethod,
+                EmbeddingOnHost = embeddingOnHost,
                 Rank = rankValue, Alpha = parse.GetValue(alpha), Dropout = parse.GetValue(dropout), Targets = targetList, Batch = batchValue, Seq = seqValue,
                 Recompute = parse.GetValue(recompute), Optimizer = parse.GetValue(optim)!, ComputeDType = bf16 ? DType.BF16 : DType.F32,
                 Device = planDevice, CrossEntropyChunk = chunkValue,
@@ -171,7 +178,7 @@ public static class EstimateCommand
         console.WriteLine(
             $"{modelName}: {plan.TotalParameterCount / 1e9:0.00} B parameters, {setup}; trainable {plan.TrainableParameterCount:N0} " +
             $"({100.0 * plan.TrainableParameterCount / plan.TotalParameterCount:0.###} %); batch {o.Batch} × seq {o.Seq}" +
-            $"{(o.Recompute ? ", recompute" : "")}, {o.Optimizer}, {o.ComputeDType.ToString().ToLowerInvariant()} compute on {(o.Device == PlanDevice.Gpu ? "a GPU" : "the CPU")}");
+            $"{(o.Recompute ? ", recompute" : "")}{(o.EmbeddingOnHost ? ", embedding on the host" : "")}, {o.Optimizer}, {o.ComputeDType.ToString().ToLowerInvariant()} compute on {(o.Device == PlanDevice.Gpu ? "a GPU" : "the CPU")}");
         var table = new Table().Border(TableBorder.Rounded).AddColumn("category").AddColumn(new TableColumn("bytes").RightAligned())
             .AddColumn(new TableColumn("size").RightAligned()).AddColumn(new TableColumn("GB (10⁹)").RightAligned());
         foreach (var (category, key, bytes) in plan.Rows())

@@ -55,12 +55,13 @@ public static class TrainCommand
         var device = DeviceOption.Create("cpu", "cpu (the C# reference), or the kernels on auto|cuda|emulator");
         var precision = DeviceOption.CreatePrecision();
         var recompute = new Option<bool>("--recompute") { Description = "gradient checkpointing: keep only each block's input, recompute the block in the backward" };
+        var embedding = EmbeddingOption();
         var output = new Option<DirectoryInfo>("--out") { Description = "output folder (new or empty, or the run's own folder with --resume)", Required = true };
         var onBadLine = OnBadLineOption();
         var cmd = new Command("train", "Fine-tune a Llama checkpoint with LoRA, QLoRA or full fine-tuning")
         {
             model, data, evalData, method, rank, alpha, dropout, targets, rslora, lr, schedule, warmup, steps, epochs, batch, gradAccum,
-            seq, pack, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, recompute, output, onBadLine,
+            seq, pack, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, recompute, embedding, output, onBadLine,
         };
         cmd.SetAction((parse, cancel) =>
         {
@@ -70,10 +71,23 @@ public static class TrainCommand
                 parse.GetValue(lr), parse.GetValue(schedule)!, parse.GetValue(warmup), parse.GetValue(steps), parse.GetValue(epochs),
                 parse.GetValue(batch), parse.GetValue(gradAccum), parse.GetValue(seq), parse.GetValue(seed), parse.GetValue(optim)!,
                 parse.GetValue(maxGradNorm), parse.GetValue(evalEvery), parse.GetValue(evalBatches), parse.GetValue(saveEvery),
-                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Pack = parse.GetValue(pack), Precision = parse.GetValue(precision)!, OnBadLine = ParseOnBadLine(parse.GetValue(onBadLine)!) };
+                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Embedding = parse.GetValue(embedding)!, Pack = parse.GetValue(pack), Precision = parse.GetValue(precision)!, OnBadLine = ParseOnBadLine(parse.GetValue(onBadLine)!) };
             return Task.FromResult(Run(a, stdout, cancel));
         });
         return cmd;
+    }
+
+    /// <summary>--embedding auto|host|device: where the frozen embedding table lives (train, estimate, bench --model).</summary>
+    internal static Option<string> EmbeddingOption()
+    {
+        var option = new Option<string>("--embedding")
+        {
+            Description = "where the frozen embedding table lives: host (only the batch's rows are sent to the device), device, or auto " +
+                          "(host for QLoRA on a GPU when the embedding is not tied to lm_head)",
+            DefaultValueFactory = _ => "auto",
+        };
+        option.AcceptOnlyFromAmong("auto", "host", "device");
+        return option;
     }
 
     /// <summary>--on-bad-line stop|skip: what a JSONL data line that is not valid does (train and compare).</summary>
@@ -101,6 +115,7 @@ public static class TrainCommand
         string Device, string Out)
     {
         public bool Recompute { get; init; }
+        public string Embedding { get; init; } = "auto";
         /// <summary>--pack: several examples per row, each its own document (<see cref="BatchMode.Packing"/>).</summary>
         public bool Pack { get; init; }
         public BadLinePolicy OnBadLine { get; init; } = BadLinePolicy.Stop;
@@ -158,7 +173,7 @@ public static class TrainCommand
         {
             Model = a.Model, Data = a.Data, EvalData = a.EvalData, OnBadLine = a.OnBadLine,
             Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
-            Lora = lora ?? new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, TargetModules = LoraSettings.KnownTargets }, Device = a.Device, Recompute = a.Recompute, Seed = a.Seed,
+            Lora = lora ?? new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, TargetModules = LoraSettings.KnownTargets }, Device = a.Device, Recompute = a.Recompute, Embedding = a.Embedding, Seed = a.Seed,
             ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device),
             Steps = a.Steps, Epochs = a.Steps is null ? a.Epochs ?? 1 : null, BatchSize = a.Batch, GradAccum = a.GradAccum, SeqLen = a.Seq, Pack = a.Pack,
             Lr = a.Lr, Schedule = LrSchedule.Parse(a.Schedule), WarmupSteps = a.Warmup, MaxGradNorm = a.MaxGradNorm,

@@ -54,7 +54,7 @@ public sealed partial class LlamaModel
             var gate = w.G.Slice(0, n, Config.IntermediateSize);
             var up = w.U.Slice(0, n, Config.IntermediateSize);
             var act = w.A.Slice(0, n, Config.IntermediateSize);
-            _ops.EmbeddingForward(ids, EmbedTokens, x);
+            Embed(tokens, ids, x);
             for (int l = 0; l < _layers.Length; l++)
             {
                 var layer = _layers[l];

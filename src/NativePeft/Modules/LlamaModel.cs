@@ -122,7 +122,13 @@ public sealed partial class LlamaModel : IDisposable
     {
         foreach (var (master, working) in _workingCopies) _ops.Copy(master, working);
     }
-    public Tensor EmbedTokens { get; private set; } = null!;
+    private Tensor? _embedTokens;
+    /// <summary>embed_tokens.weight [V, C] on the device (not with <see cref="LlamaModelOptions.EmbeddingOnHost"/>: see
+    /// <see cref="HostEmbedding"/>).</summary>
+    public Tensor EmbedTokens => _embedTokens
+        ?? throw new InvalidOperationException("the embedding table is kept in host memory (EmbeddingOnHost): see HostEmbedding");
+    /// <summary>The embedding table in host memory with <see cref="LlamaModelOptions.EmbeddingOnHost"/>, else null.</summary>
+    public HostEmbeddingTable? HostEmbedding { get; private set; }
     public Tensor? EmbedTokensGrad { get; private set; }
     public Tensor Norm { get; private set; } = null!;
     public Tensor? NormGrad { get; private set; }
@@ -254,9 +260,19 @@ public sealed partial class LlamaModel : IDisposable
             return (p, g);
         }
 
-        var embed = Dense("model.embed_tokens.weight", Config.VocabSize, C);
-        EmbedTokens = embed.Param;
-        EmbedTokensGrad = embed.Grad;
+        if (Options.EmbeddingOnHost)
+        {
+            if (Config.TieWordEmbeddings)
+                throw new ArgumentException("EmbeddingOnHost: this model ties lm_head to the embedding table (tie_word_embeddings), " +
+                                            "which the device needs for the loss: keep the embedding on the device", nameof(LlamaModelOptions.EmbeddingOnHost));
+            HostEmbedding = new HostEmbeddingTable(source.Read("model.embed_tokens.weight", [Config.VocabSize, C]), Config.VocabSize, C, dtype);
+        }
+        else
+        {
+            var embed = Dense("model.embed_tokens.weight", Config.VocabSize, C);
+            _embedTokens = embed.Param;
+            EmbedTokensGrad = embed.Grad;
+        }
 
         bool anyQuantized = Options.Quantization != BaseQuantization.None || source.AnyQuantized;
         var baseDType = Options.BaseWeightDType ?? dtype;
@@ -319,7 +335,7 @@ public sealed partial class LlamaModel : IDisposable
         NormGrad = norm.Grad;
         if (Config.TieWordEmbeddings)
         {
-            LmHead = EmbedTokens;
+            LmHead = _embedTokens!;
             LmHeadGrad = EmbedTokensGrad;
         }
         else
@@ -452,7 +468,7 @@ public sealed partial class LlamaModel : IDisposable
 
     private IEnumerable<(string Name, Tensor? Dense, QuantizedWeight? Quantized)> BaseTensors()
     {
-        yield return ("model.embed_tokens.weight", EmbedTokens, null);
+        if (_embedTokens is not null) yield return ("model.embed_tokens.weight", _embedTokens, null);
         foreach (var layer in _layers)
         {
             string prefix = $"model.layers.{layer.Index}.";
@@ -588,7 +604,7 @@ public sealed partial class LlamaModel : IDisposable
         a.Packed = packed;
 
         using var range = Nvtx.Range("forward");
-        using (Nvtx.Range("embedding")) _ops.EmbeddingForward(a.Ids, EmbedTokens, a.Hidden[0]);
+        using (Nvtx.Range("embedding")) Embed(inputIds, a.Ids, a.Hidden[0]);
         for (int l = 0; l < _layers.Length; l++)
             using (Nvtx.Range(_layerNames[l]))
                 BlockForward(l, a.Hidden[l], a.Hidden[l + 1], a.BlockFor(l), a);
@@ -638,6 +654,14 @@ public sealed partial class LlamaModel : IDisposable
         if (!_forwardDone || _acts is null) throw new InvalidOperationException("Logits needs a Forward first");
         output.Expect(nameof(output), _acts.N, Config.VocabSize);
         _ops.Matmul(_acts.NormOut, false, LmHead, true, output);
+    }
+
+    /// <summary>The rows of <paramref name="ids"/> (on the device as <paramref name="deviceIds"/>) into
+    /// <paramref name="output"/>: the embedding kernel, or with the table in host memory a host gather and one upload.</summary>
+    private void Embed(ReadOnlySpan<int> ids, Tensor deviceIds, Tensor output)
+    {
+        if (HostEmbedding is { } host) host.Gather(_ops, ids, output);
+        else _ops.EmbeddingForward(deviceIds, EmbedTokens, output);
     }
 
     private void BlockForward(int l, Tensor x, Tensor output, BlockActivations s, Activations a)

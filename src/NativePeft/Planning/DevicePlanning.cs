@@ -44,7 +44,7 @@ public static class DevicePlanning
             Blocksize = stored?.Blocksize ?? model.Blocksize, DoubleQuant = stored?.DoubleQuant ?? model.DoubleQuant,
             QuantType = model.Quantization == BaseQuantization.Fp4 ? QuantType.Fp4 : QuantType.Nf4,
             Rank = lora.Rank, Alpha = lora.Alpha, Dropout = method == FineTuneMethod.Full ? 0 : lora.Dropout, Targets = lora.TargetModules, Batch = batch, Seq = seq,
-            Recompute = model.Recompute, Optimizer = optimizer, ComputeDType = model.ComputeDType,
+            Recompute = model.Recompute, EmbeddingOnHost = model.EmbeddingOnHost, Optimizer = optimizer, ComputeDType = model.ComputeDType,
             BaseWeightDType = method == FineTuneMethod.Lora ? model.BaseWeightDType ?? model.ComputeDType : null,
             ClipGradients = clipGradients, CrossEntropyChunk = model.CrossEntropyChunk, Device = device,
         });

@@ -68,6 +68,8 @@ public sealed class MemoryPlan
     public long OptimizerStateBytes { get; private set; }
     /// <summary>Optimizer state in managed (paged) memory, outside the device pool and not in <see cref="TotalBytes"/>.</summary>
     public long PagedOptimizerStateBytes { get; private set; }
+    /// <summary>The embedding table in host memory (<see cref="PlanOptions.EmbeddingOnHost"/>), not in <see cref="TotalBytes"/>.</summary>
+    public long HostEmbeddingBytes { get; private set; }
     /// <summary>Equals <see cref="LlamaModel.ActivationBytes"/> after a Forward of this batch shape.</summary>
     public long ActivationBytes { get; private set; }
     /// <summary><see cref="DequantScratchBytes"/> + <see cref="RopeTableBytes"/> + <see cref="OptimizerMapBytes"/> + <see cref="TransientWorkspaceBytes"/>.</summary>
@@ -186,7 +188,13 @@ public sealed class MemoryPlan
             trainable.Add(n);
         }
 
-        Dense(V * C); // embed_tokens
+        if (o.EmbeddingOnHost)
+        {
+            if (c.TieWordEmbeddings)
+                throw new ArgumentException("EmbeddingOnHost: the model ties lm_head to the embedding table (tie_word_embeddings), which the device needs", nameof(PlanOptions.EmbeddingOnHost));
+            HostEmbeddingBytes = TensorBytes(d, V * C); // host memory: the pool's alignment does not apply
+        }
+        else Dense(V * C); // embed_tokens
         var projections = c.LayerTensors(0).Where(t => t.Shape.Length == 2)
             .Select(t => (Short: LlamaDecoderLayer.Projections.First(p => t.Name.EndsWith(p.Path + ".weight", StringComparison.Ordinal)).Short,
                           Out: t.Shape[0], In: t.Shape[1]))
@@ -352,7 +360,7 @@ public sealed class MemoryPlan
 
     // ------------------------------------------------------------------------------------------ output
 
-    /// <summary>(category, bytes) in display order, the total last; the paged row is outside the total.</summary>
+    /// <summary>(category, bytes) in display order, the total last; the paged and host rows are outside the total.</summary>
     public IReadOnlyList<(string Category, string Key, long Bytes)> Rows() =>
     [
         ("base weights", "base_weights", BaseWeightBytes),
@@ -361,6 +369,7 @@ public sealed class MemoryPlan
         ("gradients", "gradients", GradientBytes),
         ("optimizer states (device)", "optimizer_states", OptimizerStateBytes),
         ("optimizer states (paged, host-backed)", "optimizer_states_paged", PagedOptimizerStateBytes),
+        ("embedding table (host)", "embedding_host", HostEmbeddingBytes),
         ("activations", "activations", ActivationBytes),
         ("workspaces", "workspaces", WorkspaceBytes),
         ("total (device)", "total", TotalBytes),
@@ -395,6 +404,7 @@ public sealed class MemoryPlan
         Field("batch", o.Batch.ToString(inv));
         Field("seq", o.Seq.ToString(inv));
         Field("recompute", o.Recompute ? "true" : "false");
+        Field("embedding_on_host", o.EmbeddingOnHost ? "true" : "false");
         Field("optimizer", S(o.Optimizer));
         Field("compute_dtype", S(o.ComputeDType.ToString().ToLowerInvariant()));
         Field("device", S(o.Device.ToString().ToLowerInvariant()));

@@ -60,6 +60,8 @@ public sealed record PlanOptions
     public int Seq { get; init; } = 2048;
     /// <summary>Gradient checkpointing: keep only block inputs, recompute one block at a time in the backward.</summary>
     public bool Recompute { get; init; }
+    /// <summary>The frozen embedding table in host memory (<see cref="Modules.LlamaModelOptions.EmbeddingOnHost"/>).</summary>
+    public bool EmbeddingOnHost { get; init; }
     /// <summary>adamw, paged-adamw, adamw8bit or paged-adamw8bit (<see cref="OptimizerFactory.Names"/>).</summary>
     public string Optimizer { get; init; } = "adamw";
     /// <summary>
@@ -98,6 +100,8 @@ public sealed record PlanOptions
     public void Validate()
     {
         if (!Enum.IsDefined(Method)) throw new ArgumentException($"method: {Method} is not one of full, lora, qlora", nameof(Method));
+        if (EmbeddingOnHost && Method == FineTuneMethod.Full)
+            throw new ArgumentException("EmbeddingOnHost is for a frozen embedding: full fine-tuning trains it on the device", nameof(EmbeddingOnHost));
         if (Batch <= 0) throw new ArgumentOutOfRangeException(nameof(Batch), Batch, $"batch {Batch} must be positive");
         if (Seq <= 0) throw new ArgumentOutOfRangeException(nameof(Seq), Seq, $"seq {Seq} must be positive");
         if ((long)Batch * Seq > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(Seq), $"batch·seq = {(long)Batch * Seq} tokens is too large");
@@ -144,6 +148,7 @@ public sealed record PlanOptions
             DoubleQuant = DoubleQuant,
             BaseWeightDType = Method == FineTuneMethod.Lora && LoraBaseDType != ComputeDType ? LoraBaseDType : null,
             Recompute = Recompute,
+            EmbeddingOnHost = EmbeddingOnHost,
             CrossEntropyChunk = CrossEntropyChunk,
             Seed = seed,
         };

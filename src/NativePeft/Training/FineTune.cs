@@ -146,7 +146,7 @@ public sealed partial class FineTune : IDisposable
                 o.Data is null ? null : LoadData(o.Data, o.EvalData, tokenizer, ckpt.Config.VocabSize, o.SeqLen, o.OnBadLine);
             TruncationReport? truncation = data is { } loaded ? CheckTrainable(loaded.Data, o.SeqLen, logger) : null;
 
-            var modelOptions = ModelOptions(o);
+            var modelOptions = ModelOptions(o) with { EmbeddingOnHost = ResolveEmbeddingOnHost(o.Embedding, o.Method, ckpt.Config.TieWordEmbeddings, o.Device != "cpu") };
             string deviceName = "cpu";
             if (o.Device != "cpu")
             {
@@ -224,6 +224,22 @@ public sealed partial class FineTune : IDisposable
         DoubleQuant = true,
         BaseWeightDType = o.Method == FineTuneMethod.Lora ? DType.BF16 : null,
         Recompute = o.Recompute,
+    };
+
+    /// <summary>
+    /// The embedding placement of <see cref="FineTuneOptions.Embedding"/>: "host" (refused for full fine-tuning and a tied
+    /// embedding), "device", or "auto" = host for QLoRA on a GPU device with an untied embedding.
+    /// </summary>
+    public static bool ResolveEmbeddingOnHost(string setting, FineTuneMethod method, bool tiedEmbedding, bool gpu) => setting switch
+    {
+        "device" => false,
+        "auto" => method == FineTuneMethod.Qlora && !tiedEmbedding && gpu,
+        "host" when method == FineTuneMethod.Full =>
+            throw new FineTuneException("Embedding", "host: full fine-tuning trains the embedding table on the device (use device or auto)"),
+        "host" when tiedEmbedding =>
+            throw new FineTuneException("Embedding", "host: this model ties lm_head to the embedding table (tie_word_embeddings), which the device needs for the loss (use device or auto)"),
+        "host" => true,
+        _ => throw new FineTuneException("Embedding", $"{setting}: expected auto, host or device"),
     };
 
     /// <summary>Throws <see cref="FineTuneException"/> for an option out of range (no file is touched).</summary>

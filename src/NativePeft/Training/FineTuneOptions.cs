@@ -38,6 +38,12 @@ public sealed record FineTuneOptions
     public DType ResolvedComputeDType => ComputeDType ?? (Device == "cpu" ? DType.F32 : DType.BF16);
     /// <summary>Gradient checkpointing: keep only each block's input, recompute the block in the backward.</summary>
     public bool Recompute { get; init; }
+    /// <summary>
+    /// Where the frozen embedding table lives: "device", "host" (<see cref="Modules.LlamaModelOptions.EmbeddingOnHost"/>:
+    /// only the batch's rows are sent), or "auto" = host for QLoRA on a GPU device when the embedding is not tied to
+    /// lm_head (the method chosen to save memory), device otherwise (<see cref="FineTune.ResolveEmbeddingOnHost"/>).
+    /// </summary>
+    public string Embedding { get; init; } = "auto";
     /// <summary>Seeds the LoRA init, the dropout masks and the data order.</summary>
     public int Seed { get; init; }
 

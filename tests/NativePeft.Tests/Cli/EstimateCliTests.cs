@@ -34,6 +34,27 @@ public class EstimateCliTests
     }
 
     [Test]
+    public void Llama3_8B_QloraWithTheEmbeddingOnTheHostAndPagedAdamWFitsSixGiB()
+    {
+        // The article's ~6 GB for 8B QLoRA (r=16, all linear, 1 x 2048, recompute): QLoRA's default puts embed_tokens
+        // [128256, 4096] bf16 = 1,050,673,152 bytes in host memory; paged AdamW moves the large states to host memory too.
+        string[] args = ["--model", "llama3-8b", "--method", "qlora", "--dropout", "0", .. Published];
+        var auto = Json(args);
+        var device = Json([.. args, "--embedding", "device"]);
+        var paged = Json([.. args, "--optim", "paged-adamw"]);
+        Assert.That(auto.GetProperty("embedding_on_host").GetBoolean(), Is.True, "auto = host for QLoRA with an untied embedding");
+        Assert.That(auto.GetProperty("embedding_host_bytes").GetInt64(), Is.EqualTo(128256L * 4096 * 2));
+        Assert.That(device.GetProperty("total_bytes").GetInt64() - auto.GetProperty("total_bytes").GetInt64(), Is.EqualTo(128256L * 4096 * 2));
+        Assert.That(paged.GetProperty("total_bytes").GetInt64() / GiB, Is.LessThanOrEqualTo(6.0));
+        Assert.That(Json(["--model", "llama3-8b", "--method", "lora", .. Published]).GetProperty("embedding_on_host").GetBoolean(), Is.False,
+            "auto keeps LoRA's table on the device");
+
+        var full = CliProcess.Run("estimate", "--model", "llama3-8b", "--method", "full", "--embedding", "host");
+        Assert.That(full.ExitCode, Is.EqualTo(2), full.ToString());
+        Assert.That(full.Stderr, Does.Contain("--embedding host: full fine-tuning trains the embedding table"));
+    }
+
+    [Test]
     public void Llama3_70B_BaseWeights()
     {
         var lora = Json(["--model", "llama3-70b", "--method", "lora", .. Published]);

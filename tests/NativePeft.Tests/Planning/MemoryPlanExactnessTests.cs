@@ -48,6 +48,7 @@ public class MemoryPlanExactnessTests(string device)
             yield return Case("lora-f32base" + r, b with { Method = FineTuneMethod.Lora, BaseWeightDType = DType.F32 });
             yield return Case("lora-bf16base-paged-adamw-dropout" + r, b with { Method = FineTuneMethod.Lora, Optimizer = "paged-adamw", Dropout = 0.1 });
             yield return Case("qlora-nf4-dq" + r, b with { Method = FineTuneMethod.Qlora });
+            yield return Case("qlora-nf4-dq-embedding-host" + r, b with { Method = FineTuneMethod.Qlora, EmbeddingOnHost = true });
             yield return Case("qlora-fp4-qv-adamw8bit-dropout" + r, b with
             {
                 Method = FineTuneMethod.Qlora, QuantType = QuantType.Fp4, DoubleQuant = false, Targets = ["q_proj", "v_proj"], Optimizer = "adamw8bit",
@@ -77,6 +78,22 @@ public class MemoryPlanExactnessTests(string device)
         var labels = (int[])ids.Clone();
         labels[1] = -100;
         return (ids, labels);
+    }
+
+    [Test]
+    public void EmbeddingOnHostMovesTheTableOutOfTheDeviceTotal()
+    {
+        // embed_tokens [1600, 64] in the compute dtype (fp32 here): 1600·64·4 = 409600 bytes leave the device plan and
+        // appear as host memory; nothing else changes.
+        var device = MemoryPlan.Compute(Config, new PlanOptions { Batch = B, Seq = T, Method = FineTuneMethod.Qlora, Device = Device });
+        var host = MemoryPlan.Compute(Config, device.Options with { EmbeddingOnHost = true });
+        Assert.That(device.TotalBytes - host.TotalBytes, Is.EqualTo(1600 * 64 * 4));
+        Assert.That(device.BaseWeightBytes - host.BaseWeightBytes, Is.EqualTo(1600 * 64 * 4));
+        Assert.That(host.HostEmbeddingBytes, Is.EqualTo(1600 * 64 * 4));
+        Assert.That(device.HostEmbeddingBytes, Is.Zero);
+        Assert.That(host.ActivationBytes, Is.EqualTo(device.ActivationBytes));
+        Assert.Throws<ArgumentException>(() => MemoryPlan.Compute(Config with { TieWordEmbeddings = true }, host.Options), "tied: the device needs the table");
+        Assert.Throws<ArgumentException>(() => MemoryPlan.Compute(Config, host.Options with { Method = FineTuneMethod.Full }), "full fine-tuning trains it");
     }
 
     [Test]
