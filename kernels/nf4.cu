@@ -370,6 +370,91 @@ __device__ void gemv_4bit_body(const T* __restrict__ x, const uint8_t* __restric
 }
 
 // ---------------------------------------------------------------------------------------------
+// linear_4bit_gemv: the model's one-token linear layer, y[o] = sum_k T(code[q(o,k)] * absmax(o,k)) * x[k],
+// reading the 4-bit weight once (a decode step of `generate`) instead of dequantizing it into a scratch and
+// running a one-row GEMM (2 bytes written and 2 read per weight instead of 0.5 read). Each weight is rounded
+// to T exactly as dequantize_4bit(_dq) rounds it, then multiplied in fp32 and accumulated in fp32 (the
+// GEMM's numerics on the same bf16/f32 weights; only the summation order differs). absmax is the fp32 array
+// when `absmax` is not null, else bitsandbytes' double-quantized state decoded per block as in
+// dequantize_4bit_dq_body (bit-identical).
+//
+// Launch shape: block = 256 threads = 8 warps, one warp per output row, grid = min(ceil(out / 8), cap),
+// grid-stride over rows. Vector path (in % 32 == 0, blocksize >= 32, x and W 16-byte aligned): lane l takes
+// 32 consecutive weights per step (one 16-byte load of packed codes, one absmax, four 16-byte loads of x),
+// a warp 1 KiB of the row; else one element per lane per step. Warp xor-shuffle sum; lane 0 stores y.
+// 64 B + 1 KiB shared (code, and the 256-entry map for double quantization).
+// ---------------------------------------------------------------------------------------------
+template <int QT, typename T>
+__device__ void linear_4bit_gemv_body(const T* __restrict__ x, const uint8_t* __restrict__ W,
+                                      const float* __restrict__ absmax, const uint8_t* __restrict__ qabsmax,
+                                      const float* __restrict__ code256, const float* __restrict__ nested_absmax,
+                                      const float* __restrict__ offset, T* __restrict__ y,
+                                      int out_features, int in_features, int blocksize)
+{
+    __shared__ float s_code[16];
+    __shared__ float s_code256[256];
+    load_code_table<QT>(s_code);
+    const bool dq = absmax == nullptr;
+    if (dq)
+        for (int k = (int)threadIdx.x; k < 256; k += (int)blockDim.x) s_code256[k] = code256[k];
+    __syncthreads();
+    const float off = dq ? *offset : 0.0f;
+    const int shift = log2_pow2(blocksize);
+    auto scale = [&](long long b) -> float {
+        return dq ? __fmul_rn(s_code256[qabsmax[b]], nested_absmax[b >> 8]) + off : absmax[b];
+    };
+    // T(code * s) widened back: the weight as dequantize_4bit stores it
+    auto weight = [&](unsigned int nib, float s) -> float { return to_f32(from_f32<T>(s_code[nib] * s)); };
+
+    const int lane = (int)(threadIdx.x & 31);
+    const int warps_per_block = (int)(blockDim.x >> 5);
+    const long long stride = (long long)gridDim.x * warps_per_block;
+    const bool vec = (in_features & 31) == 0 && blocksize >= 32 && npvec::aligned16(x) && npvec::aligned16(W);
+
+    for (long long row = (long long)blockIdx.x * warps_per_block + (threadIdx.x >> 5); row < out_features; row += stride)
+    {
+        const long long base = row * in_features;
+        float acc = 0.0f;
+        if (vec)
+        {
+            for (int k = lane * 32; k < in_features; k += 32 * 32)
+            {
+                const long long e = base + k;
+                const float s = scale(e >> shift);
+                const uint4 q = *reinterpret_cast<const uint4*>(W + (e >> 1));
+                const unsigned int words[4] = {q.x, q.y, q.z, q.w};
+                NP_UNROLL
+                for (int part = 0; part < 4; part++)
+                {
+                    float xv[8];
+                    npvec::load8(x + k + 8 * part, xv);
+                    NP_UNROLL
+                    for (int j = 0; j < 4; j++)
+                    {
+                        const unsigned int byte = (words[part] >> (8 * j)) & 0xffu;
+                        acc += weight(byte >> 4, s) * xv[2 * j];
+                        acc += weight(byte & 15, s) * xv[2 * j + 1];
+                    }
+                }
+            }
+        }
+        else
+        {
+            for (int k = lane; k < in_features; k += 32)
+            {
+                const long long e = base + k;
+                const unsigned int byte = W[e >> 1];
+                const unsigned int nib = (e & 1) ? (byte & 15) : (byte >> 4);
+                acc += weight(nib, scale(e >> shift)) * to_f32(x[k]);
+            }
+        }
+        for (int off2 = 16; off2 > 0; off2 >>= 1)
+            acc += __shfl_xor_sync(0xffffffffu, acc, off2);
+        if (lane == 0) y[row] = from_f32<T>(acc);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Double quantization of absmax (nested blocksize 256, signed dynamic map)
 // ---------------------------------------------------------------------------------------------
 
@@ -573,3 +658,17 @@ EMU_REGISTER(gemv_4bit_fp4_bf16)
 extern "C" __global__ void gemv_4bit_fp4_f16(const __half* x, const uint8_t* packedW, const float* absmax, __half* y, int out_features, int in_features, int blocksize)
 { nf4k::gemv_4bit_body<nf4k::kFP4, __half>(x, packedW, absmax, y, out_features, in_features, blocksize); }
 EMU_REGISTER(gemv_4bit_fp4_f16)
+
+// linear_4bit_gemv_{nf4,fp4}_{f32,bf16}(x[in], packedW, absmax (fp32 [blocks]) or null, qabsmax, code256, nested_absmax,
+// offset (double quantization, used when absmax is null), y[out], out_features, in_features, blocksize)
+// Launch: block 256 (8 warps, one row each), grid min(ceil(out_features / 8), cap); see linear_4bit_gemv_body.
+#define NP_LINEAR_4BIT_GEMV(QTNAME, QT, TNAME, T) \
+extern "C" __global__ void linear_4bit_gemv_##QTNAME##_##TNAME(const T* x, const uint8_t* packedW, const float* absmax, \
+    const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, T* y, \
+    int out_features, int in_features, int blocksize) \
+{ nf4k::linear_4bit_gemv_body<QT, T>(x, packedW, absmax, qabsmax, code256, nested_absmax, offset, y, out_features, in_features, blocksize); } \
+EMU_REGISTER(linear_4bit_gemv_##QTNAME##_##TNAME)
+NP_LINEAR_4BIT_GEMV(nf4, nf4k::kNF4, f32, float)
+NP_LINEAR_4BIT_GEMV(nf4, nf4k::kNF4, bf16, __nv_bfloat16)
+NP_LINEAR_4BIT_GEMV(fp4, nf4k::kFP4, f32, float)
+NP_LINEAR_4BIT_GEMV(fp4, nf4k::kFP4, bf16, __nv_bfloat16)

@@ -139,9 +139,12 @@ public sealed class Linear4bit : ILinearLayer
         return w;
     }
 
+    /// <summary>y = x · Wᵀ: one token (a decode step) reads the 4-bit weight once where the ops can
+    /// (<see cref="IOps.TryGemv4bit"/>); otherwise the weight is dequantized into the scratch and multiplied.</summary>
     public void Forward(Tensor x, Tensor y)
     {
         LinearChecks.Check(this, x, y, nameof(y));
+        if (x.Rows == 1 && _ops.TryGemv4bit(x, Weight, y)) return;
         _ops.Matmul(x, false, Dequantize(), true, y);
     }
 

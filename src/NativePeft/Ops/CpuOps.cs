@@ -286,6 +286,9 @@ public sealed unsafe class CpuOps : IOps
         }
     }
 
+    /// <summary>No one-token 4-bit kernel on the CPU reference: the layer dequantizes and multiplies.</summary>
+    public bool TryGemv4bit(Tensor x, QuantizedWeight weight, Tensor y) => false;
+
     public void RmsNormForward(Tensor x, Tensor weight, Tensor y, Tensor rstd, double eps)
     {
         int rows = x.Rows, cols = x.Columns;

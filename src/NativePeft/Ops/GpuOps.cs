@@ -216,6 +216,21 @@ public sealed unsafe class GpuOps : IOps
                 .Data.Offset(first / weight.Blocksize * sizeof(float)), output.Count, weight.Blocksize, output.Data);
     }
 
+    public bool TryGemv4bit(Tensor x, QuantizedWeight weight, Tensor y)
+    {
+        if (x.Rows != 1 || x.DType is not (DType.F32 or DType.BF16) || y.DType != x.DType) return false;
+        x.Expect(nameof(x), 1, weight.Columns);
+        y.Expect(nameof(y), 1, weight.Rows);
+        if (weight.DoubleQuant is { } dq)
+            _quant.Linear4bitGemv(weight.QuantType, x.DType, x.Data, weight.Packed.Data, DevicePtr.Null, dq.Absmax.Data, dq.NestedQuantMap.Data,
+                dq.NestedAbsmax.Data, dq.NestedOffset.Data, y.Data, weight.Rows, weight.Columns, weight.Blocksize);
+        else
+            _quant.Linear4bitGemv(weight.QuantType, x.DType, x.Data, weight.Packed.Data,
+                (weight.Absmax ?? throw new ArgumentException("TryGemv4bit: the weight has neither absmax nor a double-quantized state", nameof(weight))).Data,
+                DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, DevicePtr.Null, y.Data, weight.Rows, weight.Columns, weight.Blocksize);
+        return true;
+    }
+
     // --- transformer ops -------------------------------------------------------------------------
 
     public void RmsNormForward(Tensor x, Tensor weight, Tensor y, Tensor rstd, double eps)

@@ -207,6 +207,30 @@ public sealed class GpuQuantOps
             x, packedW, absmax, y, outFeatures, inFeatures, blocksize);
     }
 
+    /// <summary>
+    /// The model's one-token 4-bit linear layer (kernel linear_4bit_gemv): y[o] = Σ_k T(code · absmax) · x[k], each weight
+    /// rounded to <paramref name="dtype"/> as the dequantize kernels round it, fp32 products and sum, y rounded to dtype.
+    /// absmax: the fp32 absmax, or null with the double-quantized state (qabsmax, code256, nestedAbsmax, offset: the
+    /// whole weight's, as <see cref="Dequantize4bitDoubleQuant"/> takes them). dtype F32 or BF16.
+    /// </summary>
+    public void Linear4bitGemv(QuantType quantType, DType dtype, DevicePtr x, DevicePtr packedW, DevicePtr absmax,
+                               DevicePtr qabsmax, DevicePtr code256, DevicePtr nestedAbsmax, DevicePtr offset, DevicePtr y,
+                               int outFeatures, int inFeatures, int blocksize)
+    {
+        ValidateBlocksize(blocksize);
+        CheckCount(outFeatures, nameof(outFeatures));
+        CheckCount(inFeatures, nameof(inFeatures));
+        if (dtype is not (DType.F32 or DType.BF16))
+            throw new ArgumentException($"dtype: linear_4bit_gemv takes F32 or BF16, got {dtype}", nameof(dtype));
+        if (absmax.IsNull && (qabsmax.IsNull || code256.IsNull || nestedAbsmax.IsNull || offset.IsNull))
+            throw new ArgumentException("absmax: null needs the double-quantized state (qabsmax, code256, nestedAbsmax, offset)", nameof(absmax));
+        string kernel = KernelName("linear_4bit_gemv", quantType, dtype);
+        if (outFeatures == 0)
+            return;
+        _gpu.Launch(kernel, Grid(outFeatures, ThreadsPerBlock / 32), ThreadsPerBlock, 0,
+            x, packedW, absmax, qabsmax, code256, nestedAbsmax, offset, y, outFeatures, inFeatures, blocksize);
+    }
+
     // ------------------------------------------------------------------------------------------
     // Host-array convenience (copy in, launch, copy out, free)
     // ------------------------------------------------------------------------------------------

@@ -55,6 +55,12 @@ public interface IOps : IDisposable
     // --- 4-bit weights ---------------------------------------------------------------------------
     /// <summary>Rows [firstRow, firstRow + output.Rows) of the 4-bit weight, dequantized into <paramref name="output"/> [rows, columns].</summary>
     void Dequantize4bit(QuantizedWeight weight, int firstRow, Tensor output);
+    /// <summary>
+    /// One token through a 4-bit weight, y [1, out] = x [1, in] · Wᵀ, reading the packed weight once (no dequantized
+    /// copy): each weight rounded to the compute dtype as <see cref="Dequantize4bit"/> rounds it, fp32 products and
+    /// sum. Returns false, computing nothing, where the ops have no such kernel (the caller dequantizes and multiplies).
+    /// </summary>
+    bool TryGemv4bit(Tensor x, QuantizedWeight weight, Tensor y);
 
     // --- transformer ops (semantics: ops/Reference/*Ref.cs) --------------------------------------
     /// <summary>y = weight · x · rstd per row; x, y [N, C] (y may be x), weight [C], rstd [N] (saved for the backward).</summary>
