@@ -240,8 +240,8 @@ def compare(ours, peer, out=sys.stdout):
     for r in ours.get("rows", []):
         m = r.get("method_id")
         p = peer_rows.get(m)
-        if p is None:
-            print(f"{m:<7} | no peer figure", file=out)
+        if p is None or p.get("skipped"):
+            print(f"{m:<7} | no peer figure{': ' + p['skipped'] if p else ''}", file=out)
             continue
         rt, rp = ratio(r["tokens_per_second"], p["tokens_per_second"]), ratio(r["peak_bytes"], p["peak_bytes"])
 
@@ -327,7 +327,15 @@ def main(argv=None):
                 print("skipped: bitsandbytes not installed")
                 rows.append(dict(method_id=m, skipped="bitsandbytes not installed"))
                 continue
-        row, device_name = measure(kw, m, batch, seq, rank, recompute, a.steps, a.device)
+        try:
+            row, device_name = measure(kw, m, batch, seq, rank, recompute, a.steps, a.device)
+        except torch.cuda.OutOfMemoryError as e:
+            print(f"{m}: not run, out of device memory ({str(e).splitlines()[0]})", flush=True)
+            rows.append(dict(method_id=m, skipped="out of device memory"))
+            import gc
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
         rows.append(row)
         print(f"{m}: {row['tokens_per_second']:.0f} tokens/s, {row['ms_per_step']:.1f} ms/step (median of {row['timed_steps']}), "
               f"peak {gib(row['peak_bytes'])} allocated (torch), driver {gib(row['driver_peak_bytes'])}, "

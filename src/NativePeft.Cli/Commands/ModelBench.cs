@@ -117,6 +117,7 @@ internal static class ModelBench
         var rng = new Random(0);
         var ids = Enumerable.Range(0, batch * seq).Select(_ => rng.Next(config.VocabSize)).ToArray();
         var rows = new List<Row>();
+        var skipped = new List<(string MethodId, string Reason)>();
         foreach (var id in methodIds)
         {
             var options = Options(id);
@@ -132,8 +133,13 @@ internal static class ModelBench
             {
                 // On a GPU device each method runs on a memory pool sized from its training plan (DevicePlanning, as
                 // train does), checked against CUDA's free memory.
+                // A method that does not fit is skipped (its reason printed) while another may run: llama3-70b's QLoRA
+                // fits one large GPU where its LoRA does not.
                 if (DevicePlanning.CheckFreeMemory(gpu, plan.DoesNotFitMessage) is { } message)
-                    throw new CliException($"--device {s.Device}: {Label(id)} of {s.Model} ({config.NumHiddenLayers} layers, {batch} x {seq}) {message}");
+                {
+                    skipped.Add((id, $"--device {s.Device}: {Label(id)} of {s.Model} ({config.NumHiddenLayers} layers, {batch} x {seq}) {message}"));
+                    continue;
+                }
                 baseOps = new GpuOps(gpu, ownsGpu: false, memory: DevicePool.ForGpu(gpu, plan));
             }
             using var ops = baseOps;
@@ -187,6 +193,7 @@ internal static class ModelBench
                 freeBefore is { } before ? before - minFree : null, flops, tflops, peakTflops is { } peak ? tflops / peak : null,
                 times.Count, loss, profileMs));
         }
+        if (rows.Count == 0) throw new CliException(string.Join("; ", skipped.Select(x => x.Reason)));
         if (rows.FirstOrDefault(r => r.MethodId == "lora") is { } loraRow)
             rows = rows.Select(r => r with { RelativeToLora = r.MsPerStep / loraRow.MsPerStep }).ToList();
 
@@ -200,6 +207,7 @@ internal static class ModelBench
             parameters = config.ParameterCount(), batch, seq, tokens_per_step = batch * seq, rank = s.Rank, alpha = 2 * s.Rank,
             targets = lora.TargetModules, recompute = s.Recompute, compute_dtype = computeDType.ToString().ToLowerInvariant(),
             step = StepDescription, flop_convention = TrainingFlops.Convention, peak_tflops = peakTflops, rows,
+            skipped = skipped.Select(x => new { method_id = x.MethodId, reason = x.Reason }).ToList(),
         };
         string jsonText = JsonSerializer.Serialize(report, new JsonSerializerOptions
         {
@@ -234,6 +242,7 @@ internal static class ModelBench
         stdout.WriteLine("peak: the pool's peak (allocated tensors); plan: the training plan the pool is sized from; " +
                          (deviceKind == "cuda" ? "driver: CUDA free memory before the method's pool and model less the least seen during its steps (pool, cuBLAS workspace; not the context)"
                                                : "driver: n/a (no CUDA driver)"));
+        foreach (var (id, reason) in skipped) stdout.WriteLine($"{id}: not run, {reason}");
         if (s.JsonFile is not null) stdout.WriteLine($"wrote {s.JsonFile}");
         if (s.Profile)
         {
