@@ -314,7 +314,7 @@ def main(argv=None):
     print(f"FLOP convention: {FLOP_CONVENTION}")
     if a.dry_run:
         for m in methods:
-            print(f"{m}: {step_flops(kw, batch, seq, rank):.6g} FLOP per step")
+            print(f"{m}: {step_flops(kw, batch, seq, rank):.0f} FLOP per step")
         return 0
 
     import torch
@@ -344,7 +344,7 @@ def main(argv=None):
     import transformers
     import peft
     peer = dict(implementation=f"transformers {transformers.__version__} + peft {peft.__version__} + torch {torch.__version__}",
-                device=device_name, model=model, layers=kw["num_hidden_layers"], parameters=parameter_count(kw), batch=batch,
+                device=device_name, device_total_bytes=torch.cuda.mem_get_info()[1] if a.device.startswith("cuda") else None, model=model, layers=kw["num_hidden_layers"], parameters=parameter_count(kw), batch=batch,
                 seq=seq, rank=rank, alpha=2 * rank, targets=TARGETS, recompute=recompute, compute_dtype="bf16",
                 step=STEP, flop_convention=FLOP_CONVENTION, peak_tflops=peak_tflops(device_name), rows=rows)
     if a.json_out:

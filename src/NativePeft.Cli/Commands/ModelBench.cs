@@ -97,6 +97,7 @@ internal static class ModelBench
         string opsName = gpu?.Properties.Name ?? "CPU reference";
         string deviceKind = gpu is null ? "cpu" : gpu is CudaGpu ? "cuda" : "emulator";
         double? peakTflops = gpu is CudaGpu ? TrainingFlops.PeakTflops(opsName) : null;
+        long? deviceTotal = gpu is CudaGpu ? gpu.MemoryInfo().Total : null;
         bool llama3 = s.Model.StartsWith("llama3", StringComparison.Ordinal);
         double budgetSeconds = llama3 ? 10 : 3;
 
@@ -203,7 +204,7 @@ internal static class ModelBench
                        $"{computeDType.ToString().ToLowerInvariant()} compute";
         var report = new
         {
-            title, model = s.Model, device = opsName, device_kind = deviceKind, layers = config.NumHiddenLayers,
+            title, model = s.Model, device = opsName, device_kind = deviceKind, device_total_bytes = deviceTotal, layers = config.NumHiddenLayers,
             parameters = config.ParameterCount(), batch, seq, tokens_per_step = batch * seq, rank = s.Rank, alpha = 2 * s.Rank,
             targets = lora.TargetModules, recompute = s.Recompute, compute_dtype = computeDType.ToString().ToLowerInvariant(),
             step = StepDescription, flop_convention = TrainingFlops.Convention, peak_tflops = peakTflops, rows,
