@@ -204,6 +204,7 @@ cmd_gpu_bundle() {
   cp "$ROOT/tests/reference/bnb_crosscheck.py" "$stage/bnb_crosscheck.py"
   cp "$ROOT/tests/reference/peft_crosscheck.py" "$stage/peft_crosscheck.py"
   cp "$ROOT/tests/reference/attn_peer.py" "$stage/attn_peer.py"
+  cp "$ROOT/tests/reference/train_peer.py" "$stage/train_peer.py"
   cat > "$stage/gpu-check" <<'SH'
 #!/usr/bin/env bash
 # Runs the CUDA tests and benchmarks from this bundle, each section under its own time limit (8 minutes in all);
@@ -234,14 +235,16 @@ SH
 GPU_CHECK_BUDGET="${GPU_CHECK_BUDGET:-480}"   # seconds; an override is for trying the runner out
 GC_SKIP=77
 # name:limit seconds:what it runs. The limits add up to 460 s of the 480 s budget (the rest: kill grace and the summary).
+# (The first H200 run, 2026-12-04, took about 15 s for the CUDA tests, 13 s for both model benches and 9 s for compare.)
 GPU_SECTIONS=(
-  "env:15:nvidia-smi and nativepeft info"
-  "tests:140:the CUDA-dependent tests (filter FullyQualifiedName~cuda|~Cuda; GPU_CHECK_TESTS_FILTER= runs all)"
+  "env:10:nvidia-smi and nativepeft info"
+  "tests:90:the CUDA-dependent tests (filter FullyQualifiedName~cuda|~Cuda; GPU_CHECK_TESTS_FILTER= runs all)"
   "kernel-bench:25:bench --device cuda: the 4-bit kernels and transformer ops against a device copy"
-  "attention:40:bench --op attention --device cuda: ours, forward/backward TFLOP/s and decode GB/s"
-  "attention-sdpa:50:attn_peer.py: PyTorch SDPA on the same shapes, then ours/SDPA per shape (python3 with torch)"
-  "model-bench:45:bench --model small --device cuda, bf16 with --profile, then fp32"
-  "compare:75:compare --device cuda: full, LoRA and QLoRA on the built-in model (the main job)"
+  "attention:35:bench --op attention --device cuda: ours, forward/backward TFLOP/s and decode GB/s"
+  "attention-sdpa:40:attn_peer.py: PyTorch SDPA on the same shapes, then ours/SDPA per shape (python3 with torch)"
+  "model-bench:30:bench --model small --device cuda --steps 5, bf16 with --profile, then fp32"
+  "llama8b:100:bench --model llama3-8b --device cuda (LoRA and QLoRA, 4 x 1024, 3 timed steps), then train_peer.py (transformers + PEFT, python3 with torch, transformers, peft; QLoRA with bitsandbytes) on the same shape: ours/peer"
+  "compare:60:compare --device cuda: full, LoRA and QLoRA on the built-in model (the main job)"
   "generate:20:generate --device cuda with the LoRA adapter compare trained (KV cache), and without it"
   "bnb:15:bnb_crosscheck.py: our 4-bit files against bitsandbytes' (python3 with torch, safetensors, bitsandbytes)"
   "peft:35:peft_crosscheck.py: our adapters and merges in transformers + PEFT and theirs here (python3 with torch, transformers, peft)"
@@ -331,13 +334,38 @@ gc_model_bench() {
   local log="$GC_DIR/model-bench.txt" rc=0 head="" p r
   for p in bf16 fp32; do
     local extra=(); [ $p = bf16 ] && extra=(--profile)
-    ./NativePeft.Cli bench --model small --device cuda --precision $p "${extra[@]}" 2>&1 | tee "$log.$p"; r=${PIPESTATUS[0]}
+    ./NativePeft.Cli bench --model small --device cuda --precision $p --steps 5 "${extra[@]}" 2>&1 | tee "$log.$p"; r=${PIPESTATUS[0]}
     [ "$r" = 0 ] || { echo "model bench ($p) failed"; rc=$r; }
     local ms; ms="$(awk -F'│|[|]' '{ for (i = 1; i <= NF; i++) gsub(/^ +| +$/, "", $i) }
                  $2 ~ /^(full|lora|qlora)/ { split($2, m, " "); s = s (s ? ", " : "") m[1] " " $3 } END { if (s) print s " ms/step" }' "$log.$p")"
     [ -n "$ms" ] && head+="$p: $ms; "
   done
   [ -n "$head" ] && gc_headline "${head%; }"
+  return $rc
+}
+
+# Llama-3-8B (all 32 layers, random weights made on the device), LoRA and QLoRA at batch 4 x 1024: ours, then the
+# peer on the same shape and settings (train_peer.py reads them from ours' JSON); the headline is ours/peer. Ours runs
+# under half the section's limit so that the peer always gets its turn.
+gc_llama8b() {
+  local log="$GC_DIR/llama8b.txt" ours="$GC_DIR/llama8b-ours.json" peer="$GC_DIR/llama8b-peer.json" rc=0 r head args
+  rm -f "$ours" "$peer"
+  timeout -k 5 $(( ${GC_LIMIT:-100} / 2 )) ./NativePeft.Cli bench --model llama3-8b --device cuda --batch 4 --seq 1024 --steps 3 \
+    --json "$ours" 2>&1 | tee "$log"; r=${PIPESTATUS[0]}
+  [ "$r" = 0 ] || { echo "ours: bench --model llama3-8b failed or timed out (exit $r)"; rc=$r; }
+  head="ours $(awk -F'│|[|]' '{ for (i = 1; i <= NF; i++) gsub(/^ +| +$/, "", $i) }
+               $2 ~ /^(lora|qlora)/ { split($2, m, " "); s = s (s ? ", " : "") m[1] " " $4 " tok/s" } END { print s }' "$log")"
+  if ! have python3 || ! python3 -c "import torch, transformers, peft" 2>/dev/null; then
+    echo "peer not run: python3 with torch, transformers and peft not found"
+    gc_headline "${head}; peer not run: python3 with torch, transformers and peft not found"
+    return $rc
+  fi
+  args=(--json "$peer" --steps 3)
+  if [ -s "$ours" ]; then args+=(--ours "$ours"); else args+=(--model llama3-8b --batch 4 --seq 1024); echo "no figures of ours: the peer alone"; fi
+  python3 ./train_peer.py "${args[@]}" 2>&1 | tee -a "$log"; r=${PIPESTATUS[0]}
+  [ "$r" = 0 ] || { echo "peer: train_peer.py failed (exit $r)"; rc=$r; }
+  local ratios; ratios="$(sed -n 's/^headline: //p' "$log" | tail -1)"
+  gc_headline "${ratios:-$head}"
   return $rc
 }
 

@@ -27,7 +27,7 @@ public static class BenchCommand
         var elements = new Option<long>("--elements") { Description = "tensor size (default: 64M on CUDA, 16M on CPU, 4M on the emulator)" };
         var json = new Option<string>("--json")
         {
-            Description = "print the rows as JSON; with FILE, write them there (--op attention: and print the table)",
+            Description = "print the rows as JSON; with FILE (--op attention, --model), write them there and print the table",
             HelpName = "FILE",
             Arity = ArgumentArity.ZeroOrOne,
         };
@@ -42,18 +42,37 @@ public static class BenchCommand
             if (r.Tokens.Count > 0 && r.Tokens[^1].Value is not ("kernels" or "attention"))
                 r.AddError($"--op {r.Tokens[^1].Value}: expected kernels or attention");
         });
-        var seq = new Option<int[]>("--seq") { Description = "--op attention: sequence length(s) instead of the defaults", AllowMultipleArgumentsPerToken = true };
-        var batch = new Option<int[]>("--batch") { Description = "--op attention: batch size(s) instead of the defaults", AllowMultipleArgumentsPerToken = true };
+        var seq = new Option<int[]>("--seq") { Description = "--op attention: sequence length(s) instead of the defaults; --model: one sequence length", AllowMultipleArgumentsPerToken = true };
+        var batch = new Option<int[]>("--batch") { Description = "--op attention: batch size(s) instead of the defaults; --model: one batch size", AllowMultipleArgumentsPerToken = true };
         var heads = new Option<int?>("--heads") { Description = "--op attention: query heads (default 32 on CUDA, 4 elsewhere)" };
         var kvHeads = new Option<int?>("--kv-heads") { Description = "--op attention: key/value heads (default 8 on CUDA, 1 elsewhere)" };
         var headDim = new Option<int?>("--head-dim") { Description = "--op attention: head dimension (default 128)" };
-        var model = new Option<string>("--model") { Description = "instead of the kernels, time a training step (forward + backward) of a random Llama: tiny or small" };
-        model.AcceptOnlyFromAmong("tiny", "small");
+        var model = new Option<string>("--model")
+        {
+            Description = "instead of the kernels, time a training step (forward, backward, clipping, AdamW) of a random Llama of this shape " +
+                          "(llama3-*: the published Llama 3 / 3.2 configs; default batch 4 x 1024)",
+            HelpName = string.Join("|", ModelBench.ModelNames),
+        };
+        model.AcceptOnlyFromAmong(ModelBench.ModelNames);
+        var layers = new Option<int?>("--layers") { Description = "--model: keep only the first N layers of the model", HelpName = "N" };
+        var method = new Option<string>("--method")
+        {
+            Description = "--model: one method (default: full, lora and qlora for tiny and small; lora and qlora for llama3-*, whose full fine-tuning does not fit one GPU)",
+            HelpName = string.Join("|", ModelBench.MethodNames),
+        };
+        method.AcceptOnlyFromAmong(ModelBench.MethodNames);
+        var rank = new Option<int?>("--rank") { Description = "--model: LoRA rank (default 16; alpha 2 x rank; all 7 projections targeted)", HelpName = "R" };
+        var recompute = new Option<bool>("--recompute") { Description = "--model: recompute each block's activations in its backward (as train --recompute)" };
+        var steps = new Option<int?>("--steps")
+        {
+            Description = "--model: timed steps per method (default: at least 3, then more up to 20 within a time budget of 3 s, 10 s for llama3-*)",
+            HelpName = "N",
+        };
         var precision = DeviceOption.CreatePrecision();
         var profile = new Option<bool>("--profile") { Description = "with --model: also print where one step's time goes, by op" };
         var cmd = new Command("bench", "Benchmark the 4-bit kernels against a copy of the same bytes, attention (--op attention), or a model's training step")
         {
-            device, elements, json, op, seq, batch, heads, kvHeads, headDim, model, profile, precision,
+            device, elements, json, op, seq, batch, heads, kvHeads, headDim, model, layers, method, rank, recompute, steps, profile, precision,
         };
         cmd.SetAction(parse =>
         {
@@ -61,19 +80,34 @@ public static class BenchCommand
             bool jsonRequested = parse.GetResult(json) is { Implicit: false };
             string? jsonFile = parse.GetValue(json) is { Length: > 0 } f ? f : null;
             bool attention = parse.GetValue(op) == "attention";
-            foreach (var shapeOption in new Option[] { seq, batch, heads, kvHeads, headDim })
-                if (!attention && parse.GetResult(shapeOption) is { Implicit: false })
+            string? modelName = parse.GetValue(model);
+            bool Given(Option o) => parse.GetResult(o) is { Implicit: false };
+            foreach (var shapeOption in new Option[] { heads, kvHeads, headDim })
+                if (!attention && Given(shapeOption))
                     throw new CliException($"{shapeOption.Name}: only with --op attention", 2);
+            foreach (var shapeOption in new Option[] { seq, batch })
+                if (!attention && modelName is null && Given(shapeOption))
+                    throw new CliException($"{shapeOption.Name}: only with --op attention or --model", 2);
+            foreach (var modelOption in new Option[] { layers, method, rank, recompute, steps })
+                if (modelName is null && Given(modelOption))
+                    throw new CliException($"{modelOption.Name}: only with --model", 2);
             if (attention)
             {
-                if (parse.GetValue(model) is not null) throw new CliException("--model: not with --op attention (a training step is its own benchmark)", 2);
+                if (modelName is not null) throw new CliException("--model: not with --op attention (a training step is its own benchmark)", 2);
                 return AttentionBench.Run(stdout, deviceName,
                     new AttentionBench.Overrides(NullIfEmpty(parse.GetValue(seq)), NullIfEmpty(parse.GetValue(batch)), parse.GetValue(heads), parse.GetValue(kvHeads), parse.GetValue(headDim)),
                     jsonRequested, jsonFile);
             }
-            if (jsonFile is not null) throw new CliException($"--json {jsonFile}: a file only with --op attention (print with --json alone)", 2);
-            if (parse.GetValue(model) is { } size)
-                return ModelBench.Run(stdout, deviceName, size, jsonRequested, parse.GetValue(profile), parse.GetValue(precision)!);
+            if (modelName is not null)
+            {
+                int? One(Option<int[]> o) => parse.GetValue(o) is { Length: > 0 } v
+                    ? v.Length == 1 ? v[0] : throw new CliException($"{o.Name} {string.Join(" ", v)}: one value with --model (several only with --op attention)", 2)
+                    : null;
+                return ModelBench.Run(stdout, new ModelBench.Settings(deviceName, modelName, parse.GetValue(precision)!, parse.GetValue(layers),
+                    parse.GetValue(method), One(batch), One(seq), parse.GetValue(rank) ?? 16, parse.GetValue(recompute), parse.GetValue(steps),
+                    parse.GetValue(profile), jsonRequested, jsonFile));
+            }
+            if (jsonFile is not null) throw new CliException($"--json {jsonFile}: a file only with --op attention or --model (print with --json alone)", 2);
             long n = parse.GetValue(elements);
             List<Row> rows;
             List<OpRow> opRows = [];

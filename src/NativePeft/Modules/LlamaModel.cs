@@ -194,6 +194,27 @@ public sealed partial class LlamaModel : IDisposable
         return Build(config, ops, options, new RandomSource(weightSeed, std));
     }
 
+    /// <summary>Elements of the tile <see cref="CreateRandomTiled"/> repeats: 2^20, a whole number of 256 blocks of any
+    /// blocksize up to 4096 (so the quantized tile's absmax and nested absmax repeat with it).</summary>
+    public const int RandomTileElements = 1 << 20;
+
+    /// <summary>
+    /// A model with random weights made on the ops' device, for benchmarks of real shapes: every linear and embedding
+    /// weight repeats one tile of <see cref="RandomTileElements"/> Normal(0, std²) values drawn on the host from
+    /// <paramref name="weightSeed"/> (uploaded once per tensor, then doubled by device-to-device copies inside it), so no
+    /// host array larger than the tile exists whatever the model's size. A 4-bit weight repeats the tile's quantized
+    /// bytes and absmax (double-quantized: codes and nested absmax; the offset is the tile's) the same way, in the
+    /// tensors and sizes quantizing on load gives. Norm weights are 1 + Normal(0, std²) as in <see cref="CreateRandom"/>.
+    /// The values repeat every tile, which a speed or memory benchmark does not see; tests of values use
+    /// <see cref="CreateRandom"/>.
+    /// </summary>
+    public static LlamaModel CreateRandomTiled(LlamaConfig config, IOps ops, LlamaModelOptions options, int weightSeed = 1, double std = 0.02)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        config.Validate();
+        return Build(config, ops, options, new TiledRandomSource(weightSeed, std));
+    }
+
     private static LlamaModel Build(LlamaConfig config, IOps ops, LlamaModelOptions options, IWeightSource source)
     {
         ArgumentNullException.ThrowIfNull(ops);
@@ -241,7 +262,7 @@ public sealed partial class LlamaModel : IDisposable
                 // Mixed precision: the optimizer trains an fp32 master weight with an fp32 gradient; the model computes
                 // with its bf16 working copy (RefreshWorkingWeights after each step).
                 var master = _params.Allocate(AdapterDType, shape);
-                UploadValues(source.Read(name, shape), master);
+                WriteValues(source, name, shape, master);
                 var working = _params.Allocate(dtype, shape);
                 _ops.Copy(master, working);
                 var grad = _params.Allocate(AdapterDType, shape);
@@ -250,7 +271,7 @@ public sealed partial class LlamaModel : IDisposable
                 return (working, grad);
             }
             var p = _params.Allocate(dtype, shape);
-            UploadValues(source.Read(name, shape), p);
+            WriteValues(source, name, shape, p);
             Tensor? g = null;
             if (full)
             {
@@ -299,8 +320,12 @@ public sealed partial class LlamaModel : IDisposable
                     // A frozen base stored narrower than the compute dtype (BF16): rounded once, widened per GEMM.
                     var w = _params.Allocate(baseDType, outF, inF);
                     var wide = Scratch().View(outF, inF); // the widening scratch doubles as the upload buffer: no temporary
-                    UploadValues(source.Read(name, [outF, inF]), wide);
-                    _ops.Copy(wide, w);
+                    if (source is TiledRandomSource tiled) tiled.Write(_ops, w);
+                    else
+                    {
+                        UploadValues(source.Read(name, [outF, inF]), wide);
+                        _ops.Copy(wide, w);
+                    }
                     layer = new Linear(_ops, w, null, Scratch());
                 }
                 else
@@ -353,6 +378,13 @@ public sealed partial class LlamaModel : IDisposable
     private static int DeriveSeed(int seed, int index) =>
         (int)(SeedHash.SplitMix64(SeedHash.SplitMix64((ulong)(uint)seed) ^ (ulong)index) & 0x7FFFFFFF);
 
+    /// <summary>A dense tensor's values from the source: uploaded, or (the tiled random source, norms aside) made on the device.</summary>
+    private void WriteValues(IWeightSource source, string name, int[] shape, Tensor t)
+    {
+        if (source is TiledRandomSource tiled && !name.EndsWith("norm.weight", StringComparison.Ordinal)) tiled.Write(_ops, t);
+        else UploadValues(source.Read(name, shape), t);
+    }
+
     private void UploadValues(float[] values, Tensor t)
     {
         if (t.DType == DType.F32) _ops.Upload<float>(values, t);
@@ -367,6 +399,7 @@ public sealed partial class LlamaModel : IDisposable
 
     private QuantizedWeight UploadQuantized(string name, IWeightSource source, int rows, int columns)
     {
+        if (source is TiledRandomSource tiled) return TiledQuantized(tiled, rows, columns);
         Quantized4BitTensor q;
         if (source.IsQuantized(name)) q = source.LoadQuantized(name);
         else
@@ -401,6 +434,35 @@ public sealed partial class LlamaModel : IDisposable
             _ops.Upload<T>(values, t);
             return t;
         }
+    }
+
+    /// <summary>A [rows, columns] 4-bit weight repeating the tiled source's quantized tile: the tensors quantizing on load allocates.</summary>
+    private QuantizedWeight TiledQuantized(TiledRandomSource tiled, int rows, int columns)
+    {
+        var quantType = Options.Quantization == BaseQuantization.Fp4 ? QuantType.Fp4 : QuantType.Nf4;
+        int blocksize = Options.Blocksize;
+        var q = tiled.QuantizedTile(quantType, blocksize, Options.DoubleQuant);
+        long n = (long)rows * columns, blocks = Quant4Bit.BlockCount(n, blocksize);
+        Tensor Repeated<T>(T[] tile, DType dtype, long count) where T : unmanaged
+        {
+            var t = _params.Allocate(dtype, checked((int)count));
+            TiledRandomSource.Repeat(_ops, tile, t);
+            return t;
+        }
+        var packed = Repeated(q.Packed, DType.U8, Quant4Bit.PackedLength(n));
+        var nested = q.State.Nested is { NestedBlockSize: DoubleQuantAbsmax.NestedBlocksize } dq ? dq : null;
+        return new QuantizedWeight
+        {
+            Packed = packed, QuantType = quantType, Blocksize = blocksize, Rows = rows, Columns = columns,
+            Absmax = nested is null ? Repeated(q.State.GetAbsmax(), DType.F32, blocks) : null,
+            DoubleQuant = nested is null ? null : new DoubleQuantAbsmax
+            {
+                Absmax = Repeated(nested.QuantizedAbsmax, DType.U8, blocks),
+                NestedAbsmax = Repeated(nested.NestedAbsmax, DType.F32, (blocks + DoubleQuantAbsmax.NestedBlocksize - 1) / DoubleQuantAbsmax.NestedBlocksize),
+                NestedQuantMap = Repeated(nested.NestedQuantMap, DType.F32, nested.NestedQuantMap.Length),
+                NestedOffset = Repeated([nested.Offset], DType.F32, 1),
+            },
+        };
     }
 
     private interface IWeightSource
@@ -444,6 +506,72 @@ public sealed partial class LlamaModel : IDisposable
                 v[i] = (float)((norm ? 1 : 0) + std * z);
             }
             return v;
+        }
+    }
+
+    /// <summary>
+    /// <see cref="CreateRandomTiled"/>'s weights: one host tile of Normal(0, std²) values (and its 4-bit quantization
+    /// per format) repeated over each tensor on the device; norm weights per name as <see cref="RandomSource"/>.
+    /// </summary>
+    private sealed class TiledRandomSource(int seed, double std) : IWeightSource
+    {
+        /// <summary>The largest single copy while repeating (elements): keeps each copy's bytes within an int on the CPU.</summary>
+        private const long MaxCopyElements = 1L << 26;
+        private readonly RandomSource _names = new(seed, std);
+        private float[]? _tile;
+        private BFloat16[]? _tileBf16;
+        private readonly Dictionary<(QuantType, int, bool), Quantized4BitTensor> _quantized = [];
+
+        public bool AnyQuantized => false;
+        public bool IsQuantized(string name) => false;
+        public Quantized4BitTensor LoadQuantized(string name) => throw new InvalidOperationException();
+        public DType StoredDType(string name) => DType.F32;
+        public float[] Read(string name, int[] shape) => _names.Read(name, shape);
+
+        private float[] Tile => _tile ??= _names.Read("tile", [RandomTileElements]);
+
+        /// <summary>The tile repeated over <paramref name="t"/> (F32, BF16 or F64).</summary>
+        public void Write(IOps ops, Tensor t)
+        {
+            switch (t.DType)
+            {
+                case DType.F32: Repeat(ops, Tile, t); break;
+                case DType.BF16:
+                    if (_tileBf16 is null)
+                    {
+                        _tileBf16 = new BFloat16[RandomTileElements];
+                        BFloat16.FromSingle(Tile, _tileBf16);
+                    }
+                    Repeat(ops, _tileBf16, t);
+                    break;
+                default: Repeat(ops, Array.ConvertAll(Tile, v => (double)v), t); break;
+            }
+        }
+
+        public Quantized4BitTensor QuantizedTile(QuantType quantType, int blocksize, bool doubleQuant)
+        {
+            if (!_quantized.TryGetValue((quantType, blocksize, doubleQuant), out var q))
+                _quantized[(quantType, blocksize, doubleQuant)] = q = Quantized4BitTensor.Quantize(new ReadOnlyMemory<float>(Tile),
+                    [1, RandomTileElements], quantType, blocksize, doubleQuant, DType.F32);
+            return q;
+        }
+
+        /// <summary>
+        /// <paramref name="t"/> = <paramref name="tile"/> repeated (element i is tile[i mod tile length]): the first
+        /// min(count, tile) elements uploaded, then the filled prefix copied after itself, doubling, within the tensor.
+        /// </summary>
+        public static void Repeat<T>(IOps ops, T[] tile, Tensor t) where T : unmanaged
+        {
+            long n = t.Count, period = tile.Length;
+            long filled = Math.Min(n, period);
+            ops.Upload<T>(tile.AsSpan(0, (int)filled), t.Slice(0, (int)filled));
+            long maxCopy = Math.Max(1, MaxCopyElements / period) * period;
+            while (filled < n)
+            {
+                int len = (int)Math.Min(Math.Min(filled, n - filled), maxCopy); // filled stays a whole number of periods
+                ops.Copy(t.Slice(0, len), t.Slice(filled, len));
+                filled += len;
+            }
         }
     }
 

@@ -96,7 +96,7 @@ public class BenchAttentionCliTests
     {
         var r = CliProcess.Run("bench", "--device", "emulator", "--seq", "128");
         Assert.That(r.ExitCode, Is.EqualTo(2), r.ToString());
-        Assert.That(r.Stderr.Trim(), Is.EqualTo("error: --seq: only with --op attention"));
+        Assert.That(r.Stderr.Trim(), Is.EqualTo("error: --seq: only with --op attention or --model"));
     }
 
     [Test]
