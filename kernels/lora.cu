@@ -79,15 +79,35 @@ NP_UNROLL
 __device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
 
-// dropout of two adjacent bf16 elements e, e + 1 (e even: one Philox block) packed in v: the dropped pair, packed.
-__device__ __forceinline__ uint32_t drop_pair(uint32_t v, unsigned long long e, unsigned int thr, unsigned long long seed,
-                                              float scale)
+// Dropout of the lane's A fragment in place (register p holds the pair at row g + 8 (p & 1), columns 2t + 8 (p >> 1),
+// 2t + 9 + ...; e0 = index of its (row g, column 2t) element in x, e8 = 8 rows). Lanes 2s and 2s + 1 hold the halves of
+// the same four Philox blocks (features 4s .. 4s + 3 of rows g, g + 8, and + 8 features), so each lane computes two of
+// them -- the even lane the blocks of registers 0, 1, the odd lane those of 2, 3 -- and hands its partner the 4 keep
+// bits it needs with one shuffle: 2 Philox calls per lane instead of 4. Warp-collective (call convergently).
+__device__ __forceinline__ void drop_fragment(uint32_t (&a)[4], unsigned long long e0, unsigned long long e8, int lane,
+                                              unsigned int thr, unsigned long long seed, float scale)
 {
-    unsigned int w[4];
-    philox4(e >> 2, seed, w);
-    const bool odd_half = (e & 2) != 0;
-    const unsigned int r0 = odd_half ? w[2] : w[0], r1 = odd_half ? w[3] : w[1];
-    return npmma::pack_bf16(r0 >= thr ? bf16_lo(v) * scale : 0.0f, r1 >= thr ? bf16_hi(v) * scale : 0.0f);
+    const bool odd = (lane & 1) != 0;
+    const unsigned long long block0 = (e0 >> 2) + (odd ? 2 : 0);  // +8 features = +2 blocks
+    unsigned int w[4], v[4];
+    philox4(block0, seed, w);
+    philox4(block0 + (e8 >> 2), seed, v);
+    const unsigned int kw = (unsigned int)(w[0] >= thr) | ((unsigned int)(w[1] >= thr) << 1) |
+                            ((unsigned int)(w[2] >= thr) << 2) | ((unsigned int)(w[3] >= thr) << 3);
+    const unsigned int kv = (unsigned int)(v[0] >= thr) | ((unsigned int)(v[1] >= thr) << 1) |
+                            ((unsigned int)(v[2] >= thr) << 2) | ((unsigned int)(v[3] >= thr) << 3);
+    // Words 0, 1 of a block are the even lane's pair, words 2, 3 the odd lane's.
+    const unsigned int mine_w = odd ? kw >> 2 : kw & 3u, mine_v = odd ? kv >> 2 : kv & 3u;
+    const unsigned int give = odd ? (kw & 3u) | ((kv & 3u) << 2) : (kw >> 2) | ((kv >> 2) << 2);
+    const unsigned int got = __shfl_xor_sync(0xffffffffu, give, 1);
+    // keep bits of registers 0..3 (2 per register: low, high element)
+    const unsigned int bits = odd ? (got & 15u) | (mine_w << 4) | (mine_v << 6) : mine_w | (mine_v << 2) | ((got & 15u) << 4);
+NP_UNROLL
+    for (int p = 0; p < 4; ++p)
+    {
+        const unsigned int b = bits >> (2 * p);
+        a[p] = npmma::pack_bf16((b & 1u) ? bf16_lo(a[p]) * scale : 0.0f, (b & 2u) ? bf16_hi(a[p]) * scale : 0.0f);
+    }
 }
 
 // The A fragment of the TRANSPOSE of a row-major swizzled tile (A[m][k] = tile[k][m], e.g. dxa^T): k rows k0..k0+15,
@@ -166,7 +186,9 @@ NP_UNROLL
         __syncthreads();
         const unsigned char* X = sX + buf * kTileBytes;
         const unsigned char* A = sA + buf * aTileBytes;
-NP_UNROLL
+        // Rolled: the body holds up to 3 inlined mask computations (4 Philox each) and 8 groups of MMAs; unrolled 4x
+        // the kernel grew to ~11k SASS instructions for no gain (nothing is indexed by kk at compile time).
+NP_NO_UNROLL
         for (int kk = 0; kk < kBK / 16; ++kk)
         {
             uint32_t xf[4], am[4] = {0u, 0u, 0u, 0u};
@@ -182,20 +204,9 @@ NP_UNROLL
                     {
                         const int g = adapter_of(j, gr0, gr1);
                         const unsigned int thr = sel(g, t0, t1, t2);
-                        if (thr == 0u)
-                        {
-                            am[0] = xf[0]; am[1] = xf[1]; am[2] = xf[2]; am[3] = xf[3];
-                        }
-                        else
-                        {
-                            const unsigned long long seed = sel(g, s0, s1, s2);
-                            const float scale = sel(g, k0, k1, k2);
-                            const unsigned long long e8 = (unsigned long long)8 * in;  // 8 rows down
-                            am[0] = drop_pair(xf[0], e0, thr, seed, scale);
-                            am[1] = drop_pair(xf[1], e0 + e8, thr, seed, scale);
-                            am[2] = drop_pair(xf[2], e0 + 8, thr, seed, scale);
-                            am[3] = drop_pair(xf[3], e0 + e8 + 8, thr, seed, scale);
-                        }
+                        am[0] = xf[0]; am[1] = xf[1]; am[2] = xf[2]; am[3] = xf[3];
+                        if (thr != 0u)  // uniform: the whole warp takes part in drop_fragment's shuffle
+                            drop_fragment(am, e0, (unsigned long long)8 * in, lane, thr, sel(g, s0, s1, s2), sel(g, k0, k1, k2));
                     }
                     uint32_t b[4];
                     attntc::load_b_t2<64>(b, A, j * 16, kk * 16, lane);
