@@ -3,7 +3,9 @@
 // docs/lora-kernels.md.
 //
 //   lora_down_tc_bf16        xa_g = dropout_g(x) A_g^T                      for g < count (forward, and the backward's
-//                            x [N, in], A_g [r_g, in], xa_g [N, r_g] bf16     recompute of xa)
+//                            x [N, in], A_g [r_g, in], xa_g [N, r_g] bf16     recompute of xa); with a split k (ws not
+//                                                                           null) fp32 partials per k split into ws
+//   lora_down_reduce_bf16    xa_g = bf16(sum over k splits of ws[split])    fixed split order: deterministic
 //   lora_bwd_input_tc_bf16   dx += sum_g dropout_g'(dxa_g A_g)               dx [N, in] bf16, read and written once
 //                            ws[split] = dxa_g^T dropout_g(x)                 fp32 partial dA_g of the split's rows
 //   lora_da_reduce_f32       dA_g += sum over splits of ws[split]            fixed split order: deterministic
@@ -22,9 +24,12 @@
 // / 64 (backward).
 //
 // C ABI (grid, block 128, dynamic shared):
-//   lora_down_tc_bf16(x, N, in, count, a0, a1, a2, xa0, xa1, xa2, r0, r1, r2, thr0, thr1, thr2, seed0, seed1, seed2,
-//                     scale0, scale1, scale2)                     grid ceil(N/64), shared 2 * (64 + R) * 64 * 2 bytes
-//                     (R = sum of padded ranks)
+//   lora_down_tc_bf16(x, N, in, split_tiles, count, a0, a1, a2, xa0, xa1, xa2, r0, r1, r2, thr0, thr1, thr2, seed0,
+//                     seed1, seed2, scale0, scale1, scale2, ws)
+//                     grid (ceil(N/64), k splits of split_tiles 64-feature tiles each), shared 2 * (64 + R) * 64 * 2
+//                     bytes (R = sum of padded ranks); ws null (one split: xa written directly) or fp32
+//                     [splits][N][R] (the partials; then lora_down_reduce_bf16 writes xa)
+//   lora_down_reduce_bf16(ws, splits, N, R, count, xa0, xa1, xa2, r0, r1, r2)   grid-stride, block 256
 //   lora_bwd_input_tc_bf16(x, dx, N, in, split_rows, count, a0..2, dxa0..2, r0..2, thr0..2, seed0..2, scale0..2, ws)
 //                     grid (ceil(in/64), ceil(N/split_rows)), shared 36 KB; split_rows a multiple of 64;
 //                     ws fp32 [splits][R][in]
@@ -147,10 +152,11 @@ __device__ __forceinline__ void load_a_tile(unsigned char* tile, const bf16* a0,
     }
 }
 
-__device__ void down_body(const bf16* __restrict__ x, int n, int in, int count, const bf16* a0, const bf16* a1,
-                          const bf16* a2, bf16* o0, bf16* o1, bf16* o2, int r0, int r1, int r2, unsigned int t0,
-                          unsigned int t1, unsigned int t2, unsigned long long s0, unsigned long long s1,
-                          unsigned long long s2, float k0, float k1, float k2)
+__device__ void down_body(const bf16* __restrict__ x, int n, int in, int split_tiles, int count, const bf16* a0,
+                          const bf16* a1, const bf16* a2, bf16* o0, bf16* o1, bf16* o2, int r0, int r1, int r2,
+                          unsigned int t0, unsigned int t1, unsigned int t2, unsigned long long s0,
+                          unsigned long long s1, unsigned long long s2, float k0, float k1, float k2,
+                          float* __restrict__ ws)
 {
     constexpr int NG = kDownMaxRank / 16;
     const int gr0 = (r0 + 15) >> 4, gr1 = count > 1 ? (r1 + 15) >> 4 : 0, gr2 = count > 2 ? (r2 + 15) >> 4 : 0;
@@ -161,7 +167,8 @@ __device__ void down_body(const bf16* __restrict__ x, int n, int in, int count, 
     unsigned char* sA = smem + 2 * kTileBytes;  // [2][groups * 16][64] bf16
     const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
     const int row0 = (int)blockIdx.x * kBM;
-    const int ktiles = (in + kBK - 1) / kBK;
+    // k split blockIdx.y: k tiles [kt0, kt1) of the ceil(in / 64)
+    const int kt0 = (int)blockIdx.y * split_tiles, kt1 = min((in + kBK - 1) / kBK, kt0 + split_tiles);
     // The lane's fragment rows (g, g + 8) and first column (2t) of the A layout.
     const long long frow = (long long)row0 + warp * 16 + (lane >> 2);
     const int fcol = 2 * (lane & 3);
@@ -170,13 +177,13 @@ __device__ void down_body(const bf16* __restrict__ x, int n, int in, int count, 
 NP_UNROLL
     for (int j = 0; j < 2 * NG; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-    load_x_tile(sX, x, n, in, row0, 0);
-    load_a_tile(sA, a0, a1, a2, r0, r1, r2, gr0, gr1, groups, in, 0);
+    load_x_tile(sX, x, n, in, row0, kt0 * kBK);
+    load_a_tile(sA, a0, a1, a2, r0, r1, r2, gr0, gr1, groups, in, kt0 * kBK);
     npmma::cp_async_commit();
-    for (int kt = 0; kt < ktiles; ++kt)
+    for (int kt = kt0; kt < kt1; ++kt)
     {
-        const int buf = kt & 1;
-        if (kt + 1 < ktiles)
+        const int buf = (kt - kt0) & 1;
+        if (kt + 1 < kt1)
         {
             load_x_tile(sX + (buf ^ 1) * kTileBytes, x, n, in, row0, (kt + 1) * kBK);
             load_a_tile(sA + (buf ^ 1) * aTileBytes, a0, a1, a2, r0, r1, r2, gr0, gr1, groups, in, (kt + 1) * kBK);
@@ -218,6 +225,34 @@ NP_UNROLL
         __syncthreads();  // every warp is done with buffer buf before tile kt + 2 is loaded into it
     }
 
+    if (ws != nullptr)
+    {
+        // Split k: the fp32 partial sums of every (padded) rank column go to ws[split][row][16 group + column];
+        // lora_down_reduce_bf16 adds the splits in order and rounds once.
+        const int R = groups * 16;
+        float* plane = ws + (long long)blockIdx.y * n * R;
+NP_UNROLL
+        for (int j = 0; j < NG; ++j)
+        {
+            if (j < groups)
+            {
+NP_UNROLL
+                for (int h = 0; h < 2; ++h)
+NP_UNROLL
+                    for (int half = 0; half < 2; ++half)
+                    {
+                        const long long row = frow + 8 * half;
+                        if (row < n)
+                        {
+                            float* p = plane + row * R + j * 16 + h * 8 + fcol;
+                            p[0] = acc[2 * j + h][2 * half];
+                            p[1] = acc[2 * j + h][2 * half + 1];
+                        }
+                    }
+            }
+        }
+        return;
+    }
 NP_UNROLL
     for (int j = 0; j < NG; ++j)
     {
@@ -431,15 +466,36 @@ NP_UNROLL
 }  // namespace lorak
 
 extern "C" __global__ void __launch_bounds__(lorak::kThreads)
-lora_down_tc_bf16(const __nv_bfloat16* x, int n, int in, int count, const __nv_bfloat16* a0, const __nv_bfloat16* a1,
-                  const __nv_bfloat16* a2, __nv_bfloat16* xa0, __nv_bfloat16* xa1, __nv_bfloat16* xa2, int r0, int r1,
-                  int r2, unsigned int thr0, unsigned int thr1, unsigned int thr2, unsigned long long seed0,
-                  unsigned long long seed1, unsigned long long seed2, float scale0, float scale1, float scale2)
+lora_down_tc_bf16(const __nv_bfloat16* x, int n, int in, int split_tiles, int count, const __nv_bfloat16* a0,
+                  const __nv_bfloat16* a1, const __nv_bfloat16* a2, __nv_bfloat16* xa0, __nv_bfloat16* xa1,
+                  __nv_bfloat16* xa2, int r0, int r1, int r2, unsigned int thr0, unsigned int thr1, unsigned int thr2,
+                  unsigned long long seed0, unsigned long long seed1, unsigned long long seed2, float scale0,
+                  float scale1, float scale2, float* ws)
 {
-    lorak::down_body(x, n, in, count, a0, a1, a2, xa0, xa1, xa2, r0, r1, r2, thr0, thr1, thr2, seed0, seed1, seed2,
-                     scale0, scale1, scale2);
+    lorak::down_body(x, n, in, split_tiles, count, a0, a1, a2, xa0, xa1, xa2, r0, r1, r2, thr0, thr1, thr2, seed0, seed1,
+                     seed2, scale0, scale1, scale2, ws);
 }
 EMU_REGISTER(lora_down_tc_bf16)
+
+// xa_g[row][j] = bf16_rn(sum over s = 0 .. splits - 1 (in that order, fp32) of ws[s][row][16 goff_g + j]), j < r_g.
+extern "C" __global__ void lora_down_reduce_bf16(const float* __restrict__ ws, int splits, int n, int R, int count,
+                                                 __nv_bfloat16* xa0, __nv_bfloat16* xa1, __nv_bfloat16* xa2, int r0,
+                                                 int r1, int r2)
+{
+    const int gr0 = (r0 + 15) >> 4, gr1 = count > 1 ? (r1 + 15) >> 4 : 0;
+    const long long total = (long long)n * R;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x)
+    {
+        const long long row = i / R;
+        const int prow = (int)(i % R), g = lorak::adapter_of(prow >> 4, gr0, gr1);
+        const int j = prow - 16 * lorak::sel(g, 0, gr0, gr0 + gr1), rank = lorak::sel(g, r0, r1, r2);
+        if (j >= rank) continue;
+        float s = 0.0f;
+        for (int sp = 0; sp < splits; ++sp) s += ws[sp * total + i];
+        lorak::sel(g, xa0, xa1, xa2)[row * rank + j] = __float2bfloat16_rn(s);
+    }
+}
+EMU_REGISTER(lora_down_reduce_bf16)
 
 extern "C" __global__ void __launch_bounds__(lorak::kThreads)
 lora_bwd_input_tc_bf16(const __nv_bfloat16* x, __nv_bfloat16* dx, int n, int in, int split_rows, int count,

@@ -13,7 +13,9 @@ public readonly record struct LoraKernelAdapter(DevicePtr A, DevicePtr Data, Dev
 /// The tensor-core LoRA kernels of kernels/lora.cu on an <see cref="IGpu"/> (design: docs/lora-kernels.md), for up to
 /// <see cref="MaxAdaptersPerLaunch"/> adapters that share one input x [N, in] (bf16):
 /// <list type="bullet">
-/// <item><see cref="Down"/>: xa_g = dropout_g(x) · A_gᵀ, x read once for all of them (lora_down_tc_bf16).</item>
+/// <item><see cref="Down"/>: xa_g = dropout_g(x) · A_gᵀ, x read once for all of them (lora_down_tc_bf16; with few row
+/// tiles the features are split over <see cref="DownSplits"/> CTAs, whose fp32 partials lora_down_reduce_bf16 sums in
+/// order).</item>
 /// <item><see cref="BackwardInput"/>: dx += Σ_g dropout_g'(dxa_g · A_g) (dx read and written once) and
 /// dA_g += dxa_gᵀ · dropout_g(x) (lora_bwd_input_tc_bf16: fp32 partial sums per split of <see cref="SplitRows"/> rows
 /// into a workspace; lora_da_reduce_f32: their sum in split order, added to dA_g).</item>
@@ -43,6 +45,9 @@ public sealed class GpuLoraOps
     /// <summary>Dynamic shared memory of the backward: A, x, dxa, dropout(x) tiles (4 × 8 KB) and a mask tile (4 KB).</summary>
     public const int BackwardSharedBytes = 4 * RowTile * FeatureTile * 2 + RowTile * FeatureTile;
     private const int ReduceThreads = 256;
+    /// <summary>CTAs the forward aims at by splitting the features (enough to fill an H100's 132 SMs twice); a function
+    /// of the shape only, so the summation order is the same on every device.</summary>
+    public const int DownTargetBlocks = 256;
 
     private readonly IGpu _gpu;
     private readonly int _maxGridBlocks;
@@ -62,6 +67,26 @@ public sealed class GpuLoraOps
 
     /// <summary>Dynamic shared memory of the forward: double-buffered x [64][64] and stacked A [Σ padded ranks][64] bf16.</summary>
     public static int DownSharedBytes(int paddedRanks) => 2 * (RowTile + paddedRanks) * FeatureTile * 2;
+
+    /// <summary>
+    /// The forward's split of the 64-feature tiles: (splits, tiles per split). One split when ⌈N/64⌉ row tiles reach
+    /// <see cref="DownTargetBlocks"/>; otherwise up to ⌈<see cref="DownTargetBlocks"/> / row tiles⌉ splits of equal
+    /// tile counts (none empty).
+    /// </summary>
+    public static (int Splits, int TilesPerSplit) DownSplits(int rows, int inFeatures)
+    {
+        int rowTiles = (int)Math.Max(1, CeilDiv(rows, RowTile)), kTiles = (int)Math.Max(1, CeilDiv(inFeatures, FeatureTile));
+        int want = Math.Clamp((int)CeilDiv(DownTargetBlocks, rowTiles), 1, kTiles);
+        int perSplit = (int)CeilDiv(kTiles, want);
+        return ((int)CeilDiv(kTiles, perSplit), perSplit);
+    }
+
+    /// <summary>Bytes of the fp32 workspace of <see cref="Down"/>: [splits][N][Σ padded ranks] when it splits, else 0.</summary>
+    public static long DownWorkspaceBytes(int rows, int inFeatures, int paddedRanks)
+    {
+        int splits = DownSplits(rows, inFeatures).Splits;
+        return splits == 1 ? 0 : (long)splits * rows * paddedRanks * sizeof(float);
+    }
 
     /// <summary>Splits (CTA rows of the backward's grid, and partial dA planes of its workspace) for N rows.</summary>
     public static int Splits(int rows) => (int)CeilDiv(rows, SplitRows);
@@ -147,17 +172,25 @@ public sealed class GpuLoraOps
     private static float KeepScale(LoraKernelAdapter a) => a.Rank == 0 ? 1 : GpuElementwiseOps.KeepScale(a.DropoutP);
 
     /// <summary>
-    /// xa_g [N, r_g] = dropout_g(x) · A_gᵀ for each adapter (Data = xa, overwritten); x [N, in] bf16. Nothing is launched
-    /// for N = 0. Launch: lora_down_tc_bf16, grid ceil(N/64), block 128, <see cref="DownSharedBytes"/>.
+    /// xa_g [N, r_g] = dropout_g(x) · A_gᵀ for each adapter (Data = xa, overwritten); x [N, in] bf16.
+    /// <paramref name="workspace"/>: at least <see cref="DownWorkspaceBytes"/> bytes (overwritten; may be null when that
+    /// is 0). Nothing is launched for N = 0. Launches: lora_down_tc_bf16, grid (ceil(N/64), <see cref="DownSplits"/>),
+    /// block 128, <see cref="DownSharedBytes"/>; with more than one split lora_down_reduce_bf16, grid-stride, block 256.
     /// </summary>
-    public void Down(DevicePtr x, int rows, int inFeatures, ReadOnlySpan<LoraKernelAdapter> adapters)
+    public void Down(DevicePtr x, int rows, int inFeatures, ReadOnlySpan<LoraKernelAdapter> adapters, DevicePtr workspace)
     {
         Validate(x, rows, inFeatures, adapters, DownMaxPaddedRank, backward: false, out int padded);
         if (rows == 0) return;
+        var (splits, perSplit) = DownSplits(rows, inFeatures);
+        if (splits > 1) CheckPtr(workspace, nameof(workspace));
+        DevicePtr ws = splits > 1 ? workspace : DevicePtr.Null;
         LoraKernelAdapter a0 = Slot(adapters, 0), a1 = Slot(adapters, 1), a2 = Slot(adapters, 2);
-        _gpu.Launch("lora_down_tc_bf16", (int)CeilDiv(rows, RowTile), ThreadsPerBlock, DownSharedBytes(padded),
-            x, rows, inFeatures, adapters.Length, a0.A, a1.A, a2.A, a0.Data, a1.Data, a2.Data, a0.Rank, a1.Rank, a2.Rank,
-            Threshold(a0), Threshold(a1), Threshold(a2), a0.Seed, a1.Seed, a2.Seed, KeepScale(a0), KeepScale(a1), KeepScale(a2));
+        _gpu.Launch("lora_down_tc_bf16", new Dim3((uint)CeilDiv(rows, RowTile), (uint)splits), ThreadsPerBlock, DownSharedBytes(padded),
+            x, rows, inFeatures, perSplit, adapters.Length, a0.A, a1.A, a2.A, a0.Data, a1.Data, a2.Data, a0.Rank, a1.Rank, a2.Rank,
+            Threshold(a0), Threshold(a1), Threshold(a2), a0.Seed, a1.Seed, a2.Seed, KeepScale(a0), KeepScale(a1), KeepScale(a2), ws);
+        if (splits == 1) return;
+        _gpu.Launch("lora_down_reduce_bf16", GridBlocks((long)rows * padded, ReduceThreads, _maxGridBlocks), ReduceThreads, 0,
+            ws, splits, rows, padded, adapters.Length, a0.Data, a1.Data, a2.Data, a0.Rank, a1.Rank, a2.Rank);
     }
 
     /// <summary>

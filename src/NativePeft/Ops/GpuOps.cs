@@ -203,7 +203,8 @@ public sealed unsafe class GpuOps : IOps
 
     /// <summary>
     /// BF16 with in a multiple of 8 and 16-byte aligned x and A: the fused tensor-core kernel (<see cref="GpuLoraOps.Down"/>),
-    /// adapters packed into launches of up to 3 (Σ padded ranks ≤ 128) in order. Otherwise (F32, other shapes, an
+    /// adapters packed into launches of up to 3 (Σ padded ranks ≤ 128) in order; a split-feature workspace (fp32, a few MB at
+    /// most) from <see cref="Memory"/> when the rows alone do not fill the device. Otherwise (F32, other shapes, an
     /// adapter of rank &gt; 128) the unfused ops, as LoraLinear runs them.
     /// </summary>
     public void LoraDown(Tensor x, IReadOnlyList<LoraDownArgs> adapters)
@@ -216,16 +217,29 @@ public sealed unsafe class GpuOps : IOps
             LoraUnfused.Down(this, x, adapters);
             return;
         }
-        foreach (var (start, count) in GpuLoraOps.Launches(adapters.Select(d => d.A.Rows).ToList(), GpuLoraOps.DownMaxPaddedRank))
+        var runs = GpuLoraOps.Launches(adapters.Select(d => d.A.Rows).ToList(), GpuLoraOps.DownMaxPaddedRank);
+        long wsBytes = runs.Where(r => r.Count > 0)
+            .Select(r => GpuLoraOps.DownWorkspaceBytes(x.Rows, x.Columns, Enumerable.Range(r.Start, r.Count).Sum(g => GpuLoraOps.PaddedRank(adapters[g].A.Rows))))
+            .DefaultIfEmpty(0).Max();
+        Tensor? workspace = wsBytes == 0 ? null : _memory.Allocate(DType.F32, checked((int)(wsBytes / sizeof(float))));
+        try
         {
-            if (count == 0) { LoraUnfused.Down(this, x, [adapters[start]]); continue; }
-            var slots = new LoraKernelAdapter[count];
-            for (int i = 0; i < count; i++)
+            foreach (var (start, count) in runs)
             {
-                var d = adapters[start + i];
-                slots[i] = new LoraKernelAdapter(d.A.Data, d.Xa.Data, DevicePtr.Null, d.A.Rows, d.DropoutP, d.Seed);
+                if (count == 0) { LoraUnfused.Down(this, x, [adapters[start]]); continue; }
+                var slots = new LoraKernelAdapter[count];
+                for (int i = 0; i < count; i++)
+                {
+                    var d = adapters[start + i];
+                    slots[i] = new LoraKernelAdapter(d.A.Data, d.Xa.Data, DevicePtr.Null, d.A.Rows, d.DropoutP, d.Seed);
+                }
+                _lora.Down(x.Data, x.Rows, x.Columns, slots, workspace?.Data ?? DevicePtr.Null);
             }
-            _lora.Down(x.Data, x.Rows, x.Columns, slots);
+            if (workspace is not null) _gpu.Synchronize();
+        }
+        finally
+        {
+            if (workspace is not null) _memory.Free(workspace);
         }
     }
 

@@ -31,7 +31,7 @@ public sealed class LoraKernelTests(string device) : DeviceFixture<GpuOps>(devic
 
     protected override GpuOps CreateOps(IGpu gpu) => new(gpu);
 
-    protected override IEnumerable<string> RequiredKernels => ["lora_down_tc_bf16", "lora_bwd_input_tc_bf16", "lora_da_reduce_f32"];
+    protected override IEnumerable<string> RequiredKernels => ["lora_down_tc_bf16", "lora_down_reduce_bf16", "lora_bwd_input_tc_bf16", "lora_da_reduce_f32"];
 
     [TearDown]
     public void FreeTensors()
@@ -53,6 +53,7 @@ public sealed class LoraKernelTests(string device) : DeviceFixture<GpuOps>(devic
         new(300, 520, [16, 8, 16], [0.1, 0.1, 0.1], "two backward splits (N > 256)"),
         new(65, 136, [5, 12], [0.25, 0.0], "odd ranks, dropout on one adapter only"),
         new(70, 128, [64, 64, 16], [0.1, 0.2, 0.0], "several launches: forward 64+64 | 16, backward 64 | 64 | 16"),
+        new(130, 64, [16, 32], [0.1, 0.0], "one 64-feature tile: the forward writes xa without a split"),
     ];
 
     private static IEnumerable<int> CaseIndices() => Enumerable.Range(0, Cases.Length);
@@ -430,7 +431,7 @@ public sealed class LoraKernelTests(string device) : DeviceFixture<GpuOps>(devic
             Assert.That(e.Message, Does.Contain("adapters[0].DA").And.Contain("F32"));
             // the launcher itself refuses shapes the kernels do not take
             var lora = new GpuLoraOps(Gpu);
-            e = Assert.Throws<ArgumentException>(() => lora.Down(x.Data, 8, 100, [new LoraKernelAdapter(a.Data, xa.Data, DevicePtr.Null, 4, 0, 1)]))!;
+            e = Assert.Throws<ArgumentException>(() => lora.Down(x.Data, 8, 100, [new LoraKernelAdapter(a.Data, xa.Data, DevicePtr.Null, 4, 0, 1)], DevicePtr.Null))!;
             Assert.That(e.ParamName, Is.EqualTo("inFeatures"));
             e = Assert.Throws<ArgumentException>(() => lora.BackwardInput(x.Data, dx.Data, 8, 64,
                 [new LoraKernelAdapter(a.Data, xa.Data, da.Data, 64, 0, 1), new LoraKernelAdapter(a.Data, xa.Data, da.Data, 16, 0, 1)], da.Data))!;
@@ -448,6 +449,14 @@ public sealed class LoraKernelTests(string device) : DeviceFixture<GpuOps>(devic
             Assert.That(GpuLoraOps.Launches([64, 64, 16], 128), Is.EqualTo(new List<(int, int)> { (0, 2), (2, 1) }));
             Assert.That(GpuLoraOps.Launches([8, 8, 8, 8], 128), Is.EqualTo(new List<(int, int)> { (0, 3), (3, 1) }));
             Assert.That(GpuLoraOps.Launches([16, 136, 8], 128), Is.EqualTo(new List<(int, int)> { (0, 1), (1, 0), (2, 1) }));
+            // the forward's feature split: ~256 CTAs from the shape alone, no empty split
+            Assert.That(GpuLoraOps.DownSplits(4096, 4096), Is.EqualTo((4, 16)));
+            Assert.That(GpuLoraOps.DownSplits(4096, 14336), Is.EqualTo((4, 56)));
+            Assert.That(GpuLoraOps.DownSplits(70, 200), Is.EqualTo((4, 1)));
+            Assert.That(GpuLoraOps.DownSplits(300, 520), Is.EqualTo((9, 1)));
+            Assert.That(GpuLoraOps.DownSplits(130, 64), Is.EqualTo((1, 1)));
+            Assert.That(GpuLoraOps.DownSplits(20000, 4096), Is.EqualTo((1, 64)));
+            Assert.That(GpuLoraOps.DownWorkspaceBytes(4096, 4096, 48), Is.EqualTo(4L * 4096 * 48 * 4));
         });
     }
 }
