@@ -13,6 +13,7 @@ namespace NativePeft.Cli.Commands;
 /// `nativepeft bench`: the 4-bit kernels' throughput on one device, each against the limit measured in the same
 /// run: a device-to-device copy of the bf16 tensor (the memory-bandwidth ceiling those kernels work under).
 /// `--op attention`: causal GQA attention forward, backward and decode instead (<see cref="AttentionBench"/>).
+/// `--op lora`: the fused LoRA kernels against the op sequence they replace (<see cref="LoraBench"/>).
 /// </summary>
 public static class BenchCommand
 {
@@ -33,14 +34,15 @@ public static class BenchCommand
         };
         var op = new Option<string>("--op")
         {
-            Description = "kernels: the 4-bit kernels and transformer ops; attention: causal GQA attention forward, backward and decode",
+            Description = "kernels: the 4-bit kernels and transformer ops; attention: causal GQA attention forward, backward and decode; " +
+                          "lora: the fused LoRA kernels against the op sequence they replace (q/k/v shape)",
             DefaultValueFactory = _ => "kernels",
-            HelpName = "kernels|attention",
+            HelpName = "kernels|attention|lora",
         };
         op.Validators.Add(r =>
         {
-            if (r.Tokens.Count > 0 && r.Tokens[^1].Value is not ("kernels" or "attention"))
-                r.AddError($"--op {r.Tokens[^1].Value}: expected kernels or attention");
+            if (r.Tokens.Count > 0 && r.Tokens[^1].Value is not ("kernels" or "attention" or "lora"))
+                r.AddError($"--op {r.Tokens[^1].Value}: expected kernels, attention or lora");
         });
         var seq = new Option<int[]>("--seq") { Description = "--op attention: sequence length(s) instead of the defaults", AllowMultipleArgumentsPerToken = true };
         var batch = new Option<int[]>("--batch") { Description = "--op attention: batch size(s) instead of the defaults", AllowMultipleArgumentsPerToken = true };
@@ -72,6 +74,11 @@ public static class BenchCommand
                     jsonRequested, jsonFile);
             }
             if (jsonFile is not null) throw new CliException($"--json {jsonFile}: a file only with --op attention (print with --json alone)", 2);
+            if (parse.GetValue(op) == "lora")
+            {
+                if (parse.GetValue(model) is not null) throw new CliException("--model: not with --op lora", 2);
+                return LoraBench.Run(stdout, deviceName, jsonRequested);
+            }
             if (parse.GetValue(model) is { } size)
                 return ModelBench.Run(stdout, deviceName, size, jsonRequested, parse.GetValue(profile), parse.GetValue(precision)!);
             long n = parse.GetValue(elements);
