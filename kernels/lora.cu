@@ -31,7 +31,7 @@
 //                     [splits][N][R] (the partials; then lora_down_reduce_bf16 writes xa)
 //   lora_down_reduce_bf16(ws, splits, N, R, count, xa0, xa1, xa2, r0, r1, r2)   grid-stride, block 256
 //   lora_bwd_input_tc_bf16(x, dx, N, in, split_rows, count, a0..2, dxa0..2, r0..2, thr0..2, seed0..2, scale0..2, ws)
-//                     grid (ceil(in/64), ceil(N/split_rows)), shared 36 KB; split_rows a multiple of 64;
+//                     grid (ceil(in/64), ceil(N/split_rows)), shared 4 * 8192 + 64 * 72 bytes; split_rows a multiple of 64;
 //                     ws fp32 [splits][R][in]
 //   lora_da_reduce_f32(ws, splits, R, in, count, da0, da1, da2, r0, r1, r2)   grid-stride, block 256
 // Unused adapter slots (g >= count) take null pointers and rank 0.
@@ -45,6 +45,9 @@ constexpr int kBK = 64;            // input features per tile
 constexpr int kDownMaxRank = 128;  // sum of padded ranks per forward launch (64 fp32 accumulators per lane)
 constexpr int kBwdMaxRank = 64;    // per backward launch (dA accumulators 32, dx 32, one adapter's dx term 32)
 constexpr int kTileBytes = kBM * kBK * 2;
+// Row stride of the backward's mask tile: 72 bytes (18 banks) puts the 8 rows a fragment read touches in 8 different
+// bank pairs (a 64-byte stride: 4-way conflicts).
+constexpr int kMaskStride = 72;
 
 // Keeps a loop rolled under nvcc (the adapter loop: its body is large and its trip count is run-time).
 #if defined(__CUDACC__)
@@ -293,7 +296,7 @@ __device__ void bwd_body(const bf16* __restrict__ x, bf16* __restrict__ dx, int 
     unsigned char* sX = sA + kTileBytes;        // [64 rows][64 features] bf16: x
     unsigned char* sD = sX + kTileBytes;        // [64 rows][64 rank columns] bf16: dxa_g, stacked and padded
     unsigned char* sXd = sD + kTileBytes;       // [64][64] bf16: dropout_g(x) of the adapter being processed
-    unsigned char* sM = sXd + kTileBytes;       // [64][64] uint8: its mask (row-major, unswizzled)
+    unsigned char* sM = sXd + kTileBytes;       // [64][kMaskStride] uint8: its mask (row-major, unswizzled)
     const int tid = (int)threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int col0 = (int)blockIdx.x * kBK;
     const int split = (int)blockIdx.y;
@@ -352,7 +355,7 @@ NP_UNROLL
                     o.x = npmma::pack_bf16(k_0 ? bf16_lo(v.x) * scale : 0.0f, k_1 ? bf16_hi(v.x) * scale : 0.0f);
                     o.y = npmma::pack_bf16(k_2 ? bf16_lo(v.y) * scale : 0.0f, k_3 ? bf16_hi(v.y) * scale : 0.0f);
                     *reinterpret_cast<uint2*>(sXd + off) = o;
-                    *reinterpret_cast<uint32_t*>(sM + r * 64 + c4) =
+                    *reinterpret_cast<uint32_t*>(sM + r * kMaskStride + c4) =
                         (uint32_t)k_0 | ((uint32_t)k_1 << 8) | ((uint32_t)k_2 << 16) | ((uint32_t)k_3 << 24);
                 }
                 __syncthreads();
@@ -388,7 +391,7 @@ NP_UNROLL
                     for (int half = 0; half < 2; ++half)
                     {
                         const int r = warp * 16 + (lane >> 2) + 8 * half, c = j * 8 + 2 * (lane & 3);
-                        const unsigned int m = *reinterpret_cast<const unsigned short*>(sM + r * 64 + c);
+                        const unsigned int m = *reinterpret_cast<const unsigned short*>(sM + r * kMaskStride + c);
                         dacc[j][2 * half] += (m & 0xffu) ? t[j][2 * half] * scale : 0.0f;
                         dacc[j][2 * half + 1] += (m >> 8) ? t[j][2 * half + 1] * scale : 0.0f;
                     }
