@@ -31,7 +31,7 @@
 //                     [splits][N][R] (the partials; then lora_down_reduce_bf16 writes xa)
 //   lora_down_reduce_bf16(ws, splits, N, R, count, xa0, xa1, xa2, r0, r1, r2)   grid-stride, block 256
 //   lora_bwd_input_tc_bf16(x, dx, N, in, split_rows, count, a0..2, dxa0..2, r0..2, thr0..2, seed0..2, scale0..2, ws)
-//                     grid (ceil(in/64), ceil(N/split_rows)), shared 4 * 8192 + 64 * 72 bytes; split_rows a multiple of 64;
+//                     grid (ceil(in/64), ceil(N/split_rows)), shared 5 * 8192 + 64 * 72 bytes; split_rows a multiple of 64;
 //                     ws fp32 [splits][R][in]
 //   lora_da_reduce_f32(ws, splits, R, in, count, da0, da1, da2, r0, r1, r2)   grid-stride, block 256
 // Unused adapter slots (g >= count) take null pointers and rank 0.
@@ -293,8 +293,8 @@ __device__ void bwd_body(const bf16* __restrict__ x, bf16* __restrict__ dx, int 
     const int groups = gr0 + gr1 + gr2;
     EMU_DYNAMIC_SHARED(unsigned char, smem);
     unsigned char* sA = smem;                   // [64 rank rows][64 features] bf16: A_g, stacked and padded
-    unsigned char* sX = sA + kTileBytes;        // [64 rows][64 features] bf16: x
-    unsigned char* sD = sX + kTileBytes;        // [64 rows][64 rank columns] bf16: dxa_g, stacked and padded
+    unsigned char* sX0 = sA + kTileBytes;       // [2][64 rows][64 features] bf16: x, double-buffered over row tiles
+    unsigned char* sD = sX0 + 2 * kTileBytes;   // [64 rows][64 rank columns] bf16: dxa_g, stacked and padded
     unsigned char* sXd = sD + kTileBytes;       // [64][64] bf16: dropout_g(x) of the adapter being processed
     unsigned char* sM = sXd + kTileBytes;       // [64][kMaskStride] uint8: its mask (row-major, unswizzled)
     const int tid = (int)threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -310,10 +310,15 @@ NP_UNROLL
         for (int h = 0; h < 2; ++h) dA[j][h][0] = dA[j][h][1] = dA[j][h][2] = dA[j][h][3] = 0.0f;
 
     load_a_tile(sA, a0, a1, a2, r0, r1, r2, gr0, gr1, groups, in, col0);
-    for (int rt = rbeg; rt < rend; rt += kBM)
+    load_x_tile(sX0, x, rend, in, rbeg, col0);
+    npmma::cp_async_commit();
+    for (int rt = rbeg, it = 0; rt < rend; rt += kBM, ++it)
     {
-        load_x_tile(sX, x, rend, in, rt, col0);
-        npmma::cp_async_commit();
+        const unsigned char* sX = sX0 + (it & 1) * kTileBytes;
+        // The next row tile's x streams in while this one is computed (its buffer was last read in iteration it - 1,
+        // which ended with a barrier).
+        if (rt + kBM < rend) load_x_tile(sX0 + ((it + 1) & 1) * kTileBytes, x, rend, in, rt + kBM, col0);
+        npmma::cp_async_commit();  // possibly empty: "all but the newest group" is then always this tile
         // dxa_g is [N, r_g] with any r_g: plain loads (it is 1/in of the traffic of x), zeros in the padding.
         for (int e = tid; e < kBM * 64; e += kThreads)
         {
@@ -323,7 +328,7 @@ NP_UNROLL
             const bf16 v = (grp < groups && j < rank && row < rend) ? d[(long long)row * rank + j] : __float2bfloat16_rn(0.0f);
             *reinterpret_cast<bf16*>(sD + attntc::swz<64>(r, c >> 3) + (c & 7) * 2) = v;
         }
-        npmma::cp_async_wait<0>();
+        npmma::cp_async_wait<1>();
         __syncthreads();
 
         float dacc[8][4];  // the dx update of the warp's 16 rows x 64 features
@@ -439,7 +444,7 @@ NP_UNROLL
                     *p = npmma::pack_bf16(bf16_lo(old) + dacc[j][2 * half], bf16_hi(old) + dacc[j][2 * half + 1]);
                 }
             }
-        __syncthreads();  // sX and sD are reloaded for the next row tile
+        __syncthreads();  // sD is reloaded, and this x buffer refilled, in the next iterations
     }
 
     // The split's partial dA of every (padded) rank row: ws[split][group * 16 + row][feature].
