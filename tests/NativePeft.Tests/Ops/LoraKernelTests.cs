@@ -54,6 +54,7 @@ public sealed class LoraKernelTests(string device) : DeviceFixture<GpuOps>(devic
         new(65, 136, [5, 12], [0.25, 0.0], "odd ranks, dropout on one adapter only"),
         new(70, 128, [64, 64, 16], [0.1, 0.2, 0.0], "several launches: forward 64+64 | 16, backward 64 | 64 | 16"),
         new(130, 64, [16, 32], [0.1, 0.0], "one 64-feature tile: the forward writes xa without a split"),
+        new(40, 1000, [8, 16, 8], [0.1, 0.05, 0.1], "in = 1000: 16 feature tiles, the last one partial"),
     ];
 
     private static IEnumerable<int> CaseIndices() => Enumerable.Range(0, Cases.Length);
@@ -505,5 +506,24 @@ public class LoraCpuOpsTests
             Check(R(back[g].DA), LoraKernelTests.DaRef(p, g, masks[g]), $"dA{g}");
         }
         Check(R(dx), LoraKernelTests.DxRef(p, masks), "dx");
+    }
+
+    [Test]
+    public void ProfilingOps_TimesTheLoraOpsUnderTheirNames()
+    {
+        using var cpu = new CpuOps();
+        using var ops = new ProfilingOps(cpu);
+        var x = cpu.Memory.Allocate(DType.F32, 4, 8);
+        var a = cpu.Memory.Allocate(DType.F32, 2, 8);
+        var xa = cpu.Memory.Allocate(DType.F32, 4, 2);
+        var da = cpu.Memory.Allocate(DType.F32, 2, 8);
+        var dx = cpu.Memory.Allocate(DType.F32, 4, 8);
+        foreach (var t in new[] { x, a, xa, da, dx }) cpu.Fill(t, 1);
+        ops.LoraDown(x, [new(a, 0, 1, xa)]);
+        ops.LoraBackwardInput(x, [new(a, xa, 0, 1, da)], dx);
+        Assert.That(ops.Totals.Keys, Is.SupersetOf(new[] { "LoraDown", "LoraBackwardInput" }));
+        var v = new float[8];
+        cpu.Download<float>(xa, v);
+        Assert.That(v, Has.All.EqualTo(8f), "xa = x·Aᵀ of ones: 8 each");
     }
 }
