@@ -87,11 +87,12 @@ NP_UNROLL
 __device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
 
-// Dropout of the lane's A fragment in place (register p holds the pair at row g + 8 (p & 1), columns 2t + 8 (p >> 1),
-// 2t + 9 + ...; e0 = index of its (row g, column 2t) element in x, e8 = 8 rows). Lanes 2s and 2s + 1 hold the halves of
-// the same four Philox blocks (features 4s .. 4s + 3 of rows g, g + 8, and + 8 features), so each lane computes two of
-// them -- the even lane the blocks of registers 0, 1, the odd lane those of 2, 3 -- and hands its partner the 4 keep
-// bits it needs with one shuffle: 2 Philox calls per lane instead of 4. Warp-collective (call convergently).
+// Dropout of the lane's A fragment in place. Register p holds the pair x[g + 8 (p & 1)][2t + 8 (p >> 1) + {0, 1}] of the
+// warp's 16 x 16 block; e0 = the index in x of the lane's element (g, 2t), e8 = 8 rows of x. Lanes 2s and 2s + 1 hold the
+// two halves of the same four Philox blocks (features 4s .. 4s + 3, and + 8, of rows g and g + 8), so each lane
+// computes two of them -- the even lane the blocks of registers 0, 1, the odd lane those of 2, 3 -- and hands its
+// partner the 4 keep bits it needs with one shuffle: 2 Philox calls per lane instead of 4. Warp-collective (call
+// convergently).
 __device__ __forceinline__ void drop_fragment(uint32_t (&a)[4], unsigned long long e0, unsigned long long e8, int lane,
                                               unsigned int thr, unsigned long long seed, float scale)
 {
@@ -196,7 +197,7 @@ NP_UNROLL
         __syncthreads();
         const unsigned char* X = sX + buf * kTileBytes;
         const unsigned char* A = sA + buf * aTileBytes;
-        // Rolled: the body holds up to 3 inlined mask computations (4 Philox each) and 8 groups of MMAs; unrolled 4x
+        // Rolled: the body holds up to 3 inlined mask computations (2 Philox each) and 8 groups of MMAs; unrolled 4x
         // the kernel grew to ~11k SASS instructions for no gain (nothing is indexed by kk at compile time).
 NP_NO_UNROLL
         for (int kk = 0; kk < kBK / 16; ++kk)
