@@ -310,6 +310,29 @@ public sealed class LoraKernelTests(string device) : DeviceFixture<GpuOps>(devic
     }
 
     [Test]
+    public void Fused_AtTheQkvShape_MatchesTheFloat64Reference()
+    {
+        // The model's q/k/v shape with N = 1024 (16 row tiles: 16 feature splits of 4 tiles in the forward, 4 row splits
+        // in the backward, 64 × 4 CTAs); about 5 s on the emulator under the race checks, most of it the float64 oracle.
+        var c = new Case(1024, 4096, [16, 16, 16], [0.1, 0.1, 0.1], "q/k/v shape, N = 1024");
+        var p = Make(c, seed: 31);
+        var (xa, dx, da) = RunFused(p);
+        var masks = Enumerable.Range(0, c.Ranks.Length).Select(g => Mask(c, g, SeedOf(g))).ToArray();
+        Assert.Multiple(() =>
+        {
+            for (int g = 0; g < c.Ranks.Length; g++)
+            {
+                var (xr, xs) = DownRef(p, g, masks[g]);
+                Assert.That(Worst(xa[g], xr, xs, U, 1.01 * (U + (c.In + 4) * E)).Worst, Is.LessThanOrEqualTo(1.0), $"xa[{g}]");
+                var (ar, as_) = DaRef(p, g, masks[g]);
+                Assert.That(Worst(da[g], ar, as_, E, 1.01 * (U + (c.N + Splits(c) + 8) * E)).Worst, Is.LessThanOrEqualTo(1.0), $"dA[{g}]");
+            }
+            var (dr, ds) = DxRef(p, masks);
+            Assert.That(Worst(dx, dr, ds, U, 1.01 * (c.Ranks.Sum() + 8) * E).Worst, Is.LessThanOrEqualTo(1.0), "dx");
+        });
+    }
+
+    [Test]
     public void Fused_WithAnotherSeedsMask_FailsTheBound()
     {
         // Negative control of the mask: the reference drawn with the next seed must not pass.
