@@ -13,6 +13,7 @@ namespace NativePeft.Cli.Commands;
 /// `nativepeft bench`: the 4-bit kernels' throughput on one device, each against the limit measured in the same
 /// run: a device-to-device copy of the bf16 tensor (the memory-bandwidth ceiling those kernels work under).
 /// `--op attention`: causal GQA attention forward, backward and decode instead (<see cref="AttentionBench"/>).
+/// `--op lora`: the fused LoRA kernels against the op sequence they replace (<see cref="LoraBench"/>).
 /// </summary>
 public static class BenchCommand
 {
@@ -33,14 +34,15 @@ public static class BenchCommand
         };
         var op = new Option<string>("--op")
         {
-            Description = "kernels: the 4-bit kernels and transformer ops; attention: causal GQA attention forward, backward and decode",
+            Description = "kernels: the 4-bit kernels and transformer ops; attention: causal GQA attention forward, backward and decode; " +
+                          "lora: the fused LoRA kernels against the op sequence they replace (q/k/v shape)",
             DefaultValueFactory = _ => "kernels",
-            HelpName = "kernels|attention",
+            HelpName = "kernels|attention|lora",
         };
         op.Validators.Add(r =>
         {
-            if (r.Tokens.Count > 0 && r.Tokens[^1].Value is not ("kernels" or "attention"))
-                r.AddError($"--op {r.Tokens[^1].Value}: expected kernels or attention");
+            if (r.Tokens.Count > 0 && r.Tokens[^1].Value is not ("kernels" or "attention" or "lora"))
+                r.AddError($"--op {r.Tokens[^1].Value}: expected kernels, attention or lora");
         });
         var seq = new Option<int[]>("--seq") { Description = "--op attention: sequence length(s) instead of the defaults; --model: one sequence length", AllowMultipleArgumentsPerToken = true };
         var batch = new Option<int[]>("--batch") { Description = "--op attention: batch size(s) instead of the defaults; --model: one batch size", AllowMultipleArgumentsPerToken = true };
@@ -97,6 +99,12 @@ public static class BenchCommand
                 return AttentionBench.Run(stdout, deviceName,
                     new AttentionBench.Overrides(NullIfEmpty(parse.GetValue(seq)), NullIfEmpty(parse.GetValue(batch)), parse.GetValue(heads), parse.GetValue(kvHeads), parse.GetValue(headDim)),
                     jsonRequested, jsonFile);
+            }
+            if (parse.GetValue(op) == "lora")
+            {
+                if (modelName is not null) throw new CliException("--model: not with --op lora", 2);
+                if (jsonFile is not null) throw new CliException($"--json {jsonFile}: a file only with --op attention or --model (print with --json alone)", 2);
+                return LoraBench.Run(stdout, deviceName, jsonRequested);
             }
             if (modelName is not null)
             {

@@ -253,6 +253,24 @@ public sealed unsafe class CpuOps : IOps
         });
     }
 
+    // --- LoRA ------------------------------------------------------------------------------------
+
+    /// <summary>The unfused sequence (Dropout, GEMM) per adapter, in the compute dtype (F32 or F64) of x, A and Xa.</summary>
+    public void LoraDown(Tensor x, IReadOnlyList<LoraDownArgs> adapters)
+    {
+        LoraChecks.Down(x, adapters);
+        foreach (var d in adapters) Compute("LoraDown", x, d.A, d.Xa);
+        LoraUnfused.Down(this, x, adapters);
+    }
+
+    /// <summary>The unfused sequence per adapter; every tensor in the compute dtype (F32 or F64), DA included.</summary>
+    public void LoraBackwardInput(Tensor x, IReadOnlyList<LoraBackwardArgs> adapters, Tensor dx)
+    {
+        LoraChecks.Backward(x, adapters, dx);
+        foreach (var d in adapters) Compute("LoraBackwardInput", x, dx, d.A, d.DXa, d.DA);
+        LoraUnfused.Backward(this, x, adapters, dx);
+    }
+
     public void Dequantize4bit(QuantizedWeight weight, int firstRow, Tensor output)
     {
         long first = (long)firstRow * weight.Columns, n = output.Count;

@@ -22,6 +22,7 @@ public sealed unsafe class GpuOps : IOps
     private readonly GpuAttentionOps _attention;
     private readonly GpuLossOps _loss;
     private readonly GpuElementwiseOps _elementwise;
+    private readonly GpuLoraOps _lora;
 
     /// <param name="memory">Device memory of <paramref name="gpu"/> for the tensors (owned: disposed with the ops), e.g. a
     /// <see cref="DevicePool"/>; null: <see cref="GpuTensorMemory"/>.</param>
@@ -37,6 +38,7 @@ public sealed unsafe class GpuOps : IOps
         _attention = new GpuAttentionOps(gpu, attentionTensorCores);
         _loss = new GpuLossOps(gpu);
         _elementwise = new GpuElementwiseOps(gpu);
+        _lora = new GpuLoraOps(gpu);
     }
 
     public IGpu Gpu => _gpu;
@@ -195,6 +197,94 @@ public sealed unsafe class GpuOps : IOps
         var f = new float[t.Count];
         BFloat16.ToSingle(HostSpan<BFloat16>(t), f);
         return f;
+    }
+
+    // --- LoRA ------------------------------------------------------------------------------------
+
+    /// <summary>
+    /// BF16 with in a multiple of 8 and 16-byte aligned x and A: the fused tensor-core kernel (<see cref="GpuLoraOps.Down"/>),
+    /// adapters packed into launches of up to 3 (Σ padded ranks ≤ 128) in order; a split-feature workspace (fp32, a few MB at
+    /// most) from <see cref="Memory"/> when the rows alone do not fill the device. Otherwise (F32, other shapes, an
+    /// adapter of rank &gt; 128) the unfused ops, as LoraLinear runs them.
+    /// </summary>
+    public void LoraDown(Tensor x, IReadOnlyList<LoraDownArgs> adapters)
+    {
+        LoraChecks.Down(x, adapters);
+        var dtype = Compute("LoraDown", [x, .. adapters.Select(d => d.A), .. adapters.Select(d => d.Xa)]);
+        if (x.Rows == 0) return;
+        if (dtype != DType.BF16 || !GpuLoraOps.Supports(x.Columns, [x.Data, .. adapters.Select(d => d.A.Data)]))
+        {
+            LoraUnfused.Down(this, x, adapters);
+            return;
+        }
+        var runs = GpuLoraOps.Launches(adapters.Select(d => d.A.Rows).ToList(), GpuLoraOps.DownMaxPaddedRank);
+        long wsBytes = runs.Where(r => r.Count > 0)
+            .Select(r => GpuLoraOps.DownWorkspaceBytes(x.Rows, x.Columns, Enumerable.Range(r.Start, r.Count).Sum(g => GpuLoraOps.PaddedRank(adapters[g].A.Rows))))
+            .DefaultIfEmpty(0).Max();
+        Tensor? workspace = wsBytes == 0 ? null : _memory.Allocate(DType.F32, checked((int)(wsBytes / sizeof(float))));
+        try
+        {
+            foreach (var (start, count) in runs)
+            {
+                if (count == 0) { LoraUnfused.Down(this, x, [adapters[start]]); continue; }
+                var slots = new LoraKernelAdapter[count];
+                for (int i = 0; i < count; i++)
+                {
+                    var d = adapters[start + i];
+                    slots[i] = new LoraKernelAdapter(d.A.Data, d.Xa.Data, DevicePtr.Null, d.A.Rows, d.DropoutP, d.Seed);
+                }
+                _lora.Down(x.Data, x.Rows, x.Columns, slots, workspace?.Data ?? DevicePtr.Null);
+            }
+            if (workspace is not null) _gpu.Synchronize();
+        }
+        finally
+        {
+            if (workspace is not null) _memory.Free(workspace);
+        }
+    }
+
+    /// <summary>
+    /// DA must be F32 (the fp32 master's gradient). BF16 with in a multiple of 8 and 16-byte aligned x, dx and A: the
+    /// fused kernels (<see cref="GpuLoraOps.BackwardInput"/>; launches of up to 3 adapters, Σ padded ranks ≤ 64, each
+    /// reading and writing dx once), with an fp32 workspace from <see cref="Memory"/>. Otherwise the unfused ops.
+    /// </summary>
+    public void LoraBackwardInput(Tensor x, IReadOnlyList<LoraBackwardArgs> adapters, Tensor dx)
+    {
+        LoraChecks.Backward(x, adapters, dx);
+        var dtype = Compute("LoraBackwardInput", [x, dx, .. adapters.Select(d => d.A), .. adapters.Select(d => d.DXa)]);
+        for (int g = 0; g < adapters.Count; g++)
+            if (adapters[g].DA.DType != DType.F32)
+                throw new ArgumentException($"adapters[{g}].DA: must be F32 on the GPU (the fp32 gradient of A), got {adapters[g].DA}", nameof(adapters));
+        if (x.Rows == 0) return;
+        if (dtype != DType.BF16 || !GpuLoraOps.Supports(x.Columns, [x.Data, dx.Data, .. adapters.Select(d => d.A.Data)]))
+        {
+            LoraUnfused.Backward(this, x, adapters, dx);
+            return;
+        }
+        var runs = GpuLoraOps.Launches(adapters.Select(d => d.A.Rows).ToList(), GpuLoraOps.BackwardMaxPaddedRank);
+        int widest = runs.Where(r => r.Count > 0)
+            .Select(r => Enumerable.Range(r.Start, r.Count).Sum(g => GpuLoraOps.PaddedRank(adapters[g].A.Rows))).DefaultIfEmpty(0).Max();
+        Tensor? workspace = widest == 0 ? null
+            : _memory.Allocate(DType.F32, checked((int)(GpuLoraOps.BackwardWorkspaceBytes(x.Rows, x.Columns, widest) / sizeof(float))));
+        try
+        {
+            foreach (var (start, count) in runs)
+            {
+                if (count == 0) { LoraUnfused.Backward(this, x, [adapters[start]], dx); continue; }
+                var slots = new LoraKernelAdapter[count];
+                for (int i = 0; i < count; i++)
+                {
+                    var d = adapters[start + i];
+                    slots[i] = new LoraKernelAdapter(d.A.Data, d.DXa.Data, d.DA.Data, d.A.Rows, d.DropoutP, d.Seed);
+                }
+                _lora.BackwardInput(x.Data, dx.Data, x.Rows, x.Columns, slots, workspace!.Data);
+            }
+            _gpu.Synchronize();
+        }
+        finally
+        {
+            if (workspace is not null) _memory.Free(workspace);
+        }
     }
 
     // --- 4-bit -----------------------------------------------------------------------------------

@@ -52,6 +52,22 @@ public interface IOps : IDisposable
     /// </summary>
     void Matmul(Tensor a, bool transA, Tensor b, bool transB, Tensor c, double alpha = 1, double beta = 0);
 
+    // --- LoRA (the rank-r paths of adapters sharing one input) ----------------------------------
+    /// <summary>
+    /// For each adapter g: Xa_g [N, r_g] = dropout(x; p_g, seed_g) · A_gᵀ, with x [N, in] read once for all of them on
+    /// the GPU (kernels/lora.cu; q, k, v share their input, so do gate and up). The dropout mask of adapter g is the one
+    /// <see cref="Dropout"/> draws on x with seed_g (Philox of (seed, element index of x)), redrawn, never stored; kept
+    /// elements are x / (1 − p) (rounded to the compute dtype, as <see cref="Dropout"/> writes them). A_g and Xa_g in the
+    /// compute dtype.
+    /// </summary>
+    void LoraDown(Tensor x, IReadOnlyList<LoraDownArgs> adapters);
+    /// <summary>
+    /// The input side of the adapters' backward: dx [N, in] += Σ_g mask_g ∘ (DXa_g · A_g) / (1 − p_g) (accumulates), and
+    /// DA_g [r_g, in] += DXa_gᵀ · dropout(x; p_g, seed_g) (accumulates; F32 on the GPU), with the masks of
+    /// <see cref="LoraDown"/>. Deterministic (fixed summation orders, no atomics).
+    /// </summary>
+    void LoraBackwardInput(Tensor x, IReadOnlyList<LoraBackwardArgs> adapters, Tensor dx);
+
     // --- 4-bit weights ---------------------------------------------------------------------------
     /// <summary>Rows [firstRow, firstRow + output.Rows) of the 4-bit weight, dequantized into <paramref name="output"/> [rows, columns].</summary>
     void Dequantize4bit(QuantizedWeight weight, int firstRow, Tensor output);

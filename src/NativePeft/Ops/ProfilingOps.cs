@@ -38,6 +38,8 @@ public sealed class ProfilingOps(IOps inner, bool ownsInner = false) : IOps
     public void Dropout(Tensor x, Tensor mask, double p, ulong seed, Tensor y) { var t = Start(); _inner.Dropout(x, mask, p, seed, y); Stop("Dropout", t); }
     public void DropoutBackward(Tensor dy, Tensor mask, double p, Tensor dx) { var t = Start(); _inner.DropoutBackward(dy, mask, p, dx); Stop("DropoutBackward", t); }
     public void Matmul(Tensor a, bool transA, Tensor b, bool transB, Tensor c, double alpha = 1, double beta = 0) { var t = Start(); _inner.Matmul(a, transA, b, transB, c, alpha, beta); Stop("Matmul", t); }
+    public void LoraDown(Tensor x, IReadOnlyList<LoraDownArgs> adapters) { var t = Start(); _inner.LoraDown(x, adapters); Stop("LoraDown", t); }
+    public void LoraBackwardInput(Tensor x, IReadOnlyList<LoraBackwardArgs> adapters, Tensor dx) { var t = Start(); _inner.LoraBackwardInput(x, adapters, dx); Stop("LoraBackwardInput", t); }
     public void Dequantize4bit(QuantizedWeight weight, int firstRow, Tensor output) { var t = Start(); _inner.Dequantize4bit(weight, firstRow, output); Stop("Dequantize4bit", t); }
     public bool TryGemv4bit(Tensor x, QuantizedWeight weight, Tensor y) { var t = Start(); bool done = _inner.TryGemv4bit(x, weight, y); if (done) Stop("Gemv4bit", t); return done; }
     public void RmsNormForward(Tensor x, Tensor weight, Tensor y, Tensor rstd, double eps) { var t = Start(); _inner.RmsNormForward(x, weight, y, rstd, eps); Stop("RmsNormForward", t); }

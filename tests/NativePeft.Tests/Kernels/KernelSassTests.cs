@@ -65,6 +65,28 @@ public class KernelSassTests
         Assert.That(violations, Is.Empty, "tensor-core kernels whose sm_90 SASS is not the fast path");
     }
 
+    /// <summary>
+    /// The fused LoRA kernels (kernels/lora.cu) are in the reports, and on the fast path: HMMA, LDSM and cp.async
+    /// (LDGSTS), no local memory, no spills (a renamed or dropped kernel fails here rather than escaping the
+    /// <c>_tc_</c> check above).
+    /// </summary>
+    [TestCase("lora_down_tc_bf16")]
+    [TestCase("lora_bwd_input_tc_bf16")]
+    public void LoraKernelsUseMmaLdmatrixAndCpAsyncAndDoNotSpill(string kernel)
+    {
+        var report = ReportsOrIgnore().FirstOrDefault(f => ModuleName(f) == "lora");
+        Assert.That(report, Is.Not.Null, $"no lora{ReportSuffix} among the SASS reports");
+        var k = SassReport.Parse("lora", File.ReadAllText(report!)).SingleOrDefault(x => x.Kernel == kernel);
+        Assert.That(k, Is.Not.Null, $"{kernel} is not in lora{ReportSuffix}");
+        TestContext.Out.WriteLine($"{kernel}: {k!.Get("registers")} registers, spill {k.Get("spill_stores")}/{k.Get("spill_loads")} bytes, " +
+                                  $"HMMA {k.Get("HMMA")}, LDSM {k.Get("LDSM")}, LDGSTS {k.Get("LDGSTS")}");
+        Assert.Multiple(() =>
+        {
+            Assert.That(SassReport.TensorCoreViolations(k).ToList(), Is.Empty);
+            Assert.That(k.Get("LDGSTS"), Is.GreaterThan(0), "cp.async");
+        });
+    }
+
     private static string Show(long? v) => v?.ToString(CultureInfo.InvariantCulture) ?? "-";
 
     /// <summary>The reports are current and complete: one per fatbin, listing exactly the PTX's entry points.</summary>
