@@ -137,6 +137,13 @@ public sealed partial class LlamaModel : IDisposable
     public Tensor? LmHeadGrad { get; private set; }
     public IReadOnlyList<LlamaDecoderLayer> Layers => _layers;
     public IReadOnlyList<LoraLinear> LoraLayers => _lora;
+    /// <summary>
+    /// The projections of a block that read the same input and run their adapters together
+    /// (<see cref="LoraLinear.ForwardGroup"/>): q, k, v (the normed hidden); o; gate, up (the normed residual); down.
+    /// </summary>
+    public static IReadOnlyList<string[]> LoraGroups { get; } = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]];
+    /// <summary>The largest Σ r of the adapters of one group (<see cref="LoraGroups"/>) in any block: the LoRA scratch's width.</summary>
+    public int LoraGroupRank => _layers.Max(layer => LoraGroups.Max(group => group.Sum(name => layer[name] is LoraLinear l ? l.Rank : 0)));
     /// <summary>Dropout on/off (training) and the step the masks are drawn for.</summary>
     public DropoutContext Dropout { get; } = new();
     /// <summary>The 4-bit layers' shared dequantization buffer; null when no layer is 4-bit.</summary>
@@ -798,9 +805,7 @@ public sealed partial class LlamaModel : IDisposable
         int Hq = Config.NumAttentionHeads, Hkv = Config.NumKeyValueHeads, D = Config.HeadDim;
         var attention = Nvtx.Range("attention block");
         _ops.RmsNormForward(x, layer.InputLayernorm, s.N1, s.Rstd1, Config.RmsNormEps);
-        layer.QProj.Forward(s.N1, s.Q);
-        layer.KProj.Forward(s.N1, s.K);
-        layer.VProj.Forward(s.N1, s.V);
+        LoraLinear.ForwardGroup([layer.QProj, layer.KProj, layer.VProj], s.N1, [s.Q, s.K, s.V]);
         _ops.RopeForward(s.Q, a.Positions, _ropeCos!, _ropeSin!, Hq, D);
         _ops.RopeForward(s.K, a.Positions, _ropeCos!, _ropeSin!, Hkv, D);
         using (Nvtx.Range("attention"))
@@ -810,8 +815,7 @@ public sealed partial class LlamaModel : IDisposable
         attention.Dispose();
         using var mlp = Nvtx.Range("mlp block");
         _ops.RmsNormForward(s.H, layer.PostAttentionLayernorm, s.N2, s.Rstd2, Config.RmsNormEps);
-        layer.GateProj.Forward(s.N2, s.G);
-        layer.UpProj.Forward(s.N2, s.U);
+        LoraLinear.ForwardGroup([layer.GateProj, layer.UpProj], s.N2, [s.G, s.U]);
         _ops.SwiGluForward(s.G, s.U, s.A);
         layer.DownProj.Forward(s.A, output);
         _ops.Add(s.H, output, output);
@@ -826,8 +830,7 @@ public sealed partial class LlamaModel : IDisposable
         var mlp = Nvtx.Range("mlp block");
         layer.DownProj.Backward(s.A, a.DRes, a.DA, false);
         _ops.SwiGluBackward(a.DA, s.G, s.U, a.DG, a.DU);
-        layer.GateProj.Backward(s.N2, a.DG, a.DN, false);
-        layer.UpProj.Backward(s.N2, a.DU, a.DN, true);
+        LoraLinear.BackwardGroup([layer.GateProj, layer.UpProj], s.N2, [a.DG, a.DU], a.DN, false);
         _ops.RmsNormBackward(a.DN, s.H, layer.PostAttentionLayernorm, s.Rstd2, a.DRes, layer.PostAttentionLayernormGrad, accumulate: true);
         mlp.Dispose();
         // attention: h = x + o(attn(rope(q(n1)), rope(k(n1)), v(n1))), n1 = norm(x)
@@ -837,9 +840,7 @@ public sealed partial class LlamaModel : IDisposable
             _ops.AttentionBackward(a.DAtt, s.Q, s.K, s.V, s.Att, s.Lse, a.DQ, a.DK, a.DV, a.B, a.T, Hq, Hkv, D, a.Packed ? a.Positions : null);
         _ops.RopeBackward(a.DQ, a.Positions, _ropeCos!, _ropeSin!, Hq, D);
         _ops.RopeBackward(a.DK, a.Positions, _ropeCos!, _ropeSin!, Hkv, D);
-        layer.QProj.Backward(s.N1, a.DQ, a.DN, false);
-        layer.KProj.Backward(s.N1, a.DK, a.DN, true);
-        layer.VProj.Backward(s.N1, a.DV, a.DN, true);
+        LoraLinear.BackwardGroup([layer.QProj, layer.KProj, layer.VProj], s.N1, [a.DQ, a.DK, a.DV], a.DN, false);
         _ops.RmsNormBackward(a.DN, x, layer.InputLayernorm, s.Rstd1, a.DRes, layer.InputLayernormGrad, accumulate: true);
     }
 
@@ -909,10 +910,10 @@ public sealed partial class LlamaModel : IDisposable
             _acts = new Activations(this, arena, batch, seqLen);
             if (_lora.Count > 0)
             {
-                _loraScratch.Allocate(arena, ComputeDType, batch * seqLen, _lora.Max(l => l.InFeatures), _lora.Max(l => l.Rank),
-                    dropout: _lora.Any(l => l.DropoutP > 0));
+                _loraScratch.Allocate(arena, ComputeDType, batch * seqLen, LoraGroupRank);
                 if (AdapterDType != ComputeDType)
-                    _loraScratch.AllocateWorkingCopies(arena, ComputeDType, _lora.Max(l => l.InFeatures), _lora.Max(l => l.OutFeatures), _lora.Max(l => l.Rank));
+                    _loraScratch.AllocateWorkingCopies(arena, ComputeDType, _lora.Max(l => l.InFeatures), _lora.Max(l => l.OutFeatures), _lora.Max(l => l.Rank),
+                        LoraGroupRank);
             }
             return _acts;
         }

@@ -23,44 +23,45 @@ public sealed class DropoutContext
 
 /// <summary>
 /// Workspace of the LoRA layers of one model, sized for the current number of tokens N: xa = dropout(x)·Aᵀ and its
-/// gradient [N, max r]; with dropout also dropout(x), its mask and dx of the adapter path [N, max in]; all in the
-/// compute dtype. With BF16 compute (fp32 adapters) also the bf16 working copies of one layer's A [max r · max in]
-/// and B [max out · max r]. Shared by every layer (each uses it only inside its own Forward / Backward).
+/// gradient for the adapters of one group ([N, r] each, back to back: Σ r ≤ the model's largest group), in the compute
+/// dtype. With BF16 compute (fp32 adapters) also the bf16 working copies of a group's A (back to back, [Σ r, max in])
+/// and of one B [max out · max r]. Shared by every layer (each group uses it only inside its own forward / backward).
 /// </summary>
 public sealed class LoraScratch
 {
-    public Tensor? Dropped { get; internal set; }
-    public Tensor? Mask { get; internal set; }
     public Tensor? Xa { get; internal set; }
     public Tensor? DXa { get; internal set; }
-    public Tensor? DIn { get; internal set; }
     /// <summary>lora_A rounded to the compute dtype (mixed precision only).</summary>
     public Tensor? AWork { get; internal set; }
     /// <summary>lora_B rounded to the compute dtype (mixed precision only).</summary>
     public Tensor? BWork { get; internal set; }
 
-    /// <summary>The per-batch buffers; dropout(x), its mask and the adapter's dx only when some layer has
-    /// lora_dropout &gt; 0 (without dropout the adapter's dx = dxa · A is accumulated into the layer's dx by the GEMM).</summary>
-    internal void Allocate(TensorArena arena, DType dtype, int tokens, int maxIn, int maxRank, bool dropout)
+    /// <summary>
+    /// The per-batch buffers: xa and dxa for the adapters of one group (<see cref="LoraLinear.ForwardGroup"/>: q, k, v
+    /// read the same input, so do gate and up), <paramref name="groupRank"/> = the largest Σ r of a group, each [N, r]
+    /// back to back. dropout(x), its mask and the adapter's dx are never stored: the ops redraw the mask
+    /// (<see cref="IOps.LoraDown"/>, <see cref="IOps.LoraBackwardInput"/>).
+    /// </summary>
+    internal void Allocate(TensorArena arena, DType dtype, int tokens, int groupRank)
     {
-        if (dropout)
-        {
-            Dropped = arena.Allocate(dtype, tokens * maxIn);
-            Mask = arena.Allocate(DType.U8, tokens * maxIn);
-            DIn = arena.Allocate(dtype, tokens * maxIn);
-        }
-        Xa = arena.Allocate(dtype, tokens * maxRank);
-        DXa = arena.Allocate(dtype, tokens * maxRank);
+        Xa = arena.Allocate(dtype, checked(tokens * groupRank));
+        DXa = arena.Allocate(dtype, checked(tokens * groupRank));
     }
 
-    /// <summary>The working copies of A and B in <paramref name="dtype"/> (when the adapters are kept wider).</summary>
-    internal void AllocateWorkingCopies(TensorArena arena, DType dtype, int maxIn, int maxOut, int maxRank)
+    /// <summary>The working copies in <paramref name="dtype"/> (when the adapters are kept wider): the A of every adapter
+    /// of a group back to back ([groupRank, max in]) and one B ([max out, max r]).</summary>
+    internal void AllocateWorkingCopies(TensorArena arena, DType dtype, int maxIn, int maxOut, int maxRank, int groupRank)
     {
-        AWork = arena.Allocate(dtype, checked(maxRank * maxIn));
+        AWork = arena.Allocate(dtype, checked(groupRank * maxIn));
         BWork = arena.Allocate(dtype, checked(maxOut * maxRank));
     }
 
-    internal void Clear() => Dropped = Mask = Xa = DXa = DIn = AWork = BWork = null;
+    internal void Clear() => Xa = DXa = AWork = BWork = null;
+
+    /// <summary>[rows, columns] of <paramref name="t"/> from element <paramref name="offset"/> on.</summary>
+    internal static Tensor ViewAt(Tensor? t, long offset, int rows, int columns, string name) =>
+        (t ?? throw new InvalidOperationException($"LoRA scratch {name} is not allocated (the model allocates it for each batch shape)"))
+        .Slice(offset, rows, columns);
 
     internal static Tensor View(Tensor? t, int rows, int columns, string name) =>
         (t ?? throw new InvalidOperationException($"LoRA scratch {name} is not allocated (the model allocates it for each batch shape)"))
@@ -130,63 +131,135 @@ public sealed class LoraLinear : ILinearLayer
     }
 
     private bool DropoutOn => _dropout.Training && DropoutP > 0;
+    /// <summary>The dropout probability of this step's forward/backward (0 when dropout is off).</summary>
+    private double StepDropout => DropoutOn ? DropoutP : 0;
+    private ulong Seed => _dropout.SeedFor(ModuleIndex);
 
-    /// <summary>A and B in the dtype of the activations: themselves, or rounded into the scratch's working copies.</summary>
-    private (Tensor A, Tensor B) Adapters(DType activations)
-    {
-        if (LoraA.DType == activations) return (LoraA, LoraB);
-        var a = LoraScratch.View(_scratch.AWork, Rank, InFeatures, "A working copy");
-        var b = LoraScratch.View(_scratch.BWork, OutFeatures, Rank, "B working copy");
-        _ops.Copy(LoraA, a);
-        _ops.Copy(LoraB, b);
-        return (a, b);
-    }
-
-    /// <summary>dropout(x) into the scratch (and its mask), or x itself when dropout is off.</summary>
-    private (Tensor Dropped, Tensor? Mask) Drop(Tensor x)
-    {
-        if (!DropoutOn) return (x, null);
-        var dropped = LoraScratch.View(_scratch.Dropped, x.Rows, InFeatures, "dropout(x)");
-        var mask = LoraScratch.View(_scratch.Mask, x.Rows, InFeatures, "mask");
-        _ops.Dropout(x, mask, DropoutP, _dropout.SeedFor(ModuleIndex), dropped);
-        return (dropped, mask);
-    }
-
+    /// <summary>y = base(x) + scaling · dropout(x)·Aᵀ·Bᵀ. Without dropout (inference, evaluation, p = 0) as two plain
+    /// GEMMs (no workspace: generation's plan has none for LoRA); with dropout as a group of one
+    /// (<see cref="ForwardGroup"/>).</summary>
     public void Forward(Tensor x, Tensor y)
     {
         LinearChecks.Check(this, x, y, nameof(y));
-        Base.Forward(x, y);
-        if (IsMerged) return;
-        var (dropped, _) = Drop(x);
-        var (loraA, loraB) = Adapters(x.DType);
-        var xa = LoraScratch.View(_scratch.Xa, x.Rows, Rank, "xa");
-        _ops.Matmul(dropped, false, loraA, true, xa);
-        _ops.Matmul(xa, false, loraB, true, y, Scaling, 1);
-    }
-
-    public void Backward(Tensor x, Tensor dy, Tensor dx, bool accumulateDx)
-    {
-        if (IsMerged) throw new InvalidOperationException("a merged LoRA layer has no backward; unmerge it first");
-        LinearChecks.Check(this, x, dy, nameof(dy));
-        Base.Backward(x, dy, dx, accumulateDx);
-        int n = x.Rows;
-        var (dropped, mask) = Drop(x);
-        var (loraA, loraB) = Adapters(x.DType);
-        var xa = LoraScratch.View(_scratch.Xa, n, Rank, "xa");
-        var dxa = LoraScratch.View(_scratch.DXa, n, Rank, "dxa");
-        _ops.Matmul(dropped, false, loraA, true, xa);                 // recompute xa [N, r]
-        _ops.Matmul(dy, true, xa, false, LoraBGrad, Scaling, 1);      // dB += scaling · dyᵀ · xa
-        _ops.Matmul(dy, false, loraB, false, dxa, Scaling, 0);        // dxa = scaling · dy · B
-        _ops.Matmul(dxa, true, dropped, false, LoraAGrad, 1, 1);      // dA += dxaᵀ · dropout(x)
-        if (mask is null)
+        if (StepDropout > 0 && !IsMerged)
         {
-            _ops.Matmul(dxa, false, loraA, false, dx, 1, 1);           // dx += dxa · A, in the GEMM (beta = 1)
+            ForwardGroup([this], x, [y]);
             return;
         }
-        var din = LoraScratch.View(_scratch.DIn, n, InFeatures, "dx");
-        _ops.Matmul(dxa, false, loraA, false, din);                   // d dropout(x) = dxa · A
-        _ops.DropoutBackward(din, mask, DropoutP, din);
-        _ops.Add(dx, din, dx);
+        Base.Forward(x, y);
+        if (IsMerged) return;
+        var (a, xa, _) = GroupBuffers([this], x);
+        _ops.Matmul(x, false, a[0], true, xa[0]);
+        _ops.Matmul(xa[0], false, WorkingB(x.DType), true, y, Scaling, 1);
+    }
+
+    public void Backward(Tensor x, Tensor dy, Tensor dx, bool accumulateDx) => BackwardGroup([this], x, [dy], dx, accumulateDx);
+
+    /// <summary>
+    /// y_i = layers[i](x) for linear layers that read the same input (q, k, v; gate, up; or one alone), with the LoRA
+    /// adapters among them fused: each base layer's forward, then one <see cref="IOps.LoraDown"/> for every adapter
+    /// (x read once; dropout redrawn from its counter-based mask, nothing stored), then y_i += scaling · xa_i·B_iᵀ in the
+    /// GEMM (beta = 1). Layers that are not LoRA (or are merged) run their own forward.
+    /// </summary>
+    public static void ForwardGroup(ReadOnlySpan<ILinearLayer> layers, Tensor x, ReadOnlySpan<Tensor> ys)
+    {
+        if (layers.Length != ys.Length) throw new ArgumentException($"{layers.Length} layers, {ys.Length} outputs", nameof(ys));
+        var lora = new List<(LoraLinear Layer, Tensor Y)>(layers.Length);
+        for (int i = 0; i < layers.Length; i++)
+        {
+            if (layers[i] is LoraLinear l && !l.IsMerged)
+            {
+                LinearChecks.Check(l, x, ys[i], nameof(ys));
+                l.Base.Forward(x, ys[i]);
+                lora.Add((l, ys[i]));
+            }
+            else if (layers[i] is LoraLinear merged) merged.Base.Forward(x, ys[i]);   // B·A is in the base weight
+            else layers[i].Forward(x, ys[i]);
+        }
+        if (lora.Count == 0) return;
+        var first = lora[0].Layer;
+        var ops = first._ops;
+        var (a, xa, _) = first.GroupBuffers(lora.Select(t => t.Layer).ToList(), x);
+        ops.LoraDown(x, lora.Select((t, g) => new LoraDownArgs(a[g], t.Layer.StepDropout, t.Layer.Seed, xa[g])).ToList());
+        for (int g = 0; g < lora.Count; g++)
+        {
+            var (l, y) = lora[g];
+            ops.Matmul(xa[g], false, l.WorkingB(x.DType), true, y, l.Scaling, 1);
+        }
+    }
+
+    /// <summary>
+    /// The backward of <see cref="ForwardGroup"/> given dy_i: each base layer's dx (the first overwrites dx unless
+    /// <paramref name="accumulateDx"/>, the others add), xa recomputed by <see cref="IOps.LoraDown"/>, then per adapter
+    /// dB += scaling · dyᵀ·xa and dxa = scaling · dy·B, then one <see cref="IOps.LoraBackwardInput"/> for the group:
+    /// dA += dxaᵀ·dropout(x) and dx += Σ mask ∘ (dxa·A) / (1 − p), reading x and dx once.
+    /// </summary>
+    public static void BackwardGroup(ReadOnlySpan<ILinearLayer> layers, Tensor x, ReadOnlySpan<Tensor> dys, Tensor dx, bool accumulateDx)
+    {
+        if (layers.Length != dys.Length) throw new ArgumentException($"{layers.Length} layers, {dys.Length} gradients", nameof(dys));
+        var lora = new List<(LoraLinear Layer, Tensor Dy)>(layers.Length);
+        for (int i = 0; i < layers.Length; i++)
+        {
+            bool accumulate = accumulateDx || i > 0;
+            if (layers[i] is LoraLinear l)
+            {
+                if (l.IsMerged) throw new InvalidOperationException("a merged LoRA layer has no backward; unmerge it first");
+                LinearChecks.Check(l, x, dys[i], nameof(dys));
+                l.Base.Backward(x, dys[i], dx, accumulate);
+                lora.Add((l, dys[i]));
+            }
+            else layers[i].Backward(x, dys[i], dx, accumulate);
+        }
+        if (lora.Count == 0) return;
+        var first = lora[0].Layer;
+        var ops = first._ops;
+        var (a, xa, dxa) = first.GroupBuffers(lora.Select(t => t.Layer).ToList(), x, gradients: true);
+        ops.LoraDown(x, lora.Select((t, g) => new LoraDownArgs(a[g], t.Layer.StepDropout, t.Layer.Seed, xa[g])).ToList()); // recompute xa
+        for (int g = 0; g < lora.Count; g++)
+        {
+            var (l, dy) = lora[g];
+            ops.Matmul(dy, true, xa[g], false, l.LoraBGrad, l.Scaling, 1);             // dB += scaling · dyᵀ · xa
+            ops.Matmul(dy, false, l.WorkingB(x.DType), false, dxa[g], l.Scaling, 0);  // dxa = scaling · dy · B
+        }
+        ops.LoraBackwardInput(x, lora.Select((t, g) => new LoraBackwardArgs(a[g], dxa[g], t.Layer.StepDropout, t.Layer.Seed, t.Layer.LoraAGrad)).ToList(), dx);
+    }
+
+    /// <summary>
+    /// The group's A in the activations' dtype (themselves, or rounded into the scratch's working copies, back to back),
+    /// and its xa and (with <paramref name="gradients"/>) dxa [N, r] views (back to back in the scratch).
+    /// </summary>
+    private (Tensor[] A, Tensor[] Xa, Tensor[] DXa) GroupBuffers(List<LoraLinear> group, Tensor x, bool gradients = false)
+    {
+        int n = x.Rows;
+        var a = new Tensor[group.Count];
+        var xa = new Tensor[group.Count];
+        var dxa = new Tensor[group.Count];
+        long rankOffset = 0;
+        for (int g = 0; g < group.Count; g++)
+        {
+            var l = group[g];
+            if (l._scratch != _scratch) throw new ArgumentException("the layers of a group share one model's LoRA scratch", nameof(group));
+            if (l.LoraA.DType == x.DType) a[g] = l.LoraA;
+            else
+            {
+                a[g] = LoraScratch.ViewAt(_scratch.AWork, rankOffset * l.InFeatures, l.Rank, l.InFeatures, "A working copy");
+                _ops.Copy(l.LoraA, a[g]);
+            }
+            xa[g] = LoraScratch.ViewAt(_scratch.Xa, rankOffset * n, n, l.Rank, "xa");
+            if (gradients) dxa[g] = LoraScratch.ViewAt(_scratch.DXa, rankOffset * n, n, l.Rank, "dxa");
+            rankOffset += l.Rank;
+        }
+        return (a, xa, dxa);
+    }
+
+    /// <summary>lora_B in the activations' dtype: itself, or rounded into the scratch's working copy (valid until the
+    /// next call).</summary>
+    private Tensor WorkingB(DType activations)
+    {
+        if (LoraB.DType == activations) return LoraB;
+        var b = LoraScratch.View(_scratch.BWork, OutFeatures, Rank, "B working copy");
+        _ops.Copy(LoraB, b);
+        return b;
     }
 
     /// <summary>W += scaling · B·A into a full-precision base; the forward then skips the adapter.</summary>

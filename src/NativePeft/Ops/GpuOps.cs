@@ -235,7 +235,6 @@ public sealed unsafe class GpuOps : IOps
                 }
                 _lora.Down(x.Data, x.Rows, x.Columns, slots, workspace?.Data ?? DevicePtr.Null);
             }
-            if (workspace is not null) _gpu.Synchronize();
         }
         finally
         {
@@ -279,7 +278,6 @@ public sealed unsafe class GpuOps : IOps
                 }
                 _lora.BackwardInput(x.Data, dx.Data, x.Rows, x.Columns, slots, workspace!.Data);
             }
-            _gpu.Synchronize();
         }
         finally
         {

@@ -6,8 +6,8 @@ namespace NativePeft.Ops;
 /// <see cref="IOps.LoraDown"/> and <see cref="IOps.LoraBackwardInput"/> as the sequence of ops LoraLinear runs today
 /// (Dropout into a temporary dropout(x) and mask, GEMMs, DropoutBackward, Add), one adapter at a time: the CPU
 /// implementation, and the GPU's path for what the fused kernels do not take (fp32 activations, in not a multiple of 8,
-/// unaligned tensors, an adapter too wide for one launch). Temporaries come from the ops' memory and are returned
-/// (after a device synchronization) before the call does.
+/// unaligned tensors, an adapter too wide for one launch). Temporaries (dropout(x) and its mask, with dropout only)
+/// come from the ops' memory and are returned before the call does (stream order keeps their reuse safe).
 /// </summary>
 internal static class LoraUnfused
 {
@@ -24,15 +24,15 @@ internal static class LoraUnfused
             WithDropped(ops, x, d.DropoutP, d.Seed, (dropped, mask) =>
             {
                 ops.Matmul(d.DXa, true, dropped, false, d.DA, 1, 1);   // dA += dxaᵀ · dropout(x)
-                var din = ops.Memory.Allocate(x.DType, x.Rows, x.Columns);
-                try
+                if (mask is null)
                 {
-                    ops.Matmul(d.DXa, false, d.A, false, din);         // d dropout(x) = dxa · A
-                    if (mask is not null) ops.DropoutBackward(din, mask, d.DropoutP, din);
-                    ops.Add(dx, din, dx);
-                    Sync(ops);
+                    ops.Matmul(d.DXa, false, d.A, false, dx, 1, 1);    // dx += dxa · A, in the GEMM (beta = 1)
+                    return;
                 }
-                finally { ops.Memory.Free(din); }
+                // d dropout(x) = dxa · A, masked and scaled, then added: into the dropout(x) buffer, no longer needed
+                ops.Matmul(d.DXa, false, d.A, false, dropped);
+                ops.DropoutBackward(dropped, mask, d.DropoutP, dropped);
+                ops.Add(dx, dropped, dx);
             });
         }
     }
@@ -51,17 +51,11 @@ internal static class LoraUnfused
         {
             ops.Dropout(x, mask, p, seed, dropped);
             body(dropped, mask);
-            Sync(ops);
         }
         finally
         {
             ops.Memory.Free(mask);
             ops.Memory.Free(dropped);
         }
-    }
-
-    private static void Sync(IOps ops)
-    {
-        if (ops is GpuOps g) g.Gpu.Synchronize();
     }
 }

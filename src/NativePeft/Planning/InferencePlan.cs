@@ -260,16 +260,21 @@ public sealed class InferencePlan
             acts += L * block;
             acts += Bytes(d, N * C) + 2 * Bytes(stat, N);
             acts += 2 * Bytes(d, N * C) + 2 * Bytes(d, N * QD) + 2 * Bytes(d, N * KVD) + 3 * Bytes(d, N * I);
+            var loraGroups = anyLora ? LoraPlan.Groups(c, o.LoraTargets.ToList(), (int)rank) : [];
             if (anyLora)
             {
-                acts += 2 * Bytes(d, N * maxRank)
-                        + (o.LoraDropout > 0 ? 2 * Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) : 0);
-                if (adapterDType != d) acts += Bytes(d, maxRank * maxIn) + Bytes(d, maxOut * maxRank);
+                // MemoryPlan's LoRA scratch: one group's xa and dxa [N, Σ r], and the bf16 working copies.
+                long groupRank = LoraPlan.GroupRank(loraGroups);
+                acts += 2 * Bytes(d, N * groupRank);
+                if (adapterDType != d) acts += Bytes(d, groupRank * maxIn) + Bytes(d, maxOut * maxRank);
             }
             ActivationBytes = acts;
             RopeTableBytes = 2 * Bytes(stat, Math.Max(N, Math.Min(64, c.MaxPositionEmbeddings)) * (c.HeadDim / 2));
             if (o.Device == PlanDevice.Gpu)
                 TransientWorkspaceBytes = Bytes(DType.F32, 4 * N) + Bytes(d, N * Math.Min(o.CrossEntropyChunk, V));
+            // The forward's LoRA ops, dropout off (evaluation).
+            if (anyLora)
+                TransientWorkspaceBytes = Math.Max(TransientWorkspaceBytes, LoraPlan.TransientBytes(Bytes, o.Device, d, N, loraGroups, 0, backward: false));
         }
     }
 

@@ -78,7 +78,7 @@ public sealed class MemoryPlan
     public long DequantScratchBytes { get; private set; }
     public long RopeTableBytes { get; private set; }
     public long OptimizerMapBytes { get; private set; }
-    /// <summary>The largest workspace an op allocates and frees within the step (0 on the CPU).</summary>
+    /// <summary>The largest workspace an op allocates and frees within the step (on the CPU only the LoRA ops' dropout temporaries).</summary>
     public long TransientWorkspaceBytes { get; private set; }
     /// <summary>Of <see cref="ActivationBytes"/>, the LoRA layers' shared scratch.</summary>
     public long LoraScratchBytes { get; private set; }
@@ -278,13 +278,14 @@ public sealed class MemoryPlan
         acts += Bytes(d, N * C) + 2 * Bytes(stat, N);                                    // final norm out, rstd, loss lse
         acts += 2 * Bytes(d, N * C) + 2 * Bytes(d, N * QD) + 2 * Bytes(d, N * KVD) + 3 * Bytes(d, N * I); // backward buffers
         long loraScratch = 0;
+        var loraGroups = lora ? LoraPlan.Groups(c, o.Targets.ToList(), o.Rank) : [];
         if (lora && maxIn > 0)
         {
-            // xa and dxa [N, max r]; with lora_dropout > 0 also dropout(x), its U8 mask and the adapter's dx [N, max in].
-            loraScratch = 2 * Bytes(d, N * maxRank)
-                          + (o.Dropout > 0 ? 2 * Bytes(d, N * maxIn) + Bytes(DType.U8, N * maxIn) : 0);
-            // Mixed precision: the bf16 working copies of one layer's A [max r, max in] and B [max out, max r].
-            if (adapterDType != d) loraScratch += Bytes(d, maxRank * maxIn) + Bytes(d, maxOut * maxRank);
+            // xa and dxa of one group's adapters [N, Σ r] (LoraScratch; dropout(x) and its mask are never stored).
+            long groupRank = LoraPlan.GroupRank(loraGroups);
+            loraScratch = 2 * Bytes(d, N * groupRank);
+            // Mixed precision: the bf16 working copies of a group's A [Σ r, max in] and of one B [max out, max r].
+            if (adapterDType != d) loraScratch += Bytes(d, groupRank * maxIn) + Bytes(d, maxOut * maxRank);
         }
         LoraScratchBytes = loraScratch;
         ActivationBytes = acts + loraScratch;
@@ -304,6 +305,10 @@ public sealed class MemoryPlan
             long clip = o.ClipGradients ? Bytes(DType.F64, GpuOptimKernels.MaxSumSquaresBlocks + 1) : 0;
             TransientWorkspaceBytes = Math.Max(Math.Max(ceForward, ceBackward), Math.Max(attention, clip));
         }
+        // The LoRA ops' workspaces (the fused kernels' partial sums; unfused, dropout(x) and its mask) on either device.
+        if (lora)
+            TransientWorkspaceBytes = Math.Max(TransientWorkspaceBytes,
+                LoraPlan.TransientBytes(Bytes, o.Device, d, N, loraGroups, o.Dropout, backward: true));
     }
 
     // ------------------------------------------------------------------------------------------ fit

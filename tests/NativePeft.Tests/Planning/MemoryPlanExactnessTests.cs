@@ -97,15 +97,43 @@ public class MemoryPlanExactnessTests(string device)
     }
 
     [Test]
-    public void LoraDropoutAddsItsInputCopyAndMaskOnlyWhenOn()
+    public void LoraDropoutStoresNothingItsTemporariesAreTransient()
     {
-        // dropout(x) [N, max in] in the compute dtype, its U8 mask and the adapter's dx [N, max in] (without dropout dx is
-        // accumulated by the GEMM, no buffer): N = 2·5 tokens, max in = 128 (down_proj's intermediate size), fp32 —
-        // 10·128·(4 + 1 + 4) = 11520 bytes, and nothing at lora_dropout 0 (PEFT's default).
+        // dropout(x) and its mask are never kept: the LoRA ops redraw the mask (IOps.LoraDown / LoraBackwardInput). With
+        // fp32 activations (the unfused ops) an adapter's call holds dropout(x) [N, in] fp32 and its U8 mask for its
+        // duration: N = 2·5 tokens, largest in = 128 (down_proj's intermediate size): 10·128·(4 + 1) = 6400 bytes.
         var off = MemoryPlan.Compute(Config, new PlanOptions { Batch = B, Seq = T, Rank = 4, Device = Device });
         var on = MemoryPlan.Compute(Config, off.Options with { Dropout = 0.05 });
-        Assert.That(on.ActivationBytes - off.ActivationBytes, Is.EqualTo(B * T * 128 * (4 + 1 + 4)));
-        Assert.That(on.LoraScratchBytes - off.LoraScratchBytes, Is.EqualTo(B * T * 128 * (4 + 1 + 4)));
+        Assert.That(on.ActivationBytes, Is.EqualTo(off.ActivationBytes));
+        Assert.That(on.LoraScratchBytes, Is.EqualTo(off.LoraScratchBytes));
+        Assert.That(on.TransientWorkspaceBytes, Is.GreaterThanOrEqualTo(B * T * 128 * (4 + 1)));
+        if (Device == PlanDevice.Cpu)
+        {
+            Assert.That(on.TransientWorkspaceBytes, Is.EqualTo(B * T * 128 * (4 + 1)), "the CPU's only transient");
+            Assert.That(off.TransientWorkspaceBytes, Is.Zero, "nothing without dropout");
+        }
+        // the scratch: xa and dxa of the widest group, q, k, v: [10, 3·4] fp32 each = 2·10·12·4 bytes
+        Assert.That(off.LoraScratchBytes, Is.EqualTo(2 * B * T * 3 * 4 * 4));
+    }
+
+    public static IEnumerable<TestCaseData> Bf16Cases()
+    {
+        var b = new PlanOptions { Batch = B, Seq = T, Rank = 4, Alpha = 8, CrossEntropyChunk = 512, ComputeDType = DType.BF16 };
+        TestCaseData Case(string name, PlanOptions o) => new TestCaseData(o).SetArgDisplayNames(name);
+        yield return Case("bf16-lora-dropout", b with { Method = FineTuneMethod.Lora, Dropout = 0.1 });
+        yield return Case("bf16-qlora-recompute", b with { Method = FineTuneMethod.Qlora, Recompute = true });
+        // r = 32 on q, k, v: the backward needs two launches (Σ padded ranks ≤ 64 each)
+        yield return Case("bf16-qlora-rank32-qkv-dropout", b with { Method = FineTuneMethod.Qlora, Rank = 32, Targets = ["q_proj", "k_proj", "v_proj"], Dropout = 0.05 });
+    }
+
+    /// <summary>BF16 activations run the fused LoRA kernels (GpuLoraOps) with their fp32 workspaces: the plan holds them too.</summary>
+    [TestCaseSource(nameof(Bf16Cases))]
+    public void MeasuredBytesEqualThePlanWithTheFusedLoraKernels(PlanOptions options)
+    {
+        if (Device == PlanDevice.Cpu) Assert.Ignore("BF16 activations run on the GPU ops only");
+        using var ops = CreateOps();
+        AssertMeasuredBytesEqualThePlan(ops, Config, options with { Device = Device });
+        Assert.That(MemoryPlan.Compute(Config, options with { Device = Device }).TransientWorkspaceBytes, Is.GreaterThan(0));
     }
 
     [TestCaseSource(nameof(Cases))]
@@ -173,7 +201,10 @@ public class MemoryPlanExactnessTests(string device)
             }
             else
             {
-                Assert.That(plans.All(p => p.PagedOptimizerStateBytes == 0 && p.TransientWorkspaceBytes == 0), "the CPU has no managed memory and no pool workspaces");
+                Assert.That(plans.All(p => p.PagedOptimizerStateBytes == 0), "the CPU has no managed memory");
+                // on the CPU the only transient memory is the LoRA ops' dropout(x) and mask, while dropout is on
+                Assert.That(plans.All(p => (p.TransientWorkspaceBytes > 0) == (p.Options.Method != FineTuneMethod.Full && p.Options.Dropout > 0)),
+                    "CPU transients: LoRA dropout only");
             }
         });
     }
