@@ -8,6 +8,8 @@
 #   ./build.sh gpu-check   run the CUDA tests and benchmarks from an unpacked bundle (no .NET SDK needed), each section
 #                          under its own time limit, 8 minutes in all, ending with a summary (--dry-run: the plan)
 #   ./build.sh gpu-check-selftest   gpu-check's section runner on fake sections (a timeout, a failure, a skip)
+#   ./build.sh gpu-profile Nsight Systems and Nsight Compute on a Llama-3-8B-shaped step from an unpacked bundle
+#                          (docs/profiling.md), 3 minutes in all; CSVs and a summary in profile-results/
 #
 # Set-up is automatic on Debian/Ubuntu as root: cmake, a C++ compiler, OpenBLAS, and the CUDA toolkit
 # (on Debian 12 nvcc 11.8 comes from nvidia-cuda-toolkit in the non-free component, which is enabled
@@ -205,6 +207,12 @@ cmd_gpu_bundle() {
   cp "$ROOT/tests/reference/peft_crosscheck.py" "$stage/peft_crosscheck.py"
   cp "$ROOT/tests/reference/attn_peer.py" "$stage/attn_peer.py"
   cp "$ROOT/tests/reference/train_peer.py" "$stage/train_peer.py"
+  cat > "$stage/gpu-profile" <<'SH'
+#!/usr/bin/env bash
+# Nsight Systems and Nsight Compute on a Llama-3-8B-shaped training step (docs/profiling.md); results in profile-results/.
+cd "$(dirname "$0")" && exec ./build.sh gpu-profile "$@"
+SH
+  chmod +x "$stage/gpu-profile"
   cat > "$stage/gpu-check" <<'SH'
 #!/usr/bin/env bash
 # Runs the CUDA tests and benchmarks from this bundle, each section under its own time limit (8 minutes in all);
@@ -574,6 +582,61 @@ cmd_gpu_check_selftest() {
   if [ $fails = 0 ]; then echo "gpu-check self-test: passed"; else echo "gpu-check self-test: $fails check(s) failed"; return 1; fi
 }
 
+# gpu-profile: inside an unpacked bundle on a GPU machine, Nsight Systems over a Llama-3-8B-shaped step (4 layers, QLoRA,
+# 4 x 1024: time per NVTX range and per kernel) and Nsight Compute over one launch of each kernel that matters (one
+# layer), each under `timeout`, GPU_PROFILE_BUDGET seconds in all (180). Writes profile-results/: nsys's CSVs, ncu's
+# CSV per kernel, and summary.md (the ncu figures that say what limits each kernel). Tools missing or refused (no
+# permission for the performance counters) are reported in the summary, never fatal. --dry-run prints the plan.
+GPU_PROFILE_KERNELS=(attention_fwd_tc attention_bwd_dkdv_tc attention_bwd_dq_tc dequantize_4bit_dq_nf4_bf16 lora_down_tc_bf16 lora_bwd_input_tc_bf16 rmsnorm_backward_bf16 swiglu_backward_bf16)
+cmd_gpu_profile() {
+  local dry=0 budget="${GPU_PROFILE_BUDGET:-180}" out="$PWD/profile-results" nsys ncu start k left limit rc line
+  [ "${1:-}" = "--dry-run" ] && dry=1
+  nsys="$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -1 || true)"
+  ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1 || true)"
+  local bench=(./NativePeft.Cli bench --model llama3-8b --method qlora --device cuda)
+  if [ $dry = 1 ]; then
+    echo "gpu-profile plan (${budget} s): nsys ${nsys:-not found} over ${bench[*]} --layers 4 --steps 3 (60 s);"
+    echo "  ncu ${ncu:-not found}, one launch each, --layers 1 --steps 1: ${GPU_PROFILE_KERNELS[*]} (the rest of the budget, 15 s at least each)"
+    return 0
+  fi
+  [ -x ./NativePeft.Cli ] || die "gpu-profile runs inside an unpacked bundle (./build.sh gpu-bundle makes one); --dry-run prints the plan"
+  rm -rf "$out"; mkdir -p "$out"; start=$(date +%s)
+  {
+    set +e   # a tool that fails or is refused is reported, never fatal
+    echo "# gpu-profile $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1
+    echo
+    if [ -n "$nsys" ]; then
+      timeout -k 5 60 "$nsys" profile --trace=cuda,nvtx --sample=none --cpuctxsw=none -o "$out/step" --force-overwrite true \
+        "${bench[@]}" --layers 4 --steps 3 > "$out/nsys.log" 2>&1; rc=$?
+      echo "## nsys (exit $rc)"
+      if [ -s "$out/step.nsys-rep" ]; then
+        timeout 60 "$nsys" stats --report nvtx_sum,cuda_gpu_kern_sum --format csv --output "$out/step" "$out/step.nsys-rep" >> "$out/nsys.log" 2>&1
+        for f in "$out"/step_*.csv; do [ -f "$f" ] && { echo "### $(basename "$f") (first rows)"; head -12 "$f"; }; done
+      else
+        echo "no report: $(tail -3 "$out/nsys.log" | tr '\n' ' ')"
+      fi
+    else
+      echo "## nsys: not found (CUDA toolkit's nsys, or Nsight Systems)"
+    fi
+    echo
+    for k in "${GPU_PROFILE_KERNELS[@]}"; do
+      [ -n "$ncu" ] || { echo "## ncu: not found"; break; }
+      left=$(( budget - ($(date +%s) - start) ))
+      [ "$left" -lt 15 ] && { echo "## ncu $k: skipped, ${left} s of the budget left"; continue; }
+      limit=$(( left < 30 ? left : 30 ))
+      timeout -k 5 "$limit" "$ncu" -k "regex:$k" -c 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section MemoryWorkloadAnalysis --csv --page details "${bench[@]}" --layers 1 --steps 1 > "$out/ncu-$k.csv" 2> "$out/ncu-$k.log"; rc=$?
+      echo "## ncu $k (exit $rc)"
+      line="$(grep -E '"(DRAM Throughput|Memory Throughput|Compute \(SM\) Throughput|Duration|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy)"' "$out/ncu-$k.csv" \
+              | awk -F'","' '{ gsub(/"/, "", $NF); printf "%s: %s %s; ", $(NF-2), $NF, $(NF-1) }')"
+      echo "${line:-no figures: $(grep -m2 -E 'ERR|error|==WARNING==' "$out/ncu-$k.log" "$out/ncu-$k.csv" | tr '\n' ' ')}"
+    done
+    echo
+    echo "total: $(( $(date +%s) - start )) s of ${budget} s"
+  } 2>&1 | tee "$out/summary.md"
+}
+
 case "${1:-}" in
   run) shift; cmd_run "$@" ;;
   test) shift; cmd_test "$@" ;;
@@ -581,5 +644,6 @@ case "${1:-}" in
   gpu-bundle) shift; cmd_gpu_bundle ;;
   gpu-check) shift; ROOT="$PWD"; cmd_gpu_check "$@" ;;
   gpu-check-selftest) shift; cmd_gpu_check_selftest ;;
-  *) echo "usage: ./build.sh run | test | build | gpu-bundle | gpu-check [--dry-run] [--only s1,s2] | gpu-check-selftest" >&2; exit 2 ;;
+  gpu-profile) shift; ROOT="$PWD"; cmd_gpu_profile "$@" ;;
+  *) echo "usage: ./build.sh run | test | build | gpu-bundle | gpu-check [--dry-run] [--only s1,s2] | gpu-check-selftest | gpu-profile [--dry-run]" >&2; exit 2 ;;
 esac

@@ -50,6 +50,24 @@ public class GpuCheckScriptTests
     }
 
     [Test]
+    public void GpuProfileNamesKernelsThatExist()
+    {
+        // gpu-profile's Nsight Compute filters must match kernels of this build (a renamed kernel would profile nothing).
+        var (rc, output) = Bash(BuildScript(), "gpu-profile", "--dry-run");
+        Assert.That(rc, Is.EqualTo(0), output);
+        var list = Regex.Match(output, @"--steps 1: (.+) \(the rest of the budget");
+        Assert.That(list.Success, Is.True, output);
+        var names = list.Groups[1].Value.Split(' ', StringSplitOptions.RemoveEmptyEntries);
+        Assert.That(names, Has.Length.GreaterThanOrEqualTo(6));
+        var dir = NativePeft.Runtime.KernelLocator.Directory;
+        var reports = Directory.Exists(dir) ? Directory.GetFiles(dir, "*.sm90.txt").Select(File.ReadAllText).ToList() : [];
+        if (reports.Count == 0) Assert.Ignore($"no SASS reports in {dir} (nvcc unavailable at build time)");
+        var kernels = reports.SelectMany(r => r.Split('\n')).Where(l => l.Length > 0 && !l.StartsWith('#')).Select(l => l.Split(' ')[0]).ToList();
+        foreach (var name in names)
+            Assert.That(kernels.Any(k => Regex.IsMatch(k, name)), $"no kernel of this build matches '{name}'");
+    }
+
+    [Test]
     public void ThePlansLimitsFitTheEightMinuteBudget()
     {
         var (rc, output) = Bash(BuildScript(), "gpu-check", "--dry-run");
