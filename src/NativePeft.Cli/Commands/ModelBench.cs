@@ -39,7 +39,8 @@ internal static class ModelBench
 
     public sealed record Row(string Method, string MethodId, double MsPerStep, double TokensPerSecond, double UsPerToken, double GemmShare,
         double RelativeToLora, long ParameterBytes, long ActivationBytes, long PeakBytes, long PlanBytes, long? DriverPeakBytes,
-        double FlopsPerStep, double Tflops, double? Mfu, int TimedSteps, double Loss, IReadOnlyDictionary<string, double> ProfileMs);
+        double FlopsPerStep, double Tflops, double? Mfu, int TimedSteps, double Loss, IReadOnlyDictionary<string, double> ProfileMs,
+        IReadOnlyDictionary<string, int> ProfileCalls);
 
     /// <summary>A model's config, default batch and sequence length, and default methods.</summary>
     public static (LlamaConfig Config, int Batch, int Seq, string[] Methods) Shape(string name)
@@ -173,6 +174,7 @@ internal static class ModelBench
             gpu?.Synchronize();
             double updateMs = update.Elapsed.TotalMilliseconds;
             var profileMs = profiler.Totals.ToDictionary(kv => kv.Key, kv => kv.Value.Ms);
+            var profileCalls = profiler.Totals.ToDictionary(kv => kv.Key, kv => kv.Value.Calls);
             profileMs["clip + AdamW update"] = updateMs;
             double gemm = profiler.Totals.TryGetValue("Matmul", out var m) ? m.Ms : 0;
             double share = gemm / Math.Max(1e-9, profiler.TotalMs + updateMs);
@@ -192,7 +194,7 @@ internal static class ModelBench
             rows.Add(new Row(Label(id), id, ms, batch * seq / (ms * 1e-3), ms * 1e3 / (batch * seq), share, 0,
                 model.ParameterBytes, model.ActivationBytes, ops.Memory.PeakAllocatedBytes, plan.TotalBytes,
                 freeBefore is { } before ? before - minFree : null, flops, tflops, peakTflops is { } peak ? tflops / peak : null,
-                times.Count, loss, profileMs));
+                times.Count, loss, profileMs, profileCalls));
         }
         if (rows.Count == 0) throw new CliException(string.Join("; ", skipped.Select(x => x.Reason)));
         if (rows.FirstOrDefault(r => r.MethodId == "lora") is { } loraRow)
@@ -247,11 +249,12 @@ internal static class ModelBench
         if (s.JsonFile is not null) stdout.WriteLine($"wrote {s.JsonFile}");
         if (s.Profile)
         {
-            var ops2 = new Table().Border(TableBorder.Rounded).Title("one profiled step: milliseconds per op (device synchronized after each)")
+            var ops2 = new Table().Border(TableBorder.Rounded).Title("one profiled step: milliseconds per op (calls) (device synchronized after each)")
                 .AddColumn("op");
             foreach (var r in rows) ops2.AddColumn(new TableColumn(Markup.Escape(r.Method)).RightAligned());
             foreach (var op in rows.SelectMany(r => r.ProfileMs.Keys).Distinct().OrderByDescending(o => rows.Max(r => r.ProfileMs.GetValueOrDefault(o))))
-                ops2.AddRow([Markup.Escape(op), .. rows.Select(r => r.ProfileMs.TryGetValue(op, out var v) ? v.ToString("0.0") : "")]);
+                ops2.AddRow([Markup.Escape(op), .. rows.Select(r => r.ProfileMs.TryGetValue(op, out var v)
+                    ? v.ToString("0.0") + (r.ProfileCalls.TryGetValue(op, out var c) ? $" ({c})" : "") : "")]);
             console.Write(ops2);
         }
         return 0;
