@@ -83,14 +83,34 @@ __device__ __forceinline__ unsigned char dquantize(const float* code, float x)
 }  // namespace optk
 
 // adamw_f32(p[n], g[n], m[n], v[n], n, beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale):
-// the step above on every element. Launch: grid-stride, block 256 (any grid gives the same result).
+// the step above on every element. Launch: grid-stride, block 256, n/4 threads (any grid gives the same result).
 extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
                                      float* __restrict__ v, long long n, float beta1, float beta2, float omb1,
                                      float omb2, float eps, float decay, float bc2_sqrt, float neg_step,
                                      float grad_scale)
 {
     const optk::AdamWScalars s{beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale};
-    for (long long i = optk::first_index(); i < n; i += optk::grid_stride())
+    long long done = 0;
+    // Vector path (every array 16-byte aligned): 4 elements a thread per step with float4 loads and stores (16 bytes
+    // per access, 7 streams of fp32), then the n % 4 tail; the same per-element update, so the same bits.
+    if (npvec::aligned16(p) && npvec::aligned16(g) && npvec::aligned16(m) && npvec::aligned16(v))
+    {
+        const long long n4 = n / 4;
+        for (long long q = optk::first_index(); q < n4; q += optk::grid_stride())
+        {
+            float4 pv = reinterpret_cast<float4*>(p)[q], mv = reinterpret_cast<float4*>(m)[q], vv = reinterpret_cast<float4*>(v)[q];
+            const float4 gv = reinterpret_cast<const float4*>(g)[q];
+            pv.x = optk::adamw_update(pv.x, gv.x, mv.x, vv.x, s);
+            pv.y = optk::adamw_update(pv.y, gv.y, mv.y, vv.y, s);
+            pv.z = optk::adamw_update(pv.z, gv.z, mv.z, vv.z, s);
+            pv.w = optk::adamw_update(pv.w, gv.w, mv.w, vv.w, s);
+            reinterpret_cast<float4*>(p)[q] = pv;
+            reinterpret_cast<float4*>(m)[q] = mv;
+            reinterpret_cast<float4*>(v)[q] = vv;
+        }
+        done = 4 * n4;
+    }
+    for (long long i = done + optk::first_index(); i < n; i += optk::grid_stride())
     {
         float mi = m[i], vi = v[i];
         p[i] = optk::adamw_update(p[i], g[i], mi, vi, s);

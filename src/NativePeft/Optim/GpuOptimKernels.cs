@@ -40,7 +40,7 @@ public sealed class GpuOptimKernels
         ArgumentOutOfRangeException.ThrowIfNegative(n);
         if (n == 0) return;
         CheckPtr(p, nameof(p)); CheckPtr(g, nameof(g)); CheckPtr(m, nameof(m)); CheckPtr(v, nameof(v));
-        _gpu.Launch("adamw_f32", Grid((n + ThreadsPerBlock - 1) / ThreadsPerBlock), ThreadsPerBlock, 0,
+        _gpu.Launch("adamw_f32", Grid(((n + 3) / 4 + ThreadsPerBlock - 1) / ThreadsPerBlock), ThreadsPerBlock, 0, // 4 elements a thread
             p, g, m, v, n, s.Beta1, s.Beta2, s.OneMinusBeta1, s.OneMinusBeta2, s.Eps, s.Decay, s.BiasCorrection2Sqrt,
             s.NegStepSize, s.GradScale);
     }
