@@ -8,6 +8,7 @@ using NativePeft.Ops;
 using NativePeft.Optim;
 using NativePeft.Planning;
 using NativePeft.Runtime;
+using NativePeft.Training;
 using Spectre.Console;
 
 namespace NativePeft.Cli.Commands;
@@ -31,11 +32,18 @@ internal static class ModelBench
     public static readonly string[] MethodNames = ["full", "lora", "qlora"];
 
     /// <summary>What a step consists of, on both sides of a peer comparison (tests/reference/train_peer.py times the same).</summary>
-    public const string StepDescription = "forward + backward + clip grad norm 1.0 + AdamW update (lr 2e-4, weight decay 0)";
+    public static string StepDescription(string optimizer = "adamw") =>
+        $"forward + backward + clip grad norm 1.0 + {(optimizer == "adamw" ? "AdamW" : optimizer)} update (lr 2e-4, weight decay 0)";
 
     public sealed record Settings(string Device, string Model, string Precision = "auto", int? Layers = null, string? Method = null,
         int? Batch = null, int? Seq = null, int Rank = 16, bool Recompute = false, int? Steps = null, bool Profile = false,
-        bool JsonRequested = false, string? JsonFile = null);
+        bool JsonRequested = false, string? JsonFile = null)
+    {
+        /// <summary>The step's optimizer (as train's --optim).</summary>
+        public string Optimizer { get; init; } = "adamw";
+        /// <summary>Where the frozen embedding lives (as train's --embedding: auto, host or device).</summary>
+        public string Embedding { get; init; } = "auto";
+    }
 
     public sealed record Row(string Method, string MethodId, double MsPerStep, double TokensPerSecond, double UsPerToken, double GemmShare,
         double RelativeToLora, long ParameterBytes, long ActivationBytes, long PeakBytes, long PlanBytes, long? DriverPeakBytes,
@@ -108,7 +116,13 @@ internal static class ModelBench
             "full" => new LlamaModelOptions { FullFineTuning = true },
             "lora" => new LlamaModelOptions { Lora = lora, BaseWeightDType = DType.BF16 },
             _ => new LlamaModelOptions { Lora = lora, Quantization = BaseQuantization.Nf4, DoubleQuant = true },
-        }) with { ComputeDType = computeDType, Recompute = s.Recompute };
+        }) with { ComputeDType = computeDType, Recompute = s.Recompute, EmbeddingOnHost = EmbeddingOnHost(id) };
+        bool EmbeddingOnHost(string id)
+        {
+            var m = id switch { "full" => FineTuneMethod.Full, "lora" => FineTuneMethod.Lora, _ => FineTuneMethod.Qlora };
+            try { return FineTune.ResolveEmbeddingOnHost(s.Embedding, m, config.TieWordEmbeddings, gpu is not null); }
+            catch (FineTuneException e) { throw new CliException($"--embedding {e.Detail}", 2, e); }
+        }
         string Label(string id) => id switch
         {
             "full" => "full",
@@ -123,7 +137,7 @@ internal static class ModelBench
         foreach (var id in methodIds)
         {
             var options = Options(id);
-            var plan = DevicePlanning.Training(config, options, batch, seq, "adamw", clipGradients: true,
+            var plan = DevicePlanning.Training(config, options, batch, seq, s.Optimizer, clipGradients: true,
                 device: gpu is null ? PlanDevice.Cpu : PlanDevice.Gpu);
             // The driver's view (CUDA): free memory before this method's pool and model, and the least seen after.
             long? freeBefore = gpu is CudaGpu ? gpu.MemoryInfo().Free : null;
@@ -147,7 +161,7 @@ internal static class ModelBench
             using var ops = baseOps;
             using var profiler = new ProfilingOps(ops);
             using var model = LlamaModel.CreateRandomTiled(config, profiler, options, weightSeed: 1);
-            using var optimizer = new AdamW(ops, new AdamWOptions { WeightDecay = 0 });
+            using var optimizer = OptimizerFactory.Create(s.Optimizer, ops, new AdamWOptions { WeightDecay = 0 });
             var grads = model.TrainableParameters.Select(t => t.Grad).ToList();
             double Step(bool sync)
             {
@@ -209,7 +223,7 @@ internal static class ModelBench
             title, model = s.Model, device = opsName, device_kind = deviceKind, device_total_bytes = deviceTotal, layers = config.NumHiddenLayers,
             parameters = config.ParameterCount(), batch, seq, tokens_per_step = batch * seq, rank = s.Rank, alpha = 2 * s.Rank,
             targets = lora.TargetModules, recompute = s.Recompute, compute_dtype = computeDType.ToString().ToLowerInvariant(),
-            step = StepDescription, flop_convention = TrainingFlops.Convention, peak_tflops = peakTflops, rows,
+            step = StepDescription(s.Optimizer), optimizer = s.Optimizer, embedding_on_host = methodIds.ToDictionary(i => i, EmbeddingOnHost), flop_convention = TrainingFlops.Convention, peak_tflops = peakTflops, rows,
             skipped = skipped.Select(x => new { method_id = x.MethodId, reason = x.Reason }).ToList(),
         };
         string jsonText = JsonSerializer.Serialize(report, new JsonSerializerOptions
@@ -237,7 +251,7 @@ internal static class ModelBench
                 r.DriverPeakBytes is { } d ? Output.Bytes(d) : "n/a", r.Tflops.ToString(r.Tflops < 10 ? "0.000" : "0.0"),
                 r.Mfu is { } mfu ? mfu.ToString("P1") : "unknown peak");
         console.Write(table);
-        stdout.WriteLine($"step: {StepDescription}; median of the timed steps ({string.Join(", ", rows.Select(r => $"{r.MethodId} {r.TimedSteps}"))}) after one warm-up and one profiled step");
+        stdout.WriteLine($"step: {StepDescription(s.Optimizer)}; median of the timed steps ({string.Join(", ", rows.Select(r => $"{r.MethodId} {r.TimedSteps}"))}) after one warm-up and one profiled step");
         stdout.WriteLine($"FLOP convention: {TrainingFlops.Convention}");
         stdout.WriteLine(peakTflops is { } p
             ? $"MFU: TFLOP/s over the dense bf16 peak of {opsName}, {p:0.#} TFLOP/s"

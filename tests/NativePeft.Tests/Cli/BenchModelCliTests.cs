@@ -136,4 +136,30 @@ public class BenchModelCliTests
             Assert.That(row.GetProperty("profile_ms").EnumerateObject().Select(p => p.Name), Does.Contain("Matmul").And.Contain("clip + AdamW update"));
         });
     }
+
+    [Test]
+    public void QloraWithTheEmbeddingOnTheHostAndPagedAdamWRunsInsideItsPlan()
+    {
+        // The emulator runs the kernels in a pool sized from the plan: the pool's peak equals the plan with the table in
+        // host memory and paged AdamW, and the table (2048 · 256 bf16 = 1 MiB) is not in the device figures.
+        using var dir = CliProcess.TempDir();
+        string[] common = ["bench", "--model", "tiny", "--layers", "1", "--seq", "32", "--batch", "1", "--method", "qlora", "--steps", "1",
+            "--device", "emulator", "--optim", "paged-adamw"];
+        var host = CliProcess.Run([.. common, "--embedding", "host", "--json", dir["host.json"]]);
+        Assert.That(host.ExitCode, Is.EqualTo(0), host.ToString());
+        var device = CliProcess.Run([.. common, "--embedding", "device", "--json", dir["device.json"]]);
+        Assert.That(device.ExitCode, Is.EqualTo(0), device.ToString());
+        JsonElement Row(string file) => JsonDocument.Parse(File.ReadAllText(dir[file])).RootElement.GetProperty("rows")[0].Clone();
+        using var hostDoc = JsonDocument.Parse(File.ReadAllText(dir["host.json"]));
+        Assert.That(hostDoc.RootElement.GetProperty("optimizer").GetString(), Is.EqualTo("paged-adamw"));
+        Assert.That(hostDoc.RootElement.GetProperty("embedding_on_host").GetProperty("qlora").GetBoolean(), Is.True);
+        var (h, d) = (Row("host.json"), Row("device.json"));
+        Assert.That(h.GetProperty("plan_bytes").GetInt64(), Is.EqualTo(h.GetProperty("peak_bytes").GetInt64()), "host: plan = pool peak");
+        Assert.That(d.GetProperty("plan_bytes").GetInt64(), Is.EqualTo(d.GetProperty("peak_bytes").GetInt64()), "device: plan = pool peak");
+        Assert.That(d.GetProperty("peak_bytes").GetInt64() - h.GetProperty("peak_bytes").GetInt64(), Is.EqualTo(2048L * 256 * 2), "the table left the device");
+
+        var full = CliProcess.Run("bench", "--model", "tiny", "--method", "full", "--embedding", "host", "--device", "cpu");
+        Assert.That(full.ExitCode, Is.EqualTo(2), full.ToString());
+        Assert.That(full.Stderr, Does.Contain("--embedding host: full fine-tuning"));
+    }
 }
