@@ -8,8 +8,9 @@
 #   ./build.sh gpu-check   run the CUDA tests and benchmarks from an unpacked bundle (no .NET SDK needed), each section
 #                          under its own time limit, 8 minutes in all, ending with a summary (--dry-run: the plan)
 #   ./build.sh gpu-check-selftest   gpu-check's section runner on fake sections (a timeout, a failure, a skip)
-#   ./build.sh gpu-profile Nsight Systems and Nsight Compute on a Llama-3-8B-shaped step from an unpacked bundle
-#                          (docs/profiling.md), 3 minutes in all; CSVs and a summary in profile-results/
+#   ./build.sh gpu-profile the memory targets (8B QLoRA 1x2048 <= 6 GiB, 70B QLoRA) and Nsight Systems / Compute on a
+#                          Llama-3-8B-shaped step from an unpacked bundle (docs/profiling.md), 5 minutes in all;
+#                          figures, CSVs and a summary in profile-results/
 #
 # Set-up is automatic on Debian/Ubuntu as root: cmake, a C++ compiler, OpenBLAS, and the CUDA toolkit
 # (on Debian 12 nvcc 11.8 comes from nvidia-cuda-toolkit in the non-free component, which is enabled
@@ -582,20 +583,26 @@ cmd_gpu_check_selftest() {
   if [ $fails = 0 ]; then echo "gpu-check self-test: passed"; else echo "gpu-check self-test: $fails check(s) failed"; return 1; fi
 }
 
-# gpu-profile: inside an unpacked bundle on a GPU machine, Nsight Systems over a Llama-3-8B-shaped step (4 layers, QLoRA,
+# gpu-profile: inside an unpacked bundle on a GPU machine, first the memory targets (Llama-3-8B and -70B QLoRA at
+# 1 x 2048 with recompute, the embedding on the host and paged AdamW: the pool's peak beside the plan and the driver's
+# figure), then Nsight Systems over a Llama-3-8B-shaped step (4 layers, QLoRA,
 # 4 x 1024: time per NVTX range and per kernel) and Nsight Compute over one launch of each kernel that matters (one
-# layer), each under `timeout`, GPU_PROFILE_BUDGET seconds in all (180). Writes profile-results/: nsys's CSVs, ncu's
+# layer), each under `timeout`, GPU_PROFILE_BUDGET seconds in all (300; ncu takes what is left). Writes profile-results/: nsys's CSVs, ncu's
 # CSV per kernel, and summary.md (the ncu figures that say what limits each kernel). Tools missing or refused (no
 # permission for the performance counters) are reported in the summary, never fatal. --dry-run prints the plan.
 GPU_PROFILE_KERNELS=(attention_fwd_tc attention_bwd_dkdv_tc attention_bwd_dq_tc dequantize_4bit_dq_nf4_bf16 lora_down_tc_bf16 lora_bwd_input_tc_bf16 rmsnorm_backward_bf16 swiglu_backward_bf16)
 cmd_gpu_profile() {
-  local dry=0 budget="${GPU_PROFILE_BUDGET:-180}" out="$PWD/profile-results" nsys ncu start k left limit rc line
+  local dry=0 budget="${GPU_PROFILE_BUDGET:-300}" out="$PWD/profile-results" nsys ncu start k left limit rc line t
   [ "${1:-}" = "--dry-run" ] && dry=1
   nsys="$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems*/bin/nsys 2>/dev/null | head -1 || true)"
   ncu="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute*/ncu 2>/dev/null | head -1 || true)"
   local bench=(./NativePeft.Cli bench --model llama3-8b --method qlora --device cuda)
+  # The memory targets first (issue 9): 8B QLoRA 1 x 2048 with recompute, the embedding on the host and paged AdamW
+  # (plan 5.98 GiB; target <= 6.0 GiB), and 70B QLoRA on one GPU; the pool's peak, the plan and the driver's figure.
+  local targets=("llama3-8b:75" "llama3-70b:110")
   if [ $dry = 1 ]; then
-    echo "gpu-profile plan (${budget} s): nsys ${nsys:-not found} over ${bench[*]} --layers 4 --steps 3 (60 s);"
+    echo "gpu-profile plan (${budget} s): memory targets ${targets[*]} (model:limit s: bench --method qlora --recompute --batch 1 --seq 2048 --optim paged-adamw --steps 2);"
+    echo "  nsys ${nsys:-not found} over ${bench[*]} --layers 4 --steps 3 (60 s);"
     echo "  ncu ${ncu:-not found}, one launch each, --layers 1 --steps 1: ${GPU_PROFILE_KERNELS[*]} (the rest of the budget, 15 s at least each)"
     return 0
   fi
@@ -605,6 +612,13 @@ cmd_gpu_profile() {
     set +e   # a tool that fails or is refused is reported, never fatal
     echo "# gpu-profile $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1
+    echo
+    for t in "${targets[@]}"; do
+      timeout -k 5 "${t#*:}" ./NativePeft.Cli bench --model "${t%%:*}" --method qlora --recompute --batch 1 --seq 2048 --optim paged-adamw \
+        --steps 2 --device cuda --json "$out/${t%%:*}-qlora-1x2048.json" > "$out/${t%%:*}-qlora-1x2048.txt" 2>&1; rc=$?
+      echo "## ${t%%:*} QLoRA 1 x 2048, recompute, embedding on the host, paged AdamW (exit $rc)"
+      grep -E "qlora|peak|driver|not run" "$out/${t%%:*}-qlora-1x2048.txt" | head -6
+    done
     echo
     if [ -n "$nsys" ]; then
       timeout -k 5 60 "$nsys" profile --trace=cuda,nvtx --sample=none --cpuctxsw=none -o "$out/step" --force-overwrite true \
