@@ -1,5 +1,5 @@
 // attention.cu: causal scaled-dot-product attention with grouped-query heads (GQA), forward and
-// backward, flash-attention style (notes/ops-contract.md "Causal attention"; CPU reference:
+// backward, flash-attention style (docs/ops-contract.md "Causal attention"; CPU reference:
 // src/NativePeft/Ops/Reference/AttentionRef.cs).
 //
 // Layouts (row-major): q, out, dout, dq [B, T, Hq, D]; k, v, dk, dv [B, T, Hkv, D]; lse and the

@@ -2,7 +2,7 @@
 // Under nvcc it pulls in the CUDA headers; compiled as C++ for the emulator it pulls in
 // emu/cuda_emu.h, which provides the CUDA execution model on the CPU.
 //
-// Conventions (see ../shared/DESIGN.md):
+// Conventions (see docs/design.md, "Kernel ABI"):
 //   extern "C" __global__ void name_dtype(...) { ... }
 //   EMU_REGISTER(name_dtype)            // after each kernel; empty under nvcc
 //   EMU_DYNAMIC_SHARED(float, smem);    // instead of: extern __shared__ float smem[]; (16-byte aligned)

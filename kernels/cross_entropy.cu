@@ -1,4 +1,4 @@
-// cross_entropy.cu: cross-entropy over a vocabulary processed in chunks, notes/ops-contract.md "Cross-entropy".
+// cross_entropy.cu: cross-entropy over a vocabulary processed in chunks, docs/ops-contract.md "Cross-entropy".
 // The CPU reference is src/NativePeft/Ops/Reference/CrossEntropyRef.cs; the launcher is GpuLossOps.cs.
 //
 // The caller computes one logits chunk at a time, z[rows, chunk] = hidden · W[v0 : v0+chunk]ᵀ (a GEMM: cuBLAS on

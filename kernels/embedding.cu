@@ -1,5 +1,5 @@
 // embedding.cu: token embedding gather and its deterministic scatter-add backward.
-// notes/ops-contract.md "Embedding".
+// docs/ops-contract.md "Embedding".
 //
 //   forward : out[n, :] = table[ids[n], :]                 (a copy: bit exact in either dtype)
 //   backward: dtable[ids[n], :] += dout[n, :]  for n = 0, 1, ..., N-1 in that order (fp32 dtable)

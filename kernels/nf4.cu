@@ -1,6 +1,6 @@
 // nf4.cu: 4-bit (NF4 / FP4) blockwise quantization, dequantization, double quantization of absmax
 // and the one-token 4-bit GEMV. Bit-compatible with bitsandbytes; the exact semantics are in
-// notes/quant-contract.md (CPU reference: NativePeft.Quantization, compared bit for bit).
+// docs/quant-contract.md (CPU reference: NativePeft.Quantization, compared bit for bit).
 //
 // C ABI: extern "C" kernels named <op>_<quant type>_<dtype>, thin wrappers over templated bodies.
 //

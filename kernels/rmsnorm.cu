@@ -1,4 +1,4 @@
-// rmsnorm.cu: RMSNorm forward and backward (HF Llama LlamaRMSNorm), notes/ops-contract.md "RMSNorm".
+// rmsnorm.cu: RMSNorm forward and backward (HF Llama LlamaRMSNorm), docs/ops-contract.md "RMSNorm".
 //
 //   rstd[n]   = 1 / sqrt(mean_c(x[n,c]^2) + eps)                  (fp32, saved for the backward)
 //   y[n,c]    = w[c] * (x[n,c] * rstd[n])                          (fp32, one rounding to T)

@@ -1,5 +1,5 @@
 // rope.cu: rotary position embedding, HF rotate_half layout (NOT interleaved), in place.
-// notes/ops-contract.md "RoPE".
+// docs/ops-contract.md "RoPE".
 //
 //   x[n, h, :] (D even, half = D/2), p = pos[n], c = cos[p, i], s = sin[p, i] (fp32 tables [P, half])
 //   forward : out[i] = x[i]*c - x[i+half]*s ;  out[i+half] = x[i+half]*c + x[i]*s      (i < half)

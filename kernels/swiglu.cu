@@ -1,4 +1,4 @@
-// swiglu.cu: the SwiGLU gate of the Llama MLP, elementwise. notes/ops-contract.md "SwiGLU".
+// swiglu.cu: the SwiGLU gate of the Llama MLP, elementwise. docs/ops-contract.md "SwiGLU".
 //
 //   forward : h = silu(g) * u,  silu(z) = z * sigmoid(z), sigmoid(z) = 1 / (1 + exp(-z))
 //   backward: du = dh * silu(g);  dg = dh * u * sigmoid(g) * (1 + g * (1 - sigmoid(g)))

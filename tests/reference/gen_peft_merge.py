@@ -6,7 +6,7 @@ lora_B [out, r] (float32, from torch.manual_seed), and PEFT's merge of them, com
 lora.Linear.merge / get_delta_weight do: delta = (B @ A) * scaling, W + delta in float32, then the float32 result
 rounded by torch to bfloat16 and float16. Two cases: plain LoRA (scaling = lora_alpha / r) and rsLoRA
 (scaling = lora_alpha / sqrt(r)); lora_alpha = 7, r = 3 so that the scaling is not a power of two.
-The safetensors file is written by hand (the format of formats.md), since the safetensors package is not installed.
+The safetensors file is written by hand (the format of docs/formats.md), since the safetensors package is not installed.
 
 Run: /usr/bin/python3 tests/reference/gen_peft_merge.py   (torch 1.13)
 """

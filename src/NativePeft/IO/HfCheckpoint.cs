@@ -50,7 +50,7 @@ public sealed class HfCheckpointException : Exception
 /// safetensors file is memory-mapped and its header validated on <see cref="Open"/>, which also checks the sharding
 /// (listed files exist, each tensor is in exactly one file and where the index says); nothing is read until asked.
 /// <see cref="Validate"/> checks the tensors against the config (headers only) and reports every problem at once.
-/// 4-bit weights in the bitsandbytes layout (formats.md) are recognised by their quant_state key.
+/// 4-bit weights in the bitsandbytes layout (docs/quant-contract.md) are recognised by their quant_state key.
 /// </summary>
 public sealed class HfCheckpoint : IDisposable
 {

@@ -23,7 +23,7 @@ public sealed class LlamaConfigException : Exception
 /// <summary>
 /// Llama 3 RoPE frequency scaling (<c>rope_type: "llama3"</c>): wavelengths longer than
 /// original_max_position_embeddings / low_freq_factor are divided by factor, shorter than
-/// original / high_freq_factor are kept, and in between interpolated (formats.md).
+/// original / high_freq_factor are kept, and in between interpolated (docs/ops-contract.md "RoPE").
 /// </summary>
 public sealed record Llama3RopeScaling(double Factor, double LowFreqFactor, double HighFreqFactor, int OriginalMaxPositionEmbeddings);
 

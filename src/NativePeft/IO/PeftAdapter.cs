@@ -20,7 +20,7 @@ public sealed record PeftLoraModule(int Layer, string Target, int Rank, int InFe
 /// <summary>
 /// A LoRA adapter in Hugging Face PEFT's format: adapter_config.json (<see cref="PeftLoraConfig"/>) and
 /// adapter_model.safetensors with keys <c>base_model.model.&lt;module path&gt;.lora_A.weight</c> [r, in] and
-/// <c>….lora_B.weight</c> [out, r] (formats.md), so <c>PeftModel.from_pretrained</c> loads ours and we load theirs.
+/// <c>….lora_B.weight</c> [out, r] (docs/formats.md "PEFT LoRA adapters"), so <c>PeftModel.from_pretrained</c> loads ours and we load theirs.
 /// Tensors are held on the host in fp32 (PEFT saves in the adapter's dtype; BF16/F16 files are widened exactly).
 /// </summary>
 public sealed class PeftAdapter

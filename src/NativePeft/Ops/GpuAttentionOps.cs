@@ -6,7 +6,7 @@ namespace NativePeft.Ops;
 
 /// <summary>
 /// Causal grouped-query attention on an <see cref="IGpu"/> (the real device or the emulator): launches the kernels of
-/// kernels/attention.cu. Semantics: notes/ops-contract.md "Causal attention"; the CPU reference is
+/// kernels/attention.cu. Semantics: docs/ops-contract.md "Causal attention"; the CPU reference is
 /// <see cref="Reference.AttentionRef"/>.
 /// <para>
 /// Layouts (row-major): q, output, dout, dq [B, T, Hq, D]; k, v, dk, dv [B, T, Hkv, D]; lse [B, Hq, T] fp32 (the

@@ -6,7 +6,7 @@ namespace NativePeft.Ops;
 
 /// <summary>
 /// Cross-entropy over a vocabulary processed in chunks (kernels/cross_entropy.cu) on an <see cref="IGpu"/>, the
-/// device half of the fused LM-head loss of notes/ops-contract.md; the CPU reference is
+/// device half of the fused LM-head loss of docs/ops-contract.md "Cross-entropy"; the CPU reference is
 /// <see cref="Reference.CrossEntropyRef"/>.
 /// <para>
 /// The caller owns the GEMMs. Forward: <see cref="Init"/>, then for v0 = 0, chunk, 2·chunk, … (increasing, covering

@@ -7,7 +7,7 @@ namespace NativePeft.Ops;
 
 /// <summary>
 /// The 4-bit quantization ops of GpuOps: launches the kernels of kernels/nf4.cu on an <see cref="IGpu"/>
-/// (the real device or the emulator). Semantics: notes/quant-contract.md, bit-compatible with bitsandbytes
+/// (the real device or the emulator). Semantics: docs/quant-contract.md, bit-compatible with bitsandbytes
 /// and with the CPU reference in <see cref="NativePeft.Quantization"/>.
 /// <para>
 /// The device-pointer methods only launch (no synchronization, no copies); the host-array overloads copy in,

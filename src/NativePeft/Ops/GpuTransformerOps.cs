@@ -6,7 +6,7 @@ namespace NativePeft.Ops;
 
 /// <summary>
 /// The elementwise and row-wise transformer ops of GpuOps: launches kernels/rmsnorm.cu, rope.cu, swiglu.cu and
-/// embedding.cu on an <see cref="IGpu"/> (the real device or the emulator). Semantics: notes/ops-contract.md;
+/// embedding.cu on an <see cref="IGpu"/> (the real device or the emulator). Semantics: docs/ops-contract.md;
 /// the CPU references are NativePeft.Ops.Reference.{RmsNormRef, RopeRef, SwiGluRef, EmbeddingRef}.
 /// <para>
 /// Element types: activations and weights in <see cref="DType.F32"/> or <see cref="DType.BF16"/> (one dtype per

@@ -3,7 +3,7 @@ using NativePeft.Quantization;
 namespace NativePeft.Ops;
 
 /// <summary>
-/// The op set the modules call (DESIGN.md). Two implementations: <see cref="CpuOps"/> (the C# references over host
+/// The op set the modules call (docs/design.md). Two implementations: <see cref="CpuOps"/> (the C# references over host
 /// memory, fp32, and fp64 for gradient checks) and <see cref="GpuOps"/> (the kernels of kernels/*.cu on an IGpu, with
 /// GEMMs through cuBLAS or, on the emulator, the host BLAS). Every tensor is row-major; an op never allocates the
 /// tensors it writes. Outputs are overwritten unless the parameter says "accumulates" (+=).
@@ -160,7 +160,7 @@ public sealed class QuantizedWeight
 
 /// <summary>
 /// Double-quantized absmax on the device, bitsandbytes' names: absmax[b] = nested_quant_map[Absmax[b]] ·
-/// NestedAbsmax[b / 256] + NestedOffset (fp32 multiply, then add; formats.md).
+/// NestedAbsmax[b / 256] + NestedOffset (fp32 multiply, then add; docs/quant-contract.md).
 /// </summary>
 public sealed class DoubleQuantAbsmax
 {

@@ -36,7 +36,7 @@ public sealed record CheckpointQuantizeResult(IReadOnlyList<TensorQuantizeReport
 
 /// <summary>
 /// Quantizes every 2-D linear weight of a safetensors checkpoint to 4 bits and writes it in the bitsandbytes
-/// layout (formats.md), the other tensors unchanged. On the CPU reference or, given <see cref="GpuQuantOps"/>,
+/// layout (docs/quant-contract.md), the other tensors unchanged. On the CPU reference or, given <see cref="GpuQuantOps"/>,
 /// with the kernels of kernels/nf4.cu. The output is written atomically: on any error nothing is at the path.
 /// </summary>
 public static class CheckpointQuantizer

@@ -1,7 +1,7 @@
 namespace NativePeft.Quantization;
 
 /// <summary>
-/// The NF4 and FP4 code tables and quantization thresholds (fp32 literals from bitsandbytes, see formats.md).
+/// The NF4 and FP4 code tables and quantization thresholds (fp32 literals from bitsandbytes, see docs/quant-contract.md).
 /// </summary>
 public static class FourBitCode
 {

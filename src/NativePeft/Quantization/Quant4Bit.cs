@@ -8,7 +8,7 @@ namespace NativePeft.Quantization;
 
 /// <summary>
 /// Blockwise NF4/FP4 quantization on the CPU: the reference the CUDA kernels must match bit for bit
-/// (/work/notes/quant-contract.md). Layout as bitsandbytes: blocks of <c>blocksize</c> consecutive elements of the
+/// (docs/quant-contract.md). Layout as bitsandbytes: blocks of <c>blocksize</c> consecutive elements of the
 /// flattened tensor, one fp32 absmax per block, two 4-bit codes per byte with element 2j in the HIGH nibble.
 /// <para>Span overloads run on the calling thread; Memory overloads split large tensors over threads (chunks of
 /// whole blocks; the result is identical).</para>

@@ -49,7 +49,7 @@ public class CliTests
         foreach (var lin in Linear)
         {
             var prefix = $"model.layers.0.{lin}.";
-            // formats.md: the bitsandbytes keys of a double-quantized NF4 weight
+            // docs/quant-contract.md: the bitsandbytes keys of a double-quantized NF4 weight
             foreach (var key in new[] { "weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4" })
                 Assert.That(after.Contains(prefix + key), Is.True, prefix + key);
             var info = before.GetInfo(prefix + "weight");
@@ -148,7 +148,7 @@ public class CliTests
         {
             ["truncated"] = File.ReadAllBytes(model)[..5000],
             ["too-short"] = [1, 2, 3],
-            // A header whose offsets point past the data (formats.md: end exclusive, relative to the buffer).
+            // A header whose offsets point past the data (docs/formats.md: end exclusive, relative to the buffer).
             ["lying-offsets"] = File8("""{"w.weight":{"dtype":"F32","shape":[2,2],"data_offsets":[0,64]}}""", new byte[16]),
             ["unsupported-dtype"] = File8("""{"w.weight":{"dtype":"Q7","shape":[2,2],"data_offsets":[0,16]}}""", new byte[16]),
             ["not-json"] = File8("""{"w.weight":""", new byte[16]),
@@ -186,11 +186,11 @@ public class CliTests
     }
 }
 
-/// <summary>`nativepeft dequantize` against formats.md's decode rule, computed here from the raw file bytes.</summary>
+/// <summary>`nativepeft dequantize` against docs/quant-contract.md's decode rule, computed here from the raw file bytes.</summary>
 [Parallelizable(ParallelScope.None)]
 public class DequantizeCliTests
 {
-    // formats.md, NF4 code, index 0..15
+    // docs/quant-contract.md, NF4 code, index 0..15
     private static readonly float[] Nf4 =
     [
         -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
@@ -225,7 +225,7 @@ public class DequantizeCliTests
         Assert.That(bf.GetInfo(w).Shape, Is.EqualTo(mf.GetInfo(w).Shape));
         for (int i = 0; i < restored.Length; i++)
         {
-            int nibble = (i & 1) == 0 ? packed[i / 2] >> 4 : packed[i / 2] & 15; // formats.md: element 2j in the high nibble
+            int nibble = (i & 1) == 0 ? packed[i / 2] >> 4 : packed[i / 2] & 15; // docs/quant-contract.md: element 2j in the high nibble
             Assert.That(restored[i], Is.EqualTo(Nf4[nibble] * absmax[i / 32]), $"element {i}");
         }
         Assert.That(bf.GetBytes("model.norm.weight").SequenceEqual(mf.GetBytes("model.norm.weight")), Is.True);

@@ -32,7 +32,7 @@ public class CompareCliTests
         long linear = L * proj.Sum(p => p.In * p.Out);
         long other = V * H /* embed_tokens */ + V * H /* lm_head */ + L * 2 * H /* two norms */ + H /* final norm */;
         long loraR1 = proj.Sum(p => p.In + p.Out); // A is [r, in], B is [out, r]
-        // QLoRA's device bytes per projection of n weights (formats.md, bitsandbytes' double quant at blocksize 64): the
+        // QLoRA's device bytes per projection of n weights (docs/quant-contract.md, bitsandbytes' double quant at blocksize 64): the
         // packed codes n/2, one U8 absmax code per block of 64, an fp32 nested absmax per 256 blocks, the fp32 256-entry
         // nested code and the fp32 offset.
         long qlora = L * proj.Sum(p =>

@@ -64,7 +64,7 @@ public class CudaBindingTests
         Assert.That(reason, Does.StartWith("no CUDA device").Or.StartWith("CUDA driver library"));
     }
 
-    // Values and names from formats.md ("Results: SUCCESS 0, INVALID_VALUE 1, ...").
+    // Values and names from docs/formats.md ("Results: SUCCESS 0, INVALID_VALUE 1, ...").
     [TestCase(0, "CUDA_SUCCESS")]
     [TestCase(1, "CUDA_ERROR_INVALID_VALUE")]
     [TestCase(2, "CUDA_ERROR_OUT_OF_MEMORY")]

@@ -9,7 +9,7 @@ using static NativePeft.Tests.Modules.ModelTestKit;
 
 namespace NativePeft.Tests.IO;
 
-/// <summary>PEFT adapter folders: the exact files of formats.md, round trips, and clear errors.</summary>
+/// <summary>PEFT adapter folders: the exact files of docs/formats.md, round trips, and clear errors.</summary>
 public class PeftAdapterTests
 {
     private string _root = "";
@@ -67,7 +67,7 @@ public class PeftAdapterTests
         Assert.That(Directory.GetFiles(dir).Select(Path.GetFileName), Is.EquivalentTo(new[] { "adapter_config.json", "adapter_model.safetensors" }));
         using var file = SafetensorsFile.Open(Path.Combine(dir, "adapter_model.safetensors"));
         Assert.That(file.Metadata, Is.EqualTo(new Dictionary<string, string> { ["format"] = "pt" }));
-        // formats.md: base_model.model.<module path>.lora_A.weight [r, in], .lora_B.weight [out, r]. Tiny: hidden 8,
+        // docs/formats.md: base_model.model.<module path>.lora_A.weight [r, in], .lora_B.weight [out, r]. Tiny: hidden 8,
         // q out 2·4 = 8, v out 1·4 = 4, intermediate 12.
         var expected = new Dictionary<string, long[]>();
         for (int l = 0; l < 2; l++)

@@ -16,7 +16,7 @@ public class SafetensorsLargeTests
         try
         {
             var path = Path.Combine(dir, "big.safetensors");
-            // formats.md: u64 header length, the JSON header, then the data (a sparse file: nothing is written to disk).
+            // docs/formats.md: u64 header length, the JSON header, then the data (a sparse file: nothing is written to disk).
             var header = Encoding.UTF8.GetBytes($"{{\"w\":{{\"dtype\":\"BF16\",\"shape\":[{elements}],\"data_offsets\":[0,{elements * 2}]}}}}");
             using (var f = File.Create(path))
             {

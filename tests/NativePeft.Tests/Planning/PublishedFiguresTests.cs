@@ -5,7 +5,7 @@ using NUnit.Framework;
 namespace NativePeft.Tests.Planning;
 
 /// <summary>
-/// The plan against the published figures (issue 5 and ../shared/reference/lora-vs-qlora.txt), all with
+/// The plan against the published figures (issue 5 and the article "LoRA vs QLoRA: Which Fine-Tuning Method Saves More VRAM?"), all with
 /// <see cref="PlanOptions.Published"/>: BF16 compute on a GPU, r=16 on all seven projections, batch 1, sequence 2048,
 /// gradient checkpointing, AdamW. Units: a figure derived from a parameter count ("70B in bf16 needs ~140 GB") is in
 /// GB = 10⁹ bytes; a "minimum VRAM" figure names a card size, and cards are sized in GiB (a "16 GB" card holds

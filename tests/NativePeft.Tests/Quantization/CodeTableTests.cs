@@ -5,7 +5,7 @@ namespace NativePeft.Tests.Quantization;
 
 public class CodeTableTests
 {
-    // formats.md, "NF4 and FP4", copied as double literals.
+    // docs/quant-contract.md, "NF4 and FP4", copied as double literals.
     private static readonly double[] Nf4Doc =
     [
         -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

@@ -14,7 +14,7 @@ namespace NativePeft.Tests.Quantization;
 /// (CpuOps: decoded per call; GpuOps: kernel dequantize_4bit_dq) must be bit-identical to dequantizing with the absmax
 /// decoded first (<see cref="DoubleQuantState.Decode()"/>, then the C# reference <see cref="Quant4Bit.Dequantize(ReadOnlySpan{byte}, ReadOnlySpan{float}, Span{float}, QuantType, int)"/>),
 /// for the whole weight and for a row range past the first nested block of 256; the loader keeps the state; the
-/// plan's quantization-state row is the formats.md layout, computed here by hand.
+/// plan's quantization-state row is the docs/quant-contract.md layout, computed here by hand.
 /// </summary>
 [TestFixture("cpu")]
 [TestFixture("emulator")]
@@ -148,7 +148,7 @@ public class DoubleQuantDequantizeTests(string device)
         };
         var options = new PlanOptions { Method = FineTuneMethod.Qlora, Batch = 1, Seq = 8, Rank = 4, Device = device == "cpu" ? PlanDevice.Cpu : PlanDevice.Gpu };
         var plan = MemoryPlan.Compute(config, options);
-        // formats.md per projection: 1 byte per block of 64 + fp32 per 256 blocks + the fp32 256-entry map + the fp32 offset.
+        // docs/quant-contract.md per projection: 1 byte per block of 64 + fp32 per 256 blocks + the fp32 256-entry map + the fp32 offset.
         // q, o [64, 64]: 64 blocks -> 64 + 4 + 1024 + 4 = 1096; k, v [32, 64]: 32 blocks -> 1064;
         // gate, up [128, 64] and down [64, 128]: 128 blocks -> 1160. Two layers.
         const long byHand = 2 * (2 * 1096 + 2 * 1064 + 3 * 1160);
@@ -177,7 +177,7 @@ public class DoubleQuantDequantizeTests(string device)
         // q, k, v, o [4096, 4096]: 262144 blocks of 64 -> 262144 + 4·1024 + 1024 + 4 = 267268 bytes;
         // gate, up, down 4096·11008: 704512 blocks -> 704512 + 4·2752 + 1028 = 716548; 32 layers.
         Assert.That(plan.QuantizationStateBytes, Is.EqualTo(32L * (4 * 267268 + 3 * 716548)));
-        // ≈ 0.127 bits per projection parameter (formats.md: 8/64 + 32/(64·256), plus the per-tensor map).
+        // ≈ 0.127 bits per projection parameter (docs/quant-contract.md: 8/64 + 32/(64·256), plus the per-tensor map).
         double parameters = 32.0 * (4 * 4096.0 * 4096 + 3 * 4096.0 * 11008);
         Assert.That(plan.QuantizationStateBytes * 8 / parameters, Is.EqualTo(8.0 / 64 + 32.0 / (64 * 256)).Within(0.001));
     }

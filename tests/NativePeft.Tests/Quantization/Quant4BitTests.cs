@@ -24,7 +24,7 @@ public class Quant4BitTests
     }
 
     /// <summary>
-    /// absmax = 2 → v = x * 0.5 exactly. t7 = 0.03979014977812767f, t0 = -0.8480964004993439f (formats.md thresholds):
+    /// absmax = 2 → v = x * 0.5 exactly. t7 = 0.03979014977812767f, t0 = -0.8480964004993439f (docs/quant-contract.md thresholds):
     /// x = 2.0 → v 1 → 15 thresholds below → 15;   x = -2 → 0;   x = 0 → 7 thresholds below 0 → 7;
     /// x = 2·t7 → v = t7, not &gt; t7 → 7;   x = 2·next(t7) → 8;   x = 2·t0 → 0;   x = 2·next(t0) → 1;
     /// x = 1 → v 0.5: t0..t11 &lt; 0.5 &lt; t12 (0.50166) → 12;   x = -0.5 → v -0.25: t0..t3 &lt; -0.25 &lt; t4 (-0.2346) → 4;

@@ -17,7 +17,7 @@ public class RopeTests
     [Test]
     public void Llama3ScalingInEachRegime()
     {
-        // Llama 3.1: D 128, theta 500000, factor 8, low 1, high 4, original 8192 (formats.md).
+        // Llama 3.1: D 128, theta 500000, factor 8, low 1, high 4, original 8192 (docs/ops-contract.md "RoPE").
         // wavelen = 2π·500000^(2i/128): < 8192/4 = 2048 for i ≤ 28 (high frequency: unchanged),
         // > 8192/1 for i ≥ 35 (low frequency: inv_freq/8), in between for i = 29..34 (smoothed).
         double[] scaled = RopeRef.InverseFrequencies(128, 500000, RopeScaling.Llama31);

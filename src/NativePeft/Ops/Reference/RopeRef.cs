@@ -4,7 +4,7 @@ using static NativePeft.Ops.Reference.RefChecks;
 namespace NativePeft.Ops.Reference;
 
 /// <summary>
-/// Llama 3 <c>rope_scaling</c> (<c>rope_type: "llama3"</c>): see formats.md "HF Llama checkpoints".
+/// Llama 3 <c>rope_scaling</c> (<c>rope_type: "llama3"</c>): see docs/ops-contract.md "RoPE".
 /// </summary>
 /// <param name="Factor">factor (8 for Llama 3.1)</param>
 /// <param name="LowFreqFactor">low_freq_factor (1)</param>
