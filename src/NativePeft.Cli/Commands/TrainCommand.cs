@@ -77,7 +77,7 @@ public static class TrainCommand
         return cmd;
     }
 
-    /// <summary>--embedding auto|host|device: where the frozen embedding table lives (train, estimate).</summary>
+    /// <summary>--embedding auto|host|device: where the frozen embedding table lives (train, estimate, bench --model).</summary>
     internal static Option<string> EmbeddingOption()
     {
         var option = new Option<string>("--embedding")
