@@ -78,3 +78,28 @@ __device__ __forceinline__ void store8(__half* p, const float (&f)[8])
 }
 
 }  // namespace npvec
+
+// --- Philox-4x32-10 (Salmon et al., SC'11; Random123) -----------------------------------------
+// The counter-based generator of every dropout mask (elementwise.cu's dropout_mask, lora.cu's in-register masks;
+// C# twins: CpuOps.DropoutMask, GpuElementwiseOps.DropoutMaskHost): the four words for counter (block lo, block hi,
+// 0, 0) and key (seed lo, seed hi). Element e of a tensor is kept when word e & 3 of block e >> 2 is >= the threshold.
+namespace nprng {
+
+__device__ __forceinline__ void philox4x32_10(unsigned long long block, unsigned long long seed, unsigned int (&w)[4])
+{
+    const unsigned int M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+    unsigned int k0 = (unsigned int)seed, k1 = (unsigned int)(seed >> 32);
+    unsigned int x0 = (unsigned int)block, x1 = (unsigned int)(block >> 32), x2 = 0u, x3 = 0u;
+    NP_UNROLL
+    for (int round = 0; round < 10; round++)
+    {
+        if (round > 0) { k0 += W0; k1 += W1; }
+        const unsigned int hi0 = __umulhi(M0, x0), lo0 = M0 * x0;
+        const unsigned int hi1 = __umulhi(M1, x2), lo1 = M1 * x2;
+        const unsigned int y0 = hi1 ^ x1 ^ k0, y2 = hi0 ^ x3 ^ k1;
+        x0 = y0; x1 = lo1; x2 = y2; x3 = lo0;
+    }
+    w[0] = x0; w[1] = x1; w[2] = x2; w[3] = x3;
+}
+
+}  // namespace nprng

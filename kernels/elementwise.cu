@@ -35,21 +35,13 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 __device__ __forceinline__ long long first_index() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ long long grid_stride() { return (long long)gridDim.x * blockDim.x; }
 
-// Philox-4x32-10: returns word `lane` (0..3) of the output block for counter (c0, c1, 0, 0) and key (k0, k1).
+// Philox-4x32-10 (common.cuh): word `lane` (0..3) of the output block for counter (c0, c1, 0, 0) and key (k0, k1).
 __device__ __forceinline__ unsigned int philox4x32_10_word(unsigned int c0, unsigned int c1, unsigned int k0,
                                                            unsigned int k1, int lane)
 {
-    const unsigned int M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
-    unsigned int x0 = c0, x1 = c1, x2 = 0u, x3 = 0u;
-    for (int round = 0; round < 10; round++)
-    {
-        if (round > 0) { k0 += W0; k1 += W1; }
-        const unsigned int hi0 = __umulhi(M0, x0), lo0 = M0 * x0;
-        const unsigned int hi1 = __umulhi(M1, x2), lo1 = M1 * x2;
-        const unsigned int y0 = hi1 ^ x1 ^ k0, y2 = hi0 ^ x3 ^ k1;
-        x0 = y0; x1 = lo1; x2 = y2; x3 = lo0;
-    }
-    return lane == 0 ? x0 : lane == 1 ? x1 : lane == 2 ? x2 : x3;
+    unsigned int w[4];
+    nprng::philox4x32_10(((unsigned long long)c1 << 32) | c0, ((unsigned long long)k1 << 32) | k0, w);
+    return lane == 0 ? w[0] : lane == 1 ? w[1] : lane == 2 ? w[2] : w[3];
 }
 
 template <typename T>

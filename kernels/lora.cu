@@ -65,23 +65,10 @@ __device__ __forceinline__ T sel(int g, T v0, T v1, T v2) { return g == 0 ? v0 :
 // The adapter of padded rank group j.
 __device__ __forceinline__ int adapter_of(int j, int gr0, int gr1) { return j < gr0 ? 0 : j < gr0 + gr1 ? 1 : 2; }
 
-// Philox-4x32-10 of counter (block lo, block hi, 0, 0) and key (seed lo, seed hi): the four words (elementwise.cu's
-// philox4x32_10_word computes the same rounds and returns one of them).
+// Philox-4x32-10 of counter (block lo, block hi, 0, 0) and key (seed lo, seed hi): the four words (common.cuh).
 __device__ __forceinline__ void philox4(unsigned long long block, unsigned long long seed, unsigned int (&w)[4])
 {
-    const unsigned int M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
-    unsigned int k0 = (unsigned int)seed, k1 = (unsigned int)(seed >> 32);
-    unsigned int x0 = (unsigned int)block, x1 = (unsigned int)(block >> 32), x2 = 0u, x3 = 0u;
-NP_UNROLL
-    for (int round = 0; round < 10; round++)
-    {
-        if (round > 0) { k0 += W0; k1 += W1; }
-        const unsigned int hi0 = __umulhi(M0, x0), lo0 = M0 * x0;
-        const unsigned int hi1 = __umulhi(M1, x2), lo1 = M1 * x2;
-        const unsigned int y0 = hi1 ^ x1 ^ k0, y2 = hi0 ^ x3 ^ k1;
-        x0 = y0; x1 = lo1; x2 = y2; x3 = lo0;
-    }
-    w[0] = x0; w[1] = x1; w[2] = x2; w[3] = x3;
+    nprng::philox4x32_10(block, seed, w);
 }
 
 __device__ __forceinline__ float bf16_lo(uint32_t v) { return __uint_as_float(v << 16); }
