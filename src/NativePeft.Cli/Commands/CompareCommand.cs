@@ -185,16 +185,12 @@ public static class CompareCommand
             stdout.WriteLine($"base model: {EvalText(ev)}");
         }
 
-        // ---- the runs; the output folder is removed again when one fails
+        // ---- the runs; the output folder is removed again when one fails. Interrupted (Ctrl-C) after a method finished:
+        // the unfinished method's folder goes, the finished ones stay with a report of them.
         Directory.CreateDirectory(outDir);
-        try
+        var results = new List<MethodResult>();
+        void WriteReport()
         {
-            var results = new List<MethodResult>();
-            foreach (var m in methods)
-            {
-                cancel.ThrowIfCancellationRequested();
-                results.Add(RunMethod(common, m, a, outDir, stdout, cancel));
-            }
             var reference = results.FirstOrDefault(r => r.Method == "lora") ?? results[0];
             foreach (var r in results) r.RelativeSpeed = reference.TokensPerSecond > 0 ? r.TokensPerSecond / reference.TokensPerSecond : null;
 
@@ -211,7 +207,31 @@ public static class CompareCommand
             stdout.WriteLine($"report:  {Path.Combine(outDir, ReportFileName)}");
             stdout.WriteLine($"metrics: {Path.Combine(outDir, MetricsFileName)}");
             stdout.WriteLine($"plot:    {Path.Combine(outDir, PlotFileName)}");
+        }
+        FineTuneMethod? running = null;
+        try
+        {
+            foreach (var m in methods)
+            {
+                cancel.ThrowIfCancellationRequested();
+                running = m;
+                results.Add(RunMethod(common, m, a, outDir, stdout, cancel));
+                running = null;
+            }
+            WriteReport();
             return 0;
+        }
+        catch (OperationCanceledException e) when (results.Count > 0)
+        {
+            string unfinished = running is { } u ? Label(u) : "the next method";
+            if (running is { } r)
+                try { Directory.Delete(Path.Combine(outDir, Name(r)), recursive: true); }
+                catch (DirectoryNotFoundException) { }
+            stdout.WriteLine($"compare: interrupted during {unfinished}; the report below covers the finished method(s): " +
+                string.Join(", ", results.Select(x => Label(x.Method))));
+            WriteReport();
+            throw new CliException($"compare: interrupted during {unfinished}; kept the report of {string.Join(", ", results.Select(x => Label(x.Method)))} in {outDir}",
+                TrainCommand.ExitInterrupted, e);
         }
         catch (Exception e)
         {

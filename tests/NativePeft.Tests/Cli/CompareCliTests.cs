@@ -195,6 +195,36 @@ public class CompareCliTests
         Assert.That(Directory.Exists(dir["out"]), Is.False, "the folder it created is gone");
     }
 
+    /// <summary>A writer that cancels when a line contains <paramref name="trigger"/> (Ctrl-C while that is printed).</summary>
+    private sealed class CancelOnLine(CancellationTokenSource cts, string trigger) : StringWriter
+    {
+        public override void WriteLine(string? value)
+        {
+            base.WriteLine(value);
+            if (value is not null && value.Contains(trigger, StringComparison.Ordinal)) cts.Cancel();
+        }
+    }
+
+    [Test]
+    public void CtrlCAfterAMethodFinishedKeepsItsReport()
+    {
+        // Interrupted during QLoRA's steps: LoRA's folder and a report of LoRA stay, QLoRA's partial folder goes.
+        using var dir = CliProcess.TempDir();
+        using var cts = new CancellationTokenSource();
+        var output = new CancelOnLine(cts, "  QLoRA   step");
+        var e = Assert.Throws<CliException>(() => NativePeft.Cli.Commands.CompareCommand.Run(
+            new NativePeft.Cli.Commands.CompareCommand.Args { Methods = "lora,qlora", Steps = 20, ExactMatchSamples = 2, Out = dir["out"] }, output, cts.Token))!;
+        Assert.That(e.ExitCode, Is.EqualTo(130), e.Message);
+        Assert.That(e.Message, Does.Contain("interrupted during QLoRA").And.Contain("kept the report of LoRA"));
+        Assert.That(Directory.Exists(Path.Combine(dir["out"], "lora", "adapter")), "the finished method's adapter stays");
+        Assert.That(Directory.Exists(Path.Combine(dir["out"], "qlora")), Is.False, "the interrupted method's folder is gone");
+        using var metrics = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir["out"], "metrics.json")));
+        var methods = metrics.RootElement.GetProperty("methods").EnumerateArray().Select(m => m.GetProperty("method").GetString()).ToList();
+        Assert.That(methods, Is.EqualTo(new[] { "lora" }), "the report covers the finished method");
+        Assert.That(File.Exists(Path.Combine(dir["out"], "report.md")));
+        Assert.That(output.ToString(), Does.Contain("the report below covers the finished method(s): LoRA"));
+    }
+
     [Test]
     public void TrainSkipsBadLinesWhenAskedAndNamesTheLineOtherwise()
     {
