@@ -320,3 +320,38 @@ internal static class ComparePlot
         File.Move(temp, path, overwrite: true);
     }
 }
+
+/// <summary>`train`'s loss.png: the training loss per step and the eval loss at each evaluation, as compare's loss panel.</summary>
+internal static class TrainPlot
+{
+    public const int Width = 900, Height = 560;
+
+    /// <summary>Writes the plot (PNG, via a temporary file); nothing when no step has a finite loss.</summary>
+    public static bool Write(string path, IReadOnlyList<NativePeft.Training.StepMetrics> steps, IReadOnlyList<NativePeft.Training.EvalMetrics> evals)
+    {
+        var points = steps.Where(s => double.IsFinite(s.Loss)).ToList();
+        if (points.Count == 0) return false;
+        var plot = new ScottPlot.Plot();
+        var palette = new ScottPlot.Palettes.Category10();
+        var train = plot.Add.ScatterLine(points.Select(s => (double)s.Step).ToArray(), points.Select(s => s.Loss).ToArray(), palette.GetColor(0));
+        train.LegendText = "training loss";
+        train.LineWidth = 2;
+        var ev = evals.Where(e => double.IsFinite(e.Loss)).ToList();
+        if (ev.Count > 0)
+        {
+            var eval = plot.Add.ScatterPoints(ev.Select(e => (double)e.Step).ToArray(), ev.Select(e => e.Loss).ToArray(), palette.GetColor(1));
+            eval.LegendText = "eval loss";
+            eval.MarkerSize = 9;
+        }
+        double top = points.Select(s => s.Loss).Concat(ev.Select(e => e.Loss)).Max();
+        plot.Axes.SetLimitsY(0, Math.Max(0.1, top * 1.05));
+        plot.Title("train: loss");
+        plot.XLabel("step");
+        plot.YLabel("loss");
+        plot.ShowLegend(ScottPlot.Alignment.UpperRight);
+        string temp = path + ".tmp";
+        File.WriteAllBytes(temp, plot.GetImageBytes(Width, Height, ScottPlot.ImageFormat.Png));
+        File.Move(temp, path, overwrite: true);
+        return true;
+    }
+}

@@ -109,6 +109,9 @@ public static class TrainCommand
         parse.GetResult(model)?.Tokens.FirstOrDefault()?.Value == BuiltinModel.Name ? BuiltinModel.Directory : parse.GetValue(model)!.FullName;
 
     /// <summary>The parsed options.</summary>
+    /// <summary>The loss plot train writes next to metrics.json (the training loss per step, the eval loss points).</summary>
+    public const string PlotFileName = "loss.png";
+
     public sealed record Args(string Model, string Data, string? EvalData, string Method, int Rank, double Alpha, double Dropout,
         string Targets, bool RsLora, double Lr, string Schedule, int Warmup, int? Steps, double? Epochs, int Batch, int GradAccum,
         int Seq, int Seed, string Optim, double MaxGradNorm, int EvalEvery, int EvalBatches, int SaveEvery, string? Resume,
@@ -231,6 +234,8 @@ public static class TrainCommand
         if (result.FinalEval is { } ev && ev.Step != lastEvalShown) stdout.WriteLine(EvalLine(ev));
         stdout.WriteLine($"wrote {result.FinalOutput}");
         stdout.WriteLine($"metrics: {result.MetricsPath}");
+        string plot = Path.Combine(Path.GetFullPath(a.Out), PlotFileName);
+        if (TrainPlot.Write(plot, trainer.StepHistory, trainer.EvalHistory)) stdout.WriteLine($"plot:    {plot}");
         if (run.Pool is { } pool) stdout.WriteLine(pool.Describe());
         return 0;
     }

@@ -111,6 +111,14 @@ public class TrainCliTests
         var eval = doc.RootElement.GetProperty("eval").EnumerateArray().Single();
         Assert.That(eval.GetProperty("exact_match").GetDouble(), Is.InRange(0, 1));
         Assert.That(doc.RootElement.GetProperty("config").GetProperty("data").GetString(), Is.EqualTo("builtin"));
+
+        // the loss plot, as compare writes one: a PNG of the plot's size, named on the output
+        string plot = Path.Combine(dir["b"], "loss.png");
+        Assert.That(b.Stdout, Does.Contain("plot:    " + plot));
+        byte[] png = File.ReadAllBytes(plot);
+        Assert.That(png[..8], Is.EqualTo(new byte[] { 0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A }), "PNG signature");
+        int width = (png[16] << 24) | (png[17] << 16) | (png[18] << 8) | png[19], height = (png[20] << 24) | (png[21] << 16) | (png[22] << 8) | png[23];
+        Assert.That((width, height), Is.EqualTo((900, 560)), "the IHDR size");
     }
 
     [Test]
