@@ -202,7 +202,7 @@ cmd_pack() {
   rm -f "$ROOT"/dist/NativePeft.*.nupkg
   local proj
   for proj in src/NativePeft/NativePeft.csproj src/NativePeft.Cli/NativePeft.Cli.csproj; do
-    dotnet pack "$ROOT/$proj" -c "$CONFIG" --no-build -o "$ROOT/dist" -nologo -v quiet >&2 || die "dotnet pack of $proj failed"
+    dotnet pack "$ROOT/$proj" -c "$CONFIG" --no-build -o "$ROOT/dist" -nologo -v quiet -clp:ErrorsOnly -clp:NoSummary >&2 || die "dotnet pack of $proj failed"
   done
   ls "$KERNEL_OUT"/*.ptx >/dev/null 2>&1 || log "the packages carry no PTX or fatbin: ${NVCC_SKIP_REASON:-nvcc made none} (CPU and emulator only)"
   local f
