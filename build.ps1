@@ -1,5 +1,5 @@
 # NativePeft build script (Windows). The same commands as build.sh:
-#   .\build.ps1 run | test | build | gpu-bundle
+#   .\build.ps1 run | test | build | pack | gpu-bundle
 # Needs the .NET 10 SDK, CMake with a C++ compiler (Visual Studio Build Tools), and for the PTX the CUDA
 # toolkit (nvcc on PATH or CUDA_PATH set; the driver's nvcuda.dll is used at run time). Without nvcc the
 # CPU and emulator paths still build, and one line says what was skipped.
@@ -65,6 +65,16 @@ switch ($Command) {
     Cli demo-checkpoint --out (Join-Path $out "demo-model.safetensors")
     Cli quantize --in (Join-Path $out "demo-model.safetensors") --out (Join-Path $out "demo-model-nf4.safetensors") --quant-type nf4 --blocksize 64 --double-quant
   }
+  "pack" {
+    Build-All
+    $dist = Join-Path $Root "dist"
+    New-Item -ItemType Directory -Force $dist | Out-Null
+    Remove-Item -Force (Join-Path $dist "NativePeft.*.nupkg") -ErrorAction SilentlyContinue
+    foreach ($proj in @("src/NativePeft/NativePeft.csproj", "src/NativePeft.Cli/NativePeft.Cli.csproj")) {
+      dotnet pack (Join-Path $Root $proj) -c $Config --no-build -o $dist -nologo -v quiet; if ($LASTEXITCODE) { Die "dotnet pack of $proj failed" }
+    }
+    Get-ChildItem $dist -Filter "NativePeft.*.nupkg" | ForEach-Object { Log "package: dist/$($_.Name)" }
+  }
   "gpu-bundle" {
     Build-All
     $stage = Join-Path $Root "build/bundle/nativepeft-gpu"
@@ -74,5 +84,5 @@ switch ($Command) {
     New-Item -ItemType Directory -Force (Join-Path $Root "dist") | Out-Null
     Compress-Archive -Force -Path $stage -DestinationPath (Join-Path $Root "dist/nativepeft-gpu-win-x64.zip")
   }
-  default { Write-Host "usage: .\build.ps1 run | test | build | gpu-bundle"; exit 2 }
+  default { Write-Host "usage: .\build.ps1 run | test | build | pack | gpu-bundle"; exit 2 }
 }

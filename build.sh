@@ -4,6 +4,8 @@
 #   ./build.sh run         set up, build, and run the main job (ends with `nativepeft compare`: the measured table, out/compare/)
 #   ./build.sh test        set up, build, and run every test; ends with "N passed, N failed, N skipped"
 #   ./build.sh build       set up and build (kernels + solution) only
+#   ./build.sh pack        the NuGet packages in dist/: NativePeft (the library, its XML docs, the kernels, the built-in
+#                          model) and NativePeft.Cli (the `nativepeft` .NET tool); docs/packaging.md
 #   ./build.sh gpu-bundle  self-contained linux-x64 bundle (CLI + tests + PTX/fatbin + gpu-check) in dist/
 #   ./build.sh gpu-check   run the CUDA tests and benchmarks from an unpacked bundle (no .NET SDK needed), each section
 #                          under its own time limit, 8 minutes in all, ending with a summary (--dry-run: the plan)
@@ -192,6 +194,20 @@ cmd_run() {
   # the built-in task from one seed, measured (docs/compare.md). A previous run's report is replaced.
   rm -rf "$ROOT/out/compare"
   cli compare --out "$ROOT/out/compare" "$@"
+}
+
+# The two packages, from the build just made (docs/packaging.md). A package made without nvcc has no PTX or fatbin.
+cmd_pack() {
+  build_all
+  mkdir -p "$ROOT/dist"
+  rm -f "$ROOT"/dist/NativePeft.*.nupkg
+  local proj
+  for proj in src/NativePeft/NativePeft.csproj src/NativePeft.Cli/NativePeft.Cli.csproj; do
+    dotnet pack "$ROOT/$proj" -c "$CONFIG" --no-build -o "$ROOT/dist" -nologo -v quiet -clp:ErrorsOnly -clp:NoSummary >&2 || die "dotnet pack of $proj failed"
+  done
+  ls "$KERNEL_OUT"/*.ptx >/dev/null 2>&1 || log "the packages carry no PTX or fatbin: ${NVCC_SKIP_REASON:-nvcc made none} (CPU and emulator only)"
+  local f
+  for f in "$ROOT"/dist/NativePeft.*.nupkg; do log "package: dist/$(basename "$f") ($(( $(stat -c %s "$f") / 1024 / 1024 )) MiB)"; done
 }
 
 cmd_gpu_bundle() {
@@ -655,9 +671,10 @@ case "${1:-}" in
   run) shift; cmd_run "$@" ;;
   test) shift; cmd_test "$@" ;;
   build) shift; build_all ;;
+  pack) shift; cmd_pack ;;
   gpu-bundle) shift; cmd_gpu_bundle ;;
   gpu-check) shift; ROOT="$PWD"; cmd_gpu_check "$@" ;;
   gpu-check-selftest) shift; cmd_gpu_check_selftest ;;
   gpu-profile) shift; ROOT="$PWD"; cmd_gpu_profile "$@" ;;
-  *) echo "usage: ./build.sh run | test | build | gpu-bundle | gpu-check [--dry-run] [--only s1,s2] | gpu-check-selftest | gpu-profile [--dry-run]" >&2; exit 2 ;;
+  *) echo "usage: ./build.sh run | test | build | pack | gpu-bundle | gpu-check [--dry-run] [--only s1,s2] | gpu-check-selftest | gpu-profile [--dry-run]" >&2; exit 2 ;;
 esac

@@ -30,12 +30,12 @@ public static class ConfigFile
     public sealed record Entry(string Key, IReadOnlyList<string> Values, bool IsList, int Line);
 
     /// <summary>
-    /// Adds the (help-only) recursive --config option to <paramref name="root"/> and returns <paramref name="args"/> with
+    /// Adds the (help-only) recursive --config option to <paramref name="root"/> (the top command) and returns <paramref name="args"/> with
     /// <c>--config FILE</c> (or <c>--config=FILE</c>) replaced by the file's options. Without --config, returns
     /// <paramref name="args"/> unchanged.
     /// </summary>
     /// <exception cref="CliException">A bad file or key (exit code 2).</exception>
-    public static string[] Expand(RootCommand root, string[] args)
+    public static string[] Expand(Command root, string[] args)
     {
         ArgumentNullException.ThrowIfNull(root);
         ArgumentNullException.ThrowIfNull(args);
@@ -116,7 +116,7 @@ public static class ConfigFile
     {
         var names = new List<string>();
         for (var r = parsed.CommandResult; r is not null; r = r.Parent as System.CommandLine.Parsing.CommandResult)
-            names.Add(r.Command is RootCommand ? "nativepeft" : r.Command.Name);
+            names.Add(r.Parent is null && r.Command is RootCommand ? Program.Name : r.Command.Name);
         names.Reverse();
         return string.Join(' ', names);
     }

@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.CommandLine.Help;
 using System.Text.RegularExpressions;
 using NativePeft.Cli.Commands;
 using NativePeft.Runtime;
@@ -7,13 +8,19 @@ namespace NativePeft.Cli;
 
 public static class Program
 {
+    /// <summary>The command's name in --help and messages: the installed tool's command (ToolCommandName), whatever the assembly is called.</summary>
+    public const string Name = "nativepeft";
+
     public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
 
     /// <summary>Runs the CLI with the given writers (the end-to-end tests call this in-process).</summary>
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
     {
-        var root = new RootCommand("nativepeft: LoRA and QLoRA fine-tuning with native CUDA kernels, measured.")
+        var root = new Command(Name, "nativepeft: LoRA and QLoRA fine-tuning with native CUDA kernels, measured.")
         {
+            // what RootCommand adds; a RootCommand would name itself after the entry assembly (NativePeft.Cli) in --help
+            new HelpOption(),
+            new VersionOption(),
             InfoCommand.Create(stdout),
             QuantizeCommand.Create(stdout),
             DequantizeCommand.Create(stdout),

@@ -15,12 +15,6 @@ public sealed class EmulatorException : Exception
 }
 
 /// <summary>
-/// The GPU emulated on the CPU: memory is host memory (64-byte aligned; a DevicePtr is the host
-/// address) and kernels are the real kernels/*.cu compiled as C++ into libnativepeft_emu, launched by
-/// name. Launches are synchronous. Allocations are tracked against a budget (default: the machine's
-/// physical memory) so memory plans can be checked: <see cref="AllocatedBytes"/>, <see cref="PeakAllocatedBytes"/>.
-/// </summary>
-/// <summary>
 /// The emulator's race-finding checks (kernels/emu/emu_runtime.cpp, <c>emu_set_checks</c>). Each changes a
 /// legal schedule into one that exposes a class of bugs the default schedule hides; none changes the
 /// results of a correct kernel.
@@ -42,6 +36,12 @@ public enum EmulatorChecks
     All = ShuffleThreads | DeferAsyncCopies | StrictCollectives,
 }
 
+/// <summary>
+/// The GPU emulated on the CPU: memory is host memory (64-byte aligned; a DevicePtr is the host
+/// address) and kernels are the real kernels/*.cu compiled as C++ into libnativepeft_emu, launched by
+/// name. Launches are synchronous. Allocations are tracked against a budget (default: the machine's
+/// physical memory) so memory plans can be checked: <see cref="AllocatedBytes"/>, <see cref="PeakAllocatedBytes"/>.
+/// </summary>
 public sealed unsafe class EmulatedGpu : IGpu
 {
     private const int Alignment = 64;

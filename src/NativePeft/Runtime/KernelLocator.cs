@@ -3,7 +3,8 @@ namespace NativePeft.Runtime;
 /// <summary>
 /// Where the built kernels live: the PTX and fatbin files CudaGpu loads and the emulator library
 /// EmulatedGpu loads. NATIVEPEFT_KERNELS overrides; otherwise the kernels/ folder next to the assemblies,
-/// where the build copies build/kernels/.
+/// where the build copies build/kernels/, and where a project referencing the NativePeft package gets the package's
+/// kernels/ on build and publish (its buildTransitive/NativePeft.targets; docs/packaging.md).
 /// </summary>
 public static class KernelLocator
 {

@@ -25,6 +25,25 @@ public class CliTests
         Assert.That(r.Stdout, Does.Contain("NativePeft CPU emulator"), "the emulator library loads from the build output");
     }
 
+    [Test]
+    public void HelpNamesTheProgramNativepeft()
+    {
+        // The executable is NativePeft.Cli (the installed tool's is the assembly too): help and usage say nativepeft.
+        var r = CliProcess.Run("--help");
+        Assert.That(r.ExitCode, Is.EqualTo(0), r.ToString());
+        Assert.That(r.Stdout.ReplaceLineEndings("\n"), Does.Contain("Usage:\n  nativepeft [command] [options]"), r.ToString());
+        Assert.That(r.Stdout, Does.Not.Contain("NativePeft.Cli"), r.ToString());
+        var train = CliProcess.Run("train", "--help");
+        Assert.That(train.Stdout, Does.Contain("nativepeft train [options]").And.Contain("--config"), train.ToString());
+        Assert.That(CliProcess.Run("--version").ExitCode, Is.EqualTo(0));
+        // --config still expands on the renamed root (ConfigFile.Expand): a bad key names the command path
+        using var dir = CliProcess.TempDir();
+        File.WriteAllText(dir["c.yaml"], "no_such_option: 1\n");
+        var bad = CliProcess.Run("estimate", "--config", dir["c.yaml"]);
+        Assert.That(bad.ExitCode, Is.EqualTo(2), bad.ToString());
+        Assert.That(bad.Stderr, Does.Contain("unrecognized option 'no_such_option' for 'nativepeft estimate'"), bad.ToString());
+    }
+
     private static (string Model, TempDir Dir) DemoModel()
     {
         var dir = CliProcess.TempDir();
