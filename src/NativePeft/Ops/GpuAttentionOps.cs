@@ -15,7 +15,7 @@ namespace NativePeft.Ops;
 /// </para>
 /// <para>
 /// Packed sequences: <see cref="Forward(DType, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, int, int, int, int, int, DevicePtr)"/>
-/// and <see cref="Backward(DType, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, int, int, int, int, int, DevicePtr)"/>
+/// and <see cref="O:NativePeft.Ops.GpuAttentionOps.Backward"/>
 /// take an optional positions pointer, I32 [B, T]: each token's position inside its document (0 at a document start,
 /// +1 per token; <see cref="Reference.AttentionRef.ValidatePositions"/> states the rule, the kernels do not check it).
 /// Query t then sees keys s with t − positions[t] ≤ s ≤ t, so no row attends across a document boundary; null is plain
@@ -187,7 +187,7 @@ public sealed class GpuAttentionOps
     /// (null: not written) from q [B, Tq, Hq, D] at absolute positions [Tk − Tq, Tk) and k, v [B, Tk, Hkv, D]; query i
     /// attends to keys j ≤ Tk − Tq + i. 1 ≤ Tq ≤ Tk (nothing is launched when batch is 0). Launch:
     /// attention_forward_cached_{dtype}, grid (ceil(Tq/32), Hq, B), block 128, <see cref="ForwardSharedBytes"/>; the
-    /// arithmetic of <see cref="Forward(DType, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, int, int, int, int, int)"/>.
+    /// arithmetic of <see cref="O:NativePeft.Ops.GpuAttentionOps.Forward"/>.
     /// </summary>
     public void ForwardCached(DType dtype, DevicePtr q, DevicePtr k, DevicePtr v, DevicePtr output, DevicePtr lse,
                               int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim,
@@ -381,7 +381,7 @@ public sealed class GpuAttentionOps
     }
 
     /// <summary>
-    /// <see cref="ForwardCached(DType, DevicePtr, DevicePtr, DevicePtr, DevicePtr, DevicePtr, int, int, int, int, int, int)"/>
+    /// <see cref="O:NativePeft.Ops.GpuAttentionOps.ForwardCached"/>
     /// on host arrays: q, output [batch, queryLen, headsQ, headDim], k, v [batch, keyLen, headsKv, headDim]; lse
     /// [batch, headsQ, queryLen], or empty to skip it.
     /// </summary>

@@ -57,7 +57,7 @@ public sealed class GpuElementwiseOps
     // Fill, casts, add, axpy, scale
     // ------------------------------------------------------------------------------------------
 
-    /// <summary>y[i] = value for i &lt; n (bf16: value rounded to nearest even, as <see cref="BFloat16.FromSingle"/>).</summary>
+    /// <summary>y[i] = value for i &lt; n (bf16: value rounded to nearest even, as <see cref="BFloat16.FromSingle(float)"/>).</summary>
     public void Fill(DType dtype, DevicePtr y, long n, float value)
     {
         string kernel = $"fill_{Suffix(dtype)}";
@@ -67,7 +67,7 @@ public sealed class GpuElementwiseOps
         LaunchGridStride(kernel, n, y, n, value);
     }
 
-    /// <summary>y (bf16) = x (fp32) rounded to nearest even; NaN stays NaN. Bit-identical to <see cref="BFloat16.FromSingle"/>.</summary>
+    /// <summary>y (bf16) = x (fp32) rounded to nearest even; NaN stays NaN. Bit-identical to <see cref="BFloat16.FromSingle(float)"/>.</summary>
     public void CastF32ToBf16(DevicePtr x, DevicePtr y, long n)
     {
         CheckCount(n, nameof(n));

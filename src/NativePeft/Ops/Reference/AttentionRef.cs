@@ -67,8 +67,8 @@ public static class AttentionRef
     /// Attention for queries at an offset (decoding with a KV cache): <paramref name="queryLen"/> new queries at absolute
     /// positions [keyLen − queryLen, keyLen) attend causally to <paramref name="keyLen"/> keys. q, output
     /// [B, queryLen, Hq, D]; k, v [B, keyLen, Hkv, D]; lse [B, Hq, queryLen], or empty to skip it. Query row i gives
-    /// exactly what row keyLen − queryLen + i of <see cref="Forward{T}"/> over the full sequence gives (the same
-    /// operations in the same order); queryLen = keyLen is <see cref="Forward{T}"/>.
+    /// exactly what row keyLen − queryLen + i of <see cref="O:NativePeft.Ops.Reference.AttentionRef.Forward"/> over the full sequence gives (the same
+    /// operations in the same order); queryLen = keyLen is <see cref="O:NativePeft.Ops.Reference.AttentionRef.Forward"/>.
     /// </summary>
     public static unsafe void ForwardCached<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<T> lse,
         int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim, int maxDegreeOfParallelism = -1)
