@@ -22,15 +22,28 @@ public class NvtxTests
         return null;
     }
 
+    private static bool InSourceCheckout()
+    {
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+            if (File.Exists(Path.Combine(dir.FullName, "NativePeft.sln"))) return true;
+        return false;
+    }
+
     [Test]
     public void TrainUnderAnNvtxToolEmitsNestedRangesByLayerAndOp()
     {
         if (!OperatingSystem.IsLinux()) Assert.Ignore("the test NVTX tool is built on Linux only");
         if (!File.Exists(Nvtx.LibraryPath)) Assert.Ignore($"{Nvtx.LibraryPath} was not built (no NVTX v3 headers at build time)");
-        var recorder = RecorderPath() ?? throw new AssertionException("build/test-native/libnativepeft_nvtx_recorder.so was not built beside libnativepeft_nvtx");
+        var recorder = RecorderPath();
+        if (recorder is null)
+        {
+            // The GPU bundle ships libnativepeft_nvtx but not the test tool; a source checkout builds both.
+            if (!InSourceCheckout()) Assert.Ignore("not a source checkout: the test NVTX tool (build/test-native) is not shipped");
+            Assert.Fail("build/test-native/libnativepeft_nvtx_recorder.so was not built beside libnativepeft_nvtx");
+        }
         using var dir = CliProcess.TempDir();
         var log = dir["nvtx.log"];
-        var env = new Dictionary<string, string?> { ["NVTX_INJECTION64_PATH"] = recorder, ["NATIVEPEFT_NVTX_TEST_LOG"] = log, ["NATIVEPEFT_NVTX"] = null };
+        var env = new Dictionary<string, string?> { ["NVTX_INJECTION64_PATH"] = recorder!, ["NATIVEPEFT_NVTX_TEST_LOG"] = log, ["NATIVEPEFT_NVTX"] = null };
         var r = CliProcess.RunWith(env, "train", "--model", "builtin", "--data", "builtin", "--method", "lora", "--steps", "2",
             "--batch", "2", "--seq", "16", "--out", dir["out"]);
         Assert.That(r.ExitCode, Is.EqualTo(0), r.ToString());
