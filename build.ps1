@@ -1,4 +1,4 @@
-# NativePeft build script (Windows). The same commands as build.sh:
+# NativePeft build script (Windows, and PowerShell 7 anywhere). The same commands as build.sh:
 #   .\build.ps1 run | test | build | pack | gpu-bundle
 # Needs the .NET 10 SDK, CMake with a C++ compiler (Visual Studio Build Tools), and for the PTX the CUDA
 # toolkit (nvcc on PATH or CUDA_PATH set; the driver's nvcuda.dll is used at run time). Without nvcc the
@@ -37,10 +37,18 @@ function Build-All {
   dotnet build (Join-Path $Root "NativePeft.sln") -c $Config -nologo -v quiet; if ($LASTEXITCODE) { Die "dotnet build failed" }
 }
 
+# The test runner (an executable through Microsoft.Testing.Platform): NativePeft.Tests.exe on Windows, NativePeft.Tests
+# elsewhere. As build.sh, the whole suite runs under the emulator's race checks. NATIVEPEFT_TEST_FILTER (a --filter
+# expression) and NATIVEPEFT_TEST_RESULTS (the results folder) are for the suite's own test of this script.
 function Run-Tests {
-  $results = Join-Path $Root "build/test-results"
+  $results = if ($env:NATIVEPEFT_TEST_RESULTS) { $env:NATIVEPEFT_TEST_RESULTS } else { Join-Path $Root "build/test-results" }
   Remove-Item -Recurse -Force $results -ErrorAction SilentlyContinue
-  & (Join-Path $Root "tests/NativePeft.Tests/bin/$Config/$Tfm/NativePeft.Tests.exe") --results-directory $results --report-trx --report-trx-filename tests.trx
+  $exe = if ($IsWindows -or $env:OS -eq "Windows_NT") { "NativePeft.Tests.exe" } else { "NativePeft.Tests" }
+  $runner = Join-Path $Root "tests/NativePeft.Tests/bin/$Config/$Tfm/$exe"
+  if (-not (Test-Path $runner)) { Die "the test runner $runner is missing (build first)" }
+  if (-not $env:NATIVEPEFT_EMU_CHECKS) { $env:NATIVEPEFT_EMU_CHECKS = "all" }
+  $filter = if ($env:NATIVEPEFT_TEST_FILTER) { @("--filter", $env:NATIVEPEFT_TEST_FILTER) } else { @() }
+  & $runner --results-directory $results --report-trx --report-trx-filename tests.trx @filter
   $rc = $LASTEXITCODE
   [xml]$trx = Get-Content (Join-Path $results "tests.trx")
   $c = $trx.TestRun.ResultSummary.Counters
@@ -57,7 +65,7 @@ function Cli { dotnet (Join-Path $Root "src/NativePeft.Cli/bin/$Config/$Tfm/Nati
 
 switch ($Command) {
   "build" { Build-All }
-  "test" { Build-All; Run-Tests }
+  "test" { if (-not $env:NATIVEPEFT_SKIP_BUILD) { Build-All }; Run-Tests }
   "run" {
     Build-All
     $out = Join-Path $Root "out/run"
