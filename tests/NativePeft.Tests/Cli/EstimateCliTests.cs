@@ -34,6 +34,36 @@ public class EstimateCliTests
     }
 
     [Test]
+    public void Llama3_8B_QloraCategoriesEqualTheArithmetic()
+    {
+        // Every weight-side category of Llama-3-8B QLoRA r=16 (all 7 projections, adamw, the embedding on the host) by
+        // hand from the published shapes (hidden 4096, intermediate 14336, 32 layers, 8 kv heads of 128, vocab 128256):
+        // per layer the projections hold q 4096², k and v 1024·4096, o 4096², gate/up/down 14336·4096 = 218,103,808
+        // weights; 32 layers: 6,979,321,856.
+        var q = Json(["--model", "llama3-8b", "--method", "qlora", "--dropout", "0", .. Published]);
+        const long linear = 6_979_321_856, blocks = linear / 64, tensors = 32 * 7;
+        long packed = linear / 2;                                        // NF4: two weights a byte
+        long lmHead = 128256L * 4096 * 2, norms = (2 * 32 + 1) * 4096L * 2; // bf16; embed_tokens is on the host
+        long quantState = blocks                                          // one 8-bit absmax code per block of 64
+                          + blocks / 256 * 4                              // the fp32 nested absmax per 256 blocks
+                          + tensors * (256 * 4 + 4);                      // each tensor's 256-entry map and offset
+        long adapterParams = 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336));
+        Assert.Multiple(() =>
+        {
+            Assert.That(q.GetProperty("base_weights_bytes").GetInt64(), Is.EqualTo(packed + lmHead + norms));
+            Assert.That(q.GetProperty("quantization_state_bytes").GetInt64(), Is.EqualTo(quantState));
+            Assert.That(q.GetProperty("trainable_parameters").GetInt64(), Is.EqualTo(adapterParams).And.EqualTo(41_943_040));
+            Assert.That(q.GetProperty("adapters_bytes").GetInt64(), Is.EqualTo(4 * adapterParams), "fp32 adapters");
+            Assert.That(q.GetProperty("gradients_bytes").GetInt64(), Is.EqualTo(4 * adapterParams));
+            Assert.That(q.GetProperty("optimizer_states_bytes").GetInt64(), Is.EqualTo(8 * adapterParams), "AdamW m and v in fp32");
+            Assert.That(q.GetProperty("embedding_host_bytes").GetInt64(), Is.EqualTo(128256L * 4096 * 2));
+            // and the total is these plus the activations and workspaces, nothing else
+            Assert.That(q.GetProperty("total_bytes").GetInt64(), Is.EqualTo(packed + lmHead + norms + quantState + 16 * adapterParams
+                + q.GetProperty("activations_bytes").GetInt64() + q.GetProperty("workspaces_bytes").GetInt64()));
+        });
+    }
+
+    [Test]
     public void Llama3_8B_QloraWithTheEmbeddingOnTheHostAndPagedAdamWFitsSixGiB()
     {
         // The article's ~6 GB for 8B QLoRA (r=16, all linear, 1 x 2048, recompute): QLoRA's default puts embed_tokens
