@@ -113,6 +113,69 @@ public class MergeCliTests
         TestContext.Out.WriteLine(r.Stdout + $"{baseKind} → {dtypeName}: |Δloss| = {Math.Abs(merged - adapterLoss):E2}");
     }
 
+    /// <summary>Bound on |merged − W − s·B·A| per weight: half a unit in the last place of the output dtype at the value
+    /// (one rounding), plus fp32 accumulation of the r products and the sum (a few units of 2^-24 of the magnitudes).</summary>
+    private static double MergeBound(DType dtype, double value, double magnitude)
+    {
+        int mantissa = dtype switch { DType.BF16 => 7, DType.F16 => 10, _ => 23 };
+        double ulp = value == 0 ? 0 : Math.Pow(2, Math.Floor(Math.Log2(Math.Abs(value))) - mantissa);
+        if (dtype == DType.F16) ulp = Math.Max(ulp, Math.Pow(2, -24));  // subnormal spacing
+        return 0.5 * ulp * (1 + 1e-6) + 8 * Math.Pow(2, -24) * magnitude;
+    }
+
+    /// <summary>Merged weights (number of those out of bound) against W + s·B·A in float64 from the files.</summary>
+    private static (int Bad, long Count) CompareMerge(string baseDir, string adapterDir, string mergedDir, DType dtype, double scaleError)
+    {
+        var adapter = PeftAdapter.Load(adapterDir);
+        double s = adapter.Scaling * scaleError;
+        using var baseCk = HfCheckpoint.Open(baseDir);
+        using var mergedCk = HfCheckpoint.Open(mergedDir);
+        int bad = 0;
+        long count = 0;
+        foreach (var m in adapter.Modules)
+        {
+            float[] w = baseCk.ReadArray<float>(m.BaseWeightName), got = mergedCk.ReadArray<float>(m.BaseWeightName);
+            for (int o = 0; o < m.OutFeatures; o++)
+                for (int i = 0; i < m.InFeatures; i++)
+                {
+                    double ba = 0, mag = 0;
+                    for (int k = 0; k < m.Rank; k++)
+                    {
+                        double t = (double)m.B[o * m.Rank + k] * m.A[k * m.InFeatures + i];
+                        ba += t;
+                        mag += Math.Abs(t);
+                    }
+                    int e = o * m.InFeatures + i;
+                    double want = w[e] + s * ba;
+                    if (Math.Abs(got[e] - want) > MergeBound(dtype, want, Math.Abs(w[e]) + Math.Abs(s) * mag)) bad++;
+                    count++;
+                }
+        }
+        return (bad, count);
+    }
+
+    /// <summary>
+    /// Every merged weight is W + scaling · B·A (float64 from the base and adapter files) within one rounding to the
+    /// output dtype; the same comparison with scaling off by 3 % (a planted defect) fails for most weights.
+    /// </summary>
+    [TestCase("bf16", DType.BF16)]
+    [TestCase("fp16", DType.F16)]
+    [TestCase("fp32", DType.F32)]
+    public void MergedWeightsAreWPlusScaledBAWithinOneRounding(string dtypeName, DType dtype)
+    {
+        using var dir = CliProcess.TempDir();
+        string baseDir = WriteBase(dir, "f32");
+        SaveAdapter(baseDir, dir["adapter"]);
+        var r = CliProcess.Run("merge", "--model", baseDir, "--adapter", dir["adapter"], "--out", dir["merged"], "--dtype", dtypeName);
+        Assert.That(r.ExitCode, Is.EqualTo(0), r.ToString());
+        var (bad, count) = CompareMerge(baseDir, dir["adapter"], dir["merged"], dtype, 1.0);
+        // q 8·8, k and v 4·8, o 8·8, gate and up 12·8, down 8·12 = 480 weights a layer, 2 layers
+        Assert.That(count, Is.EqualTo(960), "every weight of the 14 adapted projections");
+        Assert.That(bad, Is.Zero, $"{bad} of {count} merged weights outside one {dtypeName} rounding of W + s·B·A");
+        var (badPlanted, _) = CompareMerge(baseDir, dir["adapter"], dir["merged"], dtype, 1.03);
+        Assert.That(badPlanted, Is.GreaterThan(count / 10), "a 3 % scaling error is caught");
+    }
+
     /// <summary>Options from a YAML config file, with --dtype from the command line overriding the file's.</summary>
     [Test]
     public void OptionsFromAConfigFile()
