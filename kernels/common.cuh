@@ -63,6 +63,13 @@ __device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&f)[8])
     const uint4 r = *reinterpret_cast<const uint4*>(p);
     unpack_bf16x2(r.x, f[0], f[1]); unpack_bf16x2(r.y, f[2], f[3]); unpack_bf16x2(r.z, f[4], f[5]); unpack_bf16x2(r.w, f[6], f[7]);
 }
+__device__ __forceinline__ void load8(const __half* p, float (&f)[8])
+{
+    const uint4 r = *reinterpret_cast<const uint4*>(p);
+    const __half* h = reinterpret_cast<const __half*>(&r);
+    NP_UNROLL
+    for (int k = 0; k < 8; k++) f[k] = __half2float(h[k]);
+}
 __device__ __forceinline__ void store8(float* p, const float (&f)[8])
 {
     reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);

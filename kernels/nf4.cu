@@ -152,19 +152,39 @@ __device__ void quantize_4bit_body(const T* __restrict__ x, float* __restrict__ 
     const long long warp_id = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const long long nwarps = ((long long)gridDim.x * blockDim.x) >> 5;
 
+    // Vector path for whole quant blocks (x 16-byte and packed 4-byte aligned, blocksize a multiple of 64, so each
+    // lane's 8 elements start at a multiple of 8 and 8·G divides the block): a lane reads 8 elements with one 16-byte
+    // load and writes their 4 packed bytes with one 4-byte store; the same per-element arithmetic as the byte path.
+    const bool vec = (blocksize & 63) == 0 && npvec::aligned16(x) && (reinterpret_cast<unsigned long long>(packed) & 3ull) == 0;
+
     for (long long task = warp_id; task < ntasks; task += nwarps)
     {
         const long long b = task * groups_per_warp + group;
         const bool active = b < nblocks;
         const long long byte0 = b * half_bs;
         const long long byte_end = active ? (byte0 + half_bs < nbytes ? byte0 + half_bs : nbytes) : byte0;
+        const long long e0 = b * (long long)blocksize;
+        const bool whole = vec && active && e0 + blocksize <= n;
 
         float m = 0.0f;
-        for (long long j = byte0 + glane; j < byte_end; j += G)
+        if (whole)
         {
-            const long long e = 2 * j;
-            m = fmaxf(m, fabsf(to_f32(x[e])));
-            if (e + 1 < n) m = fmaxf(m, fabsf(to_f32(x[e + 1])));
+            for (long long e = e0 + 8 * glane; e < e0 + blocksize; e += 8 * G)
+            {
+                float v[8];
+                npvec::load8(x + e, v);
+                NP_UNROLL
+                for (int k = 0; k < 8; k++) m = fmaxf(m, fabsf(v[k]));
+            }
+        }
+        else
+        {
+            for (long long j = byte0 + glane; j < byte_end; j += G)
+            {
+                const long long e = 2 * j;
+                m = fmaxf(m, fabsf(to_f32(x[e])));
+                if (e + 1 < n) m = fmaxf(m, fabsf(to_f32(x[e + 1])));
+            }
         }
         // all 32 lanes take part; xor offsets < G stay inside the lane group
         for (int off = G >> 1; off > 0; off >>= 1)
@@ -173,6 +193,24 @@ __device__ void quantize_4bit_body(const T* __restrict__ x, float* __restrict__ 
         if (!active) continue;
         if (glane == 0) absmax[b] = m;
 
+        if (whole)
+        {
+            const float inv = m == 0.0f ? 0.0f : 1.0f / m;
+            for (long long e = e0 + 8 * glane; e < e0 + blocksize; e += 8 * G)
+            {
+                unsigned int word = 0u;  // all-zero block: every nibble 0 (bitsandbytes' CUDA kernel)
+                if (m != 0.0f)
+                {
+                    float v[8];
+                    npvec::load8(x + e, v);
+                    NP_UNROLL
+                    for (int k = 0; k < 4; k++)
+                        word |= ((unsigned int)((quantize_value<QT>(v[2 * k] * inv) << 4) | quantize_value<QT>(v[2 * k + 1] * inv))) << (8 * k);
+                }
+                *reinterpret_cast<unsigned int*>(packed + (e >> 1)) = word;
+            }
+            continue;
+        }
         if (m == 0.0f)
         {
             // all-zero block: every nibble 0 (bitsandbytes' CUDA kernel), padding nibble included

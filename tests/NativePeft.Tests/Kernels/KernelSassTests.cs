@@ -159,6 +159,7 @@ public class KernelSassTests
         ("elementwise", "add_bf16", true, true),
         ("nf4", "dequantize_4bit_nf4_bf16", false, true), ("nf4", "dequantize_4bit_dq_nf4_bf16", false, true),
         ("nf4", "linear_4bit_gemv_nf4_bf16", true, false), ("optim", "adamw_f32", true, true),
+        ("nf4", "quantize_4bit_nf4_bf16", true, false),
     ];
 
     [Test]
