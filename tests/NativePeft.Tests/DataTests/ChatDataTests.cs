@@ -136,3 +136,24 @@ public class ChatDataTests
         Assert.That(e!.Message, Does.StartWith($"{p}:1: reversed template does not render messages[0..1]"));
     }
 }
+
+/// <summary>docs/data-formats.md shows the templates the code uses, character for character.</summary>
+public class DataFormatsDocTests
+{
+    private static string Doc()
+    {
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+            if (File.Exists(Path.Combine(dir.FullName, "NativePeft.sln")))
+                return File.ReadAllText(Path.Combine(dir.FullName, "docs", "data-formats.md")).Replace("\r\n", "\n");
+        throw new IgnoreException("not in a source checkout (no NativePeft.sln above the tests)");
+    }
+
+    [Test]
+    public void AlpacaTemplatesAndTheDefaultChatTemplate_AreInTheDoc()
+    {
+        string doc = Doc();
+        Assert.That(doc, Does.Contain("```\n" + AlpacaFormat.Prompt("{instruction}", "{input}") + "\n```"));
+        Assert.That(doc, Does.Contain("```\n" + AlpacaFormat.Prompt("{instruction}", null) + "\n```"));
+        Assert.That(doc, Does.Contain("```jinja\n" + ChatTemplate.DefaultSource + "\n```"));
+    }
+}
