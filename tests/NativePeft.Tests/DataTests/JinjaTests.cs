@@ -106,6 +106,10 @@ public class JinjaTests
     [TestCase("{% for i in range(100000) %}{{ '0123456789abcdefghij' }}{% endfor %}", "output limit")]
     [TestCase("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "output limit")]
     [TestCase("{{ 'x' * 100000000 }}", "output limit")]
+    [TestCase("{{ 'x' * 9000000000000000000 }}", "output limit")]
+    [TestCase("{{ ['x' * 999999] * 999999 }}", "output limit")]
+    [TestCase("{{ ('x' * 999999).replace('x', 'xx') }}", "output limit")]
+    [TestCase("{{ ('x' * 999999) | replace('x', 'xx') }}", "output limit")]
     public void Limits_NameTheLimit(string template, string limit)
     {
         var e = Assert.Throws<JinjaException>(() => Render(template));

@@ -729,6 +729,7 @@ public sealed class JinjaTemplate
         private readonly Stopwatch _clock = Stopwatch.StartNew();
         private long _steps;
         private int _depth;
+        private int _line; // of the expression evaluated last, for errors raised below it
         public readonly StringBuilder Output = new();
 
         public Context(string name, JinjaLimits limits, Dictionary<string, object?> globals)
@@ -873,6 +874,7 @@ public sealed class JinjaTemplate
         private object? Eval(Expr e)
         {
             Step(e.Line);
+            _line = e.Line;
             if (++_depth > MaxEvalDepth) throw Error(e.Line, $"expression nesting deeper than the limit of {MaxEvalDepth} levels");
             try { return EvalCore(e); }
             finally { _depth--; }
@@ -1031,10 +1033,7 @@ public sealed class JinjaTemplate
                     case "replace":
                     {
                         string from = Arg(0) ?? throw Error(m.Line, ".replace() needs two strings"), to = Arg(1) ?? "";
-                        if (from.Length == 0) throw Error(m.Line, ".replace() of an empty string is not supported");
-                        string r = s.Replace(from, to, StringComparison.Ordinal);
-                        CheckSize(m.Line, r.Length, "a string");
-                        return r;
+                        return Replace(m.Line, s, from, to);
                     }
                 }
             }
@@ -1109,11 +1108,7 @@ public sealed class JinjaTemplate
                 case "float": return v switch { long x => (double)x, double x => x, string s when double.TryParse(s.Trim(), NumberStyles.Float, CultureInfo.InvariantCulture, out double x) => x, _ => 0.0 };
                 case "replace":
                 {
-                    string s = ToText(v), from = ToText(Named("old", 0, "")), to = ToText(Named("new", 1, ""));
-                    if (from.Length == 0) throw Error(f.Line, "replace of an empty string is not supported");
-                    string r = s.Replace(from, to, StringComparison.Ordinal);
-                    CheckSize(f.Line, r.Length, "a string");
-                    return r;
+                    return Replace(f.Line, ToText(v), ToText(Named("old", 0, "")), ToText(Named("new", 1, "")));
                 }
                 default:
                     throw Error(f.Line, $"unsupported construct: the filter |{f.Filter} (supported: trim, upper, lower, capitalize, title, string, " +
@@ -1177,12 +1172,12 @@ public sealed class JinjaTemplate
                     {
                         string str = x as string ?? (string)y!;
                         long times = Math.Max(0, x is long xl ? xl : (long)y!);
-                        CheckSize(b.Line, str.Length * times, "a string");
+                        CheckSize(b.Line, times > _limits.MaxOutputChars && str.Length > 0 ? long.MaxValue : str.Length * times, "a string");
                         return string.Concat(Enumerable.Repeat(str, (int)times));
                     }
                     if (x is List<object?> rl && y is long rln)
                     {
-                        CheckSize(b.Line, rl.Count * Math.Max(0, rln), "a list");
+                        CheckSize(b.Line, rln > _limits.MaxOutputChars && rl.Count > 0 ? long.MaxValue : rl.Count * Math.Max(0, rln), "a list");
                         return Enumerable.Range(0, (int)Math.Max(0, rln)).SelectMany(_ => rl).ToList();
                     }
                     break;
@@ -1289,32 +1284,72 @@ public sealed class JinjaTemplate
             return sb.ToString();
         }
 
-        /// <summary>Text of a value as Jinja prints it (Python's str: True, None, 1.0, ['a', 1]).</summary>
-        private static string ToText(object? v) => v switch
+        /// <summary>Text of a value as Jinja prints it (Python's str: True, None, 1.0, ['a', 1]); bounded by the output limit.</summary>
+        private string ToText(object? v) => v switch
         {
             string s => s,
             Undefined => "",
             _ => Repr(v),
         };
 
-        private static string Repr(object? v) => Repr(v, 0);
+        private string Repr(object? v)
+        {
+            var sb = new StringBuilder();
+            Repr(sb, v, 0);
+            return sb.ToString();
+        }
 
-        private static string Repr(object? v, int level)
+        private void Repr(StringBuilder sb, object? v, int level)
         {
             GuardValueDepth(level);
-            return v switch
+            if (sb.Length > _limits.MaxOutputChars)
+                throw Error(_line, $"the output limit ({_limits.MaxOutputChars:N0} characters) was exceeded by the text of a value");
+            switch (v)
+            {
+                case null: sb.Append("None"); return;
+                case Undefined: return;
+                case bool b: sb.Append(b ? "True" : "False"); return;
+                case long l: sb.Append(l.ToString(CultureInfo.InvariantCulture)); return;
+                case double d:
+                    sb.Append(double.IsInteger(d) && Math.Abs(d) < 1e16 ? d.ToString("0.0", CultureInfo.InvariantCulture) : d.ToString("R", CultureInfo.InvariantCulture));
+                    return;
+                case string s:
+                    sb.Append('\'').Append(s.Replace("\\", "\\\\", StringComparison.Ordinal).Replace("'", "\\'", StringComparison.Ordinal)
+                        .Replace("\n", "\\n", StringComparison.Ordinal)).Append('\'');
+                    return;
+                case List<object?> list:
+                    sb.Append('[');
+                    for (int i = 0; i < list.Count; i++)
+                    {
+                        if (i > 0) sb.Append(", ");
+                        Repr(sb, list[i], level + 1);
+                    }
+                    sb.Append(']');
+                    return;
+                case Dictionary<string, object?> dict:
+                    sb.Append('{');
+                    int k = 0;
+                    foreach (var (key, value) in dict)
+                    {
+                        if (k++ > 0) sb.Append(", ");
+                        Repr(sb, key, level + 1);
+                        sb.Append(": ");
+                        Repr(sb, value, level + 1);
+                    }
+                    sb.Append('}');
+                    return;
+                case Namespace: sb.Append("<Namespace>"); return;
+            }
+        }
+
+        /// <summary>s.Replace(from, to), its length checked against the output limit before it is built.</summary>
+        private string Replace(int line, string s, string from, string to)
         {
-            null => "None",
-            Undefined => "",
-            bool b => b ? "True" : "False",
-            long l => l.ToString(CultureInfo.InvariantCulture),
-            double d => double.IsInteger(d) && Math.Abs(d) < 1e16 ? d.ToString("0.0", CultureInfo.InvariantCulture) : d.ToString("R", CultureInfo.InvariantCulture),
-            string s => "'" + s.Replace("\\", "\\\\", StringComparison.Ordinal).Replace("'", "\\'", StringComparison.Ordinal).Replace("\n", "\\n", StringComparison.Ordinal) + "'",
-            List<object?> l => "[" + string.Join(", ", l.Select(x => Repr(x, level + 1))) + "]",
-            Dictionary<string, object?> d => "{" + string.Join(", ", d.Select(kv => Repr(kv.Key, level + 1) + ": " + Repr(kv.Value, level + 1))) + "}",
-            Namespace => "<Namespace>",
-            _ => "",
-        };
+            if (from.Length == 0) throw Error(line, "replace of an empty string is not supported");
+            long count = 0;
+            for (int i = s.IndexOf(from, StringComparison.Ordinal); i >= 0; i = s.IndexOf(from, i + from.Length, StringComparison.Ordinal)) count++;
+            CheckSize(line, s.Length + count * (to.Length - from.Length), "a string");
+            return s.Replace(from, to, StringComparison.Ordinal);
         }
 
         /// <summary>json.dumps(v, ensure_ascii=False, indent=indent): ", " and ": " separators without indent, as transformers' tojson.</summary>
