@@ -79,6 +79,28 @@ public class ChatDataTests
     }
 
     [Test]
+    public void Llama3Template_BpeTokenizer_AssistantSpanIsContentAndEotId()
+    {
+        string dir = Path.Combine(Path.GetTempPath(), "np-chat-llama3-" + Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(dir);
+        File.Copy(Path.Combine(TestContext.CurrentContext.TestDirectory, "Data", "tokenizers", "bpe", "tokenizer.json"), Path.Combine(dir, "tokenizer.json"));
+        File.WriteAllText(Path.Combine(dir, "tokenizer_config.json"), JsonSerializer.Serialize(new Dictionary<string, string>
+        {
+            ["bos_token"] = "<|begin_of_text|>", ["eos_token"] = "<|end_of_text|>", ["chat_template"] = JinjaTests.Llama3Template,
+        }));
+        var tok = (HfBpeTokenizer)TokenizerLoader.FromFolder(dir);
+        string p = Write("""{"messages": [{"role": "user", "content": "Hi "}, {"role": "assistant", "content": " Hello"}]}""" + "\n");
+        var d = DatasetLoader.Load(p, DataFormat.Auto, tok, 512, chatTemplate: ChatTemplate.ForModel(dir));
+        // Written from the template by hand: the content is trimmed; the generation prompt is the assistant header.
+        string prompt = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n";
+        int[] a = tok.Encode(prompt, addBos: false), b = tok.Encode("Hello<|eot_id|>", addBos: false);
+        Assert.That(a[0], Is.EqualTo(tok.BosId), "bos once, from the template's bos_token");
+        Assert.That(b[^1], Is.EqualTo(tok.TokenToId("<|eot_id|>")));
+        Assert.That(d[0].InputIds, Is.EqualTo(a.Concat(b)));
+        Assert.That(d[0].Labels, Is.EqualTo(Masked(a.Length).Concat(b)));
+    }
+
+    [Test]
     public void ModelFolderWithoutChatTemplate_GetsTheDefaultWithItsTokenNames()
     {
         Assert.That(ChatTemplate.ForModel(null), Is.SameAs(ChatTemplate.Default));
