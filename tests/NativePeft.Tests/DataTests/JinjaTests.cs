@@ -53,6 +53,110 @@ public class JinjaTests
             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"));
     }
 
+    /// <summary>Qwen/Qwen2.5-7B-Instruct's chat_template (tools, tool calls, namespace-free but tojson, loop.first, is defined, set in a loop).</summary>
+    public const string Qwen25Template = """
+{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+""" + "\n";
+
+    /// <summary>mistralai/Mistral-7B-Instruct-v0.1's chat_template: bos/eos in the text, raise_exception on roles out of turn.</summary>
+    public const string MistralTemplate =
+        "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}" +
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}" +
+        "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}" +
+        "{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
+
+    [Test]
+    public void Qwen25_PlainToolsAndToolCalls()
+    {
+        var vars = new Dictionary<string, object?> { ["messages"] = Messages(("system", "S"), ("user", "Hi"), ("assistant", "Yo")), ["add_generation_prompt"] = false };
+        Assert.That(Render(Qwen25Template, vars), Is.EqualTo("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"));
+        vars["messages"] = Messages(("user", "Hi"));
+        vars["add_generation_prompt"] = true;
+        Assert.That(Render(Qwen25Template, vars), Is.EqualTo(
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"));
+        using var doc = JsonDocument.Parse("""
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+             "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]}]}
+            """);
+        vars = new Dictionary<string, object?>
+        {
+            ["tools"] = doc.RootElement.GetProperty("tools"), ["messages"] = doc.RootElement.GetProperty("messages"), ["add_generation_prompt"] = false,
+        };
+        Assert.That(Render(Qwen25Template, vars), Is.EqualTo(
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n# Tools\n\n" +
+            "You may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>\n" +
+            "{\"type\": \"function\", \"function\": {\"name\": \"f\", \"parameters\": {}}}\n</tools>\n\n" +
+            "For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n" +
+            "{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" +
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n</tool_call><|im_end|>\n"));
+    }
+
+    [Test]
+    public void Mistral_AlternationAndRaiseException()
+    {
+        var vars = new Dictionary<string, object?>
+        {
+            ["messages"] = Messages(("user", "Hi"), ("assistant", "Yo"), ("user", "Again")), ["bos_token"] = "<s>", ["eos_token"] = "</s>",
+        };
+        Assert.That(Render(MistralTemplate, vars), Is.EqualTo("<s>[INST] Hi [/INST]Yo</s>[INST] Again [/INST]"));
+        vars["messages"] = Messages(("assistant", "Yo"));
+        Assert.That(Assert.Throws<JinjaException>(() => Render(MistralTemplate, vars))!.Message,
+            Is.EqualTo("test template line 1: raise_exception: Conversation roles must alternate user/assistant/user/assistant/..."));
+    }
+
     [Test]
     public void Zephyr_TrimBlocksKeepsOnlyTheOutputsNewlines()
     {
