@@ -101,6 +101,19 @@ public class ChatDataTests
     }
 
     [Test]
+    public void MistralTemplate_NoGenerationPrompt_SpanIsContentAndEos()
+    {
+        // Mistral's template writes bos_token / eos_token as text: they become the byte tokenizer's ids 256 / 257.
+        var t = new ChatTemplate(JinjaTests.MistralTemplate, "mistral", "<s>", "</s>");
+        string p = Write("""{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Ok"}]}""" + "\n");
+        var d = DatasetLoader.Load(p, DataFormat.Chat, Bt, 512, chatTemplate: t);
+        int[] ids = [ByteTokenizer.Bos, .. Bytes("[INST] Hi [/INST]"), .. Bytes("Yo"), ByteTokenizer.Eos, .. Bytes("[INST] Again [/INST]"), .. Bytes("Ok"), ByteTokenizer.Eos];
+        int[] labels = [M, .. Masked(17), .. Bytes("Yo"), ByteTokenizer.Eos, .. Masked(20), .. Bytes("Ok"), ByteTokenizer.Eos];
+        Assert.That(d[0].InputIds, Is.EqualTo(ids));
+        Assert.That(d[0].Labels, Is.EqualTo(labels));
+    }
+
+    [Test]
     public void ModelFolderWithoutChatTemplate_GetsTheDefaultWithItsTokenNames()
     {
         Assert.That(ChatTemplate.ForModel(null), Is.SameAs(ChatTemplate.Default));
