@@ -166,10 +166,11 @@ public static class ChatFormat
             if (!full.StartsWith(upTo, StringComparison.Ordinal))
                 throw new InvalidDataException($"{template.Name} does not render messages[0..{k}] as the start of the whole conversation, " +
                     "so the assistant turn cannot be found (its output depends on later messages)");
-            string prefix = template.Render(before, addGenerationPrompt: true);
-            if (!upTo.StartsWith(prefix, StringComparison.Ordinal))
+            // A template may fail on an empty conversation (messages[0]['role']): an assistant message first has no prefix.
+            string? prefix = TryRender(template, before, true, k);
+            if (prefix is null || !upTo.StartsWith(prefix, StringComparison.Ordinal))
             {
-                prefix = template.Render(before, addGenerationPrompt: false);
+                prefix = TryRender(template, before, false, k) ?? "";
                 if (!upTo.StartsWith(prefix, StringComparison.Ordinal))
                     throw new InvalidDataException($"{template.Name} does not render messages[0..{k - 1}] as the start of messages[0..{k}], " +
                         "so the assistant turn cannot be found");
@@ -179,6 +180,13 @@ public static class ChatFormat
             last = upTo.Length;
         }
         return spans;
+    }
+
+    private static string? TryRender(ChatTemplate template, List<JsonElement> before, bool addGenerationPrompt, int k)
+    {
+        if (k > 0) return template.Render(before, addGenerationPrompt);
+        try { return template.Render(before, addGenerationPrompt); }
+        catch (JinjaException) { return null; }
     }
 
     /// <summary>

@@ -114,6 +114,17 @@ public class ChatDataTests
     }
 
     [Test]
+    public void AssistantFirst_WithATemplateThatFailsOnNoMessages_WholeTurnIsTheSpan()
+    {
+        // messages[0] of an empty conversation is undefined and ['role'] of it an error: the first turn has no prefix.
+        var t = new ChatTemplate("{{ messages[0]['role'] }}:{% for m in messages %}{{ m.content }};{% endfor %}", "first-role template");
+        string p = Write("""{"messages": [{"role": "assistant", "content": "A"}, {"role": "user", "content": "U"}]}""" + "\n");
+        var d = DatasetLoader.Load(p, DataFormat.Chat, Bt, 512, chatTemplate: t);
+        Assert.That(d[0].InputIds, Is.EqualTo(Bytes("assistant:A;U;")));
+        Assert.That(d[0].Labels, Is.EqualTo(Bytes("assistant:A;").Concat(Masked(2))));
+    }
+
+    [Test]
     public void ModelFolderWithoutChatTemplate_GetsTheDefaultWithItsTokenNames()
     {
         Assert.That(ChatTemplate.ForModel(null), Is.SameAs(ChatTemplate.Default));
