@@ -65,7 +65,7 @@ public static class CompareCommand
     {
         var d = new Args();
         var model = new Option<string>("--model") { Description = "HF Llama checkpoint folder, or 'builtin' (the shipped 0.8M-parameter model)", DefaultValueFactory = _ => d.Model };
-        var data = new Option<string>("--data") { Description = "dataset file (pre-tokenized/text/alpaca JSONL, .txt) or 'builtin' (upper: word -> WORD)", DefaultValueFactory = _ => d.Data };
+        var data = new Option<string>("--data") { Description = "dataset file (pre-tokenized/text/alpaca/chat JSONL, .txt) or 'builtin' (upper: word -> WORD)", DefaultValueFactory = _ => d.Data };
         var evalData = new Option<string?>("--eval-data") { Description = "eval dataset file for the eval loss (the built-in task has its own held-out split)" };
         var methods = new Option<string>("--methods") { Description = "comma-separated: full, lora, qlora", DefaultValueFactory = _ => d.Methods };
         var rank = new Option<int>("--rank") { Description = "LoRA r", DefaultValueFactory = _ => d.Rank };

@@ -21,7 +21,7 @@ public static class EvalCommand
     {
         var model = new Option<DirectoryInfo>("--model") { Description = "HF Llama checkpoint folder (config.json + safetensors, single or sharded), or 'builtin'", Required = true };
         var adapter = new Option<string?>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied to the base" };
-        var data = new Option<FileInfo>("--data") { Description = "dataset file in any format train reads: pre-tokenized JSONL (each line a separate sequence), {\"text\": ...} JSONL, .txt, Alpaca records", Required = true };
+        var data = new Option<FileInfo>("--data") { Description = "dataset file in any format train reads: pre-tokenized JSONL (each line a separate sequence), {\"text\": ...} JSONL, .txt, Alpaca records, chat {\"messages\": ...} JSONL", Required = true };
         var seq = new Option<int>("--seq") { Description = "sequence length the text formats (.txt, text JSONL) are packed into", DefaultValueFactory = _ => 128 };
         var quantize = new Option<string?>("--quantize") { Description = "quantize the linear weights on load: nf4 or fp4 (blocksize 64, double quant)" };
         quantize.AcceptOnlyFromAmong("nf4", "fp4");
@@ -134,7 +134,8 @@ public static class EvalCommand
             var format = DatasetLoader.DetectFormat(path);
             if (format == DataFormat.PreTokenized) return ReadJsonl(path, vocabSize).Select(TrainingExample.CausalLm).ToList();
             var tokenizer = TokenizerLoader.ForModel(modelDir, vocabSize);
-            var set = DatasetLoader.Load(path, format, tokenizer, seqLen, BadLinePolicy.Stop, vocabSize);
+            var set = DatasetLoader.Load(path, format, tokenizer, seqLen, BadLinePolicy.Stop, vocabSize,
+                format == DataFormat.Chat ? ChatTemplate.ForModel(modelDir) : null);
             if (set.Count == 0) throw new CliException($"--data {path}: no examples");
             foreach (var ex in set.Examples)
                 foreach (int id in ex.InputIds)
@@ -144,6 +145,7 @@ public static class EvalCommand
         }
         catch (DataFormatException e) { throw new CliException($"--data {e.Message}", 1, e); }
         catch (Exception e) when (e is InvalidDataException or NotSupportedException) { throw new CliException($"--model {modelDir}: tokenizer: {e.Message}", 1, e); }
+        catch (NativePeft.Data.Jinja.JinjaException e) { throw new CliException($"--model {modelDir}: {e.Message}", 1, e); }
     }
 
     /// <summary>True when the file holds nothing but white space.</summary>

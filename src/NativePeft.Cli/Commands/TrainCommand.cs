@@ -28,7 +28,7 @@ public static class TrainCommand
     public static Command Create(TextWriter stdout)
     {
         var model = new Option<DirectoryInfo>("--model") { Description = "HF Llama checkpoint folder (config.json + safetensors; a tokenizer only for text data), or 'builtin' for the shipped model", Required = true };
-        var data = new Option<string>("--data") { Description = "dataset file (pre-tokenized/text/alpaca JSONL, .txt) or 'builtin' for the built-in task (upper: word -> WORD)", Required = true };
+        var data = new Option<string>("--data") { Description = "dataset file (pre-tokenized/text/alpaca/chat JSONL, .txt) or 'builtin' for the built-in task (upper: word -> WORD)", Required = true };
         var evalData = new Option<FileInfo?>("--eval-data") { Description = "eval dataset file (same formats) for loss/perplexity; 'builtin' uses its own held-out split" };
         var method = new Option<string>("--method") { Description = "lora (bf16-stored base), qlora (NF4 double-quant base) or full", DefaultValueFactory = _ => "lora" };
         var rank = new Option<int>("--rank") { Description = "LoRA r", DefaultValueFactory = _ => 16 };

@@ -1,12 +1,13 @@
 using System.Text;
 using System.Text.Json;
+using NativePeft.Data.Jinja;
 
 namespace NativePeft.Data;
 
 /// <summary>The data formats <see cref="DatasetLoader"/> reads.</summary>
 public enum DataFormat
 {
-    /// <summary>Decide from the file: .txt → PlainText; JSONL/JSON whose first record has input_ids / instruction / text.</summary>
+    /// <summary>Decide from the file: .txt → PlainText; JSONL/JSON whose first record has input_ids / instruction / messages / text.</summary>
     Auto,
     /// <summary>JSONL <c>{"input_ids": [...], "labels": [...]?}</c>; labels default to input_ids, -100 masks.</summary>
     PreTokenized,
@@ -16,6 +17,11 @@ public enum DataFormat
     TextJsonl,
     /// <summary>Alpaca records <c>{"instruction", "input", "output"}</c> (JSONL, or a JSON array as alpaca_data.json).</summary>
     Alpaca,
+    /// <summary>
+    /// Chat JSONL <c>{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}</c>, rendered with
+    /// the model's chat template or the default one, the loss on the assistant turns (<see cref="ChatFormat"/>).
+    /// </summary>
+    Chat,
 }
 
 /// <summary>
@@ -31,8 +37,9 @@ public static class DatasetLoader
     /// tokenizer: with an <see cref="IdsOnlyTokenizer"/> only the text formats fail, with a
     /// <see cref="FileNotFoundException"/> naming the model folder and the missing tokenizer files.
     /// </summary>
+    /// <param name="chatTemplate">For chat data: the model's template (<see cref="ChatTemplate.ForModel"/>); null: <see cref="ChatTemplate.Default"/>.</param>
     public static Dataset Load(string path, DataFormat format, ITokenizer tokenizer, int seqLen, BadLinePolicy policy = BadLinePolicy.Stop,
-        int? vocabSize = null)
+        int? vocabSize = null, ChatTemplate? chatTemplate = null)
     {
         ArgumentNullException.ThrowIfNull(tokenizer);
         if (format == DataFormat.Auto) format = DetectFormat(path);
@@ -44,6 +51,7 @@ public static class DatasetLoader
             DataFormat.PlainText => PlainText(path, tokenizer, seqLen),
             DataFormat.TextJsonl => TextJsonl(path, tokenizer, seqLen, policy),
             DataFormat.Alpaca => Alpaca(path, tokenizer, policy),
+            DataFormat.Chat => Chat(path, tokenizer, chatTemplate ?? ChatTemplate.Default, policy),
             _ => throw new ArgumentOutOfRangeException(nameof(format)),
         };
     }
@@ -54,6 +62,7 @@ public static class DatasetLoader
         DataFormat.PlainText => "plain text",
         DataFormat.TextJsonl => "{\"text\": ...} JSONL",
         DataFormat.Alpaca => "Alpaca records",
+        DataFormat.Chat => "chat {\"messages\": ...} JSONL",
         _ => format.ToString(),
     };
 
@@ -70,8 +79,9 @@ public static class DatasetLoader
                 if (r.ValueKind != JsonValueKind.Object) break;
                 if (r.TryGetProperty("input_ids", out _)) return DataFormat.PreTokenized;
                 if (r.TryGetProperty("instruction", out _)) return DataFormat.Alpaca;
+                if (r.TryGetProperty("messages", out _)) return DataFormat.Chat;
                 if (r.TryGetProperty("text", out _)) return DataFormat.TextJsonl;
-                throw new DataFormatException(path, line, "cannot tell the format: the first record has none of input_ids, instruction, text");
+                throw new DataFormatException(path, line, "cannot tell the format: the first record has none of input_ids, instruction, messages, text");
             }
             catch (JsonException e) { throw new DataFormatException(path, line, $"invalid JSON: {e.Message}", e); }
         }
@@ -155,6 +165,50 @@ public static class DatasetLoader
         return new Dataset(path, examples, skips.Count, skips.Messages);
     }
 
+    /// <summary>
+    /// Chat JSONL → <see cref="ChatFormat.Build"/> with <paramref name="template"/>. The template is parsed first (an
+    /// unsupported construct throws <see cref="JinjaException"/> before any line is read); a line without "messages",
+    /// a message without a string role or content, an unknown role, a conversation without an assistant message and
+    /// the template's errors on that conversation (raise_exception, a limit) name the file and line.
+    /// </summary>
+    public static Dataset Chat(string path, ITokenizer tokenizer, ChatTemplate template, BadLinePolicy policy = BadLinePolicy.Stop)
+    {
+        ArgumentNullException.ThrowIfNull(template);
+        _ = template.Template;
+        var examples = new List<TrainingExample>();
+        var skips = new Skips(policy);
+        foreach (var (line, _, text) in Records(path))
+        {
+            try
+            {
+                using var doc = Parse(path, line, text);
+                var r = doc.RootElement;
+                if (!r.TryGetProperty("messages", out var ms)) throw new DataFormatException(path, line, "missing \"messages\"");
+                if (ms.ValueKind != JsonValueKind.Array) throw new DataFormatException(path, line, "\"messages\" is not an array");
+                if (ms.GetArrayLength() == 0) throw new DataFormatException(path, line, "\"messages\" is empty");
+                var messages = new List<JsonElement>();
+                bool assistant = false;
+                int i = 0;
+                foreach (var m in ms.EnumerateArray())
+                {
+                    if (m.ValueKind != JsonValueKind.Object) throw new DataFormatException(path, line, $"messages[{i}] is not an object");
+                    string role = RequiredString(path, line, m, "role", $"messages[{i}].");
+                    RequiredString(path, line, m, "content", $"messages[{i}].");
+                    if (!ChatFormat.Roles.Contains(role))
+                        throw new DataFormatException(path, line, $"messages[{i}].role \"{role}\" is not one of {string.Join(", ", ChatFormat.Roles)}");
+                    assistant |= role == "assistant";
+                    messages.Add(m);
+                    i++;
+                }
+                if (!assistant) throw new DataFormatException(path, line, "no assistant message: nothing to learn");
+                try { examples.Add(ChatFormat.Build(tokenizer, template, messages)); }
+                catch (Exception e) when (e is InvalidDataException or JinjaException) { throw new DataFormatException(path, line, e.Message, e); }
+            }
+            catch (DataFormatException e) when (skips.Take(e)) { }
+        }
+        return new Dataset(path, examples, skips.Count, skips.Messages);
+    }
+
     private sealed class Skips(BadLinePolicy policy)
     {
         public int Count;
@@ -230,10 +284,10 @@ public static class DatasetLoader
         return result;
     }
 
-    private static string RequiredString(string path, int line, JsonElement r, string name)
+    private static string RequiredString(string path, int line, JsonElement r, string name, string where = "")
     {
-        if (!r.TryGetProperty(name, out var v)) throw new DataFormatException(path, line, $"missing \"{name}\"");
-        if (v.ValueKind != JsonValueKind.String) throw new DataFormatException(path, line, $"\"{name}\" is not a string");
+        if (!r.TryGetProperty(name, out var v)) throw new DataFormatException(path, line, where.Length == 0 ? $"missing \"{name}\"" : $"{where}{name} is missing");
+        if (v.ValueKind != JsonValueKind.String) throw new DataFormatException(path, line, where.Length == 0 ? $"\"{name}\" is not a string" : $"{where}{name} is not a string");
         return v.GetString()!;
     }
 

@@ -143,7 +143,7 @@ public sealed partial class FineTune : IDisposable
                 throw new FineTuneException(nameof(o.Model), $"{modelDir}: the tokenizer has {tokenizer.VocabSize} ids, the model's vocab_size is {ckpt.Config.VocabSize}");
 
             (TrainingData Data, int Skipped, IReadOnlyList<string> Messages)? data =
-                o.Data is null ? null : LoadData(o.Data, o.EvalData, tokenizer, ckpt.Config.VocabSize, o.SeqLen, o.OnBadLine);
+                o.Data is null ? null : LoadData(o.Data, o.EvalData, tokenizer, ckpt.Config.VocabSize, o.SeqLen, o.OnBadLine, ChatTemplateOf(modelDir));
             TruncationReport? truncation = data is { } loaded ? CheckTrainable(loaded.Data, o.SeqLen, logger) : null;
 
             var modelOptions = ModelOptions(o) with { EmbeddingOnHost = ResolveEmbeddingOnHost(o.Embedding, o.Method, ckpt.Config.TieWordEmbeddings, o.Device != "cpu") };
@@ -286,15 +286,23 @@ public sealed partial class FineTune : IDisposable
         }
     }
 
+    /// <summary>The model folder's chat template (or the default); a tokenizer_config.json we cannot read is an error for Model.</summary>
+    private static ChatTemplate ChatTemplateOf(string modelDir)
+    {
+        try { return ChatTemplate.ForModel(modelDir); }
+        catch (InvalidDataException e) { throw new FineTuneException(nameof(FineTuneOptions.Model), $"{modelDir}: {e.Message}", e); }
+    }
+
     /// <summary>
     /// Loads a dataset ("builtin" = the built-in task with its held-out split for eval loss and exact match; else a file
     /// in any <see cref="DatasetLoader"/> format, with an optional eval file) and checks every token id against the
     /// model's vocabulary (<paramref name="vocabSize"/>, config.json's vocab_size). Errors are <see cref="FineTuneException"/>s
     /// for Data or EvalData with file:line (and the id); text data with an <see cref="IdsOnlyTokenizer"/> is an error for
-    /// Model naming the missing tokenizer files.
+    /// Model naming the missing tokenizer files. Chat data is rendered with <paramref name="chatTemplate"/> (null: the
+    /// default template); a template we cannot read is an error for Model.
     /// </summary>
     public static (TrainingData Data, int SkippedLines, IReadOnlyList<string> SkippedMessages) LoadData(string data, string? evalData,
-        ITokenizer tokenizer, int vocabSize, int seqLen, BadLinePolicy onBadLine = BadLinePolicy.Stop)
+        ITokenizer tokenizer, int vocabSize, int seqLen, BadLinePolicy onBadLine = BadLinePolicy.Stop, ChatTemplate? chatTemplate = null)
     {
         TrainingData result;
         int skipped = 0;
@@ -322,14 +330,14 @@ public sealed partial class FineTune : IDisposable
             }
             else
             {
-                var train = DatasetLoader.Load(data, DataFormat.Auto, tokenizer, seqLen, onBadLine, vocabSize);
+                var train = DatasetLoader.Load(data, DataFormat.Auto, tokenizer, seqLen, onBadLine, vocabSize, chatTemplate);
                 skipped += train.SkippedLines;
                 messages.AddRange(train.SkippedMessages);
                 if (train.Count == 0) throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data}: no examples");
                 IReadOnlyList<TrainingExample>? eval = null;
                 if (evalData is not null)
                 {
-                    var e = DatasetLoader.Load(evalData, DataFormat.Auto, tokenizer, seqLen, onBadLine, vocabSize);
+                    var e = DatasetLoader.Load(evalData, DataFormat.Auto, tokenizer, seqLen, onBadLine, vocabSize, chatTemplate);
                     if (e.Count == 0) throw new FineTuneException(nameof(FineTuneOptions.EvalData), $"{evalData}: no examples");
                     skipped += e.SkippedLines;
                     messages.AddRange(e.SkippedMessages);
@@ -343,6 +351,7 @@ public sealed partial class FineTune : IDisposable
             throw new FineTuneException(e.FilePath == evalData ? nameof(FineTuneOptions.EvalData) : nameof(FineTuneOptions.Data), e.Message, e);
         }
         catch (IOException e) { throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data}: {e.Message}", e); }
+        catch (NativePeft.Data.Jinja.JinjaException e) { throw new FineTuneException(nameof(FineTuneOptions.Model), e.Message, e); }
         foreach (var ex in result.Train.Concat(result.Eval ?? []))
             foreach (int id in ex.InputIds)
                 if (id < 0 || id >= vocabSize)
@@ -444,7 +453,8 @@ public sealed partial class FineTune : IDisposable
     {
         ArgumentNullException.ThrowIfNull(dataset);
         if (dataset != BuiltinTask.DataName && !File.Exists(dataset)) throw new FineTuneException(nameof(FineTuneOptions.Data), $"{dataset}: file not found (or use builtin)");
-        var (data, skipped, messages) = LoadData(dataset, Options.EvalData, Tokenizer, Config.VocabSize, Options.SeqLen, Options.OnBadLine);
+        var (data, skipped, messages) = LoadData(dataset, Options.EvalData, Tokenizer, Config.VocabSize, Options.SeqLen, Options.OnBadLine,
+            ChatTemplateOf(ModelDirectory));
         var trainer = CreateTrainer(data);
         SkippedLines = skipped;
         SkippedMessages = messages;
