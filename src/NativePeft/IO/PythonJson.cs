@@ -64,8 +64,9 @@ internal static class PythonJson
         return sb.ToString();
     }
 
-    /// <summary>A JSON string literal as json.dumps writes it (ensure_ascii=True).</summary>
-    public static string String(string s)
+    /// <summary>A JSON string literal as json.dumps writes it (ensure_ascii=True, or with <paramref name="ensureAscii"/>
+    /// false non-ASCII characters as they are: what transformers' chat-template tojson filter writes).</summary>
+    public static string String(string s, bool ensureAscii = true)
     {
         var sb = new StringBuilder("\"");
         foreach (char c in s)
@@ -80,7 +81,7 @@ internal static class PythonJson
                 case '\b': sb.Append("\\b"); break;
                 case '\f': sb.Append("\\f"); break;
                 default:
-                    if (c < 0x20 || c > 0x7E) sb.Append("\\u").Append(((int)c).ToString("x4", CultureInfo.InvariantCulture));
+                    if (c < 0x20 || (ensureAscii && c > 0x7E)) sb.Append("\\u").Append(((int)c).ToString("x4", CultureInfo.InvariantCulture));
                     else sb.Append(c);
                     break;
             }

@@ -1402,27 +1402,6 @@ public sealed class JinjaTemplate
             sb.Append('\n').Append(' ', n * level);
         }
 
-        private static void JsonString(StringBuilder sb, string s)
-        {
-            sb.Append('"');
-            foreach (char c in s)
-            {
-                switch (c)
-                {
-                    case '"': sb.Append("\\\""); break;
-                    case '\\': sb.Append("\\\\"); break;
-                    case '\n': sb.Append("\\n"); break;
-                    case '\r': sb.Append("\\r"); break;
-                    case '\t': sb.Append("\\t"); break;
-                    case '\b': sb.Append("\\b"); break;
-                    case '\f': sb.Append("\\f"); break;
-                    default:
-                        if (c < 0x20) sb.Append("\\u").Append(((int)c).ToString("x4", CultureInfo.InvariantCulture));
-                        else sb.Append(c);
-                        break;
-                }
-            }
-            sb.Append('"');
-        }
+        private static void JsonString(StringBuilder sb, string s) => sb.Append(NativePeft.IO.PythonJson.String(s, ensureAscii: false));
     }
 }
