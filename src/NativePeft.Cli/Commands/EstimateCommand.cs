@@ -125,9 +125,7 @@ public static class EstimateCommand
                 return 0;
             }
             var planMethod = parse.GetValue(method) switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora };
-            bool embeddingOnHost;
-            try { embeddingOnHost = FineTune.ResolveEmbeddingOnHost(parse.GetValue(embedding)!, planMethod, config.TieWordEmbeddings, planDevice == PlanDevice.Gpu); }
-            catch (FineTuneException e) { throw new CliException($"--embedding {e.Detail}", 2, e); }
+            bool embeddingOnHost = TrainCommand.ResolveEmbedding(parse.GetValue(embedding)!, planMethod, config.TieWordEmbeddings, planDevice == PlanDevice.Gpu);
             var options = new PlanOptions
             {
                 Method = planMethod,

@@ -120,8 +120,7 @@ internal static class ModelBench
         bool EmbeddingOnHost(string id)
         {
             var m = id switch { "full" => FineTuneMethod.Full, "lora" => FineTuneMethod.Lora, _ => FineTuneMethod.Qlora };
-            try { return FineTune.ResolveEmbeddingOnHost(s.Embedding, m, config.TieWordEmbeddings, gpu is not null); }
-            catch (FineTuneException e) { throw new CliException($"--embedding {e.Detail}", 2, e); }
+            return TrainCommand.ResolveEmbedding(s.Embedding, m, config.TieWordEmbeddings, gpu is not null);
         }
         string Label(string id) => id switch
         {

@@ -90,6 +90,14 @@ public static class TrainCommand
         return option;
     }
 
+    /// <summary><see cref="FineTune.ResolveEmbeddingOnHost"/> for a command's --embedding value; a refusal becomes
+    /// "--embedding …" (exit 2).</summary>
+    internal static bool ResolveEmbedding(string setting, FineTuneMethod method, bool tiedEmbedding, bool gpu)
+    {
+        try { return FineTune.ResolveEmbeddingOnHost(setting, method, tiedEmbedding, gpu); }
+        catch (FineTuneException e) { throw new CliException($"--embedding {e.Detail}", 2, e); }
+    }
+
     /// <summary>--on-bad-line stop|skip: what a JSONL data line that is not valid does (train and compare).</summary>
     internal static Option<string> OnBadLineOption()
     {

@@ -63,9 +63,7 @@ public sealed class LoraScratch
         (t ?? throw new InvalidOperationException($"LoRA scratch {name} is not allocated (the model allocates it for each batch shape)"))
         .Slice(offset, rows, columns);
 
-    internal static Tensor View(Tensor? t, int rows, int columns, string name) =>
-        (t ?? throw new InvalidOperationException($"LoRA scratch {name} is not allocated (the model allocates it for each batch shape)"))
-        .Slice(0, rows, columns);
+    internal static Tensor View(Tensor? t, int rows, int columns, string name) => ViewAt(t, 0, rows, columns, name);
 }
 
 /// <summary>
