@@ -76,10 +76,12 @@ public static class BenchCommand
         optim.AcceptOnlyFromAmong([.. NativePeft.Optim.OptimizerFactory.Names]);
         var embedding = TrainCommand.EmbeddingOption();
         embedding.Description = "--model: " + embedding.Description;
+        var deviceMemory = DeviceOption.CreateMemory();
+        deviceMemory.Description = "--model: " + deviceMemory.Description + " (a method that does not fit is skipped, with the reason)";
         var cmd = new Command("bench", "Benchmark the 4-bit kernels against a copy of the same bytes, attention (--op attention), or a model's training step")
         {
             device, elements, json, op, seq, batch, heads, kvHeads, headDim, model, layers, method, rank, recompute, steps, profile, precision,
-            optim, embedding,
+            optim, embedding, deviceMemory,
         };
         cmd.SetAction(parse =>
         {
@@ -95,7 +97,7 @@ public static class BenchCommand
             foreach (var shapeOption in new Option[] { seq, batch })
                 if (!attention && modelName is null && Given(shapeOption))
                     throw new CliException($"{shapeOption.Name}: only with --op attention or --model", 2);
-            foreach (var modelOption in new Option[] { layers, method, rank, recompute, steps, optim, embedding })
+            foreach (var modelOption in new Option[] { layers, method, rank, recompute, steps, optim, embedding, profile, deviceMemory })
                 if (modelName is null && Given(modelOption))
                     throw new CliException($"{modelOption.Name}: only with --model", 2);
             if (attention)
@@ -118,7 +120,8 @@ public static class BenchCommand
                     : null;
                 return ModelBench.Run(stdout, new ModelBench.Settings(deviceName, modelName, parse.GetValue(precision)!, parse.GetValue(layers),
                     parse.GetValue(method), One(batch), One(seq), parse.GetValue(rank) ?? 16, parse.GetValue(recompute), parse.GetValue(steps),
-                    parse.GetValue(profile), jsonRequested, jsonFile) { Optimizer = parse.GetValue(optim)!, Embedding = parse.GetValue(embedding)! });
+                    parse.GetValue(profile), jsonRequested, jsonFile) { Optimizer = parse.GetValue(optim)!, Embedding = parse.GetValue(embedding)!,
+                        DeviceMemory = DeviceOption.Memory(parse.GetValue(deviceMemory), deviceName) });
             }
             if (jsonFile is not null) throw new CliException($"--json {jsonFile}: a file only with --op attention or --model (print with --json alone)", 2);
             long n = parse.GetValue(elements);

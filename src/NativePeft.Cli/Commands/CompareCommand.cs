@@ -55,6 +55,8 @@ public static class CompareCommand
         public string Device { get; init; } = "cpu";
         /// <summary>--precision: auto (bf16 on a GPU device, fp32 on cpu), bf16 or fp32.</summary>
         public string Precision { get; init; } = "auto";
+        /// <summary>--device-memory: each method's limit of device memory (a size), null for the device's free memory.</summary>
+        public string? DeviceMemory { get; init; }
         public string Out { get; init; } = DefaultOut;
         public BadLinePolicy OnBadLine { get; init; } = BadLinePolicy.Stop;
         /// <summary>The command line, for the report.</summary>
@@ -84,11 +86,12 @@ public static class CompareCommand
         var exact = new Option<int>("--exact-match-samples") { Description = "held-out built-in problems for exact match (0 = all 200)", DefaultValueFactory = _ => d.ExactMatchSamples };
         var device = DeviceOption.Create("cpu", "cpu (the C# reference), or the kernels on auto (CUDA when present, else the emulator) | cuda | emulator");
         var precision = DeviceOption.CreatePrecision();
+        var deviceMemory = DeviceOption.CreateMemory();
         var output = new Option<string>("--out") { Description = "output folder (new or empty) for report.md, metrics.json, compare.png", DefaultValueFactory = _ => d.Out };
         var onBadLine = TrainCommand.OnBadLineOption();
         var cmd = new Command("compare", "Fine-tune the same model on the same data with full, LoRA and QLoRA and print the measured table")
         {
-            model, data, evalData, methods, rank, alpha, dropout, targets, steps, lr, lrFull, warmup, batch, seq, pack, seed, optim, exact, device, precision, output, onBadLine,
+            model, data, evalData, methods, rank, alpha, dropout, targets, steps, lr, lrFull, warmup, batch, seq, pack, seed, optim, exact, device, precision, deviceMemory, output, onBadLine,
         };
         cmd.SetAction((parse, cancel) =>
         {
@@ -98,7 +101,7 @@ public static class CompareCommand
                 Rank = parse.GetValue(rank), Alpha = parse.GetValue(alpha), Dropout = parse.GetValue(dropout), Targets = parse.GetValue(targets)!,
                 Steps = parse.GetValue(steps), Lr = parse.GetValue(lr), LrFull = parse.GetValue(lrFull), Warmup = parse.GetValue(warmup),
                 Batch = parse.GetValue(batch), Seq = parse.GetValue(seq), Pack = parse.GetValue(pack), Seed = parse.GetValue(seed), Optim = parse.GetValue(optim)!,
-                ExactMatchSamples = parse.GetValue(exact), Device = parse.GetValue(device)!, Precision = parse.GetValue(precision)!, Out = parse.GetValue(output)!,
+                ExactMatchSamples = parse.GetValue(exact), Device = parse.GetValue(device)!, Precision = parse.GetValue(precision)!, DeviceMemory = parse.GetValue(deviceMemory), Out = parse.GetValue(output)!,
                 OnBadLine = TrainCommand.ParseOnBadLine(parse.GetValue(onBadLine)!),
                 CommandLine = "nativepeft " + string.Join(' ', parse.Tokens.Select(t => t.Value.Contains(' ') ? $"\"{t.Value}\"" : t.Value)),
             };
@@ -154,7 +157,7 @@ public static class CompareCommand
         {
             Model = modelArg, Data = data, EvalData = a.EvalData is null ? null : Path.GetFullPath(a.EvalData), OnBadLine = a.OnBadLine,
             Lora = new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, Dropout = a.Dropout, TargetModules = targets },
-            Device = a.Device, ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device), Seed = a.Seed, Steps = a.Steps, BatchSize = a.Batch, SeqLen = a.Seq, Pack = a.Pack, Lr = a.Lr, Schedule = LrScheduleKind.Cosine,
+            Device = a.Device, ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device), DeviceMemory = DeviceOption.Memory(a.DeviceMemory, a.Device), Seed = a.Seed, Steps = a.Steps, BatchSize = a.Batch, SeqLen = a.Seq, Pack = a.Pack, Lr = a.Lr, Schedule = LrScheduleKind.Cosine,
             WarmupSteps = a.Warmup, Optimizer = a.Optim, ExactMatchSamples = a.ExactMatchSamples,
         };
         foreach (var m in methods) TrainCommand.Guard(() => { FineTune.ValidateOptions(Options(common, m, a)); return 0; });

@@ -21,6 +21,23 @@ internal static class DeviceOption
     public static IGpu? Open(string name) =>
         name == "cpu" ? null : GpuFactory.TryCreate(name, out var reason) ?? throw new CliException($"--device {name}: {reason}");
 
+    /// <summary>--device-memory SIZE: at most this much of the device's memory for the run (the plan is checked against it).</summary>
+    public static Option<string?> CreateMemory() => new("--device-memory")
+    {
+        Description = "use at most this much device memory, e.g. 20GiB, 512MiB or bytes (default: the device's free memory); " +
+                      "the memory plan is checked against it before anything is loaded",
+    };
+
+    /// <summary>--device-memory in bytes (null when not given); not a size, or given with --device cpu, is a CliException (exit 2).</summary>
+    public static long? Memory(string? text, string device)
+    {
+        if (text is null) return null;
+        long bytes = EstimateCommand.ParseSize(text) is { } b && b > 0
+            ? b : throw new CliException($"--device-memory {text}: expected a positive size such as 20GiB, 512MiB or a number of bytes", 2);
+        if (device == "cpu") throw new CliException($"--device-memory {text}: limits a GPU device's memory; --device cpu has no device pool", 2);
+        return bytes;
+    }
+
     public static readonly string[] PrecisionNames = ["auto", "bf16", "fp32"];
 
     /// <summary>--precision auto|bf16|fp32 (default auto).</summary>

@@ -19,7 +19,7 @@ public static class EstimateCommand
     {
         var model = new Option<string>("--model")
         {
-            Description = "a preset (" + string.Join(", ", PlanModels.Names) + ") or a path to config.json (or its folder)", Required = true,
+            Description = "a preset (" + string.Join(", ", PlanModels.Names) + "), builtin (the shipped model) or a path to config.json (or its folder)", Required = true,
         };
         var method = new Option<string>("--method") { Description = "full, lora or qlora", DefaultValueFactory = _ => "lora" };
         method.AcceptOnlyFromAmong("full", "lora", "qlora");

@@ -27,10 +27,11 @@ public static class EvalCommand
         quantize.AcceptOnlyFromAmong("nf4", "fp4");
         var device = DeviceOption.Create("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator (see --precision)");
         var precision = DeviceOption.CreatePrecision();
+        var deviceMemory = DeviceOption.CreateMemory();
         var json = new Option<bool>("--json") { Description = "print {\"loss\": …, \"perplexity\": …, \"tokens\": …}" };
         var cmd = new Command("eval", "Mean next-token cross-entropy and perplexity of a Llama checkpoint on a dataset (any format train reads)")
         {
-            model, adapter, data, seq, quantize, device, precision, json,
+            model, adapter, data, seq, quantize, device, precision, deviceMemory, json,
         };
         cmd.SetAction(parse =>
         {
@@ -45,9 +46,10 @@ public static class EvalCommand
             if (!File.Exists(file)) throw new CliException($"--data {file}: file not found");
             if (!Directory.Exists(dir)) throw new CliException($"--model {dir}: folder not found");
             if (parse.GetValue(seq) < 2) throw new CliException($"--seq {parse.GetValue(seq)}: must be at least 2");
+            long? memoryLimit = DeviceOption.Memory(parse.GetValue(deviceMemory), parse.GetValue(device)!);
             try
             {
-                var result = Run(dir, file, quantization, parse.GetValue(device)!, parse.GetValue(precision)!, parse.GetValue(adapter), parse.GetValue(seq));
+                var result = Run(dir, file, quantization, parse.GetValue(device)!, parse.GetValue(precision)!, parse.GetValue(adapter), parse.GetValue(seq), memoryLimit);
                 if (parse.GetValue(json))
                     stdout.WriteLine("{\"loss\": " + R(result.Loss) + ", \"perplexity\": " + R(result.Perplexity) + ", \"tokens\": " + result.Tokens + "}");
                 else
@@ -74,7 +76,7 @@ public static class EvalCommand
 
     /// <summary>Evaluates <paramref name="dataFile"/> with the checkpoint in <paramref name="modelDir"/> on the CPU (fp32) or a device (--precision).</summary>
     public static EvalResult Run(string modelDir, string dataFile, BaseQuantization quantization, string device = "cpu", string precision = "auto",
-        string? adapterDir = null, int seqLen = 128)
+        string? adapterDir = null, int seqLen = 128, long? memoryLimit = null)
     {
         var computeDType = DeviceOption.ComputeDType(precision, device);
         var adapter = AdapterArgument.Load(adapterDir); // checked before the model is read
@@ -94,7 +96,7 @@ public static class EvalCommand
         DevicePool? pool = null;
         if (gpu is not null)
         {
-            try { pool = DevicePlanning.InferencePool(gpu, plan!); }
+            try { pool = DevicePlanning.InferencePool(gpu, plan!, memoryLimit); }
             catch (PlanDoesNotFitException e) { throw new CliException($"--device {device}: the evaluation {e.Message}", 1, e); }
         }
         using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);

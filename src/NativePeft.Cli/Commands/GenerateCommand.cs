@@ -34,14 +34,15 @@ public static class GenerateCommand
         quantize.AcceptOnlyFromAmong("nf4", "fp4");
         var device = DeviceOption.Create("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator");
         var precision = DeviceOption.CreatePrecision();
+        var deviceMemory = DeviceOption.CreateMemory();
         var json = new Option<bool>("--json") { Description = "print one JSON object: prompt, completion, token ids, counts, tokens/s" };
         var cmd = new Command("generate", "Generate text with a Llama model (and a LoRA adapter), greedy or sampled, with a KV cache")
         {
-            model, adapter, prompt, maxTokens, temperature, topP, topK, seed, quantize, device, precision, json,
+            model, adapter, prompt, maxTokens, temperature, topP, topK, seed, quantize, device, precision, deviceMemory, json,
         };
         cmd.SetAction(parse => Run(new Args(parse.GetValue(model)!, parse.GetValue(adapter), parse.GetValue(prompt)!, parse.GetValue(maxTokens),
             parse.GetValue(temperature), parse.GetValue(topP), parse.GetValue(topK), parse.GetValue(seed), parse.GetValue(quantize),
-            parse.GetValue(device)!, parse.GetValue(json)) { Precision = parse.GetValue(precision)! }, stdout));
+            parse.GetValue(device)!, parse.GetValue(json)) { Precision = parse.GetValue(precision)!, DeviceMemory = parse.GetValue(deviceMemory) }, stdout));
         return cmd;
     }
 
@@ -51,6 +52,8 @@ public static class GenerateCommand
     {
         /// <summary>--precision: auto (bf16 on cuda and the emulator, fp32 on cpu), bf16 or fp32.</summary>
         public string Precision { get; init; } = "auto";
+        /// <summary>--device-memory: the run's limit of device memory (a size), null for the device's free memory.</summary>
+        public string? DeviceMemory { get; init; }
     }
 
     public static int Run(Args a, TextWriter stdout)
@@ -63,6 +66,7 @@ public static class GenerateCommand
         if (a.TopK < 0) throw new CliException($"--top-k {a.TopK}: must be >= 0 (0 = off)", 2);
         if (a.Prompt.Length == 0) throw new CliException("--prompt: the prompt is empty", 2);
         var computeDType = DeviceOption.ComputeDType(a.Precision, a.Device);
+        long? memoryLimit = DeviceOption.Memory(a.DeviceMemory, a.Device);
         var options = new GenerationOptions { MaxNewTokens = a.MaxTokens, Temperature = a.Temperature, TopP = a.TopP, TopK = a.TopK, Seed = a.Seed };
 
         // ---- files
@@ -148,7 +152,7 @@ public static class GenerateCommand
         DevicePool? pool = null;
         if (gpu is not null)
         {
-            try { pool = DevicePlanning.InferencePool(gpu, plan!); }
+            try { pool = DevicePlanning.InferencePool(gpu, plan!, memoryLimit); }
             catch (PlanDoesNotFitException e) { throw new CliException($"--device {a.Device}: the generation {e.Message}", 1, e); }
         }
         using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);

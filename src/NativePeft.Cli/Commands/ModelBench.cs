@@ -43,6 +43,8 @@ internal static class ModelBench
         public string Optimizer { get; init; } = "adamw";
         /// <summary>Where the frozen embedding lives (as train's --embedding: auto, host or device).</summary>
         public string Embedding { get; init; } = "auto";
+        /// <summary>--device-memory in bytes: each method's plan is checked against it (null: the device's free memory).</summary>
+        public long? DeviceMemory { get; init; }
     }
 
     public sealed record Row(string Method, string MethodId, double MsPerStep, double TokensPerSecond, double UsPerToken, double GemmShare,
@@ -150,12 +152,14 @@ internal static class ModelBench
                 // train does), checked against CUDA's free memory.
                 // A method that does not fit is skipped (its reason printed) while another may run: llama3-70b's QLoRA
                 // fits one large GPU where its LoRA does not.
-                if (DevicePlanning.CheckFreeMemory(gpu, plan.DoesNotFitMessage) is { } message)
+                DevicePool pool;
+                try { pool = DevicePlanning.TrainingPool(gpu, plan, s.DeviceMemory); }
+                catch (PlanDoesNotFitException e)
                 {
-                    skipped.Add((id, $"--device {s.Device}: {Label(id)} of {s.Model} ({config.NumHiddenLayers} layers, {batch} x {seq}) {message}"));
+                    skipped.Add((id, $"--device {s.Device}: {Label(id)} of {s.Model} ({config.NumHiddenLayers} layers, {batch} x {seq}) {e.Message}"));
                     continue;
                 }
-                baseOps = new GpuOps(gpu, ownsGpu: false, memory: DevicePool.ForGpu(gpu, plan));
+                baseOps = new GpuOps(gpu, ownsGpu: false, memory: pool);
             }
             using var ops = baseOps;
             using var profiler = new ProfilingOps(ops);

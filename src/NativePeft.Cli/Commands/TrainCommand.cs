@@ -54,6 +54,7 @@ public static class TrainCommand
         var resume = new Option<DirectoryInfo?>("--resume") { Description = "continue from a checkpoint-<step> folder" };
         var device = DeviceOption.Create("cpu", "cpu (the C# reference), or the kernels on auto|cuda|emulator");
         var precision = DeviceOption.CreatePrecision();
+        var deviceMemory = DeviceOption.CreateMemory();
         var recompute = new Option<bool>("--recompute") { Description = "gradient checkpointing: keep only each block's input, recompute the block in the backward" };
         var embedding = EmbeddingOption();
         var output = new Option<DirectoryInfo>("--out") { Description = "output folder (new or empty, or the run's own folder with --resume)", Required = true };
@@ -61,7 +62,7 @@ public static class TrainCommand
         var cmd = new Command("train", "Fine-tune a Llama checkpoint with LoRA, QLoRA or full fine-tuning")
         {
             model, data, evalData, method, rank, alpha, dropout, targets, rslora, lr, schedule, warmup, steps, epochs, batch, gradAccum,
-            seq, pack, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, recompute, embedding, output, onBadLine,
+            seq, pack, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, deviceMemory, recompute, embedding, output, onBadLine,
         };
         cmd.SetAction((parse, cancel) =>
         {
@@ -72,6 +73,7 @@ public static class TrainCommand
                 parse.GetValue(batch), parse.GetValue(gradAccum), parse.GetValue(seq), parse.GetValue(seed), parse.GetValue(optim)!,
                 parse.GetValue(maxGradNorm), parse.GetValue(evalEvery), parse.GetValue(evalBatches), parse.GetValue(saveEvery),
                 parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Embedding = parse.GetValue(embedding)!, Pack = parse.GetValue(pack), Precision = parse.GetValue(precision)!, OnBadLine = ParseOnBadLine(parse.GetValue(onBadLine)!) };
+            a = a with { DeviceMemory = parse.GetValue(deviceMemory) };
             return Task.FromResult(Run(a, stdout, cancel));
         });
         return cmd;
@@ -132,6 +134,8 @@ public static class TrainCommand
         public BadLinePolicy OnBadLine { get; init; } = BadLinePolicy.Stop;
         /// <summary>--precision: auto (bf16 on a GPU device, fp32 on cpu), bf16 or fp32.</summary>
         public string Precision { get; init; } = "auto";
+        /// <summary>--device-memory: the run's limit of device memory (a size), null for the device's free memory.</summary>
+        public string? DeviceMemory { get; init; }
     }
 
     public static int Run(Args a, TextWriter stdout, CancellationToken externalCancel = default)
@@ -185,7 +189,7 @@ public static class TrainCommand
             Model = a.Model, Data = a.Data, EvalData = a.EvalData, OnBadLine = a.OnBadLine,
             Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
             Lora = lora ?? new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, TargetModules = LoraSettings.KnownTargets }, Device = a.Device, Recompute = a.Recompute, Embedding = a.Embedding, Seed = a.Seed,
-            ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device),
+            ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device), DeviceMemory = DeviceOption.Memory(a.DeviceMemory, a.Device),
             Steps = a.Steps, Epochs = a.Steps is null ? a.Epochs ?? 1 : null, BatchSize = a.Batch, GradAccum = a.GradAccum, SeqLen = a.Seq, Pack = a.Pack,
             Lr = a.Lr, Schedule = LrSchedule.Parse(a.Schedule), WarmupSteps = a.Warmup, MaxGradNorm = a.MaxGradNorm,
             EvalEvery = a.EvalEvery, EvalBatches = a.EvalBatches, SaveEvery = a.SaveEvery, Optimizer = a.Optim,
@@ -267,6 +271,7 @@ public static class TrainCommand
         nameof(FineTuneOptions.Optimizer) => "--optim",
         nameof(FineTuneOptions.OnBadLine) => "--on-bad-line",
         nameof(FineTuneOptions.ComputeDType) => "--precision",
+        nameof(FineTuneOptions.DeviceMemory) => "--device-memory",
         "TargetModules" => "--targets",
         "UseRsLora" => "--rslora",
         _ => "--" + string.Concat(option.Select((c, i) => char.IsUpper(c) ? (i > 0 ? "-" : "") + char.ToLowerInvariant(c) : c.ToString())),

@@ -69,37 +69,75 @@ public static class DevicePlanning
     }
 
     /// <summary>
-    /// On a CUDA device, <paramref name="doesNotFit"/> of its free memory (the plan's one-line message, or null when it
-    /// fits); null on the emulator (host memory) and the CPU.
+    /// What a run may hold on <paramref name="gpu"/> and how to say it: the device's free memory now (CUDA's, or the
+    /// emulator's budget less what it holds), capped by <paramref name="limit"/> (a user's limit, e.g. to share the GPU);
+    /// null on the CPU (no device).
     /// </summary>
-    public static string? CheckFreeMemory(IGpu gpu, Func<long, string?> doesNotFit)
+    public static (long Bytes, string Words)? Budget(IGpu? gpu, long? limit)
     {
-        ArgumentNullException.ThrowIfNull(gpu);
-        ArgumentNullException.ThrowIfNull(doesNotFit);
-        return gpu is CudaGpu ? doesNotFit(gpu.MemoryInfo().Free) : null;
+        if (limit is <= 0) throw new ArgumentOutOfRangeException(nameof(limit), limit, "a memory limit is a positive number of bytes");
+        if (gpu is null) return null;
+        long free = gpu.MemoryInfo().Free;
+        return limit is { } l && l < free
+            ? (l, $"the memory limit ({MemoryPlan.FormatBytes(l)}; the device has {MemoryPlan.FormatBytes(free)} free)")
+            : (free, $"the device's free memory ({MemoryPlan.FormatBytes(free)}{(limit is { } m ? $", under the memory limit of {MemoryPlan.FormatBytes(m)}" : "")})");
     }
 
     /// <summary>
-    /// The device pool for an inference plan on <paramref name="gpu"/>, after checking the plan against a CUDA device's
-    /// free memory: a <see cref="PlanDoesNotFitException"/> with the one-line message naming the options that would fit.
-    /// The GPU is disposed when this throws.
+    /// <paramref name="doesNotFit"/> of the run's <see cref="Budget"/> on <paramref name="gpu"/> (the plan's one-line
+    /// message, or null when it fits).
     /// </summary>
-    public static DevicePool InferencePool(IGpu gpu, InferencePlan plan)
+    public static string? CheckFreeMemory(IGpu gpu, Func<long, string, string?> doesNotFit, long? limit = null)
     {
         ArgumentNullException.ThrowIfNull(gpu);
+        ArgumentNullException.ThrowIfNull(doesNotFit);
+        var (bytes, words) = Budget(gpu, limit)!.Value;
+        return doesNotFit(bytes, words);
+    }
+
+    /// <summary>
+    /// The device pool for a training plan on <paramref name="gpu"/> (and the other batch shapes of
+    /// <paramref name="alsoFits"/>), after checking the plan against the run's <see cref="Budget"/>. Either failure — the
+    /// plan exceeds the budget, or the device refuses the pool's memory (another process took it since) — is a
+    /// <see cref="PlanDoesNotFitException"/> with the plan's total, what was free and the options that would fit; never the
+    /// driver's raw error.
+    /// </summary>
+    public static DevicePool TrainingPool(IGpu gpu, MemoryPlan plan, long? limit = null, params IReadOnlyList<(int Batch, int Seq)> alsoFits)
+    {
         ArgumentNullException.ThrowIfNull(plan);
-        try
-        {
-            if (CheckFreeMemory(gpu, plan.DoesNotFitMessage) is { } message) throw new PlanDoesNotFitException(message);
-            return DevicePool.ForGpu(gpu, plan);
-        }
+        return Pool(gpu, limit, plan.DoesNotFitMessage, plan.TotalBytes, () => DevicePool.ForGpu(gpu, plan, alsoFits));
+    }
+
+    /// <summary>
+    /// The device pool for an inference plan on <paramref name="gpu"/>, checked as <see cref="TrainingPool"/> is. The GPU
+    /// is disposed when this throws.
+    /// </summary>
+    public static DevicePool InferencePool(IGpu gpu, InferencePlan plan, long? limit = null)
+    {
+        ArgumentNullException.ThrowIfNull(plan);
+        try { return Pool(gpu, limit, plan.DoesNotFitMessage, plan.TotalBytes, () => DevicePool.ForGpu(gpu, plan)); }
         catch
         {
             gpu.Dispose();
             throw;
         }
     }
+
+    private static DevicePool Pool(IGpu gpu, long? limit, Func<long, string, string?> doesNotFit, long planTotal, Func<DevicePool> create)
+    {
+        ArgumentNullException.ThrowIfNull(gpu);
+        if (CheckFreeMemory(gpu, doesNotFit, limit) is { } message) throw new PlanDoesNotFitException(message);
+        try { return create(); }
+        catch (Exception e) when (e is OutOfMemoryException || (e is CudaException c && c.Result == CuResult.OutOfMemory))
+        {
+            // The plan fitted a moment ago: the device's memory went elsewhere (another process) or is fragmented.
+            var (bytes, words) = Budget(gpu, limit)!.Value;
+            throw new PlanDoesNotFitException((doesNotFit(bytes, words)
+                ?? $"could not be reserved: plan total {MemoryPlan.FormatBytes(planTotal)}, {words} (fragmented, or taken by another process)")
+                + $" [{e.Message}]", e);
+        }
+    }
 }
 
 /// <summary>A memory plan exceeds the device's free memory; the message names the options that would make it fit.</summary>
-public sealed class PlanDoesNotFitException(string message) : Exception(message);
+public sealed class PlanDoesNotFitException(string message, Exception? inner = null) : Exception(message, inner);

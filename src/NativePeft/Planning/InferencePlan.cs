@@ -301,21 +301,11 @@ public sealed class InferencePlan
     }
 
     /// <summary>null when the plan fits; otherwise one line with the total and the alternatives that would fit (or that none does).</summary>
-    public string? DoesNotFitMessage(long deviceBytes)
-    {
-        if (Fits(deviceBytes)) return null;
-        var alternatives = Alternatives();
-        var fitting = alternatives.Where(a => a.Plan.Fits(deviceBytes)).ToList();
-        var sb = new StringBuilder();
-        sb.Append($"exceeds the device's free memory ({MemoryPlan.FormatBytes(deviceBytes)}): plan total {MemoryPlan.FormatBytes(TotalBytes)}; ");
-        if (fitting.Count > 0)
-            sb.Append("options that would make it fit: ").Append(string.Join(", ", fitting.Select(a => $"{a.Flags} ({MemoryPlan.FormatBytes(a.Plan.TotalBytes)})")));
-        else if (alternatives.Count > 0)
-            sb.Append("no option makes it fit (").Append(string.Join(", ", alternatives.Select(a => $"{a.Flags}: {MemoryPlan.FormatBytes(a.Plan.TotalBytes)}")))
-              .Append("); use a smaller model or a larger device");
-        else sb.Append("use a smaller model or a larger device");
-        return sb.ToString();
-    }
+    public string? DoesNotFitMessage(long deviceBytes) => DoesNotFitMessage(deviceBytes, $"the device's free memory ({MemoryPlan.FormatBytes(deviceBytes)})");
+
+    /// <summary>As <see cref="DoesNotFitMessage(long)"/> with what <paramref name="deviceBytes"/> is, in words ("the memory limit (…)").</summary>
+    public string? DoesNotFitMessage(long deviceBytes, string budget) =>
+        Fits(deviceBytes) ? null : PlanFit.Message(TotalBytes, Alternatives().Select(a => (a.Flags, a.Plan.TotalBytes)), deviceBytes, budget);
 
     /// <summary>What the pool's error names: the shape the plan was made for.</summary>
     public string ShapeDescription => Options.Mode == InferenceMode.Generate

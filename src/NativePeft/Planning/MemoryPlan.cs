@@ -348,20 +348,11 @@ public sealed class MemoryPlan
     /// fit: --method qlora (Y), --recompute (Z), …" with the totals of the alternatives that fit (or, when none does,
     /// every alternative's total and the statement that none fits).
     /// </summary>
-    public string? DoesNotFitMessage(long deviceBytes)
-    {
-        if (Fits(deviceBytes)) return null;
-        var alternatives = Alternatives();
-        var fitting = alternatives.Where(a => a.Plan.Fits(deviceBytes)).ToList();
-        var sb = new StringBuilder();
-        sb.Append($"exceeds the device's memory ({FormatBytes(deviceBytes)}): plan total {FormatBytes(TotalBytes)}; ");
-        if (fitting.Count > 0)
-            sb.Append("options that would make it fit: ").Append(string.Join(", ", fitting.Select(a => $"{a.Flags} ({FormatBytes(a.Plan.TotalBytes)})")));
-        else
-            sb.Append("no option makes it fit (").Append(string.Join(", ", alternatives.Select(a => $"{a.Flags}: {FormatBytes(a.Plan.TotalBytes)}")))
-              .Append("); use a smaller model or a larger device");
-        return sb.ToString();
-    }
+    public string? DoesNotFitMessage(long deviceBytes) => DoesNotFitMessage(deviceBytes, $"the device's memory ({FormatBytes(deviceBytes)})");
+
+    /// <summary>As <see cref="DoesNotFitMessage(long)"/> with what <paramref name="deviceBytes"/> is, in words ("the memory limit (…)").</summary>
+    public string? DoesNotFitMessage(long deviceBytes, string budget) =>
+        Fits(deviceBytes) ? null : PlanFit.Message(TotalBytes, Alternatives().Select(a => (a.Flags, a.Plan.TotalBytes)), deviceBytes, budget);
 
     // ------------------------------------------------------------------------------------------ output
 

@@ -21,7 +21,7 @@ public static class PlanModels
     public static IReadOnlyList<string> Names { get; } = [.. LlamaConfig.PresetNames, "llama-65b"];
 
     /// <summary>
-    /// A preset by name (case-insensitive), or the config.json at <paramref name="nameOrPath"/> (a file, or a folder
+    /// A preset by name (case-insensitive), "builtin" (the shipped model), or the config.json at <paramref name="nameOrPath"/> (a file, or a folder
     /// holding config.json). Throws ArgumentException for an unknown name that is not a path, and
     /// <see cref="LlamaConfigException"/> / FileNotFoundException for a bad or missing config.json.
     /// </summary>
@@ -30,11 +30,12 @@ public static class PlanModels
         ArgumentException.ThrowIfNullOrWhiteSpace(nameOrPath);
         string lower = nameOrPath.ToLowerInvariant();
         if (lower == "llama-65b") return Llama65B;
+        if (lower == Training.BuiltinModel.Name) nameOrPath = Training.BuiltinModel.Directory; // the shipped model train and compare default to
         if (LlamaConfig.PresetNames.Contains(lower)) return LlamaConfig.Preset(lower);
         bool looksLikePath = nameOrPath.Contains('/') || nameOrPath.Contains('\\') || nameOrPath.EndsWith(".json", StringComparison.OrdinalIgnoreCase)
                              || File.Exists(nameOrPath) || Directory.Exists(nameOrPath);
         if (!looksLikePath)
-            throw new ArgumentException($"unknown model \"{nameOrPath}\": expected one of {string.Join(", ", Names)}, or a path to config.json", nameof(nameOrPath));
+            throw new ArgumentException($"unknown model \"{nameOrPath}\": expected one of {string.Join(", ", Names)}, {Training.BuiltinModel.Name}, or a path to config.json", nameof(nameOrPath));
         string file = Directory.Exists(nameOrPath) ? Path.Combine(nameOrPath, LlamaConfig.FileName) : nameOrPath;
         if (!File.Exists(file)) throw new FileNotFoundException($"{file}: config.json not found", file);
         return LlamaConfig.Load(file);

@@ -55,10 +55,16 @@ public sealed unsafe class EmulatedGpu : IGpu
     private long _allocated;
     private long _peak;
     private bool _disposed;
+    private static int s_open;
+
+    /// <summary>Emulated devices created in this process and not yet disposed (the soak test counts them: a run that
+    /// forgets its device holds its memory until the process ends).</summary>
+    public static int OpenCount => Volatile.Read(ref s_open);
 
     private EmulatedGpu(EmuNative native, long memoryBudgetBytes, int workerThreads)
     {
         _native = native;
+        Interlocked.Increment(ref s_open);
         if (workerThreads > 0) native.SetWorkerThreads(workerThreads);
         _kernels = native.KernelNames().ToFrozenSet(StringComparer.Ordinal);
         _budget = memoryBudgetBytes > 0 ? memoryBudgetBytes : GC.GetGCMemoryInfo().TotalAvailableMemoryBytes;
@@ -246,6 +252,7 @@ public sealed unsafe class EmulatedGpu : IGpu
         {
             if (_disposed) return;
             _disposed = true;
+            Interlocked.Decrement(ref s_open);
             foreach (ulong p in _allocations.Keys) NativeMemory.AlignedFree((void*)p);
             _allocations.Clear();
             _allocated = 0;

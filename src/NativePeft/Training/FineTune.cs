@@ -172,13 +172,17 @@ public sealed partial class FineTune : IDisposable
                 {
                     throw new FineTuneException(nameof(o.Model), $"{modelDir}: {e.Message}", e);
                 }
-                // Fail before the first step, with the options that would fit, when the plan exceeds the free device memory.
-                if (DevicePlanning.CheckFreeMemory(gpu, plan.DoesNotFitMessage) is { } message)
-                    throw new FineTuneException(nameof(o.Device), $"{o.Device}: the run {message}");
-                // The device memory pool, sized from the plan (and for the built-in task's greedy generation: B=1, prompt + answer).
+                // The device memory pool, sized from the plan (and for the built-in task's greedy generation: B=1, prompt + answer);
+                // before the first step, with the options that would fit, when the plan exceeds the free device memory
+                // (or DeviceMemory) or the device refuses the pool.
                 int generation = data?.Data.ExactMatchProblems?.Select(p => tokenizer.Encode(p.Prompt, tokenizer.BosId is not null).Length
                     + tokenizer.Encode(p.Answer, false).Length + 1).DefaultIfEmpty(0).Max() ?? 0;
-                pool = DevicePool.ForGpu(gpu, plan, generation > 0 ? [(1, generation)] : []);
+                try { pool = DevicePlanning.TrainingPool(gpu, plan, o.DeviceMemory, generation > 0 ? [(1, generation)] : []); }
+                catch (PlanDoesNotFitException e)
+                {
+                    throw new FineTuneException(o.DeviceMemory is null ? nameof(o.Device) : nameof(o.DeviceMemory),
+                        $"{(o.DeviceMemory is { } limit ? MemoryPlan.FormatBytes(limit) : o.Device)}: the run {e.Message}", e);
+                }
             }
             ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);
             try { model = LlamaModel.Load(ckpt, ops, modelOptions); }
@@ -249,6 +253,11 @@ public sealed partial class FineTune : IDisposable
         if (string.IsNullOrWhiteSpace(o.Model)) throw new FineTuneException(nameof(o.Model), "\"\": name a model folder or builtin");
         if (!Enum.IsDefined(o.Method)) throw new FineTuneException(nameof(o.Method), $"{o.Method}: expected Full, Lora or Qlora");
         if (o.Device is not ("cpu" or "auto" or "cuda" or "emulator")) throw new FineTuneException(nameof(o.Device), $"{o.Device}: expected cpu, auto, cuda or emulator");
+        if (o.DeviceMemory is { } dm)
+        {
+            if (dm <= 0) throw new FineTuneException(nameof(o.DeviceMemory), $"{dm}: must be a positive number of bytes");
+            if (o.Device == "cpu") throw new FineTuneException(nameof(o.DeviceMemory), "is a limit of a GPU device's memory; Device cpu has no device pool");
+        }
         if (o.Steps is not null && o.Epochs is not null) throw new FineTuneException(nameof(o.Steps), "and Epochs: give one of them, not both");
         if (o.Steps is <= 0) throw new FineTuneException(nameof(o.Steps), $"{o.Steps}: must be positive");
         if (o.Epochs is double ep && !(ep > 0 && double.IsFinite(ep))) throw new FineTuneException(nameof(o.Epochs), $"{ep}: must be positive");

@@ -33,6 +33,13 @@ public sealed record FineTuneOptions
     /// a GPU device, F64 on the CPU (gradient checks).
     /// </summary>
     public DType? ComputeDType { get; init; }
+    /// <summary>
+    /// At most this many bytes of device memory for the run (null: the device's free memory): the memory plan is checked
+    /// against the smaller of the two before anything is loaded, and the pool it sizes never grows. For sharing a GPU
+    /// with other jobs, and to see the out-of-memory message (the plan's total, what was free, the options that would
+    /// fit) without a full device. Not for the CPU device (no pool).
+    /// </summary>
+    public long? DeviceMemory { get; init; }
 
     /// <summary><see cref="ComputeDType"/> with auto resolved for <see cref="Device"/>.</summary>
     public DType ResolvedComputeDType => ComputeDType ?? (Device == "cpu" ? DType.F32 : DType.BF16);
