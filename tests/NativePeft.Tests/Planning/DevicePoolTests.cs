@@ -147,6 +147,32 @@ public class DevicePoolTests(string device)
         Assert.That(pool.PeakAllocatedBytes, Is.EqualTo(plan.TotalBytes), "evaluation stays within the training peak");
     }
 
+    /// <summary>
+    /// The persistent arena against arithmetic done by hand, not against the plan it was sized from (issue 13 item 4):
+    /// full fine-tuning in fp32 with AdamW holds, for each of the P parameters, the weight, its gradient and the two
+    /// moments — 16·P bytes. P for <see cref="Config"/> (untied): embed 1600·64 = 102400; per layer q 64·64 = 4096,
+    /// k and v 64·32 = 2048 each, o 4096, gate, up and down 64·128 = 8192 each, two norms 64 each = 36992, so 73984 for
+    /// two layers; the final norm 64; lm_head 102400: P = 278848 and 16·P = 4461568 bytes. Every tensor's bytes are a
+    /// multiple of 256, so no alignment padding on any device. A plan that forgot a moment or double-counted gradients
+    /// fails here even when the pool agrees with the plan.
+    /// </summary>
+    [Test]
+    public void TheFullFineTuningPersistentArenaIsWeightsGradientsAndTwoMomentsByHand()
+    {
+        const long P = 102400 + 2 * (4096 + 2048 + 2048 + 4096 + 3 * 8192 + 2 * 64) + 64 + 102400;
+        Assert.That(P, Is.EqualTo(278848));
+        var options = new PlanOptions { Batch = B, Seq = T, CrossEntropyChunk = 512, Method = FineTuneMethod.Full, Device = Device };
+        var plan = MemoryPlan.Compute(Config, options);
+        var (ops, pool) = Create(plan);
+        using var _ = ops;
+        using var model = LlamaModel.CreateRandom(Config, ops, options.ToModelOptions(seed: 3), weightSeed: 5, std: 0.05);
+        using var optimizer = OptimizerFactory.Create(options.Optimizer, ops);
+        Step(model, ops, optimizer, options);
+        Assert.That(model.TrainableParameters.Sum(p => p.Param.Count), Is.EqualTo(P), "the model's parameters");
+        Assert.That(pool.Arena(MemoryRegion.Persistent).InUseBytes, Is.EqualTo(16 * P), "held between steps: weights, gradients, m, v");
+        Assert.That(pool.Arena(MemoryRegion.Persistent).ReservedBytes, Is.EqualTo(16 * P), "reserved");
+    }
+
     [Test]
     public void ARequestPastAReservationFailsNamingTheArenaTheRequestAndThePlan()
     {
