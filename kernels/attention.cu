@@ -78,13 +78,6 @@ static_assert(kFwdKeys % kFwdLanes == 0 && kMaxD % kFwdLanes == 0, "forward tile
 static_assert(kBwdRows % kBwdLanes == 0 && kBwdKeys % kBwdLanes == 0 && kMaxD % kBwdLanes == 0, "backward tile shape");
 static_assert(kBwdRows == kBwdKeys, "dk/dv and dq use the same lane mapping");
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-
 // Stages rows t = row0 .. row0 + rows - 1 of one head into tile[rows][ld] as fp32; rows at or past
 // seq_len are zero. `head` points at element (b, t = 0, head, d = 0); consecutive t are row_stride
 // elements apart. All threads of the block take part (coalesced: consecutive threads, consecutive d).

@@ -28,6 +28,58 @@
 #define NP_UNROLL _Pragma("GCC unroll 64")
 #endif
 
+// --- element conversion ------------------------------------------------------------------------
+// Every kernel converts its storage type to fp32 to compute and back to store, with these (defined once here):
+// bf16/f16 -> f32 is exact; f32 -> bf16/f16 rounds to nearest even (__float2bfloat16 and __float2bfloat16_rn are the
+// same rounding, on the GPU and in the emulator).
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// --- the 8-bit dynamic map's code search -----------------------------------------------------------
+// bitsandbytes' dQuantize<0> (csrc/kernels.cu): binary search over the sorted 256-entry map, then midpoint rounding
+// between the neighbours; same comparisons, same order (C#: Quantization.Dynamic8Bit.Encode). Used by the double
+// quantization of absmax (nf4.cu) and the 8-bit optimizer states (optim.cu).
+__device__ __forceinline__ unsigned char dquantize_nearest(const float* code, float x)
+{
+    int pivot = 127;
+    int upper_pivot = 255;
+    int lower_pivot = 0;
+    float lower = -1.0f;
+    float upper = 1.0f;
+    float val = code[pivot];
+    for (int i = 64; i > 0; i >>= 1)
+    {
+        if (x > val)
+        {
+            lower_pivot = pivot;
+            lower = val;
+            pivot += i;
+        }
+        else
+        {
+            upper_pivot = pivot;
+            upper = val;
+            pivot -= i;
+        }
+        val = code[pivot];
+    }
+    if (upper_pivot == 255) upper = code[upper_pivot];
+    if (lower_pivot == 0) lower = code[lower_pivot];
+    if (x > val)
+    {
+        const float midpoint = (upper + val) * 0.5f;
+        return (unsigned char)(x > midpoint ? upper_pivot : pivot);
+    }
+    const float midpoint = (lower + val) * 0.5f;
+    return (unsigned char)(x < midpoint ? lower_pivot : pivot);
+}
+
 // --- 16-byte vector access --------------------------------------------------------------------
 // Memory-bound kernels move 16 bytes per load/store instruction where the data allows it (LDG.E.128 /
 // STG.E.128): a warp of 2-byte loads keeps too few bytes in flight to reach HBM bandwidth. npvec::load8 /

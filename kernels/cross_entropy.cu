@@ -27,13 +27,6 @@ namespace cek {
 
 constexpr int kIgnoreIndex = -100;
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-
 // Block-wide reductions (blockDim.x a multiple of 32, at most 1024): warp xor-shuffles, then warp 0 combines the
 // per-warp partials in warp order. Every thread gets the result; `s_partial` holds 32 floats and may be reused after.
 __device__ __forceinline__ float block_sum(float v, float* s_partial)

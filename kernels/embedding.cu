@@ -19,9 +19,6 @@
 
 namespace embk {
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
 // ---------------------------------------------------------------------------------------------
 // Forward. Launch shape: grid = N (one block per token), block = min(256, 32 * ceil(C / 32)),
 // no shared memory; threads stride over the C columns of the row (coalesced copy).

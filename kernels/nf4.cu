@@ -18,15 +18,6 @@ enum { kNF4 = 0, kFP4 = 1 };
 // Scalar helpers
 // ---------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-
 // log2 of a power of two (blocksize), without relying on intrinsics.
 __device__ __forceinline__ int log2_pow2(int v)
 {
@@ -492,51 +483,12 @@ __device__ void linear_4bit_gemv_body(const T* __restrict__ x, const uint8_t* __
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Double quantization of absmax (nested blocksize 256, signed dynamic map)
-// ---------------------------------------------------------------------------------------------
-
-// bitsandbytes' dQuantize<0> (csrc/kernels.cu): binary search over the sorted 256-entry map,
-// then midpoint rounding between the neighbours. Same comparisons, same order.
-__device__ __forceinline__ unsigned char dquantize_nearest(const float* smem_code, float x)
-{
-    int pivot = 127;
-    int upper_pivot = 255;
-    int lower_pivot = 0;
-    float lower = -1.0f;
-    float upper = 1.0f;
-
-    float val = smem_code[pivot];
-    for (int i = 64; i > 0; i >>= 1)
-    {
-        if (x > val)
-        {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += i;
-        }
-        else
-        {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= i;
-        }
-        val = smem_code[pivot];
-    }
-
-    if (upper_pivot == 255) upper = smem_code[upper_pivot];
-    if (lower_pivot == 0) lower = smem_code[lower_pivot];
-
-    if (x > val)
-    {
-        const float midpoint = (upper + val) * 0.5f;
-        return (unsigned char)(x > midpoint ? upper_pivot : pivot);
-    }
-    const float midpoint = (lower + val) * 0.5f;
-    return (unsigned char)(x < midpoint ? lower_pivot : pivot);
-}
-
 }  // namespace nf4k
+
+// ---------------------------------------------------------------------------------------------
+// Double quantization of absmax (nested blocksize 256, signed dynamic map; the code search is
+// dquantize_nearest in common.cuh)
+// ---------------------------------------------------------------------------------------------
 
 // quantize_absmax_dq: qabsmax[i] = dQuantize((absmax[i] - offset) * (1 / nested_absmax[i / 256])).
 //
@@ -560,7 +512,7 @@ extern "C" __global__ void quantize_absmax_dq(const float* __restrict__ absmax, 
     s_code[t] = code256[t];
     if (s_code[t] == 0.0f) atomicMin(&s_zero_index, t);
     __syncthreads();
-    const int zero_index = s_zero_index < 256 ? s_zero_index : (int)nf4k::dquantize_nearest(s_code, 0.0f);
+    const int zero_index = s_zero_index < 256 ? s_zero_index : (int)dquantize_nearest(s_code, 0.0f);
 
     const long long nnested = (nblocks + 255) / 256;
     for (long long nb = blockIdx.x; nb < nnested; nb += gridDim.x)
@@ -584,7 +536,7 @@ extern "C" __global__ void quantize_absmax_dq(const float* __restrict__ absmax, 
             if (m == 0.0f)
                 qabsmax[i] = (uint8_t)zero_index;
             else
-                qabsmax[i] = nf4k::dquantize_nearest(s_code, c * (1.0f / m));
+                qabsmax[i] = dquantize_nearest(s_code, c * (1.0f / m));
         }
     }
 }

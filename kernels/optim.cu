@@ -43,43 +43,6 @@ __device__ __forceinline__ float adamw_update(float p, float g_raw, float& m, fl
     return __fmaf_rn(s.neg_step, __fdiv_rn(m, denom), p);
 }
 
-// bitsandbytes' dQuantize<0> (csrc/kernels.cu): binary search over the sorted 256-entry map, then midpoint rounding
-// between the neighbours. Same comparisons, same order (C#: Quantization.Dynamic8Bit.Encode).
-__device__ __forceinline__ unsigned char dquantize(const float* code, float x)
-{
-    int pivot = 127;
-    int upper_pivot = 255;
-    int lower_pivot = 0;
-    float lower = -1.0f;
-    float upper = 1.0f;
-    float val = code[pivot];
-    for (int i = 64; i > 0; i >>= 1)
-    {
-        if (x > val)
-        {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += i;
-        }
-        else
-        {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= i;
-        }
-        val = code[pivot];
-    }
-    if (upper_pivot == 255) upper = code[upper_pivot];
-    if (lower_pivot == 0) lower = code[lower_pivot];
-    if (x > val)
-    {
-        const float midpoint = (upper + val) * 0.5f;
-        return (unsigned char)(x > midpoint ? upper_pivot : pivot);
-    }
-    const float midpoint = (lower + val) * 0.5f;
-    return (unsigned char)(x < midpoint ? lower_pivot : pivot);
-}
-
 }  // namespace optk
 
 // adamw_f32(p[n], g[n], m[n], v[n], n, beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale):
@@ -177,8 +140,8 @@ extern "C" __global__ void adamw8bit_blockwise(float* __restrict__ p, const floa
         }
         if (valid)
         {
-            qm[i] = am == 0.0f ? (unsigned char)127 : optk::dquantize(s_code_m, __fmul_rn(mi, __fdiv_rn(1.0f, am)));
-            qv[i] = av == 0.0f ? (unsigned char)0 : optk::dquantize(s_code_v, __fmul_rn(vi, __fdiv_rn(1.0f, av)));
+            qm[i] = am == 0.0f ? (unsigned char)127 : dquantize_nearest(s_code_m, __fmul_rn(mi, __fdiv_rn(1.0f, am)));
+            qv[i] = av == 0.0f ? (unsigned char)0 : dquantize_nearest(s_code_v, __fmul_rn(vi, __fdiv_rn(1.0f, av)));
         }
     }
 }

@@ -17,13 +17,6 @@
 
 namespace rmsk {
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-
 // Sum over the block (blockDim.x a multiple of 32, at most 1024): warp xor-shuffle sums, then warp 0
 // sums the per-warp partials in warp order. Every thread gets the total. `s_partial` holds 32 floats;
 // the trailing __syncthreads lets the caller reuse it.

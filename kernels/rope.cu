@@ -15,13 +15,6 @@
 
 namespace ropek {
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-
 // ---------------------------------------------------------------------------------------------
 // Launch shape: grid = N (one block per token), block = min(256, 32 * ceil(H * D/2 / 32)) threads,
 // no shared memory. The block's threads stride over the H * D/2 rotation pairs of the token
