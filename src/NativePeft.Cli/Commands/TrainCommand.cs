@@ -177,7 +177,7 @@ public static class TrainCommand
         if (a.Resume is not null && !File.Exists(Path.Combine(a.Resume, Trainer.StateFileName)))
             throw new CliException($"--resume {a.Resume}: not a checkpoint folder (no {Trainer.StateFileName})");
         if (File.Exists(a.Out)) throw new CliException($"--out {a.Out}: is a file");
-        if (a.Resume is null && Directory.Exists(a.Out) && Directory.EnumerateFileSystemEntries(a.Out).Any())
+        if (a.Resume is null && OutputFolder.HasContent(a.Out))
             throw new CliException($"--out {a.Out}: the folder exists and is not empty (choose a new one, or --resume a checkpoint)");
 
         var options = new FineTuneOptions

@@ -260,21 +260,17 @@ public sealed class PeftAdapter
         if (Directory.Exists(full) && Directory.EnumerateFileSystemEntries(full).Any())
             throw new PeftAdapterException(full, "the folder exists and is not empty; refusing to overwrite it (save to a new folder)");
         string parent = Path.GetDirectoryName(full) ?? throw new PeftAdapterException(full, "has no parent folder");
-        string temp = Path.Combine(parent, $".{Path.GetFileName(full)}.{Guid.NewGuid():N}.tmp");
+        string temp = OutputFolder.TempPathFor(full);
         var tensors = ToTensors();
         try
         {
             Directory.CreateDirectory(temp);
-            HfFiles.WriteAllTextAtomic(Path.Combine(temp, PeftLoraConfig.FileName), Config.ToJson());
+            OutputFolder.WriteAllTextAtomic(Path.Combine(temp, PeftLoraConfig.FileName), Config.ToJson());
             afterConfigWritten?.Invoke(temp);
             SafetensorsWriter.Write(Path.Combine(temp, WeightsFileName), tensors, new Dictionary<string, string> { ["format"] = "pt" });
-            if (Directory.Exists(full))
-            {
-                if (Directory.EnumerateFileSystemEntries(full).Any())
-                    throw new PeftAdapterException(full, "the folder was filled while the adapter was written; refusing to overwrite it");
-                Directory.Delete(full);
-            }
-            Directory.Move(temp, full);
+            if (Directory.Exists(full) && Directory.EnumerateFileSystemEntries(full).Any())
+                throw new PeftAdapterException(full, "the folder was filled while the adapter was written; refusing to overwrite it");
+            OutputFolder.Replace(temp, full);
         }
         catch (Exception e)
         {

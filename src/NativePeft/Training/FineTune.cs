@@ -32,6 +32,7 @@ public sealed partial class FineTune : IDisposable
     private readonly LlamaModel _model;
     private readonly ILogger<Trainer> _logger;
     private readonly string? _tempOutput;
+    private OutputLock? _outputLock;
     private Trainer? _trainer;
     private bool _disposed;
 
@@ -116,14 +117,13 @@ public sealed partial class FineTune : IDisposable
         if (o.ResumeFrom is not null && !File.Exists(Path.Combine(o.ResumeFrom, Trainer.StateFileName)))
             throw new FineTuneException(nameof(o.ResumeFrom), $"{o.ResumeFrom}: not a checkpoint folder (no {Trainer.StateFileName})");
         if (o.OutputDir is not null && File.Exists(o.OutputDir)) throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: is a file");
-        // An earlier run's adapter, checkpoints and metrics are not overwritten (as the CLI's --out).
-        if (o.OutputDir is not null && o.ResumeFrom is null && Directory.Exists(o.OutputDir) && Directory.EnumerateFileSystemEntries(o.OutputDir).Any())
-            throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: the folder exists and is not empty (choose a new one, or resume a checkpoint with ResumeFrom)");
+        var outputLock = LockOutput(o, logger);
 
         HfCheckpoint ckpt;
         try { ckpt = HfCheckpoint.Open(modelDir); }
         catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
         {
+            outputLock?.Dispose();
             throw new FineTuneException(nameof(o.Model), $"{modelDir}: {e.Message}", e);
         }
         IOps? ops = null;
@@ -193,6 +193,7 @@ public sealed partial class FineTune : IDisposable
 
             string? temp = o.OutputDir is null ? Directory.CreateTempSubdirectory("nativepeft-finetune-").FullName : null;
             var run = new FineTune(o, modelDir, ckpt, tokenizer, ops, model, deviceName, logger, Path.GetFullPath(o.OutputDir ?? temp!), temp);
+            run._outputLock = outputLock;
             if (data is { } d) run.SetData(d.Data, d.Skipped, d.Messages);
             run.Truncation = truncation;
             run.Plan = plan;
@@ -208,9 +209,33 @@ public sealed partial class FineTune : IDisposable
                 gpu?.Dispose();
             }
             ckpt.Dispose();
+            outputLock?.Dispose();
             throw;
         }
     }
+
+    /// <summary>
+    /// Takes <see cref="FineTuneOptions.OutputDir"/>'s <see cref="OutputLock"/> for the whole run (released by
+    /// <see cref="Dispose"/>; it also proves the folder writable and cleans up a killed run's leftovers, logged as
+    /// warnings), then refuses a folder that holds an earlier run (as the CLI's --out) unless resuming. Null without an
+    /// output folder (the run's own temporary one).
+    /// </summary>
+    private static OutputLock? LockOutput(FineTuneOptions o, ILogger logger)
+    {
+        if (o.OutputDir is null) return null;
+        var outputLock = OutputLock.Acquire(o.OutputDir);
+        foreach (var note in outputLock.Notes) LogOutputNote(logger, note);
+        // An earlier run's adapter, checkpoints and metrics are not overwritten.
+        if (o.ResumeFrom is null && OutputFolder.HasContent(o.OutputDir))
+        {
+            outputLock.Dispose();
+            throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: the folder exists and is not empty (choose a new one, or resume a checkpoint with ResumeFrom)");
+        }
+        return outputLock;
+    }
+
+    [LoggerMessage(EventId = 30, Level = LogLevel.Warning, Message = "{Note}")]
+    private static partial void LogOutputNote(ILogger logger, string note);
 
     /// <summary>The <see cref="LlamaModelOptions"/> a method stands for: LoRA = BF16-stored frozen base, QLoRA = NF4 with
     /// double-quantized absmax, full = every weight trained in the compute dtype.</summary>
@@ -498,6 +523,7 @@ public sealed partial class FineTune : IDisposable
         _model.Dispose();
         _ops.Dispose();
         _checkpoint.Dispose();
+        _outputLock?.Dispose();
         if (_tempOutput is not null)
         {
             try { Directory.Delete(_tempOutput, recursive: true); }
