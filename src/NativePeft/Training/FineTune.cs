@@ -114,10 +114,14 @@ public sealed partial class FineTune : IDisposable
         if (o.Data is not null && !builtinData && !File.Exists(o.Data))
             throw new FineTuneException(nameof(o.Data), $"{o.Data}: file not found (or use builtin)");
         if (o.EvalData is not null && !File.Exists(o.EvalData)) throw new FineTuneException(nameof(o.EvalData), $"{o.EvalData}: file not found");
-        if (o.ResumeFrom is not null && !File.Exists(Path.Combine(o.ResumeFrom, Trainer.StateFileName)))
-            throw new FineTuneException(nameof(o.ResumeFrom), $"{o.ResumeFrom}: not a checkpoint folder (no {Trainer.StateFileName})");
         if (o.OutputDir is not null && File.Exists(o.OutputDir)) throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: is a file");
+        // Before the resume check: taking the lock restores a checkpoint that a run killed while replacing it left renamed.
         var outputLock = LockOutput(o, logger);
+        if (o.ResumeFrom is not null && !File.Exists(Path.Combine(o.ResumeFrom, Trainer.StateFileName)))
+        {
+            outputLock?.Dispose();
+            throw new FineTuneException(nameof(o.ResumeFrom), $"{o.ResumeFrom}: not a checkpoint folder (no {Trainer.StateFileName})");
+        }
 
         HfCheckpoint ckpt;
         try { ckpt = HfCheckpoint.Open(modelDir); }
