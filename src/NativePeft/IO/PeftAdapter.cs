@@ -259,7 +259,7 @@ public sealed class PeftAdapter
             throw new PeftAdapterException(full, "is a file; the adapter needs a new (or empty) folder");
         if (Directory.Exists(full) && Directory.EnumerateFileSystemEntries(full).Any())
             throw new PeftAdapterException(full, "the folder exists and is not empty; refusing to overwrite it (save to a new folder)");
-        string parent = Path.GetDirectoryName(full) ?? throw new PeftAdapterException(full, "has no parent folder");
+        if (Path.GetDirectoryName(full) is null) throw new PeftAdapterException(full, "has no parent folder");
         string temp = OutputFolder.TempPathFor(full);
         var tensors = ToTensors();
         try

@@ -121,6 +121,19 @@ public class OutputFolderCliTests
         Assert.That(InProcess("merge", "--model", model, "--adapter", dir["adapter"], "--out", dir["merged"]).Exit, Is.EqualTo(0));
         Assert.That(InProcess("quantize", "--in", shard, "--out", dir["q.safetensors"]).Exit, Is.EqualTo(0));
         Assert.That(Entries(dir["merged"]), Does.Not.Contain(OutputLock.FileName));
+        // the other file writers alike
+        foreach (var args in new[] { new[] { "dequantize", "--in", dir["q.safetensors"], "--out", dir["d.safetensors"] }, ["demo-checkpoint", "--out", dir["d.safetensors"]] })
+        {
+            using (OutputLock.AcquireForFile(dir["d.safetensors"]))
+            {
+                var r = InProcess(args);
+                Assert.That(r.Exit, Is.EqualTo(1), args[0] + ": " + r.Stderr);
+                Assert.That(r.Stderr, Does.StartWith($"error: {dir.Path}: in use by another run: pid {Environment.ProcessId}"), args[0]);
+                Assert.That(File.Exists(dir["d.safetensors"]), Is.False, args[0]);
+            }
+            Assert.That(InProcess(args).Exit, Is.EqualTo(0), args[0]);
+            File.Delete(dir["d.safetensors"]);
+        }
     }
 
     // ------------------------------------------------------------------------------------------ 2. unwritable output, write failures
