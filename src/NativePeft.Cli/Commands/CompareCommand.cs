@@ -199,9 +199,13 @@ public static class CompareCommand
             foreach (var r in results) r.RelativeSpeed = reference.TokensPerSecond > 0 ? r.TokensPerSecond / reference.TokensPerSecond : null;
 
             var report = new Report(a, machine, modelDescription, baseResult, results, reference.Method);
-            OutputFolder.WriteAllTextAtomic(Path.Combine(outDir, MetricsFileName), report.Json());
-            ComparePlot.Write(Path.Combine(outDir, PlotFileName), results);
-            OutputFolder.WriteAllTextAtomic(Path.Combine(outDir, ReportFileName), report.Markdown());
+            try
+            {
+                OutputFolder.WriteAllTextAtomic(Path.Combine(outDir, MetricsFileName), report.Json());
+                ComparePlot.Write(Path.Combine(outDir, PlotFileName), results);
+                OutputFolder.WriteAllTextAtomic(Path.Combine(outDir, ReportFileName), report.Markdown());
+            }
+            catch (Exception e) when (OutputFolder.IsWriteFailure(e)) { throw OutputFolder.WriteFailed(outDir, e); }
 
             var console = Output.Console(stdout);
             console.WriteLine();
@@ -241,6 +245,7 @@ public static class CompareCommand
         {
             outputLock.RemoveContents();
             if (e is not OutputFolderException && OutputFolder.IsWriteFailure(e)) throw OutputFolder.WriteFailed(outDir, e);
+            if (e is OutputFolderException) throw;
             if (e is OperationCanceledException) throw new CliException("compare: interrupted; removed " + outDir, TrainCommand.ExitInterrupted, e);
             if (e is TrainingDivergedException d) throw new CliException($"compare: {d.Message} (try a lower --lr{(d.Message.Contains("full", StringComparison.Ordinal) ? "-full" : "")}); removed {outDir}", TrainCommand.ExitDiverged, e);
             throw;

@@ -56,9 +56,18 @@ public static partial class OutputFolder
     /// Whether <paramref name="folder"/> holds anything of a run: any entry but the lock file and temporary (.tmp) leftovers
     /// of a killed run (which <see cref="Recover"/> removes). A missing folder holds nothing.
     /// </summary>
-    public static bool HasContent(string folder) =>
-        Directory.Exists(folder) && Directory.EnumerateFileSystemEntries(folder).Select(Path.GetFileName).Any(n =>
-            n != OutputLock.FileName && !(LeftoverName().Match(n!) is { Success: true } m && m.Groups["kind"].Value == "tmp"));
+    public static bool HasContent(string folder)
+    {
+        try
+        {
+            return Directory.Exists(folder) && Directory.EnumerateFileSystemEntries(folder).Select(Path.GetFileName).Any(n =>
+                n != OutputLock.FileName && !(LeftoverName().Match(n!) is { Success: true } m && m.Groups["kind"].Value == "tmp"));
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new OutputFolderException(Path.GetFullPath(folder), $"cannot read the output folder ({Reason(e)})", e);
+        }
+    }
 
     /// <summary>
     /// Cleans up what a killed run left in <paramref name="folder"/> (top level only, our own names only; call it while
