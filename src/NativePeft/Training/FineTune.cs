@@ -23,7 +23,8 @@ namespace NativePeft.Training;
 /// (when <see cref="FineTuneOptions.Data"/> is set), opens the device and builds the <see cref="LlamaModel"/>: LoRA on a
 /// BF16-stored frozen base, QLoRA on an NF4 base with double-quantized absmax (blocksize 64), or full fine-tuning of
 /// every fp32 weight. Bad options and bad files throw a <see cref="FineTuneException"/> naming the option and what is
-/// wrong, before anything is written. <see cref="Train(CancellationToken)"/> runs the <see cref="Trainer"/>.
+/// wrong, before anything is written (beyond <see cref="FineTuneOptions.OutputDir"/>'s <see cref="OutputLock"/>, held until
+/// <see cref="Dispose"/> and removed with a folder it created on failure). <see cref="Train(CancellationToken)"/> runs the <see cref="Trainer"/>.
 /// </summary>
 public sealed partial class FineTune : IDisposable
 {
