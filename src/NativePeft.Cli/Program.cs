@@ -53,6 +53,13 @@ public static class Program
             stderr.WriteLine("error: " + e.Message);
             return e.ExitCode;
         }
+        catch (NativePeft.IO.OutputFolderException e)
+        {
+            // An output folder in use by another run, not writable, or a write that failed mid-run (the message names the
+            // path and the free space there).
+            stderr.WriteLine("error: " + e.Message);
+            return 1;
+        }
         catch (Exception e) when (e is CudaException or CublasException or EmulatorException or OutOfMemoryException)
         {
             // A device failure mid-run (out of memory after the plan check, a failing cuBLAS call, a kernel fault):

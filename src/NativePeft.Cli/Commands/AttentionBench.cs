@@ -139,7 +139,8 @@ internal static class AttentionBench
         {
             string? dir = Path.GetDirectoryName(Path.GetFullPath(jsonFile));
             if (dir is not null) Directory.CreateDirectory(dir);
-            File.WriteAllText(jsonFile, Serialize(report));
+            try { NativePeft.IO.OutputFolder.WriteAllTextAtomic(jsonFile, Serialize(report)); }
+            catch (Exception e) when (NativePeft.IO.OutputFolder.IsWriteFailure(e)) { throw NativePeft.IO.OutputFolder.WriteFailed(jsonFile, e); }
         }
         if (jsonRequested && jsonFile is null)
         {

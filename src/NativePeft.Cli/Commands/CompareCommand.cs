@@ -6,6 +6,7 @@ using System.Text;
 using System.Text.Json;
 using Microsoft.Extensions.Logging.Abstractions;
 using NativePeft.Data;
+using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Optim;
 using NativePeft.Planning;
@@ -148,8 +149,7 @@ public static class CompareCommand
         if (a.LrFull is double lf && (!(lf >= 0) || !double.IsFinite(lf))) throw new CliException($"--lr-full {lf}: must be a finite number >= 0");
         string outDir = Path.GetFullPath(a.Out);
         if (File.Exists(outDir)) throw new CliException($"--out {a.Out}: is a file");
-        bool outExisted = Directory.Exists(outDir);
-        if (outExisted && Directory.EnumerateFileSystemEntries(outDir).Any())
+        if (OutputFolder.HasContent(outDir))
             throw new CliException($"--out {a.Out}: the folder exists and is not empty (choose a new one, or remove it)");
         string modelArg = a.Model == BuiltinModel.Name ? BuiltinModel.Name : Path.GetFullPath(a.Model);
         string data = a.Data == BuiltinTask.DataName ? a.Data : Path.GetFullPath(a.Data);
@@ -163,6 +163,10 @@ public static class CompareCommand
         foreach (var m in methods) TrainCommand.Guard(() => { FineTune.ValidateOptions(Options(common, m, a)); return 0; });
         if (common.Model == BuiltinModel.Name && !File.Exists(Path.Combine(BuiltinModel.Directory, IO.LlamaConfig.FileName)))
             TrainCommand.Guard<int>(() => throw new FineTuneException(nameof(FineTuneOptions.Model), $"builtin: {BuiltinModel.Directory} is missing (rebuild the CLI)"));
+        // --out is this run's from here on (another run into it is refused); a folder it creates goes again if nothing is written.
+        using var outputLock = OutputLocking.Folder(outDir, stdout);
+        if (OutputFolder.HasContent(outDir))
+            throw new CliException($"--out {a.Out}: the folder exists and is not empty (choose a new one, or remove it)");
 
         // The base model, evaluated before any fine-tuning; opening it checks the model folder and loads (checks) the data.
         var machine = Machine(a.Device);
@@ -198,9 +202,13 @@ public static class CompareCommand
             foreach (var r in results) r.RelativeSpeed = reference.TokensPerSecond > 0 ? r.TokensPerSecond / reference.TokensPerSecond : null;
 
             var report = new Report(a, machine, modelDescription, baseResult, results, reference.Method);
-            HfWrite(Path.Combine(outDir, MetricsFileName), report.Json());
-            ComparePlot.Write(Path.Combine(outDir, PlotFileName), results);
-            HfWrite(Path.Combine(outDir, ReportFileName), report.Markdown());
+            try
+            {
+                OutputFolder.WriteAllTextAtomic(Path.Combine(outDir, MetricsFileName), report.Json());
+                ComparePlot.Write(Path.Combine(outDir, PlotFileName), results);
+                OutputFolder.WriteAllTextAtomic(Path.Combine(outDir, ReportFileName), report.Markdown());
+            }
+            catch (Exception e) when (OutputFolder.IsWriteFailure(e)) { throw OutputFolder.WriteFailed(outDir, e); }
 
             var console = Output.Console(stdout);
             console.WriteLine();
@@ -238,7 +246,9 @@ public static class CompareCommand
         }
         catch (Exception e)
         {
-            RemoveOutput(outDir, outExisted);
+            outputLock.RemoveContents();
+            if (e is not OutputFolderException && OutputFolder.IsWriteFailure(e)) throw OutputFolder.WriteFailed(outDir, e);
+            if (e is OutputFolderException) throw;
             if (e is OperationCanceledException) throw new CliException("compare: interrupted; removed " + outDir, TrainCommand.ExitInterrupted, e);
             if (e is TrainingDivergedException d) throw new CliException($"compare: {d.Message} (try a lower --lr{(d.Message.Contains("full", StringComparison.Ordinal) ? "-full" : "")}); removed {outDir}", TrainCommand.ExitDiverged, e);
             throw;
@@ -246,28 +256,6 @@ public static class CompareCommand
     }
 
     private static bool HasEval(TrainingData d) => d.Eval is { Count: > 0 } || d.ExactMatchProblems is { Count: > 0 };
-
-    private static void HfWrite(string path, string text)
-    {
-        string temp = path + ".tmp";
-        File.WriteAllText(temp, text, new UTF8Encoding(false));
-        File.Move(temp, path, overwrite: true);
-    }
-
-    private static void RemoveOutput(string outDir, bool existedEmpty)
-    {
-        try
-        {
-            if (!existedEmpty) Directory.Delete(outDir, recursive: true);
-            else foreach (var entry in new DirectoryInfo(outDir).EnumerateFileSystemInfos())
-                {
-                    if (entry is DirectoryInfo di) di.Delete(recursive: true);
-                    else entry.Delete();
-                }
-        }
-        catch (IOException) { }
-        catch (UnauthorizedAccessException) { }
-    }
 
     internal static List<FineTuneMethod> ParseMethods(string text)
     {

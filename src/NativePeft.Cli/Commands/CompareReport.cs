@@ -315,9 +315,7 @@ internal static class ComparePlot
             surface.Canvas.DrawBitmap(right, half, 0);
         using var image = surface.Snapshot();
         using var png = image.Encode(SKEncodedImageFormat.Png, 100);
-        string temp = path + ".tmp";
-        using (var file = File.Create(temp)) png.SaveTo(file);
-        File.Move(temp, path, overwrite: true);
+        NativePeft.IO.OutputFolder.WriteAllBytesAtomic(path, png.ToArray());
     }
 }
 
@@ -349,9 +347,7 @@ internal static class TrainPlot
         plot.XLabel("step");
         plot.YLabel("loss");
         plot.ShowLegend(ScottPlot.Alignment.UpperRight);
-        string temp = path + ".tmp";
-        File.WriteAllBytes(temp, plot.GetImageBytes(Width, Height, ScottPlot.ImageFormat.Png));
-        File.Move(temp, path, overwrite: true);
+        NativePeft.IO.OutputFolder.WriteAllBytesAtomic(path, plot.GetImageBytes(Width, Height, ScottPlot.ImageFormat.Png));
         return true;
     }
 }

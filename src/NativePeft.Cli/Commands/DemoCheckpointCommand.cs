@@ -31,9 +31,12 @@ public static class DemoCheckpointCommand
         {
             var path = parse.GetValue(output)!.FullName;
             var dir = Path.GetDirectoryName(path)!;
-            Directory.CreateDirectory(dir);
+            try { Directory.CreateDirectory(dir); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw OutputFolder.WriteFailed(dir, e); }
+            using var outputLock = OutputLocking.File(path, stdout);
             var tensors = Build(parse.GetValue(layers), parse.GetValue(hidden), parse.GetValue(intermediate), parse.GetValue(vocab), parse.GetValue(seed));
-            SafetensorsWriter.Write(path, tensors, new Dictionary<string, string> { ["format"] = "pt" });
+            try { SafetensorsWriter.Write(path, tensors, new Dictionary<string, string> { ["format"] = "pt" }); }
+            catch (SafetensorsException e) when (OutputFolder.IsWriteFailure(e)) { throw OutputFolder.WriteFailed(path, e); }
             long bytes = tensors.Sum(t => (long)t.Data.Length);
             stdout.WriteLine($"wrote {path}: {tensors.Count} tensors, {bytes / 2:N0} bf16 parameters ({Output.Bytes(bytes)})");
             return 0;

@@ -23,12 +23,14 @@ public static class DequantizeCommand
             var outPath = parse.GetValue(output)!.FullName;
             if (!File.Exists(inPath)) throw new CliException($"--in {inPath}: file not found");
             DType? target = parse.GetValue(dtype) switch { "bf16" => DType.BF16, "fp16" => DType.F16, "fp32" => DType.F32, _ => null };
+            using var outputLock = OutputLocking.File(outPath, stdout);
             using var gpu = DeviceOption.Open(parse.GetValue(device)!);
             CheckpointQuantizeResult result;
             try
             {
                 result = CheckpointQuantizer.Dequantize(inPath, outPath, target, gpu is null ? null : new GpuQuantOps(gpu));
             }
+            catch (SafetensorsException e) when (e.FilePath == outPath && OutputFolder.IsWriteFailure(e)) { throw OutputFolder.WriteFailed(outPath, e); }
             catch (SafetensorsException e) { throw new CliException(e.Message, 1, e); }
             catch (Exception e) when (e is ArgumentException or IOException or UnauthorizedAccessException)
             {

@@ -53,8 +53,7 @@ public static class MergeCommand
         if (!File.Exists(Path.Combine(model, LlamaConfig.FileName)))
             throw new CliException($"--model {modelDir}: no {LlamaConfig.FileName} (not a Hugging Face model folder)");
         if (File.Exists(outPath)) throw new CliException($"--out {outDir}: is a file");
-        bool outExisted = Directory.Exists(outPath);
-        if (outExisted && Directory.EnumerateFileSystemEntries(outPath).Any())
+        if (OutputFolder.HasContent(outPath))
             throw new CliException($"--out {outDir}: the folder exists and is not empty (choose a new one)");
         if (outPath == model || outPath == adapterPath)
             throw new CliException($"--out {outDir}: is the {(outPath == model ? "--model" : "--adapter")} folder; write the merged model to a new one");
@@ -82,6 +81,10 @@ public static class MergeCommand
         var watch = Stopwatch.StartNew();
         using (ck)
         {
+            // --out is this run's until it returns; a folder it creates goes again when nothing is written into it.
+            using var outputLock = OutputLocking.Folder(outPath, stdout);
+            if (OutputFolder.HasContent(outPath))
+                throw new CliException($"--out {outDir}: the folder exists and is not empty (choose a new one)");
             bool quantized = ck.IsQuantizedCheckpoint;
             try
             {
@@ -95,7 +98,8 @@ public static class MergeCommand
             catch (Exception e) when (e is PeftAdapterException or HfCheckpointException or LlamaConfigException or SafetensorsException
                                           or IOException or UnauthorizedAccessException)
             {
-                RemoveOutput(outPath, outExisted);
+                outputLock.RemoveContents();
+                if (e is not PeftAdapterException && OutputFolder.IsWriteFailure(e)) throw OutputFolder.WriteFailed(outPath, e);
                 string message = e switch
                 {
                     PeftAdapterException p => $"--adapter {adapterDir} does not fit --model {modelDir} (was it trained on another base model?): " + Problems(p.Problems),
@@ -106,12 +110,12 @@ public static class MergeCommand
             }
             catch
             {
-                RemoveOutput(outPath, outExisted);
+                outputLock.RemoveContents();
                 throw;
             }
 
             // ---- what was written
-            var files = Directory.GetFiles(outPath);
+            var files = Directory.GetFiles(outPath).Where(f => Path.GetFileName(f) != OutputLock.FileName).ToArray();
             var shards = files.Where(f => f.EndsWith(".safetensors", StringComparison.Ordinal)).Order(StringComparer.Ordinal).ToList();
             long weightBytes = shards.Sum(f => new FileInfo(f).Length);
             long totalBytes = files.Sum(f => new FileInfo(f).Length);
@@ -127,24 +131,6 @@ public static class MergeCommand
             stdout.WriteLine($"merged model: {outPath}");
         }
         return 0;
-    }
-
-    /// <summary>On failure: remove the folder if this command created it, else (it was empty) everything now in it.</summary>
-    private static void RemoveOutput(string outPath, bool existed)
-    {
-        try
-        {
-            if (!Directory.Exists(outPath)) return;
-            if (!existed)
-            {
-                Directory.Delete(outPath, recursive: true);
-                return;
-            }
-            foreach (var f in Directory.EnumerateFiles(outPath)) File.Delete(f);
-            foreach (var d in Directory.EnumerateDirectories(outPath)) Directory.Delete(d, recursive: true);
-        }
-        catch (IOException) { }
-        catch (UnauthorizedAccessException) { }
     }
 
     /// <summary>The message with a leading "path: " dropped (the caller names the folder itself).</summary>

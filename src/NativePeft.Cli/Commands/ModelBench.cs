@@ -238,7 +238,11 @@ internal static class ModelBench
             stdout.WriteLine(jsonText);
             return 0;
         }
-        if (s.JsonFile is not null) File.WriteAllText(s.JsonFile, jsonText + "\n");
+        if (s.JsonFile is not null)
+        {
+            try { NativePeft.IO.OutputFolder.WriteAllTextAtomic(s.JsonFile, jsonText + "\n"); }
+            catch (Exception e) when (NativePeft.IO.OutputFolder.IsWriteFailure(e)) { throw NativePeft.IO.OutputFolder.WriteFailed(s.JsonFile, e); }
+        }
         var console = Output.Console(stdout);
         var table = new Table().Border(TableBorder.Rounded).Title(Markup.Escape(title))
             .AddColumn("method").AddColumn(new TableColumn("ms / step").RightAligned()).AddColumn(new TableColumn("tokens/s").RightAligned())

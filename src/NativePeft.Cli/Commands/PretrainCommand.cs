@@ -51,7 +51,7 @@ public static class PretrainCommand
             throw new CliException($"--{OptionName(e.ParamName)}: {e.Message.Split(" (Parameter")[0]}", 1, e);
         }
         if (File.Exists(output)) throw new CliException($"--out {output}: is a file");
-        if (Directory.Exists(output) && Directory.EnumerateFileSystemEntries(output).Any())
+        if (IO.OutputFolder.HasContent(output))
             throw new CliException($"--out {output}: the folder exists and is not empty");
         var config = options.Config();
         stdout.WriteLine(string.Create(CultureInfo.InvariantCulture,
@@ -68,9 +68,9 @@ public static class PretrainCommand
         PretrainResult result;
         try
         {
-            result = Pretrain.Run(options, output, null, progress, null, cancel);
+            result = Pretrain.Run(options, output, new WarningLogger(stdout), progress, null, cancel);
         }
-        catch (Exception e) when (e is OperationCanceledException or TrainingDivergedException or IOException)
+        catch (Exception e) when (e is OperationCanceledException or TrainingDivergedException or IOException or IO.OutputFolderException)
         {
             try { if (created && Directory.Exists(output)) Directory.Delete(output, recursive: true); }
             catch (IOException) { }

@@ -46,12 +46,15 @@ public static class QuantizeCommand
                 Skip = parse.GetValue(skip)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries),
             };
             var console = Output.Console(stdout);
+            // --out is this run's until it returns (another quantize into the same file is refused).
+            using var outputLock = OutputLocking.File(outPath, stdout);
             IGpu? gpu = DeviceOption.Open(parse.GetValue(device)!);
             try
             {
                 var result = Run(console, inPath, outPath, options, gpu is null ? null : new GpuQuantOps(gpu));
                 Render(console, result, outPath, options);
             }
+            catch (SafetensorsException e) when (e.FilePath == outPath && OutputFolder.IsWriteFailure(e)) { throw OutputFolder.WriteFailed(outPath, e); }
             catch (SafetensorsException e) { throw new CliException(e.Message, 1, e); }
             catch (Exception e) when (e is ArgumentException or IOException or UnauthorizedAccessException)
             {

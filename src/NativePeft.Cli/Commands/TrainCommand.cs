@@ -178,10 +178,10 @@ public static class TrainCommand
         bool builtin = a.Data == BuiltinTask.DataName;
         if (!builtin && !File.Exists(a.Data)) throw new CliException($"--data {a.Data}: file not found (or use --data builtin)");
         if (a.EvalData is not null && !File.Exists(a.EvalData)) throw new CliException($"--eval-data {a.EvalData}: file not found");
-        if (a.Resume is not null && !File.Exists(Path.Combine(a.Resume, Trainer.StateFileName)))
-            throw new CliException($"--resume {a.Resume}: not a checkpoint folder (no {Trainer.StateFileName})");
+        // --resume is checked by FineTune.Create once it holds --out: taking the lock restores a checkpoint that a killed
+        // run left renamed (OutputFolder.Recover).
         if (File.Exists(a.Out)) throw new CliException($"--out {a.Out}: is a file");
-        if (a.Resume is null && Directory.Exists(a.Out) && Directory.EnumerateFileSystemEntries(a.Out).Any())
+        if (a.Resume is null && OutputFolder.HasContent(a.Out))
             throw new CliException($"--out {a.Out}: the folder exists and is not empty (choose a new one, or --resume a checkpoint)");
 
         var options = new FineTuneOptions
@@ -247,9 +247,16 @@ public static class TrainCommand
         stdout.WriteLine($"wrote {result.FinalOutput}");
         stdout.WriteLine($"metrics: {result.MetricsPath}");
         string plot = Path.Combine(Path.GetFullPath(a.Out), PlotFileName);
-        if (TrainPlot.Write(plot, trainer.StepHistory, trainer.EvalHistory)) stdout.WriteLine($"plot:    {plot}");
+        if (WritePlot(plot, trainer)) stdout.WriteLine($"plot:    {plot}");
         if (run.Pool is { } pool) stdout.WriteLine(pool.Describe());
         return 0;
+    }
+
+    /// <summary>loss.png; a failed write is one error line with the path and the free space (the adapter is already saved).</summary>
+    private static bool WritePlot(string plot, Trainer trainer)
+    {
+        try { return TrainPlot.Write(plot, trainer.StepHistory, trainer.EvalHistory); }
+        catch (Exception e) when (OutputFolder.IsWriteFailure(e)) { throw OutputFolder.WriteFailed(plot, e); }
     }
 
     /// <summary>Runs a FineTune call; its option errors become CliExceptions naming the command-line option.</summary>

@@ -65,7 +65,7 @@ public static class TokenizerLoader
     /// <summary>Writes tokenizer_config.json marking <paramref name="dir"/> as using the built-in byte tokenizer.</summary>
     public static void WriteByteTokenizerConfig(string dir)
     {
-        File.WriteAllText(Path.Combine(dir, "tokenizer_config.json"),
+        IO.OutputFolder.WriteAllTextAtomic(Path.Combine(dir, "tokenizer_config.json"),
             $"{{\n  \"tokenizer_class\": \"{ByteTokenizerClass}\",\n  \"bos_token_id\": {ByteTokenizer.Bos},\n" +
             $"  \"eos_token_id\": {ByteTokenizer.Eos},\n  \"pad_token_id\": {ByteTokenizer.Pad}\n}}\n");
     }

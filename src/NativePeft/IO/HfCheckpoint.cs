@@ -611,15 +611,15 @@ public sealed class HfCheckpoint : IDisposable
                 }
                 string index = Path.Combine(full, IndexFileName);
                 created.Add(index);
-                HfFiles.WriteAllTextAtomic(index, IndexJson(list.Sum(t => (long)t.Data.Length), weightMap));
+                OutputFolder.WriteAllTextAtomic(index, IndexJson(list.Sum(t => (long)t.Data.Length), weightMap));
             }
             string configPath = Path.Combine(full, LlamaConfig.FileName);
             created.Add(configPath);
-            HfFiles.WriteAllTextAtomic(configPath, config.ToJson());
+            OutputFolder.WriteAllTextAtomic(configPath, config.ToJson());
         }
         catch (Exception e)
         {
-            foreach (string path in created) HfFiles.TryDelete(path);
+            foreach (string path in created) OutputFolder.TryDelete(path);
             foreach (string d in createdDirs)
             {
                 try { System.IO.Directory.Delete(d, recursive: false); } catch (IOException) { } catch (UnauthorizedAccessException) { }

@@ -401,7 +401,7 @@ public sealed record LlamaConfig
         ArgumentNullException.ThrowIfNull(path);
         string full = Path.GetFullPath(path);
         Validate(full);
-        HfFiles.WriteAllTextAtomic(full, ToJson());
+        OutputFolder.WriteAllTextAtomic(full, ToJson());
     }
 
     // ---------------------------------------------------------------- equality (EosTokenIds by value)

@@ -259,22 +259,18 @@ public sealed class PeftAdapter
             throw new PeftAdapterException(full, "is a file; the adapter needs a new (or empty) folder");
         if (Directory.Exists(full) && Directory.EnumerateFileSystemEntries(full).Any())
             throw new PeftAdapterException(full, "the folder exists and is not empty; refusing to overwrite it (save to a new folder)");
-        string parent = Path.GetDirectoryName(full) ?? throw new PeftAdapterException(full, "has no parent folder");
-        string temp = Path.Combine(parent, $".{Path.GetFileName(full)}.{Guid.NewGuid():N}.tmp");
+        if (Path.GetDirectoryName(full) is null) throw new PeftAdapterException(full, "has no parent folder");
+        string temp = OutputFolder.TempPathFor(full);
         var tensors = ToTensors();
         try
         {
             Directory.CreateDirectory(temp);
-            HfFiles.WriteAllTextAtomic(Path.Combine(temp, PeftLoraConfig.FileName), Config.ToJson());
+            OutputFolder.WriteAllTextAtomic(Path.Combine(temp, PeftLoraConfig.FileName), Config.ToJson());
             afterConfigWritten?.Invoke(temp);
             SafetensorsWriter.Write(Path.Combine(temp, WeightsFileName), tensors, new Dictionary<string, string> { ["format"] = "pt" });
-            if (Directory.Exists(full))
-            {
-                if (Directory.EnumerateFileSystemEntries(full).Any())
-                    throw new PeftAdapterException(full, "the folder was filled while the adapter was written; refusing to overwrite it");
-                Directory.Delete(full);
-            }
-            Directory.Move(temp, full);
+            if (Directory.Exists(full) && Directory.EnumerateFileSystemEntries(full).Any())
+                throw new PeftAdapterException(full, "the folder was filled while the adapter was written; refusing to overwrite it");
+            OutputFolder.Replace(temp, full);
         }
         catch (Exception e)
         {

@@ -33,9 +33,10 @@ public static class SafetensorsWriter
         string dir = Path.GetDirectoryName(full)!;
         if (!Directory.Exists(dir))
             throw new SafetensorsException(full, null, $"directory {dir} does not exist");
-        string temp = Path.Combine(dir, $".{Path.GetFileName(full)}.{Guid.NewGuid():N}.tmp");
+        string temp = OutputFolder.TempPathFor(full);
         try
         {
+            OutputFolder.BeforeWrite(temp);
             using (var fs = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1 << 20))
             {
                 Span<byte> len = stackalloc byte[8];
@@ -50,15 +51,10 @@ public static class SafetensorsWriter
         }
         catch (Exception e)
         {
-            TryDelete(temp);
+            OutputFolder.TryDelete(temp);
             if (e is SafetensorsException) throw;
             throw new SafetensorsException(full, null, $"write failed: {e.Message}", e);
         }
-    }
-
-    private static void TryDelete(string path)
-    {
-        try { File.Delete(path); } catch (IOException) { } catch (UnauthorizedAccessException) { }
     }
 
     /// <summary>The padded header bytes (exposed for tests).</summary>

@@ -23,7 +23,8 @@ namespace NativePeft.Training;
 /// (when <see cref="FineTuneOptions.Data"/> is set), opens the device and builds the <see cref="LlamaModel"/>: LoRA on a
 /// BF16-stored frozen base, QLoRA on an NF4 base with double-quantized absmax (blocksize 64), or full fine-tuning of
 /// every fp32 weight. Bad options and bad files throw a <see cref="FineTuneException"/> naming the option and what is
-/// wrong, before anything is written. <see cref="Train(CancellationToken)"/> runs the <see cref="Trainer"/>.
+/// wrong, before anything is written (beyond <see cref="FineTuneOptions.OutputDir"/>'s <see cref="OutputLock"/>, held until
+/// <see cref="Dispose"/> and removed with a folder it created on failure). <see cref="Train(CancellationToken)"/> runs the <see cref="Trainer"/>.
 /// </summary>
 public sealed partial class FineTune : IDisposable
 {
@@ -32,6 +33,7 @@ public sealed partial class FineTune : IDisposable
     private readonly LlamaModel _model;
     private readonly ILogger<Trainer> _logger;
     private readonly string? _tempOutput;
+    private OutputLock? _outputLock;
     private Trainer? _trainer;
     private bool _disposed;
 
@@ -113,17 +115,20 @@ public sealed partial class FineTune : IDisposable
         if (o.Data is not null && !builtinData && !File.Exists(o.Data))
             throw new FineTuneException(nameof(o.Data), $"{o.Data}: file not found (or use builtin)");
         if (o.EvalData is not null && !File.Exists(o.EvalData)) throw new FineTuneException(nameof(o.EvalData), $"{o.EvalData}: file not found");
-        if (o.ResumeFrom is not null && !File.Exists(Path.Combine(o.ResumeFrom, Trainer.StateFileName)))
-            throw new FineTuneException(nameof(o.ResumeFrom), $"{o.ResumeFrom}: not a checkpoint folder (no {Trainer.StateFileName})");
         if (o.OutputDir is not null && File.Exists(o.OutputDir)) throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: is a file");
-        // An earlier run's adapter, checkpoints and metrics are not overwritten (as the CLI's --out).
-        if (o.OutputDir is not null && o.ResumeFrom is null && Directory.Exists(o.OutputDir) && Directory.EnumerateFileSystemEntries(o.OutputDir).Any())
-            throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: the folder exists and is not empty (choose a new one, or resume a checkpoint with ResumeFrom)");
+        // Before the resume check: taking the lock restores a checkpoint that a run killed while replacing it left renamed.
+        var outputLock = LockOutput(o, logger);
+        if (o.ResumeFrom is not null && !File.Exists(Path.Combine(o.ResumeFrom, Trainer.StateFileName)))
+        {
+            outputLock?.Dispose();
+            throw new FineTuneException(nameof(o.ResumeFrom), $"{o.ResumeFrom}: not a checkpoint folder (no {Trainer.StateFileName})");
+        }
 
         HfCheckpoint ckpt;
         try { ckpt = HfCheckpoint.Open(modelDir); }
         catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
         {
+            outputLock?.Dispose();
             throw new FineTuneException(nameof(o.Model), $"{modelDir}: {e.Message}", e);
         }
         IOps? ops = null;
@@ -197,6 +202,7 @@ public sealed partial class FineTune : IDisposable
 
             string? temp = o.OutputDir is null ? Directory.CreateTempSubdirectory("nativepeft-finetune-").FullName : null;
             var run = new FineTune(o, modelDir, ckpt, tokenizer, ops, model, deviceName, logger, Path.GetFullPath(o.OutputDir ?? temp!), temp);
+            run._outputLock = outputLock;
             if (data is { } d) run.SetData(d.Data, d.Skipped, d.Messages);
             run.Truncation = truncation;
             run.Plan = plan;
@@ -212,9 +218,33 @@ public sealed partial class FineTune : IDisposable
                 gpu?.Dispose();
             }
             ckpt.Dispose();
+            outputLock?.Dispose();
             throw;
         }
     }
+
+    /// <summary>
+    /// Takes <see cref="FineTuneOptions.OutputDir"/>'s <see cref="OutputLock"/> for the whole run (released by
+    /// <see cref="Dispose"/>; it also proves the folder writable and cleans up a killed run's leftovers, logged as
+    /// warnings), then refuses a folder that holds an earlier run (as the CLI's --out) unless resuming. Null without an
+    /// output folder (the run's own temporary one).
+    /// </summary>
+    private static OutputLock? LockOutput(FineTuneOptions o, ILogger logger)
+    {
+        if (o.OutputDir is null) return null;
+        var outputLock = OutputLock.Acquire(o.OutputDir);
+        foreach (var note in outputLock.Notes) LogOutputNote(logger, note);
+        // An earlier run's adapter, checkpoints and metrics are not overwritten.
+        if (o.ResumeFrom is null && OutputFolder.HasContent(o.OutputDir))
+        {
+            outputLock.Dispose();
+            throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: the folder exists and is not empty (choose a new one, or resume a checkpoint with ResumeFrom)");
+        }
+        return outputLock;
+    }
+
+    [LoggerMessage(EventId = 30, Level = LogLevel.Warning, Message = "{Note}")]
+    private static partial void LogOutputNote(ILogger logger, string note);
 
     /// <summary>The <see cref="LlamaModelOptions"/> a method stands for: LoRA = BF16-stored frozen base, QLoRA = NF4 with
     /// double-quantized absmax, full = every weight trained in the compute dtype.</summary>
@@ -507,6 +537,7 @@ public sealed partial class FineTune : IDisposable
         _model.Dispose();
         _ops.Dispose();
         _checkpoint.Dispose();
+        _outputLock?.Dispose();
         if (_tempOutput is not null)
         {
             try { Directory.Delete(_tempOutput, recursive: true); }

@@ -173,6 +173,9 @@ public static partial class Pretrain
         string output = Path.GetFullPath(outputDir);
         if (File.Exists(Path.Combine(output, LlamaConfig.FileName)) || File.Exists(Path.Combine(output, HfCheckpoint.SingleFileName)))
             throw new IOException($"{output} already holds a checkpoint; write to a new folder");
+        // The folder is this run's until it returns (and proven writable before the first step).
+        using var outputLock = OutputLock.Acquire(output);
+        foreach (var note in outputLock.Notes) LogOutputNote(logger, note);
 
         var clock = Stopwatch.StartNew();
         var config = options.Config();
@@ -184,7 +187,7 @@ public static partial class Pretrain
         };
         bool ownsOps = ops is null;
         ops ??= new CpuOps();
-        string work = Path.Combine(output, $".pretrain.{Guid.NewGuid():N}.tmp");
+        string work = OutputFolder.TempPathFor(Path.Combine(output, "pretrain"));
         try
         {
             using var model = LlamaModel.CreateRandom(config, ops,
@@ -209,10 +212,17 @@ public static partial class Pretrain
                 result = trainer.Train(cancellationToken);
                 if (result.Cancelled) throw new OperationCanceledException("pretraining was cancelled", cancellationToken);
             }
-            HfCheckpoint.Write(output, config, Bf16Tensors(model), long.MaxValue);
-            TokenizerLoader.WriteByteTokenizerConfig(output);
             string metrics = Path.Combine(output, MetricsFileName);
-            File.Move(Path.Combine(work, Trainer.MetricsFileName), metrics, overwrite: true);
+            try
+            {
+                HfCheckpoint.Write(output, config, Bf16Tensors(model), long.MaxValue);
+                TokenizerLoader.WriteByteTokenizerConfig(output);
+                File.Move(Path.Combine(work, Trainer.MetricsFileName), metrics, overwrite: true);
+            }
+            catch (Exception e) when (e is not OutputFolderException && OutputFolder.IsWriteFailure(e))
+            {
+                throw OutputFolder.WriteFailed(output, e);
+            }
             double seconds = clock.Elapsed.TotalSeconds;
             long parameters = config.ParameterCount();
             LogDone(logger, options.Steps, parameters, result.FinalLoss ?? double.NaN, result.FinalEval?.Loss ?? double.NaN, seconds, output);
@@ -241,6 +251,9 @@ public static partial class Pretrain
             return SafetensorsTensor.From(p.Name, t.Shape.Select(d => (long)d).ToArray(), bf);
         }).ToList();
     }
+
+    [LoggerMessage(EventId = 21, Level = LogLevel.Warning, Message = "{Note}")]
+    private static partial void LogOutputNote(ILogger logger, string note);
 
     private static string Inv(int v) => v.ToString(System.Globalization.CultureInfo.InvariantCulture);
 

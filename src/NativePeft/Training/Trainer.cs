@@ -134,7 +134,8 @@ public sealed partial class Trainer : IDisposable
     public TrainResult Train(CancellationToken cancellationToken = default)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
-        Directory.CreateDirectory(OutputDir);
+        // An output folder that cannot be written fails now, not after the last step.
+        OutputFolder.CheckWritable(OutputDir);
         var ops = _model.Ops;
         var clock = Stopwatch.StartNew();
         double secondsAtStart = _secondsTrained;
@@ -235,7 +236,7 @@ public sealed partial class Trainer : IDisposable
     {
         LogDiverged(_logger, step, what, value, LastCheckpoint ?? "(none)");
         try { WriteMetrics(); }
-        catch (IOException) { }
+        catch (OutputFolderException) { }
         throw new TrainingDivergedException(step, what, value, LastCheckpoint);
     }
 
@@ -349,10 +350,8 @@ public sealed partial class Trainer : IDisposable
     public string SaveCheckpoint()
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
-        Directory.CreateDirectory(OutputDir);
         string final = Path.Combine(OutputDir, CheckpointPrefix + _step.ToString(CultureInfo.InvariantCulture));
-        string temp = Path.Combine(OutputDir, $".{CheckpointPrefix}{_step}.{Guid.NewGuid():N}.tmp");
-        try
+        SaveFolder(final, temp =>
         {
             if (_full)
             {
@@ -362,16 +361,8 @@ public sealed partial class Trainer : IDisposable
             else PeftAdapter.Save(temp, _model, Options.BaseModelNameOrPath);
             SafetensorsWriter.Write(Path.Combine(temp, OptimizerFileName), _optimizer.SaveState(),
                 new Dictionary<string, string> { ["optimizer"] = _optimizer.Name });
-            HfFiles.WriteAllTextAtomic(Path.Combine(temp, StateFileName), TrainerStateJson.Write(this));
-            if (Directory.Exists(final)) Directory.Delete(final, recursive: true);
-            Directory.Move(temp, final);
-        }
-        catch
-        {
-            try { if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true); }
-            catch (IOException) { }
-            throw;
-        }
+            OutputFolder.WriteAllTextAtomic(Path.Combine(temp, StateFileName), TrainerStateJson.Write(this));
+        });
         LastCheckpoint = final;
         _lastSavedStep = _step;
         WriteMetrics();
@@ -462,8 +453,40 @@ public sealed partial class Trainer : IDisposable
     /// <summary>Writes metrics.json atomically: {"steps": [...], "eval": [...], "config": {...}}.</summary>
     public void WriteMetrics()
     {
-        Directory.CreateDirectory(OutputDir);
-        HfFiles.WriteAllTextAtomic(MetricsPath, TrainerStateJson.Metrics(this));
+        try
+        {
+            Directory.CreateDirectory(OutputDir);
+            OutputFolder.WriteAllTextAtomic(MetricsPath, TrainerStateJson.Metrics(this));
+        }
+        catch (Exception e) when (OutputFolder.IsWriteFailure(e))
+        {
+            throw OutputFolder.WriteFailed(MetricsPath, e, LastCheckpoint, mentionKept: true);
+        }
+    }
+
+    /// <summary>
+    /// Writes a folder of the run (a checkpoint, the final adapter or model) under a temporary name with
+    /// <paramref name="write"/>, then puts it in place with <see cref="OutputFolder.Replace"/> (an older copy of the same
+    /// name stays complete until the new one is in). A write that fails removes only the temporary folder and becomes an
+    /// <see cref="OutputFolderException"/> naming the folder, the free space and the last good checkpoint, which is kept.
+    /// </summary>
+    private void SaveFolder(string final, Action<string> write)
+    {
+        string temp = OutputFolder.TempPathFor(final);
+        try
+        {
+            OutputFolder.BeforeWrite(temp);
+            write(temp);
+            OutputFolder.Replace(temp, final);
+        }
+        catch (Exception e)
+        {
+            try { if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true); }
+            catch (IOException) { }
+            catch (UnauthorizedAccessException) { }
+            if (OutputFolder.IsWriteFailure(e)) throw OutputFolder.WriteFailed(final, e, LastCheckpoint, mentionKept: true);
+            throw;
+        }
     }
 
     /// <summary>&lt;out&gt;/adapter (LoRA) or &lt;out&gt;/model (full fine-tuning, a HF checkpoint), replacing an older one.</summary>
@@ -471,8 +494,7 @@ public sealed partial class Trainer : IDisposable
     {
         string name = _full ? "model" : "adapter";
         string final = Path.Combine(OutputDir, name);
-        string temp = Path.Combine(OutputDir, $".{name}.{Guid.NewGuid():N}.tmp");
-        try
+        SaveFolder(final, temp =>
         {
             if (_full)
             {
@@ -486,15 +508,7 @@ public sealed partial class Trainer : IDisposable
                 HfCheckpoint.Write(temp, _model.Config, tensors, long.MaxValue);
             }
             else PeftAdapter.Save(temp, _model, Options.BaseModelNameOrPath);
-            if (Directory.Exists(final)) Directory.Delete(final, recursive: true);
-            Directory.Move(temp, final);
-        }
-        catch
-        {
-            try { if (Directory.Exists(temp)) Directory.Delete(temp, recursive: true); }
-            catch (IOException) { }
-            throw;
-        }
+        });
         return final;
     }
 

@@ -9,14 +9,14 @@ namespace NativePeft.Tests.Cli;
 [Parallelizable(ParallelScope.None)]
 public class TrainCliTests
 {
-    private static string WriteModel(TempDir dir)
+    internal static string WriteModel(TempDir dir)
     {
         HfCheckpoint.Write(dir["model"], TrainingKit.Config, TrainingKit.RandomTensors(), long.MaxValue);
         return dir["model"];
     }
 
     /// <summary>12 pre-tokenized lines of byte ids, 8..30 tokens each.</summary>
-    private static string WriteData(TempDir dir, string? badLine3 = null)
+    internal static string WriteData(TempDir dir, string? badLine3 = null)
     {
         var rng = new Random(2);
         var lines = Enumerable.Range(0, 12).Select(_ =>
@@ -27,7 +27,7 @@ public class TrainCliTests
     }
 
     /// <summary>train with small defaults; <paramref name="extra"/> adds options or overrides a default (an option followed by its value, or a flag).</summary>
-    private static string[] Args(string model, string data, string output, params string[] extra)
+    internal static string[] Args(string model, string data, string output, params string[] extra)
     {
         var defaults = new Dictionary<string, string> { ["--rank"] = "4", ["--alpha"] = "8", ["--batch"] = "2", ["--seq"] = "32", ["--lr"] = "1e-2" };
         var args = new List<string> { "train", "--model", model, "--data", data, "--out", output };

@@ -132,6 +132,9 @@ public class FineTuneTests
         Assert.That(skip.SkippedLines, Is.EqualTo(1));
         Assert.That(skip.SkippedMessages.Single(), Does.Contain("a.jsonl:4"));
         Assert.That(skip.Data!.Train, Has.Count.EqualTo(4));
-        Assert.That(Directory.Exists(dir["out"]), Is.False, "Create writes nothing; Train does");
+        // Create only takes the folder's lock (the run holds the folder until Dispose); Train writes the results.
+        Assert.That(Directory.GetFileSystemEntries(dir["out"]).Select(Path.GetFileName), Is.EqualTo(new[] { OutputLock.FileName }));
+        skip.Dispose();
+        Assert.That(Directory.Exists(dir["out"]), Is.False, "the lock and the folder it created go with Dispose");
     }
 }
