@@ -32,19 +32,21 @@ public class Llama3TokenizerOracleTests
             e.GetProperty("decoded").GetString()!)).ToArray();
     }
 
-    private static IEnumerable<TestCaseData> OracleCases() =>
-        Cases().Select(c => new TestCaseData(c).SetName($"Llama3Oracle({c.Label})"));
+    private static IEnumerable<TestCaseData> EncodeCases() => Named("Llama3Oracle_Encode");
+    private static IEnumerable<TestCaseData> DecodeCases() => Named("Llama3Oracle_Decode");
+    private static IEnumerable<TestCaseData> Named(string what) =>
+        Cases().Select(c => new TestCaseData(c).SetName($"{what}({c.Label})"));
 
     private static HfBpeTokenizer? s_tokenizer;
     private static HfBpeTokenizer Tokenizer => s_tokenizer ??= HfBpeTokenizer.FromFile(DataFile("tokenizer.json"));
 
-    [TestCaseSource(nameof(OracleCases))]
+    [TestCaseSource(nameof(EncodeCases))]
     public void Encode_MatchesIndependentImplementation(Case c)
     {
         Assert.That(Tokenizer.Encode(c.Text, addBos: false), Is.EqualTo(c.Ids), $"{c.Label}: {JsonSerializer.Serialize(c.Text)}");
     }
 
-    [TestCaseSource(nameof(OracleCases))]
+    [TestCaseSource(nameof(DecodeCases))]
     public void Decode_OfIndependentIds_GivesTheText(Case c)
     {
         // Byte-level round trip; special tokens are dropped on decode (as HF's skip_special_tokens).
