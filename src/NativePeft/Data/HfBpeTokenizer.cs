@@ -1,3 +1,5 @@
+using System.Buffers;
+using System.Globalization;
 using System.Text;
 using System.Text.Json;
 using System.Text.RegularExpressions;
@@ -12,6 +14,7 @@ namespace NativePeft.Data;
 /// Encoding: the text is cut at added tokens (each becomes its id, as HF does), every other stretch is split by
 /// the pre-tokenizer's regex, each piece is mapped to GPT-2's byte symbols and, unless <c>ignore_merges</c> finds
 /// the whole piece in the vocabulary, merged by Microsoft.ML.Tokenizers' <see cref="BpeTokenizer"/>.
+/// The regexes match on code points, as HF's Oniguruma does (see <see cref="CodePointRegex"/>).
 /// A normalizer, a non-byte-level model (Llama 2's Metaspace/byte_fallback tokenizer.json) or other pre-tokenizers
 /// throw <see cref="NotSupportedException"/>: load that model's tokenizer.model instead.
 /// The post_processor is not applied: bos comes from <see cref="Encode"/>'s addBos.
@@ -29,7 +32,7 @@ public sealed class HfBpeTokenizer : ITokenizer
     private readonly Dictionary<int, string> _idToToken;
     private readonly Dictionary<string, int> _addedTokens;
     private readonly HashSet<int> _specialIds;
-    private readonly List<Regex> _splits;
+    private readonly List<CodePointRegex> _splits;
     private readonly Regex? _addedTokenRegex;
     private readonly bool _ignoreMerges;
     private readonly bool _addPrefixSpace;
@@ -40,7 +43,7 @@ public sealed class HfBpeTokenizer : ITokenizer
     public int? PadId { get; private set; }
 
     private HfBpeTokenizer(BpeTokenizer bpe, Dictionary<string, int> vocab, Dictionary<string, int> added, HashSet<int> specialIds,
-                           List<Regex> splits, bool ignoreMerges, bool addPrefixSpace)
+                           List<CodePointRegex> splits, bool ignoreMerges, bool addPrefixSpace)
     {
         _bpe = bpe; _vocab = vocab; _addedTokens = added; _specialIds = specialIds; _splits = splits;
         _ignoreMerges = ignoreMerges; _addPrefixSpace = addPrefixSpace;
@@ -106,7 +109,7 @@ public sealed class HfBpeTokenizer : ITokenizer
                 if (e.TryGetProperty("special", out var sp) && sp.ValueKind == JsonValueKind.True) specialIds.Add(id);
             }
 
-        var splits = new List<Regex>();
+        var splits = new List<CodePointRegex>();
         bool byteLevel = false, addPrefixSpace = false;
         if (root.TryGetProperty("pre_tokenizer", out var pre) && pre.ValueKind != JsonValueKind.Null)
             ReadPreTokenizer(pre, splits, ref byteLevel, ref addPrefixSpace);
@@ -122,7 +125,7 @@ public sealed class HfBpeTokenizer : ITokenizer
     private static string TypeOf(JsonElement e) =>
         e.ValueKind == JsonValueKind.Object && e.TryGetProperty("type", out var t) ? t.GetString() ?? "?" : "?";
 
-    private static void ReadPreTokenizer(JsonElement pre, List<Regex> splits, ref bool byteLevel, ref bool addPrefixSpace)
+    private static void ReadPreTokenizer(JsonElement pre, List<CodePointRegex> splits, ref bool byteLevel, ref bool addPrefixSpace)
     {
         switch (TypeOf(pre))
         {
@@ -133,7 +136,7 @@ public sealed class HfBpeTokenizer : ITokenizer
                 byteLevel = true;
                 if (pre.TryGetProperty("add_prefix_space", out var aps) && aps.ValueKind == JsonValueKind.True) addPrefixSpace = true;
                 if (!pre.TryGetProperty("use_regex", out var ur) || ur.ValueKind != JsonValueKind.False)
-                    splits.Add(new Regex(Gpt2Pattern, RegexOptions.CultureInvariant));
+                    splits.Add(new CodePointRegex(Gpt2Pattern));
                 break;
             case "Split":
                 string behavior = pre.TryGetProperty("behavior", out var b) ? b.GetString() ?? "" : "";
@@ -142,7 +145,7 @@ public sealed class HfBpeTokenizer : ITokenizer
                     throw new NotSupportedException("Split pre-tokenizer with invert true is not supported");
                 var pat = pre.GetProperty("pattern");
                 string rx = pat.TryGetProperty("Regex", out var r) ? r.GetString()! : Regex.Escape(pat.GetProperty("String").GetString()!);
-                splits.Add(new Regex(rx, RegexOptions.CultureInvariant));
+                splits.Add(new CodePointRegex(rx));
                 break;
             default:
                 throw new NotSupportedException($"pre-tokenizer \"{TypeOf(pre)}\" is not supported (Split, ByteLevel, Sequence)");
@@ -178,18 +181,7 @@ public sealed class HfBpeTokenizer : ITokenizer
         foreach (var rx in _splits)
         {
             var next = new List<string>();
-            foreach (string p in pieces)
-            {
-                int at = 0;
-                foreach (Match mm in rx.Matches(p))
-                {
-                    if (mm.Length == 0) continue;
-                    if (mm.Index > at) next.Add(p[at..mm.Index]);
-                    next.Add(mm.Value);
-                    at = mm.Index + mm.Length;
-                }
-                if (at < p.Length) next.Add(p[at..]);
-            }
+            foreach (string p in pieces) rx.SplitIsolated(p, next);
             pieces = next;
         }
         foreach (string piece in pieces)
@@ -213,6 +205,72 @@ public sealed class HfBpeTokenizer : ITokenizer
                 else bytes.AddRange(Encoding.UTF8.GetBytes(c.ToString()));
         }
         return Encoding.UTF8.GetString(bytes.ToArray());
+    }
+
+    /// <summary>
+    /// A pre-tokenizer regex matched on code points. .NET's <see cref="Regex"/> matches UTF-16 code units, so a
+    /// supplementary-plane letter or digit (𝐀, 𝟏, 𠮷: a surrogate pair) is neither \p{L} nor \p{N} to it and falls
+    /// into Llama 3's punctuation branch (" 𝟓" one piece, "𝐀's" cut as "𝐀'" "s"), while HF tokenizers (Oniguruma)
+    /// and tiktoken match code points (" ", "𝟓"; "𝐀", "'s"). So a piece with surrogate pairs is matched in a view
+    /// where each such code point is one BMP stand-in of the same Unicode category (not ASCII, not case-equal to
+    /// ASCII, not in the pattern), and the match bounds are mapped back to the original text.
+    /// </summary>
+    private sealed class CodePointRegex
+    {
+        private readonly Regex _regex;
+        private readonly char[] _standIn = new char[32];   // by UnicodeCategory; '\0' where there is none
+
+        public CodePointRegex(string pattern)
+        {
+            _regex = new Regex(pattern, RegexOptions.CultureInvariant);
+            for (int c = 0x80; c <= 0xFFFF; c++)
+            {
+                char ch = (char)c;
+                int cat = (int)CharUnicodeInfo.GetUnicodeCategory(ch);
+                if (_standIn[cat] != '\0' || char.IsSurrogate(ch)) continue;
+                char lower = char.ToLowerInvariant(ch), upper = char.ToUpperInvariant(ch);
+                if (lower < 0x80 || upper < 0x80 || pattern.Contains(ch) || pattern.Contains(lower) || pattern.Contains(upper)) continue;
+                _standIn[cat] = ch;
+            }
+        }
+
+        /// <summary>Appends the pieces of <paramref name="text"/>: each non-empty match and the text between matches (Split, Isolated).</summary>
+        public void SplitIsolated(string text, List<string> into)
+        {
+            string view = text;
+            int[]? start = null;                            // view index → text index (and view.Length → text.Length)
+            if (text.AsSpan().IndexOfAnyInRange('\uD800', '\uDFFF') >= 0) view = CodePointView(text, out start);
+            int at = 0;
+            foreach (Match m in _regex.Matches(view))
+            {
+                if (m.Length == 0) continue;
+                int from = start?[m.Index] ?? m.Index, to = start?[m.Index + m.Length] ?? m.Index + m.Length;
+                if (from > at) into.Add(text[at..from]);
+                into.Add(text[from..to]);
+                at = to;
+            }
+            if (at < text.Length) into.Add(text[at..]);
+        }
+
+        private string CodePointView(string text, out int[] start)
+        {
+            var view = new StringBuilder(text.Length);
+            var starts = new List<int>(text.Length + 1);
+            for (int i = 0; i < text.Length;)
+            {
+                starts.Add(i);
+                if (Rune.DecodeFromUtf16(text.AsSpan(i), out Rune r, out int used) == OperationStatus.Done && used == 2)
+                {
+                    char standIn = _standIn[(int)Rune.GetUnicodeCategory(r)];
+                    if (standIn != '\0') { view.Append(standIn); i += 2; continue; }
+                }
+                view.Append(text[i]); i++;                  // a BMP character, or an unpaired surrogate as it is
+                if (used == 2) { starts.Add(i); view.Append(text[i]); i++; }
+            }
+            starts.Add(text.Length);
+            start = starts.ToArray();
+            return view.ToString();
+        }
     }
 
     /// <summary>GPT-2's byte → printable character map applied to the UTF-8 bytes of <paramref name="text"/>.</summary>
