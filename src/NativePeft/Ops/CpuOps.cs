@@ -22,6 +22,23 @@ public sealed unsafe class CpuOps : IOps
 
     public string Name => "CPU reference";
     public TensorMemory Memory => _memory;
+    public Runtime.IGpu? Device => null;
+
+    public double SumOfSquares(IReadOnlyList<Tensor> tensors)
+    {
+        ArgumentNullException.ThrowIfNull(tensors);
+        double sum = 0;
+        foreach (var g in tensors)
+        {
+            if (g.DType != DType.F32) throw new ArgumentException($"SumOfSquares: {g} must be F32", nameof(tensors));
+            foreach (float x in S<float>(g))
+            {
+                double d = x;
+                sum += d * d;
+            }
+        }
+        return sum;
+    }
 
     private static Span<T> S<T>(Tensor t) where T : unmanaged => new((void*)t.Data.Address, checked((int)t.Count));
 

@@ -44,6 +44,20 @@ public sealed unsafe class GpuOps : IOps
     public IGpu Gpu => _gpu;
     public string Name => _gpu.Properties.Name;
     public TensorMemory Memory => _memory;
+    public IGpu? Device => _gpu;
+
+    public double SumOfSquares(IReadOnlyList<Tensor> tensors)
+    {
+        ArgumentNullException.ThrowIfNull(tensors);
+        foreach (var g in tensors) RequireF32(g, nameof(tensors));
+        var scratch = _memory.Allocate(DType.F64, Optim.GpuOptimKernels.MaxSumSquaresBlocks + 1);
+        try
+        {
+            return new Optim.GpuOptimKernels(_gpu).SumSquares(tensors.Select(g => (g.Data, g.Count)),
+                scratch.Data, scratch.Data.Offset(Optim.GpuOptimKernels.MaxSumSquaresBlocks * sizeof(double)));
+        }
+        finally { _memory.Free(scratch); }
+    }
 
     private static DType Compute(string op, params Tensor?[] tensors)
     {

@@ -16,6 +16,21 @@ public interface IOps : IDisposable
     /// <summary>Where this backend's tensors live.</summary>
     TensorMemory Memory { get; }
 
+    /// <summary>
+    /// The device the ops run on (its kernels, managed memory and stream), or null for the CPU reference. Layers above
+    /// Ops (the optimizers, profiling) reach the device through this, never by naming a concrete ops or device class,
+    /// so a wrapper such as <see cref="ProfilingOps"/> keeps the device paths.
+    /// </summary>
+    Runtime.IGpu? Device { get; }
+
+    /// <summary>
+    /// Σ x² over the F32 <paramref name="tensors"/>, in fp64 (each element squared exactly in double), deterministic:
+    /// on the CPU the sequential sum in order, element by element; on a device kernels/optim.cu's fixed-grid pass per
+    /// tensor and a fixed-order reduction, tensors added in order (the same value on every device). Gradient clipping's
+    /// global norm.
+    /// </summary>
+    double SumOfSquares(IReadOnlyList<Tensor> tensors);
+
     // --- data movement -------------------------------------------------------------------------
     /// <summary>Host → tensor; T is the tensor's element type (float for F32, double for F64, BFloat16 for BF16, int for I32, byte for U8).</summary>
     void Upload<T>(ReadOnlySpan<T> source, Tensor destination) where T : unmanaged;

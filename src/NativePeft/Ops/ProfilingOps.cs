@@ -18,12 +18,13 @@ public sealed class ProfilingOps(IOps inner, bool ownsInner = false) : IOps
 
     public string Name => _inner.Name;
     public TensorMemory Memory => _inner.Memory;
+    public Runtime.IGpu? Device => _inner.Device;
 
     private static long Start() => Stopwatch.GetTimestamp();
 
     private void Stop(string op, long start)
     {
-        if (_inner is GpuOps g) g.Gpu.Synchronize();
+        _inner.Device?.Synchronize();
         double ms = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
         _totals[op] = _totals.TryGetValue(op, out var v) ? (v.Calls + 1, v.Ms + ms) : (1, ms);
     }
@@ -55,6 +56,8 @@ public sealed class ProfilingOps(IOps inner, bool ownsInner = false) : IOps
     public void EmbeddingBackward(Tensor ids, Tensor dout, Tensor dtable) { var t = Start(); _inner.EmbeddingBackward(ids, dout, dtable); Stop("EmbeddingBackward", t); }
     public (double Loss, int Count) CrossEntropyForward(Tensor hidden, Tensor weight, Tensor labels, Tensor lse, int chunk) { var t = Start(); var r = _inner.CrossEntropyForward(hidden, weight, labels, lse, chunk); Stop("CrossEntropyForward", t); return r; }
     public void CrossEntropyBackward(Tensor hidden, Tensor weight, Tensor labels, Tensor lse, double dloss, Tensor dhidden, Tensor? dweight, int chunk) { var t = Start(); _inner.CrossEntropyBackward(hidden, weight, labels, lse, dloss, dhidden, dweight, chunk); Stop("CrossEntropyBackward", t); }
+
+    public double SumOfSquares(IReadOnlyList<Tensor> tensors) { var t = Start(); double r = _inner.SumOfSquares(tensors); Stop("SumOfSquares", t); return r; }
 
     public void Dispose() { if (ownsInner) _inner.Dispose(); }
 }

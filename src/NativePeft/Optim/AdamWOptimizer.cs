@@ -42,7 +42,7 @@ public abstract class AdamWOptimizer : IOptimizer
         Options.Validate();
         _eightBit = eightBit;
         _paged = paged;
-        _gpu = (ops as GpuOps)?.Gpu;
+        _gpu = ops.Device;
         if (_gpu is not null) _kernels = new GpuOptimKernels(_gpu);
     }
 

@@ -8,9 +8,9 @@ namespace NativePeft.Optim;
 /// gradients, the sum of squares in fp64 (each fp32 element squared exactly in double) and deterministic; the clip
 /// coefficient is min(1, max_norm / (norm + 1e-6)).
 /// <para>
-/// On a <see cref="GpuOps"/> the sum runs in kernels/optim.cu (per tensor a fixed-grid pass whose grid depends on the
-/// element count only, then a fixed-order reduction, tensors added in list order): the same value on every device.
-/// Elsewhere (CpuOps) it is the plain sequential sum over the tensors in order, element by element.
+/// The sum is <see cref="IOps.SumOfSquares"/>: on a device kernels/optim.cu (per tensor a fixed-grid pass whose grid
+/// depends on the element count only, then a fixed-order reduction, tensors added in list order), the same value on
+/// every device; on the CPU the plain sequential sum over the tensors in order, element by element.
 /// </para>
 /// </summary>
 public static class GradientClipping
@@ -26,36 +26,7 @@ public static class GradientClipping
         var list = grads.ToList();
         foreach (var g in list)
             if (g.DType != DType.F32) throw new ArgumentException($"gradient {g} must be F32", nameof(grads));
-        if (ops is GpuOps gpuOps)
-        {
-            var kernels = new GpuOptimKernels(gpuOps.Gpu);
-            var scratch = ops.Memory.Allocate(DType.F64, GpuOptimKernels.MaxSumSquaresBlocks + 1);
-            try
-            {
-                return kernels.SumSquares(list.Select(g => (g.Data, g.Count)),
-                    scratch.Data, scratch.Data.Offset(GpuOptimKernels.MaxSumSquaresBlocks * sizeof(double)));
-            }
-            finally { ops.Memory.Free(scratch); }
-        }
-        double sum = 0;
-        foreach (var g in list)
-        {
-            // Host memory (CpuOps): read in place; otherwise a host copy. The same sum, in the same order.
-            ReadOnlySpan<float> host;
-            if (CpuOps.TryGetHostSpan<float>(ops, g, out var inPlace)) host = inPlace;
-            else
-            {
-                var copy = new float[g.Count];
-                ops.Download<float>(g, copy);
-                host = copy;
-            }
-            foreach (float x in host)
-            {
-                double d = x;
-                sum += d * d;
-            }
-        }
-        return sum;
+        return ops.SumOfSquares(list);
     }
 
     /// <summary>The global L2 norm √(Σ g²) (fp64).</summary>
