@@ -34,6 +34,10 @@ import platform
 import shutil
 import sys
 
+# Everything is local: no hub look-ups (PEFT's save_pretrained asks the hub about a base path it cannot find locally).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import torch
 import transformers
 import peft
@@ -99,7 +103,7 @@ def forward(model, ids, device):
     loss = float(out.loss)
     if abs(loss - float(mine)) > 1e-5 * max(1.0, abs(loss)):
         raise SystemExit(f"the model's loss {loss} disagrees with the shifted mean cross-entropy of its logits {float(mine)}")
-    return logits.contiguous(), loss, float(mine)
+    return logits.clone(), loss, float(mine)
 
 
 def save_logits(path, logits):
@@ -197,7 +201,6 @@ def main():
     if n_lora != 2 * len(TARGETS) * TINY["num_hidden_layers"]:
         raise SystemExit(f"PEFT made {n_lora} LoRA matrices, expected {2 * len(TARGETS) * TINY['num_hidden_layers']}")
     adapter_dir = os.path.join(out, "tiny-gqa-adapter")
-    pm.peft_config["default"].base_model_name_or_path = "tiny-gqa"  # not this machine's path
     pm.save_pretrained(adapter_dir)
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_model.safetensors")):
         raise SystemExit(f"{adapter_dir}: PEFT wrote {sorted(os.listdir(adapter_dir))}, no adapter_model.safetensors")
@@ -222,8 +225,9 @@ def main():
             w = state[name]
             d = w.double()
             weights[name] = {"shape": list(w.shape), "sum": float(d.sum()), "sum_sq": float((d * d).sum())}
-            rows[name + ".row0"] = w[0].contiguous()
-            rows[name + ".row_last"] = w[-1].contiguous()
+            # clones: safetensors refuses tensors that share storage (two rows of one weight would)
+            rows[name + ".row0"] = w[0].clone()
+            rows[name + ".row_last"] = w[-1].clone()
     merged_logits, merged_loss, _ = forward(merged, ids, device)
     save_file(rows, os.path.join(out, "tiny-gqa-merged-rows.safetensors"), metadata={"format": "pt"})
     oracle["merged"] = {"rows": "tiny-gqa-merged-rows.safetensors", "weights": weights, "loss": merged_loss,
