@@ -222,6 +222,7 @@ cmd_gpu_bundle() {
   cp "$ROOT/build.sh" "$stage/build.sh"
   cp "$ROOT/tests/reference/bnb_crosscheck.py" "$stage/bnb_crosscheck.py"
   cp "$ROOT/tests/reference/peft_crosscheck.py" "$stage/peft_crosscheck.py"
+  cp "$ROOT/tests/reference/gen_model_oracle.py" "$stage/gen_model_oracle.py"
   cp "$ROOT/tests/reference/attn_peer.py" "$stage/attn_peer.py"
   cp "$ROOT/tests/reference/train_peer.py" "$stage/train_peer.py"
   cat > "$stage/gpu-profile" <<'SH'
@@ -269,10 +270,11 @@ GPU_SECTIONS=(
   "attention-sdpa:40:attn_peer.py: PyTorch SDPA on the same shapes, then ours/SDPA per shape (python3 with torch)"
   "model-bench:30:bench --model small --device cuda --steps 5, bf16 with --profile, then fp32"
   "llama8b:100:bench --model llama3-8b --device cuda (LoRA and QLoRA, 4 x 1024, 3 timed steps), then train_peer.py (transformers + PEFT, python3 with torch, transformers, peft; QLoRA with bitsandbytes) on the same shape: ours/peer"
-  "compare:60:compare --device cuda: full, LoRA and QLoRA on the built-in model (the main job)"
+  "compare:40:compare --device cuda: full, LoRA and QLoRA on the built-in model (the main job)"
   "generate:20:generate --device cuda with the LoRA adapter compare trained (KV cache), and without it"
   "bnb:15:bnb_crosscheck.py: our 4-bit files against bitsandbytes' (python3 with torch, safetensors, bitsandbytes)"
   "peft:35:peft_crosscheck.py: our adapters and merges in transformers + PEFT and theirs here (python3 with torch, transformers, peft)"
+  "oracle:20:gen_model_oracle.py: transformers + PEFT write the whole-model oracle into build/oracle/ (copy it to tests/NativePeft.Tests/Data/oracle/ and commit; python3 with torch, transformers, peft, safetensors)"
 )
 
 gc_headline() { printf '%s' "$*" | tr -d '\000-\037' | head -c 400 > "$GC_DIR/$GC_SECTION.headline"; }
@@ -433,6 +435,18 @@ gc_peft() {
   rm -rf build/peft-crosscheck
   python3 ./peft_crosscheck.py "$PWD/NativePeft.Cli" "$PWD/builtin-model" "$PWD/build/peft-crosscheck" cuda 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
   gc_headline "$(grep -c '^PASS' "$log") PASS, $(grep -c '^FAIL' "$log") FAIL"
+  return $rc
+}
+
+# The whole-model oracle TransformersOracleTests reads (logits and losses of a random bf16 two-shard Llama and of the
+# built-in model, a PEFT adapter, merge_and_unload's checksums): written here, committed from here, compared in CI.
+# transformers computes on the CPU in float32 (peft_crosscheck.py's reference too): no TF32, no CUDA start-up.
+gc_oracle() {
+  local log="$GC_DIR/oracle.txt" rc
+  python3 -c "import torch, transformers, peft, safetensors" 2>/dev/null || { gc_skip "python3 with torch, transformers, peft and safetensors not found"; return; }
+  python3 ./gen_model_oracle.py "$PWD/build/oracle" --device cpu --builtin "$PWD/builtin-model" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
+  if [ "$rc" = 0 ]; then gc_headline "$(sed -n 's/^headline: //p' "$log" | tail -1)"
+  else gc_headline "gen_model_oracle.py failed (exit $rc): $(tail -1 "$log")"; fi
   return $rc
 }
 
