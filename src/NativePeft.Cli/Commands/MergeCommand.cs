@@ -93,11 +93,12 @@ public static class MergeCommand
                 }
             }
             catch (Exception e) when (e is PeftAdapterException or HfCheckpointException or LlamaConfigException or SafetensorsException
-                                          or IOException or UnauthorizedAccessException)
+                                          or NonFiniteValuesException or IOException or UnauthorizedAccessException)
             {
                 RemoveOutput(outPath, outExisted);
                 string message = e switch
                 {
+                    _ when e.GetBaseException() is NonFiniteValuesException nf => $"--adapter {adapterDir} merged into --model {modelDir}: {nf.Message}",
                     PeftAdapterException p => $"--adapter {adapterDir} does not fit --model {modelDir} (was it trained on another base model?): " + Problems(p.Problems),
                     HfCheckpointException h when h.Path.StartsWith(outPath, StringComparison.Ordinal) => $"--out {outDir}: {e.Message}",
                     _ => $"merge failed: {e.Message}",
