@@ -41,7 +41,7 @@ public static class GenerateCommand
         };
         cmd.SetAction(parse => Run(new Args(parse.GetValue(model)!, parse.GetValue(adapter), parse.GetValue(prompt)!, parse.GetValue(maxTokens),
             parse.GetValue(temperature), parse.GetValue(topP), parse.GetValue(topK), parse.GetValue(seed), parse.GetValue(quantize),
-            parse.GetValue(device)!, parse.GetValue(json)) { Precision = parse.GetValue(precision)! }, stdout));
+            parse.GetValue(device)!, parse.GetValue(json)) { Precision = parse.GetValue(precision)!, Given = TrainCommand.GivenOptions(parse, cmd) }, stdout));
         return cmd;
     }
 
@@ -51,6 +51,8 @@ public static class GenerateCommand
     {
         /// <summary>--precision: auto (bf16 on cuda and the emulator, fp32 on cpu), bf16 or fp32.</summary>
         public string Precision { get; init; } = "auto";
+        /// <summary>The options given explicitly (<see cref="TrainCommand.GivenOptions"/>).</summary>
+        public IReadOnlySet<string> Given { get; init; } = new HashSet<string>();
     }
 
     public static int Run(Args a, TextWriter stdout)
@@ -62,6 +64,8 @@ public static class GenerateCommand
         if (!(a.TopP > 0 && a.TopP <= 1)) throw new CliException($"--top-p {Num(a.TopP)}: must be in (0, 1] (1 = off)", 2);
         if (a.TopK < 0) throw new CliException($"--top-k {a.TopK}: must be >= 0 (0 = off)", 2);
         if (a.Prompt.Length == 0) throw new CliException("--prompt: the prompt is empty", 2);
+        if (a.Temperature == 0)
+            TrainCommand.RefuseUnused(a.Given, new[] { "--seed", "--top-p", "--top-k" }.Select(o => (o, "greedy decoding (--temperature 0) draws nothing")));
         var computeDType = DeviceOption.ComputeDType(a.Precision, a.Device);
         var options = new GenerationOptions { MaxNewTokens = a.MaxTokens, Temperature = a.Temperature, TopP = a.TopP, TopK = a.TopK, Seed = a.Seed };
 
@@ -178,7 +182,13 @@ public static class GenerateCommand
             printed = text.Length;
             stdout.Flush();
         };
-        var result = generator.Generate(promptIds, options, onToken);
+        GenerationResult result;
+        try { result = generator.Generate(promptIds, options, onToken); }
+        catch (NonFiniteValuesException e)
+        {
+            if (printed > 0) stdout.WriteLine();
+            throw new CliException($"{e.Message}; check {(a.Adapter is null ? "" : $"--adapter {a.Adapter} and ")}--model {a.Model}", 1, e);
+        }
         string deviceName = a.Device == "cpu" ? "cpu" : ops.Name;
         if (a.Json)
         {
