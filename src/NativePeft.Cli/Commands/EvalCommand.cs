@@ -129,7 +129,7 @@ public static class EvalCommand
             sum += loss * llama.LastTokenCount;
             tokens += llama.LastTokenCount;
         }
-        if (tokens == 0) throw new CliException($"--data {dataFile}: no example has a token to predict (every label is -100, or every line is shorter than 2 tokens)");
+        if (tokens == 0) throw new CliException($"--data {dataFile}: no example has a token to predict (every label is -100, or every line is shorter than 2 tokens), so there is nothing to predict");
         double mean = sum / tokens;
         return new EvalResult(mean, Math.Exp(mean), tokens, sequences.Count);
     }

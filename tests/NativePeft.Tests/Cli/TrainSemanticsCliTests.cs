@@ -171,6 +171,18 @@ public class TrainSemanticsCliTests
     }
 
     [Test]
+    public void AnAdapterWhoseLogitsOverflowStopsGenerateAndEvalSayingWhere()
+    {
+        using var dir = CliProcess.TempDir();
+        string adapter = BuiltinAdapter(dir["adapter"], bValue: 1e20f, aValue: 1e20f);
+        // Unmerged, the LoRA path overflows: the logits are not finite. generate and eval say where, not crash or print NaN.
+        AssertRefused(CliProcess.Run("generate", "--model", "builtin", "--adapter", adapter, "--prompt", "upper: ab\n"),
+            "the logits of new token 0 (position", "--adapter " + adapter);
+        AssertRefused(CliProcess.Run("eval", "--model", "builtin", "--adapter", adapter, "--data", Good(dir)),
+            "--data", "example 1: the loss is", "not finite", "--adapter " + adapter);
+    }
+
+    [Test]
     public void ABaseCheckpointWithANaNIsRefusedNamingTheTensor()
     {
         using var dir = CliProcess.TempDir();
