@@ -150,6 +150,8 @@ public static class CompareCommand
         if (!methods.Contains(FineTuneMethod.Full)) unused.Add(("--lr-full", "--methods has no full"));
         if (methods.All(m => m == FineTuneMethod.Full)) unused.AddRange(TrainCommand.LoraOptions.Select(o => (o, "--methods has only full, which has no LoRA adapter")));
         if (a.Data == BuiltinTask.DataName) unused.Add(("--on-bad-line", "the built-in task has no data file"));
+        else if (DatasetLoader.IsPlainTextFile(a.Data) && (a.EvalData is null || DatasetLoader.IsPlainTextFile(a.EvalData)))
+            unused.Add(("--on-bad-line", "plain text (.txt) data has no records to skip"));
         else unused.Add(("--exact-match-samples", "exact match is measured on the built-in task only (--data builtin)"));
         TrainCommand.RefuseUnused(a.Given, unused);
         string outDir = Path.GetFullPath(a.Out);

@@ -206,10 +206,15 @@ public static class TrainCommand
             unused.Add(("--eval-data", "the built-in task evaluates on its own held-out split"));
             unused.Add(("--on-bad-line", "the built-in task has no data file"));
         }
-        else if (a.EvalData is null)
+        else
         {
-            unused.Add(("--eval-every", "there is no eval data (give --eval-data FILE)"));
-            unused.Add(("--eval-batches", "there is no eval data (give --eval-data FILE)"));
+            if (a.EvalData is null)
+            {
+                unused.Add(("--eval-every", "there is no eval data (give --eval-data FILE)"));
+                unused.Add(("--eval-batches", "there is no eval data (give --eval-data FILE)"));
+            }
+            if (DatasetLoader.IsPlainTextFile(a.Data) && (a.EvalData is null || DatasetLoader.IsPlainTextFile(a.EvalData)))
+                unused.Add(("--on-bad-line", "plain text (.txt) data has no records to skip"));
         }
         RefuseUnused(a.Given, unused);
 
@@ -251,6 +256,11 @@ public static class TrainCommand
             if (p.Eval is { } e) { stdout.WriteLine(EvalLine(e)); lastEvalShown = e.Step; }
         };
         var trainer = Guard(() => run.CreateTrainer(progress: new ActionProgress<TrainerProgress>(p => sink(p))));
+        // Cadences longer than the run would never fire (the final evaluation happens anyway): refused, nothing written yet.
+        RefuseUnused(a.Given, [
+            .. a.SaveEvery > trainer.TotalSteps ? [("--save-every", $"{a.SaveEvery} is more than the run's {trainer.TotalSteps} steps: no checkpoint would be written")] : Array.Empty<(string, string)>(),
+            .. a.EvalEvery > trainer.TotalSteps ? [("--eval-every", $"{a.EvalEvery} is more than the run's {trainer.TotalSteps} steps: only the final evaluation would run")] : Array.Empty<(string, string)>(),
+        ]);
 
         stdout.WriteLine($"train: {a.Method} on {a.Model} ({ckptConfig.NumHiddenLayers} layers, hidden {ckptConfig.HiddenSize}), {trainingData.Train.Count} examples, " +
             $"{trainer.TotalSteps} steps of {a.GradAccum}×{a.Batch}×{a.Seq}{(a.Pack ? " packed" : "")}, {llama.TrainableParameters.Sum(p => p.Param.Count)} trainable parameters, {a.Device}");

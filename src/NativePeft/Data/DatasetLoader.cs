@@ -75,7 +75,7 @@ public static class DatasetLoader
     /// </summary>
     public static DataFormat DetectFormat(string path)
     {
-        if (path.EndsWith(".txt", StringComparison.OrdinalIgnoreCase)) return DataFormat.PlainText;
+        if (IsPlainTextFile(path)) return DataFormat.PlainText;
         foreach (var (line, _, text) in Records(path))
         {
             try
@@ -95,6 +95,9 @@ public static class DatasetLoader
         }
         return DataFormat.PlainText;
     }
+
+    /// <summary>A .txt file: plain text by its extension alone (no records, no lines to skip).</summary>
+    public static bool IsPlainTextFile(string path) => path.EndsWith(".txt", StringComparison.OrdinalIgnoreCase);
 
     private static string JsonKind(JsonElement e) => e.ValueKind switch
     {

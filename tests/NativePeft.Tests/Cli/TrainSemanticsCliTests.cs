@@ -92,6 +92,10 @@ public class TrainSemanticsCliTests
         AssertRefused(CliProcess.Run(Train(model, good, dir["out"], "--method", "full")), "--rank", "full fine-tuning");
         AssertRefused(CliProcess.Run(Train(model, good, dir["out"], "--eval-every", "1")), "--eval-every", "no eval data");
         AssertRefused(CliProcess.Run(Train(model, good, dir["out"], "--eval-batches", "1")), "--eval-batches", "no eval data");
+        AssertRefused(CliProcess.Run(Train(model, good, dir["out"], "--save-every", "3")), "--save-every: 3 is more than the run's 2 steps");
+        AssertRefused(CliProcess.Run(Train(model, good, dir["out"], "--eval-data", good, "--eval-every", "5")), "--eval-every: 5 is more than the run's 2 steps");
+        File.WriteAllText(dir["text.txt"], "some plain text to train on");
+        AssertRefused(CliProcess.Run(Train(model, dir["text.txt"], dir["out"], "--on-bad-line", "skip")), "--on-bad-line", "plain text");
         Assert.That(Directory.Exists(dir["out"]), Is.False);
         AssertRefused(CliProcess.Run("generate", "--model", "builtin", "--prompt", "upper: ab\n", "--seed", "3"), "--seed", "greedy");
         AssertRefused(CliProcess.Run("generate", "--model", "builtin", "--prompt", "upper: ab\n", "--top-k", "3"), "--top-k", "greedy");
