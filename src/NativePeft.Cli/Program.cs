@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.CommandLine.Help;
 using System.Text.RegularExpressions;
 using NativePeft.Cli.Commands;
+using NativePeft.Numerics;
 using NativePeft.Runtime;
 
 namespace NativePeft.Cli;
@@ -52,6 +53,13 @@ public static class Program
         {
             stderr.WriteLine("error: " + e.Message);
             return e.ExitCode;
+        }
+        catch (NonFiniteValuesException e)
+        {
+            // Non-finite logits or merged weights anywhere a command did not name its option (e.g. train's exact-match
+            // generation): the message names the tensor or token position.
+            stderr.WriteLine("error: " + e.Message);
+            return 1;
         }
         catch (Exception e) when (e is CudaException or CublasException or EmulatorException or OutOfMemoryException)
         {
