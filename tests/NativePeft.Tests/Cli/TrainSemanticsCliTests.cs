@@ -144,7 +144,7 @@ public class TrainSemanticsCliTests
     }
 
     [Test]
-    public void AnAdapterWithANaNIsRefusedByGenerateEvalAndMergeNamingTheTensor()
+    public void AnAdapterWithANaNIsRefusedByLoadGenerateAndMergeNamingTheTensor()
     {
         using var dir = CliProcess.TempDir();
         string adapter = BuiltinAdapter(dir["adapter"]);
