@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.CommandLine.Help;
 using System.Text.RegularExpressions;
 using NativePeft.Cli.Commands;
+using NativePeft.Numerics;
 using NativePeft.Runtime;
 
 namespace NativePeft.Cli;
@@ -57,6 +58,13 @@ public static class Program
         {
             // An output folder in use by another run, not writable, or a write that failed mid-run (the message names the
             // path and the free space there).
+            stderr.WriteLine("error: " + e.Message);
+            return 1;
+        }
+        catch (NonFiniteValuesException e)
+        {
+            // Non-finite logits or merged weights anywhere a command did not name its option (e.g. train's exact-match
+            // generation): the message names the tensor or token position.
             stderr.WriteLine("error: " + e.Message);
             return 1;
         }

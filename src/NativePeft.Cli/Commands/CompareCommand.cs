@@ -37,6 +37,8 @@ public static class CompareCommand
         public string Model { get; init; } = BuiltinModel.Name;
         public string Data { get; init; } = BuiltinTask.DataName;
         public string? EvalData { get; init; }
+        /// <summary>The options given explicitly (<see cref="TrainCommand.GivenOptions"/>); each must be used by the run.</summary>
+        public IReadOnlySet<string> Given { get; init; } = new HashSet<string>();
         public string Methods { get; init; } = "full,lora,qlora";
         public int Rank { get; init; } = 16;
         public double Alpha { get; init; } = 32;
@@ -104,6 +106,7 @@ public static class CompareCommand
                 Batch = parse.GetValue(batch), Seq = parse.GetValue(seq), Pack = parse.GetValue(pack), Seed = parse.GetValue(seed), Optim = parse.GetValue(optim)!,
                 ExactMatchSamples = parse.GetValue(exact), Device = parse.GetValue(device)!, Precision = parse.GetValue(precision)!, DeviceMemory = parse.GetValue(deviceMemory), Out = parse.GetValue(output)!,
                 OnBadLine = TrainCommand.ParseOnBadLine(parse.GetValue(onBadLine)!),
+                Given = TrainCommand.GivenOptions(parse, cmd),
                 CommandLine = "nativepeft " + string.Join(' ', parse.Tokens.Select(t => t.Value.Contains(' ') ? $"\"{t.Value}\"" : t.Value)),
             };
             return Task.FromResult(Run(a, stdout, cancel));
@@ -147,6 +150,14 @@ public static class CompareCommand
         var targets = a.Targets.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Distinct().ToList();
         if (a.ExactMatchSamples < 0) throw new CliException($"--exact-match-samples {a.ExactMatchSamples}: must be >= 0");
         if (a.LrFull is double lf && (!(lf >= 0) || !double.IsFinite(lf))) throw new CliException($"--lr-full {lf}: must be a finite number >= 0");
+        var unused = new List<(string, string)>();
+        if (!methods.Contains(FineTuneMethod.Full)) unused.Add(("--lr-full", "--methods has no full"));
+        if (methods.All(m => m == FineTuneMethod.Full)) unused.AddRange(TrainCommand.LoraOptions.Select(o => (o, "--methods has only full, which has no LoRA adapter")));
+        if (a.Data == BuiltinTask.DataName) unused.Add(("--on-bad-line", "the built-in task has no data file"));
+        else if (DatasetLoader.IsPlainTextFile(a.Data) && (a.EvalData is null || DatasetLoader.IsPlainTextFile(a.EvalData)))
+            unused.Add(("--on-bad-line", "plain text (.txt) data has no records to skip"));
+        else unused.Add(("--exact-match-samples", "exact match is measured on the built-in task only (--data builtin)"));
+        TrainCommand.RefuseUnused(a.Given, unused);
         string outDir = Path.GetFullPath(a.Out);
         if (File.Exists(outDir)) throw new CliException($"--out {a.Out}: is a file");
         if (OutputFolder.HasContent(outDir))

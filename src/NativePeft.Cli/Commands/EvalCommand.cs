@@ -47,6 +47,14 @@ public static class EvalCommand
             if (!Directory.Exists(dir)) throw new CliException($"--model {dir}: folder not found");
             if (parse.GetValue(seq) < 2) throw new CliException($"--seq {parse.GetValue(seq)}: must be at least 2");
             long? memoryLimit = DeviceOption.Memory(parse.GetValue(deviceMemory), parse.GetValue(device)!);
+            if (TrainCommand.GivenOptions(parse, cmd).Contains("--seq") && !IsBlank(file))
+            {
+                DataFormat format;
+                try { format = DatasetLoader.DetectFormat(file); }
+                catch (DataFormatException e) { throw new CliException($"--data {e.Message}", 1, e); }
+                if (format is not (DataFormat.PlainText or DataFormat.TextJsonl))
+                    TrainCommand.RefuseUnused(new HashSet<string> { "--seq" }, [("--seq", $"only text data (.txt, {{\"text\": ...}} JSONL) is packed to a sequence length; {file} holds {DatasetLoader.TextFormatName(format)}, evaluated example by example, whole")]);
+            }
             try
             {
                 var result = Run(dir, file, quantization, parse.GetValue(device)!, parse.GetValue(precision)!, parse.GetValue(adapter), parse.GetValue(seq), memoryLimit);
@@ -111,15 +119,19 @@ public static class EvalCommand
         llama.Dropout.Training = false;
         double sum = 0;
         long tokens = 0;
+        int sequence = 0;
         foreach (var (ids, labels) in sequences)
         {
+            sequence++;
             if (ids.Length < 2) continue; // nothing to predict
             double loss = llama.Forward(ids, labels, 1, ids.Length);
             if (llama.LastTokenCount == 0) continue;
+            if (!double.IsFinite(loss))
+                throw new CliException($"--data {dataFile}: example {sequence}: the loss is {loss} (not finite): the weights give non-finite logits; check {(adapterDir is null ? "" : $"--adapter {adapterDir} and ")}--model {modelDir}");
             sum += loss * llama.LastTokenCount;
             tokens += llama.LastTokenCount;
         }
-        if (tokens == 0) throw new CliException($"--data {dataFile}: no line has two or more tokens, so there is nothing to predict");
+        if (tokens == 0) throw new CliException($"--data {dataFile}: no example has a token to predict (every label is -100, or every line is shorter than 2 tokens), so there is nothing to predict");
         double mean = sum / tokens;
         return new EvalResult(mean, Math.Exp(mean), tokens, sequences.Count);
     }

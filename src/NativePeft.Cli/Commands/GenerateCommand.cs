@@ -42,7 +42,7 @@ public static class GenerateCommand
         };
         cmd.SetAction(parse => Run(new Args(parse.GetValue(model)!, parse.GetValue(adapter), parse.GetValue(prompt)!, parse.GetValue(maxTokens),
             parse.GetValue(temperature), parse.GetValue(topP), parse.GetValue(topK), parse.GetValue(seed), parse.GetValue(quantize),
-            parse.GetValue(device)!, parse.GetValue(json)) { Precision = parse.GetValue(precision)!, DeviceMemory = parse.GetValue(deviceMemory) }, stdout));
+            parse.GetValue(device)!, parse.GetValue(json)) { Precision = parse.GetValue(precision)!, DeviceMemory = parse.GetValue(deviceMemory), Given = TrainCommand.GivenOptions(parse, cmd) }, stdout));
         return cmd;
     }
 
@@ -54,6 +54,8 @@ public static class GenerateCommand
         public string Precision { get; init; } = "auto";
         /// <summary>--device-memory: the run's limit of device memory (a size), null for the device's free memory.</summary>
         public string? DeviceMemory { get; init; }
+        /// <summary>The options given explicitly (<see cref="TrainCommand.GivenOptions"/>).</summary>
+        public IReadOnlySet<string> Given { get; init; } = new HashSet<string>();
     }
 
     public static int Run(Args a, TextWriter stdout)
@@ -65,6 +67,8 @@ public static class GenerateCommand
         if (!(a.TopP > 0 && a.TopP <= 1)) throw new CliException($"--top-p {Num(a.TopP)}: must be in (0, 1] (1 = off)", 2);
         if (a.TopK < 0) throw new CliException($"--top-k {a.TopK}: must be >= 0 (0 = off)", 2);
         if (a.Prompt.Length == 0) throw new CliException("--prompt: the prompt is empty", 2);
+        if (a.Temperature == 0)
+            TrainCommand.RefuseUnused(a.Given, new[] { "--seed", "--top-p", "--top-k" }.Select(o => (o, "greedy decoding (--temperature 0) draws nothing")));
         var computeDType = DeviceOption.ComputeDType(a.Precision, a.Device);
         long? memoryLimit = DeviceOption.Memory(a.DeviceMemory, a.Device);
         var options = new GenerationOptions { MaxNewTokens = a.MaxTokens, Temperature = a.Temperature, TopP = a.TopP, TopK = a.TopK, Seed = a.Seed };
@@ -182,7 +186,13 @@ public static class GenerateCommand
             printed = text.Length;
             stdout.Flush();
         };
-        var result = generator.Generate(promptIds, options, onToken);
+        GenerationResult result;
+        try { result = generator.Generate(promptIds, options, onToken); }
+        catch (NonFiniteValuesException e)
+        {
+            if (printed > 0) stdout.WriteLine();
+            throw new CliException($"{e.Message}; check {(a.Adapter is null ? "" : $"--adapter {a.Adapter} and ")}--model {a.Model}", 1, e);
+        }
         string deviceName = a.Device == "cpu" ? "cpu" : ops.Name;
         if (a.Json)
         {

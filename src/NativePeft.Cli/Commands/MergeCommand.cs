@@ -96,12 +96,13 @@ public static class MergeCommand
                 }
             }
             catch (Exception e) when (e is PeftAdapterException or HfCheckpointException or LlamaConfigException or SafetensorsException
-                                          or IOException or UnauthorizedAccessException)
+                                          or NonFiniteValuesException or IOException or UnauthorizedAccessException)
             {
                 outputLock.RemoveContents();
                 if (e is not PeftAdapterException && OutputFolder.IsWriteFailure(e)) throw OutputFolder.WriteFailed(outPath, e);
                 string message = e switch
                 {
+                    _ when e.GetBaseException() is NonFiniteValuesException nf => $"--adapter {adapterDir} merged into --model {modelDir}: {nf.Message}",
                     PeftAdapterException p => $"--adapter {adapterDir} does not fit --model {modelDir} (was it trained on another base model?): " + Problems(p.Problems),
                     HfCheckpointException h when h.Path.StartsWith(outPath, StringComparison.Ordinal) => $"--out {outDir}: {e.Message}",
                     _ => $"merge failed: {e.Message}",

@@ -59,10 +59,17 @@ public static class TrainCommand
         var embedding = EmbeddingOption();
         var output = new Option<DirectoryInfo>("--out") { Description = "output folder (new or empty, or the run's own folder with --resume)", Required = true };
         var onBadLine = OnBadLineOption();
+        var onNonFinite = new Option<string>("--on-nonfinite")
+        {
+            Description = "a non-finite loss or gradient norm: stop (name the step) or skip that step's update (stops after 10 consecutive skips)",
+            DefaultValueFactory = _ => "stop",
+        };
+        onNonFinite.AcceptOnlyFromAmong("stop", "skip");
         var cmd = new Command("train", "Fine-tune a Llama checkpoint with LoRA, QLoRA or full fine-tuning")
         {
             model, data, evalData, method, rank, alpha, dropout, targets, rslora, lr, schedule, warmup, steps, epochs, batch, gradAccum,
             seq, pack, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, deviceMemory, recompute, embedding, output, onBadLine,
+            onNonFinite,
         };
         cmd.SetAction((parse, cancel) =>
         {
@@ -72,8 +79,9 @@ public static class TrainCommand
                 parse.GetValue(lr), parse.GetValue(schedule)!, parse.GetValue(warmup), parse.GetValue(steps), parse.GetValue(epochs),
                 parse.GetValue(batch), parse.GetValue(gradAccum), parse.GetValue(seq), parse.GetValue(seed), parse.GetValue(optim)!,
                 parse.GetValue(maxGradNorm), parse.GetValue(evalEvery), parse.GetValue(evalBatches), parse.GetValue(saveEvery),
-                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Embedding = parse.GetValue(embedding)!, Pack = parse.GetValue(pack), Precision = parse.GetValue(precision)!, OnBadLine = ParseOnBadLine(parse.GetValue(onBadLine)!) };
-            a = a with { DeviceMemory = parse.GetValue(deviceMemory) };
+                parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Embedding = parse.GetValue(embedding)!, Pack = parse.GetValue(pack), Precision = parse.GetValue(precision)!, OnBadLine = ParseOnBadLine(parse.GetValue(onBadLine)!),
+                OnNonFinite = parse.GetValue(onNonFinite) == "skip" ? NonFinitePolicy.Skip : NonFinitePolicy.Stop,
+                Given = GivenOptions(parse, cmd), DeviceMemory = parse.GetValue(deviceMemory) };
             return Task.FromResult(Run(a, stdout, cancel));
         });
         return cmd;
@@ -114,6 +122,23 @@ public static class TrainCommand
 
     internal static BadLinePolicy ParseOnBadLine(string value) => value == "skip" ? BadLinePolicy.Skip : BadLinePolicy.Stop;
 
+    /// <summary>The options given on the command line (or by --config), not left at their defaults, by name ("--rank").</summary>
+    internal static IReadOnlySet<string> GivenOptions(ParseResult parse, Command command) =>
+        command.Options.Where(o => parse.GetResult(o) is { Implicit: false }).Select(o => o.Name).ToHashSet(StringComparer.Ordinal);
+
+    /// <summary>
+    /// Refuses an option that was given but would have no effect, naming it and why (train, compare): every option
+    /// given is used or refused. <paramref name="unused"/> maps an option name to the reason it is unused in this run.
+    /// </summary>
+    internal static void RefuseUnused(IReadOnlySet<string> given, IEnumerable<(string Option, string Why)> unused)
+    {
+        foreach (var (option, why) in unused)
+            if (given.Contains(option)) throw new CliException($"{option}: {why}, so it would be ignored; leave it out", 2);
+    }
+
+    /// <summary>The LoRA options, unused by full fine-tuning.</summary>
+    internal static readonly string[] LoraOptions = ["--rank", "--alpha", "--dropout", "--targets", "--rslora"];
+
     /// <summary>--model's folder; the shipped built-in model's folder for `--model builtin`.</summary>
     internal static string ModelPath(ParseResult parse, Option<DirectoryInfo> model) =>
         parse.GetResult(model)?.Tokens.FirstOrDefault()?.Value == BuiltinModel.Name ? BuiltinModel.Directory : parse.GetValue(model)!.FullName;
@@ -132,6 +157,10 @@ public static class TrainCommand
         /// <summary>--pack: several examples per row, each its own document (<see cref="BatchMode.Packing"/>).</summary>
         public bool Pack { get; init; }
         public BadLinePolicy OnBadLine { get; init; } = BadLinePolicy.Stop;
+        /// <summary>--on-nonfinite stop|skip.</summary>
+        public NonFinitePolicy OnNonFinite { get; init; } = NonFinitePolicy.Stop;
+        /// <summary>The options given explicitly (<see cref="GivenOptions"/>); empty: none is checked for being unused.</summary>
+        public IReadOnlySet<string> Given { get; init; } = new HashSet<string>();
         /// <summary>--precision: auto (bf16 on a GPU device, fp32 on cpu), bf16 or fp32.</summary>
         public string Precision { get; init; } = "auto";
         /// <summary>--device-memory: the run's limit of device memory (a size), null for the device's free memory.</summary>
@@ -171,12 +200,32 @@ public static class TrainCommand
             lora = new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, Dropout = a.Dropout, UseRsLora = a.RsLora, TargetModules = list };
         }
 
+        // ---- options given but unused by this run
+        bool builtinData = a.Data == BuiltinTask.DataName;
+        var unused = new List<(string, string)>();
+        if (a.Method == "full") unused.AddRange(LoraOptions.Select(o => (o, "full fine-tuning trains every weight and has no LoRA adapter")));
+        if (builtinData)
+        {
+            unused.Add(("--eval-data", "the built-in task evaluates on its own held-out split"));
+            unused.Add(("--on-bad-line", "the built-in task has no data file"));
+        }
+        else
+        {
+            if (a.EvalData is null)
+            {
+                unused.Add(("--eval-every", "there is no eval data (give --eval-data FILE)"));
+                unused.Add(("--eval-batches", "there is no eval data (give --eval-data FILE)"));
+            }
+            if (DatasetLoader.IsPlainTextFile(a.Data) && (a.EvalData is null || DatasetLoader.IsPlainTextFile(a.EvalData)))
+                unused.Add(("--on-bad-line", "plain text (.txt) data has no records to skip"));
+        }
+        RefuseUnused(a.Given, unused);
+
         // ---- files
         if (!Directory.Exists(a.Model)) throw new CliException($"--model {a.Model}: folder not found");
         if (!File.Exists(Path.Combine(a.Model, LlamaConfig.FileName)))
             throw new CliException($"--model {a.Model}: no {LlamaConfig.FileName} (not a Hugging Face model folder)");
-        bool builtin = a.Data == BuiltinTask.DataName;
-        if (!builtin && !File.Exists(a.Data)) throw new CliException($"--data {a.Data}: file not found (or use --data builtin)");
+        if (!builtinData && !File.Exists(a.Data)) throw new CliException($"--data {a.Data}: file not found (or use --data builtin)");
         if (a.EvalData is not null && !File.Exists(a.EvalData)) throw new CliException($"--eval-data {a.EvalData}: file not found");
         // --resume is checked by FineTune.Create once it holds --out: taking the lock restores a checkpoint that a killed
         // run left renamed (OutputFolder.Recover).
@@ -193,7 +242,7 @@ public static class TrainCommand
             Steps = a.Steps, Epochs = a.Steps is null ? a.Epochs ?? 1 : null, BatchSize = a.Batch, GradAccum = a.GradAccum, SeqLen = a.Seq, Pack = a.Pack,
             Lr = a.Lr, Schedule = LrSchedule.Parse(a.Schedule), WarmupSteps = a.Warmup, MaxGradNorm = a.MaxGradNorm,
             EvalEvery = a.EvalEvery, EvalBatches = a.EvalBatches, SaveEvery = a.SaveEvery, Optimizer = a.Optim,
-            OutputDir = a.Out, ResumeFrom = a.Resume,
+            OutputDir = a.Out, ResumeFrom = a.Resume, OnNonFinite = a.OnNonFinite,
             ExtraConfig = new Dictionary<string, string> { ["model"] = a.Model, ["data"] = a.Data, ["device"] = a.Device, ["method"] = a.Method },
         };
         using var run = Guard(() => FineTune.Create(options, new WarningLogger(stdout)));
@@ -210,6 +259,11 @@ public static class TrainCommand
             if (p.Eval is { } e) { stdout.WriteLine(EvalLine(e)); lastEvalShown = e.Step; }
         };
         var trainer = Guard(() => run.CreateTrainer(progress: new ActionProgress<TrainerProgress>(p => sink(p))));
+        // Cadences longer than the run would never fire (the final evaluation happens anyway): refused, nothing written yet.
+        RefuseUnused(a.Given, [
+            .. a.SaveEvery > trainer.TotalSteps ? [("--save-every", $"{a.SaveEvery} is more than the run's {trainer.TotalSteps} steps: no checkpoint would be written")] : Array.Empty<(string, string)>(),
+            .. a.EvalEvery > trainer.TotalSteps ? [("--eval-every", $"{a.EvalEvery} is more than the run's {trainer.TotalSteps} steps: only the final evaluation would run")] : Array.Empty<(string, string)>(),
+        ]);
 
         stdout.WriteLine($"train: {a.Method} on {a.Model} ({ckptConfig.NumHiddenLayers} layers, hidden {ckptConfig.HiddenSize}), {trainingData.Train.Count} examples, " +
             $"{trainer.TotalSteps} steps of {a.GradAccum}×{a.Batch}×{a.Seq}{(a.Pack ? " packed" : "")}, {llama.TrainableParameters.Sum(p => p.Param.Count)} trainable parameters, {a.Device}");
@@ -277,6 +331,7 @@ public static class TrainCommand
         nameof(FineTuneOptions.WarmupSteps) => "--warmup",
         nameof(FineTuneOptions.Optimizer) => "--optim",
         nameof(FineTuneOptions.OnBadLine) => "--on-bad-line",
+        nameof(FineTuneOptions.OnNonFinite) => "--on-nonfinite",
         nameof(FineTuneOptions.ComputeDType) => "--precision",
         nameof(FineTuneOptions.DeviceMemory) => "--device-memory",
         "TargetModules" => "--targets",
@@ -294,7 +349,9 @@ public static class TrainCommand
         if (v < 0) throw new CliException($"{name} {v}: must be >= 0");
     }
 
-    internal static string StepLine(TrainerProgress p) => p.NoTrainableTokens
+    internal static string StepLine(TrainerProgress p) => p.SkippedNonFinite is { } what
+        ? string.Create(CultureInfo.InvariantCulture, $"step {p.Step}/{p.TotalSteps}  skipped: {what} (--on-nonfinite skip; the update is dropped)  lr {p.Lr:0.000e+00}  eta {Eta(p.Eta)}")
+        : p.NoTrainableTokens
         ? string.Create(CultureInfo.InvariantCulture, $"step {p.Step}/{p.TotalSteps}  skipped: no trainable token (every label -100 after truncation to --seq)  lr {p.Lr:0.000e+00}  eta {Eta(p.Eta)}")
         : string.Create(CultureInfo.InvariantCulture, $"step {p.Step}/{p.TotalSteps}  loss {p.Loss:F4}  lr {p.Lr:0.000e+00}  grad_norm {p.GradNorm:F3}  tok/s {p.TokensPerSecond:F0}  ") +
         $"mem {Output.Bytes(p.AllocatedBytes)}  peak {Output.Bytes(p.PeakBytes)}  eta {Eta(p.Eta)}";
@@ -320,7 +377,7 @@ public static class TrainCommand
                 {
                     task.Value = p.Step;
                     task.Description = Markup.Escape(string.Create(CultureInfo.InvariantCulture,
-                        $"step {p.Step}/{p.TotalSteps} {(p.NoTrainableTokens ? "skipped (no trainable token)" : $"loss {p.Loss:F4}")} lr {p.Lr:0.00e+00} tok/s {p.TokensPerSecond:F0} mem {Output.Bytes(p.PeakBytes)}"));
+                        $"step {p.Step}/{p.TotalSteps} {(p.SkippedNonFinite is { } what ? $"skipped ({what})" : p.NoTrainableTokens ? "skipped (no trainable token)" : $"loss {p.Loss:F4}")} lr {p.Lr:0.00e+00} tok/s {p.TokensPerSecond:F0} mem {Output.Bytes(p.PeakBytes)}"));
                     if (p.Eval is { } e) console.MarkupLine(Markup.Escape(EvalLine(e)));
                 });
                 result = trainer.Train(ct);

@@ -56,27 +56,35 @@ public static class DatasetLoader
         };
     }
 
-    /// <summary>How a text format is named in messages.</summary>
-    internal static string TextFormatName(DataFormat format) => format switch
+    /// <summary>How a format is named in messages.</summary>
+    public static string TextFormatName(DataFormat format) => format switch
     {
         DataFormat.PlainText => "plain text",
         DataFormat.TextJsonl => "{\"text\": ...} JSONL",
         DataFormat.Alpaca => "Alpaca records",
         DataFormat.Chat => "chat {\"messages\": ...} JSONL",
+        DataFormat.PreTokenized => "pre-tokenized {\"input_ids\": ...} JSONL",
         _ => format.ToString(),
     };
 
-    /// <summary>The format of a file from its extension and its first record's keys.</summary>
+    /// <summary>
+    /// The format of a file from its extension and its first record's keys: .txt is plain text; any other file must
+    /// hold JSON objects (JSONL, or a JSON array) whose first has input_ids, instruction, messages or text, else a
+    /// <see cref="DataFormatException"/> names the file and line (a .jsonl of bare numbers or strings never trains as
+    /// plain text). A file without a record (blank) is plain text (the callers refuse it as empty).
+    /// </summary>
     public static DataFormat DetectFormat(string path)
     {
-        if (path.EndsWith(".txt", StringComparison.OrdinalIgnoreCase)) return DataFormat.PlainText;
+        if (IsPlainTextFile(path)) return DataFormat.PlainText;
         foreach (var (line, _, text) in Records(path))
         {
             try
             {
                 using var doc = JsonDocument.Parse(text);
                 var r = doc.RootElement;
-                if (r.ValueKind != JsonValueKind.Object) break;
+                // Not silently plain text: a file that is not .txt must hold JSON records of a known schema.
+                if (r.ValueKind != JsonValueKind.Object)
+                    throw new DataFormatException(path, line, $"expected a JSON object with one of input_ids, instruction, messages, text; found {JsonKind(r)} (plain text goes in a .txt file)");
                 if (r.TryGetProperty("input_ids", out _)) return DataFormat.PreTokenized;
                 if (r.TryGetProperty("instruction", out _)) return DataFormat.Alpaca;
                 if (r.TryGetProperty("messages", out _)) return DataFormat.Chat;
@@ -87,6 +95,19 @@ public static class DatasetLoader
         }
         return DataFormat.PlainText;
     }
+
+    /// <summary>A .txt file: plain text by its extension alone (no records, no lines to skip).</summary>
+    public static bool IsPlainTextFile(string path) => path.EndsWith(".txt", StringComparison.OrdinalIgnoreCase);
+
+    private static string JsonKind(JsonElement e) => e.ValueKind switch
+    {
+        JsonValueKind.Array => "an array",
+        JsonValueKind.String => "a string",
+        JsonValueKind.Number => "a number",
+        JsonValueKind.True or JsonValueKind.False => "a boolean",
+        JsonValueKind.Null => "null",
+        _ => e.ValueKind.ToString(),
+    };
 
     /// <summary>Pre-tokenized JSONL: input_ids (ints in [0, vocabSize)), optional labels of the same length (-100 or an id).</summary>
     public static Dataset PreTokenizedJsonl(string path, int vocabSize, BadLinePolicy policy = BadLinePolicy.Stop)

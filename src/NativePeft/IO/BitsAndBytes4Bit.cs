@@ -226,6 +226,10 @@ public static class BitsAndBytes4Bit
         SafetensorsTensorInfo t = Require(file, name, DType.F32);
         if (t.ElementCount != count)
             throw new SafetensorsException(file.Path, name, $"has {t.ElementCount} values, expected {count}");
-        return file.ReadArray<float>(name);
+        float[] values = file.ReadArray<float>(name);
+        // A non-finite absmax or code map would dequantize to NaN weights: refused naming the key (Numerics.Finite).
+        if (Finite.FirstBad(values) is long bad and >= 0)
+            throw new SafetensorsException(file.Path, name, $"{Finite.Describe(bad, values[bad])}: the quantization state is not finite");
+        return values;
     }
 }

@@ -314,6 +314,7 @@ public sealed class HfCheckpoint : IDisposable
         if (destination.Length != info.ElementCount)
             throw new ArgumentException($"{name}: destination has {destination.Length} elements, the tensor {info.ElementCount}", nameof(destination));
         ReadOnlySpan<byte> bytes = GetBytes(name);
+        CheckFinite(name, file, info.DType, bytes);
         if (info.DType == want)
         {
             bytes.CopyTo(MemoryMarshal.AsBytes(destination));
@@ -348,6 +349,36 @@ public sealed class HfCheckpoint : IDisposable
                 for (int i = 0; i < n; i++) hd[i] = (Half)f[i];
             }
         }
+    }
+
+    /// <summary>
+    /// A weight with a NaN, ±inf or |x| &gt; 1e30 (<see cref="Finite"/>) is refused when it is read, naming the tensor and
+    /// the element: a diverged or corrupt checkpoint would otherwise train, generate or merge NaN. One pass, as stored.
+    /// </summary>
+    private static void CheckFinite(string name, string file, DType stored, ReadOnlySpan<byte> bytes)
+    {
+        long bad;
+        double value;
+        switch (stored)
+        {
+            case DType.F32:
+                var f = MemoryMarshal.Cast<byte, float>(bytes);
+                bad = Finite.FirstBad(f);
+                value = bad >= 0 ? f[(int)bad] : 0;
+                break;
+            case DType.BF16:
+                var b = MemoryMarshal.Cast<byte, BFloat16>(bytes);
+                bad = Finite.FirstBad(b);
+                value = bad >= 0 ? (double)b[(int)bad] : 0;
+                break;
+            default:
+                var h = MemoryMarshal.Cast<byte, Half>(bytes);
+                bad = Finite.FirstBad(h);
+                value = bad >= 0 ? (double)h[(int)bad] : 0;
+                break;
+        }
+        if (bad >= 0)
+            throw new HfCheckpointException(file, $"{name}: {Finite.Describe(bad, value)}: the checkpoint's weights are not finite (a diverged run or a corrupt file)");
     }
 
     /// <summary>A copy of a float tensor as T[] (float, BFloat16 or Half), converted as <see cref="Read{T}"/> does.</summary>

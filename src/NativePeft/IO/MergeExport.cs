@@ -27,7 +27,8 @@ public static class MergeExport
     /// </summary>
     /// <param name="outDType">BF16 or F16 (what HF checkpoints ship), or F32.</param>
     /// <exception cref="PeftAdapterException">The adapter does not fit the base (naming the key and both shapes).</exception>
-    /// <exception cref="HfCheckpointException">The base checkpoint is invalid, or the output folder already holds a checkpoint.</exception>
+    /// <exception cref="HfCheckpointException">The base checkpoint is invalid (a non-finite weight included), or the output folder already holds a checkpoint.</exception>
+    /// <exception cref="NonFiniteValuesException">A merged tensor is not finite (NaN, ±inf, |x| &gt; 1e30); nothing is left behind.</exception>
     public static void Write(string outDir, HfCheckpoint baseCheckpoint, PeftAdapter adapter, DType outDType, long maxShardBytes)
     {
         ArgumentNullException.ThrowIfNull(outDir);
@@ -93,6 +94,9 @@ public static class MergeExport
     {
         float[] w = ck.IsQuantized(name) ? ck.LoadQuantized(name).DequantizeToSingle() : ck.ReadArray<float>(name);
         if (module is not null) MergeInto(w, module, scaling);
+        // The merged model must be finite (W + scaling·B·A can overflow even when W, A and B are finite): nothing is written.
+        if (Finite.FirstBad(w) is long bad and >= 0)
+            throw new NonFiniteValuesException(name, $"{Finite.Describe(bad, w[bad])} in the merged weight{(module is null ? "" : $" (W + {scaling}·B·A of {module.KeyA})")}; no model written");
         var bytes = new byte[(long)w.Length * outDType.ElementSize()];
         switch (outDType)
         {

@@ -291,7 +291,8 @@ public sealed class PeftAdapter
     /// for: a missing folder or file, a config PEFT would reject or NativePeft does not support (see
     /// <see cref="PeftLoraConfig.Parse"/>), a key that is not base_model.model.model.layers.N.{self_attn|mlp}.X.lora_{A|B}.weight
     /// (DoRA's lora_magnitude_vector, biases, embeddings …), a dtype other than F32/BF16/F16, shapes inconsistent with
-    /// r or with each other, and a module missing its A or B.
+    /// r or with each other, a module missing its A or B, and a non-finite weight (NaN, ±inf or |x| &gt; 1e30,
+    /// <see cref="Finite"/>; one pass over the values read).
     /// </summary>
     public static PeftAdapter Load(string dir)
     {
@@ -357,7 +358,13 @@ public sealed class PeftAdapter
                 if (r <= 0 || inF <= 0 || outF <= 0 || r * inF > Array.MaxLength || outF * r > Array.MaxLength)
                     problems.Add($"{prefix}: shapes {HfFiles.Shape(a.Shape)} and {HfFiles.Shape(b.Shape)} are empty or too large");
                 if (problems.Count > 0) continue;
-                modules.Add(new PeftLoraModule(layer, target, (int)r, (int)inF, (int)outF, ReadSingle(file, a), ReadSingle(file, b)));
+                float[] av = ReadSingle(file, a), bv = ReadSingle(file, b);
+                // A NaN/inf (or |x| > 1e30) weight would turn every logit into NaN: refuse it here, naming the tensor.
+                foreach (var (info, values) in new[] { (a, av), (b, bv) })
+                    if (Finite.FirstBad(values) is long bad and >= 0)
+                        problems.Add($"{info.Name}: {Finite.Describe(bad, values[bad])}: the adapter's weights are not finite (did its training diverge?)");
+                if (problems.Count > 0) continue;
+                modules.Add(new PeftLoraModule(layer, target, (int)r, (int)inF, (int)outF, av, bv));
             }
             if (problems.Count > 0)
                 throw new PeftAdapterException(weightsPath, "the adapter's tensors are invalid", problems);

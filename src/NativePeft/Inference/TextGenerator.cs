@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using NativePeft.Data;
 using NativePeft.Modules;
+using NativePeft.Numerics;
 
 namespace NativePeft.Inference;
 
@@ -78,6 +79,7 @@ public sealed class TextGenerator
         if (options.MaxNewTokens > 0)
         {
             cache.Forward(prompt, logits);
+            CheckLogits(logits, prompt.Length - 1, 0);
             prefill = clock.Elapsed.TotalSeconds;
             var one = new int[1];
             while (true)
@@ -89,6 +91,7 @@ public sealed class TextGenerator
                 if (generated.Count >= options.MaxNewTokens) break;
                 one[0] = next;
                 cache.Forward(one, logits);
+                CheckLogits(logits, prompt.Length + generated.Count - 1, generated.Count);
             }
         }
         double total = clock.Elapsed.TotalSeconds;
@@ -126,6 +129,7 @@ public sealed class TextGenerator
         var logits = new double[_model.Config.VocabSize];
         using var cache = _model.CreateKvCache(Math.Min(_model.Config.MaxPositionEmbeddings, prompt.Count + maxNewTokens - 1));
         cache.Forward(prompt.ToArray(), logits);
+        CheckLogits(logits, prompt.Count - 1, 0);
         var one = new int[1];
         while (true)
         {
@@ -135,7 +139,20 @@ public sealed class TextGenerator
             if (generated.Count >= maxNewTokens || cache.Length >= cache.MaxLength) break;
             one[0] = next;
             cache.Forward(one, logits);
+            CheckLogits(logits, prompt.Count + generated.Count - 1, generated.Count);
         }
         return generated.ToArray();
+    }
+
+    /// <summary>
+    /// Logits with a NaN, ±inf or |x| &gt; 1e30 (<see cref="Finite"/>) stop the generation with a
+    /// <see cref="NonFiniteValuesException"/> naming the new token's index (0-based) and the sequence position whose
+    /// logits they are, instead of sampling from garbage.
+    /// </summary>
+    private static void CheckLogits(double[] logits, int position, int newToken)
+    {
+        if (Finite.FirstBad(logits) is long bad and >= 0)
+            throw new NonFiniteValuesException($"the logits of new token {newToken} (position {position})",
+                $"{Finite.Describe(bad, logits[bad])} (token id {bad}): the model's or the adapter's weights give non-finite values");
     }
 }

@@ -149,7 +149,7 @@ public sealed partial class FineTune : IDisposable
 
             (TrainingData Data, int Skipped, IReadOnlyList<string> Messages)? data =
                 o.Data is null ? null : LoadData(o.Data, o.EvalData, tokenizer, ckpt.Config.VocabSize, o.SeqLen, o.OnBadLine, ChatTemplateOf(modelDir));
-            TruncationReport? truncation = data is { } loaded ? CheckTrainable(loaded.Data, o.SeqLen, logger) : null;
+            TruncationReport? truncation = data is { } loaded ? CheckTrainable(loaded.Data, o.SeqLen, logger, o.Data, o.EvalData) : null;
 
             var modelOptions = ModelOptions(o) with { EmbeddingOnHost = ResolveEmbeddingOnHost(o.Embedding, o.Method, ckpt.Config.TieWordEmbeddings, o.Device != "cpu") };
             string deviceName = "cpu";
@@ -302,6 +302,8 @@ public sealed partial class FineTune : IDisposable
         if (o.EvalBatches < 0) throw new FineTuneException(nameof(o.EvalBatches), $"{o.EvalBatches}: must be >= 0");
         if (o.ExactMatchSamples < 0) throw new FineTuneException(nameof(o.ExactMatchSamples), $"{o.ExactMatchSamples}: must be >= 0");
         if (o.SaveEvery < 0) throw new FineTuneException(nameof(o.SaveEvery), $"{o.SaveEvery}: must be >= 0");
+        RefuseEvalDataWithBuiltin(o.Data, o.EvalData);
+        if (!Enum.IsDefined(o.OnNonFinite)) throw new FineTuneException(nameof(o.OnNonFinite), $"{o.OnNonFinite}: expected Stop or Skip");
         if (o.ComputeDType is { } cd)
         {
             if (cd is not (DType.F32 or DType.F64 or DType.BF16))
@@ -325,6 +327,14 @@ public sealed partial class FineTune : IDisposable
         }
     }
 
+    /// <summary>The built-in task brings its own held-out split: an eval file beside it would be silently unused, so it is refused.</summary>
+    private static void RefuseEvalDataWithBuiltin(string? data, string? evalData)
+    {
+        if (data == BuiltinTask.DataName && evalData is not null)
+            throw new FineTuneException(nameof(FineTuneOptions.EvalData),
+                $"{evalData}: not used with the built-in task, which evaluates on its own held-out split (give a dataset file as the data, or leave the eval data out)");
+    }
+
     /// <summary>The model folder's chat template (or the default); a tokenizer_config.json we cannot read is an error for Model.</summary>
     private static ChatTemplate ChatTemplateOf(string modelDir)
     {
@@ -346,6 +356,7 @@ public sealed partial class FineTune : IDisposable
         TrainingData result;
         int skipped = 0;
         var messages = new List<string>();
+        RefuseEvalDataWithBuiltin(data, evalData);
         try
         {
             if (data != BuiltinTask.DataName && IsBlank(data)) throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data}: the file is empty (no examples)");
@@ -403,14 +414,17 @@ public sealed partial class FineTune : IDisposable
     /// at a position ≥ 1 inside the first seqLen tokens): when none is left, a <see cref="FineTuneException"/> for SeqLen
     /// naming the length that would fit; when some examples lose all of theirs, a warning with their count.
     /// </summary>
-    public static TruncationReport CheckTrainable(TrainingData data, int seqLen, ILogger? logger = null)
+    public static TruncationReport CheckTrainable(TrainingData data, int seqLen, ILogger? logger = null, string? trainFile = null, string? evalFile = null)
     {
         ArgumentNullException.ThrowIfNull(data);
+        // The eval set too: with no target in it, every evaluation would report a NaN loss.
+        if (data.Eval is { Count: > 0 } eval && TruncationReport.Check(eval, seqLen) is { Trainable: 0 } er)
+            throw new FineTuneException(nameof(FineTuneOptions.EvalData), $"{evalFile ?? "the eval data"}: {NothingToLearn(er, seqLen)}");
         var report = TruncationReport.Check(data.Train, seqLen);
         if (report.Trainable == 0)
         {
             if (report.CutOff == 0)
-                throw new FineTuneException(nameof(FineTuneOptions.Data), $"{data.Train.Count} example(s): none has a trainable token (every label is -100)");
+                throw new FineTuneException(nameof(FineTuneOptions.Data), $"{trainFile ?? "the training data"}: {NothingToLearn(report, seqLen)}");
             throw new FineTuneException(nameof(FineTuneOptions.SeqLen),
                 $"{seqLen}: every training example's trainable tokens (labels != -100) lie past the first {seqLen} tokens " +
                 $"({report.CutOff} cut off{(report.WithoutTargets > 0 ? $", {report.WithoutTargets} without any" : "")}), so nothing would be trained; {report.FitHint}");
@@ -419,6 +433,11 @@ public sealed partial class FineTune : IDisposable
             LogCutOff(logger ?? NullLogger.Instance, report.CutOff, report.Examples, seqLen, report.FitHint);
         return report;
     }
+
+    /// <summary>Why a set of examples has no trainable token (a report with Trainable = 0).</summary>
+    private static string NothingToLearn(TruncationReport r, int seqLen) => r.CutOff == 0
+        ? $"none of its {r.Examples} example(s) has a trainable token (every label is -100, or every row is shorter than 2 tokens), so there is nothing to learn"
+        : $"none of its {r.Examples} example(s) keeps a trainable token within a sequence length of {seqLen} ({r.CutOff} cut off by truncation); {r.FitHint}";
 
     [LoggerMessage(EventId = 20, Level = LogLevel.Warning,
         Message = "{CutOff} of {Examples} training examples lose every trainable token (labels != -100) to truncation at a sequence length of {SeqLen} and train nothing; {Hint}")]
@@ -446,7 +465,7 @@ public sealed partial class FineTune : IDisposable
         Steps = Options.Steps, Epochs = Options.Steps is null ? Options.Epochs ?? 1 : null, BatchSize = Options.BatchSize, GradAccum = Options.GradAccum,
         SeqLen = Options.SeqLen, BatchMode = Options.Pack ? BatchMode.Packing : BatchMode.Padding, Lr = Options.Lr, Schedule = Options.Schedule, WarmupSteps = Options.WarmupSteps, MaxGradNorm = Options.MaxGradNorm,
         EvalEvery = Options.EvalEvery, EvalBatches = Options.EvalBatches, ExactMatchSamples = Options.ExactMatchSamples, SaveEvery = Options.SaveEvery,
-        Seed = Options.Seed, Optimizer = Options.Optimizer, OutputDir = OutputDir, BaseModelNameOrPath = Options.Model == BuiltinModel.Name ? BuiltinModel.Name : ModelDirectory,
+        Seed = Options.Seed, Optimizer = Options.Optimizer, OnNonFinite = Options.OnNonFinite, OutputDir = OutputDir, BaseModelNameOrPath = Options.Model == BuiltinModel.Name ? BuiltinModel.Name : ModelDirectory,
         ExtraConfig = Options.ExtraConfig,
     };
 
@@ -465,7 +484,7 @@ public sealed partial class FineTune : IDisposable
         }
         if (data is not null && !ReferenceEquals(data, Data))
         {
-            Truncation = CheckTrainable(data, Options.SeqLen, _logger);
+            Truncation = CheckTrainable(data, Options.SeqLen, _logger, Options.Data, Options.EvalData);
             SetData(data, 0, []);
         }
         var d = Data ?? throw new InvalidOperationException("no data: set FineTuneOptions.Data or pass the data to Train");

@@ -77,6 +77,8 @@ public sealed record FineTuneOptions
     /// <summary>Built-in-task problems per evaluation for exact match (0 = all).</summary>
     public int ExactMatchSamples { get; init; } = 50;
     public int SaveEvery { get; init; }
+    /// <summary>A non-finite loss or gradient norm: stop (default) or skip that step's update (<see cref="NonFinitePolicy"/>).</summary>
+    public NonFinitePolicy OnNonFinite { get; init; } = NonFinitePolicy.Stop;
     /// <summary>A checkpoint-&lt;step&gt; folder to continue from.</summary>
     public string? ResumeFrom { get; init; }
     /// <summary>Where checkpoints, metrics.json and the final adapter (or model) go; a new temporary folder when null.</summary>

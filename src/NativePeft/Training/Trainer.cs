@@ -33,7 +33,9 @@ namespace NativePeft.Training;
 /// </para>
 /// <para>
 /// A non-finite loss or gradient norm stops training with a <see cref="TrainingDivergedException"/> naming the step
-/// and the last checkpoint; that step's update is not applied and metrics.json is written first.
+/// and the last checkpoint; that step's update is not applied and metrics.json is written first. With
+/// <see cref="TrainerOptions.OnNonFinite"/> = <see cref="NonFinitePolicy.Skip"/> the step's update is dropped instead
+/// (<see cref="SkipStep"/>) and training stops at the <see cref="TrainerOptions.MaxConsecutiveSkips"/>-th consecutive one.
 /// </para>
 /// </summary>
 public sealed partial class Trainer : IDisposable
@@ -58,6 +60,9 @@ public sealed partial class Trainer : IDisposable
     private double _secondsTrained;
     private int _lastSavedStep = -1;
     private bool _disposed;
+    private readonly List<int> _skippedSteps = [];
+    private int _consecutiveSkips;
+    private string? _lastSkipped;
 
     /// <summary>Test hook: called after the backward passes of a step (1-based step), before the gradient norm.</summary>
     internal Action<int>? AfterBackward { get; set; }
@@ -70,6 +75,8 @@ public sealed partial class Trainer : IDisposable
     public int TotalSteps { get; }
     public IReadOnlyList<StepMetrics> StepHistory => _steps;
     public IReadOnlyList<EvalMetrics> EvalHistory => _evals;
+    /// <summary>Steps whose update was dropped for a non-finite loss or gradient norm (<see cref="NonFinitePolicy.Skip"/>).</summary>
+    public IReadOnlyList<int> SkippedSteps => _skippedSteps;
     /// <summary>The newest checkpoint folder written (or resumed from), or null.</summary>
     public string? LastCheckpoint { get; private set; }
     public string OutputDir { get; }
@@ -150,6 +157,7 @@ public sealed partial class Trainer : IDisposable
                 LogCancelled(_logger, _step, ckpt ?? "(none)");
                 return new TrainResult(_step, TotalSteps, true, _steps.LastOrDefault()?.Loss, _evals.LastOrDefault(), ckpt, MetricsPath, null);
             }
+            _lastSkipped = null;
             var m = TrainStep();
             _secondsTrained += m.Seconds;
             if (Options.EvalEvery > 0 && _step % Options.EvalEvery == 0 && HasEvalData) Evaluate();
@@ -159,7 +167,7 @@ public sealed partial class Trainer : IDisposable
             TimeSpan? eta = stepsDone > 0 ? TimeSpan.FromSeconds(done / stepsDone * (TotalSteps - _step)) : null;
             _progress?.Report(new TrainerProgress(_step, TotalSteps, m.Loss, m.Lr, m.TokensPerSecond, m.GradNorm,
                 ops.Memory.AllocatedBytes, m.PeakBytes, clock.Elapsed, eta, _evals.Count > 0 && _evals[^1].Step == _step ? _evals[^1] : null)
-            { NoTrainableTokens = double.IsNaN(m.Loss) });
+            { NoTrainableTokens = _lastSkipped is null && double.IsNaN(m.Loss), SkippedNonFinite = _lastSkipped });
         }
         if (HasEvalData && (_evals.Count == 0 || _evals[^1].Step != _step)) Evaluate();
         WriteMetrics();
@@ -184,16 +192,21 @@ public sealed partial class Trainer : IDisposable
         long labelled = 0, tokens = 0;
         int previousCount = 0;
         var grads = _model.TrainableParameters.Select(p => p.Grad).ToList();
+        (string What, double Value)? nonFinite = null;
         for (int micro = 0; micro < K; micro++)
         {
             var batch = _batcher.Next();
+            tokens += batch.Tokens;
+            if (nonFinite is not null) continue; // a skipped step still consumes its micro-batches (the data moves on)
             _model.Dropout.Step = (long)_step * K + micro;
             double loss = _model.Forward(batch.InputIds, batch.Labels, batch.Rows, batch.SeqLen, batch.Positions);
             int n = _model.LastTokenCount;
-            tokens += batch.Tokens;
             if (n == 0) continue; // nothing to learn from this micro-batch: no loss, no gradient
             if (!double.IsFinite(loss))
-                Diverge(stepNumber, "the loss", loss);
+            {
+                nonFinite = NonFinite(stepNumber, "the loss", loss);
+                continue;
+            }
             if (previousCount > 0 && previousCount != n)
                 foreach (var g in grads) ops.Scale(g, (double)previousCount / n);
             _model.Backward();
@@ -201,8 +214,9 @@ public sealed partial class Trainer : IDisposable
             weightedLoss += loss * n;
             labelled += n;
         }
-        AfterBackward?.Invoke(stepNumber);
+        if (nonFinite is null) AfterBackward?.Invoke(stepNumber);
         double lr = LearningRateAt(stepNumber);
+        if (nonFinite is { } skip) return SkipStep(stepNumber, skip.What, skip.Value, lr, tokens, clock);
         if (labelled == 0)
         {
             // Every micro-batch was fully masked: no update, but the schedule and the data move on.
@@ -212,11 +226,13 @@ public sealed partial class Trainer : IDisposable
             return empty;
         }
         double stepLoss = weightedLoss / labelled;
-        if (!double.IsFinite(stepLoss)) Diverge(stepNumber, "the loss", stepLoss);
+        if (!double.IsFinite(stepLoss))
+            return SkipStep(stepNumber, "the loss", NonFinite(stepNumber, "the loss", stepLoss).Value, lr, tokens, clock);
         double gradScale = (double)previousCount / labelled;
         double gradNorm;
         using (Nvtx.Range("gradient norm")) gradNorm = GradientClipping.GlobalNorm(ops, grads) * gradScale;
-        if (!double.IsFinite(gradNorm)) Diverge(stepNumber, "the gradient norm", gradNorm);
+        if (!double.IsFinite(gradNorm))
+            return SkipStep(stepNumber, "the gradient norm", NonFinite(stepNumber, "the gradient norm", gradNorm).Value, lr, tokens, clock);
         double clip = Options.MaxGradNorm > 0 ? GradientClipping.ClipCoefficient(gradNorm, Options.MaxGradNorm) : 1.0;
         using (Nvtx.Range("optimizer step"))
         {
@@ -225,6 +241,7 @@ public sealed partial class Trainer : IDisposable
         }
         _step = stepNumber;
         _tokensSeen += tokens;
+        _consecutiveSkips = 0;
         double seconds = clock.Elapsed.TotalSeconds;
         var m = new StepMetrics(stepNumber, stepLoss, lr, seconds > 0 ? tokens / seconds : 0, ops.Memory.PeakAllocatedBytes, gradNorm, tokens, seconds);
         _steps.Add(m);
@@ -232,12 +249,43 @@ public sealed partial class Trainer : IDisposable
         return m;
     }
 
-    private void Diverge(int step, string what, double value)
+    /// <summary>
+    /// A non-finite loss or gradient norm at <paramref name="step"/>: with <see cref="NonFinitePolicy.Stop"/> training
+    /// stops (<see cref="TrainingDivergedException"/>); with <see cref="NonFinitePolicy.Skip"/> it returns what was not
+    /// finite, and the caller drops the step (<see cref="SkipStep"/>).
+    /// </summary>
+    private (string What, double Value) NonFinite(int step, string what, double value)
+    {
+        if (Options.OnNonFinite == NonFinitePolicy.Stop) Diverge(step, what, value, 0);
+        return (what, value);
+    }
+
+    /// <summary>
+    /// --on-nonfinite skip: the step's update is dropped: the gradients are zeroed, the optimizer (its moments and its
+    /// step count) is untouched, the weights are unchanged. The step still counts: its data is consumed and the
+    /// learning-rate schedule moves on (as a step without trainable tokens), so a resumed run sees the same data.
+    /// Skipped steps are logged, listed in metrics.json ("skipped_steps") and in trainer_state.json; the
+    /// <see cref="TrainerOptions.MaxConsecutiveSkips"/>-th consecutive one stops training.
+    /// </summary>
+    private StepMetrics SkipStep(int stepNumber, string what, double value, double lr, long tokens, Stopwatch clock)
+    {
+        _model.ZeroGrad();
+        _consecutiveSkips++;
+        if (_consecutiveSkips >= Options.MaxConsecutiveSkips) Diverge(stepNumber, what, value, _consecutiveSkips);
+        _skippedSteps.Add(stepNumber);
+        LogSkipped(_logger, stepNumber, what, value, _consecutiveSkips, Options.MaxConsecutiveSkips);
+        _step = stepNumber;
+        _tokensSeen += tokens;
+        _lastSkipped = $"{what} is {value.ToString(CultureInfo.InvariantCulture)}";
+        return new StepMetrics(stepNumber, double.NaN, lr, 0, _model.Ops.Memory.PeakAllocatedBytes, double.NaN, tokens, clock.Elapsed.TotalSeconds);
+    }
+
+    private void Diverge(int step, string what, double value, int consecutive)
     {
         LogDiverged(_logger, step, what, value, LastCheckpoint ?? "(none)");
         try { WriteMetrics(); }
         catch (OutputFolderException) { }
-        throw new TrainingDivergedException(step, what, value, LastCheckpoint);
+        throw new TrainingDivergedException(step, what, value, LastCheckpoint) { ConsecutiveSkips = consecutive };
     }
 
     // ------------------------------------------------------------------------------------------ evaluation
@@ -397,21 +445,9 @@ public sealed partial class Trainer : IDisposable
         string statePath = Path.Combine(dir, StateFileName);
         if (!File.Exists(statePath)) throw new InvalidDataException($"{statePath}: missing (not a checkpoint folder?)");
         var state = TrainerStateJson.Read(statePath);
-        string method = TrainerStateJson.MethodName(this);
-        if (state.FullFineTuning != _full || (state.Method is { } saved && saved != method))
-        {
-            // Name every setting that differs, not only the one refused.
-            var changed = new List<string> { $"method {state.Method ?? (state.FullFineTuning ? "full" : "lora")} -> {method}" };
-            if (state.Lr is double lr && lr != Options.Lr) changed.Add(string.Create(CultureInfo.InvariantCulture, $"lr {lr} -> {Options.Lr}"));
-            if (state.Schedule is { } kind && kind != LrSchedule.Name(Options.Schedule)) changed.Add($"schedule {kind} -> {LrSchedule.Name(Options.Schedule)}");
-            if (state.WarmupSteps is int w && w != Options.WarmupSteps) changed.Add($"warmup {w} -> {Options.WarmupSteps}");
-            if (!string.Equals(state.Optimizer, _optimizer.Name, StringComparison.Ordinal)) changed.Add($"optimizer {state.Optimizer} -> {_optimizer.Name}");
-            throw new InvalidDataException($"{statePath}: the checkpoint was trained with other settings ({string.Join(", ", changed)}); resume with the checkpoint's method, or start a new run");
-        }
+        CheckSameRun(state, statePath);
         if (state.Step > TotalSteps)
             throw new InvalidDataException($"{statePath}: the checkpoint is at step {state.Step}, past this run's {TotalSteps} steps");
-        if (!string.Equals(state.Optimizer, _optimizer.Name, StringComparison.Ordinal))
-            throw new InvalidDataException($"{statePath}: the checkpoint's optimizer is {state.Optimizer}, this run's {_optimizer.Name}");
 
         if (_full)
         {
@@ -423,7 +459,10 @@ public sealed partial class Trainer : IDisposable
                 var info = file.GetInfo(name);
                 if (info.DType != DType.F32 || info.ElementCount != param.Count)
                     throw new InvalidDataException($"{path}: {name} is {info.DType} [{string.Join(", ", info.Shape)}], expected F32 [{param.ShapeText}]");
-                _model.Ops.Upload<float>(file.GetSpan<float>(name), param);
+                var values = file.GetSpan<float>(name);
+                if (Finite.FirstBad(values) is long bad and >= 0)
+                    throw new InvalidDataException($"{path}: {name}: {Finite.Describe(bad, values[(int)bad])}: the checkpoint's weights are not finite");
+                _model.Ops.Upload<float>(values, param);
             }
             _model.RefreshWorkingWeights();
         }
@@ -443,9 +482,49 @@ public sealed partial class Trainer : IDisposable
         _steps.AddRange(state.Steps);
         _evals.Clear();
         _evals.AddRange(state.Evals);
+        _skippedSteps.Clear();
+        _skippedSteps.AddRange(state.SkippedSteps);
+        _consecutiveSkips = 0;
+        for (int k = _step; _skippedSteps.Contains(k); k--) _consecutiveSkips++;
         LastCheckpoint = dir;
         _lastSavedStep = _step;
         LogResumed(_logger, _step, dir);
+    }
+
+    /// <summary>
+    /// Refuses a checkpoint of another run: every trajectory setting recorded in trainer_state.json
+    /// (<see cref="TrainerStateJson.Settings"/>: base model identity, method, seed, schedule, batch shape, optimizer,
+    /// LoRA shape, training data …) must equal this run's; the message names each one that differs, old → new. A
+    /// checkpoint written before the settings were recorded is checked on what it has (method, lr, schedule, warmup,
+    /// optimizer) and resumed with a warning that the rest could not be checked.
+    /// </summary>
+    private void CheckSameRun(TrainerState state, string statePath)
+    {
+        var changed = new List<string>();
+        string method = TrainerStateJson.MethodName(this);
+        if (state.Settings is { } saved)
+        {
+            var current = TrainerStateJson.Settings(this).ToDictionary(x => x.Name, x => TrainerStateJson.SettingText(x.Value));
+            foreach (var (name, value) in current)
+            {
+                if (!saved.TryGetValue(name, out var old)) changed.Add($"{name} (not recorded) -> {TrainerStateJson.SettingDisplay(value)}");
+                else if (old != value) changed.Add($"{name} {TrainerStateJson.SettingDisplay(old)} -> {TrainerStateJson.SettingDisplay(value)}");
+            }
+            foreach (var name in saved.Keys.Where(k => !current.ContainsKey(k)))
+                changed.Add($"{name} {TrainerStateJson.SettingDisplay(saved[name])} -> (not used by this run)");
+        }
+        else
+        {
+            if (state.FullFineTuning != _full || (state.Method is { } m && m != method))
+                changed.Add($"method {state.Method ?? (state.FullFineTuning ? "full" : "lora")} -> {method}");
+            if (state.Lr is double lr && lr != Options.Lr) changed.Add(string.Create(CultureInfo.InvariantCulture, $"lr {lr} -> {Options.Lr}"));
+            if (state.Schedule is { } kind && kind != LrSchedule.Name(Options.Schedule)) changed.Add($"schedule {kind} -> {LrSchedule.Name(Options.Schedule)}");
+            if (state.WarmupSteps is int w && w != Options.WarmupSteps) changed.Add($"warmup {w} -> {Options.WarmupSteps}");
+            if (!string.Equals(state.Optimizer, _optimizer.Name, StringComparison.Ordinal)) changed.Add($"optimizer {state.Optimizer} -> {_optimizer.Name}");
+            if (changed.Count == 0) LogUncheckedResume(_logger, statePath);
+        }
+        if (changed.Count > 0)
+            throw new InvalidDataException($"{statePath}: the checkpoint was trained with other settings ({string.Join(", ", changed)}); resume with the checkpoint's settings, or start a new run");
     }
 
     // ------------------------------------------------------------------------------------------ outputs
@@ -516,6 +595,9 @@ public sealed partial class Trainer : IDisposable
     internal long TokensSeen => _tokensSeen;
     internal double SecondsTrained => _secondsTrained;
     internal TrainingData Data => _data;
+    private string? _dataIdentity;
+    /// <summary><see cref="TrainerStateJson.DataIdentity"/> of the training examples (computed once).</summary>
+    internal string DataIdentity => _dataIdentity ??= TrainerStateJson.DataIdentity(_data.Train);
 
     public void Dispose()
     {
@@ -548,6 +630,14 @@ public sealed partial class Trainer : IDisposable
 
     [LoggerMessage(EventId = 7, Level = LogLevel.Warning, Message = "step {Step}: no labelled token in any micro-batch; no update")]
     private static partial void LogEmptyStep(ILogger logger, int step);
+
+    [LoggerMessage(EventId = 9, Level = LogLevel.Warning,
+        Message = "step {Step}: {What} is {Value}; update skipped (--on-nonfinite skip: {Consecutive} consecutive, training stops at {Max})")]
+    private static partial void LogSkipped(ILogger logger, int step, string what, double value, int consecutive, int max);
+
+    [LoggerMessage(EventId = 10, Level = LogLevel.Warning,
+        Message = "{Path} records no run settings (an older checkpoint): only its method, schedule and optimizer were checked; the base model, seed, batch shape, LoRA shape and data were not")]
+    private static partial void LogUncheckedResume(ILogger logger, string path);
 
     [LoggerMessage(EventId = 8, Level = LogLevel.Information, Message = "finished {Step} steps; wrote {Output}")]
     private static partial void LogFinished(ILogger logger, int step, string output);

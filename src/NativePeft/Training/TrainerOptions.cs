@@ -56,6 +56,16 @@ public static class LrSchedule
     public static string Name(LrScheduleKind kind) => kind.ToString().ToLowerInvariant();
 }
 
+/// <summary>What a non-finite loss or gradient norm does (--on-nonfinite).</summary>
+public enum NonFinitePolicy
+{
+    /// <summary>Stop with a <see cref="TrainingDivergedException"/> naming the step (the update is not applied).</summary>
+    Stop,
+    /// <summary>Drop that step's update (zero gradients, optimizer untouched) and go on; stop after
+    /// <see cref="TrainerOptions.MaxConsecutiveSkips"/> consecutive skipped steps.</summary>
+    Skip,
+}
+
 /// <summary>Settings of a <see cref="Trainer"/> run.</summary>
 public sealed record TrainerOptions
 {
@@ -90,6 +100,10 @@ public sealed record TrainerOptions
     /// <summary>Shuffle the training examples each epoch (a permutation from <see cref="Seed"/> and the epoch).</summary>
     public bool Shuffle { get; init; } = true;
     public BatchMode BatchMode { get; init; } = BatchMode.Padding;
+    /// <summary>A non-finite loss or gradient norm: stop (default) or skip the step's update.</summary>
+    public NonFinitePolicy OnNonFinite { get; init; } = NonFinitePolicy.Stop;
+    /// <summary>With <see cref="NonFinitePolicy.Skip"/>: this many consecutive skipped steps stop training.</summary>
+    public int MaxConsecutiveSkips { get; init; } = 10;
     /// <summary>Where checkpoints, metrics.json and the final adapter (or model) go.</summary>
     public required string OutputDir { get; init; }
     /// <summary>base_model_name_or_path written into adapter_config.json.</summary>
@@ -113,6 +127,8 @@ public sealed record TrainerOptions
         if (EvalBatches < 0) throw new ArgumentOutOfRangeException(nameof(EvalBatches), EvalBatches, "eval batches must be >= 0");
         if (ExactMatchSamples < 0) throw new ArgumentOutOfRangeException(nameof(ExactMatchSamples), ExactMatchSamples, "must be >= 0");
         if (SaveEvery < 0) throw new ArgumentOutOfRangeException(nameof(SaveEvery), SaveEvery, "save-every must be >= 0");
+        if (!Enum.IsDefined(OnNonFinite)) throw new ArgumentOutOfRangeException(nameof(OnNonFinite), OnNonFinite, "expected Stop or Skip");
+        if (MaxConsecutiveSkips < 1) throw new ArgumentOutOfRangeException(nameof(MaxConsecutiveSkips), MaxConsecutiveSkips, "must be at least 1");
         if (!Optim.OptimizerFactory.Names.Contains(Optimizer?.ToLowerInvariant()))
             throw new ArgumentException($"unknown optimizer '{Optimizer}': expected one of {string.Join(", ", Optim.OptimizerFactory.Names)}", nameof(Optimizer));
         if (string.IsNullOrWhiteSpace(OutputDir)) throw new ArgumentException("an output folder is needed", nameof(OutputDir));
@@ -150,6 +166,8 @@ public sealed record TrainerProgress(int Step, int TotalSteps, double Loss, doub
     /// <summary>The step's micro-batches had no trainable token (every label -100, e.g. cut off by truncation): no loss
     /// (<see cref="Loss"/> is NaN), no update.</summary>
     public bool NoTrainableTokens { get; init; }
+    /// <summary>The step's update was dropped (<see cref="NonFinitePolicy.Skip"/>): what was not finite ("the loss is NaN"); null otherwise.</summary>
+    public string? SkippedNonFinite { get; init; }
 }
 
 /// <summary>How a <see cref="Trainer.Train"/> call ended.</summary>
@@ -165,6 +183,11 @@ public sealed class TrainingDivergedException(int step, string what, double valu
                 (lastCheckpoint is null ? "No checkpoint was written before it." : $"Last good checkpoint: {lastCheckpoint}"))
 {
     public int Step { get; } = step;
+    /// <summary>With <see cref="NonFinitePolicy.Skip"/>: the consecutive non-finite steps that stopped training (0 with Stop).</summary>
+    public int ConsecutiveSkips { get; init; }
+    public override string Message => ConsecutiveSkips > 0
+        ? base.Message + $" {ConsecutiveSkips} consecutive steps had a non-finite value (skipping stops after {ConsecutiveSkips})."
+        : base.Message;
     public string What { get; } = what;
     public double Value { get; } = value;
     public string? LastCheckpoint { get; } = lastCheckpoint;

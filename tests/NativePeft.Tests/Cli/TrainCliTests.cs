@@ -30,6 +30,7 @@ public class TrainCliTests
     internal static string[] Args(string model, string data, string output, params string[] extra)
     {
         var defaults = new Dictionary<string, string> { ["--rank"] = "4", ["--alpha"] = "8", ["--batch"] = "2", ["--seq"] = "32", ["--lr"] = "1e-2" };
+        if (extra.Contains("full")) { defaults.Remove("--rank"); defaults.Remove("--alpha"); } // full fine-tuning refuses the LoRA options
         var args = new List<string> { "train", "--model", model, "--data", data, "--out", output };
         for (int i = 0; i < extra.Length; i++)
         {

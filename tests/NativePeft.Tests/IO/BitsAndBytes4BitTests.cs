@@ -99,6 +99,21 @@ public class BitsAndBytes4BitTests
         Assert.That(back.DequantizeToBFloat16().Select(v => v.RawValue), Is.EqualTo(t.DequantizeToBFloat16().Select(v => v.RawValue)));
     }
 
+    [Test]
+    public void ANonFiniteAbsmaxIsRefusedNamingTheKey()
+    {
+        var x = new float[128];
+        x[3] = 1;
+        var t = Quantized4BitTensor.Quantize<float>(x, [2, 64], QuantType.Nf4, 64, false, DType.F32);
+        var tensors = BitsAndBytes4Bit.ToTensors("m", t).Select(s =>
+            s.Name == "m.weight.absmax" ? SafetensorsTensor.From(s.Name, s.Shape, new[] { 1f, float.NaN }) : s).ToList();
+        string path = Path.Combine(_dir, "nan-absmax.safetensors");
+        SafetensorsWriter.Write(path, tensors);
+        using var f = SafetensorsFile.Open(path);
+        var e = Assert.Throws<SafetensorsException>(() => BitsAndBytes4Bit.Load(f, "m"))!;
+        Assert.That(e.Message, Does.Contain("m.weight.absmax").And.Contain("element 1 is NaN"));
+    }
+
     /// <summary>Writes a plain NF4 weight whose JSON is replaced, then loads it.</summary>
     private SafetensorsException LoadWithJson(string json, string? weightKeySuffix = "nf4", int packedBytes = 64)
     {

@@ -103,6 +103,30 @@ public class HfCheckpointTests
     }
 
     [Test]
+    public void ANonFiniteWeightIsRefusedOnReadNamingTheTensorAndElement()
+    {
+        ushort[] f16Bits = new ushort[80];
+        f16Bits[9] = 0x7E00; // NaN
+        ushort[] bf16Bits = [0x3F80, 0x3F80, 0xFF80, 0, 0, 0, 0, 0]; // -inf at 2
+        float[] f32 = new float[80];
+        f32[41] = 2e30f; // finite, beyond ±1e30
+        string dir = Sub("nonfinite");
+        HfCheckpoint.Write(dir, Tiny, [
+            new("model.embed_tokens.weight", DType.F16, [10, 8], MemoryMarshal.AsBytes(f16Bits.AsSpan()).ToArray()),
+            new("model.norm.weight", DType.BF16, [8], MemoryMarshal.AsBytes(bf16Bits.AsSpan()).ToArray()),
+            SafetensorsTensor.From("lm_head.weight", [10, 8], f32),
+        ], 1 << 20);
+        using var ck = HfCheckpoint.Open(dir);
+        foreach (var (name, expected) in new[] { ("model.embed_tokens.weight", "element 9 is NaN"), ("model.norm.weight", "element 2 is -inf"),
+                     ("lm_head.weight", "element 41 is 2E+30 (beyond ±1e30)") })
+        {
+            var e = Assert.Throws<HfCheckpointException>(() => ck.ReadSingle(name))!;
+            Assert.That(e.Message, Does.Contain($"{name}: {expected}: the checkpoint's weights are not finite"));
+            Assert.Throws<HfCheckpointException>(() => ck.ReadBFloat16(name), "whatever the destination type");
+        }
+    }
+
+    [Test]
     public void ConversionsFromF16AndBf16AreExactAndToBf16RoundsToNearestEven()
     {
         var config = Tiny; // only three tensors: not validated, read one by one
@@ -111,9 +135,10 @@ public class HfCheckpointTests
         f16Bits[0] = 0x3555; f16Bits[1] = 0xC000; f16Bits[2] = 0x7BFF; f16Bits[3] = 0x0001;
         float[] f16Expected = new float[80];
         f16Expected[0] = 0.333251953125f; f16Expected[1] = -2f; f16Expected[2] = 65504f; f16Expected[3] = MathF.Pow(2, -24);
-        // BF16 bits: 0x4049 = 3.140625, 0x0001 = 2^-133 (subnormal), 0xFF80 = -inf, 0xC2F7 = -123.5.
-        ushort[] bf16Bits = [0x4049, 0x0001, 0xFF80, 0xC2F7, 0, 0, 0, 0];
-        float[] bf16Expected = [3.140625f, MathF.Pow(2, -133), float.NegativeInfinity, -123.5f, 0, 0, 0, 0];
+        // BF16 bits: 0x4049 = 3.140625, 0x0001 = 2^-133 (subnormal), 0xC780 = -65536, 0xC2F7 = -123.5 (a non-finite
+        // weight is refused on read: HfCheckpointNonFiniteTests).
+        ushort[] bf16Bits = [0x4049, 0x0001, 0xC780, 0xC2F7, 0, 0, 0, 0];
+        float[] bf16Expected = [3.140625f, MathF.Pow(2, -133), -65536f, -123.5f, 0, 0, 0, 0];
         // F32: 1 + 2^-8 is a tie → 1.0 (even); 1 + 3·2^-8 is a tie → 1 + 2^-6 (even); 1 + 2^-8 + 2^-20 rounds up.
         float[] f32 = new float[80];
         f32[0] = 1f + MathF.Pow(2, -8); f32[1] = 1f + 3 * MathF.Pow(2, -8); f32[2] = 1f + MathF.Pow(2, -8) + MathF.Pow(2, -20);
