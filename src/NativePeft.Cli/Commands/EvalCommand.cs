@@ -44,6 +44,7 @@ public static class EvalCommand
                 _ => BaseQuantization.None,
             };
             if (!File.Exists(file)) throw new CliException($"--data {file}: file not found");
+            SizeOptions.DataFile("--data", file);
             if (!Directory.Exists(dir)) throw new CliException($"--model {dir}: folder not found");
             if (parse.GetValue(seq) < 2) throw new CliException($"--seq {parse.GetValue(seq)}: must be at least 2");
             long? memoryLimit = DeviceOption.Memory(parse.GetValue(deviceMemory), parse.GetValue(device)!);
@@ -81,6 +82,7 @@ public static class EvalCommand
         var computeDType = DeviceOption.ComputeDType(precision, device);
         var adapter = AdapterArgument.Load(adapterDir); // checked before the model is read
         using var ckpt = HfCheckpoint.Open(modelDir);
+        SizeOptions.Sequence("--seq", seqLen, ckpt.Config, exitCode: 1);
         var sequences = ReadData(dataFile, modelDir, ckpt.Config.VocabSize, seqLen);
         var modelOptions = new LlamaModelOptions { Quantization = quantization, ComputeDType = computeDType, Lora = adapter?.Config.ToLoraSettings() };
         // On a GPU device every byte comes from a pool sized from the evaluation's plan (the forward of the longest
@@ -163,12 +165,11 @@ public static class EvalCommand
     public static List<int[]> ReadJsonl(string path, int vocabSize)
     {
         var result = new List<int[]>();
-        int lineNumber = 0;
-        foreach (string line in File.ReadLines(path))
+        foreach (var (lineNumber, line, problem) in TextInput.ReadLines(path, Limits.MaxWholeDataBytes, (p, inner) => new CliException($"--data {path}: {p}", 1, inner)))
         {
-            lineNumber++;
-            if (string.IsNullOrWhiteSpace(line)) continue;
             string where = $"--data {path}: line {lineNumber}";
+            if (problem is not null) throw new CliException($"{where}: {problem}");
+            if (string.IsNullOrWhiteSpace(line)) continue;
             try
             {
                 using var doc = JsonDocument.Parse(line);
