@@ -225,8 +225,10 @@ public sealed record PeftLoraConfig
             int r = 8;
             if (Get("r") is { } re)
             {
-                if (re.ValueKind == JsonValueKind.Number && re.TryGetInt32(out int rv) && rv > 0 && rv <= Limits.MaxLoraRank) r = rv;
-                else problems.Add($"r: expected an integer in [1, {Limits.MaxLoraRank}], got {re.GetRawText()}");
+                if (re.ValueKind != JsonValueKind.Number || !re.TryGetInt32(out int rv) || rv <= 0)
+                    problems.Add($"r: expected a positive integer, got {re.GetRawText()}");
+                else if (Limits.OutOfRange(rv, Limits.MaxLoraRank) is { } bound) problems.Add($"r: {bound}");
+                else r = rv;
             }
             double alpha = Num("lora_alpha", 8);
             double dropout = Num("lora_dropout", 0);

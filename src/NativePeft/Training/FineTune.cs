@@ -133,7 +133,6 @@ public sealed partial class FineTune : IDisposable
             outputLock?.Dispose();
             throw new FineTuneException(nameof(o.Model), $"{modelDir}: {e.Message}", e);
         }
-        CheckSequenceLength(o, ckpt);
         IOps? ops = null;
         IGpu? gpu = null;
         DevicePool? pool = null;
@@ -152,6 +151,7 @@ public sealed partial class FineTune : IDisposable
 
             (TrainingData Data, int Skipped, IReadOnlyList<string> Messages)? data =
                 o.Data is null ? null : LoadData(o.Data, o.EvalData, tokenizer, ckpt.Config.VocabSize, o.SeqLen, o.OnBadLine, ChatTemplateOf(modelDir));
+            CheckSequenceLength(o, ckpt.Config);
             TruncationReport? truncation = data is { } loaded ? CheckTrainable(loaded.Data, o.SeqLen, logger) : null;
 
             var modelOptions = ModelOptions(o) with { EmbeddingOnHost = ResolveEmbeddingOnHost(o.Embedding, o.Method, ckpt.Config.TieWordEmbeddings, o.Device != "cpu") };
@@ -292,14 +292,14 @@ public sealed partial class FineTune : IDisposable
             throw new FineTuneException(nameof(o.EvalData), $"{o.EvalData}: {eval}");
     }
 
-    /// <summary>SeqLen must not exceed the model's max_position_embeddings (nor <see cref="Limits.MaxSequenceLength"/>).</summary>
-    private static void CheckSequenceLength(FineTuneOptions o, HfCheckpoint ckpt)
+    /// <summary>
+    /// SeqLen must not exceed the model's max_position_embeddings (nor <see cref="Limits.MaxSequenceLength"/>): checked
+    /// once the data is read (its errors come first) and before anything is sized from SeqLen.
+    /// </summary>
+    private static void CheckSequenceLength(FineTuneOptions o, LlamaConfig config)
     {
-        if (Limits.SequenceProblem(o.SeqLen, ckpt.Config.MaxPositionEmbeddings) is { } problem)
-        {
-            ckpt.Dispose();
+        if (Limits.SequenceProblem(o.SeqLen, config.MaxPositionEmbeddings) is { } problem)
             throw new FineTuneException(nameof(o.SeqLen), problem);
-        }
     }
 
     public static void ValidateOptions(FineTuneOptions o)
