@@ -147,6 +147,7 @@ public sealed class HfCheckpoint : IDisposable
             var problems = new List<string>();
             var weightMap = new Dictionary<string, string>(StringComparer.Ordinal);
             var shards = new List<string>();
+            var shardSet = new HashSet<string>(StringComparer.Ordinal); // a large weight_map must not cost shards × tensors
             foreach (JsonProperty p in map.EnumerateObject())
             {
                 if (p.Value.ValueKind != JsonValueKind.String)
@@ -165,7 +166,7 @@ public sealed class HfCheckpoint : IDisposable
                     problems.Add($"weight_map.{p.Name}: listed twice (\"{weightMap[p.Name]}\" and \"{file}\")");
                     continue;
                 }
-                if (!shards.Contains(file, StringComparer.Ordinal))
+                if (shardSet.Add(file))
                     shards.Add(file);
             }
             if (weightMap.Count == 0 && problems.Count == 0)

@@ -41,6 +41,8 @@ public static class Limits
     public const long MaxWholeDataBytes = 1L << 30;
     /// <summary>Dimensions of one tensor's shape in a safetensors header [checkpoints: ≤ 4; numpy allows 64].</summary>
     public const int MaxTensorDimensions = 64;
+    /// <summary>Elements of one weight (vocab × hidden, intermediate × hidden, heads × head_dim × hidden) [Llama-3.1-405B's embedding: 2.1e9 ≈ 2³¹]; keeps per-tensor block counts (e.g. 8-bit optimizer blocks of 256) in an int.</summary>
+    public const long MaxTensorElements = 1L << 36;
     /// <summary>Largest allowed count of parameters of a config (checked long arithmetic) [Llama-3.1-405B: 4.1e11].</summary>
     public const long MaxParameters = 1L << 42;
 

@@ -259,6 +259,16 @@ public sealed record LlamaConfig
             throw new LlamaConfigException(sourceName, "head_dim", $"{HeadDim} must be even (RoPE rotates pairs)");
         if ((long)NumAttentionHeads * HeadDim > Limits.MaxHiddenSize)
             throw new LlamaConfigException(sourceName, "head_dim", $"{HeadDim} × {NumAttentionHeads} heads = {(long)HeadDim * NumAttentionHeads} is more than {Limits.MaxHiddenSize}");
+        foreach (var (field, elements) in new[]
+                 {
+                     ("vocab_size", (long)VocabSize * HiddenSize), ("intermediate_size", (long)IntermediateSize * HiddenSize),
+                     ("num_attention_heads", (long)QueryDim * HiddenSize),
+                 })
+        {
+            if (elements > Limits.MaxTensorElements)
+                throw new LlamaConfigException(sourceName, field,
+                    $"makes a {elements}-element weight with hidden_size {HiddenSize}, more than the {Limits.MaxTensorElements} limit");
+        }
         long parameters;
         try { parameters = ParameterCount(); }
         catch (OverflowException) { parameters = long.MaxValue; }

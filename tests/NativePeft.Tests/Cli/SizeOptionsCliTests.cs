@@ -38,6 +38,20 @@ public sealed class SizeOptionsCliTests
     }
 
     [Test]
+    public void EstimateRefusesAWeightWhoseBlockCountWouldOverflow()
+    {
+        // vocab 2^22 × hidden 2^17 = 2^39 elements: each field within its bound, but the 8-bit optimizer's 256-element
+        // blocks of that embedding (2^31) no longer fit an int — the plan crashed with an OverflowException.
+        using var dir = new TempDir();
+        File.WriteAllText(dir["config.json"],
+            "{\"model_type\": \"llama\", \"hidden_size\": 131072, \"intermediate_size\": 1024, \"num_hidden_layers\": 1, " +
+            "\"num_attention_heads\": 1024, \"vocab_size\": 4194304, \"max_position_embeddings\": 4096}");
+        var r = CliProcess.Run("estimate", "--model", dir["config.json"], "--method", "full", "--optim", "adamw8bit", "--seq", "16");
+        AssertOneLineError(r, "vocab_size: makes a 549755813888-element weight with hidden_size 131072, more than the 68719476736 limit");
+        Assert.That(r.ExitCode, Is.EqualTo(1));
+    }
+
+    [Test]
     public void TrainRefusesAnAbsurdLayerCountNamingTheField()
     {
         using var dir = new TempDir();

@@ -42,10 +42,10 @@ public sealed class ReaderBoundsTests
     [Test]
     public void SizesWithinTheBoundsWhoseProductIsAbsurdAreRefused()
     {
-        // Every field at its bound: 1024 layers × (4 · 131072² + 3 · 131072 · 524288) + 2 · 4194304 · 131072 ≈ 2.8e14
-        // parameters (hand-computed), above the 2^42 ≈ 4.4e12 limit.
+        // Every field within its bound and every weight at most 2^36 elements, but 1024 layers × (4 · 2^34 + 3 · 2^36)
+        // = 2^48 ≈ 2.8e14 parameters (hand-computed), above the 2^42 ≈ 4.4e12 limit.
         string json = "{\"model_type\": \"llama\", \"hidden_size\": 131072, \"intermediate_size\": 524288, \"num_hidden_layers\": 1024, " +
-                      "\"num_attention_heads\": 1024, \"vocab_size\": 4194304, \"max_position_embeddings\": 4096}";
+                      "\"num_attention_heads\": 1024, \"vocab_size\": 524288, \"max_position_embeddings\": 4096}";
         var e = Assert.Throws<LlamaConfigException>(() => LlamaConfig.Parse(json, "config.json"))!;
         Assert.That(e.Message, Does.Contain("parameters, more than the 4398046511104 limit"));
     }
