@@ -11,7 +11,7 @@ internal static class SizeOptions
     /// <summary><paramref name="value"/> of <paramref name="option"/> must be in [<paramref name="min"/>, <paramref name="max"/>].</summary>
     public static void InRange(string option, long value, long max, long min = 1, int exitCode = 2)
     {
-        if (Limits.OutOfRange(value, max, min) is { } problem) throw new CliException($"{option} {problem}", exitCode);
+        if (Limits.OptionOutOfRange(value, max, min) is { } problem) throw new CliException($"{option} {problem}", exitCode);
     }
 
     /// <summary>A sequence length option against the model's max_position_embeddings (<see cref="Limits.SequenceProblem"/>).</summary>
@@ -24,7 +24,7 @@ internal static class SizeOptions
     public static void Tokens(long batch, long seq, int exitCode = 2)
     {
         if (batch * seq > Limits.MaxTokensPerBatch)
-            throw new CliException($"--batch {batch} × --seq {seq} = {batch * seq} tokens per batch is more than {Limits.MaxTokensPerBatch}", exitCode);
+            throw new CliException($"--batch {batch}: × --seq {seq} = {batch * seq} tokens per batch, more than {Limits.MaxTokensPerBatch}", exitCode);
     }
 
     /// <summary>A data file option must name a regular file (not a device, FIFO or folder): <see cref="TextInput.FileProblem"/>.</summary>

@@ -46,22 +46,30 @@ public static class Limits
     /// <summary>Largest allowed count of parameters of a config (checked long arithmetic) [Llama-3.1-405B: 4.1e11].</summary>
     public const long MaxParameters = 1L << 42;
 
-    /// <summary>
-    /// The problem with <paramref name="value"/> outside [<paramref name="min"/>, <paramref name="max"/>], or null.
-    /// The one wording of every bound: "N must be in [1, max]".
-    /// </summary>
-    public static string? OutOfRange(long value, long max, long min = 1) =>
-        value < min || value > max
-            ? string.Create(CultureInfo.InvariantCulture, $"{value} must be in [{min}, {max}]")
-            : null;
+    /// <summary>"[min, max]": how every bound is written.</summary>
+    public static string Range(long max, long min = 1) => string.Create(CultureInfo.InvariantCulture, $"[{min}, {max}]");
 
     /// <summary>
-    /// The problem with a run's sequence length against the model's max_position_embeddings, or null: seq must be at
-    /// most <paramref name="maxPositions"/> (positions beyond it have no trained RoPE meaning) and
+    /// The problem with a file's <paramref name="value"/> outside [<paramref name="min"/>, <paramref name="max"/>], or null:
+    /// "N must be in [min, max]" (a field's wording, after "file: field: ").
+    /// </summary>
+    public static string? OutOfRange(long value, long max, long min = 1) =>
+        value < min || value > max ? string.Create(CultureInfo.InvariantCulture, $"{value} must be in {Range(max, min)}") : null;
+
+    /// <summary>
+    /// The problem with an option's <paramref name="value"/> outside [<paramref name="min"/>, <paramref name="max"/>], or
+    /// null: "N: must be in [min, max]" (an option's wording, after "--option ").
+    /// </summary>
+    public static string? OptionOutOfRange(long value, long max, long min = 1) =>
+        value < min || value > max ? string.Create(CultureInfo.InvariantCulture, $"{value}: must be in {Range(max, min)}") : null;
+
+    /// <summary>
+    /// The problem with a run's sequence length (an option) against the model's max_position_embeddings, or null: seq
+    /// must be at most <paramref name="maxPositions"/> (positions beyond it have no trained RoPE meaning) and
     /// <see cref="MaxSequenceLength"/>.
     /// </summary>
     public static string? SequenceProblem(long seq, int maxPositions) =>
-        seq > maxPositions
-            ? string.Create(CultureInfo.InvariantCulture, $"{seq} exceeds the model's max_position_embeddings {maxPositions}")
-            : OutOfRange(seq, MaxSequenceLength);
+        seq > maxPositions && seq <= MaxSequenceLength
+            ? string.Create(CultureInfo.InvariantCulture, $"{seq}: exceeds the model's max_position_embeddings {maxPositions}")
+            : OptionOutOfRange(seq, MaxSequenceLength);
 }

@@ -317,10 +317,10 @@ public sealed partial class FineTune : IDisposable
         if (o.Steps is <= 0) throw new FineTuneException(nameof(o.Steps), $"{o.Steps}: must be positive");
         if (o.Epochs is double ep && !(ep > 0 && double.IsFinite(ep))) throw new FineTuneException(nameof(o.Epochs), $"{ep}: must be positive");
         if (o.BatchSize <= 0) throw new FineTuneException(nameof(o.BatchSize), $"{o.BatchSize}: must be positive");
-        if (Limits.OutOfRange(o.BatchSize, Limits.MaxBatchSize) is { } batch) throw new FineTuneException(nameof(o.BatchSize), batch);
-        if (o.SeqLen > Limits.MaxSequenceLength) throw new FineTuneException(nameof(o.SeqLen), Limits.OutOfRange(o.SeqLen, Limits.MaxSequenceLength)!);
+        if (Limits.OptionOutOfRange(o.BatchSize, Limits.MaxBatchSize) is { } batch) throw new FineTuneException(nameof(o.BatchSize), batch);
+        if (o.SeqLen > Limits.MaxSequenceLength) throw new FineTuneException(nameof(o.SeqLen), Limits.OptionOutOfRange(o.SeqLen, Limits.MaxSequenceLength)!);
         if ((long)o.BatchSize * o.SeqLen > Limits.MaxTokensPerBatch)
-            throw new FineTuneException(nameof(o.BatchSize), $"{o.BatchSize} × SeqLen {o.SeqLen} = {(long)o.BatchSize * o.SeqLen} tokens per micro-batch is more than {Limits.MaxTokensPerBatch}");
+            throw new FineTuneException(nameof(o.BatchSize), $"{o.BatchSize}: × SeqLen {o.SeqLen} = {(long)o.BatchSize * o.SeqLen} tokens per micro-batch, more than {Limits.MaxTokensPerBatch}");
         if (o.GradAccum <= 0) throw new FineTuneException(nameof(o.GradAccum), $"{o.GradAccum}: must be positive");
         if (o.SeqLen < 2) throw new FineTuneException(nameof(o.SeqLen), $"{o.SeqLen}: must be at least 2");
         if (!(o.Lr >= 0) || !double.IsFinite(o.Lr)) throw new FineTuneException(nameof(o.Lr), $"{o.Lr}: must be a finite number >= 0");
@@ -344,7 +344,7 @@ public sealed partial class FineTune : IDisposable
         {
             var l = o.Lora ?? throw new FineTuneException(nameof(o.Lora), "null: LoRA and QLoRA need LoRA settings");
             if (l.Rank <= 0) throw new FineTuneException("Rank", $"{l.Rank}: the LoRA rank must be positive");
-            if (Limits.OutOfRange(l.Rank, Limits.MaxLoraRank) is { } rank) throw new FineTuneException("Rank", rank);
+            if (Limits.OptionOutOfRange(l.Rank, Limits.MaxLoraRank) is { } rank) throw new FineTuneException("Rank", rank);
             if (l.Dropout is < 0 or >= 1 || double.IsNaN(l.Dropout)) throw new FineTuneException("Dropout", $"{l.Dropout}: must be in [0, 1)");
             if (!double.IsFinite(l.Alpha)) throw new FineTuneException("Alpha", $"{l.Alpha}: must be a finite number");
             if (l.TargetModules is null || l.TargetModules.Count == 0)

@@ -69,7 +69,7 @@ public sealed class SizeOptionsCliTests
         using var dir = new TempDir();
         // The built-in model's max_position_embeddings is 256.
         var r = CliProcess.Run("train", "--model", "builtin", "--data", "builtin", "--steps", "1", "--seq", "300", "--out", dir["out"]);
-        AssertOneLineError(r, "--seq 300 exceeds the model's max_position_embeddings 256");
+        AssertOneLineError(r, "--seq 300: exceeds the model's max_position_embeddings 256");
         Assert.That(Directory.Exists(dir["out"]), Is.False, "nothing written");
     }
 
@@ -78,20 +78,20 @@ public sealed class SizeOptionsCliTests
     {
         using var dir = new TempDir();
         var r = CliProcess.Run("train", "--model", "builtin", "--data", "builtin", "--steps", "1", "--seq", "2000000000", "--out", dir["out"]);
-        AssertOneLineError(r, "--seq 2000000000 must be in [1, 4194304]");
+        AssertOneLineError(r, "--seq 2000000000: must be in [1, 4194304]");
     }
 
     [Test]
     public void EstimateRefusesASequenceBeyondThePresetsPositions()
     {
         var r = CliProcess.Run("estimate", "--model", "llama3-8b", "--seq", "9000");
-        AssertOneLineError(r, "--seq 9000 exceeds the model's max_position_embeddings 8192");
+        AssertOneLineError(r, "--seq 9000: exceeds the model's max_position_embeddings 8192");
         Assert.That(r.ExitCode, Is.EqualTo(2));
     }
 
-    [TestCase("--batch", "100000", "--batch 100000 must be in [1, 65536]")]
-    [TestCase("--rank", "1000000", "--rank 1000000 must be in [1, 8192]")]
-    [TestCase("--seq", "2000000000", "--seq 2000000000 must be in [1, 4194304]")]
+    [TestCase("--batch", "100000", "--batch 100000: must be in [1, 65536]")]
+    [TestCase("--rank", "1000000", "--rank 1000000: must be in [1, 8192]")]
+    [TestCase("--seq", "2000000000", "--seq 2000000000: must be in [1, 4194304]")]
     public void EstimateBoundsItsSizeOptions(string option, string value, string message)
     {
         var r = CliProcess.Run("estimate", "--model", "llama3-8b", option, value);
@@ -133,7 +133,7 @@ public sealed class SizeOptionsCliTests
         using var dir = new TempDir();
         File.WriteAllText(dir["d.txt"], "upper: cat\nCAT\n");
         var r = CliProcess.Run("eval", "--model", "builtin", "--data", dir["d.txt"], "--seq", "1000");
-        AssertOneLineError(r, "--seq 1000 exceeds the model's max_position_embeddings 256");
+        AssertOneLineError(r, "--seq 1000: exceeds the model's max_position_embeddings 256");
     }
 
     [DllImport("libc", EntryPoint = "mkfifo", SetLastError = true)]
