@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.CommandLine.Help;
 using System.Text;
 using System.Text.Json;
+using NativePeft.IO;
 using YamlDotNet.Core;
 using YamlDotNet.RepresentationModel;
 
@@ -155,16 +156,19 @@ public static class ConfigFile
         string ext = Path.GetExtension(file).ToLowerInvariant();
         if (ext is not (".json" or ".yaml" or ".yml"))
             throw new CliException($"{OptionName} {file}: expected a .json, .yaml or .yml file", 2);
-        string text;
+        byte[] raw;
         try
         {
-            text = File.ReadAllText(file, Encoding.UTF8);
+            raw = TextInput.ReadFile(file, Limits.MaxJsonFileBytes, (problem, inner) => new CliException($"{OptionName} {file}: {problem}", 2, inner));
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or NotSupportedException)
+        catch (Exception e) when (e is ArgumentException or NotSupportedException)
         {
-            string why = e is FileNotFoundException or DirectoryNotFoundException ? "file not found" : e.Message;
-            throw new CliException($"{OptionName} {file}: {why}", 2, e);
+            throw new CliException($"{OptionName} {file}: {e.Message}", 2, e);
         }
+        // Strict UTF-8 (and, in JSON, no lone surrogate escapes): the problem's line, as the parse errors below.
+        if (TextInput.Utf8Problem(raw, json: ext == ".json", out int badLine) is { } bad)
+            throw new CliException($"{file}:{badLine}: {bad}", 2);
+        string text = TextInput.DecodeUtf8(raw, (problem, inner) => new CliException($"{file}: {problem}", 2, inner));
         var entries = ext == ".json" ? ReadJson(file, text) : ReadYaml(file, text);
         var seen = new Dictionary<string, Entry>(StringComparer.Ordinal);
         foreach (var e in entries)

@@ -70,6 +70,10 @@ public static class EstimateCommand
             if (batchValue <= 0) throw new CliException($"--batch {batchValue}: must be a positive integer", 2);
             if (seqValue <= 0) throw new CliException($"--seq {seqValue}: must be a positive integer", 2);
             if (chunkValue <= 0) throw new CliException($"--ce-chunk {chunkValue}: must be a positive integer", 2);
+            SizeOptions.InRange("--rank", rankValue, Limits.MaxLoraRank);
+            SizeOptions.InRange("--batch", batchValue, Limits.MaxBatchSize);
+            SizeOptions.InRange("--seq", seqValue, Limits.MaxSequenceLength);
+            SizeOptions.Tokens(batchValue, seqValue);
             var targetList = parse.GetValue(targets)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
             foreach (var t in targetList)
                 if (!LoraSettings.KnownTargets.Contains(t))
@@ -87,6 +91,7 @@ public static class EstimateCommand
             {
                 throw new CliException("--model " + modelName + ": " + Clean(e), 1, e);
             }
+            if (!parse.GetValue(generate)) SizeOptions.Sequence("--seq", seqValue, config);
             if (!parse.GetValue(generate))
             {
                 if (parse.GetValue(maxLength) is not null) throw new CliException("--max-length is for --generate (training uses --seq)", 2);
@@ -97,6 +102,7 @@ public static class EstimateCommand
             {
                 int length = parse.GetValue(maxLength) ?? seqValue;
                 if (length <= 0) throw new CliException($"--max-length {length}: must be a positive integer", 2);
+                SizeOptions.Sequence(parse.GetValue(maxLength) is null ? "--seq" : "--max-length", length, config);
                 int prompt = parse.GetValue(promptTokens) ?? length;
                 if (prompt <= 0 || prompt > length) throw new CliException($"--prompt-tokens {prompt}: must be in [1, --max-length {length}]", 2);
                 string methodName = parse.GetValue(method)!;

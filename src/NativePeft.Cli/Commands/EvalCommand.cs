@@ -44,6 +44,7 @@ public static class EvalCommand
                 _ => BaseQuantization.None,
             };
             if (!File.Exists(file)) throw new CliException($"--data {file}: file not found");
+            SizeOptions.DataFile("--data", file);
             if (!Directory.Exists(dir)) throw new CliException($"--model {dir}: folder not found");
             if (parse.GetValue(seq) < 2) throw new CliException($"--seq {parse.GetValue(seq)}: must be at least 2");
             long? memoryLimit = DeviceOption.Memory(parse.GetValue(deviceMemory), parse.GetValue(device)!);
@@ -89,7 +90,7 @@ public static class EvalCommand
         var computeDType = DeviceOption.ComputeDType(precision, device);
         var adapter = AdapterArgument.Load(adapterDir); // checked before the model is read
         using var ckpt = HfCheckpoint.Open(modelDir);
-        var sequences = ReadData(dataFile, modelDir, ckpt.Config.VocabSize, seqLen);
+        var sequences = ReadData(dataFile, modelDir, ckpt.Config.VocabSize, seqLen, ckpt.Config.MaxPositionEmbeddings);
         var modelOptions = new LlamaModelOptions { Quantization = quantization, ComputeDType = computeDType, Lora = adapter?.Config.ToLoraSettings() };
         // On a GPU device every byte comes from a pool sized from the evaluation's plan (the forward of the longest
         // sequence); on CUDA the plan is checked against free memory first.
@@ -140,13 +141,19 @@ public static class EvalCommand
     /// The examples of <paramref name="path"/> in any <see cref="DatasetLoader"/> format: pre-tokenized JSONL as
     /// <see cref="ReadJsonl"/> (labels = input_ids), the text formats with the model folder's tokenizer. An empty file is an error.
     /// </summary>
-    public static List<TrainingExample> ReadData(string path, string modelDir, int vocabSize, int seqLen)
+    /// <remarks>
+    /// --seq packs the text formats and must then fit <paramref name="maxPositions"/> (the model's
+    /// max_position_embeddings); in the other formats each example is its own sequence and must fit it.
+    /// </remarks>
+    public static List<TrainingExample> ReadData(string path, string modelDir, int vocabSize, int seqLen, int maxPositions = int.MaxValue)
     {
         if (IsBlank(path)) throw new CliException($"--data {path}: the file is empty (no examples)");
         try
         {
             var format = DatasetLoader.DetectFormat(path);
-            if (format == DataFormat.PreTokenized) return ReadJsonl(path, vocabSize).Select(TrainingExample.CausalLm).ToList();
+            if (format is DataFormat.PlainText or DataFormat.TextJsonl && Limits.SequenceProblem(seqLen, maxPositions) is { } seqProblem)
+                throw new CliException($"--seq {seqProblem}");
+            if (format == DataFormat.PreTokenized) return FitPositions(path, ReadJsonl(path, vocabSize).Select(TrainingExample.CausalLm).ToList(), maxPositions);
             var tokenizer = TokenizerLoader.ForModel(modelDir, vocabSize);
             var set = DatasetLoader.Load(path, format, tokenizer, seqLen, BadLinePolicy.Stop, vocabSize,
                 format == DataFormat.Chat ? ChatTemplate.ForModel(modelDir) : null);
@@ -155,11 +162,20 @@ public static class EvalCommand
                 foreach (int id in ex.InputIds)
                     if (id < 0 || id >= vocabSize)
                         throw new CliException($"--data {path}: token id {id} is outside the model's vocabulary [0, {vocabSize})");
-            return set.Examples.ToList();
+            return FitPositions(path, set.Examples.ToList(), maxPositions);
         }
         catch (DataFormatException e) { throw new CliException($"--data {e.Message}", 1, e); }
         catch (Exception e) when (e is InvalidDataException or NotSupportedException) { throw new CliException($"--model {modelDir}: tokenizer: {e.Message}", 1, e); }
         catch (NativePeft.Data.Jinja.JinjaException e) { throw new CliException($"--model {modelDir}: {e.Message}", 1, e); }
+    }
+
+    /// <summary>Every example is one sequence of the forward: at most the model's max_position_embeddings tokens.</summary>
+    private static List<TrainingExample> FitPositions(string path, List<TrainingExample> examples, int maxPositions)
+    {
+        for (int i = 0; i < examples.Count; i++)
+            if (examples[i].InputIds.Length > maxPositions)
+                throw new CliException($"--data {path}: example {i + 1} has {examples[i].InputIds.Length} tokens, more than the model's max_position_embeddings {maxPositions}");
+        return examples;
     }
 
     /// <summary>True when the file holds nothing but white space.</summary>
@@ -175,12 +191,11 @@ public static class EvalCommand
     public static List<int[]> ReadJsonl(string path, int vocabSize)
     {
         var result = new List<int[]>();
-        int lineNumber = 0;
-        foreach (string line in File.ReadLines(path))
+        foreach (var (lineNumber, line, problem) in TextInput.ReadLines(path, Limits.MaxWholeDataBytes, (p, inner) => new CliException($"--data {path}: {p}", 1, inner)))
         {
-            lineNumber++;
-            if (string.IsNullOrWhiteSpace(line)) continue;
             string where = $"--data {path}: line {lineNumber}";
+            if (problem is not null) throw new CliException($"{where}: {problem}");
+            if (string.IsNullOrWhiteSpace(line)) continue;
             try
             {
                 using var doc = JsonDocument.Parse(line);

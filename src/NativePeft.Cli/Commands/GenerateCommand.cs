@@ -112,11 +112,11 @@ public static class GenerateCommand
         // ---- the prompt fits the context
         var promptIds = tokenizer.Encode(a.Prompt, tokenizer.BosId is not null);
         int context = config.MaxPositionEmbeddings;
-        if (promptIds.Length + a.MaxTokens > context)
+        if ((long)promptIds.Length + a.MaxTokens > context)
         {
             throw new CliException(promptIds.Length >= context
                 ? $"--prompt: {promptIds.Length} tokens, the model's context is {context} tokens (max_position_embeddings): shorten the prompt"
-                : $"--prompt: {promptIds.Length} tokens + --max-tokens {a.MaxTokens} = {promptIds.Length + a.MaxTokens} exceed the model's context of {context} tokens (max_position_embeddings); use --max-tokens {context - promptIds.Length} or less");
+                : $"--prompt: {promptIds.Length} tokens + --max-tokens {a.MaxTokens} = {(long)promptIds.Length + a.MaxTokens} exceed the model's context of {context} tokens (max_position_embeddings); use --max-tokens {context - promptIds.Length} or less");
         }
 
         // ---- the model (and the adapter, checked against it before anything runs)

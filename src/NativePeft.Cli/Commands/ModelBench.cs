@@ -97,6 +97,9 @@ internal static class ModelBench
         if (seq < 2 || seq > config.MaxPositionEmbeddings)
             throw new CliException($"--seq {seq}: expected 2 to {config.MaxPositionEmbeddings} (max_position_embeddings of {s.Model})", 2);
         if (s.Rank < 1) throw new CliException($"--rank {s.Rank}: expected a positive LoRA rank", 2);
+        SizeOptions.InRange("--batch", batch, Limits.MaxBatchSize);
+        SizeOptions.InRange("--rank", s.Rank, Limits.MaxLoraRank);
+        SizeOptions.Tokens(batch, seq);
         if (s.Steps is < 1) throw new CliException($"--steps {s.Steps}: expected a positive number of timed steps", 2);
         string[] methodIds = s.Method is null ? defaultMethods
             : MethodNames.Contains(s.Method) ? [s.Method]

@@ -227,6 +227,8 @@ public static class TrainCommand
             throw new CliException($"--model {a.Model}: no {LlamaConfig.FileName} (not a Hugging Face model folder)");
         if (!builtinData && !File.Exists(a.Data)) throw new CliException($"--data {a.Data}: file not found (or use --data builtin)");
         if (a.EvalData is not null && !File.Exists(a.EvalData)) throw new CliException($"--eval-data {a.EvalData}: file not found");
+        if (!builtinData) SizeOptions.DataFile("--data", a.Data);
+        if (a.EvalData is not null) SizeOptions.DataFile("--eval-data", a.EvalData);
         // --resume is checked by FineTune.Create once it holds --out: taking the lock restores a checkpoint that a killed
         // run left renamed (OutputFolder.Recover).
         if (File.Exists(a.Out)) throw new CliException($"--out {a.Out}: is a file");

@@ -110,6 +110,10 @@ public sealed class Batcher
         ArgumentNullException.ThrowIfNull(options);
         ArgumentOutOfRangeException.ThrowIfLessThan(options.BatchSize, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(options.SeqLen, 1);
+        // Batches are int arrays of BatchSize × SeqLen: the product is bounded before it is computed in int.
+        if ((long)options.BatchSize * options.SeqLen > NativePeft.IO.Limits.MaxTokensPerBatch)
+            throw new ArgumentOutOfRangeException(nameof(options),
+                $"batch size {options.BatchSize} × sequence length {options.SeqLen} = {(long)options.BatchSize * options.SeqLen} tokens is more than the {NativePeft.IO.Limits.MaxTokensPerBatch} a batch may hold");
         if (examples.Count == 0) throw new ArgumentException("no examples to batch", nameof(examples));
         if (options.Mode == BatchMode.Concatenation && eosId is null) throw new ArgumentException("concatenation needs an eos id", nameof(eosId));
         if (options.DropLast && options.Mode == BatchMode.Padding && examples.Count < options.BatchSize)

@@ -1,5 +1,6 @@
 using System.Text.Json;
 using NativePeft.Data.Jinja;
+using NativePeft.IO;
 
 namespace NativePeft.Data;
 
@@ -57,9 +58,7 @@ public sealed class ChatTemplate
         if (dir is null) return Default;
         string file = Path.Combine(dir, "tokenizer_config.json");
         if (!File.Exists(file)) return Default;
-        JsonDocument doc;
-        try { doc = JsonDocument.Parse(File.ReadAllBytes(file)); }
-        catch (JsonException e) { throw new InvalidDataException($"{file}: not valid JSON: {e.Message}", e); }
+        JsonDocument doc = TextInput.ReadJsonFile(file, (problem, inner) => new InvalidDataException($"{file}: {problem}", inner));
         using (doc)
         {
             var r = doc.RootElement;

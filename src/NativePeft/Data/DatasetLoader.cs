@@ -1,6 +1,7 @@
 using System.Text;
 using System.Text.Json;
 using NativePeft.Data.Jinja;
+using NativePeft.IO;
 
 namespace NativePeft.Data;
 
@@ -76,22 +77,19 @@ public static class DatasetLoader
     public static DataFormat DetectFormat(string path)
     {
         if (IsPlainTextFile(path)) return DataFormat.PlainText;
-        foreach (var (line, _, text) in Records(path))
+        foreach (var (line, _, text, problem) in Records(path))
         {
-            try
-            {
-                using var doc = JsonDocument.Parse(text);
-                var r = doc.RootElement;
-                // Not silently plain text: a file that is not .txt must hold JSON records of a known schema.
-                if (r.ValueKind != JsonValueKind.Object)
-                    throw new DataFormatException(path, line, $"expected a JSON object with one of input_ids, instruction, messages, text; found {JsonKind(r)} (plain text goes in a .txt file)");
-                if (r.TryGetProperty("input_ids", out _)) return DataFormat.PreTokenized;
-                if (r.TryGetProperty("instruction", out _)) return DataFormat.Alpaca;
-                if (r.TryGetProperty("messages", out _)) return DataFormat.Chat;
-                if (r.TryGetProperty("text", out _)) return DataFormat.TextJsonl;
-                throw new DataFormatException(path, line, "cannot tell the format: the first record has none of input_ids, instruction, messages, text");
-            }
-            catch (JsonException e) { throw new DataFormatException(path, line, $"invalid JSON: {e.Message}", e); }
+            if (problem is not null || text is null) throw new DataFormatException(path, line, problem ?? "no text");
+            using var doc = TextInput.ParseJson(Encoding.UTF8.GetBytes(text), (p, inner) => new DataFormatException(path, line, p, inner));
+            var r = doc.RootElement;
+            // Not silently plain text: a file that is not .txt must hold JSON records of a known schema.
+            if (r.ValueKind != JsonValueKind.Object)
+                throw new DataFormatException(path, line, $"expected a JSON object with one of input_ids, instruction, messages, text; found {JsonKind(r)} (plain text goes in a .txt file)");
+            if (r.TryGetProperty("input_ids", out _)) return DataFormat.PreTokenized;
+            if (r.TryGetProperty("instruction", out _)) return DataFormat.Alpaca;
+            if (r.TryGetProperty("messages", out _)) return DataFormat.Chat;
+            if (r.TryGetProperty("text", out _)) return DataFormat.TextJsonl;
+            throw new DataFormatException(path, line, "cannot tell the format: the first record has none of input_ids, instruction, messages, text");
         }
         return DataFormat.PlainText;
     }
@@ -114,11 +112,11 @@ public static class DatasetLoader
     {
         var examples = new List<TrainingExample>();
         var skips = new Skips(policy);
-        foreach (var (line, _, text) in Records(path))
+        foreach (var (line, _, text, problem) in Records(path))
         {
             try
             {
-                using var doc = Parse(path, line, text);
+                using var doc = Parse(path, line, text, problem);
                 var r = doc.RootElement;
                 if (!r.TryGetProperty("input_ids", out var idsEl)) throw new DataFormatException(path, line, "missing \"input_ids\"");
                 int[] ids = IntArray(path, line, idsEl, "input_ids");
@@ -145,19 +143,23 @@ public static class DatasetLoader
     }
 
     /// <summary>A plain text file: the whole text tokenized (bos first) and cut into sequences of seqLen.</summary>
-    public static Dataset PlainText(string path, ITokenizer tokenizer, int seqLen) =>
-        new(path, TextPacking.Pack([File.ReadAllText(path, Encoding.UTF8)], tokenizer, seqLen));
+    public static Dataset PlainText(string path, ITokenizer tokenizer, int seqLen)
+    {
+        byte[] bytes = TextInput.ReadFile(path, Limits.MaxWholeDataBytes, (problem, inner) => new DataFormatException(path, problem, inner));
+        if (TextInput.Utf8Problem(bytes, json: false, out int line) is { } bad) throw new DataFormatException(path, line, bad);
+        return new(path, TextPacking.Pack([TextInput.DecodeUtf8(bytes, (problem, inner) => new DataFormatException(path, problem, inner))], tokenizer, seqLen));
+    }
 
     /// <summary>JSONL {"text": "..."}: the documents packed into sequences of seqLen, eos between them.</summary>
     public static Dataset TextJsonl(string path, ITokenizer tokenizer, int seqLen, BadLinePolicy policy = BadLinePolicy.Stop)
     {
         var docs = new List<string>();
         var skips = new Skips(policy);
-        foreach (var (line, _, text) in Records(path))
+        foreach (var (line, _, text, problem) in Records(path))
         {
             try
             {
-                using var doc = Parse(path, line, text);
+                using var doc = Parse(path, line, text, problem);
                 docs.Add(RequiredString(path, line, doc.RootElement, "text"));
             }
             catch (DataFormatException e) when (skips.Take(e)) { }
@@ -170,11 +172,11 @@ public static class DatasetLoader
     {
         var examples = new List<TrainingExample>();
         var skips = new Skips(policy);
-        foreach (var (line, _, text) in Records(path))
+        foreach (var (line, _, text, problem) in Records(path))
         {
             try
             {
-                using var doc = Parse(path, line, text);
+                using var doc = Parse(path, line, text, problem);
                 var r = doc.RootElement;
                 string instruction = RequiredString(path, line, r, "instruction");
                 string output = RequiredString(path, line, r, "output");
@@ -198,11 +200,11 @@ public static class DatasetLoader
         _ = template.Template;
         var examples = new List<TrainingExample>();
         var skips = new Skips(policy);
-        foreach (var (line, _, text) in Records(path))
+        foreach (var (line, _, text, problem) in Records(path))
         {
             try
             {
-                using var doc = Parse(path, line, text);
+                using var doc = Parse(path, line, text, problem);
                 var r = doc.RootElement;
                 if (!r.TryGetProperty("messages", out var ms)) throw new DataFormatException(path, line, "missing \"messages\"");
                 if (ms.ValueKind != JsonValueKind.Array) throw new DataFormatException(path, line, "\"messages\" is not an array");
@@ -243,30 +245,36 @@ public static class DatasetLoader
         }
     }
 
-    /// <summary>(1-based line or record, 1-based ordinal, JSON text) of every non-blank JSONL line, or every element of a JSON array file.</summary>
-    internal static IEnumerable<(int Line, int Ordinal, string Text)> Records(string path)
+    /// <summary>
+    /// (1-based line or record, 1-based ordinal, JSON text, problem) of every non-blank JSONL line, or every element of a
+    /// JSON array file. A line that is not UTF-8 has a null text and the problem (its column), so that the caller can
+    /// skip it under <see cref="BadLinePolicy.Skip"/>. The file must be a regular file (<see cref="TextInput.FileProblem"/>);
+    /// a JSON array file, read whole, and one JSONL line are at most <see cref="Limits.MaxWholeDataBytes"/>.
+    /// </summary>
+    internal static IEnumerable<(int Line, int Ordinal, string? Text, string? Problem)> Records(string path)
     {
-        if (!File.Exists(path)) throw new FileNotFoundException($"no data file at {path}", path);
+        if (!File.Exists(path) && !Directory.Exists(path)) throw new FileNotFoundException($"no data file at {path}", path);
+        if (TextInput.FileProblem(path, long.MaxValue) is { } fileProblem) throw new DataFormatException(path, fileProblem);
         if (StartsWithArray(path))
         {
+            byte[] bytes = TextInput.ReadFile(path, Limits.MaxWholeDataBytes, (problem, inner) => new DataFormatException(path, problem, inner));
+            if (TextInput.Utf8Problem(bytes, json: true, out int badLine) is { } bad) throw new DataFormatException(path, badLine, bad);
             JsonDocument doc;
-            try { doc = JsonDocument.Parse(File.ReadAllBytes(path)); }
+            try { doc = JsonDocument.Parse(bytes); }
             catch (JsonException e) { throw new DataFormatException(path, (int)(e.LineNumber ?? 0) + 1, $"invalid JSON: {e.Message}", e); }
             using (doc)
             {
                 int k = 0;
                 var texts = doc.RootElement.EnumerateArray().Select(e => e.GetRawText()).ToList();
-                foreach (string t in texts) { k++; yield return (k, k, t); }
+                foreach (string t in texts) { k++; yield return (k, k, t, null); }
             }
             yield break;
         }
-        int lineNo = 0, ordinal = 0;
-        using var reader = new StreamReader(path, Encoding.UTF8);
-        while (reader.ReadLine() is { } text)
+        int ordinal = 0;
+        foreach (var (lineNo, text, problem) in TextInput.ReadLines(path, Limits.MaxWholeDataBytes, (p, inner) => new DataFormatException(path, p, inner)))
         {
-            lineNo++;
-            if (string.IsNullOrWhiteSpace(text)) continue;
-            yield return (lineNo, ++ordinal, text);
+            if (text is not null && string.IsNullOrWhiteSpace(text)) continue;
+            yield return (lineNo, ++ordinal, text, problem);
         }
     }
 
@@ -278,11 +286,11 @@ public static class DatasetLoader
         return false;
     }
 
-    private static JsonDocument Parse(string path, int line, string text)
+    /// <summary>One record's JSON object; a line that was not UTF-8 (<paramref name="problem"/>) or JSON names the line.</summary>
+    private static JsonDocument Parse(string path, int line, string? text, string? problem)
     {
-        JsonDocument doc;
-        try { doc = JsonDocument.Parse(text); }
-        catch (JsonException e) { throw new DataFormatException(path, line, $"invalid JSON: {e.Message}", e); }
+        if (problem is not null || text is null) throw new DataFormatException(path, line, problem ?? "no text");
+        JsonDocument doc = TextInput.ParseJson(Encoding.UTF8.GetBytes(text), (p, inner) => new DataFormatException(path, line, p, inner));
         if (doc.RootElement.ValueKind != JsonValueKind.Object)
         {
             doc.Dispose();

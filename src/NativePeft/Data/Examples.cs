@@ -36,6 +36,13 @@ public sealed class DataFormatException : Exception
         FilePath = source;
         LineNumber = lineNumber;
     }
+
+    /// <summary>A problem with the file as a whole (not a regular file, too large): <see cref="LineNumber"/> is 0.</summary>
+    public DataFormatException(string source, string message, Exception? inner = null)
+        : base($"{source}: {message}", inner)
+    {
+        FilePath = source;
+    }
 }
 
 /// <summary>Examples loaded from one source, with the count (and first few messages) of skipped bad lines.</summary>

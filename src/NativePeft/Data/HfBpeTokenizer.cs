@@ -4,6 +4,7 @@ using System.Text;
 using System.Text.Json;
 using System.Text.RegularExpressions;
 using Microsoft.ML.Tokenizers;
+using NativePeft.IO;
 
 namespace NativePeft.Data;
 
@@ -70,17 +71,39 @@ public sealed class HfBpeTokenizer : ITokenizer
         return this;
     }
 
+    /// <summary>
+    /// Reads tokenizer.json. A file that is not strict UTF-8 JSON, or whose structure is not a tokenizer's (a missing
+    /// or mistyped field, an id outside [0, <see cref="Limits.MaxVocabSize"/>), a bad regex), is an
+    /// <see cref="InvalidDataException"/> naming the file; an unsupported tokenizer a <see cref="NotSupportedException"/>.
+    /// </summary>
     public static HfBpeTokenizer FromFile(string path)
     {
-        using var stream = File.OpenRead(path);
-        try { return FromStream(stream); }
-        catch (JsonException e) { throw new InvalidDataException($"{path}: not valid JSON: {e.Message}", e); }
+        InvalidDataException Bad(string problem, Exception? inner) => new($"{path}: {problem}", inner);
+        byte[] bytes = TextInput.ReadFile(path, Limits.MaxJsonFileBytes, Bad);
+        using var doc = TextInput.ParseJson(bytes, Bad);
+        try { return FromDocument(doc); }
         catch (NotSupportedException e) { throw new NotSupportedException($"{path}: {e.Message}", e); }
+        catch (InvalidDataException e) { throw new InvalidDataException($"{path}: {e.Message}", e); }
+        catch (Exception e) when (IsMalformed(e)) { throw Bad($"not a tokenizer.json this reader understands: {e.Message}", e); }
     }
 
     public static HfBpeTokenizer FromStream(Stream stream)
     {
-        using var doc = JsonDocument.Parse(stream);
+        ArgumentNullException.ThrowIfNull(stream);
+        var buffer = new MemoryStream();
+        stream.CopyTo(buffer);
+        InvalidDataException Bad(string problem, Exception? inner) => new($"tokenizer.json: {problem}", inner);
+        using var doc = TextInput.ParseJson(buffer.ToArray(), Bad);
+        try { return FromDocument(doc); }
+        catch (Exception e) when (IsMalformed(e)) { throw Bad($"not a tokenizer.json this reader understands: {e.Message}", e); }
+    }
+
+    /// <summary>What JsonElement's typed getters and the tokenizer's constructors throw on a document of the wrong shape.</summary>
+    private static bool IsMalformed(Exception e) =>
+        e is KeyNotFoundException or InvalidOperationException or FormatException or ArgumentException or IndexOutOfRangeException or OverflowException;
+
+    private static HfBpeTokenizer FromDocument(JsonDocument doc)
+    {
         var root = doc.RootElement;
         if (!root.TryGetProperty("model", out var model) || model.ValueKind != JsonValueKind.Object)
             throw new InvalidDataException("tokenizer.json has no \"model\" object");
@@ -90,7 +113,7 @@ public sealed class HfBpeTokenizer : ITokenizer
             throw new NotSupportedException($"tokenizer.json normalizer \"{TypeOf(norm)}\" is not supported (a byte-level BPE such as Llama 3's has none)");
 
         var vocab = new Dictionary<string, int>(StringComparer.Ordinal);
-        foreach (var p in model.GetProperty("vocab").EnumerateObject()) vocab[p.Name] = p.Value.GetInt32();
+        foreach (var p in model.GetProperty("vocab").EnumerateObject()) vocab[p.Name] = TokenId(p.Value, $"model.vocab \"{p.Name}\"");
         var merges = new List<string>();
         if (model.TryGetProperty("merges", out var m))
             foreach (var e in m.EnumerateArray())
@@ -104,10 +127,12 @@ public sealed class HfBpeTokenizer : ITokenizer
         if (root.TryGetProperty("added_tokens", out var at) && at.ValueKind == JsonValueKind.Array)
             foreach (var e in at.EnumerateArray())
             {
-                int id = e.GetProperty("id").GetInt32();
+                int id = TokenId(e.GetProperty("id"), "added_tokens id");
                 added[e.GetProperty("content").GetString()!] = id;
                 if (e.TryGetProperty("special", out var sp) && sp.ValueKind == JsonValueKind.True) specialIds.Add(id);
             }
+
+        if (vocab.Count == 0 && added.Count == 0) throw new InvalidDataException("model.vocab: is empty");
 
         var splits = new List<CodePointRegex>();
         bool byteLevel = false, addPrefixSpace = false;
@@ -120,6 +145,13 @@ public sealed class HfBpeTokenizer : ITokenizer
         var options = new BpeOptions(vocab) { Merges = merges, ByteLevel = false };
         var bpe = BpeTokenizer.Create(options);
         return new HfBpeTokenizer(bpe, vocab, added, specialIds, splits, ignoreMerges, addPrefixSpace);
+    }
+
+    /// <summary>A token id: an integer in [0, <see cref="Limits.MaxVocabSize"/>) (the vocabulary is sized from the largest).</summary>
+    private static int TokenId(JsonElement e, string what)
+    {
+        if (e.ValueKind == JsonValueKind.Number && e.TryGetInt32(out int id) && id >= 0 && id < Limits.MaxVocabSize) return id;
+        throw new InvalidDataException($"{what}: {e.GetRawText()} is not a token id in [0, {Limits.MaxVocabSize})");
     }
 
     private static string TypeOf(JsonElement e) =>

@@ -1,4 +1,5 @@
 using System.Text.Json;
+using NativePeft.IO;
 
 namespace NativePeft.Data;
 
@@ -57,7 +58,7 @@ public static class TokenizerLoader
         if (tc is JsonElement t && t.TryGetProperty("tokenizer_class", out var cls) && cls.ValueKind == JsonValueKind.String && cls.GetString() == ByteTokenizerClass)
             return ByteTokenizer.Instance;
         var cfg = ReadJson(Path.Combine(dir, "config.json"));
-        if (cfg is JsonElement c && c.TryGetProperty("vocab_size", out var vs) && vs.ValueKind == JsonValueKind.Number && vs.GetInt32() == ByteTokenizer.Size)
+        if (cfg is JsonElement c && c.TryGetProperty("vocab_size", out var vs) && vs.ValueKind == JsonValueKind.Number && vs.TryGetInt32(out int size) && size == ByteTokenizer.Size)
             return ByteTokenizer.Instance;
         return null;
     }
@@ -73,13 +74,23 @@ public static class TokenizerLoader
     private static ITokenizer WithSpecials(HfBpeTokenizer tok, string dir)
     {
         var (bos, eos, pad) = ResolveSpecials(dir, tok.TokenToId);
-        return tok.WithSpecialIds(bos, eos, pad);
+        return SpecialIdsChecked(dir, () => tok.WithSpecialIds(bos, eos, pad));
     }
 
     private static ITokenizer WithSpecials(SentencePieceModelTokenizer tok, string dir)
     {
         var (bos, eos, pad) = ResolveSpecials(dir, tok.TokenToId);
-        return tok.WithSpecialIds(bos, eos, pad);
+        return SpecialIdsChecked(dir, () => tok.WithSpecialIds(bos, eos, pad));
+    }
+
+    /// <summary>A bos/eos/pad id from the files outside the vocabulary is the files' error, not an argument error.</summary>
+    private static ITokenizer SpecialIdsChecked(string dir, Func<ITokenizer> apply)
+    {
+        try { return apply(); }
+        catch (ArgumentOutOfRangeException e)
+        {
+            throw new InvalidDataException($"{Path.Combine(dir, "tokenizer_config.json")} / {LlamaConfig.FileName}: {e.Message.Split(" (Parameter")[0]}", e);
+        }
     }
 
     internal static (int? Bos, int? Eos, int? Pad) ResolveSpecials(string dir, Func<string, int?> lookup)
@@ -93,7 +104,7 @@ public static class TokenizerLoader
                 string? name = v.ValueKind switch
                 {
                     JsonValueKind.String => v.GetString(),
-                    JsonValueKind.Object when v.TryGetProperty("content", out var content) => content.GetString(),
+                    JsonValueKind.Object when v.TryGetProperty("content", out var content) && content.ValueKind == JsonValueKind.String => content.GetString(),
                     _ => null,
                 };
                 if (name is not null)
@@ -118,20 +129,18 @@ public static class TokenizerLoader
         if (e is not JsonElement o || !o.TryGetProperty(key, out var v)) return null;
         return v.ValueKind switch
         {
-            JsonValueKind.Number => v.GetInt32(),
-            JsonValueKind.Array when v.GetArrayLength() > 0 && v[0].ValueKind == JsonValueKind.Number => v[0].GetInt32(),
+            JsonValueKind.Number => Id(v),
+            JsonValueKind.Array when v.GetArrayLength() > 0 && v[0].ValueKind == JsonValueKind.Number => Id(v[0]),
             _ => null,
         };
+        int Id(JsonElement n) => n.TryGetInt32(out int id) ? id
+            : throw new InvalidDataException($"{key}: {n.GetRawText()} is not a token id");
     }
 
     private static JsonElement? ReadJson(string path)
     {
         if (!File.Exists(path)) return null;
-        try
-        {
-            using var doc = JsonDocument.Parse(File.ReadAllBytes(path));
-            return doc.RootElement.Clone();
-        }
-        catch (JsonException e) { throw new InvalidDataException($"{path}: not valid JSON: {e.Message}", e); }
+        using var doc = TextInput.ReadJsonFile(path, (problem, inner) => new InvalidDataException($"{path}: {problem}", inner));
+        return doc.RootElement.Clone();
     }
 }

@@ -119,7 +119,7 @@ public static class BitsAndBytes4Bit
         bool hasNestedKeys;
         try
         {
-            using JsonDocument doc = JsonDocument.Parse(jsonBytes);
+            using JsonDocument doc = TextInput.ParseJson(jsonBytes, (problem, inner) => Bad(stateKey, $"quant state JSON: {problem}"));
             JsonElement root = doc.RootElement;
             if (root.ValueKind != JsonValueKind.Object)
                 throw Bad(stateKey, "quant state JSON must be an object");

@@ -130,19 +130,7 @@ public sealed class HfCheckpoint : IDisposable
     /// <summary>Parses model.safetensors.index.json: weight_map (tensor → shard file name), metadata.total_size.</summary>
     private static (long? TotalSize, Dictionary<string, string> WeightMap, List<string> Shards) ReadIndex(string indexPath)
     {
-        JsonDocument doc;
-        try
-        {
-            doc = JsonDocument.Parse(File.ReadAllBytes(indexPath));
-        }
-        catch (JsonException e)
-        {
-            throw new HfCheckpointException(indexPath, $"invalid JSON: {e.Message}", e);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            throw new HfCheckpointException(indexPath, $"cannot read: {e.Message}", e);
-        }
+        JsonDocument doc = TextInput.ReadJsonFile(indexPath, (problem, inner) => new HfCheckpointException(indexPath, problem, inner));
         using (doc)
         {
             JsonElement root = doc.RootElement;
@@ -151,7 +139,7 @@ public sealed class HfCheckpoint : IDisposable
             long? totalSize = null;
             if (root.TryGetProperty("metadata", out JsonElement meta) && meta.ValueKind == JsonValueKind.Object
                 && meta.TryGetProperty("total_size", out JsonElement ts) && ts.ValueKind == JsonValueKind.Number)
-                totalSize = ts.TryGetInt64(out long t) ? t : (long)ts.GetDouble();
+                totalSize = ts.TryGetInt64(out long t) ? t : ts.TryGetDouble(out double d) && d >= 0 && d < long.MaxValue ? (long)d : null;
             if (!root.TryGetProperty("weight_map", out JsonElement map))
                 throw new HfCheckpointException(indexPath, "weight_map: missing");
             if (map.ValueKind != JsonValueKind.Object)
@@ -159,6 +147,7 @@ public sealed class HfCheckpoint : IDisposable
             var problems = new List<string>();
             var weightMap = new Dictionary<string, string>(StringComparer.Ordinal);
             var shards = new List<string>();
+            var shardSet = new HashSet<string>(StringComparer.Ordinal); // a large weight_map must not cost shards × tensors
             foreach (JsonProperty p in map.EnumerateObject())
             {
                 if (p.Value.ValueKind != JsonValueKind.String)
@@ -177,7 +166,7 @@ public sealed class HfCheckpoint : IDisposable
                     problems.Add($"weight_map.{p.Name}: listed twice (\"{weightMap[p.Name]}\" and \"{file}\")");
                     continue;
                 }
-                if (!shards.Contains(file, StringComparer.Ordinal))
+                if (shardSet.Add(file))
                     shards.Add(file);
             }
             if (weightMap.Count == 0 && problems.Count == 0)
@@ -464,14 +453,17 @@ public sealed class HfCheckpoint : IDisposable
             return (null, $"{key} is {info.DType.SafetensorsName()}, expected U8 bytes of a JSON");
         try
         {
-            using JsonDocument doc = JsonDocument.Parse(GetMemory(key));
+            ReadOnlyMemory<byte> json = GetMemory(key);
+            if (TextInput.Utf8Problem(json.Span, json: true) is { } text)
+                return (null, $"{key}: quant state JSON: {text}");
+            using JsonDocument doc = JsonDocument.Parse(json);
             JsonElement root = doc.RootElement;
             if (root.ValueKind != JsonValueKind.Object)
                 return (null, $"{key}: quant state JSON is not an object");
             if (!root.TryGetProperty("quant_type", out JsonElement qt) || qt.ValueKind != JsonValueKind.String
                 || !QuantTypes.TryParse(qt.GetString()!, out QuantType quantType) || quantType != keyType)
                 return (null, $"{key}: quant_type does not match the key suffix {keyType.Name()}");
-            if (!root.TryGetProperty("blocksize", out JsonElement bs) || !bs.TryGetInt32(out int blocksize) || blocksize <= 0)
+            if (!root.TryGetProperty("blocksize", out JsonElement bs) || bs.ValueKind != JsonValueKind.Number || !bs.TryGetInt32(out int blocksize) || blocksize <= 0)
                 return (null, $"{key}: blocksize missing or not a positive integer");
             if (!root.TryGetProperty("shape", out JsonElement sh) || sh.ValueKind != JsonValueKind.Array)
                 return (null, $"{key}: shape missing or not a list");

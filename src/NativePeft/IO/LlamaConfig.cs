@@ -75,16 +75,8 @@ public sealed record LlamaConfig
     {
         ArgumentNullException.ThrowIfNull(path);
         string full = Path.GetFullPath(path);
-        string text;
-        try
-        {
-            text = File.ReadAllText(full, Encoding.UTF8);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            throw new LlamaConfigException(full, null, $"cannot read: {e.Message}", e);
-        }
-        return Parse(text, full);
+        byte[] bytes = TextInput.ReadFile(full, Limits.MaxJsonFileBytes, (problem, inner) => new LlamaConfigException(full, null, problem, inner));
+        return ParseUtf8(bytes, full);
     }
 
     /// <summary>Parses and validates config.json text; <paramref name="sourceName"/> names it in errors.</summary>
@@ -92,16 +84,19 @@ public sealed record LlamaConfig
     {
         ArgumentNullException.ThrowIfNull(json);
         ArgumentNullException.ThrowIfNull(sourceName);
-        JsonDocument doc;
-        try
-        {
-            // Python's json module reads NaN/Infinity; HF configs do not contain them, so plain JSON is enough.
-            doc = JsonDocument.Parse(json, new JsonDocumentOptions { AllowTrailingCommas = false, CommentHandling = JsonCommentHandling.Disallow });
-        }
-        catch (JsonException e)
-        {
-            throw new LlamaConfigException(sourceName, null, $"invalid JSON: {e.Message}", e);
-        }
+        byte[] bytes;
+        try { bytes = TextInput.StrictUtf8.GetBytes(json); }
+        catch (EncoderFallbackException e) { throw new LlamaConfigException(sourceName, null, $"not valid Unicode text: {e.Message}", e); }
+        return ParseUtf8(bytes, sourceName);
+    }
+
+    /// <summary>Parses and validates config.json bytes (UTF-8, checked strictly: <see cref="TextInput"/>).</summary>
+    public static LlamaConfig ParseUtf8(ReadOnlyMemory<byte> utf8, string sourceName)
+    {
+        ArgumentNullException.ThrowIfNull(sourceName);
+        // Python's json module reads NaN/Infinity; HF configs do not contain them, so plain JSON is enough.
+        JsonDocument doc = TextInput.ParseJson(utf8, (problem, inner) => new LlamaConfigException(sourceName, null, problem, inner),
+            new JsonDocumentOptions { AllowTrailingCommas = false, CommentHandling = JsonCommentHandling.Disallow });
         using (doc)
         {
             JsonElement root = doc.RootElement;
@@ -242,13 +237,44 @@ public sealed record LlamaConfig
         Positive("head_dim", HeadDim);
         Positive("vocab_size", VocabSize);
         Positive("max_position_embeddings", MaxPositionEmbeddings);
+        // Bounded before anything is sized from them (docs/reliability.md "Bounds").
+        void Bounded(string field, long v, long max)
+        {
+            if (Limits.OutOfRange(v, max) is { } problem) throw new LlamaConfigException(sourceName, field, problem);
+        }
+        Bounded("hidden_size", HiddenSize, Limits.MaxHiddenSize);
+        Bounded("intermediate_size", IntermediateSize, Limits.MaxIntermediateSize);
+        Bounded("num_hidden_layers", NumHiddenLayers, Limits.MaxLayers);
+        Bounded("num_attention_heads", NumAttentionHeads, Limits.MaxHeads);
+        Bounded("num_key_value_heads", NumKeyValueHeads, Limits.MaxHeads);
+        Bounded("head_dim", HeadDim, Limits.MaxHeadDim);
+        Bounded("vocab_size", VocabSize, Limits.MaxVocabSize);
+        Bounded("max_position_embeddings", MaxPositionEmbeddings, Limits.MaxPositions);
+        if (RopeScaling is { } rs)
+            Bounded("rope_scaling.original_max_position_embeddings", rs.OriginalMaxPositionEmbeddings, Limits.MaxPositions);
         if (NumKeyValueHeads > NumAttentionHeads || NumAttentionHeads % NumKeyValueHeads != 0)
             throw new LlamaConfigException(sourceName, "num_key_value_heads",
                 $"{NumKeyValueHeads} does not divide num_attention_heads {NumAttentionHeads}");
         if (HeadDim % 2 != 0)
             throw new LlamaConfigException(sourceName, "head_dim", $"{HeadDim} must be even (RoPE rotates pairs)");
-        if ((long)NumAttentionHeads * HeadDim > int.MaxValue)
-            throw new LlamaConfigException(sourceName, "head_dim", $"{HeadDim} × {NumAttentionHeads} heads is too large");
+        if ((long)NumAttentionHeads * HeadDim > Limits.MaxHiddenSize)
+            throw new LlamaConfigException(sourceName, "head_dim", $"{HeadDim} × {NumAttentionHeads} heads = {(long)HeadDim * NumAttentionHeads} is more than {Limits.MaxHiddenSize}");
+        foreach (var (field, elements) in new[]
+                 {
+                     ("vocab_size", (long)VocabSize * HiddenSize), ("intermediate_size", (long)IntermediateSize * HiddenSize),
+                     ("num_attention_heads", (long)QueryDim * HiddenSize),
+                 })
+        {
+            if (elements > Limits.MaxTensorElements)
+                throw new LlamaConfigException(sourceName, field,
+                    $"makes a {elements}-element weight with hidden_size {HiddenSize}, more than the {Limits.MaxTensorElements} limit");
+        }
+        long parameters;
+        try { parameters = ParameterCount(); }
+        catch (OverflowException) { parameters = long.MaxValue; }
+        if (parameters > Limits.MaxParameters)
+            throw new LlamaConfigException(sourceName, "num_hidden_layers",
+                $"the config describes {parameters} parameters, more than the {Limits.MaxParameters} limit (hidden_size {HiddenSize}, intermediate_size {IntermediateSize}, {NumHiddenLayers} layers, vocab_size {VocabSize})");
         if (!(RmsNormEps > 0) || double.IsInfinity(RmsNormEps))
             throw new LlamaConfigException(sourceName, "rms_norm_eps", $"{Num(RmsNormEps)} must be a positive number");
         if (!(RopeTheta > 0) || double.IsInfinity(RopeTheta))

@@ -309,10 +309,8 @@ public sealed class PeftAdapter
             string hint = File.Exists(Path.Combine(full, "adapter_model.bin")) ? "; it has adapter_model.bin (PyTorch pickle): convert it to safetensors" : "";
             throw new PeftAdapterException(full, $"no {WeightsFileName} in the folder{hint}");
         }
-        string json;
-        try { json = File.ReadAllText(configPath); }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new PeftAdapterException(configPath, $"cannot read: {e.Message}", e); }
-        var config = PeftLoraConfig.Parse(json, configPath);
+        byte[] json = TextInput.ReadFile(configPath, Limits.MaxJsonFileBytes, (problem, inner) => new PeftAdapterException(configPath, problem, inner));
+        var config = PeftLoraConfig.ParseUtf8(json, configPath);
 
         SafetensorsFile file;
         try { file = SafetensorsFile.Open(weightsPath); }

@@ -164,9 +164,16 @@ public sealed record PeftLoraConfig
     public static PeftLoraConfig Parse(string json, string source)
     {
         ArgumentNullException.ThrowIfNull(json);
-        JsonDocument doc;
-        try { doc = JsonDocument.Parse(json); }
-        catch (JsonException e) { throw new PeftAdapterException(source, $"invalid JSON: {e.Message}", e); }
+        byte[] bytes;
+        try { bytes = TextInput.StrictUtf8.GetBytes(json); }
+        catch (EncoderFallbackException e) { throw new PeftAdapterException(source, $"not valid Unicode text: {e.Message}", e); }
+        return ParseUtf8(bytes, source);
+    }
+
+    /// <summary>Parses adapter_config.json bytes (UTF-8, checked strictly: <see cref="TextInput"/>) as <see cref="Parse"/> does.</summary>
+    public static PeftLoraConfig ParseUtf8(ReadOnlyMemory<byte> utf8, string source)
+    {
+        JsonDocument doc = TextInput.ParseJson(utf8, (problem, inner) => new PeftAdapterException(source, problem, inner));
         using (doc)
         {
             var root = doc.RootElement;
@@ -192,7 +199,7 @@ public sealed record PeftLoraConfig
             double Num(string name, double dflt)
             {
                 if (Get(name) is not { } e) return dflt;
-                if (e.ValueKind == JsonValueKind.Number && double.IsFinite(e.GetDouble())) return e.GetDouble();
+                if (e.ValueKind == JsonValueKind.Number && e.TryGetDouble(out double d) && double.IsFinite(d)) return d;
                 problems.Add($"{name}: expected a number, got {e.GetRawText()}");
                 return dflt;
             }
@@ -218,8 +225,10 @@ public sealed record PeftLoraConfig
             int r = 8;
             if (Get("r") is { } re)
             {
-                if (re.ValueKind == JsonValueKind.Number && re.TryGetInt32(out int rv) && rv > 0) r = rv;
-                else problems.Add($"r: expected a positive integer, got {re.GetRawText()}");
+                if (re.ValueKind != JsonValueKind.Number || !re.TryGetInt32(out int rv) || rv <= 0)
+                    problems.Add($"r: expected a positive integer, got {re.GetRawText()}");
+                else if (Limits.OutOfRange(rv, Limits.MaxLoraRank) is { } bound) problems.Add($"r: {bound}");
+                else r = rv;
             }
             double alpha = Num("lora_alpha", 8);
             double dropout = Num("lora_dropout", 0);

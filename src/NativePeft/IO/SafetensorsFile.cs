@@ -105,15 +105,8 @@ public sealed class SafetensorsFile : IDisposable
 
     private static (List<SafetensorsTensorInfo>, Dictionary<string, string>) ParseHeader(string path, ReadOnlySpan<byte> header, long bufferLength)
     {
-        JsonDocument doc;
-        try
-        {
-            doc = JsonDocument.Parse(header.ToArray(), new JsonDocumentOptions { AllowTrailingCommas = false, CommentHandling = JsonCommentHandling.Disallow });
-        }
-        catch (JsonException e)
-        {
-            throw new SafetensorsException(path, "header", $"invalid JSON: {e.Message}", e);
-        }
+        JsonDocument doc = TextInput.ParseJson(header.ToArray(), (problem, inner) => new SafetensorsException(path, "header", problem, inner),
+            new JsonDocumentOptions { AllowTrailingCommas = false, CommentHandling = JsonCommentHandling.Disallow });
         using (doc)
         {
             JsonElement root = doc.RootElement;
@@ -169,6 +162,8 @@ public sealed class SafetensorsFile : IDisposable
             throw new SafetensorsException(path, name, $"unknown dtype \"{dtypeName}\"");
         if (!e.TryGetProperty("shape", out JsonElement sh) || sh.ValueKind != JsonValueKind.Array)
             throw new SafetensorsException(path, name, "missing or non-array shape");
+        if (sh.GetArrayLength() > Limits.MaxTensorDimensions)
+            throw new SafetensorsException(path, name, $"shape has {sh.GetArrayLength()} dimensions, more than {Limits.MaxTensorDimensions}");
         var shape = new long[sh.GetArrayLength()];
         int k = 0;
         foreach (JsonElement d in sh.EnumerateArray())

@@ -124,6 +124,8 @@ public sealed partial class FineTune : IDisposable
             throw new FineTuneException(nameof(o.ResumeFrom), $"{o.ResumeFrom}: not a checkpoint folder (no {Trainer.StateFileName})");
         }
 
+        CheckDataFiles(o);
+
         HfCheckpoint ckpt;
         try { ckpt = HfCheckpoint.Open(modelDir); }
         catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
@@ -149,6 +151,7 @@ public sealed partial class FineTune : IDisposable
 
             (TrainingData Data, int Skipped, IReadOnlyList<string> Messages)? data =
                 o.Data is null ? null : LoadData(o.Data, o.EvalData, tokenizer, ckpt.Config.VocabSize, o.SeqLen, o.OnBadLine, ChatTemplateOf(modelDir));
+            CheckSequenceLength(o, ckpt.Config);
             TruncationReport? truncation = data is { } loaded ? CheckTrainable(loaded.Data, o.SeqLen, logger, o.Data, o.EvalData) : null;
 
             var modelOptions = ModelOptions(o) with { EmbeddingOnHost = ResolveEmbeddingOnHost(o.Embedding, o.Method, ckpt.Config.TieWordEmbeddings, o.Device != "cpu") };
@@ -277,6 +280,28 @@ public sealed partial class FineTune : IDisposable
     };
 
     /// <summary>Throws <see cref="FineTuneException"/> for an option out of range (no file is touched).</summary>
+    /// <summary>
+    /// Data and EvalData must be regular files (a character device or a FIFO would be read forever or block): checked
+    /// before anything is read from them (docs/reliability.md).
+    /// </summary>
+    private static void CheckDataFiles(FineTuneOptions o)
+    {
+        if (o.Data is not null && o.Data != BuiltinTask.DataName && TextInput.FileProblem(o.Data, long.MaxValue) is { } data)
+            throw new FineTuneException(nameof(o.Data), $"{o.Data}: {data}");
+        if (o.EvalData is not null && TextInput.FileProblem(o.EvalData, long.MaxValue) is { } eval)
+            throw new FineTuneException(nameof(o.EvalData), $"{o.EvalData}: {eval}");
+    }
+
+    /// <summary>
+    /// SeqLen must not exceed the model's max_position_embeddings (nor <see cref="Limits.MaxSequenceLength"/>): checked
+    /// once the data is read (its errors come first) and before anything is sized from SeqLen.
+    /// </summary>
+    private static void CheckSequenceLength(FineTuneOptions o, LlamaConfig config)
+    {
+        if (Limits.SequenceProblem(o.SeqLen, config.MaxPositionEmbeddings) is { } problem)
+            throw new FineTuneException(nameof(o.SeqLen), problem);
+    }
+
     public static void ValidateOptions(FineTuneOptions o)
     {
         ArgumentNullException.ThrowIfNull(o);
@@ -292,6 +317,10 @@ public sealed partial class FineTune : IDisposable
         if (o.Steps is <= 0) throw new FineTuneException(nameof(o.Steps), $"{o.Steps}: must be positive");
         if (o.Epochs is double ep && !(ep > 0 && double.IsFinite(ep))) throw new FineTuneException(nameof(o.Epochs), $"{ep}: must be positive");
         if (o.BatchSize <= 0) throw new FineTuneException(nameof(o.BatchSize), $"{o.BatchSize}: must be positive");
+        if (Limits.OptionOutOfRange(o.BatchSize, Limits.MaxBatchSize) is { } batch) throw new FineTuneException(nameof(o.BatchSize), batch);
+        if (o.SeqLen > Limits.MaxSequenceLength) throw new FineTuneException(nameof(o.SeqLen), Limits.OptionOutOfRange(o.SeqLen, Limits.MaxSequenceLength)!);
+        if ((long)o.BatchSize * o.SeqLen > Limits.MaxTokensPerBatch)
+            throw new FineTuneException(nameof(o.BatchSize), $"{o.BatchSize}: × SeqLen {o.SeqLen} = {(long)o.BatchSize * o.SeqLen} tokens per micro-batch, more than {Limits.MaxTokensPerBatch}");
         if (o.GradAccum <= 0) throw new FineTuneException(nameof(o.GradAccum), $"{o.GradAccum}: must be positive");
         if (o.SeqLen < 2) throw new FineTuneException(nameof(o.SeqLen), $"{o.SeqLen}: must be at least 2");
         if (!(o.Lr >= 0) || !double.IsFinite(o.Lr)) throw new FineTuneException(nameof(o.Lr), $"{o.Lr}: must be a finite number >= 0");
@@ -317,6 +346,7 @@ public sealed partial class FineTune : IDisposable
         {
             var l = o.Lora ?? throw new FineTuneException(nameof(o.Lora), "null: LoRA and QLoRA need LoRA settings");
             if (l.Rank <= 0) throw new FineTuneException("Rank", $"{l.Rank}: the LoRA rank must be positive");
+            if (Limits.OptionOutOfRange(l.Rank, Limits.MaxLoraRank) is { } rank) throw new FineTuneException("Rank", rank);
             if (l.Dropout is < 0 or >= 1 || double.IsNaN(l.Dropout)) throw new FineTuneException("Dropout", $"{l.Dropout}: must be in [0, 1)");
             if (!double.IsFinite(l.Alpha)) throw new FineTuneException("Alpha", $"{l.Alpha}: must be a finite number");
             if (l.TargetModules is null || l.TargetModules.Count == 0)

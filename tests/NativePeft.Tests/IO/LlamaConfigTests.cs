@@ -275,7 +275,7 @@ public class LlamaConfigTests
         Assert.That(Bad("[1, 2]", "arr.json").Message, Does.Contain("must be a JSON object"));
         string missing = Path.Combine(Path.GetTempPath(), "np-no-such-" + Guid.NewGuid().ToString("N"), "config.json");
         var ex2 = Assert.Throws<LlamaConfigException>(() => LlamaConfig.Load(missing));
-        Assert.That(ex2!.Message, Does.Contain(missing).And.Contain("cannot read"));
+        Assert.That(ex2!.Message, Does.Contain(missing).And.Contain("file not found"));
     }
 
     [Test]

@@ -11,9 +11,9 @@ namespace NativePeft.Tests.Training;
 public class TruncationTests
 {
     /// <summary>Alpaca records on the built-in model (byte tokens): <paramref name="longOnes"/> with a prompt of ~380 tokens, then <paramref name="shortOnes"/> of ~145 (the template alone is over 128).</summary>
-    internal static string WriteAlpaca(TempDir dir, int longOnes, int shortOnes)
+    internal static string WriteAlpaca(TempDir dir, int longOnes, int shortOnes, int words = 40)
     {
-        string longInstruction = string.Join(' ', Enumerable.Repeat("spell", 40));
+        string longInstruction = string.Join(' ', Enumerable.Repeat("spell", words));
         var lines = Enumerable.Range(0, longOnes).Select(i => "{\"instruction\": \"" + longInstruction + " " + i + "\", \"input\": \"\", \"output\": \"ok\"}")
             .Concat(Enumerable.Range(0, shortOnes).Select(i => "{\"instruction\": \"say " + i + "\", \"input\": \"\", \"output\": \"" + i + "\"}"));
         File.WriteAllLines(dir["alpaca.jsonl"], lines);
@@ -48,7 +48,8 @@ public class TruncationTests
     public void AllTargetsCutOffIsAnErrorNamingSeqLenAndTheLengthThatFits()
     {
         using var dir = CliProcess.TempDir();
-        var options = new FineTuneOptions { Data = WriteAlpaca(dir, 3, 0), Steps = 2, BatchSize = 1, OutputDir = dir["out"] };
+        // 15 words: the prompt passes 128 tokens, and the length that fits stays within the built-in model's 256 positions.
+        var options = new FineTuneOptions { Data = WriteAlpaca(dir, 3, 0, words: 15), Steps = 2, BatchSize = 1, OutputDir = dir["out"] };
         var e = Assert.Throws<FineTuneException>(() => FineTune.Create(options).Dispose())!;
         Assert.That(e.Option, Is.EqualTo("SeqLen"));
         Assert.That(e.Detail, Does.StartWith("128: ").And.Contain("a sequence length of"));
