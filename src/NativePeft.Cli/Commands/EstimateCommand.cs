@@ -31,7 +31,7 @@ public static class EstimateCommand
             Description = "comma-separated target_modules", DefaultValueFactory = _ => string.Join(",", LoraSettings.KnownTargets),
         };
         var batch = new Option<int>("--batch") { Description = "sequences per step", DefaultValueFactory = _ => 1 };
-        var seq = new Option<int>("--seq") { Description = "sequence length", DefaultValueFactory = _ => 2048 };
+        var seq = new Option<int>("--seq") { Description = "sequence length (default 2048, or the model's max_position_embeddings when that is shorter)", DefaultValueFactory = _ => 2048 };
         var recompute = new Option<bool>("--recompute") { Description = "gradient checkpointing (keep block inputs only)" };
         var embedding = TrainCommand.EmbeddingOption();
         var optim = new Option<string>("--optim") { Description = "adamw, paged-adamw, adamw8bit or paged-adamw8bit", DefaultValueFactory = _ => "adamw" };
@@ -91,6 +91,9 @@ public static class EstimateCommand
             {
                 throw new CliException("--model " + modelName + ": " + Clean(e), 1, e);
             }
+            // The default 2048 is for the published models; a model with a shorter context (the built-in one: 256) gets
+            // its own length, while a --seq given beyond it is refused.
+            if (parse.GetResult(seq) is null or { Implicit: true }) seqValue = Math.Min(seqValue, config.MaxPositionEmbeddings);
             if (!parse.GetValue(generate)) SizeOptions.Sequence("--seq", seqValue, config);
             if (!parse.GetValue(generate))
             {

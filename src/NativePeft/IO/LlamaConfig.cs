@@ -484,6 +484,8 @@ public sealed record LlamaConfig
             // 4096.0 is accepted as an integer (Python would not write it, but hand-edited files may).
             if (v.ValueKind == JsonValueKind.Number && v.TryGetDouble(out double d) && d == Math.Floor(d) && Math.Abs(d) <= int.MaxValue)
                 return (int)d;
+            if (v.ValueKind == JsonValueKind.Number && v.TryGetDouble(out double big) && big == Math.Floor(big))
+                throw Bad(prefix + name, $"{v} is out of range (an integer of at most {int.MaxValue}; see the bounds in docs/reliability.md)");
             throw Bad(prefix + name, $"must be an integer, got {v}");
         }
 

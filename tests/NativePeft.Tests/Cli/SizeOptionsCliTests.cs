@@ -89,6 +89,23 @@ public sealed class SizeOptionsCliTests
         Assert.That(r.ExitCode, Is.EqualTo(2));
     }
 
+    /// <summary>The default --seq (2048, for the published models) shortens to a model's own context instead of
+    /// refusing it; the same length given explicitly is refused.</summary>
+    [Test]
+    public void EstimatesDefaultSequenceFitsAShortContextModel()
+    {
+        var r = CliProcess.Run("estimate", "--model", "builtin", "--json");
+        Assert.That(r.ExitCode, Is.EqualTo(0), r.ToString());
+        using var doc = System.Text.Json.JsonDocument.Parse(r.Stdout);
+        var explicitLength = CliProcess.Run("estimate", "--model", "builtin", "--seq", "256", "--json");
+        Assert.That(explicitLength.ExitCode, Is.EqualTo(0), explicitLength.ToString());
+        using var same = System.Text.Json.JsonDocument.Parse(explicitLength.Stdout);
+        Assert.That(doc.RootElement.GetProperty("total_bytes").GetInt64(), Is.EqualTo(same.RootElement.GetProperty("total_bytes").GetInt64()),
+            "the default is the built-in model's 256 positions");
+        var given = CliProcess.Run("estimate", "--model", "builtin", "--seq", "2048");
+        AssertOneLineError(given, "--seq 2048: exceeds the model's max_position_embeddings 256");
+    }
+
     [TestCase("--batch", "100000", "--batch 100000: must be in [1, 65536]")]
     [TestCase("--rank", "1000000", "--rank 1000000: must be in [1, 8192]")]
     [TestCase("--seq", "2000000000", "--seq 2000000000: must be in [1, 4194304]")]

@@ -238,6 +238,14 @@ public class LlamaConfigTests
         Assert.Throws<LlamaConfigException>(() => LlamaConfig.Parse(json, source))!;
 
     [Test]
+    public void AnIntegerBeyondInt32IsOutOfRangeNotANonInteger()
+    {
+        var e = Bad(Llama2_7B.Replace("\"vocab_size\": 32000", "\"vocab_size\": 1099511627776"));
+        Assert.That(e.Message, Does.Contain("vocab_size").And.Contain("1099511627776 is out of range").And.Not.Contain("must be an integer, got"));
+        Assert.That(Bad(Llama2_7B.Replace("\"vocab_size\": 32000", "\"vocab_size\": 32000.5")).Message, Does.Contain("must be an integer, got 32000.5"));
+    }
+
+    [Test]
     public void UnsupportedModelTypeActivationRopeAndBiasAreRejectedByName()
     {
         var cases = new (string Json, string Field, string Mention)[]
