@@ -277,6 +277,20 @@ GPU_SECTIONS=(
   "oracle:20:gen_model_oracle.py: transformers + PEFT write the whole-model oracle into build/oracle/ (copy it to tests/NativePeft.Tests/Data/oracle/ and commit; python3 with torch, transformers, peft, safetensors)"
 )
 
+# A cross-check's Python libraries (issue 13: a missing one fails the section, it does not skip it): returns 0 when
+# python3 imports them all; otherwise a skip only when every missing module is named in GPU_CHECK_OPTIONAL
+# (space-separated, e.g. GPU_CHECK_OPTIONAL=bitsandbytes on a machine known to lack it), else a failure naming them.
+gc_need_python() {
+  local m missing=()
+  have python3 || { echo "failed: python3 not found (needed: $*)"; gc_headline "python3 not found"; return 1; }
+  for m in "$@"; do python3 -c "import $m" 2>/dev/null || missing+=("$m"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  for m in "${missing[@]}"; do
+    case " ${GPU_CHECK_OPTIONAL:-} " in *" $m "*) ;; *) echo "failed: python3 lacks ${missing[*]} (install them, or name them in GPU_CHECK_OPTIONAL to skip)"; gc_headline "python3 lacks ${missing[*]}"; return 1 ;; esac
+  done
+  gc_skip "python3 lacks ${missing[*]} (allowed by GPU_CHECK_OPTIONAL)"
+}
+
 gc_headline() { printf '%s' "$*" | tr -d '\000-\037' | head -c 400 > "$GC_DIR/$GC_SECTION.headline"; }
 gc_skip() { gc_headline "$*"; echo "skipped: $*"; return $GC_SKIP; }
 # Cells of a Spectre table row (split on │, trimmed), for headlines: gc_cells FILE AWK-CONDITION 'print ...'
@@ -346,8 +360,7 @@ gc_attention() {
 
 gc_attention_sdpa() {
   local log="$GC_DIR/attention-sdpa.txt" ours="$GC_DIR/attention-ours.json" rc args head
-  have python3 || { gc_skip "python3 not found"; return; }
-  python3 -c "import torch" 2>/dev/null || { gc_skip "torch not installed"; return; }
+  gc_need_python torch || return
   args=(--out "$GC_DIR/attention-sdpa.json")
   [ -s "$ours" ] && args+=(--ours "$ours") || echo "no figures of ours (the attention section did not finish): SDPA alone, default shapes"
   python3 ./attn_peer.py "${args[@]}" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
@@ -382,10 +395,12 @@ gc_llama8b() {
   [ "$r" = 0 ] || { echo "ours: bench --model llama3-8b failed or timed out (exit $r)"; rc=$r; }
   head="ours $(awk -F'│|[|]' '{ for (i = 1; i <= NF; i++) gsub(/^ +| +$/, "", $i) }
                $2 ~ /^(lora|qlora)/ { split($2, m, " "); s = s (s ? ", " : "") m[1] " " $4 " tok/s" } END { print s }' "$log")"
-  if ! have python3 || ! python3 -c "import torch, transformers, peft" 2>/dev/null; then
-    echo "peer not run: python3 with torch, transformers and peft not found"
-    gc_headline "${head}; peer not run: python3 with torch, transformers and peft not found"
-    return $rc
+  local need=0; gc_need_python torch transformers peft || need=$?
+  if [ "$need" != 0 ]; then
+    # No peer: a failure (ours alone is no comparison), unless the missing modules are allowed by GPU_CHECK_OPTIONAL.
+    gc_headline "${head}; peer not run: python3 lacks torch, transformers or peft"
+    [ "$need" = "$GC_SKIP" ] && return $rc
+    return 1
   fi
   args=(--json "$peer" --steps 3)
   if [ -s "$ours" ]; then args+=(--ours "$ours"); else args+=(--model llama3-8b --batch 4 --seq 1024); echo "no figures of ours: the peer alone"; fi
@@ -423,7 +438,7 @@ gc_generate() {
 
 gc_bnb() {
   local log="$GC_DIR/bnb.txt" rc
-  python3 -c "import torch, safetensors, bitsandbytes" 2>/dev/null || { gc_skip "python3 with torch, safetensors and bitsandbytes not found"; return; }
+  gc_need_python torch safetensors bitsandbytes || return
   python3 ./bnb_crosscheck.py "$PWD/NativePeft.Cli" "$PWD/build/bnb-crosscheck" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
   gc_headline "$(grep -c '^PASS' "$log") PASS, $(grep -c '^FAIL' "$log") FAIL"
   return $rc
@@ -431,7 +446,7 @@ gc_bnb() {
 
 gc_peft() {
   local log="$GC_DIR/peft.txt" rc
-  python3 -c "import torch, transformers, peft, safetensors" 2>/dev/null || { gc_skip "python3 with torch, transformers, peft and safetensors not found"; return; }
+  gc_need_python torch transformers peft safetensors || return
   rm -rf build/peft-crosscheck
   python3 ./peft_crosscheck.py "$PWD/NativePeft.Cli" "$PWD/builtin-model" "$PWD/build/peft-crosscheck" cuda 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
   gc_headline "$(grep -c '^PASS' "$log") PASS, $(grep -c '^FAIL' "$log") FAIL"
@@ -443,7 +458,7 @@ gc_peft() {
 # transformers computes on the CPU in float32 (peft_crosscheck.py's reference too): no TF32, no CUDA start-up.
 gc_oracle() {
   local log="$GC_DIR/oracle.txt" rc
-  python3 -c "import torch, transformers, peft, safetensors" 2>/dev/null || { gc_skip "python3 with torch, transformers, peft and safetensors not found"; return; }
+  gc_need_python torch transformers peft safetensors || return
   python3 ./gen_model_oracle.py "$PWD/build/oracle" --device cpu --builtin "$PWD/builtin-model" 2>&1 | tee "$log"; rc=${PIPESTATUS[0]}
   if [ "$rc" = 0 ]; then gc_headline "$(sed -n 's/^headline: //p' "$log" | tail -1)"
   else gc_headline "gen_model_oracle.py failed (exit $rc): $(tail -1 "$log")"; fi
@@ -609,6 +624,11 @@ cmd_gpu_check_selftest() {
   check "the summary was printed" 'grep -q "^# gpu-check summary" log.txt && grep -q "overall: FAILED" log.txt'
   check "the JSON has the six sections" '[ $(grep -c "\"section\": " gpu-check-results.json) = 6 ] && grep -q "\"status\": \"timed out\"" gpu-check-results.json'
   if have python3; then check "the JSON parses" 'python3 -c "import json,sys; json.load(open(\"gpu-check-results.json\"))"'; fi
+  if have python3; then
+    check "a missing cross-check library fails its section" '( GC_SECTION=need gc_need_python json nativepeft_no_such_module >/dev/null ); [ $? = 1 ]'
+    check "a missing library named in GPU_CHECK_OPTIONAL skips it" '( GC_SECTION=need GPU_CHECK_OPTIONAL="x nativepeft_no_such_module" gc_need_python json nativepeft_no_such_module >/dev/null ); [ $? = $GC_SKIP ]'
+    check "present libraries pass" '( GC_SECTION=need gc_need_python json >/dev/null )'
+  fi
   cd / && rm -rf "$dir"
   if [ $fails = 0 ]; then echo "gpu-check self-test: passed"; else echo "gpu-check self-test: $fails check(s) failed"; return 1; fi
 }
