@@ -8,13 +8,15 @@
 //   scale_{f32,bf16}            y[i] = alpha * x[i]                (y may alias x)
 //   dropout_mask                mask[i] = keep(seed, offset + i)   (uint8 1 keep / 0 drop, Philox-4x32-10)
 //   apply_mask_scale_{f32,bf16} y[i] = mask[i] ? x[i] * scale : 0  (scale = 1/(1-p) from the host; y may alias x)
-//   sum_squares_f32             partials[b] = sum of x^2 over block b's slice, in double (pass 1)
-//   reduce_sum_f64              out[0] = sum of partials[0..count) (pass 2, one block, fixed order)
+//   sum_squares_f32             partials[b] = sum of x^2 over block b's slice, in double (pass 1; global-norm clipping)
+//   reduce_sum_f64              out[0] += sum of partials[0..count) (pass 2, one block, fixed order; accumulates over
+//                               tensors)
 //
 // Sizes are 64-bit element counts n. The elementwise kernels are grid-stride loops: any grid gives the same result
 // (the host picks grid = min(ceil(n/256), 16 * SMs), block 256). sum_squares_f32 is deterministic for a given grid,
 // and the host derives its grid from n alone (GpuElementwiseOps.SumSquaresBlocks), so the sum does not depend on the
-// device.
+// device; its double arithmetic is written with the _rn intrinsics so that nvcc cannot contract x*x + acc into a DFMA
+// (the emulator does not either): the same bits on every device.
 //
 // Dropout RNG: element e = offset + i (a 64-bit counter) is decided by Philox-4x32-10 (Salmon et al., SC'11; Random123)
 // with key (seed_lo, seed_hi) and counter (e >> 2 low word, e >> 2 high word, 0, 0): word (e & 3) of the output is
@@ -158,34 +160,35 @@ extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, long lon
     for (long long i = ewk::first_index(); i < n; i += ewk::grid_stride())
     {
         const double v = (double)x[i];
-        acc += v * v;
+        acc = __dadd_rn(acc, __dmul_rn(v, v));
     }
     s[t] = acc;
     __syncthreads();
     for (int half = 128; half > 0; half >>= 1)
     {
-        if (t < half) s[t] += s[t + half];
+        if (t < half) s[t] = __dadd_rn(s[t], s[t + half]);
         __syncthreads();
     }
     if (t == 0) partials[blockIdx.x] = s[0];
 }
 EMU_REGISTER(sum_squares_f32)
 
-// reduce_sum_f64(partials[count], count, out[1] double): out[0] = sum, thread t adding entries t, t+256, ... in order,
-// then a fixed tree. Launch: grid 1, block 256 (exactly), shared 0.
+// reduce_sum_f64(partials[count], count, out[1] double): out[0] += the sum of partials (thread t adds entries t, t+256,
+// ... in order, then a fixed tree), so several tensors accumulate into one output. Launch: grid 1, block 256
+// (exactly), shared 0.
 extern "C" __global__ void reduce_sum_f64(const double* __restrict__ partials, int count, double* __restrict__ out)
 {
     __shared__ double s[256];
     const int t = (int)threadIdx.x;
     double acc = 0.0;
-    for (int i = t; i < count; i += 256) acc += partials[i];
+    for (int i = t; i < count; i += 256) acc = __dadd_rn(acc, partials[i]);
     s[t] = acc;
     __syncthreads();
     for (int half = 128; half > 0; half >>= 1)
     {
-        if (t < half) s[t] += s[t + half];
+        if (t < half) s[t] = __dadd_rn(s[t], s[t + half]);
         __syncthreads();
     }
-    if (t == 0) out[0] = s[0];
+    if (t == 0) out[0] = __dadd_rn(out[0], s[0]);
 }
 EMU_REGISTER(reduce_sum_f64)

@@ -3,8 +3,7 @@
 //   adamw_f32                 one AdamW step on fp32 params, grads and fp32 states m, v (grid-stride)
 //   adamw8bit_blockwise       one AdamW step with m, v blockwise 8-bit (dynamic maps, absmax per 256): dequantize,
 //                             update, find the new block absmax, requantize — one thread block per quantization block
-//   optim_sum_squares_f32     partials[b] = sum of x^2 (double) over block b's slice (global-norm clipping, pass 1)
-//   optim_reduce_sum_f64      out[0] += sum of partials[0..count) in a fixed order (pass 2, accumulates over tensors)
+//   (the sum of squares of global-norm clipping is elementwise.cu's sum_squares_f32 / reduce_sum_f64)
 //
 // The AdamW step (torch.optim.AdamW's order: decoupled weight decay applied to p BEFORE the Adam update; bitsandbytes
 // applies it after). Every fp32 operation is written out with the _rn intrinsics so nvcc cannot contract a multiply
@@ -147,45 +146,3 @@ extern "C" __global__ void adamw8bit_blockwise(float* __restrict__ p, const floa
 }
 EMU_REGISTER(adamw8bit_blockwise)
 
-// optim_sum_squares_f32(x[n], n, partials[gridDim.x] double): block b sums (double)x[i]^2 over i = b*256 + t,
-// += gridDim.x*256 (each thread in index order), then a fixed shared-memory tree. Launch: grid G (the host takes G
-// from n alone), block 256 (exactly), shared 0.
-extern "C" __global__ void optim_sum_squares_f32(const float* __restrict__ x, long long n, double* __restrict__ partials)
-{
-    __shared__ double s[256];
-    const int t = (int)threadIdx.x;
-    double acc = 0.0;
-    for (long long i = optk::first_index(); i < n; i += optk::grid_stride())
-    {
-        const double xi = (double)x[i];
-        acc = __dadd_rn(acc, __dmul_rn(xi, xi));
-    }
-    s[t] = acc;
-    __syncthreads();
-    for (int half = 128; half > 0; half >>= 1)
-    {
-        if (t < half) s[t] = __dadd_rn(s[t], s[t + half]);
-        __syncthreads();
-    }
-    if (t == 0) partials[blockIdx.x] = s[0];
-}
-EMU_REGISTER(optim_sum_squares_f32)
-
-// optim_reduce_sum_f64(partials[count], count, out[1] double): out[0] += the sum of partials (thread t adds entries
-// t, t+256, ... in order, then a fixed tree). Launch: grid 1, block 256 (exactly), shared 0.
-extern "C" __global__ void optim_reduce_sum_f64(const double* __restrict__ partials, int count, double* __restrict__ out)
-{
-    __shared__ double s[256];
-    const int t = (int)threadIdx.x;
-    double acc = 0.0;
-    for (int i = t; i < count; i += 256) acc = __dadd_rn(acc, partials[i]);
-    s[t] = acc;
-    __syncthreads();
-    for (int half = 128; half > 0; half >>= 1)
-    {
-        if (t < half) s[t] = __dadd_rn(s[t], s[t + half]);
-        __syncthreads();
-    }
-    if (t == 0) out[0] = __dadd_rn(out[0], s[0]);
-}
-EMU_REGISTER(optim_reduce_sum_f64)

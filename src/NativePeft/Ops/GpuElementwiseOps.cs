@@ -234,7 +234,8 @@ public sealed class GpuElementwiseOps
         return blocks;
     }
 
-    /// <summary>Pass 2: out[0] (double) = the sum of partials[0..count) in a fixed order (one block).</summary>
+    /// <summary>Pass 2: out[0] (double) += the sum of partials[0..count) in a fixed order (one block): several tensors
+    /// accumulate into one output, zeroed by the caller.</summary>
     public void ReduceSum(DevicePtr partials, int count, DevicePtr output)
     {
         CheckCount(count, nameof(count));
@@ -243,25 +244,36 @@ public sealed class GpuElementwiseOps
         _gpu.Launch("reduce_sum_f64", 1, ThreadsPerBlock, 0, partials, count, output);
     }
 
-    /// <summary>Σ x[i]² over an fp32 device tensor, in double, deterministic (both passes, then a synchronizing read).</summary>
+    /// <summary>
+    /// Σ x² in double over several fp32 device tensors, deterministic (gradient clipping's global norm): output[0] (one
+    /// double) zeroed, then per tensor in order pass 1 into <paramref name="partials"/> (≥ <see cref="MaxSumSquaresBlocks"/>
+    /// doubles) and pass 2 adding into output[0]; one synchronizing read.
+    /// </summary>
+    public double SumSquares(IEnumerable<(DevicePtr X, long N)> tensors, DevicePtr partials, DevicePtr output)
+    {
+        ArgumentNullException.ThrowIfNull(tensors);
+        CheckPtr(partials, nameof(partials));
+        CheckPtr(output, nameof(output));
+        _gpu.Memset(output, 0, sizeof(double));
+        foreach (var (x, n) in tensors)
+        {
+            CheckCount(n, nameof(tensors));
+            if (n == 0) continue;
+            ReduceSum(partials, SumSquaresPartial(x, n, partials), output);
+        }
+        _gpu.Synchronize();
+        Span<double> result = stackalloc double[1];
+        _gpu.CopyToHost(output, result);
+        return result[0];
+    }
+
+    /// <summary>Σ x[i]² over one fp32 device tensor, in double, deterministic (both passes, then a synchronizing read).</summary>
     public double SumSquares(DevicePtr x, long n)
     {
         CheckCount(n, nameof(n));
         int blocks = SumSquaresBlocks(n);
         DevicePtr partials = _gpu.Alloc((long)(blocks + 1) * sizeof(double));
-        try
-        {
-            DevicePtr output = partials.Offset((long)blocks * sizeof(double));
-            SumSquaresPartial(x, n, partials);
-            ReduceSum(partials, blocks, output);
-            _gpu.Synchronize();
-            Span<double> result = stackalloc double[1];
-            _gpu.CopyToHost(output, result);
-            return result[0];
-        }
-        finally
-        {
-            _gpu.Free(partials);
-        }
+        try { return SumSquares([(x, n)], partials, partials.Offset((long)blocks * sizeof(double))); }
+        finally { _gpu.Free(partials); }
     }
 }

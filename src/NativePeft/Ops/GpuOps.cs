@@ -50,11 +50,11 @@ public sealed unsafe class GpuOps : IOps
     {
         ArgumentNullException.ThrowIfNull(tensors);
         foreach (var g in tensors) RequireF32(g, nameof(tensors));
-        var scratch = _memory.Allocate(DType.F64, Optim.GpuOptimKernels.MaxSumSquaresBlocks + 1);
+        var scratch = _memory.Allocate(DType.F64, GpuElementwiseOps.MaxSumSquaresBlocks + 1);
         try
         {
-            return new Optim.GpuOptimKernels(_gpu).SumSquares(tensors.Select(g => (g.Data, g.Count)),
-                scratch.Data, scratch.Data.Offset(Optim.GpuOptimKernels.MaxSumSquaresBlocks * sizeof(double)));
+            return _elementwise.SumSquares(tensors.Select(g => (g.Data, g.Count)),
+                scratch.Data, scratch.Data.Offset(GpuElementwiseOps.MaxSumSquaresBlocks * sizeof(double)));
         }
         finally { _memory.Free(scratch); }
     }

@@ -4,17 +4,13 @@ namespace NativePeft.Optim;
 
 /// <summary>
 /// Launcher of kernels/optim.cu on an <see cref="IGpu"/> (the same calls on CudaGpu and EmulatedGpu). The methods
-/// validate and launch on the device's stream without synchronizing, except <see cref="SumSquares"/>'s read-back.
+/// validate and launch on the device's stream without synchronizing. (Clipping's sum of squares is
+/// <see cref="Ops.IOps.SumOfSquares"/>: elementwise.cu's kernels.)
 /// </summary>
 public sealed class GpuOptimKernels
 {
     /// <summary>Threads per block of every kernel in optim.cu.</summary>
     public const int ThreadsPerBlock = 256;
-
-    /// <summary>Most pass-1 blocks (partial sums) of the sum of squares.</summary>
-    public const int MaxSumSquaresBlocks = 1024;
-
-    private const long SumSquaresElementsPerThread = 16;
 
     private readonly IGpu _gpu;
     private readonly int _maxGridBlocks;
@@ -60,38 +56,5 @@ public sealed class GpuOptimKernels
         _gpu.Launch("adamw8bit_blockwise", Grid(AdamWMath.Blocks(n)), ThreadsPerBlock, 0,
             p, g, state1, state2, absmax1, absmax2, signedMap, unsignedMap, n,
             s.Beta1, s.Beta2, s.OneMinusBeta1, s.OneMinusBeta2, s.Eps, s.Decay, s.BiasCorrection2Sqrt, s.NegStepSize, s.GradScale);
-    }
-
-    /// <summary>Pass-1 blocks for n elements: ceil(n / 4096) clamped to [1, 1024], a function of n alone (deterministic sums).</summary>
-    public static int SumSquaresBlocks(long n)
-    {
-        ArgumentOutOfRangeException.ThrowIfNegative(n);
-        long perBlock = ThreadsPerBlock * SumSquaresElementsPerThread;
-        return (int)Math.Clamp((n + perBlock - 1) / perBlock, 1, MaxSumSquaresBlocks);
-    }
-
-    /// <summary>
-    /// Σ x² in double over several fp32 device tensors, deterministic: per tensor a fixed-grid pass 1 into
-    /// <paramref name="partials"/> (≥ <see cref="MaxSumSquaresBlocks"/> doubles) and a one-block pass 2 that adds into
-    /// output[0] (one double, zeroed here); then one synchronizing read.
-    /// </summary>
-    public double SumSquares(IEnumerable<(DevicePtr X, long N)> tensors, DevicePtr partials, DevicePtr output)
-    {
-        ArgumentNullException.ThrowIfNull(tensors);
-        CheckPtr(partials, nameof(partials)); CheckPtr(output, nameof(output));
-        _gpu.Memset(output, 0, sizeof(double));
-        foreach (var (x, n) in tensors)
-        {
-            ArgumentOutOfRangeException.ThrowIfNegative(n);
-            if (n == 0) continue;
-            CheckPtr(x, nameof(x));
-            int blocks = SumSquaresBlocks(n);
-            _gpu.Launch("optim_sum_squares_f32", blocks, ThreadsPerBlock, 0, x, n, partials);
-            _gpu.Launch("optim_reduce_sum_f64", 1, ThreadsPerBlock, 0, partials, blocks, output);
-        }
-        _gpu.Synchronize();
-        Span<double> result = stackalloc double[1];
-        _gpu.CopyToHost(output, result);
-        return result[0];
     }
 }

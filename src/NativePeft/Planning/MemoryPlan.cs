@@ -302,7 +302,7 @@ public sealed class MemoryPlan
             // With bf16 activations over more than one chunk, dhidden is summed in an fp32 [N, C] buffer and rounded once.
             long ceBackward = Bytes(d, N * chunk) + (d == DType.BF16 && V > chunk ? Bytes(DType.F32, N * c.HiddenSize) : 0);
             long attention = Bytes(DType.F32, B * c.NumAttentionHeads * T);
-            long clip = o.ClipGradients ? Bytes(DType.F64, GpuOptimKernels.MaxSumSquaresBlocks + 1) : 0;
+            long clip = o.ClipGradients ? Bytes(DType.F64, Ops.GpuElementwiseOps.MaxSumSquaresBlocks + 1) : 0;
             TransientWorkspaceBytes = Math.Max(Math.Max(ceForward, ceBackward), Math.Max(attention, clip));
         }
         // The LoRA ops' workspaces (the fused kernels' partial sums; unfused, dropout(x) and its mask) on either device.

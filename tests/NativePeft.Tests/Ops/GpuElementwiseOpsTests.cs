@@ -279,6 +279,7 @@ public sealed class GpuElementwiseOpsTests(string device) : DeviceFixture<GpuEle
         DevicePtr dA = Upload(a), dB = Upload(b), dC = Upload(c);
         int na = GpuElementwiseOps.SumSquaresBlocks(a.Length), nb = GpuElementwiseOps.SumSquaresBlocks(b.Length), nc = GpuElementwiseOps.SumSquaresBlocks(c.Length);
         DevicePtr partials = Alloc((na + nb + nc) * 8L), output = Alloc(8);
+        Gpu.Memset(output, 0, 8); // pass 2 accumulates into the output
         int k = Ops.SumSquaresPartial(dA, a.Length, partials);
         k += Ops.SumSquaresPartial(dB, b.Length, partials.Offset(k * 8L));
         k += Ops.SumSquaresPartial(dC, c.Length, partials.Offset(k * 8L));
@@ -288,6 +289,13 @@ public sealed class GpuElementwiseOpsTests(string device) : DeviceFixture<GpuEle
         double want = NeumaierSumOfSquares([.. a, .. b, .. c]);
         Assert.That(got, Is.EqualTo(want).Within(40 * Math.Pow(2, -53) * want), "three tensors, one reduction");
         Assert.That(Ops.SumSquares(dC, 2), Is.EqualTo(25.0), "3² + 4², exact");
+        // The list form (gradient clipping's): tensor by tensor, each reduced into the running output — the sum of the
+        // three single-tensor sums added in order, bit for bit.
+        DevicePtr scratch = Alloc((GpuElementwiseOps.MaxSumSquaresBlocks + 1) * 8L);
+        double list = Ops.SumSquares([(dA, a.Length), (dB, b.Length), (dC, c.Length)], scratch,
+            scratch.Offset(GpuElementwiseOps.MaxSumSquaresBlocks * 8L));
+        Assert.That(list, Is.EqualTo(Ops.SumSquares(dA, a.Length) + Ops.SumSquares(dB, b.Length) + 25.0), "in order, one rounding per add");
+        Assert.That(list, Is.EqualTo(want).Within(40 * Math.Pow(2, -53) * want));
         Assert.That(GpuElementwiseOps.SumSquaresBlocks(0), Is.EqualTo(1));
         Assert.That(GpuElementwiseOps.SumSquaresBlocks(long.MaxValue), Is.EqualTo(GpuElementwiseOps.MaxSumSquaresBlocks));
     }
