@@ -1,3 +1,4 @@
+using NativePeft.Runtime;
 using NativePeft.Ops;
 using NUnit.Framework;
 

@@ -109,9 +109,10 @@ internal static class ModelBench
         var gpu = DeviceOption.Open(s.Device == "auto" ? "auto" : s.Device);
         using var _gpu = gpu;
         string opsName = gpu?.Properties.Name ?? "CPU reference";
-        string deviceKind = gpu is null ? "cpu" : gpu is CudaGpu ? "cuda" : "emulator";
-        double? peakTflops = gpu is CudaGpu ? TrainingFlops.PeakTflops(opsName) : null;
-        long? deviceTotal = gpu is CudaGpu ? gpu.MemoryInfo().Total : null;
+        bool cuda = gpu?.Properties.Kind == GpuKind.Cuda;
+        string deviceKind = gpu is null ? "cpu" : cuda ? "cuda" : "emulator";
+        double? peakTflops = cuda ? TrainingFlops.PeakTflops(opsName) : null;
+        long? deviceTotal = cuda ? gpu!.MemoryInfo().Total : null;
         bool llama3 = s.Model.StartsWith("llama3", StringComparison.Ordinal);
         double budgetSeconds = llama3 ? 10 : 3;
 
@@ -144,7 +145,7 @@ internal static class ModelBench
             var plan = DevicePlanning.Training(config, options, batch, seq, s.Optimizer, clipGradients: true,
                 device: gpu is null ? PlanDevice.Cpu : PlanDevice.Gpu);
             // The driver's view (CUDA): free memory before this method's pool and model, and the least seen after.
-            long? freeBefore = gpu is CudaGpu ? gpu.MemoryInfo().Free : null;
+            long? freeBefore = cuda ? gpu!.MemoryInfo().Free : null;
             long minFree = freeBefore ?? 0;
             void SampleDriver() { if (freeBefore is not null) minFree = Math.Min(minFree, gpu!.MemoryInfo().Free); }
             IOps baseOps;

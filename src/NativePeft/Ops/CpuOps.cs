@@ -1,3 +1,4 @@
+using NativePeft.Runtime;
 using System.Runtime.CompilerServices;
 using System.Numerics;
 using System.Numerics.Tensors;

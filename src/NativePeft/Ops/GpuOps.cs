@@ -170,47 +170,7 @@ public sealed unsafe class GpuOps : IOps
         if (c.DType != dtype && !(dtype == DType.BF16 && c.DType == DType.F32))
             throw new ArgumentException($"Matmul: C is {c.DType} with {dtype} inputs (C must be {dtype}{(dtype == DType.BF16 ? " or F32" : "")})");
         if (m == 0 || n == 0) return;
-        switch (_gpu)
-        {
-            case CudaGpu cuda:
-                var t = dtype == DType.F32 ? CudaDataType.R32F : CudaDataType.R16BF;
-                var tc = c.DType == DType.F32 ? CudaDataType.R32F : CudaDataType.R16BF;
-                cuda.Blas.GemmRowMajor(transA, transB, m, n, k, (float)alpha, a.Data, t, a.Columns, b.Data, t, b.Columns,
-                    (float)beta, c.Data, tc, c.Columns);
-                break;
-            case EmulatedGpu:
-                if (dtype == DType.F32)
-                {
-                    HostBlas.Sgemm(transA, transB, m, n, k, (float)alpha, HostSpan<float>(a), HostSpan<float>(b), (float)beta, HostSpan<float>(c));
-                    break;
-                }
-                // BF16 on the emulator: widen A and B exactly to fp32, sgemm (fp32 accumulation, as cuBLAS with
-                // CUBLAS_COMPUTE_32F), and round C once to bf16 (nearest even) when C is BF16.
-                _gpu.Synchronize();
-                var fa = Widen(a);
-                var fb = Widen(b);
-                if (c.DType == DType.F32)
-                    HostBlas.Sgemm(transA, transB, m, n, k, (float)alpha, fa, fb, (float)beta, HostSpan<float>(c));
-                else
-                {
-                    var fc = beta == 0 ? new float[c.Count] : Widen(c);
-                    HostBlas.Sgemm(transA, transB, m, n, k, (float)alpha, fa, fb, (float)beta, fc);
-                    BFloat16.FromSingle(fc, HostSpan<BFloat16>(c));
-                }
-                break;
-            default:
-                throw new NotSupportedException($"Matmul: no GEMM for {_gpu.GetType().Name}");
-        }
-    }
-
-    /// <summary>The emulator's device memory (host memory) of a tensor as a span.</summary>
-    private static Span<T> HostSpan<T>(Tensor t) where T : unmanaged => new((void*)t.Data.Address, checked((int)t.Count));
-
-    private static float[] Widen(Tensor t)
-    {
-        var f = new float[t.Count];
-        BFloat16.ToSingle(HostSpan<BFloat16>(t), f);
-        return f;
+        _gpu.Gemm(transA, transB, m, n, k, (float)alpha, a.Data, b.Data, (float)beta, c.Data, dtype, c.DType);
     }
 
     // --- LoRA ------------------------------------------------------------------------------------

@@ -385,6 +385,14 @@ public sealed unsafe class CudaGpu : IGpu
 
     // ---------------------------------------------------------------- cuBLAS
 
+    public void Gemm(bool transA, bool transB, int m, int n, int k, float alpha, DevicePtr a, DevicePtr b, float beta, DevicePtr c,
+        Numerics.DType inputs, Numerics.DType output)
+    {
+        var t = inputs == Numerics.DType.F32 ? CudaDataType.R32F : CudaDataType.R16BF;
+        var tc = output == Numerics.DType.F32 ? CudaDataType.R32F : CudaDataType.R16BF;
+        Blas.GemmRowMajor(transA, transB, m, n, k, alpha, a, t, transA ? m : k, b, t, transB ? k : n, beta, c, tc, n);
+    }
+
     /// <summary>cuBLAS on this GPU's stream, created on first use; throws InvalidOperationException when cuBLAS is missing.</summary>
     public CudaBlas Blas
     {

@@ -187,6 +187,40 @@ public sealed unsafe class EmulatedGpu : IGpu
 
     public void Prefetch(DevicePtr ptr, long bytes, bool toDevice) { }
 
+    public void Gemm(bool transA, bool transB, int m, int n, int k, float alpha, DevicePtr a, DevicePtr b, float beta, DevicePtr c,
+        Numerics.DType inputs, Numerics.DType output)
+    {
+        CheckPointer(a); CheckPointer(b); CheckPointer(c);
+        long aCount = (long)m * k, bCount = (long)k * n, cCount = (long)m * n;
+        if (inputs == Numerics.DType.F32)
+        {
+            HostBlas.Sgemm(transA, transB, m, n, k, alpha, Host<float>(a, aCount), Host<float>(b, bCount), beta, Host<float>(c, cCount));
+            return;
+        }
+        // BF16: widen A and B exactly to fp32, sgemm (fp32 accumulation, as cuBLAS with CUBLAS_COMPUTE_32F), and round C
+        // once to bf16 (nearest even) when C is BF16.
+        var fa = Widen(a, aCount);
+        var fb = Widen(b, bCount);
+        if (output == Numerics.DType.F32)
+            HostBlas.Sgemm(transA, transB, m, n, k, alpha, fa, fb, beta, Host<float>(c, cCount));
+        else
+        {
+            var fc = beta == 0 ? new float[cCount] : Widen(c, cCount);
+            HostBlas.Sgemm(transA, transB, m, n, k, alpha, fa, fb, beta, fc);
+            Numerics.BFloat16.FromSingle(fc, Host<Numerics.BFloat16>(c, cCount));
+        }
+    }
+
+    /// <summary>The emulated device memory (host memory) at p as a span of count elements.</summary>
+    private static Span<T> Host<T>(DevicePtr p, long count) where T : unmanaged => new((void*)p.Address, checked((int)count));
+
+    private static float[] Widen(DevicePtr p, long count)
+    {
+        var f = new float[count];
+        Numerics.BFloat16.ToSingle(Host<Numerics.BFloat16>(p, count), f);
+        return f;
+    }
+
     public void Launch(string kernel, Dim3 grid, Dim3 block, int sharedBytes, params ReadOnlySpan<KernelArg> args)
     {
         ArgumentNullException.ThrowIfNull(kernel);

@@ -71,6 +71,15 @@ public interface IGpu : IDisposable
     /// <summary>Hint that managed memory will be used on the device (no-op where not supported).</summary>
     void Prefetch(DevicePtr ptr, long bytes, bool toDevice);
 
+    /// <summary>
+    /// Row-major, contiguous C[m, n] = alpha · op(A) · op(B) + beta · C with fp32 accumulation: A ([m, k], or [k, m]
+    /// when transA) and B ([k, n], or [n, k] when transB) both F32 or both BF16; C F32, or BF16 with BF16 inputs
+    /// (rounded once to nearest even). cuBLAS on CUDA (CUBLAS_COMPUTE_32F), the host BLAS on the emulator (bf16 inputs
+    /// widened exactly to fp32). On the device's stream.
+    /// </summary>
+    void Gemm(bool transA, bool transB, int m, int n, int k, float alpha, DevicePtr a, DevicePtr b, float beta, DevicePtr c,
+        Numerics.DType inputs, Numerics.DType output);
+
     /// <summary>Launch a kernel by its extern "C" name; args are the kernel's parameters in order.</summary>
     void Launch(string kernel, Dim3 grid, Dim3 block, int sharedBytes, params ReadOnlySpan<KernelArg> args);
 

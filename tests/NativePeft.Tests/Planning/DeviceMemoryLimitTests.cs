@@ -152,6 +152,8 @@ public class DeviceMemoryLimitTests
         public void Prefetch(DevicePtr ptr, long bytes, bool toDevice) => inner.Prefetch(ptr, bytes, toDevice);
         public void Launch(string kernel, Dim3 grid, Dim3 block, int sharedBytes, params ReadOnlySpan<KernelArg> args) =>
             inner.Launch(kernel, grid, block, sharedBytes, args);
+        public void Gemm(bool transA, bool transB, int m, int n, int k, float alpha, DevicePtr a, DevicePtr b, float beta, DevicePtr c,
+            NativePeft.Numerics.DType inputs, NativePeft.Numerics.DType output) => inner.Gemm(transA, transB, m, n, k, alpha, a, b, beta, c, inputs, output);
         public bool HasKernel(string kernel) => inner.HasKernel(kernel);
         public void Synchronize() => inner.Synchronize();
         public (long Free, long Total) MemoryInfo() => inner.MemoryInfo();

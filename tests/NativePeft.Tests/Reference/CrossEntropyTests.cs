@@ -1,3 +1,4 @@
+using NativePeft.Runtime;
 using System.Diagnostics;
 using NativePeft.Ops;
 using NativePeft.Ops.Reference;

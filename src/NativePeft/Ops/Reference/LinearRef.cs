@@ -1,3 +1,4 @@
+using NativePeft.Runtime;
 using System.Numerics;
 using static NativePeft.Ops.Reference.RefChecks;
 

@@ -1,6 +1,6 @@
 using System.Runtime.InteropServices;
 
-namespace NativePeft.Ops;
+namespace NativePeft.Runtime;
 
 /// <summary>
 /// The host BLAS (OpenBLAS or the system's libblas) through its CBLAS interface: the CPU path's sgemm, and
