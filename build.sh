@@ -554,7 +554,7 @@ gc_plan() {
   done
   echo "  limits add up to $sum s"
   echo "here: nvidia-smi $(have nvidia-smi && echo found || echo 'not found'); python3 $(have python3 && echo found || echo 'not found');" \
-       "torch $(python3 -c 'import torch' 2>/dev/null && echo installed || echo 'not installed: the SDPA section will skip');" \
+       "python modules missing: $(m=""; for x in torch transformers peft safetensors bitsandbytes; do python3 -c "import $x" 2>/dev/null || m="$m $x"; done; echo "${m:- none}") (a cross-check missing one fails unless GPU_CHECK_OPTIONAL names it; GPU_CHECK_OPTIONAL=${GPU_CHECK_OPTIONAL:-});" \
        "bundle $([ -x ./NativePeft.Tests ] && echo 'here' || echo 'not here (run it inside the unpacked bundle)')"
   echo "results: the log (gpu-results.txt), gpu-check-results.md and gpu-check-results.json in $PWD"
 }
