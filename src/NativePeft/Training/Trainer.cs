@@ -471,7 +471,17 @@ public sealed partial class Trainer : IDisposable
         string optPath = Path.Combine(dir, OptimizerFileName);
         if (!File.Exists(optPath)) throw new InvalidDataException($"{optPath}: missing");
         using (var file = SafetensorsFile.Open(optPath))
+        {
+            // The fp32 states (m, v, 8-bit absmax) are checked like the weights: a NaN moment would poison every update.
+            foreach (var t in file.Tensors)
+            {
+                if (t.DType != DType.F32) continue;
+                var values = file.GetSpan<float>(t.Name);
+                if (Finite.FirstBad(values) is long bad and >= 0)
+                    throw new InvalidDataException($"{optPath}: {t.Name}: {Finite.Describe(bad, values[(int)bad])}: the optimizer state is not finite");
+            }
             _optimizer.LoadState(file.Tensors.Select(t => new SafetensorsTensor(t.Name, t.DType, t.Shape, file.GetMemory(t.Name))).ToList());
+        }
 
         _batcher.Restore(state.Data);
         _model.Dropout.Seed = state.DropoutSeed;

@@ -255,6 +255,32 @@ public class TrainSemanticsTests
         Assert.That(e.Message, Is.EqualTo($"{state}: {expected}"));
     }
 
+    /// <summary>A NaN in a checkpoint's optimizer state (an fp32 moment) is refused on resume naming the file, tensor and
+    /// element, before any step (it would make every later update NaN).</summary>
+    [Test]
+    public void ANonFiniteOptimizerStateIsRefusedOnResumeNamingTheTensor()
+    {
+        using var dir = CliProcess.TempDir();
+        string ckpt = Checkpoint(dir);
+        string path = Path.Combine(ckpt, Trainer.OptimizerFileName);
+        List<SafetensorsTensor> tensors;
+        string victim;
+        using (var file = SafetensorsFile.Open(path))
+        {
+            victim = file.Tensors.First(t => t.DType == DType.F32 && t.Shape.Aggregate(1L, (a, b) => a * b) > 3).Name;
+            tensors = file.Tensors.Select(t => new SafetensorsTensor(t.Name, t.DType, t.Shape, file.GetMemory(t.Name).ToArray())).ToList();
+        }
+        var bytes = tensors.Single(t => t.Name == victim).Data.ToArray();
+        BitConverter.TryWriteBytes(bytes.AsSpan(3 * 4), float.NaN);
+        tensors = tensors.Select(t => t.Name == victim ? new SafetensorsTensor(t.Name, t.DType, t.Shape, bytes) : t).ToList();
+        SafetensorsWriter.Write(path, tensors, new Dictionary<string, string> { ["optimizer"] = "adamw" });
+        using var ops = new CpuOps();
+        using var model = TrainingKit.LoraModel(ops);
+        using var trainer = new Trainer(model, TrainingKit.Data(), Options(dir["again"], 4));
+        var e = Assert.Throws<InvalidDataException>(() => trainer.Resume(ckpt))!;
+        Assert.That(e.Message, Does.StartWith($"{path}: {victim}: ").And.Contain("element 3 is NaN").And.EndWith("the optimizer state is not finite"));
+    }
+
     private sealed class ListLogger : ILogger<Trainer>
     {
         public List<string> Messages { get; } = [];
