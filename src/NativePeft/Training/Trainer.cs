@@ -311,10 +311,11 @@ public sealed partial class Trainer : IDisposable
                 int batches = 0;
                 foreach (var batch in Batcher.Sequential(eval, Options.BatchSize, Options.SeqLen, padId))
                 {
-                    if (Options.EvalBatches > 0 && batches++ >= Options.EvalBatches) break;
+                    if (Options.EvalBatches > 0 && batches >= Options.EvalBatches) break;
                     double loss = _model.Forward(batch.InputIds, batch.Labels, batch.Rows, batch.SeqLen);
                     int n = _model.LastTokenCount;
-                    if (n == 0) continue;
+                    if (n == 0) continue; // nothing to predict: does not count toward EvalBatches (no NaN eval loss)
+                    batches++;
                     sum += loss * n;
                     count += n;
                 }

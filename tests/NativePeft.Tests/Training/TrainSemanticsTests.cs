@@ -281,6 +281,33 @@ public class TrainSemanticsTests
         Assert.That(e.Message, Does.StartWith($"{path}: {victim}: ").And.Contain("element 3 is NaN").And.EndWith("the optimizer state is not finite"));
     }
 
+    /// <summary>
+    /// --eval-batches N counts the eval batches that have something to predict: with the first batch fully masked,
+    /// one eval batch is the second batch (a finite loss over its tokens), not the masked one (which gave NaN).
+    /// </summary>
+    [Test]
+    public void EvalBatchesSkipBatchesWithoutTargets()
+    {
+        var data = TrainingKit.Data();
+        var eval = data.Eval!;
+        Assert.That(eval.Count, Is.GreaterThanOrEqualTo(8));
+        // The first batch (4 rows) fully masked, the second as it is.
+        var masked = eval.Take(4).Select(e => new TrainingExample(e.InputIds, [.. e.Labels.Select(_ => TrainingExample.IgnoreIndex)]))
+            .Concat(eval.Skip(4).Take(4)).ToList();
+        using var dir = CliProcess.TempDir();
+        using var ops = new CpuOps();
+        using var model = TrainingKit.LoraModel(ops);
+        using var trainer = new Trainer(model, data with { Eval = masked, ExactMatchProblems = null }, Options(dir["e"], 1) with { EvalBatches = 1 });
+        var e = trainer.Evaluate();
+        Assert.That(double.IsFinite(e.Loss), Is.True, "one batch with targets was evaluated");
+        // The same as evaluating the second batch alone.
+        using var model2 = TrainingKit.LoraModel(ops);
+        using var alone = new Trainer(model2, data with { Eval = eval.Skip(4).Take(4).ToList(), ExactMatchProblems = null }, Options(dir["f"], 1));
+        var expected = alone.Evaluate();
+        Assert.That(e.Loss, Is.EqualTo(expected.Loss));
+        Assert.That(e.Tokens, Is.EqualTo(expected.Tokens));
+    }
+
     private sealed class ListLogger : ILogger<Trainer>
     {
         public List<string> Messages { get; } = [];
