@@ -156,11 +156,24 @@ public class SoakTests
         Assert.That(after.ManagedBytes, Is.LessThan(before.ManagedBytes + (8L << 20)), "the managed heap after a full collection");
         if (before.ResidentBytes >= 0)
             Assert.That(after.ResidentBytes, Is.LessThan(before.ResidentBytes + (96L << 20)), "resident memory (glibc keeps a few arenas per thread)");
-        if (perRound.Count >= 4)
+        if (perRound.Count >= 8)
         {
-            // In a long soak the later rounds must not climb: the last round within 32 MiB of the second one (the fds
-            // keep their bound above).
-            Assert.That(after.ResidentBytes, Is.LessThan(perRound[1].ResidentBytes + (32L << 20)), "resident memory from round 2 on");
+            // A long soak must not climb. glibc's arenas fragment in steps (RSS wanders 150-190 MiB here, measured over
+            // 112 rounds), so two robust figures instead of the last round: the least-squares slope of RSS over the
+            // second half of the rounds below 0.6 MiB a round (a leak of 100 KB per fine-tune, six a round, reaches it;
+            // measured -0.04 and 0.21), and the last quarter's highest RSS within 32 MiB of the second quarter's.
+            var tail = perRound.Skip(perRound.Count / 2).Select((f, i) => (X: (double)i, Y: f.ResidentBytes / (double)(1 << 20))).ToList();
+            double mx = tail.Average(p => p.X), my = tail.Average(p => p.Y);
+            double slope = tail.Sum(p => (p.X - mx) * (p.Y - my)) / tail.Sum(p => (p.X - mx) * (p.X - mx));
+            int q = perRound.Count / 4;
+            long secondQuarter = perRound.Skip(q).Take(q).Max(f => f.ResidentBytes), lastQuarter = perRound.Skip(perRound.Count - q).Max(f => f.ResidentBytes);
+            TestContext.Out.WriteLine($"RSS slope over rounds {perRound.Count / 2 + 1}-{perRound.Count}: {slope:F3} MiB a round; " +
+                $"highest RSS in the second quarter {secondQuarter >> 20} MiB, in the last {lastQuarter >> 20} MiB");
+            if (before.ResidentBytes >= 0)
+            {
+                Assert.That(slope, Is.LessThan(0.6), "resident memory must not climb round after round");
+                Assert.That(lastQuarter, Is.LessThan(secondQuarter + (32L << 20)), "resident memory of the last quarter against the second");
+            }
         }
     }
 
