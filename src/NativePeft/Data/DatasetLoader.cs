@@ -110,35 +110,27 @@ public static class DatasetLoader
     /// <summary>Pre-tokenized JSONL: input_ids (ints in [0, vocabSize)), optional labels of the same length (-100 or an id).</summary>
     public static Dataset PreTokenizedJsonl(string path, int vocabSize, BadLinePolicy policy = BadLinePolicy.Stop)
     {
-        var examples = new List<TrainingExample>();
-        var skips = new Skips(policy);
-        foreach (var (line, _, text, problem) in Records(path))
+        var (examples, skips) = ReadRecords(path, policy, (line, r) =>
         {
-            try
+            if (!r.TryGetProperty("input_ids", out var idsEl)) throw new DataFormatException(path, line, "missing \"input_ids\"");
+            int[] ids = IntArray(path, line, idsEl, "input_ids");
+            if (ids.Length == 0) throw new DataFormatException(path, line, "\"input_ids\" is empty");
+            for (int i = 0; i < ids.Length; i++)
+                if (ids[i] < 0 || ids[i] >= vocabSize)
+                    throw new DataFormatException(path, line, $"input_ids[{i}] = {ids[i]} is outside the vocabulary [0, {vocabSize})");
+            int[] labels;
+            if (r.TryGetProperty("labels", out var labEl) && labEl.ValueKind != JsonValueKind.Null)
             {
-                using var doc = Parse(path, line, text, problem);
-                var r = doc.RootElement;
-                if (!r.TryGetProperty("input_ids", out var idsEl)) throw new DataFormatException(path, line, "missing \"input_ids\"");
-                int[] ids = IntArray(path, line, idsEl, "input_ids");
-                if (ids.Length == 0) throw new DataFormatException(path, line, "\"input_ids\" is empty");
-                for (int i = 0; i < ids.Length; i++)
-                    if (ids[i] < 0 || ids[i] >= vocabSize)
-                        throw new DataFormatException(path, line, $"input_ids[{i}] = {ids[i]} is outside the vocabulary [0, {vocabSize})");
-                int[] labels;
-                if (r.TryGetProperty("labels", out var labEl) && labEl.ValueKind != JsonValueKind.Null)
-                {
-                    labels = IntArray(path, line, labEl, "labels");
-                    if (labels.Length != ids.Length)
-                        throw new DataFormatException(path, line, $"\"labels\" has {labels.Length} entries, \"input_ids\" has {ids.Length}");
-                    for (int i = 0; i < labels.Length; i++)
-                        if (labels[i] != TrainingExample.IgnoreIndex && (labels[i] < 0 || labels[i] >= vocabSize))
-                            throw new DataFormatException(path, line, $"labels[{i}] = {labels[i]} is neither -100 nor in the vocabulary [0, {vocabSize})");
-                }
-                else labels = (int[])ids.Clone();
-                examples.Add(new TrainingExample(ids, labels));
+                labels = IntArray(path, line, labEl, "labels");
+                if (labels.Length != ids.Length)
+                    throw new DataFormatException(path, line, $"\"labels\" has {labels.Length} entries, \"input_ids\" has {ids.Length}");
+                for (int i = 0; i < labels.Length; i++)
+                    if (labels[i] != TrainingExample.IgnoreIndex && (labels[i] < 0 || labels[i] >= vocabSize))
+                        throw new DataFormatException(path, line, $"labels[{i}] = {labels[i]} is neither -100 nor in the vocabulary [0, {vocabSize})");
             }
-            catch (DataFormatException e) when (skips.Take(e)) { }
-        }
+            else labels = (int[])ids.Clone();
+            return new TrainingExample(ids, labels);
+        });
         return new Dataset(path, examples, skips.Count, skips.Messages);
     }
 
@@ -153,38 +145,20 @@ public static class DatasetLoader
     /// <summary>JSONL {"text": "..."}: the documents packed into sequences of seqLen, eos between them.</summary>
     public static Dataset TextJsonl(string path, ITokenizer tokenizer, int seqLen, BadLinePolicy policy = BadLinePolicy.Stop)
     {
-        var docs = new List<string>();
-        var skips = new Skips(policy);
-        foreach (var (line, _, text, problem) in Records(path))
-        {
-            try
-            {
-                using var doc = Parse(path, line, text, problem);
-                docs.Add(RequiredString(path, line, doc.RootElement, "text"));
-            }
-            catch (DataFormatException e) when (skips.Take(e)) { }
-        }
+        var (docs, skips) = ReadRecords(path, policy, (line, r) => RequiredString(path, line, r, "text"));
         return new Dataset(path, TextPacking.Pack(docs, tokenizer, seqLen, eosBetweenDocuments: true), skips.Count, skips.Messages);
     }
 
     /// <summary>Alpaca records (JSONL or a JSON array) → <see cref="AlpacaFormat.Build"/>.</summary>
     public static Dataset Alpaca(string path, ITokenizer tokenizer, BadLinePolicy policy = BadLinePolicy.Stop)
     {
-        var examples = new List<TrainingExample>();
-        var skips = new Skips(policy);
-        foreach (var (line, _, text, problem) in Records(path))
+        var (examples, skips) = ReadRecords(path, policy, (line, r) =>
         {
-            try
-            {
-                using var doc = Parse(path, line, text, problem);
-                var r = doc.RootElement;
-                string instruction = RequiredString(path, line, r, "instruction");
-                string output = RequiredString(path, line, r, "output");
-                string input = OptionalString(path, line, r, "input");
-                examples.Add(AlpacaFormat.Build(tokenizer, instruction, input, output));
-            }
-            catch (DataFormatException e) when (skips.Take(e)) { }
-        }
+            string instruction = RequiredString(path, line, r, "instruction");
+            string output = RequiredString(path, line, r, "output");
+            string input = OptionalString(path, line, r, "input");
+            return AlpacaFormat.Build(tokenizer, instruction, input, output);
+        });
         return new Dataset(path, examples, skips.Count, skips.Messages);
     }
 
@@ -198,38 +172,52 @@ public static class DatasetLoader
     {
         ArgumentNullException.ThrowIfNull(template);
         _ = template.Template;
-        var examples = new List<TrainingExample>();
+        var (examples, skips) = ReadRecords(path, policy, (line, r) =>
+        {
+            if (!r.TryGetProperty("messages", out var ms)) throw new DataFormatException(path, line, "missing \"messages\"");
+            if (ms.ValueKind != JsonValueKind.Array) throw new DataFormatException(path, line, "\"messages\" is not an array");
+            if (ms.GetArrayLength() == 0) throw new DataFormatException(path, line, "\"messages\" is empty");
+            var messages = new List<JsonElement>();
+            bool assistant = false;
+            int i = 0;
+            foreach (var m in ms.EnumerateArray())
+            {
+                if (m.ValueKind != JsonValueKind.Object) throw new DataFormatException(path, line, $"messages[{i}] is not an object");
+                string role = RequiredString(path, line, m, "role", $"messages[{i}].");
+                RequiredString(path, line, m, "content", $"messages[{i}].");
+                if (!ChatFormat.Roles.Contains(role))
+                    throw new DataFormatException(path, line, $"messages[{i}].role \"{role}\" is not one of {string.Join(", ", ChatFormat.Roles)}");
+                assistant |= role == "assistant";
+                messages.Add(m);
+                i++;
+            }
+            if (!assistant) throw new DataFormatException(path, line, "no assistant message: nothing to learn");
+            try { return ChatFormat.Build(tokenizer, template, messages); }
+            catch (Exception e) when (e is InvalidDataException or JinjaException) { throw new DataFormatException(path, line, e.Message, e); }
+        });
+        return new Dataset(path, examples, skips.Count, skips.Messages);
+    }
+
+    /// <summary>
+    /// The records of a JSONL file or JSON array, each parsed (strict UTF-8) and turned into an item by
+    /// <paramref name="read"/> (its line and root element, alive only during the call); a line that is not valid, or
+    /// that <paramref name="read"/> rejects with a <see cref="DataFormatException"/>, stops the read or, with
+    /// <see cref="BadLinePolicy.Skip"/>, is left out and counted.
+    /// </summary>
+    private static (List<T> Items, Skips Skips) ReadRecords<T>(string path, BadLinePolicy policy, Func<int, JsonElement, T> read)
+    {
+        var items = new List<T>();
         var skips = new Skips(policy);
         foreach (var (line, _, text, problem) in Records(path))
         {
             try
             {
                 using var doc = Parse(path, line, text, problem);
-                var r = doc.RootElement;
-                if (!r.TryGetProperty("messages", out var ms)) throw new DataFormatException(path, line, "missing \"messages\"");
-                if (ms.ValueKind != JsonValueKind.Array) throw new DataFormatException(path, line, "\"messages\" is not an array");
-                if (ms.GetArrayLength() == 0) throw new DataFormatException(path, line, "\"messages\" is empty");
-                var messages = new List<JsonElement>();
-                bool assistant = false;
-                int i = 0;
-                foreach (var m in ms.EnumerateArray())
-                {
-                    if (m.ValueKind != JsonValueKind.Object) throw new DataFormatException(path, line, $"messages[{i}] is not an object");
-                    string role = RequiredString(path, line, m, "role", $"messages[{i}].");
-                    RequiredString(path, line, m, "content", $"messages[{i}].");
-                    if (!ChatFormat.Roles.Contains(role))
-                        throw new DataFormatException(path, line, $"messages[{i}].role \"{role}\" is not one of {string.Join(", ", ChatFormat.Roles)}");
-                    assistant |= role == "assistant";
-                    messages.Add(m);
-                    i++;
-                }
-                if (!assistant) throw new DataFormatException(path, line, "no assistant message: nothing to learn");
-                try { examples.Add(ChatFormat.Build(tokenizer, template, messages)); }
-                catch (Exception e) when (e is InvalidDataException or JinjaException) { throw new DataFormatException(path, line, e.Message, e); }
+                items.Add(read(line, doc.RootElement));
             }
             catch (DataFormatException e) when (skips.Take(e)) { }
         }
-        return new Dataset(path, examples, skips.Count, skips.Messages);
+        return (items, skips);
     }
 
     private sealed class Skips(BadLinePolicy policy)
