@@ -83,6 +83,12 @@ public sealed record FineTuneOptions
     public string? ResumeFrom { get; init; }
     /// <summary>Where checkpoints, metrics.json and the final adapter (or model) go; a new temporary folder when null.</summary>
     public string? OutputDir { get; init; }
+    /// <summary>
+    /// Data-parallel training (docs/distributed.md): this process's rank in a job of <see cref="NativePeft.Distributed.DistributedOptions.WorldSize"/>
+    /// ranks, usually read from the environment torchrun, Slurm or <c>nativepeft train --nproc N</c> set. Null (or a world
+    /// of 1): one process.
+    /// </summary>
+    public Distributed.DistributedOptions? Distributed { get; init; }
     /// <summary>Extra entries for metrics.json's "config".</summary>
     public IReadOnlyDictionary<string, string>? ExtraConfig { get; init; }
 
