@@ -1011,18 +1011,10 @@ public sealed partial class LlamaModel : IDisposable
             _recompute = model.LayoutOptions.Recompute;
             _blocks = new BlockActivations[_recompute ? 1 : c.NumHiddenLayers];
             for (int i = 0; i < _blocks.Length; i++) _blocks[i] = new BlockActivations(m, $"block.{i}.");
-            NormOut = m("norm_out");
-            RstdF = m("norm_rstd");
-            CeLse = m("loss_lse");
-            DRes = m("d_residual");
-            DN = m("d_normed");
-            DAtt = m("d_attention");
-            DQ = m("d_q");
-            DK = m("d_k");
-            DV = m("d_v");
-            DA = m("d_silu_up");
-            DG = m("d_gate");
-            DU = m("d_up");
+            (NormOut, RstdF, CeLse) = (m("norm_out"), m("norm_rstd"), m("loss_lse"));
+            (DRes, DN, DAtt) = (m("d_residual"), m("d_normed"), m("d_attention"));
+            (DQ, DK, DV) = (m("d_q"), m("d_k"), m("d_v"));
+            (DA, DG, DU) = (m("d_silu_up"), m("d_gate"), m("d_up"));
         }
 
         public BlockActivations BlockFor(int layer) => _blocks[_recompute ? 0 : layer];

@@ -122,6 +122,9 @@ public sealed record ModelLayoutOptions
 /// </summary>
 public static class ModelLayout
 {
+    /// <summary>The MLP's [N, I] tensors: gate, up and silu(gate)·up.</summary>
+    private static readonly string[] MlpNames = ["gate", "up", "silu_up"];
+
     /// <summary>The name of the shared dequantization/widening buffer.</summary>
     public const string DequantScratchName = "dequant_scratch";
 
@@ -240,9 +243,7 @@ public static class ModelLayout
             Add(p + "h", d, N, C);
             Add(p + "n2", d, N, C);
             Add(p + "rstd2", s, N);
-            Add(p + "gate", d, N, I);
-            Add(p + "up", d, N, I);
-            Add(p + "silu_up", d, N, I);
+            foreach (string mlp in MlpNames) Add(p + mlp, d, N, I);
         }
         Add("norm_out", d, N, C);
         Add("norm_rstd", s, N);
@@ -253,9 +254,7 @@ public static class ModelLayout
         Add("d_q", d, N, QD);
         Add("d_k", d, N, KVD);
         Add("d_v", d, N, KVD);
-        Add("d_silu_up", d, N, I);
-        Add("d_gate", d, N, I);
-        Add("d_up", d, N, I);
+        foreach (string mlp in new[] { "d_silu_up", "d_gate", "d_up" }) Add(mlp, d, N, I);
         if (Lora(config, o) is { } lora)
         {
             void Scratch(string name, long count) =>
@@ -319,18 +318,12 @@ public static class ModelLayout
         var list = new List<TensorSpec>();
         void Add(string name, DType dtype, params long[] shape) =>
             list.Add(new TensorSpec("cache." + name, TensorCategory.CacheWorkspace, MemoryRegion.Transient, dtype, shape));
-        Add("input_ids", DType.I32, n);
-        Add("position_ids", DType.I32, n);
-        Add("x0", d, n, C);
-        Add("x1", d, n, C);
-        Add("normed", d, n, C);
+        foreach (string ids in new[] { "input_ids", "position_ids" }) Add(ids, DType.I32, n);
+        foreach (string hidden in new[] { "x0", "x1", "normed" }) Add(hidden, d, n, C);
         Add("rstd", s, n);
-        Add("q", d, n, QD);
-        Add("attention", d, n, QD);
+        foreach (string attention in new[] { "q", "attention" }) Add(attention, d, n, QD);
         Add("h", d, n, C);
-        Add("gate", d, n, I);
-        Add("up", d, n, I);
-        Add("silu_up", d, n, I);
+        foreach (string mlp in MlpNames) Add(mlp, d, n, I);
         // With BF16 compute the lm_head GEMM writes fp32 logits directly (bf16 inputs, fp32 accumulate and output).
         Add("logits", s, logitRows, config.VocabSize);
         if (Lora(config, o) is { } lora)

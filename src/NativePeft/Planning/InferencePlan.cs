@@ -101,7 +101,9 @@ public sealed record InferencePlanOptions
 /// <summary>
 /// Exact device bytes of generation (with a KV cache) or evaluation (a forward with no backward), by category,
 /// computed from the config alone — tensor by tensor as <see cref="LlamaModel"/>, <see cref="LlamaKvCache"/> and the
-/// ops allocate them (each at least one byte, rounded up to <see cref="Alignment"/>):
+/// ops allocate them (each at least one byte, rounded up to <see cref="Alignment"/>). The model's and the cache's
+/// tensors are the sums of <see cref="ModelLayout"/>'s table, the one they allocate from; the ops' transient
+/// workspaces are terms of this plan:
 /// <list type="bullet">
 /// <item><b>Base weights</b>: embed_tokens [V, C], lm_head unless tied and the 2L + 1 norms in the compute dtype; the 7L
 /// projections dense (compute dtype or <see cref="InferencePlanOptions.BaseWeightDType"/>) or 4-bit packed ⌈n/2⌉ bytes.</item>
