@@ -134,6 +134,44 @@ public class LlamaModelLoadTests
     }
 
     [Test]
+    public void FourBitCheckpointAtItsOwnBlocksizeLoadsAsStored()
+    {
+        // Stored at blocksize 128 without double quantization; loaded with the default options (64, double quantization
+        // on): the model's layout follows the checkpoint, so each weight keeps its fp32 absmax of ⌈n/128⌉ blocks.
+        var values = Values(Tiny);
+        var tensors = new List<SafetensorsTensor>();
+        var quantized = new Dictionary<string, Quantized4BitTensor>();
+        foreach (var (name, shape) in Tiny.ExpectedTensors())
+        {
+            if (!name.Contains("_proj."))
+            {
+                tensors.Add(SafetensorsTensor.From(name, shape, values[name]));
+                continue;
+            }
+            var q = Quantized4BitTensor.Quantize(new ReadOnlyMemory<float>(values[name]), shape, QuantType.Nf4, 128, doubleQuant: false, DType.F32);
+            quantized[name] = q;
+            tensors.AddRange(BitsAndBytes4Bit.ToTensors(name[..^"weight".Length], q));
+        }
+        string dir = Sub("q4-128");
+        HfCheckpoint.Write(dir, Tiny, tensors, maxShardBytes: 700);
+        using var ops = new CpuOps();
+        using var ck = HfCheckpoint.Open(dir);
+        using var model = LlamaModel.Load(ck, ops, new LlamaModelOptions());
+        Assert.That((model.LayoutOptions.FourBit, model.LayoutOptions.Blocksize, model.LayoutOptions.DoubleQuant), Is.EqualTo((true, 128, false)));
+        var loaded = model.BaseParameters().ToDictionary(p => p.Name);
+        foreach (var (name, q) in quantized)
+        {
+            var w = loaded[name].Quantized!;
+            long n = values[name].Length;
+            Assert.That(w.Absmax!.Count, Is.EqualTo((n + 127) / 128), name + ": one fp32 absmax per 128 values");
+            var absmax = new float[w.Absmax.Count];
+            ops.Download<float>(w.Absmax, absmax);
+            Assert.That(absmax, Is.EqualTo(q.State.Absmax), name + ": absmax as stored");
+        }
+        Assert.That(ops.Memory.AllocatedBytes, Is.EqualTo(ModelLayout.Parameters(Tiny, model.LayoutOptions).SumBytes()));
+    }
+
+    [Test]
     public void BadCheckpointsFailNamingTheTensorWithNothingAllocated()
     {
         var values = Values(Tiny);
