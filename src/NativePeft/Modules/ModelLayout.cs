@@ -137,8 +137,7 @@ public static class ModelLayout
     /// </summary>
     public static IReadOnlyList<TensorSpec> Parameters(LlamaConfig config, ModelLayoutOptions options)
     {
-        ArgumentNullException.ThrowIfNull(config);
-        ArgumentNullException.ThrowIfNull(options);
+        Check(config, options);
         var o = options;
         DType d = o.ComputeDType, ad = o.AdapterDType;
         long C = config.HiddenSize, V = config.VocabSize;
@@ -215,8 +214,7 @@ public static class ModelLayout
     /// </summary>
     public static IReadOnlyList<TensorSpec> Activations(LlamaConfig config, ModelLayoutOptions options, int batch, int seqLen)
     {
-        ArgumentNullException.ThrowIfNull(config);
-        ArgumentNullException.ThrowIfNull(options);
+        Check(config, options);
         var o = options;
         DType d = o.ComputeDType, s = o.StatisticsDType;
         long N = checked((long)batch * seqLen);
@@ -275,8 +273,7 @@ public static class ModelLayout
     /// <summary>The RoPE cos/sin tables for sequences up to <paramref name="seqLen"/>: [max(T, min(64, max positions)), D/2] each.</summary>
     public static IReadOnlyList<TensorSpec> RopeTables(LlamaConfig config, ModelLayoutOptions options, int seqLen)
     {
-        ArgumentNullException.ThrowIfNull(config);
-        ArgumentNullException.ThrowIfNull(options);
+        Check(config, options);
         long rows = RopeRows(config, seqLen), half = config.HeadDim / 2;
         return
         [
@@ -291,8 +288,7 @@ public static class ModelLayout
     /// <summary>A KV cache of <paramref name="maxLength"/> tokens: per layer K (after RoPE) and V [max length, Hkv·D] in the compute dtype.</summary>
     public static IReadOnlyList<TensorSpec> KvCache(LlamaConfig config, ModelLayoutOptions options, int maxLength)
     {
-        ArgumentNullException.ThrowIfNull(config);
-        ArgumentNullException.ThrowIfNull(options);
+        Check(config, options);
         var list = new List<TensorSpec>();
         for (int l = 0; l < config.NumHiddenLayers; l++)
         {
@@ -310,11 +306,9 @@ public static class ModelLayout
     /// </summary>
     public static IReadOnlyList<TensorSpec> CacheWorkspace(LlamaConfig config, ModelLayoutOptions options, int tokens, int logitRows)
     {
-        ArgumentNullException.ThrowIfNull(config);
-        ArgumentNullException.ThrowIfNull(options);
-        var o = options;
-        DType d = o.ComputeDType, s = o.StatisticsDType;
+        Check(config, options);
         long n = tokens, C = config.HiddenSize, QD = config.QueryDim, I = config.IntermediateSize;
+        DType d = options.ComputeDType, s = options.StatisticsDType;
         var list = new List<TensorSpec>();
         void Add(string name, DType dtype, params long[] shape) =>
             list.Add(new TensorSpec("cache." + name, TensorCategory.CacheWorkspace, MemoryRegion.Transient, dtype, shape));
@@ -326,16 +320,22 @@ public static class ModelLayout
         foreach (string mlp in MlpNames) Add(mlp, d, n, I);
         // With BF16 compute the lm_head GEMM writes fp32 logits directly (bf16 inputs, fp32 accumulate and output).
         Add("logits", s, logitRows, config.VocabSize);
-        if (Lora(config, o) is { } lora)
+        if (Lora(config, options) is { } lora)
         {
-            Add("lora.xa", d, n * o.LoraRank);
-            if (o.AdapterDType != d)
+            Add("lora.xa", d, n * options.LoraRank);
+            if (options.AdapterDType != d)
             {
-                Add("lora.a_work", d, o.LoraRank * lora.MaxIn);
-                Add("lora.b_work", d, lora.MaxOut * o.LoraRank);
+                Add("lora.a_work", d, options.LoraRank * lora.MaxIn);
+                Add("lora.b_work", d, lora.MaxOut * options.LoraRank);
             }
         }
         return list;
+    }
+
+    private static void Check(LlamaConfig config, ModelLayoutOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentNullException.ThrowIfNull(options);
     }
 
     /// <summary>Σ bytes of <paramref name="specs"/> (of one category, or all), each rounded up to <paramref name="alignment"/>.</summary>
