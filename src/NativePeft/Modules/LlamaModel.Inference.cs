@@ -160,10 +160,11 @@ public sealed class LlamaKvCache : IDisposable
         {
             K = new Tensor[c.NumHiddenLayers];
             V = new Tensor[c.NumHiddenLayers];
+            var specs = ModelLayout.KvCache(c, model.LayoutOptions, maxLength).ToDictionary(t => t.Name);
             for (int l = 0; l < c.NumHiddenLayers; l++)
             {
-                K[l] = _cache.Allocate(model.ComputeDType, maxLength, c.KeyValueDim);
-                V[l] = _cache.Allocate(model.ComputeDType, maxLength, c.KeyValueDim);
+                K[l] = _cache.Allocate(specs[$"layers.{l}.k_cache"]);
+                V[l] = _cache.Allocate(specs[$"layers.{l}.v_cache"]);
             }
         }
         catch
@@ -194,6 +195,9 @@ public sealed class LlamaKvCache : IDisposable
         _model.CachedForward(this, tokens, allPositions, logits);
     }
 
+    /// <summary>The specs of the cache's tensors and of its workspace, in allocation order (tests compare them with <see cref="ModelLayout"/>).</summary>
+    internal IReadOnlyList<TensorSpec> AllocatedTensors => [.. _cache.Allocated, .. _workArena?.Allocated ?? []];
+
     /// <summary>Forgets the cached tokens (the next forward starts at position 0); keeps the memory.</summary>
     public void Reset() => Length = 0;
 
@@ -210,7 +214,8 @@ public sealed class LlamaKvCache : IDisposable
         var arena = new TensorArena(_model.Ops.Memory);
         try
         {
-            _work = new Work(_model, arena, capacity, logitRows);
+            var specs = ModelLayout.CacheWorkspace(_model.Config, _model.LayoutOptions, capacity, logitRows).ToDictionary(t => t.Name);
+            _work = new Work(_model, name => arena.Allocate(specs["cache." + name]), capacity, logitRows);
             _workArena = arena;
             return _work;
         }
@@ -221,29 +226,20 @@ public sealed class LlamaKvCache : IDisposable
         }
     }
 
-    internal sealed class Work(LlamaModel model, TensorArena m, int n, int logitRows)
+    /// <summary>The tensors of <see cref="ModelLayout.CacheWorkspace"/> ("cache.*"), each allocated by name with <paramref name="m"/>.</summary>
+    internal sealed class Work(LlamaModel model, Func<string, Tensor> m, int n, int logitRows)
     {
         public readonly int Capacity = n, LogitRows = logitRows;
-        public readonly Tensor Ids = m.Allocate(DType.I32, n), Positions = m.Allocate(DType.I32, n);
-        public readonly Tensor X0 = m.Allocate(model.ComputeDType, n, model.Config.HiddenSize);
-        public readonly Tensor X1 = m.Allocate(model.ComputeDType, n, model.Config.HiddenSize);
-        public readonly Tensor N = m.Allocate(model.ComputeDType, n, model.Config.HiddenSize);
-        public readonly Tensor Rstd = m.Allocate(model.StatisticsDType, n);
-        public readonly Tensor Q = m.Allocate(model.ComputeDType, n, model.Config.QueryDim);
-        public readonly Tensor Att = m.Allocate(model.ComputeDType, n, model.Config.QueryDim);
-        public readonly Tensor H = m.Allocate(model.ComputeDType, n, model.Config.HiddenSize);
-        public readonly Tensor G = m.Allocate(model.ComputeDType, n, model.Config.IntermediateSize);
-        public readonly Tensor U = m.Allocate(model.ComputeDType, n, model.Config.IntermediateSize);
-        public readonly Tensor A = m.Allocate(model.ComputeDType, n, model.Config.IntermediateSize);
+        public readonly Tensor Ids = m("input_ids"), Positions = m("position_ids");
+        public readonly Tensor X0 = m("x0"), X1 = m("x1"), N = m("normed"), Rstd = m("rstd");
+        public readonly Tensor Q = m("q"), Att = m("attention"), H = m("h");
+        public readonly Tensor G = m("gate"), U = m("up"), A = m("silu_up");
         // With BF16 compute the lm_head GEMM writes fp32 logits directly (bf16 inputs, fp32 accumulate and output).
-        public readonly Tensor Logits = m.Allocate(model.StatisticsDType, logitRows, model.Config.VocabSize);
-        public readonly Tensor? Xa = model.LoraLayers.Count == 0 ? null
-            : m.Allocate(model.ComputeDType, n * model.LoraLayers.Max(l => l.Rank));
+        public readonly Tensor Logits = m("logits");
+        public readonly Tensor? Xa = model.LoraLayers.Count == 0 ? null : m("lora.xa");
         // Mixed precision (fp32 adapters, bf16 activations): the adapters' bf16 working copies, as the training scratch has.
-        public readonly Tensor? AWork = model.LoraLayers.Count == 0 || model.AdapterDType == model.ComputeDType ? null
-            : m.Allocate(model.ComputeDType, model.LoraLayers.Max(l => l.Rank) * model.LoraLayers.Max(l => l.InFeatures));
-        public readonly Tensor? BWork = model.LoraLayers.Count == 0 || model.AdapterDType == model.ComputeDType ? null
-            : m.Allocate(model.ComputeDType, model.LoraLayers.Max(l => l.OutFeatures) * model.LoraLayers.Max(l => l.Rank));
+        public readonly Tensor? AWork = model.LoraLayers.Count == 0 || model.AdapterDType == model.ComputeDType ? null : m("lora.a_work");
+        public readonly Tensor? BWork = model.LoraLayers.Count == 0 || model.AdapterDType == model.ComputeDType ? null : m("lora.b_work");
     }
 
     public void Dispose()

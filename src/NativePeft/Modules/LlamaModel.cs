@@ -84,6 +84,8 @@ public sealed partial class LlamaModel : IDisposable
 {
     private readonly IOps _ops;
     private readonly TensorArena _params;
+    /// <summary>The persistent tensors of <see cref="ModelLayout.Parameters"/> by name: what <see cref="Populate"/> allocates.</summary>
+    private readonly Dictionary<string, TensorSpec> _parameterSpecs;
     private readonly List<(string Name, Tensor Param, Tensor Grad)> _trainable = [];
     private readonly List<LoraLinear> _lora = [];
     /// <summary>Mixed-precision full fine-tuning: each fp32 master weight (trained) and its bf16 working copy (computed with).</summary>
@@ -100,6 +102,8 @@ public sealed partial class LlamaModel : IDisposable
 
     public LlamaConfig Config { get; }
     public LlamaModelOptions Options { get; }
+    /// <summary>The inputs of this model's <see cref="ModelLayout"/> (its options, with a 4-bit checkpoint's stored quantization).</summary>
+    public ModelLayoutOptions LayoutOptions { get; }
     public IOps Ops => _ops;
     public DType ComputeDType => Options.ComputeDType;
     /// <summary>
@@ -164,11 +168,13 @@ public sealed partial class LlamaModel : IDisposable
     /// <summary>Bytes of the activations and workspace held for the current batch shape.</summary>
     public long ActivationBytes => _acts?.Arena.Bytes ?? 0;
 
-    private LlamaModel(LlamaConfig config, IOps ops, LlamaModelOptions options, TensorArena arena)
+    private LlamaModel(LlamaConfig config, IOps ops, LlamaModelOptions options, ModelLayoutOptions layout, TensorArena arena)
     {
         Config = config;
         _ops = ops;
         Options = options;
+        LayoutOptions = layout;
+        _parameterSpecs = ModelLayout.Parameters(config, layout).ToDictionary(t => t.Name);
         _params = arena;
         _layers = new LlamaDecoderLayer[config.NumHiddenLayers];
         _layerNames = Enumerable.Range(0, config.NumHiddenLayers).Select(l => $"layer {l}").ToArray();
@@ -242,10 +248,11 @@ public sealed partial class LlamaModel : IDisposable
                         $"r (LoRA rank) {lora.Rank} is larger than min(in, out) = {max} of {path} [{shape[0]}, {shape[1]}]");
             }
         }
-        var arena = new TensorArena(ops.Memory, MemoryRegion.Persistent);
+        var layout = ModelLayoutOptions.For(options, source.StoredQuantization());
+        var arena = new TensorArena(ops.Memory);
         try
         {
-            var model = new LlamaModel(config, ops, options, arena);
+            var model = new LlamaModel(config, ops, options, layout, arena);
             model.Populate(source);
             return model;
         }
@@ -268,21 +275,21 @@ public sealed partial class LlamaModel : IDisposable
             {
                 // Mixed precision: the optimizer trains an fp32 master weight with an fp32 gradient; the model computes
                 // with its bf16 working copy (RefreshWorkingWeights after each step).
-                var master = _params.Allocate(AdapterDType, shape);
+                var master = Parameter(name);
                 WriteValues(source, name, shape, master);
-                var working = _params.Allocate(dtype, shape);
+                var working = Parameter(name + ".working");
                 _ops.Copy(master, working);
-                var grad = _params.Allocate(AdapterDType, shape);
+                var grad = Parameter(name + ".grad");
                 _trainable.Add((name, master, grad));
                 _workingCopies.Add((master, working));
                 return (working, grad);
             }
-            var p = _params.Allocate(dtype, shape);
+            var p = Parameter(name);
             WriteValues(source, name, shape, p);
             Tensor? g = null;
             if (full)
             {
-                g = _params.Allocate(dtype, shape);
+                g = Parameter(name + ".grad");
                 _trainable.Add((name, p, g));
             }
             return (p, g);
@@ -302,9 +309,7 @@ public sealed partial class LlamaModel : IDisposable
             EmbedTokensGrad = embed.Grad;
         }
 
-        bool anyQuantized = Options.Quantization != BaseQuantization.None || source.AnyQuantized;
-        var baseDType = Options.BaseWeightDType ?? dtype;
-        DequantScratch Scratch() => DequantScratch ??= new DequantScratch(_params.Allocate(dtype, checked((int)MaxLinearElements())));
+        DequantScratch Scratch() => DequantScratch ??= new DequantScratch(Parameter(ModelLayout.DequantScratchName));
         int loraIndex = 0;
         for (int l = 0; l < Config.NumHiddenLayers; l++)
         {
@@ -318,14 +323,14 @@ public sealed partial class LlamaModel : IDisposable
                 string name = prefix + path + ".weight";
                 int outF = (int)shapes[name][0], inF = (int)shapes[name][1];
                 ILinearLayer layer;
-                if (source.IsQuantized(name) || Options.Quantization != BaseQuantization.None)
+                if (LayoutOptions.FourBit)
                 {
                     layer = new Linear4bit(_ops, UploadQuantized(name, source, outF, inF), Scratch());
                 }
-                else if (baseDType != dtype)
+                else if (LayoutOptions.Widened)
                 {
                     // A frozen base stored narrower than the compute dtype (BF16): rounded once, widened per GEMM.
-                    var w = _params.Allocate(baseDType, outF, inF);
+                    var w = Parameter(name);
                     var wide = Scratch().View(outF, inF); // the widening scratch doubles as the upload buffer: no temporary
                     if (source is TiledRandomSource tiled) tiled.Write(_ops, w);
                     else
@@ -342,15 +347,14 @@ public sealed partial class LlamaModel : IDisposable
                 }
                 if (Options.Lora is { } lora && lora.TargetModules.Contains(shortName))
                 {
-                    int r = lora.Rank;
-                    var a = _params.Allocate(AdapterDType, r, inF);
-                    var b = _params.Allocate(AdapterDType, outF, r);
-                    var ga = _params.Allocate(AdapterDType, r, inF);
-                    var gb = _params.Allocate(AdapterDType, outF, r);
+                    string peft = "base_model.model." + prefix + path;
+                    var a = Parameter(peft + ".lora_A.weight");
+                    var b = Parameter(peft + ".lora_B.weight");
+                    var ga = Parameter(peft + ".lora_A.weight.grad");
+                    var gb = Parameter(peft + ".lora_B.weight.grad");
                     int index = loraIndex++;
                     var lin = new LoraLinear(_ops, layer, a, b, ga, gb, lora.Scaling, lora.Dropout, index, _loraScratch, Dropout);
                     lin.Initialize(new Random(DeriveSeed(Options.Seed, index)));
-                    string peft = "base_model.model." + prefix + path;
                     _trainable.Add((peft + ".lora_A.weight", a, ga));
                     _trainable.Add((peft + ".lora_B.weight", b, gb));
                     _lora.Add(lin);
@@ -378,8 +382,31 @@ public sealed partial class LlamaModel : IDisposable
         }
     }
 
-    private long MaxLinearElements() =>
-        Config.LayerTensors(0).Where(t => t.Shape.Length == 2).Max(t => t.Shape[0] * t.Shape[1]);
+    /// <summary>The persistent tensor <paramref name="name"/> of the layout (<see cref="ModelLayout.Parameters"/>), allocated.</summary>
+    private Tensor Parameter(string name) => _params.Allocate(ParameterSpec(name));
+
+    private TensorSpec ParameterSpec(string name) => _parameterSpecs.TryGetValue(name, out var spec) ? spec
+        : throw new InvalidOperationException($"the model layout lists no tensor \"{name}\" for these options");
+
+    /// <summary>
+    /// The layout's tensor <paramref name="specName"/> of a 4-bit weight, checked against what the checkpoint holds
+    /// (<paramref name="dtype"/>, <paramref name="count"/> elements): a blocksize or double quantization other than
+    /// the layout's is an <see cref="HfCheckpointException"/> naming the tensor.
+    /// </summary>
+    private Tensor QuantizedPart(string weightName, string specName, DType dtype, long count)
+    {
+        var spec = ParameterSpec(specName);
+        if (spec.DType != dtype || spec.Count != count)
+            throw new HfCheckpointException(weightName,
+                $"{specName}: the 4-bit weight holds {dtype} [{count}], the model's layout expects {spec.DType} [{spec.Count}] " +
+                $"(blocksize {LayoutOptions.Blocksize}, double quantization {(LayoutOptions.DoubleQuant ? "on" : "off")}): " +
+                "every 4-bit weight of a checkpoint must be stored alike");
+        return _params.Allocate(spec);
+    }
+
+    /// <summary>The specs of every tensor the model holds now (parameters, activations, RoPE tables), in allocation order (tests compare them with <see cref="ModelLayout"/>).</summary>
+    internal IReadOnlyList<TensorSpec> AllocatedTensors =>
+        [.. _params.Allocated, .. _ropeArena?.Allocated ?? [], .. _acts?.Arena.Allocated ?? []];
 
     /// <summary>A per-layer seed for LoRA A's generator: a hash of (seed, layer index).</summary>
     private static int DeriveSeed(int seed, int index) =>
@@ -406,7 +433,7 @@ public sealed partial class LlamaModel : IDisposable
 
     private QuantizedWeight UploadQuantized(string name, IWeightSource source, int rows, int columns)
     {
-        if (source is TiledRandomSource tiled) return TiledQuantized(tiled, rows, columns);
+        if (source is TiledRandomSource tiled) return TiledQuantized(tiled, name, rows, columns);
         Quantized4BitTensor q;
         if (source.IsQuantized(name)) q = source.LoadQuantized(name);
         else
@@ -419,55 +446,55 @@ public sealed partial class LlamaModel : IDisposable
         var shape = q.State.Shape;
         if (shape.Length != 2 || shape[0] != rows || shape[1] != columns)
             throw new HfCheckpointException(name, $"{name}: 4-bit weight of shape [{string.Join(", ", shape)}], expected [{rows}, {columns}]");
-        var packed = _params.Allocate(DType.U8, q.Packed.Length);
+        var packed = QuantizedPart(name, name, DType.U8, q.Packed.Length);
         _ops.Upload<byte>(q.Packed, packed);
         return new QuantizedWeight
         {
             Packed = packed, QuantType = q.State.QuantType, Blocksize = q.State.Blocksize, Rows = rows, Columns = columns,
-            Absmax = q.State.Nested is { NestedBlockSize: DoubleQuantAbsmax.NestedBlocksize } ? null : Upload(q.State.GetAbsmax(), DType.F32),
+            Absmax = q.State.Nested is { NestedBlockSize: DoubleQuantAbsmax.NestedBlocksize } ? null : Upload(q.State.GetAbsmax(), ".absmax", DType.F32),
             // bitsandbytes' double-quantized absmax stays as stored (the kernels decode it per block).
             DoubleQuant = q.State.Nested is { NestedBlockSize: DoubleQuantAbsmax.NestedBlocksize } dq
                 ? new DoubleQuantAbsmax
                 {
-                    Absmax = Upload<byte>(dq.QuantizedAbsmax, DType.U8), NestedAbsmax = Upload(dq.NestedAbsmax, DType.F32),
-                    NestedQuantMap = Upload(dq.NestedQuantMap, DType.F32), NestedOffset = Upload([dq.Offset], DType.F32),
+                    Absmax = Upload<byte>(dq.QuantizedAbsmax, ".absmax", DType.U8), NestedAbsmax = Upload(dq.NestedAbsmax, ".nested_absmax", DType.F32),
+                    NestedQuantMap = Upload(dq.NestedQuantMap, ".nested_quant_map", DType.F32), NestedOffset = Upload([dq.Offset], ".nested_offset", DType.F32),
                 }
                 : null,
         };
 
-        Tensor Upload<T>(T[] values, DType dtype) where T : unmanaged
+        Tensor Upload<T>(T[] values, string suffix, DType dtype) where T : unmanaged
         {
-            var t = _params.Allocate(dtype, values.Length);
+            var t = QuantizedPart(name, name + suffix, dtype, values.Length);
             _ops.Upload<T>(values, t);
             return t;
         }
     }
 
     /// <summary>A [rows, columns] 4-bit weight repeating the tiled source's quantized tile: the tensors quantizing on load allocates.</summary>
-    private QuantizedWeight TiledQuantized(TiledRandomSource tiled, int rows, int columns)
+    private QuantizedWeight TiledQuantized(TiledRandomSource tiled, string name, int rows, int columns)
     {
         var quantType = Options.Quantization == BaseQuantization.Fp4 ? QuantType.Fp4 : QuantType.Nf4;
         int blocksize = Options.Blocksize;
         var q = tiled.QuantizedTile(quantType, blocksize, Options.DoubleQuant);
-        long n = (long)rows * columns, blocks = Quant4Bit.BlockCount(n, blocksize);
-        Tensor Repeated<T>(T[] tile, DType dtype, long count) where T : unmanaged
+        // Each tensor as the layout sizes it (the tile's quantization repeated over it).
+        Tensor Repeated<T>(T[] tile, string specName) where T : unmanaged
         {
-            var t = _params.Allocate(dtype, checked((int)count));
+            var t = Parameter(specName);
             TiledRandomSource.Repeat(_ops, tile, t);
             return t;
         }
-        var packed = Repeated(q.Packed, DType.U8, Quant4Bit.PackedLength(n));
+        var packed = Repeated(q.Packed, name);
         var nested = q.State.Nested is { NestedBlockSize: DoubleQuantAbsmax.NestedBlocksize } dq ? dq : null;
         return new QuantizedWeight
         {
             Packed = packed, QuantType = quantType, Blocksize = blocksize, Rows = rows, Columns = columns,
-            Absmax = nested is null ? Repeated(q.State.GetAbsmax(), DType.F32, blocks) : null,
+            Absmax = nested is null ? Repeated(q.State.GetAbsmax(), name + ".absmax") : null,
             DoubleQuant = nested is null ? null : new DoubleQuantAbsmax
             {
-                Absmax = Repeated(nested.QuantizedAbsmax, DType.U8, blocks),
-                NestedAbsmax = Repeated(nested.NestedAbsmax, DType.F32, (blocks + DoubleQuantAbsmax.NestedBlocksize - 1) / DoubleQuantAbsmax.NestedBlocksize),
-                NestedQuantMap = Repeated(nested.NestedQuantMap, DType.F32, nested.NestedQuantMap.Length),
-                NestedOffset = Repeated([nested.Offset], DType.F32, 1),
+                Absmax = Repeated(nested.QuantizedAbsmax, name + ".absmax"),
+                NestedAbsmax = Repeated(nested.NestedAbsmax, name + ".nested_absmax"),
+                NestedQuantMap = Repeated(nested.NestedQuantMap, name + ".nested_quant_map"),
+                NestedOffset = Repeated([nested.Offset], name + ".nested_offset"),
             },
         };
     }
@@ -479,6 +506,8 @@ public sealed partial class LlamaModel : IDisposable
         Quantized4BitTensor LoadQuantized(string name);
         float[] Read(string name, int[] shape);
         DType StoredDType(string name);
+        /// <summary>The blocksize and double quantization (kept as stored) of a bitsandbytes checkpoint's 4-bit weights, or null.</summary>
+        (int Blocksize, bool DoubleQuant)? StoredQuantization();
     }
 
     private sealed class CheckpointSource(HfCheckpoint ckpt) : IWeightSource
@@ -488,6 +517,13 @@ public sealed partial class LlamaModel : IDisposable
         public Quantized4BitTensor LoadQuantized(string name) => ckpt.LoadQuantized(name);
         public float[] Read(string name, int[] shape) => ckpt.ReadArray<float>(name);
         public DType StoredDType(string name) => ckpt.GetInfo(name).DType;
+
+        public (int Blocksize, bool DoubleQuant)? StoredQuantization()
+        {
+            if (!ckpt.IsQuantizedCheckpoint || ckpt.TensorNames.FirstOrDefault(ckpt.IsQuantized) is not { } name) return null;
+            var state = ckpt.LoadQuantized(name).State;
+            return (state.Blocksize, state.Nested is { NestedBlockSize: DoubleQuantAbsmax.NestedBlocksize });
+        }
     }
 
     private sealed class RandomSource(int seed, double std) : IWeightSource
@@ -496,6 +532,7 @@ public sealed partial class LlamaModel : IDisposable
         public bool IsQuantized(string name) => false;
         public Quantized4BitTensor LoadQuantized(string name) => throw new InvalidOperationException();
         public DType StoredDType(string name) => DType.F32;
+        public (int Blocksize, bool DoubleQuant)? StoredQuantization() => null;
 
         public float[] Read(string name, int[] shape)
         {
@@ -533,6 +570,7 @@ public sealed partial class LlamaModel : IDisposable
         public bool IsQuantized(string name) => false;
         public Quantized4BitTensor LoadQuantized(string name) => throw new InvalidOperationException();
         public DType StoredDType(string name) => DType.F32;
+        public (int Blocksize, bool DoubleQuant)? StoredQuantization() => null;
         public float[] Read(string name, int[] shape) => _names.Read(name, shape);
 
         private float[] Tile => _tile ??= _names.Read("tile", [RandomTileElements]);
@@ -851,16 +889,17 @@ public sealed partial class LlamaModel : IDisposable
         if (_ropeCos is not null && _ropeRows >= seqLen) return;
         _ropeArena?.Dispose();
         _ropeCos = _ropeSin = null;
-        int rows = Math.Max(seqLen, Math.Min(64, Config.MaxPositionEmbeddings));
+        int rows = ModelLayout.RopeRows(Config, seqLen);
         int half = Config.HeadDim / 2;
+        var specs = ModelLayout.RopeTables(Config, LayoutOptions, seqLen);
         var scaling = Config.RopeScaling is { } s
             ? new RopeScaling(s.Factor, s.LowFreqFactor, s.HighFreqFactor, s.OriginalMaxPositionEmbeddings)
             : null;
-        var arena = new TensorArena(_ops.Memory, MemoryRegion.RopeTables);
+        var arena = new TensorArena(_ops.Memory);
         try
         {
-            var cos = arena.Allocate(StatisticsDType, rows, half);
-            var sin = arena.Allocate(StatisticsDType, rows, half);
+            var cos = arena.Allocate(specs.Single(t => t.Name == "rope.cos"));
+            var sin = arena.Allocate(specs.Single(t => t.Name == "rope.sin"));
             if (StatisticsDType == DType.F64)
             {
                 var inv = RopeRef.InverseFrequencies<double>(Config.HeadDim, Config.RopeTheta, scaling);
@@ -907,13 +946,19 @@ public sealed partial class LlamaModel : IDisposable
         var arena = new TensorArena(_ops.Memory);
         try
         {
-            _acts = new Activations(this, arena, batch, seqLen);
+            var specs = ModelLayout.Activations(Config, LayoutOptions, batch, seqLen).ToDictionary(t => t.Name);
+            Tensor Allocate(string name) => arena.Allocate(specs[name]);
+            _acts = new Activations(this, arena, Allocate, batch, seqLen);
             if (_lora.Count > 0)
             {
-                _loraScratch.Allocate(arena, ComputeDType, batch * seqLen, LoraGroupRank);
+                // The LoRA scratch (LoraScratch): one group's xa and dxa; with mixed precision the bf16 working copies of A and B.
+                _loraScratch.Xa = Allocate("lora.xa");
+                _loraScratch.DXa = Allocate("lora.dxa");
                 if (AdapterDType != ComputeDType)
-                    _loraScratch.AllocateWorkingCopies(arena, ComputeDType, _lora.Max(l => l.InFeatures), _lora.Max(l => l.OutFeatures), _lora.Max(l => l.Rank),
-                        LoraGroupRank);
+                {
+                    _loraScratch.AWork = Allocate("lora.a_work");
+                    _loraScratch.BWork = Allocate("lora.b_work");
+                }
             }
             return _acts;
         }
@@ -926,16 +971,14 @@ public sealed partial class LlamaModel : IDisposable
         }
     }
 
-    /// <summary>d: the compute dtype; s: the statistics' dtype (rstd, lse).</summary>
-    private sealed class BlockActivations(TensorArena m, DType d, DType s, LlamaConfig c, int B, int T)
+    /// <summary>One block's saved tensors, "block.{i}.*" of <see cref="ModelLayout.Activations"/>.</summary>
+    private sealed class BlockActivations(Func<string, Tensor> m, string p)
     {
-        private readonly int _n = B * T;
-        public readonly Tensor N1 = m.Allocate(d, B * T, c.HiddenSize), Rstd1 = m.Allocate(s, B * T);
-        public readonly Tensor Q = m.Allocate(d, B * T, c.QueryDim), K = m.Allocate(d, B * T, c.KeyValueDim), V = m.Allocate(d, B * T, c.KeyValueDim);
-        public readonly Tensor Att = m.Allocate(d, B * T, c.QueryDim), Lse = m.Allocate(s, B, c.NumAttentionHeads, T);
-        public readonly Tensor H = m.Allocate(d, B * T, c.HiddenSize), N2 = m.Allocate(d, B * T, c.HiddenSize), Rstd2 = m.Allocate(s, B * T);
-        public readonly Tensor G = m.Allocate(d, B * T, c.IntermediateSize), U = m.Allocate(d, B * T, c.IntermediateSize), A = m.Allocate(d, B * T, c.IntermediateSize);
-        public int Tokens => _n;
+        public readonly Tensor N1 = m(p + "n1"), Rstd1 = m(p + "rstd1");
+        public readonly Tensor Q = m(p + "q"), K = m(p + "k"), V = m(p + "v");
+        public readonly Tensor Att = m(p + "attention"), Lse = m(p + "lse");
+        public readonly Tensor H = m(p + "h"), N2 = m(p + "n2"), Rstd2 = m(p + "rstd2");
+        public readonly Tensor G = m(p + "gate"), U = m(p + "up"), A = m(p + "silu_up");
     }
 
     private sealed class Activations : IDisposable
@@ -951,36 +994,27 @@ public sealed partial class LlamaModel : IDisposable
         public readonly Tensor NormOut, RstdF, CeLse;
         public readonly Tensor DRes, DN, DAtt, DQ, DK, DV, DA, DG, DU;
 
-        public Activations(LlamaModel model, TensorArena m, int batch, int seqLen)
+        /// <summary>The tensors of <see cref="ModelLayout.Activations"/>, each allocated by name with <paramref name="m"/> from <paramref name="arena"/>.</summary>
+        public Activations(LlamaModel model, TensorArena arena, Func<string, Tensor> m, int batch, int seqLen)
         {
-            Arena = m;
+            Arena = arena;
             B = batch;
             T = seqLen;
             N = checked(batch * seqLen);
             var c = model.Config;
-            var d = model.ComputeDType;
-            var st = model.StatisticsDType;
-            Ids = m.Allocate(DType.I32, N);
-            Labels = m.Allocate(DType.I32, N);
-            Positions = m.Allocate(DType.I32, N);
+            Ids = m("input_ids");
+            Labels = m("labels");
+            Positions = m("position_ids");
             model._ops.Upload<int>(PositionIds(batch, seqLen), Positions);
             Hidden = new Tensor[c.NumHiddenLayers + 1];
-            for (int i = 0; i < Hidden.Length; i++) Hidden[i] = m.Allocate(d, N, c.HiddenSize);
-            _recompute = model.Options.Recompute;
+            for (int i = 0; i < Hidden.Length; i++) Hidden[i] = m($"hidden.{i}");
+            _recompute = model.LayoutOptions.Recompute;
             _blocks = new BlockActivations[_recompute ? 1 : c.NumHiddenLayers];
-            for (int i = 0; i < _blocks.Length; i++) _blocks[i] = new BlockActivations(m, d, st, c, batch, seqLen);
-            NormOut = m.Allocate(d, N, c.HiddenSize);
-            RstdF = m.Allocate(st, N);
-            CeLse = m.Allocate(st, N);
-            DRes = m.Allocate(d, N, c.HiddenSize);
-            DN = m.Allocate(d, N, c.HiddenSize);
-            DAtt = m.Allocate(d, N, c.QueryDim);
-            DQ = m.Allocate(d, N, c.QueryDim);
-            DK = m.Allocate(d, N, c.KeyValueDim);
-            DV = m.Allocate(d, N, c.KeyValueDim);
-            DA = m.Allocate(d, N, c.IntermediateSize);
-            DG = m.Allocate(d, N, c.IntermediateSize);
-            DU = m.Allocate(d, N, c.IntermediateSize);
+            for (int i = 0; i < _blocks.Length; i++) _blocks[i] = new BlockActivations(m, $"block.{i}.");
+            (NormOut, RstdF, CeLse) = (m("norm_out"), m("norm_rstd"), m("loss_lse"));
+            (DRes, DN, DAtt) = (m("d_residual"), m("d_normed"), m("d_attention"));
+            (DQ, DK, DV) = (m("d_q"), m("d_k"), m("d_v"));
+            (DA, DG, DU) = (m("d_silu_up"), m("d_gate"), m("d_up"));
         }
 
         public BlockActivations BlockFor(int layer) => _blocks[_recompute ? 0 : layer];

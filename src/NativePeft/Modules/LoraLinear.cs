@@ -36,25 +36,11 @@ public sealed class LoraScratch
     /// <summary>lora_B rounded to the compute dtype (mixed precision only).</summary>
     public Tensor? BWork { get; internal set; }
 
-    /// <summary>
-    /// The per-batch buffers: xa and dxa for the adapters of one group (<see cref="LoraLinear.ForwardGroup"/>: q, k, v
-    /// read the same input, so do gate and up), <paramref name="groupRank"/> = the largest Σ r of a group, each [N, r]
-    /// back to back. dropout(x), its mask and the adapter's dx are never stored: the ops redraw the mask
-    /// (<see cref="IOps.LoraDown"/>, <see cref="IOps.LoraBackwardInput"/>).
-    /// </summary>
-    internal void Allocate(TensorArena arena, DType dtype, int tokens, int groupRank)
-    {
-        Xa = arena.Allocate(dtype, checked(tokens * groupRank));
-        DXa = arena.Allocate(dtype, checked(tokens * groupRank));
-    }
-
-    /// <summary>The working copies in <paramref name="dtype"/> (when the adapters are kept wider): the A of every adapter
-    /// of a group back to back ([groupRank, max in]) and one B ([max out, max r]).</summary>
-    internal void AllocateWorkingCopies(TensorArena arena, DType dtype, int maxIn, int maxOut, int maxRank, int groupRank)
-    {
-        AWork = arena.Allocate(dtype, checked(groupRank * maxIn));
-        BWork = arena.Allocate(dtype, checked(maxOut * maxRank));
-    }
+    // The model allocates the per-batch buffers from its layout (ModelLayout.Activations, "lora.*"): xa and dxa for
+    // the adapters of one group (LoraLinear.ForwardGroup: q, k, v read the same input, so do gate and up), [N, Σ r]
+    // back to back, Σ r the largest of a group; with wider adapters the bf16 working copies of a group's A
+    // ([Σ r, max in]) and of one B ([max out, max r]). dropout(x), its mask and the adapter's dx are never stored: the
+    // ops redraw the mask (IOps.LoraDown, IOps.LoraBackwardInput).
 
     internal void Clear() => Xa = DXa = AWork = BWork = null;
 

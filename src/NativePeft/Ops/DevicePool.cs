@@ -2,7 +2,6 @@ using System.Globalization;
 using System.Runtime.InteropServices;
 using System.Text;
 using NativePeft.Numerics;
-using NativePeft.Planning;
 using NativePeft.Runtime;
 
 namespace NativePeft.Ops;
@@ -21,23 +20,22 @@ public sealed record PoolArenaInfo(MemoryRegion Region, long ReservedBytes, long
 
 /// <summary>
 /// The memory pool: a <see cref="TensorMemory"/> that reserves its arenas with one device (or host) allocation each,
-/// up front, sized from a <see cref="MemoryPlan"/> (training) or an <see cref="Planning.InferencePlan"/> (generation with a
-/// KV cache, evaluation) with every tensor rounded up to <see cref="Alignment"/> (<see cref="MemoryPlan.Aligned"/>), and
-/// sub-allocates tensors from them (an inference plan: persistent = weights, quantization state, adapters; transient = the
-/// KV cache and the forward's workspace, or eval's activations):
+/// up front, and sub-allocates tensors from them. The factories that size a pool from a memory plan (training) or an
+/// inference plan (generation with a KV cache, evaluation) live with the plans, in Planning (<c>DevicePool.ForGpu</c>,
+/// <c>DevicePool.ForHost</c>, <c>DevicePool.Reservations</c>: static extension members of <c>Planning.PlannedPools</c>),
+/// so that Ops does not depend on Planning. Every tensor is rounded up to <see cref="Alignment"/>; the arenas:
 /// <list type="bullet">
-/// <item><b>persistent</b> (<see cref="MemoryPlan.PersistentArenaBytes"/>): base weights, quantization state,
-/// adapters, gradients, dequantization scratch, device optimizer state and the 8-bit maps — allocated once;</item>
-/// <item><b>rope tables</b> (<see cref="MemoryPlan.RopeArenaBytes"/> for a sequence of B·T): the RoPE cos/sin tables,
-/// reallocated whole when a longer sequence comes;</item>
-/// <item><b>transient</b> (<see cref="MemoryPlan.TransientArenaBytes"/>): activations (freed and reallocated when the
-/// batch shape changes) and op workspaces (freed inside the op).</item>
+/// <item><b>persistent</b>: base weights, quantization state, adapters, gradients, dequantization scratch, device
+/// optimizer state and the 8-bit maps — allocated once;</item>
+/// <item><b>rope tables</b>: the RoPE cos/sin tables, reallocated whole when a longer sequence comes;</item>
+/// <item><b>transient</b>: activations (freed and reallocated when the batch shape changes), a KV cache and its
+/// workspace, and op workspaces (freed inside the op).</item>
 /// </list>
 /// Every arena is an address-ordered first-fit free list with coalescing (allocated in order and freed in reverse,
 /// as the model does, it behaves as a bump allocator). The owner routes a tensor with <see cref="MemoryRegion"/>.
 /// Paged optimizer state is CUDA managed memory outside the pool (the plan's paged row).
-/// <see cref="TensorMemory.PeakAllocatedBytes"/> counts requested bytes, as every allocator does, so it equals
-/// <see cref="MemoryPlan.TotalBytes"/>; <see cref="Arenas"/> shows what alignment and fragmentation add.
+/// <see cref="TensorMemory.PeakAllocatedBytes"/> counts requested bytes, as every allocator does, so it equals the
+/// plan's total (<see cref="PlanTotalBytes"/>); <see cref="Arenas"/> shows what alignment and fragmentation add.
 /// A request that does not fit its arena throws an <see cref="OutOfMemoryException"/> naming the arena, its size,
 /// the request and the plan's total.
 /// </summary>
@@ -54,33 +52,22 @@ public sealed unsafe class DevicePool : TensorMemory
     private readonly Action<DevicePtr, long> _zero;
     private bool _disposed;
 
-    /// <summary>The training plan the arenas were sized from (requested bytes, alignment 1); null for an <see cref="InferencePlan"/>.</summary>
-    public MemoryPlan? Plan { get; }
-    /// <summary>The inference plan (generate, eval) the arenas were sized from (requested bytes, alignment 1); null for a training plan.</summary>
-    public InferencePlan? InferencePlan { get; }
+    /// <summary>The plan the arenas were sized from (a Planning.MemoryPlan or InferencePlan at alignment 1), for the planning layer's accessors.</summary>
+    internal object SizedFrom { get; }
     /// <summary>The plan's total (requested bytes): what <see cref="TensorMemory.PeakAllocatedBytes"/> reaches.</summary>
     public long PlanTotalBytes { get; }
     private readonly string _shape;
     public int Alignment { get; }
 
-    private DevicePool(MemoryPlan plan, int alignment, IReadOnlyList<(int Batch, int Seq)> alsoFits,
-        Func<long, DevicePtr> reserve, Action<DevicePtr> release, Action<DevicePtr, long> zero)
-        : this(Reservations(plan ?? throw new ArgumentNullException(nameof(plan)), alignment, alsoFits), plan.TotalBytes,
-            $"batch {plan.Options.Batch}, seq {plan.Options.Seq}", alignment, reserve, release, zero)
-    {
-        Plan = plan.Alignment == 1 ? plan : plan.Aligned(1);
-    }
-
-    private DevicePool(InferencePlan plan, int alignment, Func<long, DevicePtr> reserve, Action<DevicePtr> release, Action<DevicePtr, long> zero)
-        : this(Reservations(plan ?? throw new ArgumentNullException(nameof(plan)), alignment), plan.TotalBytes, plan.ShapeDescription,
-            alignment, reserve, release, zero)
-    {
-        InferencePlan = plan.Alignment == 1 ? plan : plan.Aligned(1);
-    }
-
+    /// <summary>
+    /// A pool of the arena sizes <paramref name="sizes"/> (bytes, already rounded to <paramref name="alignment"/>),
+    /// reserved with <paramref name="reserve"/>; <paramref name="planTotal"/> and <paramref name="shape"/> (the plan's
+    /// total and the shape it was made for) go into the error of a request that does not fit.
+    /// </summary>
     private DevicePool((long Persistent, long RopeTables, long Transient) sizes, long planTotal, string shape, int alignment,
-        Func<long, DevicePtr> reserve, Action<DevicePtr> release, Action<DevicePtr, long> zero)
+        object sizedFrom, Func<long, DevicePtr> reserve, Action<DevicePtr> release, Action<DevicePtr, long> zero)
     {
+        SizedFrom = sizedFrom;
         PlanTotalBytes = planTotal;
         _shape = shape;
         Alignment = alignment;
@@ -125,29 +112,16 @@ public sealed unsafe class DevicePool : TensorMemory
         }
     }
 
-    /// <summary>
-    /// A pool of device memory of <paramref name="gpu"/> (256-byte alignment) sized from <paramref name="plan"/>, and big
-    /// enough for the other batch shapes in <paramref name="alsoFits"/> (evaluation, generation: B=1 and the longest
-    /// prompt + answer), whose activations replace the training ones.
-    /// </summary>
-    public static DevicePool ForGpu(IGpu gpu, MemoryPlan plan, params IReadOnlyList<(int Batch, int Seq)> alsoFits)
+    /// <summary>A pool of device memory of <paramref name="gpu"/> (256-byte alignment, what cudaMalloc gives).</summary>
+    internal static DevicePool OnGpu(IGpu gpu, (long Persistent, long RopeTables, long Transient) sizes, long planTotal, string shape, object sizedFrom)
     {
         ArgumentNullException.ThrowIfNull(gpu);
-        return new DevicePool(plan, GpuAlignment, alsoFits, gpu.Alloc, gpu.Free, (p, n) => gpu.Memset(p, 0, n));
+        return new DevicePool(sizes, planTotal, shape, GpuAlignment, sizedFrom, gpu.Alloc, gpu.Free, (p, n) => gpu.Memset(p, 0, n));
     }
 
-    /// <summary>
-    /// A pool of device memory of <paramref name="gpu"/> (256-byte alignment) sized from an inference plan (generation
-    /// with a KV cache, or evaluation): the aligned plan's persistent, rope-table and transient arenas.
-    /// </summary>
-    public static DevicePool ForGpu(IGpu gpu, InferencePlan plan)
-    {
-        ArgumentNullException.ThrowIfNull(gpu);
-        return new DevicePool(plan, GpuAlignment, gpu.Alloc, gpu.Free, (p, n) => gpu.Memset(p, 0, n));
-    }
-
-    /// <summary>A pool of host memory (64-byte alignment) for <see cref="CpuOps"/>, sized from an inference plan for <see cref="PlanDevice.Cpu"/>.</summary>
-    public static DevicePool ForHost(InferencePlan plan) => new(plan, HostAlignment, HostReserve, HostRelease, HostZero);
+    /// <summary>A pool of host memory (64-byte alignment) for <see cref="CpuOps"/>.</summary>
+    internal static DevicePool OnHost((long Persistent, long RopeTables, long Transient) sizes, long planTotal, string shape, object sizedFrom) =>
+        new(sizes, planTotal, shape, HostAlignment, sizedFrom, HostReserve, HostRelease, HostZero);
 
     private static DevicePtr HostReserve(long bytes)
     {
@@ -160,45 +134,6 @@ public sealed unsafe class DevicePool : TensorMemory
 
     private static void HostZero(DevicePtr p, long n) => NativeMemory.Clear((void*)p.Address, (nuint)n);
 
-    /// <summary>The arena sizes for an inference plan at <paramref name="alignment"/>: the aligned plan's persistent, rope-table and transient bytes.</summary>
-    public static (long Persistent, long RopeTables, long Transient) Reservations(InferencePlan plan, int alignment)
-    {
-        ArgumentNullException.ThrowIfNull(plan);
-        var aligned = plan.Aligned(alignment);
-        return (aligned.PersistentArenaBytes, aligned.RopeArenaBytes, aligned.TransientArenaBytes);
-    }
-
-    /// <summary>A pool of host memory (64-byte alignment) for <see cref="CpuOps"/>, sized from a plan for <see cref="PlanDevice.Cpu"/>.</summary>
-    public static DevicePool ForHost(MemoryPlan plan, params IReadOnlyList<(int Batch, int Seq)> alsoFits) =>
-        new(plan, HostAlignment, alsoFits, HostReserve, HostRelease, HostZero);
-
-    /// <summary>
-    /// The arena sizes for <paramref name="plan"/> at <paramref name="alignment"/>: the aligned plan's
-    /// <see cref="MemoryPlan.PersistentArenaBytes"/> and <see cref="MemoryPlan.TransientArenaBytes"/>, and its
-    /// <see cref="MemoryPlan.RopeArenaBytes"/> for one sequence of B·T tokens (equal to the plan's when B = 1 or
-    /// B·T ≤ 64); each other shape (B, T) of <paramref name="alsoFits"/> raises the
-    /// RoPE arena to its tables and the transient arena to its activations plus the larger of its op workspaces and
-    /// the F32 logits [B·T, vocab] that greedy generation reads.
-    /// </summary>
-    public static (long Persistent, long RopeTables, long Transient) Reservations(MemoryPlan plan, int alignment, IReadOnlyList<(int Batch, int Seq)>? alsoFits = null)
-    {
-        ArgumentNullException.ThrowIfNull(plan);
-        var aligned = plan.Aligned(alignment);
-        // The RoPE tables for a sequence of B·T: an evaluation with no more tokens than training (B = 1, T = B·T)
-        // fits the transient arena (activations and workspaces depend on B·T alone), and so it fits here too.
-        long rope = plan.Options.Batch == 1 ? aligned.RopeArenaBytes
-            : plan.With(o => o with { Batch = 1, Seq = o.Batch * o.Seq }).Aligned(alignment).RopeArenaBytes;
-        long transient = aligned.TransientArenaBytes;
-        foreach (var (b, t) in alsoFits ?? [])
-        {
-            var other = plan.With(o => o with { Batch = b, Seq = t }).Aligned(alignment);
-            rope = Math.Max(rope, other.RopeArenaBytes);
-            long logits = MemoryPlan.TensorBytes(DType.F32, (long)b * t * plan.Config.VocabSize, alignment);
-            transient = Math.Max(transient, other.ActivationBytes + Math.Max(other.TransientWorkspaceBytes, logits));
-        }
-        return (aligned.PersistentArenaBytes, rope, transient);
-    }
-
     internal static string ArenaName(MemoryRegion region) => region switch
     {
         MemoryRegion.Persistent => "persistent (weights, quantization state, adapters, gradients, optimizer state)",
@@ -206,7 +141,7 @@ public sealed unsafe class DevicePool : TensorMemory
         _ => "transient (activations, op workspaces)",
     };
 
-    private static string Describe(long bytes) => string.Create(CultureInfo.InvariantCulture, $"{bytes} bytes ({MemoryPlan.FormatBytes(bytes)})");
+    private static string Describe(long bytes) => string.Create(CultureInfo.InvariantCulture, $"{bytes} bytes ({FormatBytes(bytes)})");
 
     /// <summary>Every arena (persistent, rope tables, transient): reserved, in use, peak, high-water mark, largest free block.</summary>
     public IReadOnlyList<PoolArenaInfo> Arenas
@@ -229,12 +164,12 @@ public sealed unsafe class DevicePool : TensorMemory
     public string Describe()
     {
         var sb = new StringBuilder();
-        sb.Append(CultureInfo.InvariantCulture, $"memory pool: peak {MemoryPlan.FormatBytes(PeakAllocatedBytes)} of the plan's {MemoryPlan.FormatBytes(PlanTotalBytes)}");
+        sb.Append(CultureInfo.InvariantCulture, $"memory pool: peak {FormatBytes(PeakAllocatedBytes)} of the plan's {FormatBytes(PlanTotalBytes)}");
         foreach (var a in Arenas)
         {
             string name = a.Region switch { MemoryRegion.Persistent => "persistent", MemoryRegion.RopeTables => "rope tables", _ => "transient" };
             sb.Append(CultureInfo.InvariantCulture,
-                $"; {name} {MemoryPlan.FormatBytes(a.HighWaterBytes)} high-water of {MemoryPlan.FormatBytes(a.ReservedBytes)} reserved");
+                $"; {name} {FormatBytes(a.HighWaterBytes)} high-water of {FormatBytes(a.ReservedBytes)} reserved");
         }
         return sb.ToString();
     }
@@ -242,7 +177,7 @@ public sealed unsafe class DevicePool : TensorMemory
     protected override DevicePtr AllocateBytes(long bytes, MemoryRegion region)
     {
         if (!Enum.IsDefined(region)) throw new ArgumentOutOfRangeException(nameof(region), region, "unknown memory region");
-        long size = MemoryPlan.TensorBytes(DType.U8, bytes, Alignment);
+        long size = AlignedBytes(DType.U8, bytes, Alignment);
         DevicePtr p;
         lock (_poolLock)
         {

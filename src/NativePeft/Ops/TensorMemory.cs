@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.Runtime.InteropServices;
 using NativePeft.Numerics;
 using NativePeft.Runtime;
@@ -30,6 +31,22 @@ public abstract class TensorMemory : IDisposable
     public long AllocatedBytes { get { lock (_lock) return _allocated; } }
     public long PeakAllocatedBytes { get { lock (_lock) return _peak; } }
     public void ResetPeak() { lock (_lock) _peak = _allocated; }
+
+    /// <summary>The bytes one tensor of <paramref name="count"/> elements occupies: at least 1, rounded up to <paramref name="alignment"/>.</summary>
+    public static long AlignedBytes(DType dtype, long count, int alignment = 1)
+    {
+        long bytes = Math.Max(1, checked(count * dtype.ElementSize()));
+        return alignment <= 1 ? bytes : checked((bytes + alignment - 1) / alignment * alignment);
+    }
+
+    /// <summary>Bytes as GiB / MiB / KiB (binary units) with two decimals, or bytes.</summary>
+    public static string FormatBytes(long bytes) => bytes switch
+    {
+        >= 1L << 30 => (bytes / (double)(1L << 30)).ToString("0.00", CultureInfo.InvariantCulture) + " GiB",
+        >= 1L << 20 => (bytes / (double)(1L << 20)).ToString("0.00", CultureInfo.InvariantCulture) + " MiB",
+        >= 1L << 10 => (bytes / 1024.0).ToString("0.0", CultureInfo.InvariantCulture) + " KiB",
+        _ => bytes.ToString(CultureInfo.InvariantCulture) + " B",
+    };
 
     /// <summary>A zero-filled tensor (transient).</summary>
     public Tensor Allocate(DType dtype, params int[] shape) => Allocate(MemoryRegion.Transient, dtype, shape);

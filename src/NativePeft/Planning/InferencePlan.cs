@@ -58,6 +58,26 @@ public sealed record InferencePlanOptions
     /// <summary>Generate: the KV cache's tokens, as <see cref="Inference.TextGenerator"/> makes it.</summary>
     public int MaxLength => Math.Max(PromptTokens, PromptTokens + MaxNewTokens - 1);
 
+    /// <summary>
+    /// The inputs of the model's tensor table (<see cref="ModelLayout"/>) for these options (validated first): a frozen
+    /// model (no full fine-tuning, no recompute) with the adapter, if any, on every target.
+    /// </summary>
+    public ModelLayoutOptions ToLayoutOptions()
+    {
+        Validate();
+        bool q4 = Quantization != BaseQuantization.None;
+        return new ModelLayoutOptions
+        {
+            ComputeDType = ComputeDType,
+            LoraRank = LoraRank ?? 0,
+            LoraTargets = LoraRank is null ? [] : LoraTargets,
+            FourBit = q4,
+            Blocksize = Blocksize,
+            DoubleQuant = DoubleQuant,
+            BaseWeightDType = q4 ? null : BaseWeightDType,
+        };
+    }
+
     /// <summary>Throws ArgumentException naming the option for a value the plan cannot describe.</summary>
     public void Validate()
     {
@@ -81,7 +101,9 @@ public sealed record InferencePlanOptions
 /// <summary>
 /// Exact device bytes of generation (with a KV cache) or evaluation (a forward with no backward), by category,
 /// computed from the config alone — tensor by tensor as <see cref="LlamaModel"/>, <see cref="LlamaKvCache"/> and the
-/// ops allocate them (each at least one byte, rounded up to <see cref="Alignment"/>):
+/// ops allocate them (each at least one byte, rounded up to <see cref="Alignment"/>). The model's and the cache's
+/// tensors are the sums of <see cref="ModelLayout"/>'s table, the one they allocate from; the ops' transient
+/// workspaces are terms of this plan:
 /// <list type="bullet">
 /// <item><b>Base weights</b>: embed_tokens [V, C], lm_head unless tied and the 2L + 1 norms in the compute dtype; the 7L
 /// projections dense (compute dtype or <see cref="InferencePlanOptions.BaseWeightDType"/>) or 4-bit packed ⌈n/2⌉ bytes.</item>
@@ -104,7 +126,7 @@ public sealed record InferencePlanOptions
 /// </list>
 /// <see cref="TotalBytes"/> equals the measured <see cref="Ops.TensorMemory.PeakAllocatedBytes"/> (tests: CPU F32,
 /// emulator F32 and BF16, no adapter, LoRA on a bf16 base, QLoRA NF4 with double quantization). The memory pool's arenas
-/// (<see cref="Ops.DevicePool.ForGpu(Runtime.IGpu, InferencePlan)"/>): persistent = weights, quantization state, adapters
+/// (<see cref="PlannedPools"/>): persistent = weights, quantization state, adapters
 /// and their gradients, dequantization scratch; rope tables; transient = KV cache and the forward workspace (generate) or
 /// activations and the op workspace (eval).
 /// </summary>
@@ -181,100 +203,46 @@ public sealed class InferencePlan
         var o = Options;
         var c = Config;
         DType d = o.ComputeDType;
-        DType stat = d == DType.BF16 ? DType.F32 : d;        // LlamaModel.StatisticsDType
-        DType adapterDType = d == DType.BF16 ? DType.F32 : d; // LlamaModel.AdapterDType
-        bool q4 = o.Quantization != BaseQuantization.None;
-        DType baseDType = o.BaseWeightDType ?? d;
-        bool widened = !q4 && baseDType != d;
-        long C = c.HiddenSize, V = c.VocabSize, I = c.IntermediateSize, L = c.NumHiddenLayers;
-        long QD = c.QueryDim, KVD = c.KeyValueDim;
-
-        var projections = c.LayerTensors(0).Where(t => t.Shape.Length == 2)
-            .Select(t => (Short: LlamaDecoderLayer.Projections.First(p => t.Name.EndsWith(p.Path + ".weight", StringComparison.Ordinal)).Short,
-                          Out: t.Shape[0], In: t.Shape[1]))
-            .ToList();
-        bool lora = o.LoraRank is not null;
+        long V = c.VocabSize;
         long rank = o.LoraRank ?? 0;
-        if (lora)
-            foreach (var (shortName, outF, inF) in projections)
+        if (o.LoraRank is not null)
+            foreach (var (shortName, _, outF, inF) in ModelLayout.Projections(c))
                 if (o.LoraTargets.Contains(shortName) && rank > Math.Min(outF, inF))
                     throw new ArgumentOutOfRangeException(nameof(InferencePlanOptions.LoraRank), rank,
                         $"r (LoRA rank) {rank} is larger than min(in, out) = {Math.Min(outF, inF)} of {shortName} [{outF}, {inF}]");
 
-        long baseBytes = Bytes(d, V * C) + (2 * L + 1) * Bytes(d, C) + (c.TieWordEmbeddings ? 0 : Bytes(d, V * C));
-        long quant = 0, adapters = 0, maxIn = 0, maxOut = 0, maxRank = 0;
-        for (int l = 0; l < L; l++)
-        {
-            foreach (var (shortName, outF, inF) in projections)
-            {
-                long n = outF * inF;
-                if (q4)
-                {
-                    baseBytes += Bytes(DType.U8, Quant4Bit.PackedLength(n));
-                    long blocks = Quant4Bit.BlockCount(n, o.Blocksize);
-                    quant += o.DoubleQuant
-                        ? Bytes(DType.U8, blocks) + Bytes(DType.F32, (blocks + DoubleQuantState.DefaultNestedBlockSize - 1) / DoubleQuantState.DefaultNestedBlockSize)
-                          + Bytes(DType.F32, 256) + Bytes(DType.F32, 1)
-                        : Bytes(DType.F32, blocks);
-                }
-                else baseBytes += Bytes(baseDType, n);
-                if (lora && o.LoraTargets.Contains(shortName))
-                {
-                    adapters += Bytes(adapterDType, rank * inF) + Bytes(adapterDType, outF * rank);
-                    maxIn = Math.Max(maxIn, inF);
-                    maxOut = Math.Max(maxOut, outF);
-                    maxRank = rank;
-                }
-            }
-        }
-        BaseWeightBytes = baseBytes;
-        QuantizationStateBytes = quant;
-        AdapterBytes = adapters;
-        AdapterGradientBytes = adapters; // ga, gb: the same shapes and dtype
-        DequantScratchBytes = q4 || widened ? Bytes(d, projections.Max(p => p.Out * p.In)) : 0;
+        // The model's tensors: the layout table LlamaModel and LlamaKvCache allocate from (ModelLayout), summed by category.
+        var layout = o.ToLayoutOptions();
+        var parameters = ModelLayout.Parameters(c, layout);
+        BaseWeightBytes = parameters.SumBytes(TensorCategory.BaseWeights, Alignment);
+        QuantizationStateBytes = parameters.SumBytes(TensorCategory.QuantizationState, Alignment);
+        AdapterBytes = parameters.SumBytes(TensorCategory.Adapters, Alignment);
+        AdapterGradientBytes = parameters.SumBytes(TensorCategory.Gradients, Alignment); // ga, gb: allocated with every LoRA layer
+        DequantScratchBytes = parameters.SumBytes(TensorCategory.DequantScratch, Alignment);
         TotalParameterCount = c.ParameterCount();
-        bool anyLora = maxIn > 0;
 
         if (o.Mode == InferenceMode.Generate)
         {
-            long maxLength = o.MaxLength;
-            KvCacheBytes = 2 * L * Bytes(d, maxLength * KVD);
-            long n = Math.Max(o.PromptTokens, Math.Min(maxLength, 16));
-            long work = 2 * Bytes(DType.I32, n) + 4 * Bytes(d, n * C) + Bytes(stat, n) + 2 * Bytes(d, n * QD) + 3 * Bytes(d, n * I)
-                        + Bytes(stat, V); // one row of logits (the prefill and decode keep only the last position's)
-            if (anyLora)
-            {
-                work += Bytes(d, n * maxRank);
-                if (adapterDType != d) work += Bytes(d, maxRank * maxIn) + Bytes(d, maxOut * maxRank);
-            }
-            ForwardWorkspaceBytes = work;
-            RopeTableBytes = 2 * Bytes(stat, Math.Max(maxLength, Math.Min(64, c.MaxPositionEmbeddings)) * (c.HeadDim / 2));
+            int maxLength = o.MaxLength;
+            KvCacheBytes = ModelLayout.KvCache(c, layout, maxLength).SumBytes(alignment: Alignment);
+            // LlamaKvCache.Workspace: max(prompt, min(max length, 16)) tokens, one row of logits (the prefill and decode
+            // keep only the last position's).
+            int n = Math.Max(o.PromptTokens, Math.Min(maxLength, 16));
+            ForwardWorkspaceBytes = ModelLayout.CacheWorkspace(c, layout, n, 1).SumBytes(alignment: Alignment);
+            RopeTableBytes = ModelLayout.RopeTables(c, layout, maxLength).SumBytes(alignment: Alignment);
         }
         else
         {
             long N = o.Seq;
-            // LlamaModel.Activations for B = 1, T = N, without recompute (MemoryPlan's formula).
-            long acts = 3 * Bytes(DType.I32, N) + (L + 1) * Bytes(d, N * C);
-            long block = Bytes(d, N * C) + Bytes(stat, N) + Bytes(d, N * QD) + 2 * Bytes(d, N * KVD)
-                         + Bytes(d, N * QD) + Bytes(stat, N * c.NumAttentionHeads) + 2 * Bytes(d, N * C) + Bytes(stat, N) + 3 * Bytes(d, N * I);
-            acts += L * block;
-            acts += Bytes(d, N * C) + 2 * Bytes(stat, N);
-            acts += 2 * Bytes(d, N * C) + 2 * Bytes(d, N * QD) + 2 * Bytes(d, N * KVD) + 3 * Bytes(d, N * I);
-            var loraGroups = anyLora ? LoraPlan.Groups(c, o.LoraTargets.ToList(), (int)rank) : [];
-            if (anyLora)
-            {
-                // MemoryPlan's LoRA scratch: one group's xa and dxa [N, Σ r], and the bf16 working copies.
-                long groupRank = LoraPlan.GroupRank(loraGroups);
-                acts += 2 * Bytes(d, N * groupRank);
-                if (adapterDType != d) acts += Bytes(d, groupRank * maxIn) + Bytes(d, maxOut * maxRank);
-            }
-            ActivationBytes = acts;
-            RopeTableBytes = 2 * Bytes(stat, Math.Max(N, Math.Min(64, c.MaxPositionEmbeddings)) * (c.HeadDim / 2));
+            // The model's activations for B = 1, T = N, without recompute.
+            ActivationBytes = ModelLayout.Activations(c, layout, 1, o.Seq).SumBytes(alignment: Alignment);
+            RopeTableBytes = ModelLayout.RopeTables(c, layout, o.Seq).SumBytes(alignment: Alignment);
             if (o.Device == PlanDevice.Gpu)
                 TransientWorkspaceBytes = Bytes(DType.F32, 4 * N) + Bytes(d, N * Math.Min(o.CrossEntropyChunk, V));
             // The forward's LoRA ops, dropout off (evaluation).
-            if (anyLora)
-                TransientWorkspaceBytes = Math.Max(TransientWorkspaceBytes, LoraPlan.TransientBytes(Bytes, o.Device, d, N, loraGroups, 0, backward: false));
+            if (AdapterBytes > 0)
+                TransientWorkspaceBytes = Math.Max(TransientWorkspaceBytes,
+                    LoraPlan.TransientBytes(Bytes, o.Device, d, N, LoraPlan.Groups(c, o.LoraTargets.ToList(), (int)rank), 0, backward: false));
         }
     }
 

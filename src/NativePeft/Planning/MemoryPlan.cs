@@ -10,7 +10,10 @@ namespace NativePeft.Planning;
 
 /// <summary>
 /// Exact device bytes, by category, of fine-tuning a Llama model with a method, LoRA shape, batch shape, recompute
-/// setting and optimizer — computed from the config alone (no weights, no device).
+/// setting and optimizer — computed from the config alone (no weights, no device). The model's own tensors (base
+/// weights, quantization state, adapters, gradients, dequantization scratch, activations, LoRA scratch, RoPE tables)
+/// are the sums of <see cref="ModelLayout"/>'s table, the one the model allocates from; the optimizer state and the
+/// ops' transient workspaces are terms of this plan.
 /// <para>
 /// What each category counts, tensor by tensor as <see cref="LlamaModel"/>, the ops and the optimizers allocate them
 /// (every tensor at least one byte, as <see cref="Ops.TensorMemory"/> does):
@@ -110,11 +113,7 @@ public sealed class MemoryPlan
     }
 
     /// <summary>The bytes one tensor of <paramref name="count"/> elements occupies: at least 1, rounded up to <paramref name="alignment"/>.</summary>
-    public static long TensorBytes(DType dtype, long count, int alignment = 1)
-    {
-        long bytes = Math.Max(1, checked(count * dtype.ElementSize()));
-        return alignment <= 1 ? bytes : checked((bytes + alignment - 1) / alignment * alignment);
-    }
+    public static long TensorBytes(DType dtype, long count, int alignment = 1) => Ops.TensorMemory.AlignedBytes(dtype, count, alignment);
 
     private long Bytes(DType dtype, long count) => TensorBytes(dtype, count, Alignment);
 
@@ -163,88 +162,30 @@ public sealed class MemoryPlan
         var o = Options;
         var c = Config;
         DType d = o.ComputeDType;
-        // rstd, lse and the RoPE tables: fp32 with BF16 compute (LlamaModel.StatisticsDType), the compute dtype otherwise;
-        // LoRA A/B and their gradients likewise (LlamaModel.AdapterDType).
-        DType stat = d == DType.BF16 ? DType.F32 : d;
-        DType adapterDType = d == DType.BF16 ? DType.F32 : d;
-        bool full = o.Method == FineTuneMethod.Full;
-        bool qlora = o.Method == FineTuneMethod.Qlora;
         bool lora = o.Method != FineTuneMethod.Full;
-        DType loraBase = o.LoraBaseDType;
-        bool widened = o.Method == FineTuneMethod.Lora && loraBase != d;
-        long C = c.HiddenSize, V = c.VocabSize, I = c.IntermediateSize, L = c.NumHiddenLayers;
-        long QD = c.QueryDim, KVD = c.KeyValueDim;
-
-        var trainable = new List<long>();
-        long baseBytes = 0, quant = 0, adapters = 0, grads = 0;
-
-        void Dense(long n)
-        {
-            baseBytes += Bytes(d, n);
-            if (!full) return;
-            // Mixed precision (BF16): an fp32 master weight next to the bf16 working copy, and an fp32 gradient.
-            if (adapterDType != d) baseBytes += Bytes(adapterDType, n);
-            grads += Bytes(adapterDType, n);
-            trainable.Add(n);
-        }
-
+        long V = c.VocabSize, C = c.HiddenSize;
         if (o.EmbeddingOnHost)
         {
             if (c.TieWordEmbeddings)
                 throw new ArgumentException("EmbeddingOnHost: the model ties lm_head to the embedding table (tie_word_embeddings), which the device needs", nameof(PlanOptions.EmbeddingOnHost));
             HostEmbeddingBytes = TensorBytes(d, V * C); // host memory: the pool's alignment does not apply
         }
-        else Dense(V * C); // embed_tokens
-        var projections = c.LayerTensors(0).Where(t => t.Shape.Length == 2)
-            .Select(t => (Short: LlamaDecoderLayer.Projections.First(p => t.Name.EndsWith(p.Path + ".weight", StringComparison.Ordinal)).Short,
-                          Out: t.Shape[0], In: t.Shape[1]))
-            .ToList();
-        long maxLinear = projections.Max(p => p.Out * p.In);
         if (lora)
-            foreach (var (shortName, outF, inF) in projections)
+            foreach (var (shortName, _, outF, inF) in ModelLayout.Projections(c))
                 if (o.Targets.Contains(shortName) && o.Rank > Math.Min(outF, inF))
                     throw new ArgumentOutOfRangeException(nameof(PlanOptions.Rank), o.Rank,
                         $"r (LoRA rank) {o.Rank} is larger than min(in, out) = {Math.Min(outF, inF)} of {shortName} [{outF}, {inF}]");
-        long maxIn = 0, maxOut = 0, maxRank = 0;
-        for (int l = 0; l < L; l++)
-        {
-            Dense(C); // input_layernorm
-            foreach (var (shortName, outF, inF) in projections)
-            {
-                long n = outF * inF;
-                if (qlora)
-                {
-                    baseBytes += Bytes(DType.U8, Quant4Bit.PackedLength(n));
-                    long blocks = Quant4Bit.BlockCount(n, o.Blocksize);
-                    quant += o.ResolvedAbsmax == AbsmaxLayout.DoubleQuantized && o.DoubleQuant
-                        ? Bytes(DType.U8, blocks) + Bytes(DType.F32, (blocks + DoubleQuantState.DefaultNestedBlockSize - 1) / DoubleQuantState.DefaultNestedBlockSize)
-                          + Bytes(DType.F32, 256) + Bytes(DType.F32, 1)
-                        : Bytes(DType.F32, blocks);
-                }
-                else if (widened) baseBytes += Bytes(loraBase, n);
-                else Dense(n);
-                if (lora && o.Targets.Contains(shortName))
-                {
-                    long a = o.Rank * inF, b = outF * o.Rank;
-                    adapters += Bytes(adapterDType, a) + Bytes(adapterDType, b);
-                    grads += Bytes(adapterDType, a) + Bytes(adapterDType, b);
-                    trainable.Add(a);
-                    trainable.Add(b);
-                    maxIn = Math.Max(maxIn, inF);
-                    maxOut = Math.Max(maxOut, outF);
-                    maxRank = Math.Max(maxRank, o.Rank);
-                }
-            }
-            Dense(C); // post_attention_layernorm
-        }
-        Dense(C); // norm
-        if (!c.TieWordEmbeddings) Dense(V * C); // lm_head
 
-        BaseWeightBytes = baseBytes;
-        QuantizationStateBytes = quant;
-        AdapterBytes = adapters;
-        GradientBytes = grads;
-        DequantScratchBytes = qlora || widened ? Bytes(d, maxLinear) : 0;
+        // The model's tensors: the layout table LlamaModel allocates from (ModelLayout), summed by category.
+        var layout = o.ToLayoutOptions();
+        var parameters = ModelLayout.Parameters(c, layout);
+        BaseWeightBytes = parameters.SumBytes(TensorCategory.BaseWeights, Alignment);
+        QuantizationStateBytes = parameters.SumBytes(TensorCategory.QuantizationState, Alignment);
+        AdapterBytes = parameters.SumBytes(TensorCategory.Adapters, Alignment);
+        GradientBytes = parameters.SumBytes(TensorCategory.Gradients, Alignment);
+        DequantScratchBytes = parameters.SumBytes(TensorCategory.DequantScratch, Alignment);
+        // What the optimizer trains: one tensor per gradient.
+        var trainable = parameters.Where(t => t.Category == TensorCategory.Gradients).Select(t => t.Count).ToList();
         TrainableParameterCount = trainable.Sum();
         TotalParameterCount = c.ParameterCount();
 
@@ -266,33 +207,13 @@ public sealed class MemoryPlan
         PagedOptimizerStateBytes = paged;
         OptimizerMapBytes = o.Device == PlanDevice.Gpu && eightBit && trainable.Any(n => n >= AdamWMath.Min8BitSize) ? Bytes(DType.F32, 512) : 0;
 
-        // Activations (LlamaModel.Activations and LoraScratch, one arena per batch shape).
+        // Activations and the LoRA scratch (one arena per batch shape), and the RoPE tables (a separate arena of the model).
         long B = o.Batch, T = o.Seq, N = B * T;
-        long acts = 3 * Bytes(DType.I32, N) + (L + 1) * Bytes(d, N * C);
-        long block = Bytes(d, N * C) + Bytes(stat, N)                                  // n1, rstd1
-                     + Bytes(d, N * QD) + 2 * Bytes(d, N * KVD)                          // q, k, v
-                     + Bytes(d, N * QD) + Bytes(stat, N * c.NumAttentionHeads)          // attention out, lse [B, H, T]
-                     + 2 * Bytes(d, N * C) + Bytes(stat, N)                              // h, n2, rstd2
-                     + 3 * Bytes(d, N * I);                                              // gate, up, silu·up
-        acts += (o.Recompute ? 1 : L) * block;
-        acts += Bytes(d, N * C) + 2 * Bytes(stat, N);                                    // final norm out, rstd, loss lse
-        acts += 2 * Bytes(d, N * C) + 2 * Bytes(d, N * QD) + 2 * Bytes(d, N * KVD) + 3 * Bytes(d, N * I); // backward buffers
-        long loraScratch = 0;
+        var activations = ModelLayout.Activations(c, layout, o.Batch, o.Seq);
+        LoraScratchBytes = activations.SumBytes(TensorCategory.LoraScratch, Alignment);
+        ActivationBytes = activations.SumBytes(alignment: Alignment);
+        RopeTableBytes = ModelLayout.RopeTables(c, layout, o.Seq).SumBytes(alignment: Alignment);
         var loraGroups = lora ? LoraPlan.Groups(c, o.Targets.ToList(), o.Rank) : [];
-        if (lora && maxIn > 0)
-        {
-            // xa and dxa of one group's adapters [N, Σ r] (LoraScratch; dropout(x) and its mask are never stored).
-            long groupRank = LoraPlan.GroupRank(loraGroups);
-            loraScratch = 2 * Bytes(d, N * groupRank);
-            // Mixed precision: the bf16 working copies of a group's A [Σ r, max in] and of one B [max out, max r].
-            if (adapterDType != d) loraScratch += Bytes(d, groupRank * maxIn) + Bytes(d, maxOut * maxRank);
-        }
-        LoraScratchBytes = loraScratch;
-        ActivationBytes = acts + loraScratch;
-
-        // RoPE tables (a separate arena of the model): rows = max(T, min(64, max_position_embeddings)).
-        long rows = Math.Max(T, Math.Min(64, c.MaxPositionEmbeddings));
-        RopeTableBytes = 2 * Bytes(stat, rows * (c.HeadDim / 2));
 
         // Transient workspaces of GpuOps (allocated from the pool and freed inside the op).
         if (o.Device == PlanDevice.Gpu)
@@ -430,11 +351,5 @@ public sealed class MemoryPlan
     public override string ToString() => ToTable();
 
     /// <summary>Bytes as GiB / MiB / KiB (binary units) with two decimals, or bytes.</summary>
-    public static string FormatBytes(long bytes) => bytes switch
-    {
-        >= 1L << 30 => (bytes / (double)(1L << 30)).ToString("0.00", CultureInfo.InvariantCulture) + " GiB",
-        >= 1L << 20 => (bytes / (double)(1L << 20)).ToString("0.00", CultureInfo.InvariantCulture) + " MiB",
-        >= 1L << 10 => (bytes / 1024.0).ToString("0.0", CultureInfo.InvariantCulture) + " KiB",
-        _ => bytes.ToString(CultureInfo.InvariantCulture) + " B",
-    };
+    public static string FormatBytes(long bytes) => Ops.TensorMemory.FormatBytes(bytes);
 }

@@ -128,6 +128,27 @@ public sealed record PlanOptions
         }
     }
 
+    /// <summary>The inputs of the model's tensor table (<see cref="ModelLayout"/>) for these options (validated first).</summary>
+    public ModelLayoutOptions ToLayoutOptions()
+    {
+        Validate();
+        bool lora = Method != FineTuneMethod.Full;
+        return new ModelLayoutOptions
+        {
+            ComputeDType = ComputeDType,
+            FullFineTuning = Method == FineTuneMethod.Full,
+            LoraRank = lora ? Rank : 0,
+            LoraTargets = lora ? Targets : [],
+            FourBit = Method == FineTuneMethod.Qlora,
+            Blocksize = Blocksize,
+            DoubleQuant = ResolvedAbsmax == AbsmaxLayout.DoubleQuantized && DoubleQuant,
+            // lora's frozen base: stored narrower than the compute dtype (BF16 by default) is widened per GEMM.
+            BaseWeightDType = Method == FineTuneMethod.Lora && LoraBaseDType != ComputeDType ? LoraBaseDType : null,
+            EmbeddingOnHost = EmbeddingOnHost,
+            Recompute = Recompute,
+        };
+    }
+
     /// <summary>
     /// The <see cref="LlamaModelOptions"/> that build the model this plan describes (F32/F64, or BF16 on the GPU ops;
     /// the loader keeps a double-quantized absmax as it is, so <see cref="AbsmaxLayout.DecodedF32"/> needs DoubleQuant off).

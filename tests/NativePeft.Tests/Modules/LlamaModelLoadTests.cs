@@ -79,10 +79,9 @@ public class LlamaModelLoadTests
             Assert.That(Get(ops, dense!), Is.EqualTo(values[name].Select(v => (double)BFloat16.FromSingle(v).ToSingle()).ToArray()), name);
     }
 
-    [Test]
-    public void FourBitCheckpointLoadsAsIsAndEqualsQuantizeOnLoad()
+    /// <summary>Tiny's checkpoint in <paramref name="dir"/> with every projection NF4 in bitsandbytes' layout (the rest F32); returns the quantized projections.</summary>
+    private static Dictionary<string, Quantized4BitTensor> WriteFourBitCheckpoint(string dir, Dictionary<string, float[]> values, int blocksize, bool doubleQuant)
     {
-        var values = Values(Tiny);
         var tensors = new List<SafetensorsTensor>();
         var quantized = new Dictionary<string, Quantized4BitTensor>();
         foreach (var (name, shape) in Tiny.ExpectedTensors())
@@ -92,12 +91,20 @@ public class LlamaModelLoadTests
                 tensors.Add(SafetensorsTensor.From(name, shape, values[name]));
                 continue;
             }
-            var q = Quantized4BitTensor.Quantize(new ReadOnlyMemory<float>(values[name]), shape, QuantType.Nf4, 64, doubleQuant: true, DType.F32);
+            var q = Quantized4BitTensor.Quantize(new ReadOnlyMemory<float>(values[name]), shape, QuantType.Nf4, blocksize, doubleQuant, DType.F32);
             quantized[name] = q;
             tensors.AddRange(BitsAndBytes4Bit.ToTensors(name[..^"weight".Length], q));
         }
+        HfCheckpoint.Write(dir, Tiny, tensors, maxShardBytes: 700);
+        return quantized;
+    }
+
+    [Test]
+    public void FourBitCheckpointLoadsAsIsAndEqualsQuantizeOnLoad()
+    {
+        var values = Values(Tiny);
         string q4Dir = Sub("q4"), f32Dir = Sub("f32");
-        HfCheckpoint.Write(q4Dir, Tiny, tensors, maxShardBytes: 700);
+        var quantized = WriteFourBitCheckpoint(q4Dir, values, 64, doubleQuant: true);
         HfCheckpoint.Write(f32Dir, Tiny, F32(Tiny, values), maxShardBytes: 700);
         using var ops = new CpuOps();
         using var ckQ = HfCheckpoint.Open(q4Dir);
@@ -131,6 +138,31 @@ public class LlamaModelLoadTests
         }
         var (ids, labels) = TinyBatch();
         Assert.That(asIs.Forward(ids, labels, B, T), Is.EqualTo(onLoad.Forward(ids, labels, B, T)));
+    }
+
+    [Test]
+    public void FourBitCheckpointAtItsOwnBlocksizeLoadsAsStored()
+    {
+        // Stored at blocksize 128 without double quantization; loaded with the default options (64, double quantization
+        // on): the model's layout follows the checkpoint, so each weight keeps its fp32 absmax of ⌈n/128⌉ blocks.
+        var values = Values(Tiny);
+        string dir = Sub("q4-128");
+        var quantized = WriteFourBitCheckpoint(dir, values, 128, doubleQuant: false);
+        using var ops = new CpuOps();
+        using var ck = HfCheckpoint.Open(dir);
+        using var model = LlamaModel.Load(ck, ops, new LlamaModelOptions());
+        Assert.That((model.LayoutOptions.FourBit, model.LayoutOptions.Blocksize, model.LayoutOptions.DoubleQuant), Is.EqualTo((true, 128, false)));
+        var loaded = model.BaseParameters().ToDictionary(p => p.Name);
+        foreach (var (name, q) in quantized)
+        {
+            var w = loaded[name].Quantized!;
+            long n = values[name].Length;
+            Assert.That(w.Absmax!.Count, Is.EqualTo((n + 127) / 128), name + ": one fp32 absmax per 128 values");
+            var absmax = new float[w.Absmax.Count];
+            ops.Download<float>(w.Absmax, absmax);
+            Assert.That(absmax, Is.EqualTo(q.State.Absmax), name + ": absmax as stored");
+        }
+        Assert.That(ops.Memory.AllocatedBytes, Is.EqualTo(ModelLayout.Parameters(Tiny, model.LayoutOptions).SumBytes()));
     }
 
     [Test]
