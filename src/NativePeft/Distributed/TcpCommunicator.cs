@@ -122,7 +122,7 @@ public sealed class TcpCommunicator : ICommunicator
 
     /// <summary>
     /// As the public constructor; <paramref name="bindAnyAddress"/> lets rank 0 listen on every interface and the
-    /// others connect to a non-loopback MASTER_ADDR: ONLY for the bootstrap of the NCCL communicator, whose
+    /// others connect to a non-loopback MASTER_ADDR: ONLY for the bootstrap of <see cref="NcclCommunicator"/>, whose
     /// host collectives must reach other machines. <paramref name="jobCheck"/> must be equal on every rank (a process
     /// of another job that connects to the same port is refused).
     /// </summary>
@@ -159,6 +159,12 @@ public sealed class TcpCommunicator : ICommunicator
 
     /// <summary>Rank 0's listening socket's local address during the rendezvous (null on other ranks and for world 1).</summary>
     internal IPEndPoint? ListenEndPoint { get; private set; }
+
+    /// <summary>Why the group failed (an abort, a rank that ended, a timeout), or null while it works.</summary>
+    internal string? FailureMessage
+    {
+        get { lock (_failLock) return _failure; }
+    }
 
     /// <summary>Whether this communicator was made to accept non-loopback connections (NCCL bootstrap only).</summary>
     internal bool BindsAnyAddress { get; }
