@@ -204,8 +204,8 @@ public sealed class TcpCommunicator : ICommunicator
         {
             var result = Exchange(call, MemoryMarshal.AsBytes(copy.AsSpan()).ToArray(), 1.0, contributes: true, (parts, _) =>
             {
-                var total = new double[copy.Length];
-                foreach (var part in parts)
+                var total = MemoryMarshal.Cast<byte, double>(parts[0].AsSpan()).ToArray();
+                foreach (var part in parts.Skip(1))
                 {
                     var x = MemoryMarshal.Cast<byte, double>(part.AsSpan());
                     for (int i = 0; i < total.Length; i++) total[i] += x[i];
@@ -238,8 +238,13 @@ public sealed class TcpCommunicator : ICommunicator
     // ---------------------------------------------------------------------------------------------------------------
     // Requests: one worker thread runs them in order.
 
+    /// <summary>The most bytes one collective moves (a frame's payload length is 32-bit).</summary>
+    internal const long MaxPayloadBytes = int.MaxValue - HeaderBytes;
+
     private ICommRequest Enqueue(IOps ops, Tensor t, Func<Call, byte[], byte[]> collective, Op op, int root)
     {
+        if (t.Bytes > MaxPayloadBytes)
+            throw new ArgumentException($"{t} has {t.Bytes} bytes; the cpu communicator moves at most {MaxPayloadBytes} bytes per collective: split it", nameof(t));
         bool inPlace = HostReduction.IsHostAddressable(ops);
         if (inPlace) ops.Device?.Synchronize();
         byte[]? staged = inPlace ? null : HostReduction.Download(ops, t);

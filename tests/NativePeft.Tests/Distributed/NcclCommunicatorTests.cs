@@ -169,6 +169,28 @@ public class NcclCommunicatorCudaTests
     }
 
     [Test]
+    public void TheCpuBackendStagesCudaTensorsThroughTheHost()
+    {
+        using var probe = Ops();
+        var comms = CommTestRanks.Open(2);
+        try
+        {
+            var got = CommTestRanks.Run(2, r =>
+            {
+                using var ops = new GpuOps(_gpu!, ownsGpu: false);
+                var t = ops.Memory.Allocate(DType.F32, 3);
+                ops.Upload(new[] { 1f + r, 10f * r, -2f }.AsSpan(), t);
+                comms[r].AllReduceAsync(ops, t, 0.5).Wait();
+                var result = new float[3];
+                ops.Download(t, result.AsSpan());
+                return result;
+            });
+            foreach (var result in got) Assert.That(result, Is.EqualTo(new[] { 1.5f, 5f, -2f }));
+        }
+        finally { CommTestRanks.DisposeAll(comms); }
+    }
+
+    [Test]
     public void AbortEndsLaterCollectivesWithTheReason()
     {
         using var ops = Ops();
