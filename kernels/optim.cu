@@ -46,10 +46,10 @@ __device__ __forceinline__ float adamw_update(float p, float g_raw, float& m, fl
 
 // adamw_f32(p[n], g[n], m[n], v[n], n, beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale):
 // the step above on every element. Launch: grid-stride, block 256, n/4 threads (any grid gives the same result).
-extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                                     float* __restrict__ v, long long n, float beta1, float beta2, float omb1,
-                                     float omb2, float eps, float decay, float bc2_sqrt, float neg_step,
-                                     float grad_scale)
+NP_KERNEL(adamw_f32, (float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
+                      float* __restrict__ v, long long n, float beta1, float beta2, float omb1,
+                      float omb2, float eps, float decay, float bc2_sqrt, float neg_step,
+                      float grad_scale))
 {
     const optk::AdamWScalars s{beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale};
     long long done = 0;
@@ -80,20 +80,19 @@ extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restr
         v[i] = vi;
     }
 }
-EMU_REGISTER(adamw_f32)
 
 // adamw8bit_blockwise(p[n], g[n], qm[n] u8, qv[n] u8, absmax_m[nb], absmax_v[nb], code_signed[256],
 // code_unsigned[256], n, beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale), nb = ceil(n / 256):
 // thread t of quantization block b owns element b*256 + t. m is coded with the signed map, v with the unsigned map.
 // Launch: block 256 (exactly), grid = any G >= 1 (blocks stride over the nb quantization blocks), shared 0.
 // Block max: a fixed shared-memory tree of fmaxf (exact, so order does not matter).
-extern "C" __global__ void adamw8bit_blockwise(float* __restrict__ p, const float* __restrict__ g,
-                                               unsigned char* __restrict__ qm, unsigned char* __restrict__ qv,
-                                               float* __restrict__ absmax_m, float* __restrict__ absmax_v,
-                                               const float* __restrict__ code_signed,
-                                               const float* __restrict__ code_unsigned, long long n, float beta1,
-                                               float beta2, float omb1, float omb2, float eps, float decay,
-                                               float bc2_sqrt, float neg_step, float grad_scale)
+NP_KERNEL(adamw8bit_blockwise, (float* __restrict__ p, const float* __restrict__ g,
+                                unsigned char* __restrict__ qm, unsigned char* __restrict__ qv,
+                                float* __restrict__ absmax_m, float* __restrict__ absmax_v,
+                                const float* __restrict__ code_signed,
+                                const float* __restrict__ code_unsigned, long long n, float beta1,
+                                float beta2, float omb1, float omb2, float eps, float decay,
+                                float bc2_sqrt, float neg_step, float grad_scale))
 {
     __shared__ float s_code_m[256];
     __shared__ float s_code_v[256];
@@ -144,5 +143,4 @@ extern "C" __global__ void adamw8bit_blockwise(float* __restrict__ p, const floa
         }
     }
 }
-EMU_REGISTER(adamw8bit_blockwise)
 

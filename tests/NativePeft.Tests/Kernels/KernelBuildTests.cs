@@ -10,7 +10,7 @@ namespace NativePeft.Tests.Kernels;
 /// </summary>
 public class KernelBuildTests
 {
-    private static string RepoKernelsDir()
+    internal static string RepoKernelsDir()
     {
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
             if (File.Exists(Path.Combine(dir.FullName, "NativePeft.sln")))
