@@ -216,17 +216,21 @@ NP_UNROLL
 
 // The causal kernel (no positions) and the packed one are separate entry points, so that the causal kernel keeps its
 // instructions and registers exactly (at D = 128 on sm_90 it uses 241; the packed one reads its rows' document starts
-// inside the masked tiles instead of holding them, and fits too).
+// inside the masked tiles instead of holding them, and fits too). The packed kernel passes Tq for both lengths (Tk is
+// not read). Both take their AttnTcParams as __grid_constant__: without it ptxas (sm_90) gave the packed d64 kernel
+// 164 registers instead of the 134 it used with separate parameters; with it every forward kernel uses exactly the
+// registers it used before (docs/design.md, "Kernel ABI"). The backward kernels take theirs without: there
+// __grid_constant__ cost attention_bwd_dq_tc_d64 4 registers (168 -> 172, one resident CTA less per SM).
 #define ATTN_TC_FWD(DIM)                                                                                         \
-    NP_KERNEL_BOUNDED(attention_fwd_tc_d##DIM##_bf16, attntc::kThreads, (const AttnTcParams p))                \
+    NP_KERNEL_BOUNDED(attention_fwd_tc_d##DIM##_bf16, attntc::kThreads, (const __grid_constant__ AttnTcParams p)) \
     {                                                                                                         \
         if ((int)blockIdx.z < p.B)                                                                            \
             attntc::fwd_body<DIM, false>(p.q, p.k, p.v, p.out, p.lse, nullptr, p.Tq, p.Tk, p.Hq, p.Hkv, p.scale); \
     }                                                                                                         \
-    NP_KERNEL_BOUNDED(attention_fwd_tc_packed_d##DIM##_bf16, attntc::kThreads, (const AttnTcParams p))         \
+    NP_KERNEL_BOUNDED(attention_fwd_tc_packed_d##DIM##_bf16, attntc::kThreads, (const __grid_constant__ AttnTcParams p)) \
     {                                                                                                         \
         if ((int)blockIdx.z < p.B)                                                                            \
-            attntc::fwd_body<DIM, true>(p.q, p.k, p.v, p.out, p.lse, p.positions, p.Tq, p.Tk, p.Hq, p.Hkv, p.scale); \
+            attntc::fwd_body<DIM, true>(p.q, p.k, p.v, p.out, p.lse, p.positions, p.Tq, p.Tq, p.Hq, p.Hkv, p.scale); \
     }
 
 ATTN_TC_FWD(64)

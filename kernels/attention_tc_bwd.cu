@@ -382,13 +382,13 @@ NP_UNROLL
 }  // namespace attntc
 
 #define ATTN_TC_BWD(DIM)                                                                                         \
-    NP_KERNEL_BOUNDED(attention_bwd_dkdv_tc_d##DIM##_bf16, attntc::kThreads, (const AttnTcParams p))           \
+    NP_KERNEL_BOUNDED(attention_bwd_dkdv_tc_d##DIM##_bf16, attntc::kThreads, (const AttnTcParams p))                    \
     {                                                                                                         \
         if ((int)blockIdx.z < p.B)                                                                            \
             attntc::bwd_dkdv_body<DIM>(p.dout, p.q, p.k, p.v, p.lse, p.delta, p.positions, p.dk, p.dv, p.Tq, p.Hq, \
                                        p.Hkv, p.scale);                                                       \
     }                                                                                                         \
-    NP_KERNEL_BOUNDED(attention_bwd_dq_tc_d##DIM##_bf16, attntc::kThreads, (const AttnTcParams p))             \
+    NP_KERNEL_BOUNDED(attention_bwd_dq_tc_d##DIM##_bf16, attntc::kThreads, (const AttnTcParams p))                    \
     {                                                                                                         \
         if ((int)blockIdx.z < p.B)                                                                            \
             attntc::bwd_dq_body<DIM>(p.dout, p.q, p.k, p.v, p.lse, p.delta, p.positions, p.dq, p.Tq, p.Hq, p.Hkv, \
