@@ -6,9 +6,10 @@
 //   NP_KERNEL(name_dtype, (params)) { ... }                       // every entry point, through the macro
 //   NP_KERNEL_BOUNDED(name_dtype, max_threads, (params)) { ... }  // the same with __launch_bounds__(max_threads)
 //   EMU_DYNAMIC_SHARED(float, smem);    // instead of: extern __shared__ float smem[]; (16-byte aligned)
-// A kernel with many arguments takes one parameter struct by value (FlashAttention's Flash_fwd_params), declared
-// with NP_PARAMS_STRUCT so its size and field offsets are exported from the emulator library (np_layout_<struct>)
-// for the C# mirror's test (see attention_tc.cuh's AttnTcParams).
+// A kernel with many arguments takes one parameter struct by value (FlashAttention's Flash_fwd_params), followed in one
+// .cu file by NP_PARAMS_LAYOUT so its size and field offsets are exported from the emulator library
+// (np_layout_<struct>) for the C# mirror's test (see attention_tc.cuh's AttnTcParams; `const __grid_constant__ S p`
+// where that keeps ptxas' registers as they were with separate parameters, attention_tc.cu).
 #pragma once
 
 #if defined(__CUDACC__)

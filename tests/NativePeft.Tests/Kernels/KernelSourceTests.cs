@@ -101,12 +101,19 @@ public class KernelSourceTests
 
     private static IEnumerable<TestCaseData> ParamStructs()
     {
-        yield return new TestCaseData(typeof(AttnTcParams), "attention_tc.cuh", AttnTcParams.NativeSize,
-            new[] { "attention_fwd_tc_d64_bf16", "attention_fwd_tc_packed_d128_bf16", "attention_bwd_dkdv_tc_d64_bf16", "attention_bwd_dq_tc_d128_bf16" })
+        // (mirror, C struct, file, sizeof, kernels taking it with the struct's parameter index and their parameter count)
+        yield return new TestCaseData(typeof(AttnTcParams), "AttnTcParams", "attention_tc.cuh", AttnTcParams.NativeSize,
+            new[] { "attention_fwd_tc_d64_bf16", "attention_fwd_tc_packed_d128_bf16", "attention_bwd_dkdv_tc_d64_bf16", "attention_bwd_dq_tc_d128_bf16" }, 0, 1)
             .SetArgDisplayNames("AttnTcParams");
-        yield return new TestCaseData(typeof(LoraTcParams), "lora.cu", LoraTcParams.NativeSize,
-            new[] { "lora_down_tc_bf16", "lora_bwd_input_tc_bf16" })
+        yield return new TestCaseData(typeof(LoraTcParams), "LoraTcParams", "lora.cu", LoraTcParams.NativeSize,
+            new[] { "lora_down_tc_bf16", "lora_bwd_input_tc_bf16" }, 0, 1)
             .SetArgDisplayNames("LoraTcParams");
+        yield return new TestCaseData(typeof(NativePeft.Optim.AdamWStepScalars), "AdamWScalars", "optim.cu",
+            NativePeft.Optim.AdamWStepScalars.NativeSize, new[] { "adamw_f32" }, 5, 6)
+            .SetArgDisplayNames("AdamWScalars(adamw_f32)");
+        yield return new TestCaseData(typeof(NativePeft.Optim.AdamWStepScalars), "AdamWScalars", "optim.cu",
+            NativePeft.Optim.AdamWStepScalars.NativeSize, new[] { "adamw8bit_blockwise" }, 9, 10)
+            .SetArgDisplayNames("AdamWScalars(adamw8bit_blockwise)");
     }
 
     /// <summary>The field names of <c>struct name { ... };</c> in <paramref name="source"/>, in declaration order.</summary>
@@ -124,10 +131,14 @@ public class KernelSourceTests
     private static FieldInfo[] MirrorFields(Type type) =>
         type.GetFields(BindingFlags.Instance | BindingFlags.Public | BindingFlags.NonPublic).OrderBy(f => f.MetadataToken).ToArray();
 
+    /// <summary>A field name for comparison: a record's backing field by its property name, no underscores, lower case.</summary>
+    internal static string Comparable(string name) =>
+        Regex.Replace(name, @"^<(.+)>k__BackingField$", "$1").Replace("_", "").ToLowerInvariant();
+
     [TestCaseSource(nameof(ParamStructs))]
-    public unsafe void ParamStructMirrorMatchesTheC(Type mirror, string file, int nativeSize, string[] kernels)
+    public unsafe void ParamStructMirrorMatchesTheC(Type mirror, string cName, string file, int nativeSize, string[] kernels,
+        int parameterIndex, int parameterCount)
     {
-        string cName = mirror.Name;
         var fields = MirrorFields(mirror);
         int managedSize = (int)typeof(Unsafe).GetMethod(nameof(Unsafe.SizeOf))!.MakeGenericMethod(mirror).Invoke(null, null)!;
         Assert.Multiple(() =>
@@ -136,9 +147,9 @@ public class KernelSourceTests
             Assert.That(Marshal.SizeOf(mirror), Is.EqualTo(nativeSize), "Marshal.SizeOf of the C# mirror");
         });
 
-        // The field names, in order, against the C declaration (case-insensitive: C# spells them in PascalCase).
+        // The field names, in order, against the C declaration (C# spells them in PascalCase, C in snake_case).
         var cFields = CStructFields(File.ReadAllText(Path.Combine(KernelBuildTests.RepoKernelsDir(), file)), cName);
-        Assert.That(fields.Select(f => f.Name.ToLowerInvariant()), Is.EqualTo(cFields.Select(f => f.ToLowerInvariant())),
+        Assert.That(fields.Select(f => Comparable(f.Name)), Is.EqualTo(cFields.Select(Comparable)),
             $"the fields of {mirror.Name} vs struct {cName} in kernels/{file}");
 
         // Size and every offset against what the host compiler laid out (the emulator library's np_layout_<struct>).
@@ -154,9 +165,14 @@ public class KernelSourceTests
             Assert.That(values[0], Is.EqualTo(nativeSize), $"sizeof({cName}) in the emulator library");
             for (int i = 0; i < fields.Length; i++)
                 Assert.That(values[1 + i], Is.EqualTo((long)Marshal.OffsetOf(mirror, fields[i].Name)), $"offset of {cName}.{cFields[i]}");
-            // The kernels that take it: one parameter of that size (the emulator's KernelTraits of the C signature).
+            // The kernels that take it: a parameter of that size where the launcher puts it (the emulator's
+            // KernelTraits of the C signature).
             foreach (var kernel in kernels)
-                Assert.That(emu.ParameterSizes(kernel), Is.EqualTo(new[] { nativeSize }), $"{kernel}'s parameters");
+            {
+                var sizes = emu.ParameterSizes(kernel);
+                Assert.That(sizes, Has.Length.EqualTo(parameterCount), $"{kernel}'s parameter count");
+                Assert.That(sizes![parameterIndex], Is.EqualTo(nativeSize), $"{kernel}'s parameter {parameterIndex}");
+            }
         });
     }
 
