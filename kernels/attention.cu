@@ -485,73 +485,53 @@ ATTN_UNROLL
 // attention_forward_{f32,bf16}(q, k, v, out, lse (null: not written, inference), positions (null: plain causal;
 //   int32 [B, T]: packed sequences), B, T, Hq, Hkv, D, scale)
 // Launch: grid (ceil(T/32), Hq, B), block 128, dynamic shared (64 * (D + 1) + 32 * 17) * 4 bytes.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_forward_f32(const float* q, const float* k, const float* v, float* out, float* lse, const int* positions,
-                      int B, int T, int Hq, int Hkv, int D, float scale)
+NP_KERNEL_BOUNDED(attention_forward_f32, ATTN_THREADS, (const float* q, const float* k, const float* v, float* out, float* lse, const int* positions,
+                                                        int B, int T, int Hq, int Hkv, int D, float scale))
 { if ((int)blockIdx.z < B) attnk::forward_body<float>(q, k, v, out, lse, positions, T, T, Hq, Hkv, D, scale); }
-EMU_REGISTER(attention_forward_f32)
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_forward_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
-                       float* lse, const int* positions, int B, int T, int Hq, int Hkv, int D, float scale)
+NP_KERNEL_BOUNDED(attention_forward_bf16, ATTN_THREADS, (const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
+                                                         float* lse, const int* positions, int B, int T, int Hq, int Hkv, int D, float scale))
 { if ((int)blockIdx.z < B) attnk::forward_body<__nv_bfloat16>(q, k, v, out, lse, positions, T, T, Hq, Hkv, D, scale); }
-EMU_REGISTER(attention_forward_bf16)
 
 // attention_forward_cached_{f32,bf16}(q, k, v, out, lse (null: not written), B, Tq, Tk, Hq, Hkv, D, scale):
 // Tq new queries at absolute positions [Tk - Tq, Tk) attend causally to Tk keys (a KV cache; 1 <= Tq <= Tk).
 // q, out [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D]; lse [B, Hq, Tq]. One sequence per batch entry (no packing:
 // decoding continues one document).
 // Launch: grid (ceil(Tq/32), Hq, B), block 128, dynamic shared (64 * (D + 1) + 32 * 17) * 4 bytes.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_forward_cached_f32(const float* q, const float* k, const float* v, float* out, float* lse,
-                             int B, int Tq, int Tk, int Hq, int Hkv, int D, float scale)
+NP_KERNEL_BOUNDED(attention_forward_cached_f32, ATTN_THREADS, (const float* q, const float* k, const float* v, float* out, float* lse,
+                                                               int B, int Tq, int Tk, int Hq, int Hkv, int D, float scale))
 { if ((int)blockIdx.z < B) attnk::forward_body<float>(q, k, v, out, lse, nullptr, Tq, Tk, Hq, Hkv, D, scale); }
-EMU_REGISTER(attention_forward_cached_f32)
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_forward_cached_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
-                              float* lse, int B, int Tq, int Tk, int Hq, int Hkv, int D, float scale)
+NP_KERNEL_BOUNDED(attention_forward_cached_bf16, ATTN_THREADS, (const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
+                                                                float* lse, int B, int Tq, int Tk, int Hq, int Hkv, int D, float scale))
 { if ((int)blockIdx.z < B) attnk::forward_body<__nv_bfloat16>(q, k, v, out, lse, nullptr, Tq, Tk, Hq, Hkv, D, scale); }
-EMU_REGISTER(attention_forward_cached_bf16)
 
 // attention_backward_preprocess_{f32,bf16}(dout, out, delta, B, T, Hq, D)
 // Launch: grid ceil(B*T*Hq / 4), block 128, shared 0.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_backward_preprocess_f32(const float* dout, const float* out, float* delta, int B, int T, int Hq, int D)
+NP_KERNEL_BOUNDED(attention_backward_preprocess_f32, ATTN_THREADS, (const float* dout, const float* out, float* delta, int B, int T, int Hq, int D))
 { attnk::preprocess_body<float>(dout, out, delta, B, T, Hq, D); }
-EMU_REGISTER(attention_backward_preprocess_f32)
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_backward_preprocess_bf16(const __nv_bfloat16* dout, const __nv_bfloat16* out, float* delta,
-                                   int B, int T, int Hq, int D)
+NP_KERNEL_BOUNDED(attention_backward_preprocess_bf16, ATTN_THREADS, (const __nv_bfloat16* dout, const __nv_bfloat16* out, float* delta,
+                                                                     int B, int T, int Hq, int D))
 { attnk::preprocess_body<__nv_bfloat16>(dout, out, delta, B, T, Hq, D); }
-EMU_REGISTER(attention_backward_preprocess_bf16)
 
 // attention_backward_dkdv_{f32,bf16}(dout, q, k, v, lse, delta, positions (null or int32 [B, T]), dk, dv, B, T, Hq,
 //   Hkv, D, scale)
 // Launch: grid (ceil(T/16), Hkv, B), block 128, dynamic shared (64 * (D + 1) + 2 * 16 * 17 + 48) * 4 bytes.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_backward_dkdv_f32(const float* dout, const float* q, const float* k, const float* v, const float* lse,
-                            const float* delta, const int* positions, float* dk, float* dv, int B, int T, int Hq, int Hkv,
-                            int D, float scale)
+NP_KERNEL_BOUNDED(attention_backward_dkdv_f32, ATTN_THREADS, (const float* dout, const float* q, const float* k, const float* v, const float* lse,
+                                                              const float* delta, const int* positions, float* dk, float* dv, int B, int T, int Hq, int Hkv,
+                                                              int D, float scale))
 { if ((int)blockIdx.z < B) attnk::backward_dkdv_body<float>(dout, q, k, v, lse, delta, positions, dk, dv, T, Hq, Hkv, D, scale); }
-EMU_REGISTER(attention_backward_dkdv_f32)
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_backward_dkdv_bf16(const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                             const __nv_bfloat16* v, const float* lse, const float* delta, const int* positions,
-                             __nv_bfloat16* dk, __nv_bfloat16* dv, int B, int T, int Hq, int Hkv, int D, float scale)
+NP_KERNEL_BOUNDED(attention_backward_dkdv_bf16, ATTN_THREADS, (const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                                               const __nv_bfloat16* v, const float* lse, const float* delta, const int* positions,
+                                                               __nv_bfloat16* dk, __nv_bfloat16* dv, int B, int T, int Hq, int Hkv, int D, float scale))
 { if ((int)blockIdx.z < B) attnk::backward_dkdv_body<__nv_bfloat16>(dout, q, k, v, lse, delta, positions, dk, dv, T, Hq, Hkv, D, scale); }
-EMU_REGISTER(attention_backward_dkdv_bf16)
 
 // attention_backward_dq_{f32,bf16}(dout, q, k, v, lse, delta, positions (null or int32 [B, T]), dq, B, T, Hq, Hkv, D,
 //   scale)
 // Launch: grid (ceil(T/16), Hq, B), block 128, dynamic shared (64 * (D + 1) + 16 * 17) * 4 bytes.
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_backward_dq_f32(const float* dout, const float* q, const float* k, const float* v, const float* lse,
-                          const float* delta, const int* positions, float* dq, int B, int T, int Hq, int Hkv, int D,
-                          float scale)
+NP_KERNEL_BOUNDED(attention_backward_dq_f32, ATTN_THREADS, (const float* dout, const float* q, const float* k, const float* v, const float* lse,
+                                                            const float* delta, const int* positions, float* dq, int B, int T, int Hq, int Hkv, int D,
+                                                            float scale))
 { if ((int)blockIdx.z < B) attnk::backward_dq_body<float>(dout, q, k, v, lse, delta, positions, dq, T, Hq, Hkv, D, scale); }
-EMU_REGISTER(attention_backward_dq_f32)
-extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_backward_dq_bf16(const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                           const __nv_bfloat16* v, const float* lse, const float* delta, const int* positions,
-                           __nv_bfloat16* dq, int B, int T, int Hq, int Hkv, int D, float scale)
+NP_KERNEL_BOUNDED(attention_backward_dq_bf16, ATTN_THREADS, (const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                                             const __nv_bfloat16* v, const float* lse, const float* delta, const int* positions,
+                                                             __nv_bfloat16* dq, int B, int T, int Hq, int Hkv, int D, float scale))
 { if ((int)blockIdx.z < B) attnk::backward_dq_body<__nv_bfloat16>(dout, q, k, v, lse, delta, positions, dq, T, Hq, Hkv, D, scale); }
-EMU_REGISTER(attention_backward_dq_bf16)

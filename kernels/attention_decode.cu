@@ -187,22 +187,19 @@ NP_UNROLL
 }  // namespace attndec
 
 #define ATTN_DECODE(DIM)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(attntc::kThreads)                                            \
-    attention_decode_tc_d##DIM##_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, \
+    NP_KERNEL_BOUNDED(attention_decode_tc_d##DIM##_bf16, attntc::kThreads, (const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, \
                                       float* o_part, float* lse_part, int B, int Tq, int Tk, int Hq, int Hkv,  \
-                                      int chunk, float scale)                                                 \
+                                      int chunk, float scale))                                                 \
     {                                                                                                         \
         if ((int)blockIdx.z < B) attndec::decode_body<DIM>(q, k, v, o_part, lse_part, Tq, Tk, Hq, Hkv, chunk, scale); \
-    }                                                                                                         \
-    EMU_REGISTER(attention_decode_tc_d##DIM##_bf16)
+    }
 
 ATTN_DECODE(64)
 ATTN_DECODE(128)
 
 // Merge of the splits for one (row, kv head, batch) per CTA; threads stride over d.
-extern "C" __global__ void __launch_bounds__(attntc::kThreads)
-attention_decode_combine_bf16(const float* o_part, const float* lse_part, __nv_bfloat16* out, float* lse, int B,
-                              int Tq, int Hq, int Hkv, int splits, int D)
+NP_KERNEL_BOUNDED(attention_decode_combine_bf16, attntc::kThreads, (const float* o_part, const float* lse_part, __nv_bfloat16* out, float* lse, int B,
+                                                                    int Tq, int Hq, int Hkv, int splits, int D))
 {
     const int row = (int)blockIdx.x, hk = (int)blockIdx.y, b = (int)blockIdx.z;
     if (b >= B) return;
@@ -231,4 +228,3 @@ attention_decode_combine_bf16(const float* o_part, const float* lse_part, __nv_b
     }
     if (threadIdx.x == 0 && lse != nullptr) lse[((long long)b * Hq + h) * Tq + qi] = total;
 }
-EMU_REGISTER(attention_decode_combine_bf16)

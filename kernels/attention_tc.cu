@@ -32,9 +32,9 @@
 // a packed row whose document starts in a later tile passes fully masked tiles with m = -inf, l = 0,
 // O = 0). out = O / l rounded to bf16 once; lse = m * scale + log(l).
 //
-// C ABI: attention_fwd_tc_d64_bf16, attention_fwd_tc_d128_bf16
-//   (q, k, v, out, lse, B, Tq, Tk, Hq, Hkv, scale); attention_fwd_tc_packed_d{64,128}_bf16
-//   (q, k, v, out, lse, positions, B, T, Hq, Hkv, scale) for packed training rows (Tq = Tk = T, positions
+// C ABI: one AttnTcParams by value (attention_tc.cuh): attention_fwd_tc_d64_bf16, attention_fwd_tc_d128_bf16
+//   (p: q, k, v, out, lse, B, Tq, Tk, Hq, Hkv, scale); attention_fwd_tc_packed_d{64,128}_bf16
+//   (p: q, k, v, out, lse, positions, B, Tq = Tk = T, Hq, Hkv, scale) for packed training rows (positions
 //   not null); grid (ceil(Tq / 64), Hq, B), block 128,
 //   dynamic shared 5 * 64 * D * 2 bytes; q, k, v, out 16-byte aligned.
 #include "attention_tc.cuh"
@@ -216,24 +216,29 @@ NP_UNROLL
 
 // The causal kernel (no positions) and the packed one are separate entry points, so that the causal kernel keeps its
 // instructions and registers exactly (at D = 128 on sm_90 it uses 241; the packed one reads its rows' document starts
-// inside the masked tiles instead of holding them, and fits too).
+// inside the masked tiles instead of holding them, and fits too). The packed kernel passes Tq for both lengths (Tk is
+// not read). Both take their AttnTcParams as __grid_constant__: without it ptxas (sm_90) gave the packed d64 kernel
+// 164 registers instead of the 134 it used with separate parameters; with it every forward kernel uses exactly the
+// registers it used before (docs/design.md, "Kernel ABI"). The backward kernels take theirs without: there
+// __grid_constant__ cost attention_bwd_dq_tc_d64 4 registers (168 -> 172, one resident CTA less per SM).
 #define ATTN_TC_FWD(DIM)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(attntc::kThreads)                                            \
-    attention_fwd_tc_d##DIM##_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,    \
-                                   __nv_bfloat16* out, float* lse, int B, int Tq, int Tk, int Hq, int Hkv,    \
-                                   float scale)                                                               \
+    NP_KERNEL_BOUNDED(attention_fwd_tc_d##DIM##_bf16, attntc::kThreads, (const __grid_constant__ AttnTcParams p)) \
     {                                                                                                         \
-        if ((int)blockIdx.z < B) attntc::fwd_body<DIM, false>(q, k, v, out, lse, nullptr, Tq, Tk, Hq, Hkv, scale); \
+        if ((int)blockIdx.z < p.B)                                                                            \
+            attntc::fwd_body<DIM, false>(p.q, p.k, p.v, p.out, p.lse, nullptr, p.Tq, p.Tk, p.Hq, p.Hkv, p.scale); \
     }                                                                                                         \
-    EMU_REGISTER(attention_fwd_tc_d##DIM##_bf16)                                                              \
-    extern "C" __global__ void __launch_bounds__(attntc::kThreads)                                            \
-    attention_fwd_tc_packed_d##DIM##_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k,                     \
-                                          const __nv_bfloat16* v, __nv_bfloat16* out, float* lse,             \
-                                          const int* positions, int B, int T, int Hq, int Hkv, float scale)   \
+    NP_KERNEL_BOUNDED(attention_fwd_tc_packed_d##DIM##_bf16, attntc::kThreads, (const __grid_constant__ AttnTcParams p)) \
     {                                                                                                         \
-        if ((int)blockIdx.z < B) attntc::fwd_body<DIM, true>(q, k, v, out, lse, positions, T, T, Hq, Hkv, scale); \
-    }                                                                                                         \
-    EMU_REGISTER(attention_fwd_tc_packed_d##DIM##_bf16)
+        if ((int)blockIdx.z < p.B)                                                                            \
+            attntc::fwd_body<DIM, true>(p.q, p.k, p.v, p.out, p.lse, p.positions, p.Tq, p.Tq, p.Hq, p.Hkv, p.scale); \
+    }
 
 ATTN_TC_FWD(64)
 ATTN_TC_FWD(128)
+
+NP_PARAMS_LAYOUT(AttnTcParams, offsetof(AttnTcParams, q), offsetof(AttnTcParams, k), offsetof(AttnTcParams, v),
+                 offsetof(AttnTcParams, out), offsetof(AttnTcParams, lse), offsetof(AttnTcParams, positions),
+                 offsetof(AttnTcParams, dout), offsetof(AttnTcParams, delta), offsetof(AttnTcParams, dq),
+                 offsetof(AttnTcParams, dk), offsetof(AttnTcParams, dv), offsetof(AttnTcParams, B),
+                 offsetof(AttnTcParams, Tq), offsetof(AttnTcParams, Tk), offsetof(AttnTcParams, Hq),
+                 offsetof(AttnTcParams, Hkv), offsetof(AttnTcParams, scale))

@@ -10,6 +10,31 @@
 #pragma once
 #include "mma.cuh"
 
+// The parameters of the tensor-core attention kernels (attention_fwd_tc[_packed]_d{64,128}_bf16,
+// attention_bwd_{dkdv,dq}_tc_d{64,128}_bf16), passed by value as their one parameter (FlashAttention's
+// Flash_fwd_params / Flash_bwd_params). Mirrored field for field by C# NativePeft.Ops.AttnTcParams
+// ([StructLayout(Sequential)]); KernelSourceTests compares its size and field offsets with np_layout_AttnTcParams
+// (attention_tc.cu) and the static_assert below holds nvcc to the same size. A kernel reads the fields it needs:
+// the forward q, k, v, out, lse (null: not written), positions (packed only); the backward q, k, v, lse, dout, delta,
+// positions (null: plain causal) and dq or dk, dv.
+struct AttnTcParams
+{
+    const __nv_bfloat16* q;     // [B, Tq, Hq, D]
+    const __nv_bfloat16* k;     // [B, Tk, Hkv, D]
+    const __nv_bfloat16* v;     // [B, Tk, Hkv, D]
+    __nv_bfloat16* out;         // forward output [B, Tq, Hq, D]
+    float* lse;                 // [B, Hq, Tq] fp32: written by the forward, read by the backward
+    const int* positions;       // int32 [B, T] positions inside packed documents (Tq = Tk = T), or null
+    const __nv_bfloat16* dout;  // backward: dL/d out [B, T, Hq, D]
+    const float* delta;         // backward: rowsum(dout * out) [B, Hq, T] fp32
+    __nv_bfloat16* dq;          // backward outputs (overwritten)
+    __nv_bfloat16* dk;
+    __nv_bfloat16* dv;
+    int B, Tq, Tk, Hq, Hkv;
+    float scale;                // 1 / sqrt(D)
+};
+static_assert(sizeof(AttnTcParams) == 112, "AttnTcParams: 11 pointers and 6 four-byte fields, as the C# mirror");
+
 namespace attntc {
 
 constexpr int kThreads = 128;  // 4 warps

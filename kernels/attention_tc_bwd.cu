@@ -30,9 +30,10 @@
 // starts at or before the block's last key (found by a binary search: starts never decrease); dq starts
 // at the key tile holding the document start of its first row. Null: plain causal, as before.
 //
-// C ABI: attention_bwd_dkdv_tc_d{64,128}_bf16(dout, q, k, v, lse, delta, positions, dk, dv, B, T, Hq, Hkv, scale):
+// C ABI: one AttnTcParams by value (attention_tc.cuh; T is Tq, Tk is not read):
+//        attention_bwd_dkdv_tc_d{64,128}_bf16(p: dout, q, k, v, lse, delta, positions, dk, dv, B, Tq, Hq, Hkv, scale):
 //          grid (ceil(T / 64), Hkv, B), block 128, dynamic shared (2 * 64 + 4 * 32) * D * 2 + 768 bytes;
-//        attention_bwd_dq_tc_d{64,128}_bf16(dout, q, k, v, lse, delta, positions, dq, B, T, Hq, Hkv, scale):
+//        attention_bwd_dq_tc_d{64,128}_bf16(p: dout, q, k, v, lse, delta, positions, dq, B, Tq, Hq, Hkv, scale):
 //          grid (ceil(T / 64), Hq, B), block 128, dynamic shared 5 * 64 * D * 2 bytes.
 //        All bf16 pointers 16-byte aligned.
 #include "attention_tc.cuh"
@@ -381,26 +382,18 @@ NP_UNROLL
 }  // namespace attntc
 
 #define ATTN_TC_BWD(DIM)                                                                                         \
-    extern "C" __global__ void __launch_bounds__(attntc::kThreads)                                            \
-    attention_bwd_dkdv_tc_d##DIM##_bf16(const __nv_bfloat16* dout, const __nv_bfloat16* q,                    \
-                                        const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse,     \
-                                        const float* delta, const int* positions, __nv_bfloat16* dk,          \
-                                        __nv_bfloat16* dv, int B, int T, int Hq, int Hkv, float scale)        \
+    NP_KERNEL_BOUNDED(attention_bwd_dkdv_tc_d##DIM##_bf16, attntc::kThreads, (const AttnTcParams p))                    \
     {                                                                                                         \
-        if ((int)blockIdx.z < B)                                                                              \
-            attntc::bwd_dkdv_body<DIM>(dout, q, k, v, lse, delta, positions, dk, dv, T, Hq, Hkv, scale);      \
+        if ((int)blockIdx.z < p.B)                                                                            \
+            attntc::bwd_dkdv_body<DIM>(p.dout, p.q, p.k, p.v, p.lse, p.delta, p.positions, p.dk, p.dv, p.Tq, p.Hq, \
+                                       p.Hkv, p.scale);                                                       \
     }                                                                                                         \
-    EMU_REGISTER(attention_bwd_dkdv_tc_d##DIM##_bf16)                                                         \
-    extern "C" __global__ void __launch_bounds__(attntc::kThreads)                                            \
-    attention_bwd_dq_tc_d##DIM##_bf16(const __nv_bfloat16* dout, const __nv_bfloat16* q,                      \
-                                      const __nv_bfloat16* k, const __nv_bfloat16* v, const float* lse,       \
-                                      const float* delta, const int* positions, __nv_bfloat16* dq, int B,     \
-                                      int T, int Hq, int Hkv, float scale)                                    \
+    NP_KERNEL_BOUNDED(attention_bwd_dq_tc_d##DIM##_bf16, attntc::kThreads, (const AttnTcParams p))                    \
     {                                                                                                         \
-        if ((int)blockIdx.z < B)                                                                              \
-            attntc::bwd_dq_body<DIM>(dout, q, k, v, lse, delta, positions, dq, T, Hq, Hkv, scale);            \
-    }                                                                                                         \
-    EMU_REGISTER(attention_bwd_dq_tc_d##DIM##_bf16)
+        if ((int)blockIdx.z < p.B)                                                                            \
+            attntc::bwd_dq_body<DIM>(p.dout, p.q, p.k, p.v, p.lse, p.delta, p.positions, p.dq, p.Tq, p.Hq, p.Hkv, \
+                                     p.scale);                                                                \
+    }
 
 ATTN_TC_BWD(64)
 ATTN_TC_BWD(128)

@@ -3,9 +3,13 @@
 // emu/cuda_emu.h, which provides the CUDA execution model on the CPU.
 //
 // Conventions (see docs/design.md, "Kernel ABI"):
-//   extern "C" __global__ void name_dtype(...) { ... }
-//   EMU_REGISTER(name_dtype)            // after each kernel; empty under nvcc
+//   NP_KERNEL(name_dtype, (params)) { ... }                       // every entry point, through the macro
+//   NP_KERNEL_BOUNDED(name_dtype, max_threads, (params)) { ... }  // the same with __launch_bounds__(max_threads)
 //   EMU_DYNAMIC_SHARED(float, smem);    // instead of: extern __shared__ float smem[]; (16-byte aligned)
+// A kernel with many arguments takes one parameter struct by value (FlashAttention's Flash_fwd_params), followed in one
+// .cu file by NP_PARAMS_LAYOUT so its size and field offsets are exported from the emulator library
+// (np_layout_<struct>) for the C# mirror's test (see attention_tc.cuh's AttnTcParams; `const __grid_constant__ S p`
+// where that keeps ptxas' registers as they were with separate parameters, attention_tc.cu).
 #pragma once
 
 #if defined(__CUDACC__)
@@ -19,6 +23,38 @@
     T* name = reinterpret_cast<T*>(np_dynamic_smem)
 #else
 #include "emu/cuda_emu.h"
+#endif
+
+// --- entry points ------------------------------------------------------------------------------
+// NP_KERNEL(name, (params)) { body } declares the extern "C" entry point `name`, registers it with the emulator
+// (EMU_REGISTER: a static registrar in libnativepeft_emu; nothing under nvcc) and opens its definition: the one place
+// an entry point's C name, its parameter list and its registration are written (bitsandbytes' MAKE_FUNC style).
+// A test (KernelSourceTests) fails when `extern "C" __global__` or EMU_REGISTER appears anywhere else.
+#define NP_KERNEL(name, params)                 \
+    extern "C" __global__ void name params;     \
+    EMU_REGISTER(name)                          \
+    extern "C" __global__ void name params
+#define NP_KERNEL_BOUNDED(name, max_threads, params)                         \
+    extern "C" __global__ void __launch_bounds__(max_threads) name params;   \
+    EMU_REGISTER(name)                                                       \
+    extern "C" __global__ void __launch_bounds__(max_threads) name params
+
+// NP_PARAMS_LAYOUT(S, offsetof(S, first), ...) after a parameter struct S, in one .cu file: in the emulator library an
+// exported `extern "C" int np_layout_S(long long* out, int max)` that writes sizeof(S) and then the listed offsets
+// (the fields in declaration order) and returns how many values it has; nothing under nvcc, where the static_assert on
+// sizeof beside the struct checks that the device compiler agrees. The C# mirror's test compares them with
+// Unsafe.SizeOf and Marshal.OffsetOf.
+#if defined(__CUDACC__)
+#define NP_PARAMS_LAYOUT(S, ...)
+#else
+#define NP_PARAMS_LAYOUT(S, ...)                                                                  \
+    extern "C" __attribute__((visibility("default"))) int np_layout_##S(long long* out, int max) \
+    {                                                                                            \
+        const long long v[] = {(long long)sizeof(S), __VA_ARGS__};                               \
+        const int n = (int)(sizeof(v) / sizeof(v[0]));                                           \
+        for (int i = 0; i < n && i < max; i++) out[i] = v[i];                                    \
+        return n;                                                                                \
+    }
 #endif
 
 // Full unrolling of a loop with a compile-time trip count (keeps per-thread fragment arrays in registers).

@@ -131,7 +131,7 @@ __device__ void chunk_backward_body(T* z, int chunk, long long ldz, int v0, cons
 
 // cross_entropy_init(running_max[rows], running_sum[rows], label_logit[rows], rows): -inf, 0, 0.
 // Launch: grid ceil(rows/256), block 256, shared 0.
-extern "C" __global__ void cross_entropy_init(float* running_max, float* running_sum, float* label_logit, int rows)
+NP_KERNEL(cross_entropy_init, (float* running_max, float* running_sum, float* label_logit, int rows))
 {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i < rows)
@@ -141,25 +141,22 @@ extern "C" __global__ void cross_entropy_init(float* running_max, float* running
         label_logit[i] = 0.0f;
     }
 }
-EMU_REGISTER(cross_entropy_init)
 
 // cross_entropy_chunk_forward_{f32,bf16}(z[rows, ldz], rows, chunk, ldz, v0, labels[rows], running_max[rows],
 //     running_sum[rows], label_logit[rows]); the state is fp32 and updated in place.
 // Launch: grid rows, block min(256, 32*ceil(chunk/32)), shared 0.
-extern "C" __global__ void cross_entropy_chunk_forward_f32(const float* z, int rows, int chunk, long long ldz, int v0, const int* labels,
-                                                           float* running_max, float* running_sum, float* label_logit)
+NP_KERNEL(cross_entropy_chunk_forward_f32, (const float* z, int rows, int chunk, long long ldz, int v0, const int* labels,
+                                            float* running_max, float* running_sum, float* label_logit))
 { if ((int)blockIdx.x < rows) cek::chunk_forward_body<float>(z, chunk, ldz, v0, labels, running_max, running_sum, label_logit); }
-EMU_REGISTER(cross_entropy_chunk_forward_f32)
-extern "C" __global__ void cross_entropy_chunk_forward_bf16(const __nv_bfloat16* z, int rows, int chunk, long long ldz, int v0, const int* labels,
-                                                            float* running_max, float* running_sum, float* label_logit)
+NP_KERNEL(cross_entropy_chunk_forward_bf16, (const __nv_bfloat16* z, int rows, int chunk, long long ldz, int v0, const int* labels,
+                                             float* running_max, float* running_sum, float* label_logit))
 { if ((int)blockIdx.x < rows) cek::chunk_forward_body<__nv_bfloat16>(z, chunk, ldz, v0, labels, running_max, running_sum, label_logit); }
-EMU_REGISTER(cross_entropy_chunk_forward_bf16)
 
 // cross_entropy_finish(running_max, running_sum, label_logit, labels, rows, vocab, lse_out[rows], loss_per_row[rows]):
 // lse = max + log(sum) for every row; loss = lse - label_logit for labels in [0, vocab), 0 for -100, NaN otherwise.
 // Launch: grid ceil(rows/256), block 256, shared 0.
-extern "C" __global__ void cross_entropy_finish(const float* running_max, const float* running_sum, const float* label_logit,
-                                                const int* labels, int rows, int vocab, float* lse_out, float* loss_per_row)
+NP_KERNEL(cross_entropy_finish, (const float* running_max, const float* running_sum, const float* label_logit,
+                                 const int* labels, int rows, int vocab, float* lse_out, float* loss_per_row))
 {
     const int i = (int)(blockIdx.x * blockDim.x + threadIdx.x);
     if (i >= rows) return;
@@ -172,12 +169,11 @@ extern "C" __global__ void cross_entropy_finish(const float* running_max, const 
     else loss = __int_as_float(0x7fc00000);  // quiet NaN: an invalid label
     loss_per_row[i] = loss;
 }
-EMU_REGISTER(cross_entropy_finish)
 
 // cross_entropy_loss_sum(loss_per_row[rows], labels[rows], rows, out[2] double): out[0] = sum of loss_per_row in double,
 // out[1] = number of rows whose label is not -100. Deterministic: thread t sums rows t, t+256, ... in order, then a
 // fixed shared-memory tree. Launch: grid 1, block 256 (exactly), shared 0.
-extern "C" __global__ void cross_entropy_loss_sum(const float* loss_per_row, const int* labels, int rows, double* out)
+NP_KERNEL(cross_entropy_loss_sum, (const float* loss_per_row, const int* labels, int rows, double* out))
 {
     __shared__ double s_sum[256];
     __shared__ int s_count[256];
@@ -207,16 +203,13 @@ extern "C" __global__ void cross_entropy_loss_sum(const float* loss_per_row, con
         out[1] = (double)s_count[0];
     }
 }
-EMU_REGISTER(cross_entropy_loss_sum)
 
 // cross_entropy_chunk_backward_{f32,bf16}(z[rows, ldz] in place -> dz, rows, chunk, ldz, v0, labels[rows], lse[rows], scale):
 // dz = (softmax - onehot) * scale with scale = dloss / count; rows labelled -100 get 0.
 // Launch: grid rows, block min(256, 32*ceil(chunk/32)), shared 0.
-extern "C" __global__ void cross_entropy_chunk_backward_f32(float* z, int rows, int chunk, long long ldz, int v0, const int* labels,
-                                                            const float* lse, float scale)
+NP_KERNEL(cross_entropy_chunk_backward_f32, (float* z, int rows, int chunk, long long ldz, int v0, const int* labels,
+                                             const float* lse, float scale))
 { if ((int)blockIdx.x < rows) cek::chunk_backward_body<float>(z, chunk, ldz, v0, labels, lse, scale); }
-EMU_REGISTER(cross_entropy_chunk_backward_f32)
-extern "C" __global__ void cross_entropy_chunk_backward_bf16(__nv_bfloat16* z, int rows, int chunk, long long ldz, int v0, const int* labels,
-                                                             const float* lse, float scale)
+NP_KERNEL(cross_entropy_chunk_backward_bf16, (__nv_bfloat16* z, int rows, int chunk, long long ldz, int v0, const int* labels,
+                                              const float* lse, float scale))
 { if ((int)blockIdx.x < rows) cek::chunk_backward_body<__nv_bfloat16>(z, chunk, ldz, v0, labels, lse, scale); }
-EMU_REGISTER(cross_entropy_chunk_backward_bf16)

@@ -86,48 +86,39 @@ __device__ void apply_mask_scale_body(const T* x, const unsigned char* __restric
 }  // namespace ewk
 
 // fill_{f32,bf16}(y[n], n, value). Launch: grid-stride, block 256.
-extern "C" __global__ void fill_f32(float* y, long long n, float value) { ewk::fill_body<float>(y, n, value); }
-EMU_REGISTER(fill_f32)
-extern "C" __global__ void fill_bf16(__nv_bfloat16* y, long long n, float value) { ewk::fill_body<__nv_bfloat16>(y, n, value); }
-EMU_REGISTER(fill_bf16)
-
-// cast_f32_to_bf16(x[n], y[n], n), cast_bf16_to_f32(x[n], y[n], n). Launch: grid-stride, block 256.
-extern "C" __global__ void cast_f32_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ y, long long n)
+NP_KERNEL(fill_f32, (float* y, long long n, float value)) { ewk::fill_body<float>(y, n, value); }
+                     NP_KERNEL(fill_bf16, (__nv_bfloat16* y, long long n, float value)) { ewk::fill_body<__nv_bfloat16>(y, n, value); }
+                     
+                     // cast_f32_to_bf16(x[n], y[n], n), cast_bf16_to_f32(x[n], y[n], n). Launch: grid-stride, block 256.
+                     NP_KERNEL(cast_f32_to_bf16, (const float* __restrict__ x, __nv_bfloat16* __restrict__ y, long long n))
 {
     for (long long i = ewk::first_index(); i < n; i += ewk::grid_stride()) y[i] = __float2bfloat16_rn(x[i]);
 }
-EMU_REGISTER(cast_f32_to_bf16)
-extern "C" __global__ void cast_bf16_to_f32(const __nv_bfloat16* __restrict__ x, float* __restrict__ y, long long n)
+NP_KERNEL(cast_bf16_to_f32, (const __nv_bfloat16* __restrict__ x, float* __restrict__ y, long long n))
 {
     for (long long i = ewk::first_index(); i < n; i += ewk::grid_stride()) y[i] = __bfloat162float(x[i]);
 }
-EMU_REGISTER(cast_bf16_to_f32)
 
 // add_{f32,bf16}(a[n], b[n], c[n], n): c = a + b; c may alias a or b. Launch: grid-stride, block 256, n/8 threads.
-extern "C" __global__ void add_f32(const float* a, const float* b, float* c, long long n) { ewk::add_body<float>(a, b, c, n); }
-EMU_REGISTER(add_f32)
-extern "C" __global__ void add_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, __nv_bfloat16* c, long long n)
+NP_KERNEL(add_f32, (const float* a, const float* b, float* c, long long n)) { ewk::add_body<float>(a, b, c, n); }
+                    NP_KERNEL(add_bf16, (const __nv_bfloat16* a, const __nv_bfloat16* b, __nv_bfloat16* c, long long n))
 { ewk::add_body<__nv_bfloat16>(a, b, c, n); }
-EMU_REGISTER(add_bf16)
 
 // axpy_f32(alpha, x[n], y[n], n): y = fmaf(alpha, x, y) (one rounding). Launch: grid-stride, block 256.
-extern "C" __global__ void axpy_f32(float alpha, const float* __restrict__ x, float* __restrict__ y, long long n)
+NP_KERNEL(axpy_f32, (float alpha, const float* __restrict__ x, float* __restrict__ y, long long n))
 {
     for (long long i = ewk::first_index(); i < n; i += ewk::grid_stride()) y[i] = fmaf(alpha, x[i], y[i]);
 }
-EMU_REGISTER(axpy_f32)
 
 // scale_{f32,bf16}(x[n], y[n], n, alpha): y = alpha * x; y may alias x. Launch: grid-stride, block 256.
-extern "C" __global__ void scale_f32(const float* x, float* y, long long n, float alpha) { ewk::scale_body<float>(x, y, n, alpha); }
-EMU_REGISTER(scale_f32)
-extern "C" __global__ void scale_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, long long n, float alpha)
+NP_KERNEL(scale_f32, (const float* x, float* y, long long n, float alpha)) { ewk::scale_body<float>(x, y, n, alpha); }
+                      NP_KERNEL(scale_bf16, (const __nv_bfloat16* x, __nv_bfloat16* y, long long n, float alpha))
 { ewk::scale_body<__nv_bfloat16>(x, y, n, alpha); }
-EMU_REGISTER(scale_bf16)
 
 // dropout_mask(mask[n] uint8, n, seed, offset, drop_threshold): mask[i] = philox_word(seed, offset + i) >= drop_threshold.
 // Launch: grid-stride, block 256.
-extern "C" __global__ void dropout_mask(unsigned char* __restrict__ mask, long long n, unsigned long long seed,
-                                        unsigned long long offset, unsigned int drop_threshold)
+NP_KERNEL(dropout_mask, (unsigned char* __restrict__ mask, long long n, unsigned long long seed,
+                         unsigned long long offset, unsigned int drop_threshold))
 {
     const unsigned int k0 = (unsigned int)seed, k1 = (unsigned int)(seed >> 32);
     for (long long i = ewk::first_index(); i < n; i += ewk::grid_stride())
@@ -138,21 +129,18 @@ extern "C" __global__ void dropout_mask(unsigned char* __restrict__ mask, long l
         mask[i] = r >= drop_threshold ? (unsigned char)1 : (unsigned char)0;
     }
 }
-EMU_REGISTER(dropout_mask)
 
 // apply_mask_scale_{f32,bf16}(x[n], mask[n], y[n], n, scale): y = mask ? x * scale : 0; y may alias x.
 // Launch: grid-stride, block 256.
-extern "C" __global__ void apply_mask_scale_f32(const float* x, const unsigned char* mask, float* y, long long n, float scale)
+NP_KERNEL(apply_mask_scale_f32, (const float* x, const unsigned char* mask, float* y, long long n, float scale))
 { ewk::apply_mask_scale_body<float>(x, mask, y, n, scale); }
-EMU_REGISTER(apply_mask_scale_f32)
-extern "C" __global__ void apply_mask_scale_bf16(const __nv_bfloat16* x, const unsigned char* mask, __nv_bfloat16* y, long long n, float scale)
+NP_KERNEL(apply_mask_scale_bf16, (const __nv_bfloat16* x, const unsigned char* mask, __nv_bfloat16* y, long long n, float scale))
 { ewk::apply_mask_scale_body<__nv_bfloat16>(x, mask, y, n, scale); }
-EMU_REGISTER(apply_mask_scale_bf16)
 
 // sum_squares_f32(x[n], n, partials[gridDim.x] double): block b sums x[i]^2 in double over i = b*256 + t,
 // += gridDim.x*256, thread t in index order, then a fixed shared-memory tree; partials[b] = the block's sum.
 // Launch: grid G (the host takes G from n alone, at most 1024), block 256 (exactly), shared 0.
-extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, long long n, double* __restrict__ partials)
+NP_KERNEL(sum_squares_f32, (const float* __restrict__ x, long long n, double* __restrict__ partials))
 {
     __shared__ double s[256];
     const int t = (int)threadIdx.x;
@@ -171,12 +159,11 @@ extern "C" __global__ void sum_squares_f32(const float* __restrict__ x, long lon
     }
     if (t == 0) partials[blockIdx.x] = s[0];
 }
-EMU_REGISTER(sum_squares_f32)
 
 // reduce_sum_f64(partials[count], count, out[1] double): out[0] += the sum of partials (thread t adds entries t, t+256,
 // ... in order, then a fixed tree), so several tensors accumulate into one output. Launch: grid 1, block 256
 // (exactly), shared 0.
-extern "C" __global__ void reduce_sum_f64(const double* __restrict__ partials, int count, double* __restrict__ out)
+NP_KERNEL(reduce_sum_f64, (const double* __restrict__ partials, int count, double* __restrict__ out))
 {
     __shared__ double s[256];
     const int t = (int)threadIdx.x;
@@ -191,4 +178,3 @@ extern "C" __global__ void reduce_sum_f64(const double* __restrict__ partials, i
     }
     if (t == 0) out[0] = __dadd_rn(out[0], s[0]);
 }
-EMU_REGISTER(reduce_sum_f64)

@@ -83,18 +83,14 @@ __device__ void backward_body(const int* __restrict__ ids, const T* __restrict__
 
 // embedding_forward_{f32,bf16}(ids[N], table[V, C], out[N, C], N, C, V)
 // Launch: grid N, block min(256, 32*ceil(C/32)), shared 0.
-extern "C" __global__ void embedding_forward_f32(const int* ids, const float* table, float* out, int N, int C, int V)
+NP_KERNEL(embedding_forward_f32, (const int* ids, const float* table, float* out, int N, int C, int V))
 { embk::forward_body<float>(ids, table, out, N, C, V); }
-EMU_REGISTER(embedding_forward_f32)
-extern "C" __global__ void embedding_forward_bf16(const int* ids, const __nv_bfloat16* table, __nv_bfloat16* out, int N, int C, int V)
+NP_KERNEL(embedding_forward_bf16, (const int* ids, const __nv_bfloat16* table, __nv_bfloat16* out, int N, int C, int V))
 { embk::forward_body<__nv_bfloat16>(ids, table, out, N, C, V); }
-EMU_REGISTER(embedding_forward_bf16)
 
 // embedding_backward_{f32,bf16}(ids[N], dout[N, C], dtable[V, C] f32 (+=), N, C, V)
 // Launch: grid (ceil(C/block), G), block min(256, 32*ceil(C/32)), shared 0 (1 KiB static).
-extern "C" __global__ void embedding_backward_f32(const int* ids, const float* dout, float* dtable, int N, int C, int V)
+NP_KERNEL(embedding_backward_f32, (const int* ids, const float* dout, float* dtable, int N, int C, int V))
 { embk::backward_body<float>(ids, dout, dtable, N, C, V); }
-EMU_REGISTER(embedding_backward_f32)
-extern "C" __global__ void embedding_backward_bf16(const int* ids, const __nv_bfloat16* dout, float* dtable, int N, int C, int V)
+NP_KERNEL(embedding_backward_bf16, (const int* ids, const __nv_bfloat16* dout, float* dtable, int N, int C, int V))
 { embk::backward_body<__nv_bfloat16>(ids, dout, dtable, N, C, V); }
-EMU_REGISTER(embedding_backward_bf16)

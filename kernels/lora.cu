@@ -23,19 +23,45 @@
 // elements a thread handles share one Philox block), x, A_g, dx 16-byte aligned, sum of padded ranks <= 128 (forward)
 // / 64 (backward).
 //
-// C ABI (grid, block 128, dynamic shared):
-//   lora_down_tc_bf16(x, N, in, split_tiles, count, a0, a1, a2, xa0, xa1, xa2, r0, r1, r2, thr0, thr1, thr2, seed0,
-//                     seed1, seed2, scale0, scale1, scale2, ws)
+// C ABI (grid, block 128, dynamic shared); the two tensor-core kernels take one LoraTcParams by value (below):
+//   lora_down_tc_bf16(p: x, N, in, split = split_tiles, count, a0, a1, a2, data0..2 = xa0..2, r0, r1, r2, thr0, thr1,
+//                     thr2, seed0, seed1, seed2, scale0, scale1, scale2, ws)
 //                     grid (ceil(N/64), k splits of split_tiles 64-feature tiles each), shared 2 * (64 + R) * 64 * 2
 //                     bytes (R = sum of padded ranks); ws null (one split: xa written directly) or fp32
 //                     [splits][N][R] (the partials; then lora_down_reduce_bf16 writes xa)
 //   lora_down_reduce_bf16(ws, splits, N, R, count, xa0, xa1, xa2, r0, r1, r2)   grid-stride, block 256
-//   lora_bwd_input_tc_bf16(x, dx, N, in, split_rows, count, a0..2, dxa0..2, r0..2, thr0..2, seed0..2, scale0..2, ws)
+//   lora_bwd_input_tc_bf16(p: x, dx, N, in, split = split_rows, count, a0..2, data0..2 = dxa0..2, r0..2, thr0..2,
+//                     seed0..2, scale0..2, ws)
 //                     grid (ceil(in/64), ceil(N/split_rows)), shared 5 * 8192 + 64 * 72 bytes; split_rows a multiple of 64;
 //                     ws fp32 [splits][R][in]
 //   lora_da_reduce_f32(ws, splits, R, in, count, da0, da1, da2, r0, r1, r2)   grid-stride, block 256
 // Unused adapter slots (g >= count) take null pointers and rank 0.
 #include "attention_tc.cuh"
+
+// The parameters of lora_down_tc_bf16 and lora_bwd_input_tc_bf16, by value (FlashAttention's Flash_fwd_params style).
+// Mirrored field for field by C# NativePeft.Ops.LoraTcParams ([StructLayout(Sequential)]); KernelSourceTests compares
+// its size and field offsets with np_layout_LoraTcParams (below) and the static_assert holds nvcc to the same size.
+// Pointers first, then the 8-byte seeds, then the 4-byte fields: no padding but 4 bytes at the end.
+struct LoraTcParams
+{
+    const __nv_bfloat16* x;       // [N, in]
+    __nv_bfloat16* dx;            // backward: [N, in], read and written; forward: null
+    const __nv_bfloat16* a0;      // A_g [r_g, in]; null for g >= count
+    const __nv_bfloat16* a1;
+    const __nv_bfloat16* a2;
+    __nv_bfloat16* data0;         // forward: xa_g [N, r_g] (written); backward: dxa_g [N, r_g] (read)
+    __nv_bfloat16* data1;
+    __nv_bfloat16* data2;
+    float* ws;                    // fp32 partials (see the C ABI above) or null
+    unsigned long long seed0, seed1, seed2;  // Philox keys of the dropout masks
+    int n, in;
+    int split;                    // forward: 64-feature tiles per split; backward: rows per split (a multiple of 64)
+    int count;                    // adapters, 1..3
+    int r0, r1, r2;               // ranks (0 for g >= count)
+    unsigned int thr0, thr1, thr2;  // dropout thresholds (0: no dropout)
+    float scale0, scale1, scale2;   // 1 / (1 - p) of kept elements
+};
+static_assert(sizeof(LoraTcParams) == 152, "LoraTcParams: 9 pointers, 3 seeds, 13 four-byte fields and 4 bytes of padding, as the C# mirror");
 
 namespace lorak {
 
@@ -461,22 +487,16 @@ NP_UNROLL
 
 }  // namespace lorak
 
-extern "C" __global__ void __launch_bounds__(lorak::kThreads)
-lora_down_tc_bf16(const __nv_bfloat16* x, int n, int in, int split_tiles, int count, const __nv_bfloat16* a0,
-                  const __nv_bfloat16* a1, const __nv_bfloat16* a2, __nv_bfloat16* xa0, __nv_bfloat16* xa1,
-                  __nv_bfloat16* xa2, int r0, int r1, int r2, unsigned int thr0, unsigned int thr1, unsigned int thr2,
-                  unsigned long long seed0, unsigned long long seed1, unsigned long long seed2, float scale0,
-                  float scale1, float scale2, float* ws)
+NP_KERNEL_BOUNDED(lora_down_tc_bf16, lorak::kThreads, (const LoraTcParams p))
 {
-    lorak::down_body(x, n, in, split_tiles, count, a0, a1, a2, xa0, xa1, xa2, r0, r1, r2, thr0, thr1, thr2, seed0, seed1,
-                     seed2, scale0, scale1, scale2, ws);
+    lorak::down_body(p.x, p.n, p.in, p.split, p.count, p.a0, p.a1, p.a2, p.data0, p.data1, p.data2, p.r0, p.r1, p.r2,
+                     p.thr0, p.thr1, p.thr2, p.seed0, p.seed1, p.seed2, p.scale0, p.scale1, p.scale2, p.ws);
 }
-EMU_REGISTER(lora_down_tc_bf16)
 
 // xa_g[row][j] = bf16_rn(sum over s = 0 .. splits - 1 (in that order, fp32) of ws[s][row][16 goff_g + j]), j < r_g.
-extern "C" __global__ void lora_down_reduce_bf16(const float* __restrict__ ws, int splits, int n, int R, int count,
-                                                 __nv_bfloat16* xa0, __nv_bfloat16* xa1, __nv_bfloat16* xa2, int r0,
-                                                 int r1, int r2)
+NP_KERNEL(lora_down_reduce_bf16, (const float* __restrict__ ws, int splits, int n, int R, int count,
+                                  __nv_bfloat16* xa0, __nv_bfloat16* xa1, __nv_bfloat16* xa2, int r0,
+                                  int r1, int r2))
 {
     const int gr0 = (r0 + 15) >> 4, gr1 = count > 1 ? (r1 + 15) >> 4 : 0;
     const long long total = (long long)n * R;
@@ -491,24 +511,16 @@ extern "C" __global__ void lora_down_reduce_bf16(const float* __restrict__ ws, i
         lorak::sel(g, xa0, xa1, xa2)[row * rank + j] = __float2bfloat16_rn(s);
     }
 }
-EMU_REGISTER(lora_down_reduce_bf16)
 
-extern "C" __global__ void __launch_bounds__(lorak::kThreads)
-lora_bwd_input_tc_bf16(const __nv_bfloat16* x, __nv_bfloat16* dx, int n, int in, int split_rows, int count,
-                       const __nv_bfloat16* a0, const __nv_bfloat16* a1, const __nv_bfloat16* a2,
-                       const __nv_bfloat16* dxa0, const __nv_bfloat16* dxa1, const __nv_bfloat16* dxa2, int r0, int r1,
-                       int r2, unsigned int thr0, unsigned int thr1, unsigned int thr2, unsigned long long seed0,
-                       unsigned long long seed1, unsigned long long seed2, float scale0, float scale1, float scale2,
-                       float* ws)
+NP_KERNEL_BOUNDED(lora_bwd_input_tc_bf16, lorak::kThreads, (const LoraTcParams p))
 {
-    lorak::bwd_body(x, dx, n, in, split_rows, count, a0, a1, a2, dxa0, dxa1, dxa2, r0, r1, r2, thr0, thr1, thr2, seed0,
-                    seed1, seed2, scale0, scale1, scale2, ws);
+    lorak::bwd_body(p.x, p.dx, p.n, p.in, p.split, p.count, p.a0, p.a1, p.a2, p.data0, p.data1, p.data2, p.r0, p.r1,
+                    p.r2, p.thr0, p.thr1, p.thr2, p.seed0, p.seed1, p.seed2, p.scale0, p.scale1, p.scale2, p.ws);
 }
-EMU_REGISTER(lora_bwd_input_tc_bf16)
 
 // dA_g[j][c] += sum over s = 0 .. splits - 1 (in that order, fp32) of ws[s][16 goff_g + j][c], for j < r_g.
-extern "C" __global__ void lora_da_reduce_f32(const float* __restrict__ ws, int splits, int R, int in, int count,
-                                              float* da0, float* da1, float* da2, int r0, int r1, int r2)
+NP_KERNEL(lora_da_reduce_f32, (const float* __restrict__ ws, int splits, int R, int in, int count,
+                               float* da0, float* da1, float* da2, int r0, int r1, int r2))
 {
     const int gr0 = (r0 + 15) >> 4, gr1 = count > 1 ? (r1 + 15) >> 4 : 0;
     const long long total = (long long)R * in, plane = total;
@@ -523,4 +535,13 @@ extern "C" __global__ void lora_da_reduce_f32(const float* __restrict__ ws, int 
         da[(long long)j * in + c] += s;
     }
 }
-EMU_REGISTER(lora_da_reduce_f32)
+
+NP_PARAMS_LAYOUT(LoraTcParams, offsetof(LoraTcParams, x), offsetof(LoraTcParams, dx), offsetof(LoraTcParams, a0),
+                 offsetof(LoraTcParams, a1), offsetof(LoraTcParams, a2), offsetof(LoraTcParams, data0),
+                 offsetof(LoraTcParams, data1), offsetof(LoraTcParams, data2), offsetof(LoraTcParams, ws),
+                 offsetof(LoraTcParams, seed0), offsetof(LoraTcParams, seed1), offsetof(LoraTcParams, seed2),
+                 offsetof(LoraTcParams, n), offsetof(LoraTcParams, in), offsetof(LoraTcParams, split),
+                 offsetof(LoraTcParams, count), offsetof(LoraTcParams, r0), offsetof(LoraTcParams, r1),
+                 offsetof(LoraTcParams, r2), offsetof(LoraTcParams, thr0), offsetof(LoraTcParams, thr1),
+                 offsetof(LoraTcParams, thr2), offsetof(LoraTcParams, scale0), offsetof(LoraTcParams, scale1),
+                 offsetof(LoraTcParams, scale2))

@@ -496,9 +496,9 @@ __device__ void linear_4bit_gemv_body(const T* __restrict__ x, const uint8_t* __
 // min(ceil(nblocks / 256), cap), grid-stride over nested blocks. Static shared: the 256-entry map,
 // 8 warp maxima, the zero index. Block max = warp xor-shuffle max + a pass over the 8 warp maxima.
 // A nested block whose max is 0 stores the index of 0.0 in the map for all its entries.
-extern "C" __global__ void quantize_absmax_dq(const float* __restrict__ absmax, long long nblocks, float offset,
-                                              const float* __restrict__ code256, uint8_t* __restrict__ qabsmax,
-                                              float* __restrict__ nested_absmax)
+NP_KERNEL(quantize_absmax_dq, (const float* __restrict__ absmax, long long nblocks, float offset,
+                               const float* __restrict__ code256, uint8_t* __restrict__ qabsmax,
+                               float* __restrict__ nested_absmax))
 {
     __shared__ float s_code[256];
     __shared__ float s_warp_max[8];
@@ -540,16 +540,15 @@ extern "C" __global__ void quantize_absmax_dq(const float* __restrict__ absmax, 
         }
     }
 }
-EMU_REGISTER(quantize_absmax_dq)
 
 // dequantize_absmax_dq: absmax[i] = code256[qabsmax[i]] * nested_absmax[i / 256] + offset
 // (fp32 multiply, then add: __fmul_rn keeps nvcc from contracting it into an FMA).
 //
 // Launch shape: block = 256 threads, 1-D grid = min(ceil(nblocks / 256), cap), grid-stride, one
 // absmax per thread per step. Static shared: the 256-entry map.
-extern "C" __global__ void dequantize_absmax_dq(const uint8_t* __restrict__ qabsmax, const float* __restrict__ code256,
-                                                const float* __restrict__ nested_absmax, float offset,
-                                                float* __restrict__ absmax, long long nblocks)
+NP_KERNEL(dequantize_absmax_dq, (const uint8_t* __restrict__ qabsmax, const float* __restrict__ code256,
+                                 const float* __restrict__ nested_absmax, float offset,
+                                 float* __restrict__ absmax, long long nblocks))
 {
     __shared__ float s_code[256];
     for (int k = (int)threadIdx.x; k < 256; k += (int)blockDim.x) s_code[k] = code256[k];
@@ -559,7 +558,6 @@ extern "C" __global__ void dequantize_absmax_dq(const uint8_t* __restrict__ qabs
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < nblocks; i += stride)
         absmax[i] = __fmul_rn(s_code[qabsmax[i]], nested_absmax[i >> 8]) + offset;
 }
-EMU_REGISTER(dequantize_absmax_dq)
 
 // ---------------------------------------------------------------------------------------------
 // extern "C" entry points
@@ -567,97 +565,72 @@ EMU_REGISTER(dequantize_absmax_dq)
 
 // quantize_4bit_{nf4,fp4}_{f32,bf16,f16}(x, absmax, packed, n, blocksize)
 // Launch: block 256, grid min(ceil(ceil(nblocks / (32 / min(32, blocksize/8))) / 8), cap); see quantize_4bit_body.
-extern "C" __global__ void quantize_4bit_nf4_f32(const float* x, float* absmax, uint8_t* packed, long long n, int blocksize)
+NP_KERNEL(quantize_4bit_nf4_f32, (const float* x, float* absmax, uint8_t* packed, long long n, int blocksize))
 { nf4k::quantize_4bit_body<nf4k::kNF4, float>(x, absmax, packed, n, blocksize); }
-EMU_REGISTER(quantize_4bit_nf4_f32)
-extern "C" __global__ void quantize_4bit_nf4_bf16(const __nv_bfloat16* x, float* absmax, uint8_t* packed, long long n, int blocksize)
+NP_KERNEL(quantize_4bit_nf4_bf16, (const __nv_bfloat16* x, float* absmax, uint8_t* packed, long long n, int blocksize))
 { nf4k::quantize_4bit_body<nf4k::kNF4, __nv_bfloat16>(x, absmax, packed, n, blocksize); }
-EMU_REGISTER(quantize_4bit_nf4_bf16)
-extern "C" __global__ void quantize_4bit_nf4_f16(const __half* x, float* absmax, uint8_t* packed, long long n, int blocksize)
+NP_KERNEL(quantize_4bit_nf4_f16, (const __half* x, float* absmax, uint8_t* packed, long long n, int blocksize))
 { nf4k::quantize_4bit_body<nf4k::kNF4, __half>(x, absmax, packed, n, blocksize); }
-EMU_REGISTER(quantize_4bit_nf4_f16)
-extern "C" __global__ void quantize_4bit_fp4_f32(const float* x, float* absmax, uint8_t* packed, long long n, int blocksize)
+NP_KERNEL(quantize_4bit_fp4_f32, (const float* x, float* absmax, uint8_t* packed, long long n, int blocksize))
 { nf4k::quantize_4bit_body<nf4k::kFP4, float>(x, absmax, packed, n, blocksize); }
-EMU_REGISTER(quantize_4bit_fp4_f32)
-extern "C" __global__ void quantize_4bit_fp4_bf16(const __nv_bfloat16* x, float* absmax, uint8_t* packed, long long n, int blocksize)
+NP_KERNEL(quantize_4bit_fp4_bf16, (const __nv_bfloat16* x, float* absmax, uint8_t* packed, long long n, int blocksize))
 { nf4k::quantize_4bit_body<nf4k::kFP4, __nv_bfloat16>(x, absmax, packed, n, blocksize); }
-EMU_REGISTER(quantize_4bit_fp4_bf16)
-extern "C" __global__ void quantize_4bit_fp4_f16(const __half* x, float* absmax, uint8_t* packed, long long n, int blocksize)
+NP_KERNEL(quantize_4bit_fp4_f16, (const __half* x, float* absmax, uint8_t* packed, long long n, int blocksize))
 { nf4k::quantize_4bit_body<nf4k::kFP4, __half>(x, absmax, packed, n, blocksize); }
-EMU_REGISTER(quantize_4bit_fp4_f16)
 
 // dequantize_4bit_{nf4,fp4}_{f32,bf16,f16}(packed, absmax, out, n, blocksize)
 // Launch: block 256, grid min(ceil(((n + 1) / 2) / 256), cap); see dequantize_4bit_body.
-extern "C" __global__ void dequantize_4bit_nf4_f32(const uint8_t* packed, const float* absmax, float* out, long long n, int blocksize)
+NP_KERNEL(dequantize_4bit_nf4_f32, (const uint8_t* packed, const float* absmax, float* out, long long n, int blocksize))
 { nf4k::dequantize_4bit_body<nf4k::kNF4, float>(packed, absmax, out, n, blocksize); }
-EMU_REGISTER(dequantize_4bit_nf4_f32)
-extern "C" __global__ void dequantize_4bit_nf4_bf16(const uint8_t* packed, const float* absmax, __nv_bfloat16* out, long long n, int blocksize)
+NP_KERNEL(dequantize_4bit_nf4_bf16, (const uint8_t* packed, const float* absmax, __nv_bfloat16* out, long long n, int blocksize))
 { nf4k::dequantize_4bit_body<nf4k::kNF4, __nv_bfloat16>(packed, absmax, out, n, blocksize); }
-EMU_REGISTER(dequantize_4bit_nf4_bf16)
-extern "C" __global__ void dequantize_4bit_nf4_f16(const uint8_t* packed, const float* absmax, __half* out, long long n, int blocksize)
+NP_KERNEL(dequantize_4bit_nf4_f16, (const uint8_t* packed, const float* absmax, __half* out, long long n, int blocksize))
 { nf4k::dequantize_4bit_body<nf4k::kNF4, __half>(packed, absmax, out, n, blocksize); }
-EMU_REGISTER(dequantize_4bit_nf4_f16)
-extern "C" __global__ void dequantize_4bit_fp4_f32(const uint8_t* packed, const float* absmax, float* out, long long n, int blocksize)
+NP_KERNEL(dequantize_4bit_fp4_f32, (const uint8_t* packed, const float* absmax, float* out, long long n, int blocksize))
 { nf4k::dequantize_4bit_body<nf4k::kFP4, float>(packed, absmax, out, n, blocksize); }
-EMU_REGISTER(dequantize_4bit_fp4_f32)
-extern "C" __global__ void dequantize_4bit_fp4_bf16(const uint8_t* packed, const float* absmax, __nv_bfloat16* out, long long n, int blocksize)
+NP_KERNEL(dequantize_4bit_fp4_bf16, (const uint8_t* packed, const float* absmax, __nv_bfloat16* out, long long n, int blocksize))
 { nf4k::dequantize_4bit_body<nf4k::kFP4, __nv_bfloat16>(packed, absmax, out, n, blocksize); }
-EMU_REGISTER(dequantize_4bit_fp4_bf16)
-extern "C" __global__ void dequantize_4bit_fp4_f16(const uint8_t* packed, const float* absmax, __half* out, long long n, int blocksize)
+NP_KERNEL(dequantize_4bit_fp4_f16, (const uint8_t* packed, const float* absmax, __half* out, long long n, int blocksize))
 { nf4k::dequantize_4bit_body<nf4k::kFP4, __half>(packed, absmax, out, n, blocksize); }
-EMU_REGISTER(dequantize_4bit_fp4_f16)
 
 // dequantize_4bit_dq_{nf4,fp4}_{f32,bf16,f16}(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0)
 // Launch: block 256, grid min(ceil(((n + 1) / 2) / 256), cap); see dequantize_4bit_dq_body.
-extern "C" __global__ void dequantize_4bit_dq_nf4_f32(const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, float* out, long long n, int blocksize, long long block0)
+NP_KERNEL(dequantize_4bit_dq_nf4_f32, (const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, float* out, long long n, int blocksize, long long block0))
 { nf4k::dequantize_4bit_dq_body<nf4k::kNF4, float>(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0); }
-EMU_REGISTER(dequantize_4bit_dq_nf4_f32)
-extern "C" __global__ void dequantize_4bit_dq_nf4_bf16(const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, __nv_bfloat16* out, long long n, int blocksize, long long block0)
+NP_KERNEL(dequantize_4bit_dq_nf4_bf16, (const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, __nv_bfloat16* out, long long n, int blocksize, long long block0))
 { nf4k::dequantize_4bit_dq_body<nf4k::kNF4, __nv_bfloat16>(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0); }
-EMU_REGISTER(dequantize_4bit_dq_nf4_bf16)
-extern "C" __global__ void dequantize_4bit_dq_nf4_f16(const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, __half* out, long long n, int blocksize, long long block0)
+NP_KERNEL(dequantize_4bit_dq_nf4_f16, (const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, __half* out, long long n, int blocksize, long long block0))
 { nf4k::dequantize_4bit_dq_body<nf4k::kNF4, __half>(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0); }
-EMU_REGISTER(dequantize_4bit_dq_nf4_f16)
-extern "C" __global__ void dequantize_4bit_dq_fp4_f32(const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, float* out, long long n, int blocksize, long long block0)
+NP_KERNEL(dequantize_4bit_dq_fp4_f32, (const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, float* out, long long n, int blocksize, long long block0))
 { nf4k::dequantize_4bit_dq_body<nf4k::kFP4, float>(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0); }
-EMU_REGISTER(dequantize_4bit_dq_fp4_f32)
-extern "C" __global__ void dequantize_4bit_dq_fp4_bf16(const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, __nv_bfloat16* out, long long n, int blocksize, long long block0)
+NP_KERNEL(dequantize_4bit_dq_fp4_bf16, (const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, __nv_bfloat16* out, long long n, int blocksize, long long block0))
 { nf4k::dequantize_4bit_dq_body<nf4k::kFP4, __nv_bfloat16>(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0); }
-EMU_REGISTER(dequantize_4bit_dq_fp4_bf16)
-extern "C" __global__ void dequantize_4bit_dq_fp4_f16(const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, __half* out, long long n, int blocksize, long long block0)
+NP_KERNEL(dequantize_4bit_dq_fp4_f16, (const uint8_t* packed, const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, __half* out, long long n, int blocksize, long long block0))
 { nf4k::dequantize_4bit_dq_body<nf4k::kFP4, __half>(packed, qabsmax, code256, nested_absmax, offset, out, n, blocksize, block0); }
-EMU_REGISTER(dequantize_4bit_dq_fp4_f16)
 
 // gemv_4bit_{nf4,fp4}_{f32,bf16,f16}(x, packedW, absmax, y, out_features, in_features, blocksize)
 // Launch: block 256 (8 warps, one row each), grid min(ceil(out_features / 8), cap); see gemv_4bit_body.
-extern "C" __global__ void gemv_4bit_nf4_f32(const float* x, const uint8_t* packedW, const float* absmax, float* y, int out_features, int in_features, int blocksize)
+NP_KERNEL(gemv_4bit_nf4_f32, (const float* x, const uint8_t* packedW, const float* absmax, float* y, int out_features, int in_features, int blocksize))
 { nf4k::gemv_4bit_body<nf4k::kNF4, float>(x, packedW, absmax, y, out_features, in_features, blocksize); }
-EMU_REGISTER(gemv_4bit_nf4_f32)
-extern "C" __global__ void gemv_4bit_nf4_bf16(const __nv_bfloat16* x, const uint8_t* packedW, const float* absmax, __nv_bfloat16* y, int out_features, int in_features, int blocksize)
+NP_KERNEL(gemv_4bit_nf4_bf16, (const __nv_bfloat16* x, const uint8_t* packedW, const float* absmax, __nv_bfloat16* y, int out_features, int in_features, int blocksize))
 { nf4k::gemv_4bit_body<nf4k::kNF4, __nv_bfloat16>(x, packedW, absmax, y, out_features, in_features, blocksize); }
-EMU_REGISTER(gemv_4bit_nf4_bf16)
-extern "C" __global__ void gemv_4bit_nf4_f16(const __half* x, const uint8_t* packedW, const float* absmax, __half* y, int out_features, int in_features, int blocksize)
+NP_KERNEL(gemv_4bit_nf4_f16, (const __half* x, const uint8_t* packedW, const float* absmax, __half* y, int out_features, int in_features, int blocksize))
 { nf4k::gemv_4bit_body<nf4k::kNF4, __half>(x, packedW, absmax, y, out_features, in_features, blocksize); }
-EMU_REGISTER(gemv_4bit_nf4_f16)
-extern "C" __global__ void gemv_4bit_fp4_f32(const float* x, const uint8_t* packedW, const float* absmax, float* y, int out_features, int in_features, int blocksize)
+NP_KERNEL(gemv_4bit_fp4_f32, (const float* x, const uint8_t* packedW, const float* absmax, float* y, int out_features, int in_features, int blocksize))
 { nf4k::gemv_4bit_body<nf4k::kFP4, float>(x, packedW, absmax, y, out_features, in_features, blocksize); }
-EMU_REGISTER(gemv_4bit_fp4_f32)
-extern "C" __global__ void gemv_4bit_fp4_bf16(const __nv_bfloat16* x, const uint8_t* packedW, const float* absmax, __nv_bfloat16* y, int out_features, int in_features, int blocksize)
+NP_KERNEL(gemv_4bit_fp4_bf16, (const __nv_bfloat16* x, const uint8_t* packedW, const float* absmax, __nv_bfloat16* y, int out_features, int in_features, int blocksize))
 { nf4k::gemv_4bit_body<nf4k::kFP4, __nv_bfloat16>(x, packedW, absmax, y, out_features, in_features, blocksize); }
-EMU_REGISTER(gemv_4bit_fp4_bf16)
-extern "C" __global__ void gemv_4bit_fp4_f16(const __half* x, const uint8_t* packedW, const float* absmax, __half* y, int out_features, int in_features, int blocksize)
+NP_KERNEL(gemv_4bit_fp4_f16, (const __half* x, const uint8_t* packedW, const float* absmax, __half* y, int out_features, int in_features, int blocksize))
 { nf4k::gemv_4bit_body<nf4k::kFP4, __half>(x, packedW, absmax, y, out_features, in_features, blocksize); }
-EMU_REGISTER(gemv_4bit_fp4_f16)
 
 // linear_4bit_gemv_{nf4,fp4}_{f32,bf16}(x[in], packedW, absmax (fp32 [blocks]) or null, qabsmax, code256, nested_absmax,
 // offset (double quantization, used when absmax is null), y[out], out_features, in_features, blocksize)
 // Launch: block 256 (8 warps, one row each), grid min(ceil(out_features / 8), cap); see linear_4bit_gemv_body.
 #define NP_LINEAR_4BIT_GEMV(QTNAME, QT, TNAME, T) \
-extern "C" __global__ void linear_4bit_gemv_##QTNAME##_##TNAME(const T* x, const uint8_t* packedW, const float* absmax, \
+NP_KERNEL(linear_4bit_gemv_##QTNAME##_##TNAME, (const T* x, const uint8_t* packedW, const float* absmax, \
     const uint8_t* qabsmax, const float* code256, const float* nested_absmax, const float* offset, T* y, \
-    int out_features, int in_features, int blocksize) \
-{ nf4k::linear_4bit_gemv_body<QT, T>(x, packedW, absmax, qabsmax, code256, nested_absmax, offset, y, out_features, in_features, blocksize); } \
-EMU_REGISTER(linear_4bit_gemv_##QTNAME##_##TNAME)
+    int out_features, int in_features, int blocksize)) \
+{ nf4k::linear_4bit_gemv_body<QT, T>(x, packedW, absmax, qabsmax, code256, nested_absmax, offset, y, out_features, in_features, blocksize); }
 NP_LINEAR_4BIT_GEMV(nf4, nf4k::kNF4, f32, float)
 NP_LINEAR_4BIT_GEMV(nf4, nf4k::kNF4, bf16, __nv_bfloat16)
 NP_LINEAR_4BIT_GEMV(fp4, nf4k::kFP4, f32, float)

@@ -21,37 +21,42 @@
 // of 0.0 in the map (127 signed, 0 unsigned).
 #include "common.cuh"
 
+// The fp32 scalars of one AdamW step, by value (C# mirror: NativePeft.Optim.AdamWStepScalars, the same fields in the
+// same order; KernelSourceTests compares its size, offsets and names with np_layout_AdamWScalars below).
+struct AdamWScalars
+{
+    float beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
+    float decay;                  // 1 - lr * weight_decay
+    float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+    float neg_step_size;          // -lr / (1 - beta1^t)
+    float grad_scale;
+};
+static_assert(sizeof(AdamWScalars) == 36, "AdamWScalars: 9 floats, as the C# mirror");
+
 namespace optk {
 
 __device__ __forceinline__ long long first_index() { return (long long)blockIdx.x * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ long long grid_stride() { return (long long)gridDim.x * blockDim.x; }
 
-struct AdamWScalars
-{
-    float beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale;
-};
-
 // One element's update; m and v are updated in place and the new p returned.
 __device__ __forceinline__ float adamw_update(float p, float g_raw, float& m, float& v, const AdamWScalars& s)
 {
     const float g = __fmul_rn(g_raw, s.grad_scale);
-    m = __fmaf_rn(s.beta1, m, __fmul_rn(s.omb1, g));
-    v = __fmaf_rn(s.beta2, v, __fmul_rn(__fmul_rn(s.omb2, g), g));
+    m = __fmaf_rn(s.beta1, m, __fmul_rn(s.one_minus_beta1, g));
+    v = __fmaf_rn(s.beta2, v, __fmul_rn(__fmul_rn(s.one_minus_beta2, g), g));
     p = __fmul_rn(p, s.decay);
-    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), s.bc2_sqrt), s.eps);
-    return __fmaf_rn(s.neg_step, __fdiv_rn(m, denom), p);
+    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), s.bias_correction2_sqrt), s.eps);
+    return __fmaf_rn(s.neg_step_size, __fdiv_rn(m, denom), p);
 }
 
 }  // namespace optk
 
-// adamw_f32(p[n], g[n], m[n], v[n], n, beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale):
+// adamw_f32(p[n], g[n], m[n], v[n], n, s: AdamWScalars {beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step,
+// grad_scale}):
 // the step above on every element. Launch: grid-stride, block 256, n/4 threads (any grid gives the same result).
-extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
-                                     float* __restrict__ v, long long n, float beta1, float beta2, float omb1,
-                                     float omb2, float eps, float decay, float bc2_sqrt, float neg_step,
-                                     float grad_scale)
+NP_KERNEL(adamw_f32, (float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m,
+                      float* __restrict__ v, long long n, const AdamWScalars s))
 {
-    const optk::AdamWScalars s{beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale};
     long long done = 0;
     // Vector path (every array 16-byte aligned): 4 elements a thread per step with float4 loads and stores (16 bytes
     // per access, 7 streams of fp32), then the n % 4 tail; the same per-element update, so the same bits.
@@ -80,20 +85,17 @@ extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restr
         v[i] = vi;
     }
 }
-EMU_REGISTER(adamw_f32)
 
 // adamw8bit_blockwise(p[n], g[n], qm[n] u8, qv[n] u8, absmax_m[nb], absmax_v[nb], code_signed[256],
-// code_unsigned[256], n, beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale), nb = ceil(n / 256):
+// code_unsigned[256], n, s: AdamWScalars), nb = ceil(n / 256):
 // thread t of quantization block b owns element b*256 + t. m is coded with the signed map, v with the unsigned map.
 // Launch: block 256 (exactly), grid = any G >= 1 (blocks stride over the nb quantization blocks), shared 0.
 // Block max: a fixed shared-memory tree of fmaxf (exact, so order does not matter).
-extern "C" __global__ void adamw8bit_blockwise(float* __restrict__ p, const float* __restrict__ g,
-                                               unsigned char* __restrict__ qm, unsigned char* __restrict__ qv,
-                                               float* __restrict__ absmax_m, float* __restrict__ absmax_v,
-                                               const float* __restrict__ code_signed,
-                                               const float* __restrict__ code_unsigned, long long n, float beta1,
-                                               float beta2, float omb1, float omb2, float eps, float decay,
-                                               float bc2_sqrt, float neg_step, float grad_scale)
+NP_KERNEL(adamw8bit_blockwise, (float* __restrict__ p, const float* __restrict__ g,
+                                unsigned char* __restrict__ qm, unsigned char* __restrict__ qv,
+                                float* __restrict__ absmax_m, float* __restrict__ absmax_v,
+                                const float* __restrict__ code_signed,
+                                const float* __restrict__ code_unsigned, long long n, const AdamWScalars s))
 {
     __shared__ float s_code_m[256];
     __shared__ float s_code_v[256];
@@ -105,7 +107,6 @@ extern "C" __global__ void adamw8bit_blockwise(float* __restrict__ p, const floa
     s_code_v[t] = code_unsigned[t];
     __syncthreads();
 
-    const optk::AdamWScalars s{beta1, beta2, omb1, omb2, eps, decay, bc2_sqrt, neg_step, grad_scale};
     const long long nb = (n + 255) / 256;
     for (long long b = blockIdx.x; b < nb; b += gridDim.x)
     {
@@ -144,5 +145,9 @@ extern "C" __global__ void adamw8bit_blockwise(float* __restrict__ p, const floa
         }
     }
 }
-EMU_REGISTER(adamw8bit_blockwise)
 
+NP_PARAMS_LAYOUT(AdamWScalars, offsetof(AdamWScalars, beta1), offsetof(AdamWScalars, beta2),
+                 offsetof(AdamWScalars, one_minus_beta1), offsetof(AdamWScalars, one_minus_beta2),
+                 offsetof(AdamWScalars, eps), offsetof(AdamWScalars, decay),
+                 offsetof(AdamWScalars, bias_correction2_sqrt), offsetof(AdamWScalars, neg_step_size),
+                 offsetof(AdamWScalars, grad_scale))

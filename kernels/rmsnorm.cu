@@ -203,27 +203,21 @@ __device__ void backward_dw_body(const T* __restrict__ x, const T* __restrict__ 
 
 // rmsnorm_forward_{f32,bf16}(x[N,C], w[C], y[N,C], rstd[N] or null, N, C, eps)
 // Launch: grid N, block min(256, 32*ceil(C/32)), shared 0.
-extern "C" __global__ void rmsnorm_forward_f32(const float* x, const float* w, float* y, float* rstd, int N, int C, float eps)
+NP_KERNEL(rmsnorm_forward_f32, (const float* x, const float* w, float* y, float* rstd, int N, int C, float eps))
 { if ((int)blockIdx.x < N) rmsk::forward_body<float>(x, w, y, rstd, C, eps); }
-EMU_REGISTER(rmsnorm_forward_f32)
-extern "C" __global__ void rmsnorm_forward_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, float* rstd, int N, int C, float eps)
+NP_KERNEL(rmsnorm_forward_bf16, (const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* y, float* rstd, int N, int C, float eps))
 { if ((int)blockIdx.x < N) rmsk::forward_body<__nv_bfloat16>(x, w, y, rstd, C, eps); }
-EMU_REGISTER(rmsnorm_forward_bf16)
 
 // rmsnorm_backward_{f32,bf16}(x[N,C], w[C], dy[N,C], rstd[N], dx[N,C], N, C, accumulate)
 // Launch: grid N, block min(256, 32*ceil(C/32)), shared 0.
-extern "C" __global__ void rmsnorm_backward_f32(const float* x, const float* w, const float* dy, const float* rstd, float* dx, int N, int C, int accumulate)
+NP_KERNEL(rmsnorm_backward_f32, (const float* x, const float* w, const float* dy, const float* rstd, float* dx, int N, int C, int accumulate))
 { if ((int)blockIdx.x < N) rmsk::backward_body<float>(x, w, dy, rstd, dx, C, accumulate); }
-EMU_REGISTER(rmsnorm_backward_f32)
-extern "C" __global__ void rmsnorm_backward_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* dy, const float* rstd, __nv_bfloat16* dx, int N, int C, int accumulate)
+NP_KERNEL(rmsnorm_backward_bf16, (const __nv_bfloat16* x, const __nv_bfloat16* w, const __nv_bfloat16* dy, const float* rstd, __nv_bfloat16* dx, int N, int C, int accumulate))
 { if ((int)blockIdx.x < N) rmsk::backward_body<__nv_bfloat16>(x, w, dy, rstd, dx, C, accumulate); }
-EMU_REGISTER(rmsnorm_backward_bf16)
 
 // rmsnorm_backward_dw_{f32,bf16}(x[N,C], dy[N,C], rstd[N], dw[C] f32 (+=), N, C)
 // Launch: grid ceil(C/32), block (32, 16), shared 0.
-extern "C" __global__ void rmsnorm_backward_dw_f32(const float* x, const float* dy, const float* rstd, float* dw, int N, int C)
+NP_KERNEL(rmsnorm_backward_dw_f32, (const float* x, const float* dy, const float* rstd, float* dw, int N, int C))
 { rmsk::backward_dw_body<float>(x, dy, rstd, dw, N, C); }
-EMU_REGISTER(rmsnorm_backward_dw_f32)
-extern "C" __global__ void rmsnorm_backward_dw_bf16(const __nv_bfloat16* x, const __nv_bfloat16* dy, const float* rstd, float* dw, int N, int C)
+NP_KERNEL(rmsnorm_backward_dw_bf16, (const __nv_bfloat16* x, const __nv_bfloat16* dy, const float* rstd, float* dw, int N, int C))
 { rmsk::backward_dw_body<__nv_bfloat16>(x, dy, rstd, dw, N, C); }
-EMU_REGISTER(rmsnorm_backward_dw_bf16)

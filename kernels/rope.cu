@@ -79,17 +79,13 @@ __device__ void rope_body(T* x, const float* __restrict__ cos_t, const float* __
 
 // rope_forward_{f32,bf16}(x[N rows of row_stride, H, D] in place, cos[P, D/2], sin[P, D/2], pos[N], N, H, D, P, row_stride)
 // Launch: grid N, block min(256, 32*ceil(H*D/2/32)), shared 0.
-extern "C" __global__ void rope_forward_f32(float* x, const float* cos_t, const float* sin_t, const int* pos, int N, int H, int D, int P, long long row_stride)
+NP_KERNEL(rope_forward_f32, (float* x, const float* cos_t, const float* sin_t, const int* pos, int N, int H, int D, int P, long long row_stride))
 { ropek::rope_body<float, false>(x, cos_t, sin_t, pos, N, H, D, P, row_stride); }
-EMU_REGISTER(rope_forward_f32)
-extern "C" __global__ void rope_forward_bf16(__nv_bfloat16* x, const float* cos_t, const float* sin_t, const int* pos, int N, int H, int D, int P, long long row_stride)
+NP_KERNEL(rope_forward_bf16, (__nv_bfloat16* x, const float* cos_t, const float* sin_t, const int* pos, int N, int H, int D, int P, long long row_stride))
 { ropek::rope_body<__nv_bfloat16, false>(x, cos_t, sin_t, pos, N, H, D, P, row_stride); }
-EMU_REGISTER(rope_forward_bf16)
 
 // rope_backward_{f32,bf16}(dy -> dx in place, same arguments and launch shape as the forward)
-extern "C" __global__ void rope_backward_f32(float* x, const float* cos_t, const float* sin_t, const int* pos, int N, int H, int D, int P, long long row_stride)
+NP_KERNEL(rope_backward_f32, (float* x, const float* cos_t, const float* sin_t, const int* pos, int N, int H, int D, int P, long long row_stride))
 { ropek::rope_body<float, true>(x, cos_t, sin_t, pos, N, H, D, P, row_stride); }
-EMU_REGISTER(rope_backward_f32)
-extern "C" __global__ void rope_backward_bf16(__nv_bfloat16* x, const float* cos_t, const float* sin_t, const int* pos, int N, int H, int D, int P, long long row_stride)
+NP_KERNEL(rope_backward_bf16, (__nv_bfloat16* x, const float* cos_t, const float* sin_t, const int* pos, int N, int H, int D, int P, long long row_stride))
 { ropek::rope_body<__nv_bfloat16, true>(x, cos_t, sin_t, pos, N, H, D, P, row_stride); }
-EMU_REGISTER(rope_backward_bf16)

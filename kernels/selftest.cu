@@ -12,15 +12,14 @@ __device__ __forceinline__ unsigned np_selftest_warp_mask() {
 }
 
 // y[i] = a * x[i] + y[i].  Launch: grid ceil(n/256), block 256.
-extern "C" __global__ void selftest_axpy(int n, float a, const float* __restrict__ x, float* __restrict__ y) {
+NP_KERNEL(selftest_axpy, (int n, float a, const float* __restrict__ x, float* __restrict__ y)) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = a * x[i] + y[i];
 }
-EMU_REGISTER(selftest_axpy)
 
 // Block sum in static shared memory: partial[blockIdx.x] = sum of the block's grid-stride slice.
 // Launch: grid G, block B (a power of two, <= 1024), no dynamic shared memory.
-extern "C" __global__ void selftest_block_sum(const float* __restrict__ x, float* __restrict__ partial, int n) {
+NP_KERNEL(selftest_block_sum, (const float* __restrict__ x, float* __restrict__ partial, int n)) {
     __shared__ float s[1024];
     float v = 0.0f;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) v += x[i];
@@ -32,12 +31,11 @@ extern "C" __global__ void selftest_block_sum(const float* __restrict__ x, float
     }
     if (threadIdx.x == 0) partial[blockIdx.x] = s[0];
 }
-EMU_REGISTER(selftest_block_sum)
 
 // Warp-shuffle sum: __shfl_down_sync inside each warp (partial last warp allowed), per-warp results in
 // static shared memory, then __shfl_xor_sync across them in warp 0. partial[blockIdx.x] = block sum.
 // Launch: grid G, block B (1..1024, any size), no dynamic shared memory.
-extern "C" __global__ void selftest_warp_sum(const float* __restrict__ x, float* __restrict__ partial, int n) {
+NP_KERNEL(selftest_warp_sum, (const float* __restrict__ x, float* __restrict__ partial, int n)) {
     __shared__ float warp_sums[32];
     const unsigned mask = np_selftest_warp_mask();
     const int lanes = __popc(mask);
@@ -59,13 +57,12 @@ extern "C" __global__ void selftest_warp_sum(const float* __restrict__ x, float*
         if (lane == 0) partial[blockIdx.x] = w;
     }
 }
-EMU_REGISTER(selftest_warp_sum)
 
 // Shuffles in a partial warp. For each thread t with value in[t]:
 //   out[3t] = value of lane 0 (__shfl_sync), out[3t+1] = value of lane^1 (__shfl_xor_sync, own if absent),
 //   out[3t+2] = value of lane-1 (__shfl_up_sync, own on lane 0).
 // Launch: grid 1, block B (e.g. 48: one full warp and one of 16 lanes).
-extern "C" __global__ void selftest_shfl_lanes(const int* __restrict__ in, int* __restrict__ out) {
+NP_KERNEL(selftest_shfl_lanes, (const int* __restrict__ in, int* __restrict__ out)) {
     const unsigned mask = np_selftest_warp_mask();
     const int t = threadIdx.x;
     const int v = in[t];
@@ -73,11 +70,10 @@ extern "C" __global__ void selftest_shfl_lanes(const int* __restrict__ in, int* 
     out[3 * t + 1] = __shfl_xor_sync(mask, v, 1);
     out[3 * t + 2] = __shfl_up_sync(mask, v, 1);
 }
-EMU_REGISTER(selftest_shfl_lanes)
 
 // Tiled transpose through shared memory: out[c][r] = in[r][c] for a rows x cols matrix.
 // Launch: grid (ceil(cols/32), ceil(rows/32)), block (32, 8).
-extern "C" __global__ void selftest_transpose(const float* __restrict__ in, float* __restrict__ out, int rows, int cols) {
+NP_KERNEL(selftest_transpose, (const float* __restrict__ in, float* __restrict__ out, int rows, int cols)) {
     __shared__ float tile[32][33];
     const int c = blockIdx.x * 32 + threadIdx.x;
     for (int j = threadIdx.y; j < 32; j += blockDim.y) {
@@ -91,13 +87,12 @@ extern "C" __global__ void selftest_transpose(const float* __restrict__ in, floa
         if (orow < cols && oc < rows) out[(long long)orow * rows + oc] = tile[threadIdx.x][j];
     }
 }
-EMU_REGISTER(selftest_transpose)
 
 // Histogram across blocks: a shared-memory histogram per block (shared atomics) merged into hist with
 // global atomicAdd; total += values[i] * 0.25f with float atomicAdd. bins <= 256.
 // Launch: grid G, block 256, no dynamic shared memory.
-extern "C" __global__ void selftest_histogram(const int* __restrict__ values, int n, int* __restrict__ hist, int bins,
-                                              float* __restrict__ total) {
+NP_KERNEL(selftest_histogram, (const int* __restrict__ values, int n, int* __restrict__ hist, int bins,
+                               float* __restrict__ total)) {
     __shared__ int local[256];
     for (int b = threadIdx.x; b < bins; b += blockDim.x) local[b] = 0;
     __syncthreads();
@@ -110,7 +105,6 @@ extern "C" __global__ void selftest_histogram(const int* __restrict__ values, in
     __syncthreads();
     for (int b = threadIdx.x; b < bins; b += blockDim.x) atomicAdd(&hist[b], local[b]);
 }
-EMU_REGISTER(selftest_histogram)
 
 __device__ float np_selftest_atomic_max_float(float* address, float value) {
     int* a = reinterpret_cast<int*>(address);
@@ -129,8 +123,8 @@ __device__ float np_selftest_atomic_max_float(float* address, float value) {
 //   sum64[0] += v as unsigned long long (atomicAdd), fmax[0] = max f (CAS loop),
 //   uints[0] = max (unsigned)v (atomicMax unsigned), uints[1] &= ~(1u << (v & 31)) (atomicAnd).
 // Initial values are the caller's. Launch: grid G, block B.
-extern "C" __global__ void selftest_atomics(const int* __restrict__ values, const float* __restrict__ floats, int n,
-                                            int* ints, unsigned long long* sum64, float* fmax, unsigned* uints) {
+NP_KERNEL(selftest_atomics, (const int* __restrict__ values, const float* __restrict__ floats, int n,
+                             int* ints, unsigned long long* sum64, float* fmax, unsigned* uints)) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
         const int v = values[i];
         atomicAdd(&ints[0], 1);
@@ -145,13 +139,12 @@ extern "C" __global__ void selftest_atomics(const int* __restrict__ values, cons
         atomicAnd(&uints[1], ~(1u << (v & 31)));
     }
 }
-EMU_REGISTER(selftest_atomics)
 
 // Dynamic shared memory: each block reverses its slice of blockDim.x elements through the buffer;
 // misaligned[0] gets 1 if the buffer is not 16-byte aligned.
 // Launch: grid ceil(n/B), block B, sharedBytes = B * 4.
-extern "C" __global__ void selftest_dynamic_smem(const float* __restrict__ in, float* __restrict__ out, int n,
-                                                 int* misaligned) {
+NP_KERNEL(selftest_dynamic_smem, (const float* __restrict__ in, float* __restrict__ out, int n,
+                                  int* misaligned)) {
     EMU_DYNAMIC_SHARED(float, buf);
     if (threadIdx.x == 0 && (reinterpret_cast<unsigned long long>(buf) & 15ull) != 0) atomicOr(misaligned, 1);
     const int base = blockIdx.x * blockDim.x;
@@ -161,14 +154,13 @@ extern "C" __global__ void selftest_dynamic_smem(const float* __restrict__ in, f
     const int j = base + (blockDim.x - 1 - threadIdx.x);
     if (j < n) out[j] = buf[threadIdx.x];
 }
-EMU_REGISTER(selftest_dynamic_smem)
 
 // Votes per warp (partial last warp allowed): for warp w (global index blockIdx.x * warpsPerBlock + w)
 //   ballots[w] = __ballot_sync, anys[w] = __any_sync, alls[w] = __all_sync of pred[thread] != 0;
 //   counts[blockIdx.x] = __syncthreads_count(pred != 0).
 // Launch: grid G, block B; pred has G * B entries.
-extern "C" __global__ void selftest_vote(const int* __restrict__ pred, unsigned* ballots, int* anys, int* alls,
-                                         int* counts) {
+NP_KERNEL(selftest_vote, (const int* __restrict__ pred, unsigned* ballots, int* anys, int* alls,
+                          int* counts)) {
     const unsigned mask = np_selftest_warp_mask();
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     const int p = pred[t] != 0;
@@ -184,12 +176,11 @@ extern "C" __global__ void selftest_vote(const int* __restrict__ pred, unsigned*
     const int c = __syncthreads_count(p);
     if (threadIdx.x == 0) counts[blockIdx.x] = c;
 }
-EMU_REGISTER(selftest_vote)
 
 // bf16 conversions: bits[i] = __float2bfloat16(in[i]), bits_rn[i] = __float2bfloat16_rn(in[i]) as ushort,
 // back[i] = __bfloat162float(bits[i]). Launch: grid ceil(n/256), block 256.
-extern "C" __global__ void selftest_bf16_convert(const float* __restrict__ in, unsigned short* bits,
-                                                 unsigned short* bits_rn, float* back, int n) {
+NP_KERNEL(selftest_bf16_convert, (const float* __restrict__ in, unsigned short* bits,
+                                  unsigned short* bits_rn, float* back, int n)) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const __nv_bfloat16 h = __float2bfloat16(in[i]);
@@ -197,12 +188,11 @@ extern "C" __global__ void selftest_bf16_convert(const float* __restrict__ in, u
     bits_rn[i] = __bfloat16_as_ushort(__float2bfloat16_rn(in[i]));
     back[i] = __bfloat162float(__ushort_as_bfloat16(bits[i]));
 }
-EMU_REGISTER(selftest_bf16_convert)
 
 // fp16 conversions: bits[i] = __float2half(in[i]), bits_rn[i] = __float2half_rn(in[i]) as ushort,
 // back[i] = __half2float(bits[i]). Launch: grid ceil(n/256), block 256.
-extern "C" __global__ void selftest_half_convert(const float* __restrict__ in, unsigned short* bits,
-                                                 unsigned short* bits_rn, float* back, int n) {
+NP_KERNEL(selftest_half_convert, (const float* __restrict__ in, unsigned short* bits,
+                                  unsigned short* bits_rn, float* back, int n)) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const __half h = __float2half(in[i]);
@@ -210,11 +200,10 @@ extern "C" __global__ void selftest_half_convert(const float* __restrict__ in, u
     bits_rn[i] = __half_as_ushort(__float2half_rn(in[i]));
     back[i] = __half2float(__ushort_as_half(bits[i]));
 }
-EMU_REGISTER(selftest_half_convert)
 
 // Launch indices: thread (linear index t in the launch, blocks in x-y-z order) writes
 // out[6t..6t+5] = blockIdx.x, .y, .z, threadIdx.x, .y, .z. Launch: any grid and block.
-extern "C" __global__ void selftest_indices(int* out) {
+NP_KERNEL(selftest_indices, (int* out)) {
     const unsigned long long block = blockIdx.x + (unsigned long long)blockIdx.y * gridDim.x +
                                      (unsigned long long)blockIdx.z * gridDim.x * gridDim.y;
     const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
@@ -223,23 +212,20 @@ extern "C" __global__ void selftest_indices(int* out) {
     o[0] = blockIdx.x; o[1] = blockIdx.y; o[2] = blockIdx.z;
     o[3] = threadIdx.x; o[4] = threadIdx.y; o[5] = threadIdx.z;
 }
-EMU_REGISTER(selftest_indices)
 
 // __trap() when flag != 0 (the emulator reports it as a launch error). Launch: grid 1, block 32.
-extern "C" __global__ void selftest_trap(int flag, int* out) {
+NP_KERNEL(selftest_trap, (int flag, int* out)) {
     if (flag != 0 && threadIdx.x == 5) __trap();
     out[threadIdx.x] = threadIdx.x;
 }
-EMU_REGISTER(selftest_trap)
 
 // Emulator-only (undefined behaviour on a GPU, never launch it there): lane 0 waits in a shuffle with
 // lane 1 while lane 1 waits at __syncthreads for lane 0: the emulator must report a deadlock.
 // Launch: grid 1, block 32.
-extern "C" __global__ void selftest_deadlock(int* out) {
+NP_KERNEL(selftest_deadlock, (int* out)) {
     if (threadIdx.x == 0) out[0] = __shfl_sync(0x3u, 1, 1);
     else if (threadIdx.x == 1) __syncthreads();
 }
-EMU_REGISTER(selftest_deadlock)
 
 // ---------------------------------------------------------------- warp-level matrix instructions
 // Raw per-lane registers in, raw per-lane registers out, so that the tests lay out the fragments with
@@ -248,8 +234,8 @@ EMU_REGISTER(selftest_deadlock)
 
 // d[w][lane][0..3] = mma.m16n8k16 bf16 of a[w][lane][0..3], b[w][lane][0..1], c[w][lane][0..3] for every
 // warp w of the block. Launch: grid 1, block 32 * warps.
-extern "C" __global__ void selftest_mma_bf16(const uint32_t* __restrict__ a, const uint32_t* __restrict__ b,
-                                             const float* __restrict__ c, float* __restrict__ d)
+NP_KERNEL(selftest_mma_bf16, (const uint32_t* __restrict__ a, const uint32_t* __restrict__ b,
+                              const float* __restrict__ c, float* __restrict__ d))
 {
     const int tid = threadIdx.x;
     const uint32_t ra[4] = {a[4 * tid], a[4 * tid + 1], a[4 * tid + 2], a[4 * tid + 3]};
@@ -259,13 +245,12 @@ extern "C" __global__ void selftest_mma_bf16(const uint32_t* __restrict__ a, con
     npmma::mma_bf16_16816(rd, ra, rb, rc);
     for (int i = 0; i < 4; ++i) d[4 * tid + i] = rd[i];
 }
-EMU_REGISTER(selftest_mma_bf16)
 
 // Copies `bytes` of src into dynamic shared memory, then lane l runs ldmatrix.x{num}{.trans} with the row
 // address smem + offsets[l] (bytes); out[l][0..num-1] = its registers. Launch: grid 1, block 32,
 // dynamic shared `bytes` (a multiple of 16).
-extern "C" __global__ void selftest_ldmatrix(const uint4* __restrict__ src, int bytes, const int* __restrict__ offsets,
-                                             int num, int trans, uint32_t* __restrict__ out)
+NP_KERNEL(selftest_ldmatrix, (const uint4* __restrict__ src, int bytes, const int* __restrict__ offsets,
+                              int num, int trans, uint32_t* __restrict__ out))
 {
     EMU_DYNAMIC_SHARED(unsigned char, smem);
     const int lane = threadIdx.x;
@@ -288,7 +273,6 @@ extern "C" __global__ void selftest_ldmatrix(const uint4* __restrict__ src, int 
     }
     for (int m = 0; m < num; ++m) out[lane * 4 + m] = r[m];
 }
-EMU_REGISTER(selftest_ldmatrix)
 
 // Thread t copies 16-byte chunk t of src (n chunks, src_bytes[t] of it, the rest zero-filled) into shared
 // memory with cp.async, in two commit groups (chunks t < n/2, then the others); waits for the first group,
@@ -296,8 +280,8 @@ EMU_REGISTER(selftest_ldmatrix)
 // With early_read != 0 the first half is copied out BEFORE the first wait: a bug the check mode must show
 // (emulator-only that way).
 // Launch: grid 1, block n (<= 1024, even), dynamic shared 16 * n.
-extern "C" __global__ void selftest_cp_async(const uint4* __restrict__ src, const int* __restrict__ src_bytes,
-                                             uint4* __restrict__ out, int early_read)
+NP_KERNEL(selftest_cp_async, (const uint4* __restrict__ src, const int* __restrict__ src_bytes,
+                              uint4* __restrict__ out, int early_read))
 {
     EMU_DYNAMIC_SHARED(uint4, smem);
     const int t = threadIdx.x, n = blockDim.x, half = n / 2;
@@ -316,13 +300,12 @@ extern "C" __global__ void selftest_cp_async(const uint4* __restrict__ src, cons
     __syncthreads();
     if (t >= half) out[t] = smem[t];
 }
-EMU_REGISTER(selftest_cp_async)
 
 // Emulator-only with barrier = 0 (a race on a GPU). out[t] = x[t - 1] (x[0] for t = 0) through shared
 // memory; with barrier = 0 the barrier between the
 // write and the read is missing (a race the default schedule hides: thread t - 1 runs before t).
 // Launch: grid 1, block n, dynamic shared 4 * n.
-extern "C" __global__ void selftest_neighbour(const float* __restrict__ x, float* __restrict__ out, int barrier)
+NP_KERNEL(selftest_neighbour, (const float* __restrict__ x, float* __restrict__ out, int barrier))
 {
     EMU_DYNAMIC_SHARED(float, s);
     const int t = threadIdx.x;
@@ -330,4 +313,3 @@ extern "C" __global__ void selftest_neighbour(const float* __restrict__ x, float
     if (barrier) __syncthreads();
     out[t] = s[t > 0 ? t - 1 : 0];
 }
-EMU_REGISTER(selftest_neighbour)

@@ -91,18 +91,14 @@ __device__ void backward_body(const T* g, const T* u, const T* dh, T* dg, T* du,
 
 // swiglu_forward_{f32,bf16}(g[n], u[n], h[n], n)
 // Launch: block 256, grid min(ceil(n/8/256), cap), shared 0.
-extern "C" __global__ void swiglu_forward_f32(const float* g, const float* u, float* h, long long n)
+NP_KERNEL(swiglu_forward_f32, (const float* g, const float* u, float* h, long long n))
 { swigluk::forward_body<float>(g, u, h, n); }
-EMU_REGISTER(swiglu_forward_f32)
-extern "C" __global__ void swiglu_forward_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, __nv_bfloat16* h, long long n)
+NP_KERNEL(swiglu_forward_bf16, (const __nv_bfloat16* g, const __nv_bfloat16* u, __nv_bfloat16* h, long long n))
 { swigluk::forward_body<__nv_bfloat16>(g, u, h, n); }
-EMU_REGISTER(swiglu_forward_bf16)
 
 // swiglu_backward_{f32,bf16}(g[n], u[n], dh[n], dg[n], du[n], n)
 // Launch: block 256, grid min(ceil(n/8/256), cap), shared 0.
-extern "C" __global__ void swiglu_backward_f32(const float* g, const float* u, const float* dh, float* dg, float* du, long long n)
+NP_KERNEL(swiglu_backward_f32, (const float* g, const float* u, const float* dh, float* dg, float* du, long long n))
 { swigluk::backward_body<float>(g, u, dh, dg, du, n); }
-EMU_REGISTER(swiglu_backward_f32)
-extern "C" __global__ void swiglu_backward_bf16(const __nv_bfloat16* g, const __nv_bfloat16* u, const __nv_bfloat16* dh, __nv_bfloat16* dg, __nv_bfloat16* du, long long n)
+NP_KERNEL(swiglu_backward_bf16, (const __nv_bfloat16* g, const __nv_bfloat16* u, const __nv_bfloat16* dh, __nv_bfloat16* dg, __nv_bfloat16* du, long long n))
 { swigluk::backward_body<__nv_bfloat16>(g, u, dh, dg, du, n); }
-EMU_REGISTER(swiglu_backward_bf16)

@@ -304,12 +304,13 @@ public sealed class GpuAttentionOps
     {
         int tiles = (queryLen + TcQueryTile - 1) / TcQueryTile;
         var grid = new Dim3((uint)tiles, (uint)headsQ, (uint)batch);
-        if (positions.IsNull)
-            _gpu.Launch($"attention_fwd_tc_d{headDim}_bf16", grid, ThreadsPerBlock,
-                TcForwardSharedBytes(headDim), q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, Scale(headDim));
-        else
-            _gpu.Launch($"attention_fwd_tc_packed_d{headDim}_bf16", grid, ThreadsPerBlock,
-                TcForwardSharedBytes(headDim), q, k, v, output, lse, positions, batch, queryLen, headsQ, headsKv, Scale(headDim));
+        var p = new AttnTcParams
+        {
+            Q = q, K = k, V = v, Out = output, Lse = lse, Positions = positions,
+            B = batch, Tq = queryLen, Tk = keyLen, Hq = headsQ, Hkv = headsKv, Scale = Scale(headDim),
+        };
+        string kernel = positions.IsNull ? $"attention_fwd_tc_d{headDim}_bf16" : $"attention_fwd_tc_packed_d{headDim}_bf16";
+        _gpu.LaunchWithParams(kernel, grid, ThreadsPerBlock, TcForwardSharedBytes(headDim), p);
     }
 
     /// <summary>
@@ -341,12 +342,17 @@ public sealed class GpuAttentionOps
         if (UsesTensorCores(dtype, headDim, dout, q, k, v, output, dq, dk, dv))
         {
             uint tcTiles = (uint)((seqLen + TcBackwardTile - 1) / TcBackwardTile);
+            var p = new AttnTcParams
+            {
+                Q = q, K = k, V = v, Lse = lse, Positions = positions, Dout = dout, Delta = workspace, Dq = dq, Dk = dk, Dv = dv,
+                B = batch, Tq = seqLen, Tk = seqLen, Hq = headsQ, Hkv = headsKv, Scale = scale,
+            };
             if (!dk.IsNull)
-                _gpu.Launch($"attention_bwd_dkdv_tc_d{headDim}_bf16", new Dim3(tcTiles, (uint)headsKv, (uint)batch), ThreadsPerBlock,
-                    TcBackwardDkDvSharedBytes(headDim), dout, q, k, v, lse, workspace, positions, dk, dv, batch, seqLen, headsQ, headsKv, scale);
+                _gpu.LaunchWithParams($"attention_bwd_dkdv_tc_d{headDim}_bf16", new Dim3(tcTiles, (uint)headsKv, (uint)batch),
+                    ThreadsPerBlock, TcBackwardDkDvSharedBytes(headDim), p);
             if (!dq.IsNull)
-                _gpu.Launch($"attention_bwd_dq_tc_d{headDim}_bf16", new Dim3(tcTiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
-                    TcBackwardDqSharedBytes(headDim), dout, q, k, v, lse, workspace, positions, dq, batch, seqLen, headsQ, headsKv, scale);
+                _gpu.LaunchWithParams($"attention_bwd_dq_tc_d{headDim}_bf16", new Dim3(tcTiles, (uint)headsQ, (uint)batch),
+                    ThreadsPerBlock, TcBackwardDqSharedBytes(headDim), p);
             return;
         }
         uint tiles = (uint)((seqLen + BackwardTile - 1) / BackwardTile);

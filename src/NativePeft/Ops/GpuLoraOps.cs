@@ -172,6 +172,17 @@ public sealed class GpuLoraOps
     private static uint Threshold(LoraKernelAdapter a) => a.Rank == 0 ? 0 : GpuElementwiseOps.DropThreshold(a.DropoutP);
     private static float KeepScale(LoraKernelAdapter a) => a.Rank == 0 ? 1 : GpuElementwiseOps.KeepScale(a.DropoutP);
 
+    /// <summary>The parameter struct of lora_down_tc_bf16 (dx null, data = xa) and lora_bwd_input_tc_bf16 (data = dxa).</summary>
+    private static LoraTcParams TcParams(DevicePtr x, DevicePtr dx, int rows, int inFeatures, int split, int count,
+        LoraKernelAdapter a0, LoraKernelAdapter a1, LoraKernelAdapter a2, DevicePtr ws) => new()
+    {
+        X = x, Dx = dx, A0 = a0.A, A1 = a1.A, A2 = a2.A, Data0 = a0.Data, Data1 = a1.Data, Data2 = a2.Data, Ws = ws,
+        Seed0 = a0.Seed, Seed1 = a1.Seed, Seed2 = a2.Seed,
+        N = rows, In = inFeatures, Split = split, Count = count, R0 = a0.Rank, R1 = a1.Rank, R2 = a2.Rank,
+        Thr0 = Threshold(a0), Thr1 = Threshold(a1), Thr2 = Threshold(a2),
+        Scale0 = KeepScale(a0), Scale1 = KeepScale(a1), Scale2 = KeepScale(a2),
+    };
+
     /// <summary>
     /// xa_g [N, r_g] = dropout_g(x) · A_gᵀ for each adapter (Data = xa, overwritten); x [N, in] bf16.
     /// <paramref name="workspace"/>: at least <see cref="DownWorkspaceBytes"/> bytes (overwritten; may be null when that
@@ -186,9 +197,8 @@ public sealed class GpuLoraOps
         if (splits > 1) CheckPtr(workspace, nameof(workspace));
         DevicePtr ws = splits > 1 ? workspace : DevicePtr.Null;
         LoraKernelAdapter a0 = Slot(adapters, 0), a1 = Slot(adapters, 1), a2 = Slot(adapters, 2);
-        _gpu.Launch("lora_down_tc_bf16", new Dim3((uint)CeilDiv(rows, RowTile), (uint)splits), ThreadsPerBlock, DownSharedBytes(padded),
-            x, rows, inFeatures, perSplit, adapters.Length, a0.A, a1.A, a2.A, a0.Data, a1.Data, a2.Data, a0.Rank, a1.Rank, a2.Rank,
-            Threshold(a0), Threshold(a1), Threshold(a2), a0.Seed, a1.Seed, a2.Seed, KeepScale(a0), KeepScale(a1), KeepScale(a2), ws);
+        _gpu.LaunchWithParams("lora_down_tc_bf16", new Dim3((uint)CeilDiv(rows, RowTile), (uint)splits), ThreadsPerBlock,
+            DownSharedBytes(padded), TcParams(x, DevicePtr.Null, rows, inFeatures, perSplit, adapters.Length, a0, a1, a2, ws));
         if (splits == 1) return;
         _gpu.Launch("lora_down_reduce_bf16", GridBlocks((long)rows * padded, ReduceThreads, _maxGridBlocks), ReduceThreads, 0,
             ws, splits, rows, padded, adapters.Length, a0.Data, a1.Data, a2.Data, a0.Rank, a1.Rank, a2.Rank);
@@ -210,10 +220,8 @@ public sealed class GpuLoraOps
         CheckPtr(workspace, nameof(workspace));
         int splits = Splits(rows);
         LoraKernelAdapter a0 = Slot(adapters, 0), a1 = Slot(adapters, 1), a2 = Slot(adapters, 2);
-        _gpu.Launch("lora_bwd_input_tc_bf16", new Dim3((uint)CeilDiv(inFeatures, FeatureTile), (uint)splits), ThreadsPerBlock,
-            BackwardSharedBytes, x, dx, rows, inFeatures, SplitRows, adapters.Length, a0.A, a1.A, a2.A, a0.Data, a1.Data, a2.Data,
-            a0.Rank, a1.Rank, a2.Rank, Threshold(a0), Threshold(a1), Threshold(a2), a0.Seed, a1.Seed, a2.Seed,
-            KeepScale(a0), KeepScale(a1), KeepScale(a2), workspace);
+        _gpu.LaunchWithParams("lora_bwd_input_tc_bf16", new Dim3((uint)CeilDiv(inFeatures, FeatureTile), (uint)splits),
+            ThreadsPerBlock, BackwardSharedBytes, TcParams(x, dx, rows, inFeatures, SplitRows, adapters.Length, a0, a1, a2, workspace));
         long elements = (long)padded * inFeatures;
         _gpu.Launch("lora_da_reduce_f32", GridBlocks(elements, ReduceThreads, _maxGridBlocks), ReduceThreads, 0,
             workspace, splits, padded, inFeatures, adapters.Length, a0.DA, a1.DA, a2.DA, a0.Rank, a1.Rank, a2.Rank);

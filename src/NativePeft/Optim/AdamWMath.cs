@@ -31,12 +31,17 @@ public sealed record AdamWOptions
 
 /// <summary>
 /// The fp32 scalars of one AdamW step of one tensor, computed in double and rounded to fp32 once (the kernels of
-/// kernels/optim.cu take exactly these).
+/// kernels/optim.cu take exactly these, as their parameter struct AdamWScalars: this is its C# mirror, field for field;
+/// KernelSourceTests checks the layouts agree).
 /// </summary>
+[System.Runtime.InteropServices.StructLayout(System.Runtime.InteropServices.LayoutKind.Sequential)]
 public readonly record struct AdamWStepScalars(
     float Beta1, float Beta2, float OneMinusBeta1, float OneMinusBeta2, float Eps,
     float Decay, float BiasCorrection2Sqrt, float NegStepSize, float GradScale)
 {
+    /// <summary>The C struct's sizeof (36: nine floats), as the static_assert in kernels/optim.cu.</summary>
+    public const int NativeSize = 36;
+
     /// <summary>The scalars of step <paramref name="step"/> (1-based, torch's state["step"] after its increment).</summary>
     public static AdamWStepScalars For(AdamWOptions o, double lr, long step, double gradScale = 1.0)
     {

@@ -31,21 +31,21 @@ public sealed class GpuOptimKernels
     private int Grid(long units) => (int)Math.Clamp(units, 1, _maxGridBlocks);
 
     /// <summary>adamw_f32: one AdamW step on n fp32 elements (p, m, v in place; g read).</summary>
-    public void AdamWF32(DevicePtr p, DevicePtr g, DevicePtr m, DevicePtr v, long n, in AdamWStepScalars s)
+    public unsafe void AdamWF32(DevicePtr p, DevicePtr g, DevicePtr m, DevicePtr v, long n, in AdamWStepScalars s)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(n);
         if (n == 0) return;
         CheckPtr(p, nameof(p)); CheckPtr(g, nameof(g)); CheckPtr(m, nameof(m)); CheckPtr(v, nameof(v));
-        _gpu.Launch("adamw_f32", Grid(((n + 3) / 4 + ThreadsPerBlock - 1) / ThreadsPerBlock), ThreadsPerBlock, 0, // 4 elements a thread
-            p, g, m, v, n, s.Beta1, s.Beta2, s.OneMinusBeta1, s.OneMinusBeta2, s.Eps, s.Decay, s.BiasCorrection2Sqrt,
-            s.NegStepSize, s.GradScale);
+        fixed (AdamWStepScalars* scalars = &s)  // the kernel's AdamWScalars, by value
+            _gpu.Launch("adamw_f32", Grid(((n + 3) / 4 + ThreadsPerBlock - 1) / ThreadsPerBlock), ThreadsPerBlock, 0, // 4 elements a thread
+                p, g, m, v, n, KernelArg.Struct(scalars));
     }
 
     /// <summary>
     /// adamw8bit_blockwise: one AdamW step with m (state1, u8, signed map) and v (state2, u8, unsigned map) quantized
     /// in blocks of 256 with fp32 absmax1/absmax2 [ceil(n/256)]; the maps are 256 fp32 values on the device.
     /// </summary>
-    public void AdamW8BitBlockwise(DevicePtr p, DevicePtr g, DevicePtr state1, DevicePtr state2, DevicePtr absmax1,
+    public unsafe void AdamW8BitBlockwise(DevicePtr p, DevicePtr g, DevicePtr state1, DevicePtr state2, DevicePtr absmax1,
         DevicePtr absmax2, DevicePtr signedMap, DevicePtr unsignedMap, long n, in AdamWStepScalars s)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(n);
@@ -53,8 +53,8 @@ public sealed class GpuOptimKernels
         CheckPtr(p, nameof(p)); CheckPtr(g, nameof(g)); CheckPtr(state1, nameof(state1)); CheckPtr(state2, nameof(state2));
         CheckPtr(absmax1, nameof(absmax1)); CheckPtr(absmax2, nameof(absmax2));
         CheckPtr(signedMap, nameof(signedMap)); CheckPtr(unsignedMap, nameof(unsignedMap));
-        _gpu.Launch("adamw8bit_blockwise", Grid(AdamWMath.Blocks(n)), ThreadsPerBlock, 0,
-            p, g, state1, state2, absmax1, absmax2, signedMap, unsignedMap, n,
-            s.Beta1, s.Beta2, s.OneMinusBeta1, s.OneMinusBeta2, s.Eps, s.Decay, s.BiasCorrection2Sqrt, s.NegStepSize, s.GradScale);
+        fixed (AdamWStepScalars* scalars = &s)
+            _gpu.Launch("adamw8bit_blockwise", Grid(AdamWMath.Blocks(n)), ThreadsPerBlock, 0,
+                p, g, state1, state2, absmax1, absmax2, signedMap, unsignedMap, n, KernelArg.Struct(scalars));
     }
 }

@@ -547,14 +547,12 @@ public sealed unsafe class CudaGpu : IGpu
 
         int n = args.Length;
         if (n > MaxArgs) throw new ArgumentException($"{kernel}: {n} kernel arguments, at most {MaxArgs} supported", nameof(args));
-        // Each argument's value at an 8-byte stride; params[i] points at it (cuLaunchKernel copies them).
+        // Each argument's value at an 8-byte stride, or a struct argument's own address; params[i] points at it
+        // (cuLaunchKernel copies them).
         ulong* values = stackalloc ulong[MaxArgs];
         void** pointers = stackalloc void*[MaxArgs];
         for (int i = 0; i < n; i++)
-        {
-            values[i] = args[i].Bits;
-            pointers[i] = &values[i];
-        }
+            pointers[i] = args[i].Place(values + i);
         var r = CudaDriver.cuLaunchKernel(function, grid.X, grid.Y, grid.Z, block.X, block.Y, block.Z,
             (uint)sharedBytes, StreamHandle, n == 0 ? null : pointers, null);
         if (r != CuResult.Success)

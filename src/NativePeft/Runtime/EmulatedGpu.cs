@@ -234,8 +234,9 @@ public sealed unsafe class EmulatedGpu : IGpu
             throw new EmulatorException($"{kernel} takes {sizes.Length} parameters, {args.Length} given") { KernelName = kernel };
         for (int i = 0; i < args.Length; i++)
         {
-            // A 4-byte argument may fill a 1- or 2-byte parameter (its low bytes, little-endian).
-            bool fits = sizes[i] == args[i].Size || (args[i].Size == 4 && sizes[i] < 4);
+            // A 4-byte argument may fill a 1- or 2-byte parameter (its low bytes, little-endian); a struct argument's
+            // size is its C# mirror's, which must equal the kernel's sizeof.
+            bool fits = sizes[i] == args[i].Size || (!args[i].ByAddress && args[i].Size == 4 && sizes[i] < 4);
             if (!fits)
                 throw new EmulatorException(
                     $"{kernel}: parameter {i} is {sizes[i]} bytes, the argument is {args[i].Size} bytes") { KernelName = kernel };
@@ -245,10 +246,7 @@ public sealed unsafe class EmulatedGpu : IGpu
         ulong* values = stackalloc ulong[Math.Max(n, 1)];
         void** pointers = stackalloc void*[Math.Max(n, 1)];
         for (int i = 0; i < n; i++)
-        {
-            values[i] = args[i].Bits;  // 8-byte slots; a 4-byte value sits in the low bytes
-            pointers[i] = values + i;
-        }
+            pointers[i] = args[i].Place(values + i);  // 8-byte slots (a 4-byte value in the low bytes), or the struct's address
         int rc = _native.Launch(kernel, grid, block, (uint)sharedBytes, pointers);
         if (rc != 0)
             throw new EmulatorException($"launch of {kernel} (grid {grid.X}x{grid.Y}x{grid.Z}, block {block.X}x{block.Y}x{block.Z}, "
@@ -293,7 +291,8 @@ public sealed unsafe class EmulatedGpu : IGpu
         }
     }
 
-    private int[]? ParameterSizes(string kernel)
+    /// <summary>The parameter sizes in bytes the emulator registered for <paramref name="kernel"/> (null: unknown kernel).</summary>
+    internal int[]? ParameterSizes(string kernel)
     {
         lock (_parameterSizes)
         {

@@ -18,15 +18,20 @@ public readonly record struct Dim3(uint X, uint Y = 1, uint Z = 1)
 }
 
 /// <summary>
-/// One kernel argument of at most 8 bytes (a pointer, an int, a float, a long), kept by value
-/// so a launch can build the void** array cuLaunchKernel and emu_launch both take.
+/// One kernel argument: a value of at most 8 bytes (a pointer, an int, a float, a long), kept by value, or a parameter
+/// struct passed by address (<see cref="Struct{T}"/>), so a launch can build the void** array cuLaunchKernel and
+/// emu_launch both take (each entry points at one parameter's bytes; the callee copies them during the call).
 /// </summary>
 public readonly struct KernelArg
 {
+    /// <summary>The value (a 4-byte value in the low bytes), or for a struct argument the address of its bytes.</summary>
     public readonly ulong Bits;
+    /// <summary>The parameter's size in bytes.</summary>
     public readonly int Size;
+    /// <summary>True for a struct argument: <see cref="Bits"/> is the address of <see cref="Size"/> bytes.</summary>
+    public readonly bool ByAddress;
 
-    private KernelArg(ulong bits, int size) { Bits = bits; Size = size; }
+    private KernelArg(ulong bits, int size, bool byAddress = false) { Bits = bits; Size = size; ByAddress = byAddress; }
 
     public static implicit operator KernelArg(DevicePtr p) => new(p.Address, 8);
     public static implicit operator KernelArg(int v) => new(unchecked((uint)v), 4);
@@ -34,6 +39,44 @@ public readonly struct KernelArg
     public static implicit operator KernelArg(long v) => new(unchecked((ulong)v), 8);
     public static implicit operator KernelArg(ulong v) => new(v, 8);
     public static implicit operator KernelArg(float v) => new(BitConverter.SingleToUInt32Bits(v), 4);
+
+    /// <summary>
+    /// A parameter struct passed by value to the kernel (a C struct mirrored by a <c>[StructLayout(Sequential)]</c>
+    /// unmanaged struct, e.g. <c>NativePeft.Ops.AttnTcParams</c>): the argument holds <paramref name="value"/>'s address,
+    /// which must stay valid (a local, or pinned) until the launch call returns. Prefer
+    /// <see cref="GpuLaunch.LaunchWithParams{T}"/>, which pins it.
+    /// </summary>
+    public static unsafe KernelArg Struct<T>(T* value) where T : unmanaged
+    {
+        if (value == null)
+            throw new ArgumentNullException(nameof(value), "a struct kernel argument needs the struct's address");
+        return new((ulong)value, sizeof(T), byAddress: true);
+    }
+
+    /// <summary>The address cuLaunchKernel / emu_launch read this parameter from: the struct's, or <paramref name="slot"/> after storing the value there.</summary>
+    internal unsafe void* Place(ulong* slot)
+    {
+        if (ByAddress)
+            return (void*)Bits;
+        *slot = Bits;
+        return slot;
+    }
+}
+
+/// <summary>Launches of kernels that take one parameter struct (see <see cref="KernelArg.Struct{T}"/>).</summary>
+public static class GpuLaunch
+{
+    /// <summary>
+    /// Launches <paramref name="kernel"/> with <paramref name="parameters"/> as its one parameter, passed by value
+    /// (pinned for the duration of the call; both devices copy it before the launch returns).
+    /// </summary>
+    public static unsafe void LaunchWithParams<T>(this IGpu gpu, string kernel, Dim3 grid, Dim3 block, int sharedBytes, in T parameters)
+        where T : unmanaged
+    {
+        ArgumentNullException.ThrowIfNull(gpu);
+        fixed (T* p = &parameters)
+            gpu.Launch(kernel, grid, block, sharedBytes, KernelArg.Struct(p));
+    }
 }
 
 public enum GpuKind { Cuda, Emulated }

@@ -10,7 +10,7 @@ namespace NativePeft.Tests.Kernels;
 /// </summary>
 public class KernelBuildTests
 {
-    private static string RepoKernelsDir()
+    internal static string RepoKernelsDir()
     {
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
             if (File.Exists(Path.Combine(dir.FullName, "NativePeft.sln")))
@@ -51,7 +51,7 @@ public class KernelBuildTests
         var registered = emu.KernelNames.ToHashSet(StringComparer.Ordinal);
         Assert.Multiple(() =>
         {
-            Assert.That(ptx.Except(registered), Is.Empty, "in the PTX but not registered with EMU_REGISTER");
+            Assert.That(ptx.Except(registered), Is.Empty, "in the PTX but not registered in the emulator (NP_KERNEL)");
             Assert.That(registered.Except(ptx), Is.Empty, "registered in the emulator but not in any PTX");
         });
     }

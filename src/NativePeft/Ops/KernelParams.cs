@@ -1,0 +1,64 @@
+using System.Runtime.InteropServices;
+using NativePeft.Runtime;
+
+namespace NativePeft.Ops;
+
+// The C# mirrors of the kernels' parameter structs (docs/design.md, "Kernel ABI"): field for field, in the C order, so
+// that [StructLayout(Sequential)] gives the C layout (pointers as DevicePtr, 8 bytes; int, uint, float 4; ulong 8).
+// KernelSourceTests compares each one's size and field offsets with the emulator library's np_layout_<struct> and its
+// field names with the C declaration; the static_assert beside the C struct holds nvcc to the same size.
+
+/// <summary>
+/// The one parameter of the tensor-core attention kernels (kernels/attention_tc.cuh, AttnTcParams):
+/// attention_fwd_tc[_packed]_d{64,128}_bf16 and attention_bwd_{dkdv,dq}_tc_d{64,128}_bf16. A kernel reads the fields
+/// it needs; the others may stay zero.
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct AttnTcParams
+{
+    /// <summary>The C struct's sizeof (112), as the static_assert in attention_tc.cuh.</summary>
+    public const int NativeSize = 112;
+
+    public DevicePtr Q, K, V;
+    /// <summary>Forward output [B, Tq, Hq, D] bf16.</summary>
+    public DevicePtr Out;
+    /// <summary>[B, Hq, Tq] fp32: written by the forward (null: not written), read by the backward.</summary>
+    public DevicePtr Lse;
+    /// <summary>Null, or int32 [B, T] positions inside packed documents (Tq = Tk = T).</summary>
+    public DevicePtr Positions;
+    /// <summary>Backward: dL/d out, delta = rowsum(dout ∘ out) fp32, and the outputs dq or dk, dv.</summary>
+    public DevicePtr Dout, Delta, Dq, Dk, Dv;
+    public int B, Tq, Tk, Hq, Hkv;
+    public float Scale;
+}
+
+/// <summary>
+/// The one parameter of lora_down_tc_bf16 and lora_bwd_input_tc_bf16 (kernels/lora.cu, LoraTcParams) for up to three
+/// adapters; unused slots (g ≥ Count) hold null pointers and rank 0.
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct LoraTcParams
+{
+    /// <summary>The C struct's sizeof (152, with 4 bytes of tail padding), as the static_assert in lora.cu.</summary>
+    public const int NativeSize = 152;
+
+    /// <summary>x [N, in] bf16; dx [N, in] (backward, read and written; null in the forward).</summary>
+    public DevicePtr X, Dx;
+    /// <summary>A_g [r_g, in] bf16.</summary>
+    public DevicePtr A0, A1, A2;
+    /// <summary>Forward: xa_g [N, r_g] (written); backward: dxa_g (read).</summary>
+    public DevicePtr Data0, Data1, Data2;
+    /// <summary>The fp32 partials workspace, or null.</summary>
+    public DevicePtr Ws;
+    /// <summary>Philox keys of the dropout masks.</summary>
+    public ulong Seed0, Seed1, Seed2;
+    public int N, In;
+    /// <summary>Forward: 64-feature tiles per split; backward: rows per split.</summary>
+    public int Split;
+    public int Count;
+    public int R0, R1, R2;
+    /// <summary>Dropout thresholds (0: no dropout).</summary>
+    public uint Thr0, Thr1, Thr2;
+    /// <summary>1 / (1 − p), the scale of kept elements.</summary>
+    public float Scale0, Scale1, Scale2;
+}
