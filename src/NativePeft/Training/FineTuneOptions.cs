@@ -97,12 +97,8 @@ public sealed record FineTuneOptions
 }
 
 /// <summary>
-/// Bad <see cref="FineTuneOptions"/> or input files: <see cref="Option"/> names the option (a property of
-/// <see cref="FineTuneOptions"/>), <see cref="Detail"/> says what is wrong with its value ("/data/x.jsonl: file not found").
+/// Bad <see cref="FineTuneOptions"/> or input files: <see cref="OptionException.Option"/> names the option (a property of
+/// <see cref="FineTuneOptions"/> or of its <see cref="LoraSettings"/>), <see cref="OptionException.Detail"/> says what is
+/// wrong with its value ("/data/x.jsonl: file not found").
 /// </summary>
-public sealed class FineTuneException(string option, string detail, Exception? inner = null)
-    : Exception($"{option} {detail}", inner)
-{
-    public string Option { get; } = option;
-    public string Detail { get; } = detail;
-}
+public sealed class FineTuneException(string option, string detail, Exception? inner = null) : OptionException(option, detail, inner);
