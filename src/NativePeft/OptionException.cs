@@ -8,8 +8,11 @@ namespace NativePeft;
 /// "Option Detail". A front end names the setting in its own terms from <see cref="Option"/> (the CLI's one table of
 /// flags, OptionFlags) and prints <see cref="Detail"/> after it, never parsing the message.
 /// </summary>
-public class OptionException(string option, string detail, Exception? inner = null) : ArgumentException($"{option} {detail}", inner)
+public class OptionException(string option, string detail, Exception? inner = null) : ArgumentException(Format(option, detail), inner)
 {
+    /// <summary>"name detail", without the space before a detail that starts with ':' (an option with no value to show).</summary>
+    public static string Format(string name, string detail) => detail.StartsWith(':') ? name + detail : $"{name} {detail}";
+
     /// <summary>The option's property name (for LoRA settings the <see cref="Modules.LoraSettings"/> property: "Rank", "Alpha", …).</summary>
     public string Option { get; } = option;
 
