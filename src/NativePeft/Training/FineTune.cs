@@ -275,6 +275,7 @@ public sealed partial class FineTune : IDisposable
         if (!(o.Lr >= 0) || !double.IsFinite(o.Lr)) throw new FineTuneException(nameof(o.Lr), $"{o.Lr}: must be a finite number >= 0");
         if (o.WarmupSteps < 0) throw new FineTuneException(nameof(o.WarmupSteps), $"{o.WarmupSteps}: must be >= 0");
         if (!(o.MaxGradNorm >= 0)) throw new FineTuneException(nameof(o.MaxGradNorm), $"{o.MaxGradNorm}: must be >= 0 (0 = off)");
+        if (!(o.WeightDecay >= 0) || !double.IsFinite(o.WeightDecay)) throw new FineTuneException(nameof(o.WeightDecay), $"{o.WeightDecay}: must be a finite number >= 0 (0 = off)");
         if (!OptimizerFactory.Names.Contains(o.Optimizer)) throw new FineTuneException(nameof(o.Optimizer), $"{o.Optimizer}: expected one of {string.Join(", ", OptimizerFactory.Names)}");
         if (o.EvalEvery < 0) throw new FineTuneException(nameof(o.EvalEvery), $"{o.EvalEvery}: must be >= 0");
         if (o.EvalBatches < 0) throw new FineTuneException(nameof(o.EvalBatches), $"{o.EvalBatches}: must be >= 0");
@@ -442,7 +443,7 @@ public sealed partial class FineTune : IDisposable
     public TrainerOptions TrainerOptions => new()
     {
         Steps = Options.Steps, Epochs = Options.Steps is null ? Options.Epochs ?? 1 : null, BatchSize = Options.BatchSize, GradAccum = Options.GradAccum,
-        SeqLen = Options.SeqLen, BatchMode = Options.Pack ? BatchMode.Packing : BatchMode.Padding, Lr = Options.Lr, Schedule = Options.Schedule, WarmupSteps = Options.WarmupSteps, MaxGradNorm = Options.MaxGradNorm,
+        SeqLen = Options.SeqLen, BatchMode = Options.Pack ? BatchMode.Packing : BatchMode.Padding, Lr = Options.Lr, Schedule = Options.Schedule, WarmupSteps = Options.WarmupSteps, MaxGradNorm = Options.MaxGradNorm, WeightDecay = Options.WeightDecay,
         EvalEvery = Options.EvalEvery, EvalBatches = Options.EvalBatches, ExactMatchSamples = Options.ExactMatchSamples, SaveEvery = Options.SaveEvery,
         Seed = Options.Seed, Optimizer = Options.Optimizer, OnNonFinite = Options.OnNonFinite, OutputDir = OutputDir, BaseModelNameOrPath = Options.Model == BuiltinModel.Name ? BuiltinModel.Name : ModelDirectory,
         ExtraConfig = Options.ExtraConfig,

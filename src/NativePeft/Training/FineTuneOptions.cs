@@ -70,6 +70,8 @@ public sealed record FineTuneOptions
     public LrScheduleKind Schedule { get; init; } = LrScheduleKind.Cosine;
     public int WarmupSteps { get; init; }
     public double MaxGradNorm { get; init; } = 1.0;
+    /// <summary>AdamW's decoupled weight decay (torch.optim.AdamW's weight_decay, 0.01 as its default), applied to the trained weights.</summary>
+    public double WeightDecay { get; init; } = 0.01;
     /// <summary>adamw | paged-adamw | adamw8bit | paged-adamw8bit.</summary>
     public string Optimizer { get; init; } = "adamw";
     public int EvalEvery { get; init; }
