@@ -39,7 +39,7 @@ internal static class OptionFlags
         Train("--epochs", nameof(FineTuneOptions.Epochs)), Train("--batch", nameof(FineTuneOptions.BatchSize)),
         Train("--grad-accum", nameof(FineTuneOptions.GradAccum)), Train("--seq", nameof(FineTuneOptions.SeqLen)),
         Train("--pack", nameof(FineTuneOptions.Pack)), Train("--seed", nameof(FineTuneOptions.Seed)),
-        Train("--optim", nameof(FineTuneOptions.Optimizer)), Train("--max-grad-norm", nameof(FineTuneOptions.MaxGradNorm)),
+        Train("--optim", nameof(FineTuneOptions.Optimizer)), Train("--max-grad-norm", nameof(FineTuneOptions.MaxGradNorm)), Train("--weight-decay", nameof(FineTuneOptions.WeightDecay)),
         Train("--eval-every", nameof(FineTuneOptions.EvalEvery)), Train("--eval-batches", nameof(FineTuneOptions.EvalBatches)),
         Train("--save-every", nameof(FineTuneOptions.SaveEvery)), Train("--resume", nameof(FineTuneOptions.ResumeFrom)),
         Train("--device", nameof(FineTuneOptions.Device)), Train("--precision", nameof(FineTuneOptions.ComputeDType)),

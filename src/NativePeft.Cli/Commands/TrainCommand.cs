@@ -50,6 +50,7 @@ public static class TrainCommand
         var seed = new Option<int>("--seed") { Description = "seed of data order, LoRA init and dropout", DefaultValueFactory = _ => d.Seed };
         var optim = new Option<string>("--optim") { Description = string.Join('|', OptimizerFactory.Names), DefaultValueFactory = _ => d.Optimizer };
         var maxGradNorm = new Option<double>("--max-grad-norm") { Description = "global-norm clipping (0 = off)", DefaultValueFactory = _ => d.MaxGradNorm };
+        var weightDecay = new Option<double>("--weight-decay") { Description = "AdamW's decoupled weight decay (0 = off)", DefaultValueFactory = _ => d.WeightDecay };
         var evalEvery = new Option<int>("--eval-every") { Description = "evaluate every N steps (0 = at the end only)", DefaultValueFactory = _ => d.EvalEvery };
         var evalBatches = new Option<int>("--eval-batches") { Description = "eval batches per evaluation (0 = all)", DefaultValueFactory = _ => d.EvalBatches };
         var saveEvery = new Option<int>("--save-every") { Description = "write checkpoint-<step>/ every N steps (0 = never)", DefaultValueFactory = _ => d.SaveEvery };
@@ -70,7 +71,7 @@ public static class TrainCommand
         var cmd = new Command("train", "Fine-tune a Llama checkpoint with LoRA, QLoRA or full fine-tuning")
         {
             model, data, evalData, method, rank, alpha, dropout, targets, rslora, lr, schedule, warmup, steps, epochs, batch, gradAccum,
-            seq, pack, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, deviceMemory, recompute, embedding, output, onBadLine,
+            seq, pack, seed, optim, maxGradNorm, weightDecay, evalEvery, evalBatches, saveEvery, resume, device, precision, deviceMemory, recompute, embedding, output, onBadLine,
             onNonFinite,
         };
         cmd.SetAction((parse, cancel) =>
@@ -83,7 +84,7 @@ public static class TrainCommand
                 parse.GetValue(maxGradNorm), parse.GetValue(evalEvery), parse.GetValue(evalBatches), parse.GetValue(saveEvery),
                 parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Embedding = parse.GetValue(embedding)!, Pack = parse.GetValue(pack), Precision = parse.GetValue(precision)!, OnBadLine = ParseOnBadLine(parse.GetValue(onBadLine)!),
                 OnNonFinite = parse.GetValue(onNonFinite) == "skip" ? NonFinitePolicy.Skip : NonFinitePolicy.Stop,
-                Given = GivenOptions(parse, cmd), DeviceMemory = parse.GetValue(deviceMemory) };
+                Given = GivenOptions(parse, cmd), DeviceMemory = parse.GetValue(deviceMemory), WeightDecay = parse.GetValue(weightDecay) };
             return Task.FromResult(Run(a, stdout, cancel));
         });
         return cmd;
@@ -167,6 +168,8 @@ public static class TrainCommand
         public string Precision { get; init; } = "auto";
         /// <summary>--device-memory: the run's limit of device memory (a size), null for the device's free memory.</summary>
         public string? DeviceMemory { get; init; }
+        /// <summary>--weight-decay: AdamW's decoupled weight decay.</summary>
+        public double WeightDecay { get; init; } = new FineTuneOptions().WeightDecay;
     }
 
     public static int Run(Args a, TextWriter stdout, CancellationToken externalCancel = default)
@@ -188,7 +191,7 @@ public static class TrainCommand
             Device = a.Device, Recompute = a.Recompute, Embedding = a.Embedding, Seed = a.Seed,
             ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device), DeviceMemory = DeviceOption.Memory(a.DeviceMemory, a.Device),
             Steps = a.Steps, Epochs = a.Epochs, BatchSize = a.Batch, GradAccum = a.GradAccum, SeqLen = a.Seq, Pack = a.Pack,
-            Lr = a.Lr, Schedule = LrSchedule.Parse(a.Schedule), WarmupSteps = a.Warmup, MaxGradNorm = a.MaxGradNorm,
+            Lr = a.Lr, Schedule = LrSchedule.Parse(a.Schedule), WarmupSteps = a.Warmup, MaxGradNorm = a.MaxGradNorm, WeightDecay = a.WeightDecay,
             EvalEvery = a.EvalEvery, EvalBatches = a.EvalBatches, SaveEvery = a.SaveEvery, Optimizer = a.Optim,
             OutputDir = a.Out, ResumeFrom = a.Resume, OnNonFinite = a.OnNonFinite,
             ExtraConfig = new Dictionary<string, string> { ["model"] = a.Model, ["data"] = a.Data, ["device"] = a.Device, ["method"] = a.Method },
