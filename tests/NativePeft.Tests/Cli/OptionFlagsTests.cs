@@ -132,10 +132,20 @@ public class OptionFlagsTests
         Assert.That(OptionFlags.Message(rank), Is.EqualTo("--rank -3: the LoRA rank must be positive"));
         var targets = Assert.Throws<FineTuneException>(() => FineTune.ValidateOptions(new FineTuneOptions { Lora = new() { TargetModules = ["nope"] } }))!;
         Assert.That(OptionFlags.Message(targets), Does.StartWith("--targets: unknown module \"nope\""));
+        var decay = Assert.Throws<FineTuneException>(() => FineTune.ValidateOptions(new FineTuneOptions { WeightDecay = -1 }))!;
+        Assert.That(OptionFlags.Message(decay), Is.EqualTo("--weight-decay -1: must be a finite number >= 0 (0 = off)"));
         var topP = Assert.Throws<OptionException>(() => new GenerationOptions { TopP = 1.5 }.Validate())!;
         Assert.That(OptionFlags.Message(topP), Is.EqualTo("--top-p 1.5: must be in (0, 1] (1 = off)"));
         var heads = Assert.Throws<OptionException>(() => new PretrainOptions { KvHeads = 3 }.Validate())!;
         Assert.That(OptionFlags.Message(heads), Does.StartWith("--kv-heads 3: "));
+    }
+
+    [Test]
+    public void WeightDecayReachesTheTrainer()
+    {
+        // The worked example of design.md's "Adding a training option": record → use → binding.
+        using var run = FineTune.Create(new FineTuneOptions { WeightDecay = 0.25, Steps = 1 });
+        Assert.That(run.TrainerOptions.WeightDecay, Is.EqualTo(0.25));
     }
 
     [Test]
