@@ -5,7 +5,8 @@ namespace NativePeft.Cli.Commands;
 
 /// <summary>
 /// --adapter DIR (a PEFT LoRA adapter folder) for the commands that run a model with one: reading it, and applying it
-/// to the loaded base, with one clear error naming --adapter (and --model when the adapter does not fit the base).
+/// to the loaded base (<see cref="Training.ModelSession"/>), with one clear error naming --adapter (and --model when the
+/// adapter does not fit the base).
 /// </summary>
 internal static class AdapterArgument
 {
@@ -27,21 +28,14 @@ internal static class AdapterArgument
     }
 
     /// <summary>
-    /// Loads the adapter's A and B into <paramref name="model"/> (built with the adapter's LoRA settings); a shape or
-    /// target mismatch is a CliException naming both options and the first problems.
+    /// An adapter that does not fit the base (<see cref="Training.ModelSession"/>'s refusal of its rank, or the
+    /// <paramref name="detail"/> of a shape or target mismatch) as one error naming both options.
     /// </summary>
-    public static void Apply(PeftAdapter adapter, LlamaModel model, string adapterArg, string modelArg)
-    {
-        try { adapter.ApplyTo(model); }
-        catch (PeftAdapterException e)
-        {
-            throw new CliException($"--adapter {adapterArg} does not fit --model {modelArg} (was it trained on another base model?): {Problems(e)}", 1, e);
-        }
-    }
+    public static CliException DoesNotFit(string detail, string adapterArg, string modelArg, Exception inner) =>
+        new($"--adapter {adapterArg} does not fit --model {modelArg} (was it trained on another base model?): {detail}", 1, inner);
 
-    /// <summary>A rank the base cannot take (r larger than a layer) as the same one-line error.</summary>
-    public static CliException RankDoesNotFit(ArgumentOutOfRangeException e, string adapterArg, string modelArg) =>
-        new($"--adapter {adapterArg} does not fit --model {modelArg} (was it trained on another base model?): {e.Message.Split(" (Parameter")[0]}", 1, e);
+    /// <summary>A shape or target mismatch of <see cref="PeftAdapter.ApplyTo"/>, with the first problems.</summary>
+    public static CliException DoesNotFit(PeftAdapterException e, string adapterArg, string modelArg) => DoesNotFit(Problems(e), adapterArg, modelArg, e);
 
     private static string Strip(string message, string path) =>
         message.StartsWith(path + ": ", StringComparison.Ordinal) ? message[(path.Length + 2)..] : message;

@@ -171,9 +171,9 @@ public static class CompareCommand
             Device = a.Device, ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device), DeviceMemory = DeviceOption.Memory(a.DeviceMemory, a.Device), Seed = a.Seed, Steps = a.Steps, BatchSize = a.Batch, SeqLen = a.Seq, Pack = a.Pack, Lr = a.Lr, Schedule = LrScheduleKind.Cosine,
             WarmupSteps = a.Warmup, Optimizer = a.Optim, ExactMatchSamples = a.ExactMatchSamples,
         };
-        foreach (var m in methods) TrainCommand.Guard(() => { FineTune.ValidateOptions(Options(common, m, a)); return 0; });
+        foreach (var m in methods) OptionFlags.Guard(() => { FineTune.ValidateOptions(Options(common, m, a)); return 0; });
         if (common.Model == BuiltinModel.Name && !File.Exists(Path.Combine(BuiltinModel.Directory, IO.LlamaConfig.FileName)))
-            TrainCommand.Guard<int>(() => throw new FineTuneException(nameof(FineTuneOptions.Model), $"builtin: {BuiltinModel.Directory} is missing (rebuild the CLI)"));
+            OptionFlags.Guard<int>(() => throw new FineTuneException(nameof(FineTuneOptions.Model), $"builtin: {BuiltinModel.Directory} is missing (rebuild the CLI)"));
         // --out is this run's from here on (another run into it is refused); a folder it creates goes again if nothing is written.
         using var outputLock = OutputLocking.Folder(outDir, stdout);
         if (OutputFolder.HasContent(outDir))
@@ -188,7 +188,7 @@ public static class CompareCommand
         // Through a LoRA (or QLoRA) run when one is requested: lora_B starts at zero, so its outputs are the base's exactly,
         // and the device pool is sized for that method, not for full fine-tuning's masters, gradients and optimizer state.
         var baseMethod = methods.Contains(FineTuneMethod.Lora) ? FineTuneMethod.Lora : methods.Contains(FineTuneMethod.Qlora) ? FineTuneMethod.Qlora : FineTuneMethod.Full;
-        using (var baseRun = TrainCommand.Guard(() => FineTune.Create(Options(common, baseMethod, a) with { Steps = 1 }, NullLogger.Instance)))
+        using (var baseRun = OptionFlags.Guard(() => FineTune.Create(Options(common, baseMethod, a) with { Steps = 1 }, NullLogger.Instance)))
         {
             if (baseRun.SkippedLines > 0)
                 stdout.WriteLine($"skipped {baseRun.SkippedLines} bad data line(s) (--on-bad-line skip); the first: {baseRun.SkippedMessages[0]}");
@@ -307,7 +307,7 @@ public static class CompareCommand
         GC.Collect();
         ProcessMemory.ResetPeak();
         var options = Options(common, method, a) with { OutputDir = Path.Combine(outDir, name) };
-        using var run = TrainCommand.Guard(() => FineTune.Create(options, NullLogger.Instance));
+        using var run = OptionFlags.Guard(() => FineTune.Create(options, NullLogger.Instance));
         var rss = new Dictionary<int, long?>();
         int every = Math.Max(1, a.Steps / 10);
         var trainer = run.CreateTrainer(progress: new ActionProgress<TrainerProgress>(p =>

@@ -6,6 +6,7 @@ using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Ops;
 using NativePeft.Planning;
+using NativePeft.Training;
 
 namespace NativePeft.Cli.Commands;
 
@@ -69,10 +70,7 @@ public static class EvalCommand
                     stdout.WriteLine($"sequences   {result.Sequences}");
                 }
             }
-            catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException or UnauthorizedAccessException)
-            {
-                throw new CliException(e.Message, 1, e);
-            }
+            catch (Exception e) when (ModelSession.IsModelFileError(e)) { throw new CliException(e.Message, 1, e); }
             return 0;
         });
         return cmd;
@@ -89,34 +87,19 @@ public static class EvalCommand
     {
         var computeDType = DeviceOption.ComputeDType(precision, device);
         var adapter = AdapterArgument.Load(adapterDir); // checked before the model is read
-        using var ckpt = HfCheckpoint.Open(modelDir);
-        var sequences = ReadData(dataFile, modelDir, ckpt.Config.VocabSize, seqLen, ckpt.Config.MaxPositionEmbeddings);
+        using var session = OptionFlags.Session(() => ModelSession.Open(modelDir, adapter: adapter), modelDir, adapterDir);
+        var config = session.Config;
+        var sequences = ReadData(dataFile, modelDir, config.VocabSize, seqLen, config.MaxPositionEmbeddings);
         var modelOptions = new LlamaModelOptions { Quantization = quantization, ComputeDType = computeDType, Lora = adapter?.Config.ToLoraSettings() };
         // On a GPU device every byte comes from a pool sized from the evaluation's plan (the forward of the longest
         // sequence); on CUDA the plan is checked against free memory first.
-        InferencePlan? plan = null;
-        if (device != "cpu")
+        int longest = sequences.Where(s => s.Length >= 2).Select(s => s.Length).DefaultIfEmpty(1).Max();
+        var llama = OptionFlags.Session(() =>
         {
-            int longest = sequences.Where(s => s.Length >= 2).Select(s => s.Length).DefaultIfEmpty(1).Max();
-            plan = DevicePlanning.Inference(ckpt.Config, modelOptions, new InferencePlanOptions { Mode = InferenceMode.Eval, Seq = longest },
-                DevicePlanning.StoredQuantization(ckpt));
-        }
-        var gpu = DeviceOption.Open(device);
-        DevicePool? pool = null;
-        if (gpu is not null)
-        {
-            try { pool = DevicePlanning.InferencePool(gpu, plan!, memoryLimit); }
-            catch (PlanDoesNotFitException e) { throw new CliException($"--device {device}: the evaluation {e.Message}", 1, e); }
-        }
-        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);
-        LlamaModel llama;
-        try { llama = LlamaModel.Load(ckpt, ops, modelOptions); }
-        catch (ArgumentOutOfRangeException e) when (adapter is not null && e.ParamName == nameof(LoraSettings.Rank))
-        {
-            throw AdapterArgument.RankDoesNotFit(e, adapterDir!, modelDir);
-        }
-        using var _llama = llama;
-        if (adapter is not null) AdapterArgument.Apply(adapter, llama, adapterDir!, modelDir);
+            session.OpenDevice(device, memoryLimit);
+            session.PlanInference(modelOptions, new InferencePlanOptions { Mode = InferenceMode.Eval, Seq = longest }, "evaluation");
+            return session.LoadModel(modelOptions);
+        }, modelDir, adapterDir);
         llama.Dropout.Training = false;
         double sum = 0;
         long tokens = 0;

@@ -25,11 +25,12 @@ public static class GenerateCommand
         var model = new Option<string>("--model") { Description = "HF Llama checkpoint folder (config.json, safetensors, tokenizer), or 'builtin' for the shipped model", DefaultValueFactory = _ => BuiltinModel.Name };
         var adapter = new Option<string?>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), e.g. the output of `train`" };
         var prompt = new Option<string>("--prompt") { Description = "the prompt text (for the built-in model and task: \"upper: word\\n\")", Required = true };
-        var maxTokens = new Option<int>("--max-tokens") { Description = "new tokens at most (generation also stops at eos)", DefaultValueFactory = _ => 64 };
-        var temperature = new Option<double>("--temperature") { Description = "0 = greedy; > 0 samples from softmax(logits / temperature)", DefaultValueFactory = _ => 0 };
-        var topP = new Option<double>("--top-p") { Description = "nucleus sampling: keep the most likely tokens up to this cumulative probability, (0, 1]", DefaultValueFactory = _ => 1.0 };
-        var topK = new Option<int>("--top-k") { Description = "keep only the k most likely tokens (0 = off)", DefaultValueFactory = _ => 0 };
-        var seed = new Option<ulong>("--seed") { Description = "seed of the sampler (the same seed gives the same tokens)", DefaultValueFactory = _ => 0 };
+        var d = new GenerationOptions(); // the defaults (OptionFlags binds each flag to its property)
+        var maxTokens = new Option<int>("--max-tokens") { Description = "new tokens at most (generation also stops at eos)", DefaultValueFactory = _ => d.MaxNewTokens };
+        var temperature = new Option<double>("--temperature") { Description = "0 = greedy; > 0 samples from softmax(logits / temperature)", DefaultValueFactory = _ => d.Temperature };
+        var topP = new Option<double>("--top-p") { Description = "nucleus sampling: keep the most likely tokens up to this cumulative probability, (0, 1]", DefaultValueFactory = _ => d.TopP };
+        var topK = new Option<int>("--top-k") { Description = "keep only the k most likely tokens (0 = off)", DefaultValueFactory = _ => d.TopK };
+        var seed = new Option<ulong>("--seed") { Description = "seed of the sampler (the same seed gives the same tokens)", DefaultValueFactory = _ => d.Seed };
         var quantize = new Option<string?>("--quantize") { Description = "load the base in 4 bits as QLoRA does: nf4 (or fp4), blocksize 64, double quant" };
         quantize.AcceptOnlyFromAmong("nf4", "fp4");
         var device = DeviceOption.Create("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator");
@@ -61,17 +62,16 @@ public static class GenerateCommand
     public static int Run(Args a, TextWriter stdout)
     {
         // ---- the options on their own
+        // The library generates 0 tokens if asked; the command exists to print some.
         if (a.MaxTokens < 1) throw new CliException($"--max-tokens {a.MaxTokens}: must be at least 1", 2);
-        if (!(a.Temperature >= 0) || !double.IsFinite(a.Temperature))
-            throw new CliException($"--temperature {Num(a.Temperature)}: must be a finite number >= 0 (0 = greedy)", 2);
-        if (!(a.TopP > 0 && a.TopP <= 1)) throw new CliException($"--top-p {Num(a.TopP)}: must be in (0, 1] (1 = off)", 2);
-        if (a.TopK < 0) throw new CliException($"--top-k {a.TopK}: must be >= 0 (0 = off)", 2);
+        var options = new GenerationOptions { MaxNewTokens = a.MaxTokens, Temperature = a.Temperature, TopP = a.TopP, TopK = a.TopK, Seed = a.Seed };
+        try { options.Validate(); }
+        catch (OptionException e) { throw new CliException(OptionFlags.Message(e, "generate"), 2, e); }
         if (a.Prompt.Length == 0) throw new CliException("--prompt: the prompt is empty", 2);
         if (a.Temperature == 0)
             TrainCommand.RefuseUnused(a.Given, new[] { "--seed", "--top-p", "--top-k" }.Select(o => (o, "greedy decoding (--temperature 0) draws nothing")));
         var computeDType = DeviceOption.ComputeDType(a.Precision, a.Device);
         long? memoryLimit = DeviceOption.Memory(a.DeviceMemory, a.Device);
-        var options = new GenerationOptions { MaxNewTokens = a.MaxTokens, Temperature = a.Temperature, TopP = a.TopP, TopK = a.TopK, Seed = a.Seed };
 
         // ---- files
         string modelDir;
@@ -89,25 +89,14 @@ public static class GenerateCommand
         }
         var lora = AdapterArgument.Load(a.Adapter);
 
-        HfCheckpoint ckpt;
-        try { ckpt = HfCheckpoint.Open(modelDir); }
-        catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException or UnauthorizedAccessException)
-        {
-            throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
-        }
-        using var _ckpt = ckpt;
+        // One ModelSession opens the checkpoint, the tokenizer, the device, the plan's pool and the model (with the adapter).
+        using var session = OptionFlags.Session(() => ModelSession.Open(modelDir, withTokenizer: true, modelName: a.Model, adapter: lora), a.Model, a.Adapter);
+        var ckpt = session.Checkpoint;
         var config = ckpt.Config;
-        ITokenizer tokenizer;
         // generate reads the prompt and prints text: unlike train and eval on pre-tokenized data, it needs the tokenizer files.
-        try { tokenizer = TokenizerLoader.ForModel(modelDir, config.VocabSize); }
-        catch (Exception e) when (e is IOException or InvalidDataException or NotSupportedException)
-        {
-            throw new CliException($"--model {a.Model}: tokenizer: {e.Message}", 1, e);
-        }
+        var tokenizer = session.Tokenizer!;
         if (tokenizer is IdsOnlyTokenizer idsOnly)
             throw new CliException($"--model {a.Model}: {idsOnly.MissingMessage("generate (it reads the prompt and prints text)", suggestPreTokenized: false)}");
-        if (tokenizer.VocabSize > config.VocabSize)
-            throw new CliException($"--model {a.Model}: the tokenizer has {tokenizer.VocabSize} ids, the model's vocab_size is {config.VocabSize}");
 
         // ---- the prompt fits the context
         var promptIds = tokenizer.Encode(a.Prompt, tokenizer.BosId is not null);
@@ -134,44 +123,14 @@ public static class GenerateCommand
         };
         // On a GPU device every byte comes from a pool sized from the generation's plan (weights, adapter, KV cache of
         // prompt + --max-tokens − 1 tokens, the forward's workspace); on CUDA the plan is checked against free memory first.
-        InferencePlan? plan = null;
-        if (a.Device != "cpu")
+        var llama = OptionFlags.Session(() =>
         {
-            try
-            {
-                plan = DevicePlanning.Inference(config, modelOptions,
-                    new InferencePlanOptions { Mode = InferenceMode.Generate, PromptTokens = promptIds.Length, MaxNewTokens = a.MaxTokens },
-                    DevicePlanning.StoredQuantization(ckpt));
-            }
-            catch (ArgumentOutOfRangeException e) when (e.ParamName == nameof(InferencePlanOptions.LoraRank))
-            {
-                throw new CliException($"--adapter {a.Adapter} does not fit --model {a.Model} (was it trained on another base model?): {e.Message.Split(" (Parameter")[0]}", 1, e);
-            }
-            catch (Exception e) when (e is HfCheckpointException or SafetensorsException or IOException)
-            {
-                throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
-            }
-        }
-        var gpu = DeviceOption.Open(a.Device);
-        DevicePool? pool = null;
-        if (gpu is not null)
-        {
-            try { pool = DevicePlanning.InferencePool(gpu, plan!, memoryLimit); }
-            catch (PlanDoesNotFitException e) { throw new CliException($"--device {a.Device}: the generation {e.Message}", 1, e); }
-        }
-        using IOps ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);
-        LlamaModel llama;
-        try { llama = LlamaModel.Load(ckpt, ops, modelOptions); }
-        catch (ArgumentOutOfRangeException e) when (lora is not null && e.ParamName == nameof(LoraSettings.Rank))
-        {
-            throw AdapterArgument.RankDoesNotFit(e, a.Adapter!, a.Model);
-        }
-        catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
-        {
-            throw new CliException($"--model {a.Model}: {e.Message}", 1, e);
-        }
-        using var _llama = llama;
-        if (lora is not null) AdapterArgument.Apply(lora, llama, a.Adapter!, a.Model);
+            session.OpenDevice(a.Device, memoryLimit);
+            session.PlanInference(modelOptions,
+                new InferencePlanOptions { Mode = InferenceMode.Generate, PromptTokens = promptIds.Length, MaxNewTokens = a.MaxTokens }, "generation");
+            return session.LoadModel(modelOptions);
+        }, a.Model, a.Adapter);
+        var ops = session.Ops!;
 
         // ---- generate, streaming the text unless --json
         var generator = new TextGenerator(llama, tokenizer);
@@ -226,6 +185,4 @@ public static class GenerateCommand
         }
         return 0;
     }
-
-    private static string Num(double v) => v.ToString("R", CultureInfo.InvariantCulture);
 }

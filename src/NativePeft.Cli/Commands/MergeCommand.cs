@@ -3,6 +3,7 @@ using System.Diagnostics;
 using System.Globalization;
 using NativePeft.IO;
 using NativePeft.Numerics;
+using NativePeft.Training;
 
 namespace NativePeft.Cli.Commands;
 
@@ -73,7 +74,7 @@ public static class MergeCommand
         {
             ck = HfCheckpoint.Open(model);
         }
-        catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException or UnauthorizedAccessException)
+        catch (Exception e) when (ModelSession.IsModelFileError(e))
         {
             throw new CliException($"--model {modelDir}: {e.Message}", 1, e);
         }
@@ -95,8 +96,7 @@ public static class MergeCommand
                     if (File.Exists(src)) File.Copy(src, Path.Combine(outPath, name));
                 }
             }
-            catch (Exception e) when (e is PeftAdapterException or HfCheckpointException or LlamaConfigException or SafetensorsException
-                                          or NonFiniteValuesException or IOException or UnauthorizedAccessException)
+            catch (Exception e) when (e is PeftAdapterException or NonFiniteValuesException || ModelSession.IsModelFileError(e))
             {
                 outputLock.RemoveContents();
                 if (e is not PeftAdapterException && OutputFolder.IsWriteFailure(e)) throw OutputFolder.WriteFailed(outPath, e);

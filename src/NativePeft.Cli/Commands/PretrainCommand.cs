@@ -46,10 +46,7 @@ public static class PretrainCommand
     public static int Run(PretrainOptions options, string output, TextWriter stdout, CancellationToken cancel = default)
     {
         try { options.Validate(); }
-        catch (ArgumentException e)
-        {
-            throw new CliException($"--{OptionName(e.ParamName)}: {e.Message.Split(" (Parameter")[0]}", 1, e);
-        }
+        catch (OptionException e) { throw new CliException(OptionFlags.Message(e, "pretrain"), 1, e); }
         if (File.Exists(output)) throw new CliException($"--out {output}: is a file");
         if (IO.OutputFolder.HasContent(output))
             throw new CliException($"--out {output}: the folder exists and is not empty");
@@ -83,14 +80,4 @@ public static class PretrainCommand
         stdout.WriteLine($"metrics: {result.MetricsPath}");
         return 0;
     }
-
-    private static string OptionName(string? param) => param switch
-    {
-        nameof(PretrainOptions.KvHeads) => "kv-heads",
-        nameof(PretrainOptions.SeqLen) => "seq",
-        nameof(PretrainOptions.BatchSize) => "batch",
-        nameof(PretrainOptions.CorpusLines) => "corpus-lines",
-        null => "options",
-        _ => param.ToLowerInvariant(),
-    };
 }

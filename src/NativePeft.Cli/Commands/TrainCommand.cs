@@ -27,32 +27,35 @@ public static class TrainCommand
 
     public static Command Create(TextWriter stdout)
     {
+        // Every default is the library's (OptionFlags binds each flag to its FineTuneOptions property).
+        var d = new FineTuneOptions();
         var model = new Option<DirectoryInfo>("--model") { Description = "HF Llama checkpoint folder (config.json + safetensors; a tokenizer only for text data), or 'builtin' for the shipped model", Required = true };
         var data = new Option<string>("--data") { Description = "dataset file (pre-tokenized/text/alpaca/chat JSONL, .txt) or 'builtin' for the built-in task (upper: word -> WORD)", Required = true };
         var evalData = new Option<FileInfo?>("--eval-data") { Description = "eval dataset file (same formats) for loss/perplexity; 'builtin' uses its own held-out split" };
-        var method = new Option<string>("--method") { Description = "lora (bf16-stored base), qlora (NF4 double-quant base) or full", DefaultValueFactory = _ => "lora" };
-        var rank = new Option<int>("--rank") { Description = "LoRA r", DefaultValueFactory = _ => 16 };
-        var alpha = new Option<double>("--alpha") { Description = "lora_alpha", DefaultValueFactory = _ => 32 };
-        var dropout = new Option<double>("--dropout") { Description = "lora_dropout", DefaultValueFactory = _ => 0.05 };
-        var targets = new Option<string>("--targets") { Description = "comma-separated target modules", DefaultValueFactory = _ => string.Join(',', LoraSettings.KnownTargets) };
+        var method = new Option<string>("--method") { Description = "lora (bf16-stored base), qlora (NF4 double-quant base) or full", DefaultValueFactory = _ => d.Method.ToString().ToLowerInvariant() };
+        var rank = new Option<int>("--rank") { Description = "LoRA r", DefaultValueFactory = _ => d.Lora.Rank };
+        var alpha = new Option<double>("--alpha") { Description = "lora_alpha", DefaultValueFactory = _ => d.Lora.Alpha };
+        var dropout = new Option<double>("--dropout") { Description = "lora_dropout", DefaultValueFactory = _ => d.Lora.Dropout };
+        var targets = new Option<string>("--targets") { Description = "comma-separated target modules", DefaultValueFactory = _ => string.Join(',', d.Lora.TargetModules) };
         var rslora = new Option<bool>("--rslora") { Description = "use_rslora: scale by alpha/sqrt(r)" };
-        var lr = new Option<double>("--lr") { Description = "peak learning rate", DefaultValueFactory = _ => 2e-4 };
-        var schedule = new Option<string>("--schedule") { Description = "constant|linear|cosine (after the warmup)", DefaultValueFactory = _ => "cosine" };
-        var warmup = new Option<int>("--warmup") { Description = "linear warmup steps", DefaultValueFactory = _ => 0 };
+        var lr = new Option<double>("--lr") { Description = "peak learning rate", DefaultValueFactory = _ => d.Lr };
+        var schedule = new Option<string>("--schedule") { Description = "constant|linear|cosine (after the warmup)", DefaultValueFactory = _ => d.Schedule.ToString().ToLowerInvariant() };
+        var warmup = new Option<int>("--warmup") { Description = "linear warmup steps", DefaultValueFactory = _ => d.WarmupSteps };
         var steps = new Option<int?>("--steps") { Description = "optimizer steps (default: 1 epoch)" };
         var epochs = new Option<double?>("--epochs") { Description = "passes over the data (instead of --steps)" };
-        var batch = new Option<int>("--batch") { Description = "rows per micro-batch", DefaultValueFactory = _ => 4 };
-        var gradAccum = new Option<int>("--grad-accum") { Description = "micro-batches per optimizer step (token-weighted)", DefaultValueFactory = _ => 1 };
-        var seq = new Option<int>("--seq") { Description = "sequence length (longer examples are truncated)", DefaultValueFactory = _ => 128 };
+        var batch = new Option<int>("--batch") { Description = "rows per micro-batch", DefaultValueFactory = _ => d.BatchSize };
+        var gradAccum = new Option<int>("--grad-accum") { Description = "micro-batches per optimizer step (token-weighted)", DefaultValueFactory = _ => d.GradAccum };
+        var seq = new Option<int>("--seq") { Description = "sequence length (longer examples are truncated)", DefaultValueFactory = _ => d.SeqLen };
         var pack = new Option<bool>("--pack") { Description = "pack several examples into each row; each stays its own document (positions restart, attention and targets never cross a boundary)" };
-        var seed = new Option<int>("--seed") { Description = "seed of data order, LoRA init and dropout", DefaultValueFactory = _ => 0 };
-        var optim = new Option<string>("--optim") { Description = string.Join('|', OptimizerFactory.Names), DefaultValueFactory = _ => "adamw" };
-        var maxGradNorm = new Option<double>("--max-grad-norm") { Description = "global-norm clipping (0 = off)", DefaultValueFactory = _ => 1.0 };
-        var evalEvery = new Option<int>("--eval-every") { Description = "evaluate every N steps (0 = at the end only)", DefaultValueFactory = _ => 0 };
-        var evalBatches = new Option<int>("--eval-batches") { Description = "eval batches per evaluation (0 = all)", DefaultValueFactory = _ => 0 };
-        var saveEvery = new Option<int>("--save-every") { Description = "write checkpoint-<step>/ every N steps (0 = never)", DefaultValueFactory = _ => 0 };
+        var seed = new Option<int>("--seed") { Description = "seed of data order, LoRA init and dropout", DefaultValueFactory = _ => d.Seed };
+        var optim = new Option<string>("--optim") { Description = string.Join('|', OptimizerFactory.Names), DefaultValueFactory = _ => d.Optimizer };
+        var maxGradNorm = new Option<double>("--max-grad-norm") { Description = "global-norm clipping (0 = off)", DefaultValueFactory = _ => d.MaxGradNorm };
+        var weightDecay = new Option<double>("--weight-decay") { Description = "AdamW's decoupled weight decay (0 = off)", DefaultValueFactory = _ => d.WeightDecay };
+        var evalEvery = new Option<int>("--eval-every") { Description = "evaluate every N steps (0 = at the end only)", DefaultValueFactory = _ => d.EvalEvery };
+        var evalBatches = new Option<int>("--eval-batches") { Description = "eval batches per evaluation (0 = all)", DefaultValueFactory = _ => d.EvalBatches };
+        var saveEvery = new Option<int>("--save-every") { Description = "write checkpoint-<step>/ every N steps (0 = never)", DefaultValueFactory = _ => d.SaveEvery };
         var resume = new Option<DirectoryInfo?>("--resume") { Description = "continue from a checkpoint-<step> folder" };
-        var device = DeviceOption.Create("cpu", "cpu (the C# reference), or the kernels on auto|cuda|emulator");
+        var device = DeviceOption.Create(d.Device, "cpu (the C# reference), or the kernels on auto|cuda|emulator");
         var precision = DeviceOption.CreatePrecision();
         var deviceMemory = DeviceOption.CreateMemory();
         var recompute = new Option<bool>("--recompute") { Description = "gradient checkpointing: keep only each block's input, recompute the block in the backward" };
@@ -62,13 +65,13 @@ public static class TrainCommand
         var onNonFinite = new Option<string>("--on-nonfinite")
         {
             Description = "a non-finite loss or gradient norm: stop (name the step) or skip that step's update (stops after 10 consecutive skips)",
-            DefaultValueFactory = _ => "stop",
+            DefaultValueFactory = _ => d.OnNonFinite.ToString().ToLowerInvariant(),
         };
         onNonFinite.AcceptOnlyFromAmong("stop", "skip");
         var cmd = new Command("train", "Fine-tune a Llama checkpoint with LoRA, QLoRA or full fine-tuning")
         {
             model, data, evalData, method, rank, alpha, dropout, targets, rslora, lr, schedule, warmup, steps, epochs, batch, gradAccum,
-            seq, pack, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, deviceMemory, recompute, embedding, output, onBadLine,
+            seq, pack, seed, optim, maxGradNorm, weightDecay, evalEvery, evalBatches, saveEvery, resume, device, precision, deviceMemory, recompute, embedding, output, onBadLine,
             onNonFinite,
         };
         cmd.SetAction((parse, cancel) =>
@@ -81,7 +84,7 @@ public static class TrainCommand
                 parse.GetValue(maxGradNorm), parse.GetValue(evalEvery), parse.GetValue(evalBatches), parse.GetValue(saveEvery),
                 parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Embedding = parse.GetValue(embedding)!, Pack = parse.GetValue(pack), Precision = parse.GetValue(precision)!, OnBadLine = ParseOnBadLine(parse.GetValue(onBadLine)!),
                 OnNonFinite = parse.GetValue(onNonFinite) == "skip" ? NonFinitePolicy.Skip : NonFinitePolicy.Stop,
-                Given = GivenOptions(parse, cmd), DeviceMemory = parse.GetValue(deviceMemory) };
+                Given = GivenOptions(parse, cmd), DeviceMemory = parse.GetValue(deviceMemory), WeightDecay = parse.GetValue(weightDecay) };
             return Task.FromResult(Run(a, stdout, cancel));
         });
         return cmd;
@@ -94,7 +97,7 @@ public static class TrainCommand
         {
             Description = "where the frozen embedding table lives: host (only the batch's rows are sent to the device), device, or auto " +
                           "(host for QLoRA on a GPU when the embedding is not tied to lm_head)",
-            DefaultValueFactory = _ => "auto",
+            DefaultValueFactory = _ => new FineTuneOptions().Embedding,
         };
         option.AcceptOnlyFromAmong("auto", "host", "device");
         return option;
@@ -114,7 +117,7 @@ public static class TrainCommand
         var option = new Option<string>("--on-bad-line")
         {
             Description = "stop: a data line that is not valid JSON (or not the format) stops with file:line; skip: leave it out, report how many",
-            DefaultValueFactory = _ => "stop",
+            DefaultValueFactory = _ => new FineTuneOptions().OnBadLine.ToString().ToLowerInvariant(),
         };
         option.AcceptOnlyFromAmong("stop", "skip");
         return option;
@@ -165,40 +168,35 @@ public static class TrainCommand
         public string Precision { get; init; } = "auto";
         /// <summary>--device-memory: the run's limit of device memory (a size), null for the device's free memory.</summary>
         public string? DeviceMemory { get; init; }
+        /// <summary>--weight-decay: AdamW's decoupled weight decay.</summary>
+        public double WeightDecay { get; init; } = new FineTuneOptions().WeightDecay;
     }
 
     public static int Run(Args a, TextWriter stdout, CancellationToken externalCancel = default)
     {
-        // ---- the options on their own (choices checked here so that the message names the option)
+        // ---- the options on their own: the command line's choices here (so that the message names the flag), every
+        // value in the library (FineTune.ValidateOptions), its refusal named by OptionFlags
         string[] methods = ["lora", "qlora", "full"], schedules = ["constant", "linear", "cosine"];
         if (!methods.Contains(a.Method)) throw new CliException($"--method {a.Method}: expected one of {string.Join(", ", methods)}");
         if (!schedules.Contains(a.Schedule)) throw new CliException($"--schedule {a.Schedule}: expected one of {string.Join(", ", schedules)}");
-        if (!OptimizerFactory.Names.Contains(a.Optim)) throw new CliException($"--optim {a.Optim}: expected one of {string.Join(", ", OptimizerFactory.Names)}");
         if (a.Steps is not null && a.Epochs is not null) throw new CliException("--steps and --epochs: give one of them, not both");
-        if (a.Steps is <= 0) throw new CliException($"--steps {a.Steps}: must be positive");
-        if (a.Epochs is double ep && !(ep > 0)) throw new CliException($"--epochs {ep}: must be positive");
-        Positive("--batch", a.Batch);
-        Positive("--grad-accum", a.GradAccum);
-        if (a.Seq < 2) throw new CliException($"--seq {a.Seq}: must be at least 2");
-        if (!(a.Lr >= 0) || !double.IsFinite(a.Lr)) throw new CliException($"--lr {a.Lr}: must be a finite number >= 0");
-        NonNegative("--warmup", a.Warmup);
-        NonNegative("--eval-every", a.EvalEvery);
-        NonNegative("--eval-batches", a.EvalBatches);
-        NonNegative("--save-every", a.SaveEvery);
-        if (!(a.MaxGradNorm >= 0)) throw new CliException($"--max-grad-norm {a.MaxGradNorm}: must be >= 0 (0 = off)");
-        LoraSettings? lora = null;
-        if (a.Method != "full")
+        var targets = a.Targets.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Distinct().ToList();
+        var options = new FineTuneOptions
         {
-            if (a.Rank <= 0) throw new CliException($"--rank {a.Rank}: the LoRA rank must be positive");
-            if (a.Dropout is < 0 or >= 1 || double.IsNaN(a.Dropout)) throw new CliException($"--dropout {a.Dropout}: must be in [0, 1)");
-            if (!double.IsFinite(a.Alpha)) throw new CliException($"--alpha {a.Alpha}: must be a finite number");
-            var list = a.Targets.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Distinct().ToList();
-            if (list.Count == 0) throw new CliException($"--targets: name at least one of {string.Join(", ", LoraSettings.KnownTargets)}");
-            foreach (var t in list)
-                if (!LoraSettings.KnownTargets.Contains(t))
-                    throw new CliException($"--targets: unknown module \"{t}\"; known: {string.Join(", ", LoraSettings.KnownTargets)}");
-            lora = new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, Dropout = a.Dropout, UseRsLora = a.RsLora, TargetModules = list };
-        }
+            Model = a.Model, Data = a.Data, EvalData = a.EvalData, OnBadLine = a.OnBadLine,
+            Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
+            Lora = a.Method == "full"
+                ? new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, TargetModules = LoraSettings.KnownTargets }
+                : new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, Dropout = a.Dropout, UseRsLora = a.RsLora, TargetModules = targets },
+            Device = a.Device, Recompute = a.Recompute, Embedding = a.Embedding, Seed = a.Seed,
+            ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device), DeviceMemory = DeviceOption.Memory(a.DeviceMemory, a.Device),
+            Steps = a.Steps, Epochs = a.Epochs, BatchSize = a.Batch, GradAccum = a.GradAccum, SeqLen = a.Seq, Pack = a.Pack,
+            Lr = a.Lr, Schedule = LrSchedule.Parse(a.Schedule), WarmupSteps = a.Warmup, MaxGradNorm = a.MaxGradNorm, WeightDecay = a.WeightDecay,
+            EvalEvery = a.EvalEvery, EvalBatches = a.EvalBatches, SaveEvery = a.SaveEvery, Optimizer = a.Optim,
+            OutputDir = a.Out, ResumeFrom = a.Resume, OnNonFinite = a.OnNonFinite,
+            ExtraConfig = new Dictionary<string, string> { ["model"] = a.Model, ["data"] = a.Data, ["device"] = a.Device, ["method"] = a.Method },
+        };
+        OptionFlags.Guard(() => FineTune.ValidateOptions(options), "train");
 
         // ---- options given but unused by this run
         bool builtinData = a.Data == BuiltinTask.DataName;
@@ -235,19 +233,7 @@ public static class TrainCommand
         if (a.Resume is null && OutputFolder.HasContent(a.Out))
             throw new CliException($"--out {a.Out}: the folder exists and is not empty (choose a new one, or --resume a checkpoint)");
 
-        var options = new FineTuneOptions
-        {
-            Model = a.Model, Data = a.Data, EvalData = a.EvalData, OnBadLine = a.OnBadLine,
-            Method = a.Method switch { "full" => FineTuneMethod.Full, "qlora" => FineTuneMethod.Qlora, _ => FineTuneMethod.Lora },
-            Lora = lora ?? new LoraSettings { Rank = a.Rank, Alpha = a.Alpha, TargetModules = LoraSettings.KnownTargets }, Device = a.Device, Recompute = a.Recompute, Embedding = a.Embedding, Seed = a.Seed,
-            ComputeDType = DeviceOption.ComputeDType(a.Precision, a.Device), DeviceMemory = DeviceOption.Memory(a.DeviceMemory, a.Device),
-            Steps = a.Steps, Epochs = a.Steps is null ? a.Epochs ?? 1 : null, BatchSize = a.Batch, GradAccum = a.GradAccum, SeqLen = a.Seq, Pack = a.Pack,
-            Lr = a.Lr, Schedule = LrSchedule.Parse(a.Schedule), WarmupSteps = a.Warmup, MaxGradNorm = a.MaxGradNorm,
-            EvalEvery = a.EvalEvery, EvalBatches = a.EvalBatches, SaveEvery = a.SaveEvery, Optimizer = a.Optim,
-            OutputDir = a.Out, ResumeFrom = a.Resume, OnNonFinite = a.OnNonFinite,
-            ExtraConfig = new Dictionary<string, string> { ["model"] = a.Model, ["data"] = a.Data, ["device"] = a.Device, ["method"] = a.Method },
-        };
-        using var run = Guard(() => FineTune.Create(options, new WarningLogger(stdout)));
+        using var run = OptionFlags.Guard(() => FineTune.Create(options, new WarningLogger(stdout)), "train");
         if (run.SkippedLines > 0)
             stdout.WriteLine($"skipped {run.SkippedLines} bad data line(s) (--on-bad-line skip); the first: {run.SkippedMessages[0]}");
         var trainingData = run.Data!;
@@ -260,7 +246,7 @@ public static class TrainCommand
             stdout.WriteLine(StepLine(p));
             if (p.Eval is { } e) { stdout.WriteLine(EvalLine(e)); lastEvalShown = e.Step; }
         };
-        var trainer = Guard(() => run.CreateTrainer(progress: new ActionProgress<TrainerProgress>(p => sink(p))));
+        var trainer = OptionFlags.Guard(() => run.CreateTrainer(progress: new ActionProgress<TrainerProgress>(p => sink(p))));
         // Cadences longer than the run would never fire (the final evaluation happens anyway): refused, nothing written yet.
         RefuseUnused(a.Given, [
             .. a.SaveEvery > trainer.TotalSteps ? [("--save-every", $"{a.SaveEvery} is more than the run's {trainer.TotalSteps} steps: no checkpoint would be written")] : Array.Empty<(string, string)>(),
@@ -313,42 +299,6 @@ public static class TrainCommand
     {
         try { return TrainPlot.Write(plot, trainer.StepHistory, trainer.EvalHistory); }
         catch (Exception e) when (OutputFolder.IsWriteFailure(e)) { throw OutputFolder.WriteFailed(plot, e); }
-    }
-
-    /// <summary>Runs a FineTune call; its option errors become CliExceptions naming the command-line option.</summary>
-    internal static T Guard<T>(Func<T> action)
-    {
-        try { return action(); }
-        catch (FineTuneException e) { throw new CliException($"{Flag(e.Option)} {e.Detail}", 1, e); }
-    }
-
-    /// <summary>The command-line option of a <see cref="FineTuneOptions"/> property.</summary>
-    internal static string Flag(string option) => option switch
-    {
-        nameof(FineTuneOptions.EvalData) => "--eval-data",
-        nameof(FineTuneOptions.ResumeFrom) => "--resume",
-        nameof(FineTuneOptions.OutputDir) => "--out",
-        nameof(FineTuneOptions.BatchSize) => "--batch",
-        nameof(FineTuneOptions.SeqLen) => "--seq",
-        nameof(FineTuneOptions.WarmupSteps) => "--warmup",
-        nameof(FineTuneOptions.Optimizer) => "--optim",
-        nameof(FineTuneOptions.OnBadLine) => "--on-bad-line",
-        nameof(FineTuneOptions.OnNonFinite) => "--on-nonfinite",
-        nameof(FineTuneOptions.ComputeDType) => "--precision",
-        nameof(FineTuneOptions.DeviceMemory) => "--device-memory",
-        "TargetModules" => "--targets",
-        "UseRsLora" => "--rslora",
-        _ => "--" + string.Concat(option.Select((c, i) => char.IsUpper(c) ? (i > 0 ? "-" : "") + char.ToLowerInvariant(c) : c.ToString())),
-    };
-
-    private static void Positive(string name, int v)
-    {
-        if (v <= 0) throw new CliException($"{name} {v}: must be positive");
-    }
-
-    private static void NonNegative(string name, int v)
-    {
-        if (v < 0) throw new CliException($"{name} {v}: must be >= 0");
     }
 
     internal static string StepLine(TrainerProgress p) => p.SkippedNonFinite is { } what

@@ -63,9 +63,7 @@ public sealed class HfBpeTokenizer : ITokenizer
     /// <summary>Sets the special ids (the loader takes them from tokenizer_config.json / config.json).</summary>
     public HfBpeTokenizer WithSpecialIds(int? bos, int? eos, int? pad)
     {
-        foreach (int? id in new[] { bos, eos, pad })
-            if (id is int i && (i < 0 || i >= VocabSize))
-                throw new ArgumentOutOfRangeException(nameof(bos), $"special id {i} is outside the vocabulary [0, {VocabSize})");
+        if (TokenizerLoader.SpecialIdProblem(VocabSize, bos, eos, pad) is { } problem) throw new ArgumentOutOfRangeException(nameof(bos), problem);
         BosId = bos; EosId = eos; PadId = pad;
         foreach (int? id in new[] { bos, eos, pad }) if (id is int i) _specialIds.Add(i);
         return this;

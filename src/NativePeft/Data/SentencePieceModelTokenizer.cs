@@ -40,9 +40,7 @@ public sealed class SentencePieceModelTokenizer : ITokenizer
     /// <summary>Overrides the special ids (null keeps the model's for bos/eos).</summary>
     public SentencePieceModelTokenizer WithSpecialIds(int? bos, int? eos, int? pad)
     {
-        foreach (int? id in new[] { bos, eos, pad })
-            if (id is int i && (i < 0 || i >= VocabSize))
-                throw new ArgumentOutOfRangeException(nameof(bos), $"special id {i} is outside the vocabulary [0, {VocabSize})");
+        if (TokenizerLoader.SpecialIdProblem(VocabSize, bos, eos, pad) is { } problem) throw new ArgumentOutOfRangeException(nameof(bos), problem);
         BosId = bos ?? BosId; EosId = eos ?? EosId; PadId = pad;
         return this;
     }

@@ -74,23 +74,30 @@ public static class TokenizerLoader
     private static ITokenizer WithSpecials(HfBpeTokenizer tok, string dir)
     {
         var (bos, eos, pad) = ResolveSpecials(dir, tok.TokenToId);
-        return SpecialIdsChecked(dir, () => tok.WithSpecialIds(bos, eos, pad));
+        CheckSpecialIds(dir, tok.VocabSize, bos, eos, pad);
+        return tok.WithSpecialIds(bos, eos, pad);
     }
 
     private static ITokenizer WithSpecials(SentencePieceModelTokenizer tok, string dir)
     {
         var (bos, eos, pad) = ResolveSpecials(dir, tok.TokenToId);
-        return SpecialIdsChecked(dir, () => tok.WithSpecialIds(bos, eos, pad));
+        CheckSpecialIds(dir, tok.VocabSize, bos, eos, pad);
+        return tok.WithSpecialIds(bos, eos, pad);
     }
 
     /// <summary>A bos/eos/pad id from the files outside the vocabulary is the files' error, not an argument error.</summary>
-    private static ITokenizer SpecialIdsChecked(string dir, Func<ITokenizer> apply)
+    private static void CheckSpecialIds(string dir, int vocabSize, int? bos, int? eos, int? pad)
     {
-        try { return apply(); }
-        catch (ArgumentOutOfRangeException e)
-        {
-            throw new InvalidDataException($"{Path.Combine(dir, "tokenizer_config.json")} / {LlamaConfig.FileName}: {e.Message.Split(" (Parameter")[0]}", e);
-        }
+        if (SpecialIdProblem(vocabSize, bos, eos, pad) is { } problem)
+            throw new InvalidDataException($"{Path.Combine(dir, "tokenizer_config.json")} / {LlamaConfig.FileName}: {problem}");
+    }
+
+    /// <summary>The first special id outside [0, <paramref name="vocabSize"/>) as "special id N is outside the vocabulary [0, V)", or null.</summary>
+    internal static string? SpecialIdProblem(int vocabSize, int? bos, int? eos, int? pad)
+    {
+        foreach (int? id in new[] { bos, eos, pad })
+            if (id is int i && (i < 0 || i >= vocabSize)) return $"special id {i} is outside the vocabulary [0, {vocabSize})";
+        return null;
     }
 
     internal static (int? Bos, int? Eos, int? Pad) ResolveSpecials(string dir, Func<string, int?> lookup)

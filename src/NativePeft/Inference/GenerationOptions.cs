@@ -23,14 +23,15 @@ public sealed record GenerationOptions
     /// <summary>Greedy decoding.</summary>
     public bool IsGreedy => Temperature == 0;
 
-    /// <summary>Throws an <see cref="ArgumentOutOfRangeException"/> naming the first invalid setting.</summary>
+    /// <summary>Throws an <see cref="OptionException"/> naming the first invalid setting (its property) and its value.</summary>
     public void Validate()
     {
-        if (MaxNewTokens < 0) throw new ArgumentOutOfRangeException(nameof(MaxNewTokens), MaxNewTokens, "max new tokens must be >= 0");
+        var inv = System.Globalization.CultureInfo.InvariantCulture;
+        if (MaxNewTokens < 0) throw new OptionException(nameof(MaxNewTokens), $"{MaxNewTokens}: must be >= 0");
         if (!(Temperature >= 0) || !double.IsFinite(Temperature))
-            throw new ArgumentOutOfRangeException(nameof(Temperature), Temperature, "temperature must be a finite number >= 0 (0 = greedy)");
-        if (!(TopP > 0 && TopP <= 1)) throw new ArgumentOutOfRangeException(nameof(TopP), TopP, "top_p must be in (0, 1]");
-        if (TopK < 0) throw new ArgumentOutOfRangeException(nameof(TopK), TopK, "top_k must be >= 0 (0 = off)");
+            throw new OptionException(nameof(Temperature), $"{Temperature.ToString("R", inv)}: must be a finite number >= 0 (0 = greedy)");
+        if (!(TopP > 0 && TopP <= 1)) throw new OptionException(nameof(TopP), $"{TopP.ToString("R", inv)}: must be in (0, 1] (1 = off)");
+        if (TopK < 0) throw new OptionException(nameof(TopK), $"{TopK}: must be >= 0 (0 = off)");
     }
 }
 

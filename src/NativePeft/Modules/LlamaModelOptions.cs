@@ -50,6 +50,24 @@ public sealed record LoraSettings
         if (!double.IsFinite(Alpha))
             throw new ArgumentOutOfRangeException(nameof(Alpha), Alpha, "lora_alpha must be a finite number");
     }
+
+    /// <summary>
+    /// Why this rank does not fit <paramref name="config"/>'s targeted projections (r larger than min(in, out) of one), or
+    /// null: <see cref="Training.ModelSession"/> checks it before planning or loading, so that the refusal names the rank
+    /// (or the adapter it came from) instead of surfacing from <see cref="LlamaModel.Load"/> as an argument error.
+    /// </summary>
+    public string? RankProblem(IO.LlamaConfig config)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        foreach (var (shortName, path) in LlamaDecoderLayer.Projections)
+        {
+            if (!TargetModules.Contains(shortName)) continue;
+            var shape = config.LayerTensors(0).First(t => t.Name.EndsWith(path + ".weight", StringComparison.Ordinal)).Shape;
+            long max = Math.Min(shape[0], shape[1]);
+            if (Rank > max) return $"r (LoRA rank) {Rank} is larger than min(in, out) = {max} of {path} [{shape[0]}, {shape[1]}]";
+        }
+        return null;
+    }
 }
 
 /// <summary>How <see cref="LlamaModel"/> builds a model.</summary>

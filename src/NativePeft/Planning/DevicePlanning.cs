@@ -10,7 +10,7 @@ namespace NativePeft.Planning;
 /// <summary>
 /// The one place a run's memory plan is made from the <see cref="LlamaModelOptions"/> it loads the model with, and the
 /// device pool sized from it: training (<see cref="Training.FineTune"/>, `bench --model`), generation and evaluation
-/// (`generate`, `eval`).
+/// (`generate`, `eval`), all but the benchmark through a <see cref="Training.ModelSession"/>.
 /// </summary>
 public static class DevicePlanning
 {
@@ -109,18 +109,13 @@ public static class DevicePlanning
     }
 
     /// <summary>
-    /// The device pool for an inference plan on <paramref name="gpu"/>, checked as <see cref="TrainingPool"/> is. The GPU
-    /// is disposed when this throws.
+    /// The device pool for an inference plan on <paramref name="gpu"/>, checked as <see cref="TrainingPool"/> is (the
+    /// caller, a <see cref="Training.ModelSession"/>, owns the GPU and disposes it when this throws).
     /// </summary>
     public static DevicePool InferencePool(IGpu gpu, InferencePlan plan, long? limit = null)
     {
         ArgumentNullException.ThrowIfNull(plan);
-        try { return Pool(gpu, limit, plan.DoesNotFitMessage, plan.TotalBytes, () => DevicePool.ForGpu(gpu, plan)); }
-        catch
-        {
-            gpu.Dispose();
-            throw;
-        }
+        return Pool(gpu, limit, plan.DoesNotFitMessage, plan.TotalBytes, () => DevicePool.ForGpu(gpu, plan));
     }
 
     private static DevicePool Pool(IGpu gpu, long? limit, Func<long, string, string?> doesNotFit, long planTotal, Func<DevicePool> create)

@@ -28,7 +28,7 @@ namespace NativePeft.Training;
 /// </summary>
 public sealed partial class FineTune : IDisposable
 {
-    private readonly HfCheckpoint _checkpoint;
+    private readonly ModelSession _session;
     private readonly IOps _ops;
     private readonly LlamaModel _model;
     private readonly ILogger<Trainer> _logger;
@@ -40,7 +40,7 @@ public sealed partial class FineTune : IDisposable
     public FineTuneOptions Options { get; }
     /// <summary>The model folder actually used (the built-in model's folder for "builtin").</summary>
     public string ModelDirectory { get; }
-    public LlamaConfig Config => _checkpoint.Config;
+    public LlamaConfig Config => _session.Config;
     /// <summary>The model folder's tokenizer, or an <see cref="IdsOnlyTokenizer"/> when it has no tokenizer files.</summary>
     public ITokenizer Tokenizer { get; }
     public LlamaModel Model => _model;
@@ -77,14 +77,14 @@ public sealed partial class FineTune : IDisposable
     /// <summary>The memory plan the pool was sized from (GPU devices), or null.</summary>
     public MemoryPlan? Plan { get; private set; }
 
-    private FineTune(FineTuneOptions options, string modelDir, HfCheckpoint checkpoint, ITokenizer tokenizer, IOps ops, LlamaModel model,
+    private FineTune(FineTuneOptions options, string modelDir, ModelSession session, ITokenizer tokenizer, LlamaModel model,
         string deviceName, ILogger<Trainer> logger, string outputDir, string? tempOutput)
     {
         Options = options;
         ModelDirectory = modelDir;
-        _checkpoint = checkpoint;
+        _session = session;
         Tokenizer = tokenizer;
-        _ops = ops;
+        _ops = session.Ops!;
         _model = model;
         DeviceName = deviceName;
         _logger = logger;
@@ -126,28 +126,13 @@ public sealed partial class FineTune : IDisposable
 
         CheckDataFiles(o);
 
-        HfCheckpoint ckpt;
-        try { ckpt = HfCheckpoint.Open(modelDir); }
-        catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
-        {
-            outputLock?.Dispose();
-            throw new FineTuneException(nameof(o.Model), $"{modelDir}: {e.Message}", e);
-        }
-        IOps? ops = null;
-        IGpu? gpu = null;
-        DevicePool? pool = null;
-        LlamaModel? model = null;
+        ModelSession? session = null;
         try
         {
             // A folder without tokenizer files gets the ids-only stand-in: pre-tokenized data needs no tokenizer.
-            ITokenizer tokenizer;
-            try { tokenizer = TokenizerLoader.ForModel(modelDir, ckpt.Config.VocabSize); }
-            catch (Exception e) when (e is IOException or InvalidDataException or NotSupportedException)
-            {
-                throw new FineTuneException(nameof(o.Model), $"{modelDir}: tokenizer: {e.Message}", e);
-            }
-            if (tokenizer.VocabSize > ckpt.Config.VocabSize)
-                throw new FineTuneException(nameof(o.Model), $"{modelDir}: the tokenizer has {tokenizer.VocabSize} ids, the model's vocab_size is {ckpt.Config.VocabSize}");
+            session = AsOption(() => ModelSession.Open(modelDir, withTokenizer: true));
+            var ckpt = session.Checkpoint;
+            var tokenizer = session.Tokenizer!;
 
             (TrainingData Data, int Skipped, IReadOnlyList<string> Messages)? data =
                 o.Data is null ? null : LoadData(o.Data, o.EvalData, tokenizer, ckpt.Config.VocabSize, o.SeqLen, o.OnBadLine, ChatTemplateOf(modelDir));
@@ -155,56 +140,18 @@ public sealed partial class FineTune : IDisposable
             TruncationReport? truncation = data is { } loaded ? CheckTrainable(loaded.Data, o.SeqLen, logger, o.Data, o.EvalData) : null;
 
             var modelOptions = ModelOptions(o) with { EmbeddingOnHost = ResolveEmbeddingOnHost(o.Embedding, o.Method, ckpt.Config.TieWordEmbeddings, o.Device != "cpu") };
-            string deviceName = "cpu";
-            if (o.Device != "cpu")
-            {
-                gpu = GpuFactory.TryCreate(o.Device, out var reason) ?? throw new FineTuneException(nameof(o.Device), $"{o.Device}: {reason}");
-                deviceName = gpu.Properties.Name;
-            }
-            MemoryPlan? plan = null;
-            if (gpu is not null)
-            {
-                try
-                {
-                    // A bitsandbytes checkpoint is loaded 4-bit as stored: plan its blocksize and absmax layout.
-                    var stored = o.Method != FineTuneMethod.Full ? DevicePlanning.StoredQuantization(ckpt) : null;
-                    // The trainer computes the global norm every step (grad_norm), clipping or not.
-                    plan = DevicePlanning.Training(ckpt.Config, modelOptions with { Lora = o.Lora }, o.BatchSize, o.SeqLen, o.Optimizer,
-                        clipGradients: true, stored: stored);
-                }
-                catch (ArgumentOutOfRangeException e) when (e.ParamName is "Rank" or nameof(LoraSettings.Rank))
-                {
-                    throw new FineTuneException("Rank", $"{o.Lora.Rank}: {e.Message.Split(" (Parameter")[0]}", e);
-                }
-                catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
-                {
-                    throw new FineTuneException(nameof(o.Model), $"{modelDir}: {e.Message}", e);
-                }
-                // The device memory pool, sized from the plan (and for the built-in task's greedy generation: B=1, prompt + answer);
-                // before the first step, with the options that would fit, when the plan exceeds the free device memory
-                // (or DeviceMemory) or the device refuses the pool.
-                int generation = data?.Data.ExactMatchProblems?.Select(p => tokenizer.Encode(p.Prompt, tokenizer.BosId is not null).Length
-                    + tokenizer.Encode(p.Answer, false).Length + 1).DefaultIfEmpty(0).Max() ?? 0;
-                try { pool = DevicePlanning.TrainingPool(gpu, plan, o.DeviceMemory, generation > 0 ? [(1, generation)] : []); }
-                catch (PlanDoesNotFitException e)
-                {
-                    throw new FineTuneException(o.DeviceMemory is null ? nameof(o.Device) : nameof(o.DeviceMemory),
-                        $"{(o.DeviceMemory is { } limit ? MemoryPlan.FormatBytes(limit) : o.Device)}: the run {e.Message}", e);
-                }
-            }
-            ops = gpu is null ? new CpuOps() : new GpuOps(gpu, ownsGpu: true, memory: pool);
-            try { model = LlamaModel.Load(ckpt, ops, modelOptions); }
-            catch (ArgumentOutOfRangeException e) when (e.ParamName == nameof(LoraSettings.Rank))
-            {
-                throw new FineTuneException("Rank", $"{o.Lora.Rank}: {e.Message.Split(" (Parameter")[0]}", e);
-            }
-            catch (Exception e) when (e is HfCheckpointException or LlamaConfigException or SafetensorsException or IOException)
-            {
-                throw new FineTuneException(nameof(o.Model), $"{modelDir}: {e.Message}", e);
-            }
+            AsOption(() => session.OpenDevice(o.Device, o.DeviceMemory));
+            // The device memory pool, sized from the plan (and for the built-in task's greedy generation: B=1, prompt + answer);
+            // before the first step, with the options that would fit, when the plan exceeds the free device memory
+            // (or DeviceMemory) or the device refuses the pool.
+            int generation = session.Gpu is null ? 0 : data?.Data.ExactMatchProblems?.Select(p => tokenizer.Encode(p.Prompt, tokenizer.BosId is not null).Length
+                + tokenizer.Encode(p.Answer, false).Length + 1).DefaultIfEmpty(0).Max() ?? 0;
+            var plan = AsOption(() => session.PlanTraining(modelOptions with { Lora = o.Lora }, o.BatchSize, o.SeqLen, o.Optimizer,
+                generation > 0 ? [(1, generation)] : []));
+            var model = AsOption(() => session.LoadModel(modelOptions));
 
             string? temp = o.OutputDir is null ? Directory.CreateTempSubdirectory("nativepeft-finetune-").FullName : null;
-            var run = new FineTune(o, modelDir, ckpt, tokenizer, ops, model, deviceName, logger, Path.GetFullPath(o.OutputDir ?? temp!), temp);
+            var run = new FineTune(o, modelDir, session, tokenizer, model, session.DeviceName, logger, Path.GetFullPath(o.OutputDir ?? temp!), temp);
             run._outputLock = outputLock;
             if (data is { } d) run.SetData(d.Data, d.Skipped, d.Messages);
             run.Truncation = truncation;
@@ -213,18 +160,20 @@ public sealed partial class FineTune : IDisposable
         }
         catch
         {
-            model?.Dispose();
-            if (ops is not null) ops.Dispose(); // it owns the pool and the device
-            else
-            {
-                pool?.Dispose();
-                gpu?.Dispose();
-            }
-            ckpt.Dispose();
+            session?.Dispose(); // the model, the ops, the pool, the device and the checkpoint
             outputLock?.Dispose();
             throw;
         }
     }
+
+    /// <summary>A <see cref="ModelSession"/> step; its refusal becomes the <see cref="FineTuneException"/> for the same option.</summary>
+    private static T AsOption<T>(Func<T> step)
+    {
+        try { return step(); }
+        catch (OptionException e) when (e is not FineTuneException) { throw new FineTuneException(e.Option, e.Detail, e); }
+    }
+
+    private static void AsOption(Action step) => AsOption(() => { step(); return 0; });
 
     /// <summary>
     /// Takes <see cref="FineTuneOptions.OutputDir"/>'s <see cref="OutputLock"/> for the whole run (released by
@@ -326,6 +275,7 @@ public sealed partial class FineTune : IDisposable
         if (!(o.Lr >= 0) || !double.IsFinite(o.Lr)) throw new FineTuneException(nameof(o.Lr), $"{o.Lr}: must be a finite number >= 0");
         if (o.WarmupSteps < 0) throw new FineTuneException(nameof(o.WarmupSteps), $"{o.WarmupSteps}: must be >= 0");
         if (!(o.MaxGradNorm >= 0)) throw new FineTuneException(nameof(o.MaxGradNorm), $"{o.MaxGradNorm}: must be >= 0 (0 = off)");
+        if (!(o.WeightDecay >= 0) || !double.IsFinite(o.WeightDecay)) throw new FineTuneException(nameof(o.WeightDecay), $"{o.WeightDecay}: must be a finite number >= 0 (0 = off)");
         if (!OptimizerFactory.Names.Contains(o.Optimizer)) throw new FineTuneException(nameof(o.Optimizer), $"{o.Optimizer}: expected one of {string.Join(", ", OptimizerFactory.Names)}");
         if (o.EvalEvery < 0) throw new FineTuneException(nameof(o.EvalEvery), $"{o.EvalEvery}: must be >= 0");
         if (o.EvalBatches < 0) throw new FineTuneException(nameof(o.EvalBatches), $"{o.EvalBatches}: must be >= 0");
@@ -493,7 +443,7 @@ public sealed partial class FineTune : IDisposable
     public TrainerOptions TrainerOptions => new()
     {
         Steps = Options.Steps, Epochs = Options.Steps is null ? Options.Epochs ?? 1 : null, BatchSize = Options.BatchSize, GradAccum = Options.GradAccum,
-        SeqLen = Options.SeqLen, BatchMode = Options.Pack ? BatchMode.Packing : BatchMode.Padding, Lr = Options.Lr, Schedule = Options.Schedule, WarmupSteps = Options.WarmupSteps, MaxGradNorm = Options.MaxGradNorm,
+        SeqLen = Options.SeqLen, BatchMode = Options.Pack ? BatchMode.Packing : BatchMode.Padding, Lr = Options.Lr, Schedule = Options.Schedule, WarmupSteps = Options.WarmupSteps, MaxGradNorm = Options.MaxGradNorm, WeightDecay = Options.WeightDecay,
         EvalEvery = Options.EvalEvery, EvalBatches = Options.EvalBatches, ExactMatchSamples = Options.ExactMatchSamples, SaveEvery = Options.SaveEvery,
         Seed = Options.Seed, Optimizer = Options.Optimizer, OnNonFinite = Options.OnNonFinite, OutputDir = OutputDir, BaseModelNameOrPath = Options.Model == BuiltinModel.Name ? BuiltinModel.Name : ModelDirectory,
         ExtraConfig = Options.ExtraConfig,
@@ -583,9 +533,7 @@ public sealed partial class FineTune : IDisposable
         if (_disposed) return;
         _disposed = true;
         _trainer?.Dispose();
-        _model.Dispose();
-        _ops.Dispose();
-        _checkpoint.Dispose();
+        _session.Dispose(); // the model, the ops (with the pool and the device), the checkpoint
         _outputLock?.Dispose();
         if (_tempOutput is not null)
         {

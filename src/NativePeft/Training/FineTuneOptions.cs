@@ -70,6 +70,8 @@ public sealed record FineTuneOptions
     public LrScheduleKind Schedule { get; init; } = LrScheduleKind.Cosine;
     public int WarmupSteps { get; init; }
     public double MaxGradNorm { get; init; } = 1.0;
+    /// <summary>AdamW's decoupled weight decay (torch.optim.AdamW's weight_decay, 0.01 as its default), applied to the trained weights.</summary>
+    public double WeightDecay { get; init; } = 0.01;
     /// <summary>adamw | paged-adamw | adamw8bit | paged-adamw8bit.</summary>
     public string Optimizer { get; init; } = "adamw";
     public int EvalEvery { get; init; }
@@ -97,12 +99,8 @@ public sealed record FineTuneOptions
 }
 
 /// <summary>
-/// Bad <see cref="FineTuneOptions"/> or input files: <see cref="Option"/> names the option (a property of
-/// <see cref="FineTuneOptions"/>), <see cref="Detail"/> says what is wrong with its value ("/data/x.jsonl: file not found").
+/// Bad <see cref="FineTuneOptions"/> or input files: <see cref="OptionException.Option"/> names the option (a property of
+/// <see cref="FineTuneOptions"/> or of its <see cref="LoraSettings"/>), <see cref="OptionException.Detail"/> says what is
+/// wrong with its value ("/data/x.jsonl: file not found").
 /// </summary>
-public sealed class FineTuneException(string option, string detail, Exception? inner = null)
-    : Exception($"{option} {detail}", inner)
-{
-    public string Option { get; } = option;
-    public string Detail { get; } = detail;
-}
+public sealed class FineTuneException(string option, string detail, Exception? inner = null) : OptionException(option, detail, inner);

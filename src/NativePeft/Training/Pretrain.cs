@@ -61,12 +61,13 @@ public sealed record PretrainOptions
         TorchDtype = DType.BF16, BosTokenId = ByteTokenizer.Bos, EosTokenIds = [ByteTokenizer.Eos],
     };
 
-    /// <summary>Throws ArgumentException naming the option for an out-of-range or inconsistent setting.</summary>
+    /// <summary>Throws an <see cref="OptionException"/> naming the option (its property) for an out-of-range or inconsistent setting.</summary>
     public void Validate()
     {
-        static void Positive(string name, double v)
+        var inv = System.Globalization.CultureInfo.InvariantCulture;
+        void Positive(string name, double v)
         {
-            if (!(v > 0)) throw new ArgumentOutOfRangeException(name, v, $"{name} must be positive");
+            if (!(v > 0)) throw new OptionException(name, $"{v.ToString(inv)}: must be positive");
         }
         Positive(nameof(Steps), Steps);
         Positive(nameof(Layers), Layers);
@@ -77,17 +78,17 @@ public sealed record PretrainOptions
         Positive(nameof(BatchSize), BatchSize);
         Positive(nameof(CorpusLines), CorpusLines);
         Positive(nameof(InitStd), InitStd);
-        if (!double.IsFinite(Lr) || !(Lr > 0)) throw new ArgumentOutOfRangeException(nameof(Lr), Lr, "Lr must be a positive number");
-        if (SeqLen < 8) throw new ArgumentOutOfRangeException(nameof(SeqLen), SeqLen, "SeqLen must be at least 8");
+        if (!double.IsFinite(Lr) || !(Lr > 0)) throw new OptionException(nameof(Lr), $"{Lr.ToString(inv)}: must be a positive number");
+        if (SeqLen < 8) throw new OptionException(nameof(SeqLen), $"{SeqLen}: must be at least 8");
         if (SeqLen > MaxPositionEmbeddings)
-            throw new ArgumentOutOfRangeException(nameof(SeqLen), SeqLen, $"SeqLen must be at most max_position_embeddings {MaxPositionEmbeddings}");
-        if (Hidden % Heads != 0) throw new ArgumentException($"Hidden {Hidden} is not a multiple of Heads {Heads}", nameof(Hidden));
-        if ((Hidden / Heads) % 2 != 0) throw new ArgumentException($"head_dim {Hidden / Heads} (Hidden / Heads) must be even", nameof(Heads));
-        if (Heads % KvHeads != 0) throw new ArgumentException($"KvHeads {KvHeads} does not divide Heads {Heads}", nameof(KvHeads));
-        if (WarmupSteps is < 0) throw new ArgumentOutOfRangeException(nameof(WarmupSteps), WarmupSteps, "WarmupSteps must be >= 0");
-        if (!(CopyShare >= 0 && CopyShare <= 1)) throw new ArgumentOutOfRangeException(nameof(CopyShare), CopyShare, "CopyShare must be in [0, 1]");
-        if (!(CapitalCopyShare >= 0 && CapitalCopyShare <= 1)) throw new ArgumentOutOfRangeException(nameof(CapitalCopyShare), CapitalCopyShare, "CapitalCopyShare must be in [0, 1]");
-        if (EvalLines < 0) throw new ArgumentOutOfRangeException(nameof(EvalLines), EvalLines, "EvalLines must be >= 0");
+            throw new OptionException(nameof(SeqLen), $"{SeqLen}: must be at most max_position_embeddings {MaxPositionEmbeddings}");
+        if (Hidden % Heads != 0) throw new OptionException(nameof(Hidden), $"{Hidden}: is not a multiple of the attention heads ({Heads})");
+        if ((Hidden / Heads) % 2 != 0) throw new OptionException(nameof(Heads), $"{Heads}: head_dim {Hidden / Heads} (hidden / heads) must be even");
+        if (Heads % KvHeads != 0) throw new OptionException(nameof(KvHeads), $"{KvHeads}: does not divide the attention heads ({Heads})");
+        if (WarmupSteps is < 0) throw new OptionException(nameof(WarmupSteps), $"{WarmupSteps}: must be >= 0");
+        if (!(CopyShare >= 0 && CopyShare <= 1)) throw new OptionException(nameof(CopyShare), $"{CopyShare.ToString(inv)}: must be in [0, 1]");
+        if (!(CapitalCopyShare >= 0 && CapitalCopyShare <= 1)) throw new OptionException(nameof(CapitalCopyShare), $"{CapitalCopyShare.ToString(inv)}: must be in [0, 1]");
+        if (EvalLines < 0) throw new OptionException(nameof(EvalLines), $"{EvalLines}: must be >= 0");
         Config().Validate("pretrain options");
     }
 }

@@ -74,7 +74,7 @@ public sealed record TrainerOptions
     /// <summary>Passes over the training examples (fractional allowed): steps = ceil(epochs · batches per epoch / grad-accum).</summary>
     public double? Epochs { get; init; }
     /// <summary>Rows per micro-batch.</summary>
-    public int BatchSize { get; init; } = 8;
+    public int BatchSize { get; init; } = 4;
     /// <summary>Micro-batches per optimizer step.</summary>
     public int GradAccum { get; init; } = 1;
     /// <summary>Row length; longer examples are truncated.</summary>

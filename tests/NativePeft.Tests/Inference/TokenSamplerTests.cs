@@ -114,11 +114,11 @@ public class TokenSamplerTests
     [Test]
     public void OptionsAreValidated()
     {
-        Assert.Throws<ArgumentOutOfRangeException>(() => new GenerationOptions { Temperature = -0.1 }.Validate());
-        Assert.Throws<ArgumentOutOfRangeException>(() => new GenerationOptions { TopP = 0 }.Validate());
-        Assert.Throws<ArgumentOutOfRangeException>(() => new GenerationOptions { TopP = 1.5 }.Validate());
-        Assert.Throws<ArgumentOutOfRangeException>(() => new GenerationOptions { TopK = -1 }.Validate());
-        Assert.Throws<ArgumentOutOfRangeException>(() => new GenerationOptions { MaxNewTokens = -1 }.Validate());
+        Assert.Throws<OptionException>(() => new GenerationOptions { Temperature = -0.1 }.Validate());
+        Assert.Throws<OptionException>(() => new GenerationOptions { TopP = 0 }.Validate());
+        Assert.Throws<OptionException>(() => new GenerationOptions { TopP = 1.5 }.Validate());
+        Assert.Throws<OptionException>(() => new GenerationOptions { TopK = -1 }.Validate());
+        Assert.Throws<OptionException>(() => new GenerationOptions { MaxNewTokens = -1 }.Validate());
         Assert.DoesNotThrow(() => new GenerationOptions { Temperature = 0.7, TopP = 0.9, TopK = 40 }.Validate());
     }
 }

@@ -102,7 +102,8 @@ public class DeviceMemoryLimitTests
     {
         var r = CliProcess.Run("generate", "--prompt", "upper: abc\n", "--device", "emulator", "--device-memory", "100KiB");
         Assert.That(r.ExitCode, Is.EqualTo(1), r.ToString());
-        Assert.That(r.Stderr, Does.StartWith("error: --device emulator: the generation exceeds the memory limit (100.0 KiB; the device has "));
+        // As train: the refusal names the limit in force (ModelSession, one rule for train, generate and eval).
+        Assert.That(r.Stderr, Does.StartWith("error: --device-memory 100.0 KiB: the generation exceeds the memory limit (100.0 KiB; the device has "));
         Assert.That(r.Stderr, Does.Contain("plan total "));
     }
 

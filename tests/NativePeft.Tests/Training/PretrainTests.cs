@@ -88,10 +88,12 @@ public class PretrainTests
     [Test]
     public void BadOptionsNameTheOption()
     {
-        var e = Assert.Throws<ArgumentException>(() => Pretrain.Run(Tiny(0) with { Hidden = 30 }, Path.GetTempPath()));
-        Assert.That(e!.ParamName, Is.EqualTo(nameof(PretrainOptions.Hidden)));
-        var e2 = Assert.Throws<ArgumentOutOfRangeException>(() => Pretrain.Run(Tiny(0) with { Steps = 0 }, Path.GetTempPath()));
-        Assert.That(e2!.ParamName, Is.EqualTo(nameof(PretrainOptions.Steps)));
+        var e = Assert.Throws<OptionException>(() => Pretrain.Run(Tiny(0) with { Hidden = 30 }, Path.GetTempPath()));
+        Assert.That(e!.Option, Is.EqualTo(nameof(PretrainOptions.Hidden)));
+        Assert.That(e.ParamName, Is.EqualTo(nameof(PretrainOptions.Hidden)));
+        var e2 = Assert.Throws<OptionException>(() => Pretrain.Run(Tiny(0) with { Steps = 0 }, Path.GetTempPath()));
+        Assert.That(e2!.Option, Is.EqualTo(nameof(PretrainOptions.Steps)));
+        Assert.That(e2.Detail, Is.EqualTo("0: must be positive"));
     }
 }
 
