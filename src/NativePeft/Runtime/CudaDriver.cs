@@ -37,7 +37,6 @@ internal static unsafe partial class CudaDriver
     [LibraryImport(Lib)] public static partial CuResult cuDevicePrimaryCtxRetain(out IntPtr context, int device);
     [LibraryImport(Lib)] public static partial CuResult cuDevicePrimaryCtxRelease_v2(int device);
     [LibraryImport(Lib)] public static partial CuResult cuCtxSetCurrent(IntPtr context);
-    [LibraryImport(Lib)] public static partial CuResult cuCtxSynchronize();
 
     // ---- memory ----
     [LibraryImport(Lib)] public static partial CuResult cuMemAlloc_v2(out ulong dptr, nuint bytesize);
@@ -46,9 +45,6 @@ internal static unsafe partial class CudaDriver
     [LibraryImport(Lib)] public static partial CuResult cuMemAllocHost_v2(out IntPtr pointer, nuint bytesize);
     [LibraryImport(Lib)] public static partial CuResult cuMemFreeHost(IntPtr pointer);
     [LibraryImport(Lib)] public static partial CuResult cuMemAllocManaged(out ulong dptr, nuint bytesize, uint flags);
-    [LibraryImport(Lib)] public static partial CuResult cuMemcpyHtoD_v2(ulong dstDevice, void* srcHost, nuint byteCount);
-    [LibraryImport(Lib)] public static partial CuResult cuMemcpyDtoH_v2(void* dstHost, ulong srcDevice, nuint byteCount);
-    [LibraryImport(Lib)] public static partial CuResult cuMemcpyDtoD_v2(ulong dstDevice, ulong srcDevice, nuint byteCount);
     [LibraryImport(Lib)] public static partial CuResult cuMemcpyHtoDAsync_v2(ulong dstDevice, void* srcHost, nuint byteCount, IntPtr stream);
     [LibraryImport(Lib)] public static partial CuResult cuMemcpyDtoHAsync_v2(void* dstHost, ulong srcDevice, nuint byteCount, IntPtr stream);
     [LibraryImport(Lib)] public static partial CuResult cuMemcpyDtoDAsync_v2(ulong dstDevice, ulong srcDevice, nuint byteCount, IntPtr stream);
