@@ -19,9 +19,9 @@ public sealed unsafe class CudaBlas : IDisposable
     /// <summary>Workspace given to cublasSetWorkspace_v2 (NVIDIA recommends 32 MiB on Hopper).</summary>
     public const long DefaultWorkspaceBytes = 32L << 20;
 
-    private readonly CudaGpu gpu;
-    private readonly CublasHandle handle;
-    private DevicePtr workspace;
+    private readonly CudaGpu _gpu;
+    private readonly CublasHandle _handle;
+    private DevicePtr _workspace;
 
     /// <summary>The cuBLAS library file in use, e.g. "libcublas.so.12".</summary>
     public string Library { get; }
@@ -32,9 +32,9 @@ public sealed unsafe class CudaBlas : IDisposable
 
     private CudaBlas(CudaGpu gpu, CublasHandle handle, string library, DevicePtr workspace, long workspaceBytes)
     {
-        this.gpu = gpu;
-        this.handle = handle;
-        this.workspace = workspace;
+        _gpu = gpu;
+        _handle = handle;
+        _workspace = workspace;
         Library = library;
         WorkspaceBytes = workspaceBytes;
     }
@@ -75,7 +75,7 @@ public sealed unsafe class CudaBlas : IDisposable
         DevicePtr b, CudaDataType bType, int ldb,
         float beta, DevicePtr c, CudaDataType cType, int ldc)
     {
-        gpu.MakeCurrent();
+        _gpu.MakeCurrent();
         var status = CuBlas.cublasGemmEx(Raw, Op(transA), Op(transB), m, n, k, &alpha,
             a.Address, aType, lda, b.Address, bType, ldb, &beta, c.Address, cType, ldc, ComputeType, CuBlas.GemmDefault);
         CuBlas.Check(status, "cublasGemmEx", $"m={m} n={n} k={k} transA={transA} transB={transB} lda={lda} ldb={ldb} ldc={ldc} types={aType},{bType}->{cType}");
@@ -105,15 +105,15 @@ public sealed unsafe class CudaBlas : IDisposable
         new(r.TransB, r.TransA, r.N, r.M, r.K, r.B, r.BType, r.Ldb, r.StrideB, r.A, r.AType, r.Lda, r.StrideA);
 
     /// <summary>The device this handle's GEMMs run on.</summary>
-    internal CudaGpu Gpu => gpu;
+    internal CudaGpu Gpu => _gpu;
 
     /// <summary>The cublasHandle_t (throws once disposed).</summary>
     internal IntPtr Raw
     {
         get
         {
-            ObjectDisposedException.ThrowIf(handle.IsClosed, this);
-            return handle.DangerousGetHandle();
+            ObjectDisposedException.ThrowIf(_handle.IsClosed, this);
+            return _handle.DangerousGetHandle();
         }
     }
 
@@ -121,13 +121,13 @@ public sealed unsafe class CudaBlas : IDisposable
 
     public void Dispose()
     {
-        if (handle.IsClosed) return;
-        gpu.MakeCurrent();
-        handle.Dispose();
-        if (!workspace.IsNull)
+        if (_handle.IsClosed) return;
+        _gpu.MakeCurrent();
+        _handle.Dispose();
+        if (!_workspace.IsNull)
         {
-            gpu.Free(workspace);
-            workspace = DevicePtr.Null;
+            _gpu.Free(_workspace);
+            _workspace = DevicePtr.Null;
         }
     }
 }
