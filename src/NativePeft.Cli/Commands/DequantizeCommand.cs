@@ -1,4 +1,5 @@
 using System.CommandLine;
+using NativePeft.Conversion;
 using NativePeft.IO;
 using NativePeft.Numerics;
 using NativePeft.Ops;

@@ -25,8 +25,8 @@ public sealed class HfBpeTokenizer : ITokenizer
     /// <summary>GPT-2's pre-tokenizer regex (ByteLevel with use_regex true).</summary>
     public const string Gpt2Pattern = @"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
-    private static readonly char[] s_byteToChar = BuildByteToChar();
-    private static readonly Dictionary<char, byte> s_charToByte = BuildCharToByte();
+    private static readonly char[] ByteToChar = BuildByteToChar();
+    private static readonly Dictionary<char, byte> CharToByte = BuildCharToByte();
 
     private readonly BpeTokenizer _bpe;
     private readonly Dictionary<string, int> _vocab;
@@ -231,7 +231,7 @@ public sealed class HfBpeTokenizer : ITokenizer
             if (!_idToToken.TryGetValue(id, out var token)) throw new ArgumentOutOfRangeException(nameof(ids), $"id {id} is not in the vocabulary");
             if (_addedTokens.ContainsKey(token)) { bytes.AddRange(Encoding.UTF8.GetBytes(token)); continue; }
             foreach (char c in token)
-                if (s_charToByte.TryGetValue(c, out byte by)) bytes.Add(by);
+                if (CharToByte.TryGetValue(c, out byte by)) bytes.Add(by);
                 else bytes.AddRange(Encoding.UTF8.GetBytes(c.ToString()));
         }
         return Encoding.UTF8.GetString(bytes.ToArray());
@@ -308,7 +308,7 @@ public sealed class HfBpeTokenizer : ITokenizer
     {
         byte[] bytes = Encoding.UTF8.GetBytes(text);
         var chars = new char[bytes.Length];
-        for (int i = 0; i < bytes.Length; i++) chars[i] = s_byteToChar[bytes[i]];
+        for (int i = 0; i < bytes.Length; i++) chars[i] = ByteToChar[bytes[i]];
         return new string(chars);
     }
 
@@ -328,7 +328,7 @@ public sealed class HfBpeTokenizer : ITokenizer
     private static Dictionary<char, byte> BuildCharToByte()
     {
         var d = new Dictionary<char, byte>();
-        for (int b = 0; b < 256; b++) d[s_byteToChar[b]] = (byte)b;
+        for (int b = 0; b < 256; b++) d[ByteToChar[b]] = (byte)b;
         return d;
     }
 }

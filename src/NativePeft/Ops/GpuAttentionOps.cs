@@ -33,8 +33,8 @@ namespace NativePeft.Ops;
 /// overwritten.
 /// </para>
 /// <para>
-/// The device-pointer methods only validate and launch (no synchronization, no copies). The host-array overloads
-/// copy in, launch, copy out and free; they are meant for tests and one-off use.
+/// The methods only validate and launch (no synchronization, no copies). Host-array wrappers (copy in, launch, copy
+/// out) live in the test project (tests/NativePeft.Tests/Ops/HostArrayOps.cs).
 /// </para>
 /// </summary>
 public sealed class GpuAttentionOps
@@ -137,7 +137,7 @@ public sealed class GpuAttentionOps
     /// <summary>The softmax scale the kernels get: 1/sqrt(D) rounded once to fp32.</summary>
     public static float Scale(int headDim) => (float)(1.0 / Math.Sqrt(headDim));
 
-    private static void ValidateShape(int batch, int seqLen, int headsQ, int headsKv, int headDim)
+    internal static void ValidateShape(int batch, int seqLen, int headsQ, int headsKv, int headDim)
     {
         if (batch < 0 || batch > MaxGridYZ)
             throw new ArgumentOutOfRangeException(nameof(batch), batch, $"batch must be in [0, {MaxGridYZ}]");
@@ -366,105 +366,5 @@ public sealed class GpuAttentionOps
             _gpu.Launch($"attention_backward_dq_{suffix}", new Dim3(tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
                 BackwardDqSharedBytes(headDim), dout, q, k, v, lse, workspace, positions, dq, batch, seqLen, headsQ, headsKv, headDim, scale);
         }
-    }
-
-    // ------------------------------------------------------------------------------------------
-    // Host arrays (copy in, launch, copy out, free). T is float or BFloat16.
-    // ------------------------------------------------------------------------------------------
-
-    /// <summary>
-    /// Forward on host arrays: q, output [batch, seqLen, headsQ, headDim], k, v [batch, seqLen, headsKv, headDim];
-    /// lse [batch, headsQ, seqLen], or empty to skip it; positions [batch, seqLen] inside packed documents, or empty
-    /// (causal; checked with <see cref="Reference.AttentionRef.ValidatePositions"/>).
-    /// </summary>
-    public void Forward<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<float> lse,
-                           int batch, int seqLen, int headsQ, int headsKv, int headDim, ReadOnlySpan<int> positions = default)
-        where T : unmanaged
-    {
-        ValidateShape(batch, seqLen, headsQ, headsKv, headDim);
-        if (!positions.IsEmpty) Reference.AttentionRef.ValidatePositions(positions, batch, seqLen);
-        ForwardOnHost(q, k, v, output, lse, positions, batch, seqLen, seqLen, headsQ, headsKv, headDim, cached: false);
-    }
-
-    /// <summary>
-    /// <see cref="O:NativePeft.Ops.GpuAttentionOps.ForwardCached"/>
-    /// on host arrays: q, output [batch, queryLen, headsQ, headDim], k, v [batch, keyLen, headsKv, headDim]; lse
-    /// [batch, headsQ, queryLen], or empty to skip it.
-    /// </summary>
-    public void ForwardCached<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<float> lse,
-                                 int batch, int queryLen, int keyLen, int headsQ, int headsKv, int headDim) where T : unmanaged
-    {
-        ValidateShape(batch, keyLen, headsQ, headsKv, headDim);
-        if (queryLen < 1 || queryLen > keyLen)
-            throw new ArgumentOutOfRangeException(nameof(queryLen), queryLen, $"queryLen must be in [1, keyLen = {keyLen}]");
-        ForwardOnHost(q, k, v, output, lse, default, batch, queryLen, keyLen, headsQ, headsKv, headDim, cached: true);
-    }
-
-    /// <summary>The host-array forward of both kernels: check the lengths, copy in, launch, copy out.</summary>
-    private void ForwardOnHost<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, Span<T> output, Span<float> lse,
-                                  ReadOnlySpan<int> positions, int batch, int queryLen, int keyLen, int headsQ, int headsKv,
-                                  int headDim, bool cached) where T : unmanaged
-    {
-        DType dtype = GpuTransformerOps.DTypeOf<T>();
-        long qn = (long)batch * queryLen * headsQ * headDim, kvn = (long)batch * keyLen * headsKv * headDim;
-        long ln = (long)batch * headsQ * queryLen;
-        CheckLength(q.Length, qn, nameof(q)); CheckLength(k.Length, kvn, nameof(k)); CheckLength(v.Length, kvn, nameof(v));
-        CheckLength(output.Length, qn, nameof(output));
-        if (!lse.IsEmpty) CheckLength(lse.Length, ln, nameof(lse));
-        if (qn == 0)
-            return;
-        using var dQ = DeviceBuffer.Upload(_gpu, q);
-        using var dK = DeviceBuffer.Upload(_gpu, k);
-        using var dV = DeviceBuffer.Upload(_gpu, v);
-        using var dO = new DeviceBuffer(_gpu, qn * dtype.ElementSize());
-        using var dL = new DeviceBuffer(_gpu, ln * sizeof(float));
-        using var dP = positions.IsEmpty ? null : DeviceBuffer.Upload(_gpu, positions);
-        var lsePtr = lse.IsEmpty ? DevicePtr.Null : dL.Ptr;
-        if (cached) ForwardCached(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lsePtr, batch, queryLen, keyLen, headsQ, headsKv, headDim);
-        else Forward(dtype, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, lsePtr, batch, queryLen, headsQ, headsKv, headDim, dP?.Ptr ?? DevicePtr.Null);
-        _gpu.Synchronize();
-        dO.Download(output);
-        if (!lse.IsEmpty)
-            dL.Download(lse);
-    }
-
-    /// <summary>
-    /// Backward on host arrays: dq like q, dk and dv like k (all overwritten) from dout (like q), q, k, v, the forward's
-    /// output (like q) and lse [batch, headsQ, seqLen]; positions as for the forward (empty: causal).
-    /// </summary>
-    public void Backward<T>(ReadOnlySpan<T> dout, ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v,
-                            ReadOnlySpan<T> output, ReadOnlySpan<float> lse, Span<T> dq, Span<T> dk, Span<T> dv,
-                            int batch, int seqLen, int headsQ, int headsKv, int headDim, ReadOnlySpan<int> positions = default)
-        where T : unmanaged
-    {
-        DType dtype = GpuTransformerOps.DTypeOf<T>();
-        ValidateShape(batch, seqLen, headsQ, headsKv, headDim);
-        if (!positions.IsEmpty) Reference.AttentionRef.ValidatePositions(positions, batch, seqLen);
-        long qn = (long)batch * seqLen * headsQ * headDim, kvn = (long)batch * seqLen * headsKv * headDim;
-        long ln = (long)batch * headsQ * seqLen;
-        CheckLength(dout.Length, qn, nameof(dout)); CheckLength(q.Length, qn, nameof(q));
-        CheckLength(k.Length, kvn, nameof(k)); CheckLength(v.Length, kvn, nameof(v));
-        CheckLength(output.Length, qn, nameof(output)); CheckLength(lse.Length, ln, nameof(lse));
-        CheckLength(dq.Length, qn, nameof(dq)); CheckLength(dk.Length, kvn, nameof(dk)); CheckLength(dv.Length, kvn, nameof(dv));
-        if (qn == 0)
-            return;
-        int es = dtype.ElementSize();
-        using var dDo = DeviceBuffer.Upload(_gpu, dout);
-        using var dQ = DeviceBuffer.Upload(_gpu, q);
-        using var dK = DeviceBuffer.Upload(_gpu, k);
-        using var dV = DeviceBuffer.Upload(_gpu, v);
-        using var dO = DeviceBuffer.Upload(_gpu, output);
-        using var dL = DeviceBuffer.Upload(_gpu, lse);
-        using var dDq = new DeviceBuffer(_gpu, qn * es);
-        using var dDk = new DeviceBuffer(_gpu, kvn * es);
-        using var dDv = new DeviceBuffer(_gpu, kvn * es);
-        using var work = new DeviceBuffer(_gpu, BackwardWorkspaceBytes(batch, seqLen, headsQ));
-        using var dP = positions.IsEmpty ? null : DeviceBuffer.Upload(_gpu, positions);
-        Backward(dtype, dDo.Ptr, dQ.Ptr, dK.Ptr, dV.Ptr, dO.Ptr, dL.Ptr, dDq.Ptr, dDk.Ptr, dDv.Ptr, work.Ptr,
-            batch, seqLen, headsQ, headsKv, headDim, dP?.Ptr ?? DevicePtr.Null);
-        _gpu.Synchronize();
-        dDq.Download(dq);
-        dDk.Download(dk);
-        dDv.Download(dv);
     }
 }

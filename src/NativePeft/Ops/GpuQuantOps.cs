@@ -10,8 +10,10 @@ namespace NativePeft.Ops;
 /// (the real device or the emulator). Semantics: docs/quant-contract.md, bit-compatible with bitsandbytes
 /// and with the CPU reference in <see cref="NativePeft.Quantization"/>.
 /// <para>
-/// The device-pointer methods only launch (no synchronization, no copies); the host-array overloads copy in,
-/// launch, copy out and free, and are meant for tests, the CLI and one-off conversions.
+/// The device-pointer methods only launch (no synchronization, no copies); the host-array overloads of quantize,
+/// dequantize and the double quantization copy in, launch, copy out and free, for one-off conversions
+/// (<c>NativePeft.Conversion.CheckpointQuantizer</c>, the CLI's quantize and dequantize) and tests. The host-array
+/// GEMV, used only by tests, lives in the test project (tests/NativePeft.Tests/Ops/HostArrayOps.cs).
 /// </para>
 /// </summary>
 public sealed class GpuQuantOps
@@ -333,34 +335,6 @@ public sealed class GpuQuantOps
         DequantizeAbsmaxDoubleQuant(dQ.Ptr, dCode.Ptr, dNested.Ptr, state.Offset, dAbsmax.Ptr, nblocks);
         _gpu.Synchronize();
         dAbsmax.Download(absmax);
-    }
-
-    /// <summary>y = W x for one token with a host 4-bit weight [y.Length, x.Length].</summary>
-    public void Gemv4bit<T>(QuantType quantType, ReadOnlySpan<T> x, ReadOnlySpan<byte> packedW, ReadOnlySpan<float> absmax,
-                            int blocksize, Span<T> y) where T : unmanaged
-    {
-        ValidateBlocksize(blocksize);
-        DType dtype = DTypeOf<T>();
-        int inFeatures = x.Length, outFeatures = y.Length;
-        long n = (long)inFeatures * outFeatures;
-        if (packedW.Length < PackedBytes(n))
-            throw new ArgumentException($"packedW holds {packedW.Length} bytes, {PackedBytes(n)} needed", nameof(packedW));
-        if (absmax.Length < AbsmaxCount(n, blocksize))
-            throw new ArgumentException($"absmax holds {absmax.Length} values, {AbsmaxCount(n, blocksize)} needed", nameof(absmax));
-        if (outFeatures == 0)
-            return;
-        if (inFeatures == 0)
-        {
-            y.Clear();
-            return;
-        }
-        using var dx = DeviceBuffer.Upload(_gpu, x);
-        using var dW = DeviceBuffer.Upload(_gpu, packedW[..(int)PackedBytes(n)]);
-        using var dAbsmax = DeviceBuffer.Upload(_gpu, absmax[..(int)AbsmaxCount(n, blocksize)]);
-        using var dy = new DeviceBuffer(_gpu, (long)outFeatures * dtype.ElementSize());
-        Gemv4bit(quantType, dtype, dx.Ptr, dW.Ptr, dAbsmax.Ptr, dy.Ptr, outFeatures, inFeatures, blocksize);
-        _gpu.Synchronize();
-        dy.Download(y);
     }
 
     private static void CheckCode256(ReadOnlySpan<float> code256)

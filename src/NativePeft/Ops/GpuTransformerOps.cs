@@ -16,8 +16,8 @@ namespace NativePeft.Ops;
 /// <para>
 /// The device-pointer methods only validate and launch (no synchronization, no copies); ids and positions live on
 /// the device and are not checked there on the host: an out-of-range id or position traps in the kernel
-/// (a device-side assert, which on CUDA poisons the context). The host-array overloads validate them first, copy
-/// in, launch, copy out and free; they are meant for tests and one-off use.
+/// (a device-side assert, which on CUDA poisons the context). Host-array wrappers (copy in, launch, copy out), which
+/// validate ids and positions first, live in the test project (tests/NativePeft.Tests/Ops/HostArrayOps.cs).
 /// </para>
 /// <para>
 /// Every result is deterministic: reductions have a fixed order that depends only on the sizes (not on the
@@ -61,10 +61,6 @@ public sealed class GpuTransformerOps
     /// <summary>The kernel name suffix for an element type: "f32" or "bf16".</summary>
     public static string DTypeSuffix(DType dtype) =>
         KernelLaunch.DTypeSuffix(dtype, allowF16: false, "transformer ops take F32 or BF16 values");
-
-    /// <summary>The DType of a host element type: float → F32, <see cref="BFloat16"/> → BF16.</summary>
-    public static DType DTypeOf<T>() where T : unmanaged =>
-        KernelLaunch.DTypeOf<T>(allowF16: false, "transformer ops take float or BFloat16 values");
 
     /// <summary>
     /// Threads per block of the one-block-per-row kernels (RMSNorm, RoPE, embedding): min(256, 32 * ceil(width / 32)),
@@ -176,7 +172,7 @@ public sealed class GpuTransformerOps
         _gpu.Launch(kernel, tokens, RowBlockThreads(pairs), 0, x, cos, sin, positions, tokens, heads, headDim, maxPositions, rowStride);
     }
 
-    private static void ValidateRopeShape(int tokens, int heads, int headDim, int maxPositions, ref long rowStride)
+    internal static void ValidateRopeShape(int tokens, int heads, int headDim, int maxPositions, ref long rowStride)
     {
         CheckCount(tokens, nameof(tokens));
         CheckPositive(heads, nameof(heads));
@@ -266,213 +262,5 @@ public sealed class GpuTransformerOps
         int columnTiles = (hidden + threads - 1) / threads;
         int g = vocabPartitions > 0 ? vocabPartitions : EmbeddingVocabPartitions(hidden, vocab);
         _gpu.Launch(kernel, new Dim3((uint)columnTiles, (uint)g), threads, 0, ids, dout, dtable, tokens, hidden, vocab);
-    }
-
-    // ------------------------------------------------------------------------------------------
-    // Host-array convenience (copy in, launch, copy out, free). T is float or BFloat16.
-    // ------------------------------------------------------------------------------------------
-
-    private static int RowsOf(int length, int width, string name)
-    {
-        if (width <= 0)
-            throw new ArgumentException("the row width must be positive", name);
-        if (length % width != 0)
-            throw new ArgumentException($"{name} has {length} elements, not a multiple of the row width {width}", name);
-        return length / width;
-    }
-
-    /// <summary>
-    /// RMSNorm forward on host arrays: hidden = w.Length, rows = x.Length / hidden; y like x; rstd has rows
-    /// entries, or is empty to skip it.
-    /// </summary>
-    public void RmsNormForward<T>(ReadOnlySpan<T> x, ReadOnlySpan<T> w, Span<T> y, Span<float> rstd, float eps) where T : unmanaged
-    {
-        DType dtype = DTypeOf<T>();
-        int hidden = w.Length;
-        int rows = RowsOf(x.Length, hidden, nameof(x));
-        CheckLength(y.Length, x.Length, nameof(y));
-        if (!rstd.IsEmpty)
-            CheckLength(rstd.Length, rows, nameof(rstd));
-        if (rows == 0)
-            return;
-        using var dX = DeviceBuffer.Upload(_gpu, x);
-        using var dW = DeviceBuffer.Upload(_gpu, w);
-        using var dY = new DeviceBuffer(_gpu, (long)x.Length * dtype.ElementSize());
-        using var dR = new DeviceBuffer(_gpu, (long)rows * sizeof(float));
-        RmsNormForward(dtype, dX.Ptr, dW.Ptr, dY.Ptr, rstd.IsEmpty ? DevicePtr.Null : dR.Ptr, rows, hidden, eps);
-        _gpu.Synchronize();
-        dY.Download(y);
-        if (!rstd.IsEmpty)
-            dR.Download(rstd);
-    }
-
-    /// <summary>
-    /// RMSNorm backward on host arrays: dx (overwritten) like x, dw fp32 [hidden] accumulated (+=); dw empty skips it.
-    /// </summary>
-    public void RmsNormBackward<T>(ReadOnlySpan<T> x, ReadOnlySpan<T> w, ReadOnlySpan<T> dy, ReadOnlySpan<float> rstd,
-                                   Span<T> dx, Span<float> dw) where T : unmanaged
-    {
-        DType dtype = DTypeOf<T>();
-        int hidden = w.Length;
-        int rows = RowsOf(x.Length, hidden, nameof(x));
-        CheckLength(dy.Length, x.Length, nameof(dy));
-        CheckLength(dx.Length, x.Length, nameof(dx));
-        CheckLength(rstd.Length, rows, nameof(rstd));
-        if (!dw.IsEmpty)
-            CheckLength(dw.Length, hidden, nameof(dw));
-        if (rows == 0)
-            return;
-        using var dX = DeviceBuffer.Upload(_gpu, x);
-        using var dW = DeviceBuffer.Upload(_gpu, w);
-        using var dDy = DeviceBuffer.Upload(_gpu, dy);
-        using var dR = DeviceBuffer.Upload(_gpu, rstd);
-        using var dDx = new DeviceBuffer(_gpu, (long)x.Length * dtype.ElementSize());
-        using var dDw = new DeviceBuffer(_gpu, (long)hidden * sizeof(float));
-        if (!dw.IsEmpty)
-            _gpu.CopyToDevice<float>(dw, dDw.Ptr);
-        RmsNormBackward(dtype, dX.Ptr, dW.Ptr, dDy.Ptr, dR.Ptr, dDx.Ptr, dw.IsEmpty ? DevicePtr.Null : dDw.Ptr, rows, hidden);
-        _gpu.Synchronize();
-        dDx.Download(dx);
-        if (!dw.IsEmpty)
-            dDw.Download(dw);
-    }
-
-    /// <summary>
-    /// RoPE forward in place on a contiguous host x [tokens, heads, headDim] (tokens = positions.Length); cos, sin
-    /// fp32 [maxPositions, headDim / 2]. Throws <see cref="ArgumentOutOfRangeException"/> naming the token when a
-    /// position is outside [0, maxPositions).
-    /// </summary>
-    public void RopeForward<T>(Span<T> x, ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, ReadOnlySpan<int> positions,
-                               int heads, int headDim) where T : unmanaged =>
-        RopeHost(false, x, cos, sin, positions, heads, headDim);
-
-    /// <summary>RoPE backward (dy → dx in place) on host arrays; arguments as <see cref="RopeForward{T}"/>.</summary>
-    public void RopeBackward<T>(Span<T> dx, ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, ReadOnlySpan<int> positions,
-                                int heads, int headDim) where T : unmanaged =>
-        RopeHost(true, dx, cos, sin, positions, heads, headDim);
-
-    private void RopeHost<T>(bool backward, Span<T> x, ReadOnlySpan<float> cos, ReadOnlySpan<float> sin,
-                             ReadOnlySpan<int> positions, int heads, int headDim) where T : unmanaged
-    {
-        DType dtype = DTypeOf<T>();
-        int tokens = positions.Length;
-        long rowStride = 0;
-        ValidateRopeShape(tokens, heads, headDim, 1, ref rowStride);
-        int half = headDim / 2;
-        CheckLength(x.Length, (long)tokens * heads * headDim, nameof(x));
-        if (cos.Length == 0 || cos.Length % half != 0)
-            throw new ArgumentException($"cos has {cos.Length} values, not a positive multiple of headDim / 2 = {half}", nameof(cos));
-        CheckLength(sin.Length, cos.Length, nameof(sin));
-        int maxPositions = cos.Length / half;
-        for (int n = 0; n < tokens; n++)
-        {
-            if ((uint)positions[n] >= (uint)maxPositions)
-                throw new ArgumentOutOfRangeException(nameof(positions), positions[n],
-                    $"positions[{n}] = {positions[n]} is outside [0, {maxPositions})");
-        }
-        if (tokens == 0)
-            return;
-        using var dX = DeviceBuffer.Upload<T>(_gpu, x);
-        using var dCos = DeviceBuffer.Upload(_gpu, cos);
-        using var dSin = DeviceBuffer.Upload(_gpu, sin);
-        using var dPos = DeviceBuffer.Upload(_gpu, positions);
-        if (backward)
-            RopeBackward(dtype, dX.Ptr, dCos.Ptr, dSin.Ptr, dPos.Ptr, tokens, heads, headDim, maxPositions);
-        else
-            RopeForward(dtype, dX.Ptr, dCos.Ptr, dSin.Ptr, dPos.Ptr, tokens, heads, headDim, maxPositions);
-        _gpu.Synchronize();
-        dX.Download(x);
-    }
-
-    /// <summary>SwiGLU forward on host arrays: h = silu(g) * u, all of the same length.</summary>
-    public void SwiGluForward<T>(ReadOnlySpan<T> g, ReadOnlySpan<T> u, Span<T> h) where T : unmanaged
-    {
-        DType dtype = DTypeOf<T>();
-        CheckLength(u.Length, g.Length, nameof(u));
-        CheckLength(h.Length, g.Length, nameof(h));
-        if (g.IsEmpty)
-            return;
-        using var dG = DeviceBuffer.Upload(_gpu, g);
-        using var dU = DeviceBuffer.Upload(_gpu, u);
-        using var dH = new DeviceBuffer(_gpu, (long)g.Length * dtype.ElementSize());
-        SwiGluForward(dtype, dG.Ptr, dU.Ptr, dH.Ptr, g.Length);
-        _gpu.Synchronize();
-        dH.Download(h);
-    }
-
-    /// <summary>SwiGLU backward on host arrays: dg, du (overwritten) from g, u, dh, all of the same length.</summary>
-    public void SwiGluBackward<T>(ReadOnlySpan<T> g, ReadOnlySpan<T> u, ReadOnlySpan<T> dh, Span<T> dg, Span<T> du) where T : unmanaged
-    {
-        DType dtype = DTypeOf<T>();
-        CheckLength(u.Length, g.Length, nameof(u));
-        CheckLength(dh.Length, g.Length, nameof(dh));
-        CheckLength(dg.Length, g.Length, nameof(dg));
-        CheckLength(du.Length, g.Length, nameof(du));
-        if (g.IsEmpty)
-            return;
-        long bytes = (long)g.Length * dtype.ElementSize();
-        using var dG = DeviceBuffer.Upload(_gpu, g);
-        using var dU = DeviceBuffer.Upload(_gpu, u);
-        using var dDh = DeviceBuffer.Upload(_gpu, dh);
-        using var dDg = new DeviceBuffer(_gpu, bytes);
-        using var dDu = new DeviceBuffer(_gpu, bytes);
-        SwiGluBackward(dtype, dG.Ptr, dU.Ptr, dDh.Ptr, dDg.Ptr, dDu.Ptr, g.Length);
-        _gpu.Synchronize();
-        dDg.Download(dg);
-        dDu.Download(du);
-    }
-
-    private static void CheckIds(ReadOnlySpan<int> ids, int vocab)
-    {
-        for (int n = 0; n < ids.Length; n++)
-        {
-            if ((uint)ids[n] >= (uint)vocab)
-                throw new ArgumentOutOfRangeException(nameof(ids), ids[n], $"ids[{n}] = {ids[n]} is outside [0, {vocab})");
-        }
-    }
-
-    /// <summary>
-    /// Embedding forward on host arrays: table [vocab, hidden] (vocab = table.Length / hidden), output [ids.Length,
-    /// hidden]. Throws <see cref="ArgumentOutOfRangeException"/> naming the position and the id when an id is
-    /// outside [0, vocab).
-    /// </summary>
-    public void EmbeddingForward<T>(ReadOnlySpan<int> ids, ReadOnlySpan<T> table, int hidden, Span<T> output) where T : unmanaged
-    {
-        DType dtype = DTypeOf<T>();
-        CheckPositive(hidden, nameof(hidden));
-        int vocab = RowsOf(table.Length, hidden, nameof(table));
-        CheckPositive(vocab, nameof(table));
-        CheckLength(output.Length, (long)ids.Length * hidden, nameof(output));
-        CheckIds(ids, vocab);
-        if (ids.IsEmpty)
-            return;
-        using var dIds = DeviceBuffer.Upload(_gpu, ids);
-        using var dTable = DeviceBuffer.Upload(_gpu, table);
-        using var dOut = new DeviceBuffer(_gpu, (long)output.Length * dtype.ElementSize());
-        EmbeddingForward(dtype, dIds.Ptr, dTable.Ptr, dOut.Ptr, ids.Length, hidden, vocab);
-        _gpu.Synchronize();
-        dOut.Download(output);
-    }
-
-    /// <summary>
-    /// Embedding backward on host arrays: dtable fp32 [vocab, hidden] += dout [ids.Length, hidden] scattered by ids,
-    /// in token order. Ids are validated as in <see cref="EmbeddingForward{T}(ReadOnlySpan{int}, ReadOnlySpan{T}, int, Span{T})"/>.
-    /// </summary>
-    public void EmbeddingBackward<T>(ReadOnlySpan<int> ids, ReadOnlySpan<T> dout, int hidden, Span<float> dtable) where T : unmanaged
-    {
-        DType dtype = DTypeOf<T>();
-        CheckPositive(hidden, nameof(hidden));
-        int vocab = RowsOf(dtable.Length, hidden, nameof(dtable));
-        CheckPositive(vocab, nameof(dtable));
-        CheckLength(dout.Length, (long)ids.Length * hidden, nameof(dout));
-        CheckIds(ids, vocab);
-        if (ids.IsEmpty)
-            return;
-        using var dIds = DeviceBuffer.Upload(_gpu, ids);
-        using var dDout = DeviceBuffer.Upload(_gpu, dout);
-        using var dTable = DeviceBuffer.Upload<float>(_gpu, dtable);
-        EmbeddingBackward(dtype, dIds.Ptr, dDout.Ptr, dTable.Ptr, ids.Length, hidden, vocab);
-        _gpu.Synchronize();
-        dTable.Download(dtable);
     }
 }

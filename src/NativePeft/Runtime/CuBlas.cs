@@ -122,6 +122,8 @@ internal static unsafe partial class CuBlas
         void* beta, ulong c, CudaDataType cType, int ldc,
         CublasComputeType computeType, int algo);
 
+    // Called only by the tests' wrapper (tests/NativePeft.Tests/Cuda/CudaBlasBatched.cs); the binding stays here
+    // because this assembly's resolver (NativeLibraries) is the one that finds cuBLAS.
     [LibraryImport(Lib)]
     public static partial CublasStatus cublasGemmStridedBatchedEx(IntPtr handle, CublasOperation transa, CublasOperation transb,
         int m, int n, int k, void* alpha,

@@ -19,9 +19,9 @@ public sealed unsafe class CudaBlas : IDisposable
     /// <summary>Workspace given to cublasSetWorkspace_v2 (NVIDIA recommends 32 MiB on Hopper).</summary>
     public const long DefaultWorkspaceBytes = 32L << 20;
 
-    private readonly CudaGpu gpu;
-    private readonly CublasHandle handle;
-    private DevicePtr workspace;
+    private readonly CudaGpu _gpu;
+    private readonly CublasHandle _handle;
+    private DevicePtr _workspace;
 
     /// <summary>The cuBLAS library file in use, e.g. "libcublas.so.12".</summary>
     public string Library { get; }
@@ -32,9 +32,9 @@ public sealed unsafe class CudaBlas : IDisposable
 
     private CudaBlas(CudaGpu gpu, CublasHandle handle, string library, DevicePtr workspace, long workspaceBytes)
     {
-        this.gpu = gpu;
-        this.handle = handle;
-        this.workspace = workspace;
+        _gpu = gpu;
+        _handle = handle;
+        _workspace = workspace;
         Library = library;
         WorkspaceBytes = workspaceBytes;
     }
@@ -66,13 +66,6 @@ public sealed unsafe class CudaBlas : IDisposable
         }
     }
 
-    /// <summary>cublasSetMathMode, e.g. <see cref="CublasMath.Tf32TensorOp"/> to allow TF32 for fp32 inputs.</summary>
-    public void SetMathMode(CublasMath mode)
-    {
-        gpu.MakeCurrent();
-        CuBlas.Check(CuBlas.cublasSetMathMode(Raw, mode), "cublasSetMathMode");
-    }
-
     /// <summary>
     /// Column-major cublasGemmEx: C[m×n] = alpha·op(A)·op(B) + beta·C, op(A) m×k, op(B) k×n,
     /// lda/ldb/ldc = column strides in elements. alpha/beta are fp32 (host pointer mode).
@@ -82,7 +75,7 @@ public sealed unsafe class CudaBlas : IDisposable
         DevicePtr b, CudaDataType bType, int ldb,
         float beta, DevicePtr c, CudaDataType cType, int ldc)
     {
-        gpu.MakeCurrent();
+        _gpu.MakeCurrent();
         var status = CuBlas.cublasGemmEx(Raw, Op(transA), Op(transB), m, n, k, &alpha,
             a.Address, aType, lda, b.Address, bType, ldb, &beta, c.Address, cType, ldc, ComputeType, CuBlas.GemmDefault);
         CuBlas.Check(status, "cublasGemmEx", $"m={m} n={n} k={k} transA={transA} transB={transB} lda={lda} ldb={ldb} ldc={ldc} types={aType},{bType}->{cType}");
@@ -102,7 +95,7 @@ public sealed unsafe class CudaBlas : IDisposable
         Gemm(g.TransA, g.TransB, g.M, g.N, g.K, alpha, g.A, g.AType, g.Lda, g.B, g.BType, g.Ldb, beta, c, cType, ldc);
     }
 
-    /// <summary>The operands of one GEMM (strides only used by the batched form).</summary>
+    /// <summary>The operands of one GEMM (strides only used by the batched form of the tests).</summary>
     internal readonly record struct GemmOperands(bool TransA, bool TransB, int M, int N, int K,
         DevicePtr A, CudaDataType AType, int Lda, long StrideA,
         DevicePtr B, CudaDataType BType, int Ldb, long StrideB);
@@ -111,50 +104,30 @@ public sealed unsafe class CudaBlas : IDisposable
     internal static GemmOperands RowMajorAsColumnMajor(GemmOperands r) =>
         new(r.TransB, r.TransA, r.N, r.M, r.K, r.B, r.BType, r.Ldb, r.StrideB, r.A, r.AType, r.Lda, r.StrideA);
 
-    /// <summary>Column-major cublasGemmStridedBatchedEx; strides are in elements between consecutive matrices.</summary>
-    public void GemmStridedBatched(bool transA, bool transB, int m, int n, int k,
-        float alpha, DevicePtr a, CudaDataType aType, int lda, long strideA,
-        DevicePtr b, CudaDataType bType, int ldb, long strideB,
-        float beta, DevicePtr c, CudaDataType cType, int ldc, long strideC, int batchCount)
-    {
-        gpu.MakeCurrent();
-        var status = CuBlas.cublasGemmStridedBatchedEx(Raw, Op(transA), Op(transB), m, n, k, &alpha,
-            a.Address, aType, lda, strideA, b.Address, bType, ldb, strideB, &beta,
-            c.Address, cType, ldc, strideC, batchCount, ComputeType, CuBlas.GemmDefault);
-        CuBlas.Check(status, "cublasGemmStridedBatchedEx", $"m={m} n={n} k={k} batch={batchCount} transA={transA} transB={transB}");
-    }
+    /// <summary>The device this handle's GEMMs run on.</summary>
+    internal CudaGpu Gpu => _gpu;
 
-    /// <summary>Row-major batched GEMM (each batch as <see cref="GemmRowMajor"/>); strides in elements.</summary>
-    public void GemmStridedBatchedRowMajor(bool transA, bool transB, int m, int n, int k,
-        float alpha, DevicePtr a, CudaDataType aType, int lda, long strideA,
-        DevicePtr b, CudaDataType bType, int ldb, long strideB,
-        float beta, DevicePtr c, CudaDataType cType, int ldc, long strideC, int batchCount)
-    {
-        var g = RowMajorAsColumnMajor(new GemmOperands(transA, transB, m, n, k, a, aType, lda, strideA, b, bType, ldb, strideB));
-        GemmStridedBatched(g.TransA, g.TransB, g.M, g.N, g.K, alpha, g.A, g.AType, g.Lda, g.StrideA, g.B, g.BType, g.Ldb, g.StrideB,
-            beta, c, cType, ldc, strideC, batchCount);
-    }
-
-    private IntPtr Raw
+    /// <summary>The cublasHandle_t (throws once disposed).</summary>
+    internal IntPtr Raw
     {
         get
         {
-            ObjectDisposedException.ThrowIf(handle.IsClosed, this);
-            return handle.DangerousGetHandle();
+            ObjectDisposedException.ThrowIf(_handle.IsClosed, this);
+            return _handle.DangerousGetHandle();
         }
     }
 
-    private static CublasOperation Op(bool transpose) => transpose ? CublasOperation.T : CublasOperation.N;
+    internal static CublasOperation Op(bool transpose) => transpose ? CublasOperation.T : CublasOperation.N;
 
     public void Dispose()
     {
-        if (handle.IsClosed) return;
-        gpu.MakeCurrent();
-        handle.Dispose();
-        if (!workspace.IsNull)
+        if (_handle.IsClosed) return;
+        _gpu.MakeCurrent();
+        _handle.Dispose();
+        if (!_workspace.IsNull)
         {
-            gpu.Free(workspace);
-            workspace = DevicePtr.Null;
+            _gpu.Free(_workspace);
+            _workspace = DevicePtr.Null;
         }
     }
 }

@@ -37,7 +37,6 @@ internal static unsafe partial class CudaDriver
     [LibraryImport(Lib)] public static partial CuResult cuDevicePrimaryCtxRetain(out IntPtr context, int device);
     [LibraryImport(Lib)] public static partial CuResult cuDevicePrimaryCtxRelease_v2(int device);
     [LibraryImport(Lib)] public static partial CuResult cuCtxSetCurrent(IntPtr context);
-    [LibraryImport(Lib)] public static partial CuResult cuCtxSynchronize();
 
     // ---- memory ----
     [LibraryImport(Lib)] public static partial CuResult cuMemAlloc_v2(out ulong dptr, nuint bytesize);
@@ -46,9 +45,6 @@ internal static unsafe partial class CudaDriver
     [LibraryImport(Lib)] public static partial CuResult cuMemAllocHost_v2(out IntPtr pointer, nuint bytesize);
     [LibraryImport(Lib)] public static partial CuResult cuMemFreeHost(IntPtr pointer);
     [LibraryImport(Lib)] public static partial CuResult cuMemAllocManaged(out ulong dptr, nuint bytesize, uint flags);
-    [LibraryImport(Lib)] public static partial CuResult cuMemcpyHtoD_v2(ulong dstDevice, void* srcHost, nuint byteCount);
-    [LibraryImport(Lib)] public static partial CuResult cuMemcpyDtoH_v2(void* dstHost, ulong srcDevice, nuint byteCount);
-    [LibraryImport(Lib)] public static partial CuResult cuMemcpyDtoD_v2(ulong dstDevice, ulong srcDevice, nuint byteCount);
     [LibraryImport(Lib)] public static partial CuResult cuMemcpyHtoDAsync_v2(ulong dstDevice, void* srcHost, nuint byteCount, IntPtr stream);
     [LibraryImport(Lib)] public static partial CuResult cuMemcpyDtoHAsync_v2(void* dstHost, ulong srcDevice, nuint byteCount, IntPtr stream);
     [LibraryImport(Lib)] public static partial CuResult cuMemcpyDtoDAsync_v2(ulong dstDevice, ulong srcDevice, nuint byteCount, IntPtr stream);
@@ -88,30 +84,30 @@ internal static unsafe partial class CudaDriver
 
     // ---- cuMemAdvise / cuMemPrefetchAsync: pick the exported variant at run time ----
     private static readonly object ExportGate = new();
-    private static bool exportsResolved;
-    private static delegate* unmanaged<ulong, nuint, CuMemLocation, uint, IntPtr, CuResult> prefetchV2;
-    private static delegate* unmanaged<ulong, nuint, int, IntPtr, CuResult> prefetchLegacy;
-    private static delegate* unmanaged<ulong, nuint, CuMemAdvise, CuMemLocation, CuResult> adviseV2;
-    private static delegate* unmanaged<ulong, nuint, CuMemAdvise, int, CuResult> adviseLegacy;
+    private static bool s_exportsResolved;
+    private static delegate* unmanaged<ulong, nuint, CuMemLocation, uint, IntPtr, CuResult> s_prefetchV2;
+    private static delegate* unmanaged<ulong, nuint, int, IntPtr, CuResult> s_prefetchLegacy;
+    private static delegate* unmanaged<ulong, nuint, CuMemAdvise, CuMemLocation, CuResult> s_adviseV2;
+    private static delegate* unmanaged<ulong, nuint, CuMemAdvise, int, CuResult> s_adviseLegacy;
 
     private static void ResolveExports()
     {
-        if (exportsResolved) return;
+        if (s_exportsResolved) return;
         lock (ExportGate)
         {
-            if (exportsResolved) return;
+            if (s_exportsResolved) return;
             if (NativeLibraries.TryLoadCuda(out var handle, out _))
             {
                 if (NativeLibrary.TryGetExport(handle, "cuMemPrefetchAsync_v2", out var p))
-                    prefetchV2 = (delegate* unmanaged<ulong, nuint, CuMemLocation, uint, IntPtr, CuResult>)p;
+                    s_prefetchV2 = (delegate* unmanaged<ulong, nuint, CuMemLocation, uint, IntPtr, CuResult>)p;
                 if (NativeLibrary.TryGetExport(handle, "cuMemPrefetchAsync", out p))
-                    prefetchLegacy = (delegate* unmanaged<ulong, nuint, int, IntPtr, CuResult>)p;
+                    s_prefetchLegacy = (delegate* unmanaged<ulong, nuint, int, IntPtr, CuResult>)p;
                 if (NativeLibrary.TryGetExport(handle, "cuMemAdvise_v2", out p))
-                    adviseV2 = (delegate* unmanaged<ulong, nuint, CuMemAdvise, CuMemLocation, CuResult>)p;
+                    s_adviseV2 = (delegate* unmanaged<ulong, nuint, CuMemAdvise, CuMemLocation, CuResult>)p;
                 if (NativeLibrary.TryGetExport(handle, "cuMemAdvise", out p))
-                    adviseLegacy = (delegate* unmanaged<ulong, nuint, CuMemAdvise, int, CuResult>)p;
+                    s_adviseLegacy = (delegate* unmanaged<ulong, nuint, CuMemAdvise, int, CuResult>)p;
             }
-            exportsResolved = true;
+            s_exportsResolved = true;
         }
     }
 
@@ -121,7 +117,7 @@ internal static unsafe partial class CudaDriver
         get
         {
             ResolveExports();
-            return prefetchV2 != null ? "cuMemPrefetchAsync_v2" : prefetchLegacy != null ? "cuMemPrefetchAsync" : null;
+            return s_prefetchV2 != null ? "cuMemPrefetchAsync_v2" : s_prefetchLegacy != null ? "cuMemPrefetchAsync" : null;
         }
     }
 
@@ -131,7 +127,7 @@ internal static unsafe partial class CudaDriver
         get
         {
             ResolveExports();
-            return adviseV2 != null ? "cuMemAdvise_v2" : adviseLegacy != null ? "cuMemAdvise" : null;
+            return s_adviseV2 != null ? "cuMemAdvise_v2" : s_adviseLegacy != null ? "cuMemAdvise" : null;
         }
     }
 
@@ -143,14 +139,14 @@ internal static unsafe partial class CudaDriver
     public static void MemPrefetchAsync(ulong devPtr, nuint count, int device, IntPtr stream)
     {
         ResolveExports();
-        if (prefetchV2 != null)
+        if (s_prefetchV2 != null)
         {
             var location = device == CU_DEVICE_CPU ? CuMemLocation.ForHost() : CuMemLocation.ForDevice(device);
-            Check(prefetchV2(devPtr, count, location, 0, stream), "cuMemPrefetchAsync_v2");
+            Check(s_prefetchV2(devPtr, count, location, 0, stream), "cuMemPrefetchAsync_v2");
         }
-        else if (prefetchLegacy != null)
+        else if (s_prefetchLegacy != null)
         {
-            Check(prefetchLegacy(devPtr, count, device, stream), "cuMemPrefetchAsync");
+            Check(s_prefetchLegacy(devPtr, count, device, stream), "cuMemPrefetchAsync");
         }
         else
         {
@@ -162,14 +158,14 @@ internal static unsafe partial class CudaDriver
     public static void MemAdvise(ulong devPtr, nuint count, CuMemAdvise advice, int device)
     {
         ResolveExports();
-        if (adviseV2 != null)
+        if (s_adviseV2 != null)
         {
             var location = device == CU_DEVICE_CPU ? CuMemLocation.ForHost() : CuMemLocation.ForDevice(device);
-            Check(adviseV2(devPtr, count, advice, location), "cuMemAdvise_v2");
+            Check(s_adviseV2(devPtr, count, advice, location), "cuMemAdvise_v2");
         }
-        else if (adviseLegacy != null)
+        else if (s_adviseLegacy != null)
         {
-            Check(adviseLegacy(devPtr, count, advice, device), "cuMemAdvise");
+            Check(s_adviseLegacy(devPtr, count, advice, device), "cuMemAdvise");
         }
         else
         {

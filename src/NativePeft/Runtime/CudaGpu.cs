@@ -19,45 +19,45 @@ public sealed unsafe class CudaGpu : IGpu
     /// <summary>Most kernel arguments a launch takes.</summary>
     public const int MaxArgs = 64;
 
-    private readonly ILogger logger;
-    private readonly int device;
-    private readonly CudaPrimaryContextHandle context;
-    private readonly CudaStreamHandle stream;
-    private readonly object gate = new();
-    private readonly Dictionary<ulong, long> allocations = new();
-    private readonly HashSet<ulong> managed = new();
-    private readonly List<(string Name, CudaModuleHandle Module)> modules = new();
-    private readonly Dictionary<string, IntPtr> functions = new(StringComparer.Ordinal);
-    private readonly HashSet<string> missingFunctions = new(StringComparer.Ordinal);
-    private readonly Dictionary<IntPtr, int> dynamicSharedSet = new();
-    private bool kernelDirectoryLoaded;
-    private System.Runtime.ExceptionServices.ExceptionDispatchInfo? kernelLoadFailure;
-    private CudaBlas? blas;
-    private long allocatedBytes, peakAllocatedBytes;
-    private bool disposed;
+    private readonly ILogger _logger;
+    private readonly int _device;
+    private readonly CudaPrimaryContextHandle _context;
+    private readonly CudaStreamHandle _stream;
+    private readonly object _gate = new();
+    private readonly Dictionary<ulong, long> _allocations = new();
+    private readonly HashSet<ulong> _managed = new();
+    private readonly List<(string Name, CudaModuleHandle Module)> _modules = new();
+    private readonly Dictionary<string, IntPtr> _functions = new(StringComparer.Ordinal);
+    private readonly HashSet<string> _missingFunctions = new(StringComparer.Ordinal);
+    private readonly Dictionary<IntPtr, int> _dynamicSharedSet = new();
+    private bool _kernelDirectoryLoaded;
+    private System.Runtime.ExceptionServices.ExceptionDispatchInfo? _kernelLoadFailure;
+    private CudaBlas? _blas;
+    private long _allocatedBytes, _peakAllocatedBytes;
+    private bool _disposed;
 
     public GpuProperties Properties { get; }
     /// <summary>The device ordinal.</summary>
-    public int Device => device;
+    public int Device => _device;
     /// <summary>Where kernels are loaded from.</summary>
     public string KernelDirectory { get; }
     /// <summary>Bytes currently allocated through Alloc/AllocManaged (as requested).</summary>
-    public long AllocatedBytes { get { lock (gate) return allocatedBytes; } }
+    public long AllocatedBytes { get { lock (_gate) return _allocatedBytes; } }
     /// <summary>Highest <see cref="AllocatedBytes"/> since creation or <see cref="ResetPeak"/>.</summary>
-    public long PeakAllocatedBytes { get { lock (gate) return peakAllocatedBytes; } }
+    public long PeakAllocatedBytes { get { lock (_gate) return _peakAllocatedBytes; } }
     /// <summary>Largest dynamic shared memory per block a kernel may opt in to.</summary>
     public int MaxSharedMemoryPerBlockOptin { get; }
 
     private CudaGpu(int device, CudaPrimaryContextHandle context, CudaStreamHandle stream, GpuProperties properties,
         int maxSharedOptin, string kernelDirectory, ILogger logger)
     {
-        this.device = device;
-        this.context = context;
-        this.stream = stream;
+        _device = device;
+        _context = context;
+        _stream = stream;
         Properties = properties;
         MaxSharedMemoryPerBlockOptin = maxSharedOptin;
         KernelDirectory = kernelDirectory;
-        this.logger = logger;
+        _logger = logger;
     }
 
     /// <summary>The default kernel directory: $NATIVEPEFT_KERNELS, else &lt;AppContext.BaseDirectory&gt;/kernels.</summary>
@@ -165,11 +165,11 @@ public sealed unsafe class CudaGpu : IGpu
     /// <summary>Makes this GPU's context current on the calling thread (cheap; done by every call).</summary>
     internal void MakeCurrent()
     {
-        ObjectDisposedException.ThrowIf(disposed, this);
-        CudaDriver.Check(CudaDriver.cuCtxSetCurrent(context.DangerousGetHandle()), "cuCtxSetCurrent");
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        CudaDriver.Check(CudaDriver.cuCtxSetCurrent(_context.DangerousGetHandle()), "cuCtxSetCurrent");
     }
 
-    internal IntPtr StreamHandle => stream.DangerousGetHandle();
+    internal IntPtr StreamHandle => _stream.DangerousGetHandle();
 
     public void Synchronize()
     {
@@ -202,12 +202,12 @@ public sealed unsafe class CudaGpu : IGpu
 
     private void Track(ulong p, long bytes, bool isManaged)
     {
-        lock (gate)
+        lock (_gate)
         {
-            allocations.Add(p, bytes);
-            if (isManaged) managed.Add(p);
-            allocatedBytes += bytes;
-            if (allocatedBytes > peakAllocatedBytes) peakAllocatedBytes = allocatedBytes;
+            _allocations.Add(p, bytes);
+            if (isManaged) _managed.Add(p);
+            _allocatedBytes += bytes;
+            if (_allocatedBytes > _peakAllocatedBytes) _peakAllocatedBytes = _allocatedBytes;
         }
     }
 
@@ -216,12 +216,12 @@ public sealed unsafe class CudaGpu : IGpu
         if (ptr.IsNull) return;
         MakeCurrent();
         long bytes;
-        lock (gate)
+        lock (_gate)
         {
-            if (!allocations.Remove(ptr.Address, out bytes))
+            if (!_allocations.Remove(ptr.Address, out bytes))
                 throw new ArgumentException($"{ptr} was not allocated by this CudaGpu (or was already freed)", nameof(ptr));
-            managed.Remove(ptr.Address);
-            allocatedBytes -= bytes;
+            _managed.Remove(ptr.Address);
+            _allocatedBytes -= bytes;
         }
         CudaDriver.Check(CudaDriver.cuMemFree_v2(ptr.Address), "cuMemFree_v2");
     }
@@ -229,7 +229,7 @@ public sealed unsafe class CudaGpu : IGpu
     /// <summary>Makes the peak equal to what is allocated now.</summary>
     public void ResetPeak()
     {
-        lock (gate) peakAllocatedBytes = allocatedBytes;
+        lock (_gate) _peakAllocatedBytes = _allocatedBytes;
     }
 
     /// <summary>Page-locked host memory (cuMemAllocHost_v2) for asynchronous copies.</summary>
@@ -238,7 +238,7 @@ public sealed unsafe class CudaGpu : IGpu
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(bytes);
         MakeCurrent();
         CudaDriver.Check(CudaDriver.cuMemAllocHost_v2(out var p, (nuint)bytes), "cuMemAllocHost_v2");
-        return new CudaPinnedBuffer(new CudaHostMemoryHandle(context, p), bytes);
+        return new CudaPinnedBuffer(new CudaHostMemoryHandle(_context, p), bytes);
     }
 
     /// <summary>Copies host → device on the stream; the source may be reused on return (the driver stages pageable memory).</summary>
@@ -329,7 +329,7 @@ public sealed unsafe class CudaGpu : IGpu
     {
         if (!Properties.ConcurrentManagedAccess || bytes <= 0) return;
         MakeCurrent();
-        CudaDriver.MemPrefetchAsync(ptr.Address, (nuint)bytes, toDevice ? device : CudaDriver.CU_DEVICE_CPU, StreamHandle);
+        CudaDriver.MemPrefetchAsync(ptr.Address, (nuint)bytes, toDevice ? _device : CudaDriver.CU_DEVICE_CPU, StreamHandle);
     }
 
     /// <summary>cuMemAdvise(_v2) on managed memory, for this device or the host.</summary>
@@ -337,7 +337,7 @@ public sealed unsafe class CudaGpu : IGpu
     {
         if (bytes <= 0) return;
         MakeCurrent();
-        CudaDriver.MemAdvise(ptr.Address, (nuint)bytes, advice, forDevice ? device : CudaDriver.CU_DEVICE_CPU);
+        CudaDriver.MemAdvise(ptr.Address, (nuint)bytes, advice, forDevice ? _device : CudaDriver.CU_DEVICE_CPU);
     }
 
     public (long Free, long Total) MemoryInfo()
@@ -354,7 +354,7 @@ public sealed unsafe class CudaGpu : IGpu
     {
         MakeCurrent();
         CudaDriver.Check(CudaDriver.cuEventCreate(out var raw, 0), "cuEventCreate");
-        var ev = new CudaEvent(new CudaEventHandle(context, raw));
+        var ev = new CudaEvent(new CudaEventHandle(_context, raw));
         try
         {
             CudaDriver.Check(CudaDriver.cuEventRecord(raw, StreamHandle), "cuEventRecord");
@@ -398,8 +398,8 @@ public sealed unsafe class CudaGpu : IGpu
     {
         get
         {
-            ObjectDisposedException.ThrowIf(disposed, this);
-            lock (gate) return blas ??= CudaBlas.Create(this);
+            ObjectDisposedException.ThrowIf(_disposed, this);
+            lock (_gate) return _blas ??= CudaBlas.Create(this);
         }
     }
 
@@ -411,20 +411,20 @@ public sealed unsafe class CudaGpu : IGpu
         get
         {
             EnsureKernelDirectoryLoaded();
-            lock (gate) return modules.Select(m => m.Name).ToArray();
+            lock (_gate) return _modules.Select(m => m.Name).ToArray();
         }
     }
 
     private void EnsureKernelDirectoryLoaded()
     {
-        lock (gate)
+        lock (_gate)
         {
-            kernelLoadFailure?.Throw();
-            if (kernelDirectoryLoaded) return;
-            kernelDirectoryLoaded = true;
+            _kernelLoadFailure?.Throw();
+            if (_kernelDirectoryLoaded) return;
+            _kernelDirectoryLoaded = true;
             if (!Directory.Exists(KernelDirectory))
             {
-                logger.LogWarning("kernel directory {Directory} does not exist; no kernels loaded", KernelDirectory);
+                _logger.LogWarning("kernel directory {Directory} does not exist; no kernels loaded", KernelDirectory);
                 return;
             }
             var stems = Directory.EnumerateFiles(KernelDirectory, "*.fatbin")
@@ -440,7 +440,7 @@ public sealed unsafe class CudaGpu : IGpu
             catch (Exception ex)
             {
                 // Remember it: every later kernel lookup reports the same failure instead of "not found".
-                kernelLoadFailure = System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(ex);
+                _kernelLoadFailure = System.Runtime.ExceptionServices.ExceptionDispatchInfo.Capture(ex);
                 throw;
             }
         }
@@ -461,7 +461,7 @@ public sealed unsafe class CudaGpu : IGpu
                 return;
             }
             fatbinFailure = $"{Path.GetFileName(fatbin)}: {CudaDriver.ErrorName(r)} ({(int)r})";
-            logger.LogInformation("cuModuleLoadData({Fatbin}) returned {Result}; trying PTX", fatbin, CudaDriver.ErrorName(r));
+            _logger.LogInformation("cuModuleLoadData({Fatbin}) returned {Result}; trying PTX", fatbin, CudaDriver.ErrorName(r));
         }
         if (!File.Exists(ptx))
             throw new CudaException(CuResult.NoBinaryForGpu, "cuModuleLoadData", context: $"{fatbinFailure}; no {stem}.ptx to fall back to in {KernelDirectory}");
@@ -471,7 +471,7 @@ public sealed unsafe class CudaGpu : IGpu
     /// <summary>JIT-loads PTX text as a module (tests and tools; the kernel directory is loaded automatically).</summary>
     internal void LoadPtxModule(string name, ReadOnlySpan<byte> ptx, string? previousFailure = null)
     {
-        lock (gate)
+        lock (_gate)
         {
             MakeCurrent();
             var r = CudaModuleLoader.TryLoadPtx(ptx, out var module, out var jitLog);
@@ -484,33 +484,33 @@ public sealed unsafe class CudaGpu : IGpu
 
     private void AddModule(string name, IntPtr module)
     {
-        lock (gate)
+        lock (_gate)
         {
-            modules.Add((name, new CudaModuleHandle(context, module)));
-            missingFunctions.Clear();
+            _modules.Add((name, new CudaModuleHandle(_context, module)));
+            _missingFunctions.Clear();
         }
-        logger.LogDebug("loaded CUDA module {Module}", name);
+        _logger.LogDebug("loaded CUDA module {Module}", name);
     }
 
     private bool TryGetFunction(string kernel, out IntPtr function)
     {
         EnsureKernelDirectoryLoaded();
-        lock (gate)
+        lock (_gate)
         {
-            if (functions.TryGetValue(kernel, out function)) return true;
-            if (missingFunctions.Contains(kernel)) return false;
+            if (_functions.TryGetValue(kernel, out function)) return true;
+            if (_missingFunctions.Contains(kernel)) return false;
             MakeCurrent();
-            foreach (var (_, module) in modules)
+            foreach (var (_, module) in _modules)
             {
                 var r = CudaDriver.cuModuleGetFunction(out function, module.DangerousGetHandle(), kernel);
                 if (r == CuResult.Success)
                 {
-                    functions[kernel] = function;
+                    _functions[kernel] = function;
                     return true;
                 }
                 if (r != CuResult.NotFound) CudaDriver.Check(r, "cuModuleGetFunction", context: kernel);
             }
-            missingFunctions.Add(kernel);
+            _missingFunctions.Add(kernel);
             function = IntPtr.Zero;
             return false;
         }
@@ -524,7 +524,7 @@ public sealed unsafe class CudaGpu : IGpu
         if (!TryGetFunction(kernel, out var function))
         {
             string[] loaded;
-            lock (gate) loaded = modules.Select(m => m.Name).ToArray();
+            lock (_gate) loaded = _modules.Select(m => m.Name).ToArray();
             throw new InvalidOperationException(
                 $"kernel '{kernel}' not found in any loaded CUDA module (modules: {(loaded.Length == 0 ? "none" : string.Join(", ", loaded))}; directory {KernelDirectory})");
         }
@@ -534,13 +534,13 @@ public sealed unsafe class CudaGpu : IGpu
         MakeCurrent();
         if (sharedBytes > DefaultMaxDynamicShared)
         {
-            lock (gate)
+            lock (_gate)
             {
-                if (!dynamicSharedSet.TryGetValue(function, out int set) || set < sharedBytes)
+                if (!_dynamicSharedSet.TryGetValue(function, out int set) || set < sharedBytes)
                 {
                     CudaDriver.Check(CudaDriver.cuFuncSetAttribute(function, CuFunctionAttribute.MaxDynamicSharedSizeBytes, sharedBytes),
                         "cuFuncSetAttribute", context: $"{kernel}: {sharedBytes} bytes dynamic shared (device opt-in max {MaxSharedMemoryPerBlockOptin})");
-                    dynamicSharedSet[function] = sharedBytes;
+                    _dynamicSharedSet[function] = sharedBytes;
                 }
             }
         }
@@ -564,29 +564,29 @@ public sealed unsafe class CudaGpu : IGpu
 
     public void Dispose()
     {
-        if (disposed) return;
+        if (_disposed) return;
         try
         {
-            CudaDriver.cuCtxSetCurrent(context.DangerousGetHandle());
+            CudaDriver.cuCtxSetCurrent(_context.DangerousGetHandle());
             CudaDriver.cuStreamSynchronize(StreamHandle);
-            blas?.Dispose();
-            blas = null;
-            lock (gate)
+            _blas?.Dispose();
+            _blas = null;
+            lock (_gate)
             {
-                foreach (var p in allocations.Keys) CudaDriver.cuMemFree_v2(p);
-                allocations.Clear();
-                managed.Clear();
-                allocatedBytes = 0;
-                foreach (var (_, module) in modules) module.Dispose();
-                modules.Clear();
-                functions.Clear();
+                foreach (var p in _allocations.Keys) CudaDriver.cuMemFree_v2(p);
+                _allocations.Clear();
+                _managed.Clear();
+                _allocatedBytes = 0;
+                foreach (var (_, module) in _modules) module.Dispose();
+                _modules.Clear();
+                _functions.Clear();
             }
-            stream.Dispose();
+            _stream.Dispose();
         }
         finally
         {
-            disposed = true;
-            context.Dispose();
+            _disposed = true;
+            _context.Dispose();
         }
     }
 }

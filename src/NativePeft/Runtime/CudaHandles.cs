@@ -30,7 +30,7 @@ internal sealed class CudaPrimaryContextHandle : SafeHandleZeroOrMinusOneIsInval
 /// </summary>
 internal abstract class CudaContextChildHandle : SafeHandleZeroOrMinusOneIsInvalid
 {
-    private CudaPrimaryContextHandle? context;
+    private CudaPrimaryContextHandle? _context;
 
     protected CudaContextChildHandle() : base(ownsHandle: true) { }
 
@@ -39,7 +39,7 @@ internal abstract class CudaContextChildHandle : SafeHandleZeroOrMinusOneIsInval
     {
         bool added = false;
         owner.DangerousAddRef(ref added);
-        context = owner;
+        _context = owner;
         SetHandle(value);
     }
 
@@ -48,12 +48,12 @@ internal abstract class CudaContextChildHandle : SafeHandleZeroOrMinusOneIsInval
         try
         {
             // Destroy calls need the owning context current on this thread (it may be the finalizer thread).
-            if (context is not null) CudaDriver.cuCtxSetCurrent(context.DangerousGetHandle());
+            if (_context is not null) CudaDriver.cuCtxSetCurrent(_context.DangerousGetHandle());
             return Destroy(handle) == CuResult.Success;
         }
         finally
         {
-            context?.DangerousRelease();
+            _context?.DangerousRelease();
         }
     }
 
@@ -112,13 +112,13 @@ public sealed class CudaEvent : IDisposable
 /// </summary>
 public sealed unsafe class CudaPinnedBuffer : IDisposable
 {
-    private readonly CudaHostMemoryHandle handle;
+    private readonly CudaHostMemoryHandle _handle;
 
     public long Length { get; }
 
     internal CudaPinnedBuffer(CudaHostMemoryHandle handle, long length)
     {
-        this.handle = handle;
+        _handle = handle;
         Length = length;
     }
 
@@ -127,8 +127,8 @@ public sealed unsafe class CudaPinnedBuffer : IDisposable
     {
         get
         {
-            ObjectDisposedException.ThrowIf(handle.IsClosed, this);
-            return handle.DangerousGetHandle();
+            ObjectDisposedException.ThrowIf(_handle.IsClosed, this);
+            return _handle.DangerousGetHandle();
         }
     }
 
@@ -136,5 +136,5 @@ public sealed unsafe class CudaPinnedBuffer : IDisposable
     public Span<T> AsSpan<T>() where T : unmanaged =>
         new((void*)Pointer, checked((int)(Length / sizeof(T))));
 
-    public void Dispose() => handle.Dispose();
+    public void Dispose() => _handle.Dispose();
 }

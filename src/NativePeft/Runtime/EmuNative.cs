@@ -13,8 +13,8 @@ internal sealed unsafe class EmuNative
     public const string KernelsDirVariable = KernelLocator.EnvironmentVariable;
 
     private static readonly object LoadLock = new();
-    private static EmuNative? _loaded;
-    private static string? _loadError;
+    private static EmuNative? s_loaded;
+    private static string? s_loadError;
 
     private readonly delegate* unmanaged<byte*, uint, uint, uint, uint, uint, uint, uint, void**, int> _launch;
     private readonly delegate* unmanaged<byte*> _lastError;
@@ -54,29 +54,29 @@ internal sealed unsafe class EmuNative
     {
         lock (LoadLock)
         {
-            if (_loaded is null && _loadError is null)
+            if (s_loaded is null && s_loadError is null)
             {
                 string dir = KernelsDirectory;
                 string path = Path.Combine(dir, LibraryFileName);
                 if (!File.Exists(path))
                 {
-                    _loadError = $"{LibraryFileName} not found in {dir}: run ./build.sh (or set {KernelsDirVariable})";
+                    s_loadError = $"{LibraryFileName} not found in {dir}: run ./build.sh (or set {KernelsDirVariable})";
                 }
                 else
                 {
                     try
                     {
                         IntPtr handle = NativeLibrary.Load(path);
-                        _loaded = new EmuNative(path, handle);
+                        s_loaded = new EmuNative(path, handle);
                     }
                     catch (Exception e) when (e is DllNotFoundException or BadImageFormatException or EntryPointNotFoundException)
                     {
-                        _loadError = $"cannot load {path}: {e.Message}";
+                        s_loadError = $"cannot load {path}: {e.Message}";
                     }
                 }
             }
-            native = _loaded;
-            reason = _loadError ?? "";
+            native = s_loaded;
+            reason = s_loadError ?? "";
             return native is not null;
         }
     }

@@ -22,9 +22,9 @@ public static unsafe class Nvtx
     /// <summary>The variable NVTX reads to find the profiling tool.</summary>
     public const string InjectionVariable = "NVTX_INJECTION64_PATH";
 
-    private static readonly delegate* unmanaged<byte*, int> s_push;
-    private static readonly delegate* unmanaged<int> s_pop;
-    private static readonly ConcurrentDictionary<string, byte[]> s_names = new(StringComparer.Ordinal);
+    private static readonly delegate* unmanaged<byte*, int> PushRange;
+    private static readonly delegate* unmanaged<int> PopRange;
+    private static readonly ConcurrentDictionary<string, byte[]> EncodedNames = new(StringComparer.Ordinal);
 
     /// <summary>Whether ranges are emitted in this process (decided once, at first use).</summary>
     public static bool Enabled { get; }
@@ -48,8 +48,8 @@ public static unsafe class Nvtx
             Status = $"off ({LibraryPath} lacks nativepeft_nvtx_push/pop)";
             return;
         }
-        s_push = (delegate* unmanaged<byte*, int>)push;
-        s_pop = (delegate* unmanaged<int>)pop;
+        PushRange = (delegate* unmanaged<byte*, int>)push;
+        PopRange = (delegate* unmanaged<int>)pop;
         Enabled = true;
         Status = tool ? $"on (tool: {Environment.GetEnvironmentVariable(InjectionVariable)})" : $"on ({EnableVariable}=1)";
     }
@@ -61,8 +61,8 @@ public static unsafe class Nvtx
     public static Scope Range(string name)
     {
         if (!Enabled) return default;
-        var bytes = s_names.GetOrAdd(name, static n => Encoding.UTF8.GetBytes(n + "\0"));
-        fixed (byte* p = bytes) s_push(p);
+        var bytes = EncodedNames.GetOrAdd(name, static n => Encoding.UTF8.GetBytes(n + "\0"));
+        fixed (byte* p = bytes) PushRange(p);
         return new Scope(true);
     }
 
@@ -73,7 +73,7 @@ public static unsafe class Nvtx
         internal Scope(bool open) => _open = open;
         public void Dispose()
         {
-            if (_open) s_pop();
+            if (_open) PopRange();
         }
     }
 }

@@ -9,26 +9,26 @@ namespace NativePeft.Tests.Cuda;
 [NonParallelizable]
 public class CudaGpuTests
 {
-    private CudaGpu? gpu;
-    private string reason = "";
+    private CudaGpu? _gpu;
+    private string _reason = "";
 
     [OneTimeSetUp]
     public void OpenDevice()
     {
-        if (!CudaGpu.TryCreate(out gpu, out reason)) gpu = null;
-        if (gpu is null && NativePeft.Tests.Ops.TestGpus.CudaRequired)
-            Assert.Fail($"{NativePeft.Tests.Ops.TestGpus.RequireCudaVariable}=1 but the CUDA device is unavailable: {reason}");
+        if (!CudaGpu.TryCreate(out _gpu, out _reason)) _gpu = null;
+        if (_gpu is null && NativePeft.Tests.Ops.TestGpus.CudaRequired)
+            Assert.Fail($"{NativePeft.Tests.Ops.TestGpus.RequireCudaVariable}=1 but the CUDA device is unavailable: {_reason}");
     }
 
     [OneTimeTearDown]
-    public void CloseDevice() => gpu?.Dispose();
+    public void CloseDevice() => _gpu?.Dispose();
 
     private CudaGpu Gpu
     {
         get
         {
-            if (gpu is null) Assert.Ignore("no CUDA device: " + reason);
-            return gpu!;
+            if (_gpu is null) Assert.Ignore("no CUDA device: " + _reason);
+            return _gpu!;
         }
     }
 

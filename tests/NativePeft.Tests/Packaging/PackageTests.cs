@@ -27,7 +27,7 @@ public class PackageTests
     private string _version = "";
 
     /// <summary>The source checkout above the test assembly, or null (the self-contained GPU bundle has none).</summary>
-    private static string? RepoRoot()
+    internal static string? RepoRoot()
     {
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
             if (File.Exists(Path.Combine(dir.FullName, "NativePeft.sln"))) return dir.FullName;
@@ -223,7 +223,7 @@ public class PackageTests
             Assert.Ignore("restore needed the network (a package is missing from the local feed and the global packages folder):\n" + r);
     }
 
-    private static string? FindDotnet()
+    internal static string? FindDotnet()
     {
         foreach (var d in (Environment.GetEnvironmentVariable("PATH") ?? "").Split(Path.PathSeparator, StringSplitOptions.RemoveEmptyEntries))
         {
@@ -236,7 +236,7 @@ public class PackageTests
     private static CliProcess.Result Dotnet(string workingDirectory, params string[] args) => Run(FindDotnet()!, workingDirectory, args);
 
     /// <summary>Runs a program in a clean environment: no NATIVEPEFT_KERNELS (the packaged kernels must be found on their own), no MSBuild variables of a parent build.</summary>
-    private static CliProcess.Result Run(string exe, string workingDirectory, params string[] args)
+    internal static CliProcess.Result Run(string exe, string workingDirectory, params string[] args)
     {
         var psi = new ProcessStartInfo(exe)
         {

@@ -4,8 +4,9 @@ using Microsoft.Extensions.Logging.Abstractions;
 using NativePeft.IO;
 using NativePeft.Numerics;
 using NativePeft.Ops;
+using NativePeft.Quantization;
 
-namespace NativePeft.Quantization;
+namespace NativePeft.Conversion;
 
 /// <summary>What <see cref="CheckpointQuantizer"/> does to a checkpoint.</summary>
 public sealed record CheckpointQuantizeOptions
