@@ -18,7 +18,7 @@ public static class NcclLibrary
     internal const string Name = "nccl";
 
     private static readonly object Gate = new();
-    private static (IntPtr Handle, LibraryProbeReport Report)? _system;
+    private static (IntPtr Handle, LibraryProbeReport Report)? s_system;
 
     /// <summary>The candidates in the order tried on the machine <paramref name="env"/> describes.</summary>
     public static IReadOnlyList<LibraryCandidate> Candidates(ProbeEnvironment env)
@@ -74,7 +74,7 @@ public static class NcclLibrary
 
     private static (IntPtr Handle, LibraryProbeReport Report) LoadSystem()
     {
-        lock (Gate) return _system ??= Probe(ProbeEnvironment.System);
+        lock (Gate) return s_system ??= Probe(ProbeEnvironment.System);
     }
 }
 
