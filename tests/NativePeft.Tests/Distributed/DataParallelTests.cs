@@ -19,8 +19,9 @@ public class DataParallelTests
     /// Agreement with the 1-rank run. The only difference is the order of the fp32 gradient sums (one rank accumulates
     /// all K·N micro-batches in sequence, rescaling as it goes; N ranks each accumulate theirs, then the all-reduce sums
     /// the premultiplied rank sums) and of the fp64 loss sum. Measured on this model (4 steps, lr 1e-2, dropout 0.1,
-    /// CpuOps, 2 and 4 ranks, ZeRO-1, resumes): losses within 1.5e-8 relative, weights within 6e-8 absolute (a few fp32
-    /// ulps of weights ~0.1). The tolerances leave a margin of about 7× and 17×; a wrong premultiply, a lost bucket or a
+    /// TcpCommunicator and the test-only thread communicator, 2 and 4 ranks, ZeRO-1, resumes): losses within 1.7e-8
+    /// relative, weights within 6e-8 absolute (a few fp32
+    /// ulps of weights ~0.1). The tolerances leave a margin of about 6× and 17×; a wrong premultiply, a lost bucket or a
     /// micro-batch trained twice moves the losses by 1e-4 or more (seen while developing).
     /// </summary>
     private const double LossTolerance = 1e-7, WeightTolerance = 1e-6;
@@ -40,22 +41,18 @@ public class DataParallelTests
         ? LlamaModel.CreateRandom(TrainingKit.Config, ops, new LlamaModelOptions { FullFineTuning = true }, 3, 0.1)
         : TrainingKit.LoraModel(ops, dropout: 0.1);
 
-    /// <summary>Runs <paramref name="body"/> on <paramref name="n"/> threads (one per rank); rethrows the first rank's failure.</summary>
-    internal static T[] RunRanks<T>(int n, Func<ICommunicator, T> body, TimeSpan? timeout = null)
+    /// <summary>
+    /// Runs <paramref name="body"/> for <paramref name="n"/> ranks, each on its own thread with its own
+    /// <see cref="TcpCommunicator"/> (127.0.0.1, a free port); rethrows the ranks' failures.
+    /// </summary>
+    internal static T[] RunRanks<T>(int n, Func<ICommunicator, T> body, double timeoutSeconds = 30)
     {
-        var group = new ThreadCommunicator.Group(n, timeout);
-        var comms = group.Create();
-        var results = new T[n];
-        var errors = new Exception?[n];
-        var threads = Enumerable.Range(0, n).Select(r => new Thread(() =>
+        int port = CommTestRanks.FreePort();
+        return CommTestRanks.Run(n, r =>
         {
-            try { results[r] = body(comms[r]); }
-            catch (Exception e) { errors[r] = e; }
-        }, 16 << 20)).ToArray();
-        foreach (var t in threads) t.Start();
-        foreach (var t in threads) Assert.That(t.Join(TimeSpan.FromSeconds(120)), "a rank hung");
-        if (errors.FirstOrDefault(e => e is not null) is { } first) throw new AggregateException(errors.Where(e => e is not null)!);
-        return results;
+            using var comm = new TcpCommunicator(CommTestRanks.Options(r, n, port, timeoutSeconds));
+            return body(comm);
+        });
     }
 
     private static RankResult TrainRank(ICommunicator? comm, string outDir, int steps, int accum, bool full = false,
@@ -184,7 +181,7 @@ public class DataParallelTests
             }
             catch (Exception e) { errors[c.Rank] = e; }
             return 0;
-        }, TimeSpan.FromSeconds(60));
+        }, timeoutSeconds: 60);
         Assert.That(clock.Elapsed, Is.LessThan(TimeSpan.FromSeconds(30)), "bounded: the others do not wait for a timeout");
         Assert.That(errors[1], Is.TypeOf<IOException>());
         foreach (int r in new[] { 0, 2 })
