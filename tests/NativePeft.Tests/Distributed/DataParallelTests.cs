@@ -19,9 +19,8 @@ public class DataParallelTests
     /// Agreement with the 1-rank run. The only difference is the order of the fp32 gradient sums (one rank accumulates
     /// all K·N micro-batches in sequence, rescaling as it goes; N ranks each accumulate theirs, then the all-reduce sums
     /// the premultiplied rank sums) and of the fp64 loss sum. Measured on this model (4 steps, lr 1e-2, dropout 0.1,
-    /// TcpCommunicator and the test-only thread communicator, 2 and 4 ranks, ZeRO-1, resumes): losses within 1.7e-8
-    /// relative, weights within 6e-8 absolute (a few fp32
-    /// ulps of weights ~0.1). The tolerances leave a margin of about 6× and 17×; a wrong premultiply, a lost bucket or a
+    /// TcpCommunicator, 2 and 4 ranks, ZeRO-1, resumes): losses within 1.7e-8 relative, weights within 6e-8 absolute
+    /// (a few fp32 ulps of weights ~0.1). The tolerances leave a margin of about 6× and 17×; a wrong premultiply, a lost bucket or a
     /// micro-batch trained twice moves the losses by 1e-4 or more (seen while developing).
     /// </summary>
     private const double LossTolerance = 1e-7, WeightTolerance = 1e-6;
