@@ -283,8 +283,8 @@ public sealed class MemoryPlan
         PagedOptimizerStateBytes = shardPaged[largest];
         // Data-parallel: the flat buffers of the all-reduce buckets that group several gradients (GradientReducer); a
         // gradient of at least the bucket size is reduced in place. Bounded by the gradients smaller than a bucket.
-        long bucketed = o.WorldSize > 1 ? trainable.Where(n => n * 4 < o.GradientBucketBytes).Sum() : 0;
-        GradientBucketBufferBytes = bucketed > 0 ? Bytes(DType.F32, bucketed) : 0;
+        // (Each small gradient's bytes rounded up to the alignment: at least what the fewer, larger flat buffers take.)
+        GradientBucketBufferBytes = o.WorldSize > 1 ? trainable.Where(n => n * 4 < o.GradientBucketBytes).Sum(n => Bytes(DType.F32, n)) : 0;
         AllReduceBytes = o.WorldSize > 1 ? trainable.Sum(n => n * 4) : 0;
         OptimizerMapBytes = o.Device == PlanDevice.Gpu && eightBit && trainable.Any(n => n >= AdamWMath.Min8BitSize) ? Bytes(DType.F32, 512) : 0;
 
