@@ -8,7 +8,6 @@ using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Numerics;
 using NativePeft.Ops;
-using NativePeft.Optim;
 using NativePeft.Runtime;
 using Microsoft.Extensions.Logging;
 
