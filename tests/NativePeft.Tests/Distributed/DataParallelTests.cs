@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using Microsoft.Extensions.Logging;
 using NativePeft.Distributed;
 using NativePeft.Modules;
 using NativePeft.Ops;
@@ -188,5 +189,37 @@ public class DataParallelTests
             Assert.That(errors[r], Is.TypeOf<CommunicatorException>(), $"rank {r}");
             Assert.That(errors[r]!.Message, Does.Contain("rank 1: disk on fire"), $"rank {r}");
         }
+    }
+
+    private sealed class ListLogger : ILogger<Trainer>
+    {
+        public List<(LogLevel Level, string Text)> Messages { get; } = [];
+        public IDisposable? BeginScope<TState>(TState state) where TState : notnull => null;
+        public bool IsEnabled(LogLevel logLevel) => true;
+        public void Log<TState>(LogLevel logLevel, EventId eventId, TState state, Exception? exception, Func<TState, Exception?, string> formatter)
+        {
+            lock (Messages) Messages.Add((logLevel, formatter(state, exception)));
+        }
+    }
+
+    [Test]
+    public void OnlyRankZeroLogsStepsAndTheOthersPrefixTheirWarnings()
+    {
+        using var dir = CliProcess.TempDir();
+        var loggers = new[] { new ListLogger(), new ListLogger() };
+        RunRanks(2, c =>
+        {
+            using var ops = new CpuOps();
+            using var model = Model(ops, false);
+            // Lr 1e30 without clipping: a non-finite step on every rank at once, skipped (a warning on each rank).
+            using var trainer = new Trainer(model, Data(), Options(dir["out"], 3, 1) with { Lr = 1e30, MaxGradNorm = 0, WarmupSteps = 0, OnNonFinite = NonFinitePolicy.Skip },
+                loggers[c.Rank], communicator: c);
+            trainer.Train();
+            return trainer.SkippedSteps.ToArray();
+        });
+        Assert.That(loggers[0].Messages.Any(m => m.Level == LogLevel.Information && m.Text.StartsWith("step 1/3", StringComparison.Ordinal)), "rank 0 logs its steps");
+        Assert.That(loggers[1].Messages.Where(m => m.Level < LogLevel.Warning), Is.Empty, "rank 1 logs no information");
+        Assert.That(loggers[1].Messages, Is.Not.Empty);
+        Assert.That(loggers[1].Messages.Select(m => m.Text), Has.All.StartWith("rank 1: "));
     }
 }
