@@ -1,6 +1,7 @@
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using NativePeft.Data;
+using NativePeft.Distributed;
 using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Numerics;
@@ -34,6 +35,7 @@ public sealed partial class FineTune : IDisposable
     private readonly ILogger<Trainer> _logger;
     private readonly string? _tempOutput;
     private OutputLock? _outputLock;
+    private ICommunicator? _comm;
     private Trainer? _trainer;
     private bool _disposed;
 
@@ -107,6 +109,41 @@ public sealed partial class FineTune : IDisposable
     {
         ArgumentNullException.ThrowIfNull(o);
         ValidateOptions(o);
+        // Data-parallel: join the group first, so that a failure of any rank while setting up ends the others too.
+        var comm = CreateCommunicator(o);
+        try
+        {
+            var run = Create(o, logger, comm);
+            run._comm = comm;
+            return run;
+        }
+        catch (Exception e)
+        {
+            comm?.Abort(e.Message);
+            comm?.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// The communicator of <see cref="FineTuneOptions.Distributed"/>, or null for one process. The "cpu" backend
+    /// (<see cref="TcpCommunicator"/>) serves every device for now (CUDA tensors are staged through the host); "auto"
+    /// picks it until the NCCL communicator is in.
+    /// </summary>
+    private static ICommunicator? CreateCommunicator(FineTuneOptions o)
+    {
+        if (o.Distributed is not { IsDistributed: true } d) return null;
+        if (d.Backend == "nccl")
+            throw new FineTuneException(nameof(o.Distributed), "nccl: this build has no NCCL communicator yet; use Backend cpu (or auto)");
+        try { return new TcpCommunicator(d); }
+        catch (Exception e) when (e is ArgumentException or CommunicatorException or System.Net.Sockets.SocketException or IOException)
+        {
+            throw new FineTuneException(nameof(o.Distributed), $"rank {d.Rank} of {d.WorldSize} at {d.MasterAddr}:{d.MasterPort}: {e.Message}", e);
+        }
+    }
+
+    private static FineTune Create(FineTuneOptions o, ILogger<Trainer> logger, ICommunicator? comm)
+    {
         string modelDir = o.ModelDirectory;
         if (!Directory.Exists(modelDir)) throw new FineTuneException(nameof(o.Model), $"{modelDir}: folder not found");
         if (!File.Exists(Path.Combine(modelDir, LlamaConfig.FileName)))
@@ -117,7 +154,8 @@ public sealed partial class FineTune : IDisposable
         if (o.EvalData is not null && !File.Exists(o.EvalData)) throw new FineTuneException(nameof(o.EvalData), $"{o.EvalData}: file not found");
         if (o.OutputDir is not null && File.Exists(o.OutputDir)) throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: is a file");
         // Before the resume check: taking the lock restores a checkpoint that a run killed while replacing it left renamed.
-        var outputLock = LockOutput(o, logger);
+        // Data-parallel: rank 0 alone owns the output folder (it writes; the others only read a checkpoint to resume).
+        var outputLock = comm is null || comm.Rank == 0 ? LockOutput(o, logger) : null;
         if (o.ResumeFrom is not null && !File.Exists(Path.Combine(o.ResumeFrom, Trainer.StateFileName)))
         {
             outputLock?.Dispose();
@@ -140,14 +178,14 @@ public sealed partial class FineTune : IDisposable
             TruncationReport? truncation = data is { } loaded ? CheckTrainable(loaded.Data, o.SeqLen, logger, o.Data, o.EvalData) : null;
 
             var modelOptions = ModelOptions(o) with { EmbeddingOnHost = ResolveEmbeddingOnHost(o.Embedding, o.Method, ckpt.Config.TieWordEmbeddings, o.Device != "cpu") };
-            AsOption(() => session.OpenDevice(o.Device, o.DeviceMemory));
+            AsOption(() => session.OpenDevice(o.Device, o.DeviceMemory, o.Distributed?.LocalRank ?? 0));
             // The device memory pool, sized from the plan (and for the built-in task's greedy generation: B=1, prompt + answer);
             // before the first step, with the options that would fit, when the plan exceeds the free device memory
             // (or DeviceMemory) or the device refuses the pool.
             int generation = session.Gpu is null ? 0 : data?.Data.ExactMatchProblems?.Select(p => tokenizer.Encode(p.Prompt, tokenizer.BosId is not null).Length
                 + tokenizer.Encode(p.Answer, false).Length + 1).DefaultIfEmpty(0).Max() ?? 0;
             var plan = AsOption(() => session.PlanTraining(modelOptions with { Lora = o.Lora }, o.BatchSize, o.SeqLen, o.Optimizer,
-                generation > 0 ? [(1, generation)] : []));
+                generation > 0 ? [(1, generation)] : [], worldSize: o.Distributed?.WorldSize ?? 1));
             var model = AsOption(() => session.LoadModel(modelOptions));
 
             string? temp = o.OutputDir is null ? Directory.CreateTempSubdirectory("nativepeft-finetune-").FullName : null;
@@ -304,6 +342,17 @@ public sealed partial class FineTune : IDisposable
             foreach (var t in l.TargetModules)
                 if (!LoraSettings.KnownTargets.Contains(t))
                     throw new FineTuneException("TargetModules", $": unknown module \"{t}\"; known: {string.Join(", ", LoraSettings.KnownTargets)}");
+        }
+        if (o.Distributed is { } dist)
+        {
+            if (dist.WorldSize < 1) throw new FineTuneException(nameof(o.Distributed), $"WorldSize {dist.WorldSize}: must be at least 1");
+            if (dist.Rank < 0 || dist.Rank >= dist.WorldSize)
+                throw new FineTuneException(nameof(o.Distributed), $"Rank {dist.Rank}: must be in 0..{dist.WorldSize - 1} (WorldSize {dist.WorldSize})");
+            if (dist.LocalRank < 0) throw new FineTuneException(nameof(o.Distributed), $"LocalRank {dist.LocalRank}: must be >= 0");
+            if (dist.Backend is not ("auto" or "cpu" or "nccl"))
+                throw new FineTuneException(nameof(o.Distributed), $"Backend {dist.Backend}: expected auto, cpu or nccl");
+            if (dist.IsDistributed && o.OutputDir is null)
+                throw new FineTuneException(nameof(o.OutputDir), "null: the ranks of a data-parallel run need one shared output folder (rank 0 writes it)");
         }
     }
 
@@ -468,14 +517,25 @@ public sealed partial class FineTune : IDisposable
             SetData(data, 0, []);
         }
         var d = Data ?? throw new InvalidOperationException("no data: set FineTuneOptions.Data or pass the data to Train");
-        _trainer = new Trainer(_model, d, TrainerOptions, _logger, progress);
-        if (Options.ResumeFrom is not null)
+        try
         {
-            try { _trainer.Resume(Options.ResumeFrom); }
-            catch (Exception e) when (e is InvalidDataException or IOException or PeftAdapterException or ArgumentException or SafetensorsException)
+            _trainer = new Trainer(_model, d, TrainerOptions, _logger, progress, _comm);
+            if (Options.ResumeFrom is not null)
             {
-                throw new FineTuneException(nameof(Options.ResumeFrom), $"{Options.ResumeFrom}: {e.Message}", e);
+                try { _trainer.Resume(Options.ResumeFrom); }
+                catch (Exception e) when (e is InvalidDataException or IOException or PeftAdapterException or ArgumentException or SafetensorsException)
+                {
+                    throw new FineTuneException(nameof(Options.ResumeFrom), $"{Options.ResumeFrom}: {e.Message}", e);
+                }
             }
+        }
+        catch (Exception e)
+        {
+            // A rank that cannot start (a bad checkpoint, …) stops the others before their first collective waits for it.
+            _comm?.Abort(e.Message);
+            _trainer?.Dispose();
+            _trainer = null;
+            throw;
         }
         return _trainer;
     }
@@ -534,6 +594,7 @@ public sealed partial class FineTune : IDisposable
         _disposed = true;
         _trainer?.Dispose();
         _session.Dispose(); // the model, the ops (with the pool and the device), the checkpoint
+        _comm?.Dispose();
         _outputLock?.Dispose();
         if (_tempOutput is not null)
         {

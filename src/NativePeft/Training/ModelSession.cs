@@ -104,13 +104,13 @@ public sealed class ModelSession : IDisposable
     /// Opens <paramref name="device"/> ("cpu": none; "auto", "cuda" or "emulator": <see cref="GpuFactory"/>);
     /// <paramref name="deviceMemory"/> caps what the plan may take of it (null: its free memory).
     /// </summary>
-    public void OpenDevice(string device, long? deviceMemory = null) => Step(() =>
+    public void OpenDevice(string device, long? deviceMemory = null, int deviceOrdinal = 0) => Step(() =>
     {
         ArgumentNullException.ThrowIfNull(device);
         if (Gpu is not null || Ops is not null) throw new InvalidOperationException("the device is already open");
         _device = device;
         _deviceMemory = deviceMemory;
-        if (device != "cpu") Gpu = GpuFactory.TryCreate(device, out var reason) ?? throw new OptionException("Device", $"{device}: {reason}");
+        if (device != "cpu") Gpu = GpuFactory.TryCreate(device, out var reason, deviceOrdinal) ?? throw new OptionException("Device", $"{device}: {reason}");
     });
 
     /// <summary>
@@ -120,14 +120,14 @@ public sealed class ModelSession : IDisposable
     /// the refusal ("the run exceeds …").
     /// </summary>
     public MemoryPlan? PlanTraining(LlamaModelOptions model, int batch, int seq, string optimizer,
-        IReadOnlyList<(int Batch, int Seq)>? alsoFits = null, string what = "run") => Step(() =>
+        IReadOnlyList<(int Batch, int Seq)>? alsoFits = null, string what = "run", int worldSize = 1) => Step(() =>
     {
         ArgumentNullException.ThrowIfNull(model);
         CheckRank(model);
         if (Gpu is null) return null;
         var stored = model.FullFineTuning ? null : StoredQuantization();
         // The trainer computes the global norm every step (grad_norm), clipping or not.
-        var plan = DevicePlanning.Training(Config, model, batch, seq, optimizer, clipGradients: true, stored: stored);
+        var plan = DevicePlanning.Training(Config, model, batch, seq, optimizer, clipGradients: true, stored: stored, worldSize: worldSize);
         Pool = Fit(what, () => DevicePlanning.TrainingPool(Gpu, plan, _deviceMemory, alsoFits ?? []));
         TrainingPlan = plan;
         return plan;
