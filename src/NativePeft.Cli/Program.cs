@@ -29,7 +29,7 @@ public static class Program
             BenchCommand.Create(stdout),
             EvalCommand.Create(stdout),
             EstimateCommand.Create(stdout),
-            TrainCommand.Create(stdout),
+            TrainCommand.Create(stdout, stderr),
             CompareCommand.Create(stdout),
             MergeCommand.Create(stdout),
             PretrainCommand.Create(stdout),

@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Globalization;
 using Microsoft.Extensions.Logging.Abstractions;
 using NativePeft.Data;
+using NativePeft.Distributed;
 using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Runtime;
@@ -25,7 +26,7 @@ public static class TrainCommand
     public const int ExitDiverged = 3;
     public const int ExitInterrupted = 130;
 
-    public static Command Create(TextWriter stdout)
+    public static Command Create(TextWriter stdout, TextWriter? stderr = null)
     {
         var model = new Option<DirectoryInfo>("--model") { Description = "HF Llama checkpoint folder (config.json + safetensors; a tokenizer only for text data), or 'builtin' for the shipped model", Required = true };
         var data = new Option<string>("--data") { Description = "dataset file (pre-tokenized/text/alpaca/chat JSONL, .txt) or 'builtin' for the built-in task (upper: word -> WORD)", Required = true };
@@ -65,14 +66,29 @@ public static class TrainCommand
             DefaultValueFactory = _ => "stop",
         };
         onNonFinite.AcceptOnlyFromAmong("stop", "skip");
+        var nproc = new Option<int?>("--nproc")
+        {
+            Description = "data-parallel on this node: start N worker processes (one per GPU with --device cuda, CPU ranks with --device cpu) " +
+                          "that train the same run as one process with --grad-accum K×N; --batch and --grad-accum are per worker. " +
+                          "Workers started by torchrun or srun read RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT instead (docs/distributed.md)",
+        };
         var cmd = new Command("train", "Fine-tune a Llama checkpoint with LoRA, QLoRA or full fine-tuning")
         {
             model, data, evalData, method, rank, alpha, dropout, targets, rslora, lr, schedule, warmup, steps, epochs, batch, gradAccum,
             seq, pack, seed, optim, maxGradNorm, evalEvery, evalBatches, saveEvery, resume, device, precision, deviceMemory, recompute, embedding, output, onBadLine,
-            onNonFinite,
+            onNonFinite, nproc,
         };
         cmd.SetAction((parse, cancel) =>
         {
+            var env = DistributedEnvironment.ProcessEnvironment();
+            if (parse.GetValue(nproc) is int n)
+            {
+                Launcher.Check(n, parse.GetValue(device)!, env);
+                return Task.FromResult(Launcher.Run(n, Launcher.WorkerArguments(parse, nproc), stdout, stderr ?? Console.Error, cancel));
+            }
+            DistributedOptions? job;
+            try { job = DistributedEnvironment.Read(env); }
+            catch (DistributedEnvironmentException e) { throw new CliException($"{e.Message} (the data-parallel job's environment, docs/distributed.md)", 2, e); }
             var a = new Args(
                 ModelPath(parse, model), parse.GetValue(data)!, parse.GetValue(evalData)?.FullName, parse.GetValue(method)!,
                 parse.GetValue(rank), parse.GetValue(alpha), parse.GetValue(dropout), parse.GetValue(targets)!, parse.GetValue(rslora),
@@ -81,7 +97,7 @@ public static class TrainCommand
                 parse.GetValue(maxGradNorm), parse.GetValue(evalEvery), parse.GetValue(evalBatches), parse.GetValue(saveEvery),
                 parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Embedding = parse.GetValue(embedding)!, Pack = parse.GetValue(pack), Precision = parse.GetValue(precision)!, OnBadLine = ParseOnBadLine(parse.GetValue(onBadLine)!),
                 OnNonFinite = parse.GetValue(onNonFinite) == "skip" ? NonFinitePolicy.Skip : NonFinitePolicy.Stop,
-                Given = GivenOptions(parse, cmd), DeviceMemory = parse.GetValue(deviceMemory) };
+                Given = GivenOptions(parse, cmd), DeviceMemory = parse.GetValue(deviceMemory), Distributed = job };
             return Task.FromResult(Run(a, stdout, cancel));
         });
         return cmd;
@@ -165,10 +181,18 @@ public static class TrainCommand
         public string Precision { get; init; } = "auto";
         /// <summary>--device-memory: the run's limit of device memory (a size), null for the device's free memory.</summary>
         public string? DeviceMemory { get; init; }
+        /// <summary>This worker's place in a data-parallel job (<see cref="DistributedEnvironment"/>), null for one process.</summary>
+        public DistributedOptions? Distributed { get; init; }
     }
 
     public static int Run(Args a, TextWriter stdout, CancellationToken externalCancel = default)
     {
+        var job = a.Distributed;
+        if (job is not null)
+        {
+            Launcher.OnWorkerStart(job);
+            if (job.Rank > 0) stdout = TextWriter.Null; // rank 0 reports; the others' errors reach stderr
+        }
         // ---- the options on their own (choices checked here so that the message names the option)
         string[] methods = ["lora", "qlora", "full"], schedules = ["constant", "linear", "cosine"];
         if (!methods.Contains(a.Method)) throw new CliException($"--method {a.Method}: expected one of {string.Join(", ", methods)}");
@@ -244,7 +268,7 @@ public static class TrainCommand
             Steps = a.Steps, Epochs = a.Steps is null ? a.Epochs ?? 1 : null, BatchSize = a.Batch, GradAccum = a.GradAccum, SeqLen = a.Seq, Pack = a.Pack,
             Lr = a.Lr, Schedule = LrSchedule.Parse(a.Schedule), WarmupSteps = a.Warmup, MaxGradNorm = a.MaxGradNorm,
             EvalEvery = a.EvalEvery, EvalBatches = a.EvalBatches, SaveEvery = a.SaveEvery, Optimizer = a.Optim,
-            OutputDir = a.Out, ResumeFrom = a.Resume, OnNonFinite = a.OnNonFinite,
+            OutputDir = a.Out, ResumeFrom = a.Resume, OnNonFinite = a.OnNonFinite, Distributed = job,
             ExtraConfig = new Dictionary<string, string> { ["model"] = a.Model, ["data"] = a.Data, ["device"] = a.Device, ["method"] = a.Method },
         };
         using var run = Guard(() => FineTune.Create(options, new WarningLogger(stdout)));
@@ -259,6 +283,7 @@ public static class TrainCommand
         {
             stdout.WriteLine(StepLine(p));
             if (p.Eval is { } e) { stdout.WriteLine(EvalLine(e)); lastEvalShown = e.Step; }
+            if (job is not null) Launcher.AfterStep(job, p.Step);
         };
         var trainer = Guard(() => run.CreateTrainer(progress: new ActionProgress<TrainerProgress>(p => sink(p))));
         // Cadences longer than the run would never fire (the final evaluation happens anyway): refused, nothing written yet.
@@ -268,7 +293,8 @@ public static class TrainCommand
         ]);
 
         stdout.WriteLine($"train: {a.Method} on {a.Model} ({ckptConfig.NumHiddenLayers} layers, hidden {ckptConfig.HiddenSize}), {trainingData.Train.Count} examples, " +
-            $"{trainer.TotalSteps} steps of {a.GradAccum}×{a.Batch}×{a.Seq}{(a.Pack ? " packed" : "")}, {llama.TrainableParameters.Sum(p => p.Param.Count)} trainable parameters, {a.Device}");
+            $"{trainer.TotalSteps} steps of {a.GradAccum}×{a.Batch}×{a.Seq}{(a.Pack ? " packed" : "")}, {llama.TrainableParameters.Sum(p => p.Param.Count)} trainable parameters, {a.Device}" +
+            (job is { WorldSize: > 1 } ? $", {job.WorldSize} ranks (global batch {a.GradAccum}×{a.Batch}×{job.WorldSize} rows)" : ""));
         if (a.Resume is not null) stdout.WriteLine($"resumed at step {trainer.Step} from {a.Resume}");
 
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(externalCancel);
