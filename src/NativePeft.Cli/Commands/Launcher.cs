@@ -337,11 +337,24 @@ internal static class Launcher
         }
     }
 
-    /// <summary>Test-only (<see cref="FaultExitRankVariable"/>): fails this worker after its first optimizer step.</summary>
-    public static void AfterStep(DistributedOptions job, int step)
+    /// <summary>
+    /// Test-only (<see cref="FaultExitRankVariable"/>): when this worker's rank is the variable's, a thread watches
+    /// <paramref name="step"/> and, once the first optimizer step is done, prints an error and exits the process with
+    /// code 1 — a worker that dies mid-run (the other ranks learn it from their communicator; the launcher from the exit).
+    /// Only rank 0 reports progress in a data-parallel run, hence a thread rather than the progress callback.
+    /// </summary>
+    public static void InjectFault(DistributedOptions job, Func<int> step)
     {
-        if (step >= 1 && Environment.GetEnvironmentVariable(FaultExitRankVariable) is { } r
-            && int.TryParse(r, NumberStyles.None, CultureInfo.InvariantCulture, out int rank) && rank == job.Rank)
-            throw new CliException($"injected fault ({FaultExitRankVariable}={rank}, test-only): rank {rank} fails after step {step}");
+        if (Environment.GetEnvironmentVariable(FaultExitRankVariable) is not { } r
+            || !int.TryParse(r, NumberStyles.None, CultureInfo.InvariantCulture, out int rank) || rank != job.Rank) return;
+        var fault = new Thread(() =>
+        {
+            int done;
+            while ((done = step()) < 1) Thread.Sleep(20);
+            try { Console.Error.WriteLine($"error: injected fault ({FaultExitRankVariable}={rank}, test-only): rank {rank} fails after step {done}"); }
+            catch (IOException) { }
+            Environment.Exit(1);
+        }) { IsBackground = true, Name = "injected fault" };
+        fault.Start();
     }
 }

@@ -283,9 +283,9 @@ public static class TrainCommand
         {
             stdout.WriteLine(StepLine(p));
             if (p.Eval is { } e) { stdout.WriteLine(EvalLine(e)); lastEvalShown = e.Step; }
-            if (job is not null) Launcher.AfterStep(job, p.Step);
         };
         var trainer = Guard(() => run.CreateTrainer(progress: new ActionProgress<TrainerProgress>(p => sink(p))));
+        if (job is not null) Launcher.InjectFault(job, () => trainer.Step);
         // Cadences longer than the run would never fire (the final evaluation happens anyway): refused, nothing written yet.
         RefuseUnused(a.Given, [
             .. a.SaveEvery > trainer.TotalSteps ? [("--save-every", $"{a.SaveEvery} is more than the run's {trainer.TotalSteps} steps: no checkpoint would be written")] : Array.Empty<(string, string)>(),
