@@ -777,11 +777,21 @@ public sealed partial class LlamaModel : IDisposable
                 using (Nvtx.Range("recompute"))
                     BlockForward(l, a.Hidden[l], a.Hidden[l + 1], a.BlockFor(l), a);
             BlockBackward(l, a.Hidden[l], a.BlockFor(l), a);
+            GradientsReady?.Invoke(l);
         }
         if (EmbedTokensGrad is not null)
             using (Nvtx.Range("embedding"))
                 _ops.EmbeddingBackward(a.Ids, a.DRes, EmbedTokensGrad);
+        GradientsReady?.Invoke(-1);
     }
+
+    /// <summary>
+    /// Called by <see cref="Backward"/> as gradients become final: with layer index l (from the last layer down to 0)
+    /// once layer l's parameter gradients (its LoRA adapters, or its weights and norms with full fine-tuning) are
+    /// written, and with -1 at the end, when the rest (embedding, final norm, lm_head) are. Data-parallel training
+    /// starts reducing a layer's gradients there while the backward goes on (<see cref="Training.GradientReducer"/>).
+    /// </summary>
+    internal Action<int>? GradientsReady { get; set; }
 
     /// <summary>The last forward's logits [B·T, V] = final-norm output · lm_headᵀ into <paramref name="output"/> (tests, generation).</summary>
     public void Logits(Tensor output)

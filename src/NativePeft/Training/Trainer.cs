@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using NativePeft.Data;
+using NativePeft.Distributed;
 using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Numerics;
@@ -82,8 +83,18 @@ public sealed partial class Trainer : IDisposable
     public string OutputDir { get; }
     public string MetricsPath => Path.Combine(OutputDir, MetricsFileName);
 
+    /// <param name="model">The model to train (its own <see cref="IOps"/>).</param>
+    /// <param name="data">Training and evaluation data.</param>
+    /// <param name="options">The run's settings.</param>
+    /// <param name="logger">Where steps, evaluations and checkpoints are logged (rank 0 only in a data-parallel run).</param>
+    /// <param name="progress">Called after every step (rank 0 only in a data-parallel run).</param>
+    /// <param name="communicator">
+    /// Data-parallel training (docs/distributed.md): this rank's group. Every rank constructs its trainer with the same
+    /// model, data and options; a world of N ranks trains the run one rank would train with grad-accum K·N. Null or a
+    /// world of 1: one process (the plain code path).
+    /// </param>
     public Trainer(LlamaModel model, TrainingData data, TrainerOptions options, ILogger<Trainer>? logger = null,
-        IProgress<TrainerProgress>? progress = null)
+        IProgress<TrainerProgress>? progress = null, ICommunicator? communicator = null)
     {
         ArgumentNullException.ThrowIfNull(model);
         ArgumentNullException.ThrowIfNull(data);
@@ -102,6 +113,15 @@ public sealed partial class Trainer : IDisposable
         _logger = logger ?? (ILogger)NullLogger.Instance;
         _progress = progress;
         _full = model.Options.FullFineTuning;
+        if (communicator is { WorldSize: > 1 })
+        {
+            _comm = communicator;
+            if (_comm.Rank != 0)
+            {
+                _logger = new RankLogger(_logger, _comm.Rank);
+                _progress = null;
+            }
+        }
         OutputDir = Path.GetFullPath(options.OutputDir);
         _batcher = Batcher.For(data.Train, new BatcherOptions
         {
@@ -110,6 +130,7 @@ public sealed partial class Trainer : IDisposable
         }, data.Tokenizer);
         TotalSteps = options.Steps ?? StepsForEpochs(options.Epochs!.Value);
         _optimizer = OptimizerFactory.Create(options.Optimizer, model.Ops, new AdamWOptions { Lr = options.Lr, WeightDecay = options.WeightDecay });
+        if (_comm is not null) InitDistributed();
     }
 
     private int StepsForEpochs(double epochs)
@@ -123,7 +144,7 @@ public sealed partial class Trainer : IDisposable
             batches = 0;
             for (int seen = 0; seen < _data.Train.Count; batches++) seen += probe.Next().Examples;
         }
-        return Math.Max(1, (int)Math.Ceiling(epochs * batches / Options.GradAccum));
+        return Math.Max(1, (int)Math.Ceiling(epochs * batches / GlobalGradAccum));
     }
 
     /// <summary>The learning rate of update number <paramref name="step"/> (1-based).</summary>
@@ -141,8 +162,23 @@ public sealed partial class Trainer : IDisposable
     public TrainResult Train(CancellationToken cancellationToken = default)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
+        if (_comm is null) return TrainLoop(cancellationToken);
+        try
+        {
+            return TrainLoop(cancellationToken);
+        }
+        catch (Exception e) when (e is not TrainingDivergedException)
+        {
+            // Every rank stops: the others' pending and next collectives end with this rank's message.
+            _comm.Abort(e.Message);
+            throw;
+        }
+    }
+
+    private TrainResult TrainLoop(CancellationToken cancellationToken)
+    {
         // An output folder that cannot be written fails now, not after the last step.
-        OutputFolder.CheckWritable(OutputDir);
+        if (IsRoot) OutputFolder.CheckWritable(OutputDir);
         var ops = _model.Ops;
         var clock = Stopwatch.StartNew();
         double secondsAtStart = _secondsTrained;
@@ -150,7 +186,7 @@ public sealed partial class Trainer : IDisposable
         _model.Dropout.Training = true;
         while (_step < TotalSteps)
         {
-            if (cancellationToken.IsCancellationRequested)
+            if (Cancelled(cancellationToken))
             {
                 string? ckpt = _lastSavedStep == _step ? LastCheckpoint : SaveCheckpoint();
                 WriteMetrics();
@@ -181,6 +217,7 @@ public sealed partial class Trainer : IDisposable
     /// <summary>One optimizer step (forward/backward over K micro-batches, norm, clip, update); returns its metrics.</summary>
     private StepMetrics TrainStep()
     {
+        if (_comm is not null) return DistributedTrainStep();
         var ops = _model.Ops;
         var clock = Stopwatch.StartNew();
         using var range = Nvtx.Range("train step");
@@ -228,7 +265,16 @@ public sealed partial class Trainer : IDisposable
         double stepLoss = weightedLoss / labelled;
         if (!double.IsFinite(stepLoss))
             return SkipStep(stepNumber, "the loss", NonFinite(stepNumber, "the loss", stepLoss).Value, lr, tokens, clock);
-        double gradScale = (double)previousCount / labelled;
+        return Update(stepNumber, stepLoss, (double)previousCount / labelled, grads, lr, tokens, clock);
+    }
+
+    /// <summary>
+    /// The end of a step whose gradients are accumulated (times <paramref name="gradScale"/> they are the step's mean
+    /// gradient): the global norm, clipping, the optimizer update, the metrics.
+    /// </summary>
+    private StepMetrics Update(int stepNumber, double stepLoss, double gradScale, List<Tensor> grads, double lr, long tokens, Stopwatch clock)
+    {
+        var ops = _model.Ops;
         double gradNorm;
         using (Nvtx.Range("gradient norm")) gradNorm = GradientClipping.GlobalNorm(ops, grads) * gradScale;
         if (!double.IsFinite(gradNorm))
@@ -236,7 +282,8 @@ public sealed partial class Trainer : IDisposable
         double clip = Options.MaxGradNorm > 0 ? GradientClipping.ClipCoefficient(gradNorm, Options.MaxGradNorm) : 1.0;
         using (Nvtx.Range("optimizer step"))
         {
-            _optimizer.Step(_model.TrainableParameters, lr, gradScale * clip);
+            if (_owned is null) _optimizer.Step(_model.TrainableParameters, lr, gradScale * clip);
+            else StepShard(lr, gradScale * clip);
             _model.RefreshWorkingWeights();
         }
         _step = stepNumber;
@@ -400,7 +447,9 @@ public sealed partial class Trainer : IDisposable
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         string final = Path.Combine(OutputDir, CheckpointPrefix + _step.ToString(CultureInfo.InvariantCulture));
-        SaveFolder(final, temp =>
+        // Data-parallel: ZeRO-1's optimizer shards are gathered to rank 0 (a collective), rank 0 writes, the others wait.
+        var optimizerState = OptimizerStateForCheckpoint();
+        if (IsRoot) SaveFolder(final, temp =>
         {
             if (_full)
             {
@@ -408,13 +457,14 @@ public sealed partial class Trainer : IDisposable
                 SafetensorsWriter.Write(Path.Combine(temp, FullModelFileName), TrainableTensors(), new Dictionary<string, string> { ["format"] = "pt" });
             }
             else PeftAdapter.Save(temp, _model, Options.BaseModelNameOrPath);
-            SafetensorsWriter.Write(Path.Combine(temp, OptimizerFileName), _optimizer.SaveState(),
+            SafetensorsWriter.Write(Path.Combine(temp, OptimizerFileName), optimizerState!,
                 new Dictionary<string, string> { ["optimizer"] = _optimizer.Name });
             OutputFolder.WriteAllTextAtomic(Path.Combine(temp, StateFileName), TrainerStateJson.Write(this));
         });
         LastCheckpoint = final;
         _lastSavedStep = _step;
         WriteMetrics();
+        _comm?.Barrier();
         LogSaved(_logger, _step, final);
         return final;
     }
@@ -481,7 +531,8 @@ public sealed partial class Trainer : IDisposable
                 if (Finite.FirstBad(values) is long bad and >= 0)
                     throw new InvalidDataException($"{optPath}: {t.Name}: {Finite.Describe(bad, values[(int)bad])}: the optimizer state is not finite");
             }
-            _optimizer.LoadState(file.Tensors.Select(t => new SafetensorsTensor(t.Name, t.DType, t.Shape, file.GetMemory(t.Name))).ToList());
+            _optimizer.LoadState(file.Tensors.Where(t => KeepsStateOf(t.Name))
+                .Select(t => new SafetensorsTensor(t.Name, t.DType, t.Shape, file.GetMemory(t.Name))).ToList());
         }
 
         _batcher.Restore(state.Data);
@@ -507,7 +558,8 @@ public sealed partial class Trainer : IDisposable
     /// (<see cref="TrainerStateJson.Settings"/>: base model identity, method, seed, schedule, batch shape, optimizer,
     /// LoRA shape, training data …) must equal this run's; the message names each one that differs, old → new. A
     /// checkpoint written before the settings were recorded is checked on what it has (method, lr, schedule, warmup,
-    /// optimizer) and resumed with a warning that the rest could not be checked.
+    /// optimizer) and resumed with a warning that the rest could not be checked. Batch and grad-accum are compared as
+    /// the global batch (<see cref="GlobalBatchChange"/>), so a data-parallel checkpoint resumes on another number of ranks.
     /// </summary>
     private void CheckSameRun(TrainerState state, string statePath)
     {
@@ -516,8 +568,10 @@ public sealed partial class Trainer : IDisposable
         if (state.Settings is { } saved)
         {
             var current = TrainerStateJson.Settings(this).ToDictionary(x => x.Name, x => TrainerStateJson.SettingText(x.Value));
+            if (GlobalBatchChange(state, saved) is { } batchChange) changed.Add(batchChange);
             foreach (var (name, value) in current)
             {
+                if (name is "batch" or "grad_accum") continue; // compared as the global batch, above
                 if (!saved.TryGetValue(name, out var old)) changed.Add($"{name} (not recorded) -> {TrainerStateJson.SettingDisplay(value)}");
                 else if (old != value) changed.Add($"{name} {TrainerStateJson.SettingDisplay(old)} -> {TrainerStateJson.SettingDisplay(value)}");
             }
@@ -543,6 +597,7 @@ public sealed partial class Trainer : IDisposable
     /// <summary>Writes metrics.json atomically: {"steps": [...], "eval": [...], "config": {...}}.</summary>
     public void WriteMetrics()
     {
+        if (!IsRoot) return; // data-parallel: rank 0 writes
         try
         {
             Directory.CreateDirectory(OutputDir);
@@ -584,7 +639,7 @@ public sealed partial class Trainer : IDisposable
     {
         string name = _full ? "model" : "adapter";
         string final = Path.Combine(OutputDir, name);
-        SaveFolder(final, temp =>
+        if (IsRoot) SaveFolder(final, temp =>
         {
             if (_full)
             {
@@ -599,6 +654,7 @@ public sealed partial class Trainer : IDisposable
             }
             else PeftAdapter.Save(temp, _model, Options.BaseModelNameOrPath);
         });
+        _comm?.Barrier();
         return final;
     }
 
@@ -614,6 +670,7 @@ public sealed partial class Trainer : IDisposable
     {
         if (_disposed) return;
         _disposed = true;
+        _reducer?.Dispose();
         _optimizer.Dispose();
     }
 

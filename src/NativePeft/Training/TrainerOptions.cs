@@ -104,6 +104,11 @@ public sealed record TrainerOptions
     public NonFinitePolicy OnNonFinite { get; init; } = NonFinitePolicy.Stop;
     /// <summary>With <see cref="NonFinitePolicy.Skip"/>: this many consecutive skipped steps stop training.</summary>
     public int MaxConsecutiveSkips { get; init; } = 10;
+    /// <summary>
+    /// Data-parallel training: the size of a gradient all-reduce bucket (docs/distributed.md). Buckets are reduced while
+    /// the backward goes on; fewer, larger ones cost fewer collectives, smaller ones start earlier. Default 25 MiB.
+    /// </summary>
+    public long GradientBucketBytes { get; init; } = 25L << 20;
     /// <summary>Where checkpoints, metrics.json and the final adapter (or model) go.</summary>
     public required string OutputDir { get; init; }
     /// <summary>base_model_name_or_path written into adapter_config.json.</summary>
@@ -128,6 +133,7 @@ public sealed record TrainerOptions
         if (ExactMatchSamples < 0) throw new ArgumentOutOfRangeException(nameof(ExactMatchSamples), ExactMatchSamples, "must be >= 0");
         if (SaveEvery < 0) throw new ArgumentOutOfRangeException(nameof(SaveEvery), SaveEvery, "save-every must be >= 0");
         if (!Enum.IsDefined(OnNonFinite)) throw new ArgumentOutOfRangeException(nameof(OnNonFinite), OnNonFinite, "expected Stop or Skip");
+        if (GradientBucketBytes <= 0) throw new ArgumentOutOfRangeException(nameof(GradientBucketBytes), GradientBucketBytes, "the gradient bucket size must be positive");
         if (MaxConsecutiveSkips < 1) throw new ArgumentOutOfRangeException(nameof(MaxConsecutiveSkips), MaxConsecutiveSkips, "must be at least 1");
         if (!Optim.OptimizerFactory.Names.Contains(Optimizer?.ToLowerInvariant()))
             throw new ArgumentException($"unknown optimizer '{Optimizer}': expected one of {string.Join(", ", Optim.OptimizerFactory.Names)}", nameof(Optimizer));

@@ -23,6 +23,8 @@ internal sealed record TrainerState(int Step, int TotalSteps, bool FullFineTunin
     /// <summary>Every setting that changes the trajectory (<see cref="TrainerStateJson.Settings"/>), as canonical JSON
     /// text by name; null for a checkpoint written before they were recorded.</summary>
     public IReadOnlyDictionary<string, string>? Settings { get; init; }
+    /// <summary>Ranks of the data-parallel run that wrote it (1 for a checkpoint written before it was recorded).</summary>
+    public int WorldSize { get; init; } = 1;
 }
 
 /// <summary>
@@ -46,7 +48,9 @@ internal static class TrainerStateJson
             w.WriteString("optimizer", t.Optimizer.Name);
             w.WriteNumber("seed", t.Options.Seed);
             w.WriteNumber("dropout_seed", t.Model.Dropout.Seed);
-            w.WriteNumber("next_dropout_step", (long)t.Step * t.Options.GradAccum);
+            w.WriteNumber("next_dropout_step", (long)t.Step * t.GlobalGradAccum);
+            w.WriteNumber("world_size", t.WorldSize);
+            w.WriteNumber("global_batch", (long)t.Options.BatchSize * t.GlobalGradAccum);
             w.WritePropertyName("data_position");
             var p = t.Batcher.Position;
             w.WriteStartObject();
@@ -266,6 +270,7 @@ internal static class TrainerStateJson
                 WarmupSteps = warmup,
                 SkippedSteps = skipped,
                 Settings = settings,
+                WorldSize = r.TryGetProperty("world_size", out _) ? f.Int(r, "world_size", min: 1) : 1,
             };
         }
     }
@@ -363,6 +368,8 @@ internal static class TrainerStateJson
         if (o.Epochs is double e) w.WriteNumber("epochs", e);
         w.WriteNumber("batch", o.BatchSize);
         w.WriteNumber("grad_accum", o.GradAccum);
+        w.WriteNumber("world_size", t.WorldSize);
+        w.WriteNumber("global_batch", (long)o.BatchSize * t.GlobalGradAccum);
         w.WriteNumber("seq", o.SeqLen);
         w.WriteString("batch_mode", o.BatchMode.ToString().ToLowerInvariant());
         w.WriteNumber("lr", o.Lr);
