@@ -68,6 +68,13 @@ public static class Program
             stderr.WriteLine("error: " + e.Message);
             return 1;
         }
+        catch (NativePeft.Distributed.CommunicatorException e)
+        {
+            // A data-parallel job that another rank ended (its failure, abort, death) or a rendezvous that timed out:
+            // the message names the rank and the collective; the launcher reports which rank failed first.
+            stderr.WriteLine("error: " + e.Message);
+            return 1;
+        }
         catch (Exception e) when (e is CudaException or CublasException or EmulatorException or OutOfMemoryException)
         {
             // A device failure mid-run (out of memory after the plan check, a failing cuBLAS call, a kernel fault):

@@ -256,7 +256,7 @@ public static class TrainCommand
         // --resume is checked by FineTune.Create once it holds --out: taking the lock restores a checkpoint that a killed
         // run left renamed (OutputFolder.Recover).
         if (File.Exists(a.Out)) throw new CliException($"--out {a.Out}: is a file");
-        if (a.Resume is null && OutputFolder.HasContent(a.Out))
+        if (a.Resume is null && job is not { Rank: > 0 } && OutputFolder.HasContent(a.Out)) // rank 0 alone owns --out
             throw new CliException($"--out {a.Out}: the folder exists and is not empty (choose a new one, or --resume a checkpoint)");
 
         var options = new FineTuneOptions
@@ -294,7 +294,9 @@ public static class TrainCommand
 
         stdout.WriteLine($"train: {a.Method} on {a.Model} ({ckptConfig.NumHiddenLayers} layers, hidden {ckptConfig.HiddenSize}), {trainingData.Train.Count} examples, " +
             $"{trainer.TotalSteps} steps of {a.GradAccum}×{a.Batch}×{a.Seq}{(a.Pack ? " packed" : "")}, {llama.TrainableParameters.Sum(p => p.Param.Count)} trainable parameters, {a.Device}" +
-            (job is { WorldSize: > 1 } ? $", {job.WorldSize} ranks (global batch {a.GradAccum}×{a.Batch}×{job.WorldSize} rows)" : ""));
+            (job is null ? "" : job.WorldSize == 1 ? ", a job of 1 rank (trains as one process)"
+                : $", {job.WorldSize} ranks (global batch {a.GradAccum}×{a.Batch}×{job.WorldSize} rows)" +
+                  (trainer.AllReduceBytes > 0 ? $", all-reduce {Output.Bytes(trainer.AllReduceBytes)} per step" : "")));
         if (a.Resume is not null) stdout.WriteLine($"resumed at step {trainer.Step} from {a.Resume}");
 
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(externalCancel);

@@ -172,6 +172,7 @@ public class LaunchCliTests
         Assert.That(launch.Stderr, Does.Contain("error: rank 1 exited with code 1"), launch.ToString());
         Assert.That(launch.Stderr, Does.Contain("[rank 1] error: injected fault (NATIVEPEFT_FAULT_EXIT_RANK=1, test-only): rank 1 fails after step"), launch.ToString());
         Assert.That(launch.Stdout, Does.Contain("step 1/500"), "rank 0's output passes through\n" + launch);
+        Assert.That(launch.Stderr, Does.Not.Contain("   at "), "every rank's error is one line, no stack trace\n" + launch);
         Assert.That(launch.Stdout, Does.Not.Contain("wrote "), "the job did not finish\n" + launch);
         AssertNoOrphans(WorkerPids(dir["pids"], 2), launch);
     }
@@ -196,23 +197,26 @@ public class LaunchCliTests
     }
 
     /// <summary>
-    /// The relative tolerance of the 2-rank run against the 1-process run with twice the accumulation: the loopback
-    /// transport sums the two ranks' premultiplied gradients in rank order, the one process accumulates the same two
-    /// micro-batches and scales once, so the gradients differ by float32 rounding only; three AdamW steps keep that
-    /// within a few ulps of the weights (docs/distributed.md, "Data-parallel training").
+    /// The 2-rank run against the 1-process run with twice the accumulation: the loopback transport sums the two ranks'
+    /// premultiplied gradients in rank order where the one process accumulates and scales once, so they differ by fp32
+    /// rounding only. The tolerances are DataParallelTests' (weights within 1e-6 absolute, losses 1e-7 relative); this
+    /// run measured 1.3e-7 at most (a lora_B element of a 4e-4 tensor; AdamW's first steps move every element by about
+    /// lr whatever its gradient's size, so rounding shows relative to the small B, not to lr).
     /// </summary>
-    private const double AdapterTolerance = 1e-4;
+    private const double WeightTolerance = 1e-6, LossTolerance = 1e-7;
 
     [Test]
     public void TwoWorkersTrainTheOneProcessRunWithTwiceTheAccumulation()
     {
         using var dir = CliProcess.TempDir();
         string[] common = ["train", "--device", "cpu", "--model", "builtin", "--data", "builtin", "--steps", "3", "--batch", "2", "--seq", "32", "--seed", "5"];
-        var two = CliProcess.RunWith(Env(), [.. common, "--nproc", "2", "--out", dir["two"]]);
+        // --nproc from a --config file: the workers get the expanded options less --nproc (no launcher of launchers)
+        File.WriteAllText(dir["job.yaml"], "nproc: 2\n");
+        var two = CliProcess.RunWith(Env(), [.. common, "--config", dir["job.yaml"], "--out", dir["two"]]);
         Assert.That(two.ExitCode, Is.EqualTo(0), two.ToString());
         var one = CliProcess.RunWith(Env(), [.. common, "--grad-accum", "2", "--out", dir["one"]]);
         Assert.That(one.ExitCode, Is.EqualTo(0), one.ToString());
-        Assert.That(two.Stdout, Does.Contain("2 ranks (global batch 1×2×2 rows)"), two.ToString());
+        Assert.That(two.Stdout, Does.Contain("2 ranks (global batch 1×2×2 rows), all-reduce 584.0 KiB per step"), "149504 fp32 gradients\n" + two);
         Assert.That(two.Stderr, Does.Not.Contain("[rank 1]"), "rank 1 says nothing when all is well\n" + two);
         Assert.That(Regex.Matches(two.Stdout, @"^step \d+/3 ", RegexOptions.Multiline), Has.Count.EqualTo(3), "rank 0's step lines, once each\n" + two);
 
@@ -226,10 +230,10 @@ public class LaunchCliTests
             var y = b.GetSpan<float>(t.Name);
             float scale = 0, diff = 0;
             for (int i = 0; i < x.Length; i++) { scale = Math.Max(scale, Math.Abs(x[i])); diff = Math.Max(diff, Math.Abs(x[i] - y[i])); }
-            Assert.That(diff, Is.LessThanOrEqualTo(AdapterTolerance * scale), $"{t.Name}: max |one - two| {diff:e3} of max |one| {scale:e3}");
+            Assert.That(diff, Is.LessThanOrEqualTo(WeightTolerance), $"{t.Name}: max |one - two| {diff:e3} (max |one| {scale:e3})");
         }
         double[] Losses(string run) => JsonDocument.Parse(File.ReadAllText(Path.Combine(dir[run], "metrics.json"))).RootElement
             .GetProperty("steps").EnumerateArray().Select(s => s.GetProperty("loss").GetDouble()).ToArray();
-        Assert.That(Losses("two"), Is.EqualTo(Losses("one")).Within(1e-5).Percent, "the same loss at every step");
+        Assert.That(Losses("two"), Is.EqualTo(Losses("one")).Within(LossTolerance * 100).Percent, "the same loss at every step");
     }
 }
