@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Runtime.InteropServices;
 using System.Text;
 using System.Text.Json;
 using System.Text.RegularExpressions;
@@ -193,6 +194,35 @@ public class LaunchCliTests
         Assert.That(killed.Elapsed, Is.LessThan(TimeSpan.FromSeconds(60)), launch.ToString());
         Assert.That(rc, Is.Not.EqualTo(0), launch.ToString());
         Assert.That(launch.Stderr, Does.Contain("error: rank 1 exited with code 137 (killed by signal 9, SIGKILL)"), launch.ToString());
+        AssertNoOrphans(pids, launch);
+    }
+
+    [DllImport("libc", EntryPoint = "kill", SetLastError = true)]
+    private static extern int SysKill(int pid, int signal);
+
+    /// <summary>True when <paramref name="pid"/> ignores SIGINT (started in the background by a non-interactive shell).</summary>
+    private static bool IgnoresSigint(int pid) =>
+        File.ReadLines($"/proc/{pid}/status").FirstOrDefault(l => l.StartsWith("SigIgn:", StringComparison.Ordinal)) is { } line
+        && (Convert.ToUInt64(line["SigIgn:".Length..].Trim(), 16) & (1UL << (2 - 1))) != 0;
+
+    [Test]
+    public void CtrlCStopsEveryWorkerWhichSavesACheckpoint()
+    {
+        if (OperatingSystem.IsWindows()) Assert.Ignore("SIGINT is a POSIX signal");
+        using var dir = CliProcess.TempDir();
+        Directory.CreateDirectory(dir["pids"]);
+        using var launch = new Launch(Env(("NATIVEPEFT_WORKER_PID_DIR", dir["pids"])), LongRun(dir["out"]));
+        WaitFor(() => launch.Stdout.Contains("step 2/500") || launch.Process.HasExited, TimeSpan.FromSeconds(90), () => "rank 0's second step\n" + launch);
+        Assert.That(launch.Process.HasExited, Is.False, launch.ToString());
+        if (IgnoresSigint(launch.Process.Id)) Assert.Ignore("SIGINT is ignored in this process tree (a background job of a shell), as it would be for a user");
+        var pids = WorkerPids(dir["pids"], 2);
+        Assert.That(SysKill(launch.Process.Id, 2), Is.EqualTo(0), "kill -INT");
+        int rc = launch.Wait(TimeSpan.FromSeconds(60));
+        Assert.That(rc, Is.EqualTo(130), launch.ToString());
+        var saved = Regex.Match(launch.Stdout, @"interrupted after step (\d+): saved ([^;\s]+)");
+        Assert.That(saved.Success, Is.True, "rank 0 saved a checkpoint\n" + launch);
+        Assert.That(Directory.Exists(saved.Groups[2].Value), Is.True, launch.ToString());
+        Assert.That(launch.Stderr, Does.Not.Contain("exited with code"), "an interrupt is not a failure\n" + launch);
         AssertNoOrphans(pids, launch);
     }
 
