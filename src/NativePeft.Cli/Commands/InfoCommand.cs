@@ -1,4 +1,5 @@
 using System.CommandLine;
+using NativePeft.Distributed;
 using NativePeft.Ops;
 using NativePeft.Runtime;
 using Spectre.Console;
@@ -6,8 +7,8 @@ using Spectre.Console;
 namespace NativePeft.Cli.Commands;
 
 /// <summary>
-/// `nativepeft info`: devices, why CUDA is unavailable if it is, the kernel files, the BLAS, cuBLAS, and below the
-/// table where the CUDA driver and cuBLAS were looked for, in order: what loaded, what was there but failed to load
+/// `nativepeft info`: devices, why CUDA is unavailable if it is, the kernel files, the BLAS, cuBLAS, NCCL, and below
+/// the table where the CUDA driver, cuBLAS and NCCL were looked for, in order: what loaded, what was there but failed to load
 /// (with the loader's message), and the folders that did not have them.
 /// </summary>
 public static class InfoCommand
@@ -56,6 +57,10 @@ public static class InfoCommand
             table.AddRow("cuBLAS", cublas.Loaded is not null
                 ? Markup.Escape(cublas.Summary + (CudaLibraries.CublasVersion() is { } v ? $", version {v}" : ""))
                 : "[yellow]unavailable[/]: " + Markup.Escape(cublas.Summary));
+            var nccl = NcclLibrary.Report();
+            table.AddRow("NCCL", nccl.Loaded is not null
+                ? Markup.Escape(nccl.Summary + (NcclLibrary.Version() is { } ncclVersion ? $", version {ncclVersion}" : ""))
+                : "[yellow]unavailable[/] (the nccl backend of distributed training; the cpu backend works without it): " + Markup.Escape(nccl.Summary));
             table.AddRow("NVTX ranges", Markup.Escape(Nvtx.Status));
             table.AddRow("BLAS", HostBlas.IsAvailable ? Markup.Escape(HostBlas.Description) : "[yellow]unavailable[/]: " + Markup.Escape(HostBlas.Description));
             table.AddRow(".NET", Markup.Escape($"{Environment.Version}, {System.Runtime.InteropServices.RuntimeInformation.RuntimeIdentifier}, {Environment.ProcessorCount} cores"));
@@ -63,7 +68,7 @@ public static class InfoCommand
 
             // Where the libraries were looked for, plain lines (paths and the loader's messages are not cut by the table).
             stdout.WriteLine("library search, in order:");
-            foreach (var (name, report) in new[] { ("CUDA driver", CudaLibraries.Driver()), ("cuBLAS", cublas) })
+            foreach (var (name, report) in new[] { ("CUDA driver", CudaLibraries.Driver()), ("cuBLAS", cublas), ("NCCL", nccl) })
                 foreach (var line in report.Lines()) stdout.WriteLine($"  {name}: {line}");
             return 0;
         });

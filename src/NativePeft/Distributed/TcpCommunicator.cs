@@ -122,7 +122,7 @@ public sealed class TcpCommunicator : ICommunicator
 
     /// <summary>
     /// As the public constructor; <paramref name="bindAnyAddress"/> lets rank 0 listen on every interface and the
-    /// others connect to a non-loopback MASTER_ADDR: ONLY for the bootstrap of the NCCL communicator, whose
+    /// others connect to a non-loopback MASTER_ADDR: ONLY for the bootstrap of <see cref="NcclCommunicator"/>, whose
     /// host collectives must reach other machines. <paramref name="jobCheck"/> must be equal on every rank (a process
     /// of another job that connects to the same port is refused).
     /// </summary>
@@ -159,6 +159,12 @@ public sealed class TcpCommunicator : ICommunicator
 
     /// <summary>Rank 0's listening socket's local address during the rendezvous (null on other ranks and for world 1).</summary>
     internal IPEndPoint? ListenEndPoint { get; private set; }
+
+    /// <summary>Why the group failed (an abort, a rank that ended, a timeout), or null while it works.</summary>
+    internal string? FailureMessage
+    {
+        get { lock (_failLock) return _failure; }
+    }
 
     /// <summary>Whether this communicator was made to accept non-loopback connections (NCCL bootstrap only).</summary>
     internal bool BindsAnyAddress { get; }
@@ -198,8 +204,8 @@ public sealed class TcpCommunicator : ICommunicator
         {
             var result = Exchange(call, MemoryMarshal.AsBytes(copy.AsSpan()).ToArray(), 1.0, contributes: true, (parts, _) =>
             {
-                var total = new double[copy.Length];
-                foreach (var part in parts)
+                var total = MemoryMarshal.Cast<byte, double>(parts[0].AsSpan()).ToArray();
+                foreach (var part in parts.Skip(1))
                 {
                     var x = MemoryMarshal.Cast<byte, double>(part.AsSpan());
                     for (int i = 0; i < total.Length; i++) total[i] += x[i];
@@ -232,8 +238,13 @@ public sealed class TcpCommunicator : ICommunicator
     // ---------------------------------------------------------------------------------------------------------------
     // Requests: one worker thread runs them in order.
 
+    /// <summary>The most bytes one collective moves (a frame's payload length is 32-bit).</summary>
+    internal const long MaxPayloadBytes = int.MaxValue - HeaderBytes;
+
     private ICommRequest Enqueue(IOps ops, Tensor t, Func<Call, byte[], byte[]> collective, Op op, int root)
     {
+        if (t.Bytes > MaxPayloadBytes)
+            throw new ArgumentException($"{t} has {t.Bytes} bytes; the cpu communicator moves at most {MaxPayloadBytes} bytes per collective: split it", nameof(t));
         bool inPlace = HostReduction.IsHostAddressable(ops);
         if (inPlace) ops.Device?.Synchronize();
         byte[]? staged = inPlace ? null : HostReduction.Download(ops, t);

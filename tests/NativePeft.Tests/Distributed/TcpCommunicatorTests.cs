@@ -412,6 +412,32 @@ public class TcpCommunicatorTests
         finally { DisposeAll(comms); }
     }
 
+    [Test]
+    public void OnlyTheNcclBootstrapListensOnEveryInterfaceAndItIsAnotherJob()
+    {
+        int port = FreePort();
+        var comms = Run(2, r => new TcpCommunicator(Options(r, 2, port), bindAnyAddress: true, jobCheck: "nccl"));
+        try
+        {
+            Assert.That(comms[0].ListenEndPoint!.Address, Is.EqualTo(IPAddress.Any));
+            Assert.That(comms[0].BindsAnyAddress, Is.True);
+            var sums = Run(2, r => { var v = new[] { 1.0 + r }; comms[r].AllReduceHost(v); return v[0]; });
+            Assert.That(sums, Is.EqualTo(new[] { 3.0, 3.0 }));
+        }
+        finally { DisposeAll(comms); }
+
+        // A cpu rank cannot join an nccl bootstrap's rendezvous.
+        int other = FreePort();
+        var results = TryRun(2, r => r == 0
+            ? new TcpCommunicator(Options(0, 2, other, timeoutSeconds: 3), bindAnyAddress: true, jobCheck: "nccl")
+            : new TcpCommunicator(Options(1, 2, other, timeoutSeconds: 3)));
+        foreach (var (comm, error) in results)
+        {
+            comm?.Dispose();
+            Assert.That(error?.Message, Is.EqualTo("rank 0: rank 1 belongs to another job (its job check is '', rank 0's is 'nccl')"));
+        }
+    }
+
     [TestCase("10.1.2.3")]
     [TestCase("example.com")]
     public void ANonLoopbackMasterAddrIsRefused(string address)
