@@ -1,6 +1,7 @@
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
 using NativePeft.Data;
+using NativePeft.Distributed;
 using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Numerics;
@@ -34,6 +35,7 @@ public sealed partial class FineTune : IDisposable
     private readonly ILogger<Trainer> _logger;
     private readonly string? _tempOutput;
     private OutputLock? _outputLock;
+    private ICommunicator? _comm;
     private Trainer? _trainer;
     private bool _disposed;
 
@@ -107,6 +109,41 @@ public sealed partial class FineTune : IDisposable
     {
         ArgumentNullException.ThrowIfNull(o);
         ValidateOptions(o);
+        // Data-parallel: join the group first, so that a failure of any rank while setting up ends the others too.
+        var comm = CreateCommunicator(o);
+        try
+        {
+            var run = Create(o, logger, comm);
+            run._comm = comm;
+            return run;
+        }
+        catch (Exception e)
+        {
+            comm?.Abort(e.Message);
+            comm?.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// The communicator of <see cref="FineTuneOptions.Distributed"/>, or null for one process. The "cpu" backend
+    /// (<see cref="TcpCommunicator"/>) serves every device for now (CUDA tensors are staged through the host); "auto"
+    /// picks it until the NCCL communicator is in.
+    /// </summary>
+    private static ICommunicator? CreateCommunicator(FineTuneOptions o)
+    {
+        if (o.Distributed is not { IsDistributed: true } d) return null;
+        if (d.Backend == "nccl")
+            throw new FineTuneException(nameof(o.Distributed), "nccl: this build has no NCCL communicator yet; use Backend cpu (or auto)");
+        try { return new TcpCommunicator(d); }
+        catch (Exception e) when (e is ArgumentException or CommunicatorException or System.Net.Sockets.SocketException or IOException)
+        {
+            throw new FineTuneException(nameof(o.Distributed), $"rank {d.Rank} of {d.WorldSize} at {d.MasterAddr}:{d.MasterPort}: {e.Message}", e);
+        }
+    }
+
+    private static FineTune Create(FineTuneOptions o, ILogger<Trainer> logger, ICommunicator? comm)
+    {
         string modelDir = o.ModelDirectory;
         if (!Directory.Exists(modelDir)) throw new FineTuneException(nameof(o.Model), $"{modelDir}: folder not found");
         if (!File.Exists(Path.Combine(modelDir, LlamaConfig.FileName)))
@@ -117,7 +154,8 @@ public sealed partial class FineTune : IDisposable
         if (o.EvalData is not null && !File.Exists(o.EvalData)) throw new FineTuneException(nameof(o.EvalData), $"{o.EvalData}: file not found");
         if (o.OutputDir is not null && File.Exists(o.OutputDir)) throw new FineTuneException(nameof(o.OutputDir), $"{o.OutputDir}: is a file");
         // Before the resume check: taking the lock restores a checkpoint that a run killed while replacing it left renamed.
-        var outputLock = LockOutput(o, logger);
+        // Data-parallel: rank 0 alone owns the output folder (it writes; the others only read a checkpoint to resume).
+        var outputLock = comm is null || comm.Rank == 0 ? LockOutput(o, logger) : null;
         if (o.ResumeFrom is not null && !File.Exists(Path.Combine(o.ResumeFrom, Trainer.StateFileName)))
         {
             outputLock?.Dispose();
@@ -158,7 +196,8 @@ public sealed partial class FineTune : IDisposable
             string deviceName = "cpu";
             if (o.Device != "cpu")
             {
-                gpu = GpuFactory.TryCreate(o.Device, out var reason) ?? throw new FineTuneException(nameof(o.Device), $"{o.Device}: {reason}");
+                gpu = GpuFactory.TryCreate(o.Device, out var reason, o.Distributed?.LocalRank ?? 0)
+                      ?? throw new FineTuneException(nameof(o.Device), $"{o.Device}: {reason}");
                 deviceName = gpu.Properties.Name;
             }
             MemoryPlan? plan = null;
@@ -355,6 +394,17 @@ public sealed partial class FineTune : IDisposable
                 if (!LoraSettings.KnownTargets.Contains(t))
                     throw new FineTuneException("TargetModules", $": unknown module \"{t}\"; known: {string.Join(", ", LoraSettings.KnownTargets)}");
         }
+        if (o.Distributed is { } dist)
+        {
+            if (dist.WorldSize < 1) throw new FineTuneException(nameof(o.Distributed), $"WorldSize {dist.WorldSize}: must be at least 1");
+            if (dist.Rank < 0 || dist.Rank >= dist.WorldSize)
+                throw new FineTuneException(nameof(o.Distributed), $"Rank {dist.Rank}: must be in 0..{dist.WorldSize - 1} (WorldSize {dist.WorldSize})");
+            if (dist.LocalRank < 0) throw new FineTuneException(nameof(o.Distributed), $"LocalRank {dist.LocalRank}: must be >= 0");
+            if (dist.Backend is not ("auto" or "cpu" or "nccl"))
+                throw new FineTuneException(nameof(o.Distributed), $"Backend {dist.Backend}: expected auto, cpu or nccl");
+            if (dist.IsDistributed && o.OutputDir is null)
+                throw new FineTuneException(nameof(o.OutputDir), "null: the ranks of a data-parallel run need one shared output folder (rank 0 writes it)");
+        }
     }
 
     /// <summary>The built-in task brings its own held-out split: an eval file beside it would be silently unused, so it is refused.</summary>
@@ -518,14 +568,25 @@ public sealed partial class FineTune : IDisposable
             SetData(data, 0, []);
         }
         var d = Data ?? throw new InvalidOperationException("no data: set FineTuneOptions.Data or pass the data to Train");
-        _trainer = new Trainer(_model, d, TrainerOptions, _logger, progress);
-        if (Options.ResumeFrom is not null)
+        try
         {
-            try { _trainer.Resume(Options.ResumeFrom); }
-            catch (Exception e) when (e is InvalidDataException or IOException or PeftAdapterException or ArgumentException or SafetensorsException)
+            _trainer = new Trainer(_model, d, TrainerOptions, _logger, progress, _comm);
+            if (Options.ResumeFrom is not null)
             {
-                throw new FineTuneException(nameof(Options.ResumeFrom), $"{Options.ResumeFrom}: {e.Message}", e);
+                try { _trainer.Resume(Options.ResumeFrom); }
+                catch (Exception e) when (e is InvalidDataException or IOException or PeftAdapterException or ArgumentException or SafetensorsException)
+                {
+                    throw new FineTuneException(nameof(Options.ResumeFrom), $"{Options.ResumeFrom}: {e.Message}", e);
+                }
             }
+        }
+        catch (Exception e)
+        {
+            // A rank that cannot start (a bad checkpoint, …) stops the others before their first collective waits for it.
+            _comm?.Abort(e.Message);
+            _trainer?.Dispose();
+            _trainer = null;
+            throw;
         }
         return _trainer;
     }
@@ -586,6 +647,7 @@ public sealed partial class FineTune : IDisposable
         _model.Dispose();
         _ops.Dispose();
         _checkpoint.Dispose();
+        _comm?.Dispose();
         _outputLock?.Dispose();
         if (_tempOutput is not null)
         {

@@ -256,21 +256,26 @@ public sealed partial class Trainer
 
     /// <summary>
     /// The resume check of batch and grad-accum: a checkpoint resumes when the micro-batch rows (batch) and the
-    /// micro-batches per step over all ranks (grad-accum × ranks) are the same, whatever the number of ranks.
+    /// micro-batches per step over all ranks (grad-accum × ranks) are the same, whatever the number of ranks. Returns
+    /// what differs ("batch 4 -> 2"; "grad_accum 1 -> 2"; on another number of ranks "grad_accum × ranks 1 × 2 -> 1 × 1
+    /// (global batch 4 -> 2 rows)"), nothing when they match.
     /// </summary>
-    private string? GlobalBatchChange(TrainerState state, IReadOnlyDictionary<string, string> saved)
+    private IEnumerable<string> GlobalBatchChanges(TrainerState state, IReadOnlyDictionary<string, string> saved)
     {
+        string Old(string key) => saved.TryGetValue(key, out var v) ? TrainerStateJson.SettingDisplay(v) : "(not recorded)";
         string batch = TrainerStateJson.SettingText(Options.BatchSize);
-        static int? Parse(IReadOnlyDictionary<string, string> d, string key) =>
-            d.TryGetValue(key, out var v) && int.TryParse(v, NumberStyles.Integer, CultureInfo.InvariantCulture, out int x) ? x : null;
-        int? oldBatch = Parse(saved, "batch"), oldAccum = Parse(saved, "grad_accum");
-        if (saved.TryGetValue("batch", out var b) && b == batch && oldAccum is int k && (long)k * state.WorldSize == GlobalGradAccum) return null;
-        string Describe(int? bs, int? accum, int ranks) =>
-            bs is int x && accum is int y
-                ? string.Create(CultureInfo.InvariantCulture, $"batch {x} × grad-accum {y} × {ranks} rank{(ranks == 1 ? "" : "s")} = global batch {(long)x * y * ranks} rows")
-                : $"batch {(bs?.ToString(CultureInfo.InvariantCulture) ?? "(not recorded)")}, grad-accum {(accum?.ToString(CultureInfo.InvariantCulture) ?? "(not recorded)")}, {ranks} ranks";
-        return $"{Describe(oldBatch, oldAccum, state.WorldSize)} -> {Describe(Options.BatchSize, Options.GradAccum, WorldSize)} " +
-               "(another number of ranks resumes when batch and grad-accum × ranks stay the same)";
+        bool sameBatch = saved.TryGetValue("batch", out var b) && b == batch;
+        if (!sameBatch) yield return $"batch {Old("batch")} -> {TrainerStateJson.SettingDisplay(batch)}";
+        int? oldAccum = saved.TryGetValue("grad_accum", out var k) && int.TryParse(k, NumberStyles.Integer, CultureInfo.InvariantCulture, out int x) ? x : null;
+        if (oldAccum is int accum && (long)accum * state.WorldSize == GlobalGradAccum) yield break;
+        if (state.WorldSize == WorldSize || oldAccum is null)
+        {
+            yield return string.Create(CultureInfo.InvariantCulture, $"grad_accum {Old("grad_accum")} -> {Options.GradAccum}");
+            yield break;
+        }
+        int oldBatch = int.TryParse(b, NumberStyles.Integer, CultureInfo.InvariantCulture, out int ob) ? ob : Options.BatchSize;
+        yield return string.Create(CultureInfo.InvariantCulture,
+            $"grad_accum × ranks {oldAccum} × {state.WorldSize} -> {Options.GradAccum} × {WorldSize} (global batch {(long)oldBatch * oldAccum * state.WorldSize} -> {(long)Options.BatchSize * GlobalGradAccum} rows)");
     }
 
     /// <summary>The log of a rank other than 0: warnings and errors only, each prefixed "rank R: ".</summary>

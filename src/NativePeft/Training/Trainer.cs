@@ -559,7 +559,7 @@ public sealed partial class Trainer : IDisposable
     /// LoRA shape, training data …) must equal this run's; the message names each one that differs, old → new. A
     /// checkpoint written before the settings were recorded is checked on what it has (method, lr, schedule, warmup,
     /// optimizer) and resumed with a warning that the rest could not be checked. Batch and grad-accum are compared as
-    /// the global batch (<see cref="GlobalBatchChange"/>), so a data-parallel checkpoint resumes on another number of ranks.
+    /// the global batch (<see cref="GlobalBatchChanges"/>), so a data-parallel checkpoint resumes on another number of ranks.
     /// </summary>
     private void CheckSameRun(TrainerState state, string statePath)
     {
@@ -568,7 +568,7 @@ public sealed partial class Trainer : IDisposable
         if (state.Settings is { } saved)
         {
             var current = TrainerStateJson.Settings(this).ToDictionary(x => x.Name, x => TrainerStateJson.SettingText(x.Value));
-            if (GlobalBatchChange(state, saved) is { } batchChange) changed.Add(batchChange);
+            changed.AddRange(GlobalBatchChanges(state, saved));
             foreach (var (name, value) in current)
             {
                 if (name is "batch" or "grad_accum") continue; // compared as the global batch, above
