@@ -364,6 +364,7 @@ public static class TrainCommand
         nameof(FineTuneOptions.OnNonFinite) => "--on-nonfinite",
         nameof(FineTuneOptions.ComputeDType) => "--precision",
         nameof(FineTuneOptions.DeviceMemory) => "--device-memory",
+        nameof(FineTuneOptions.Distributed) => "data-parallel job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, NATIVEPEFT_DIST_*):",
         "TargetModules" => "--targets",
         "UseRsLora" => "--rslora",
         _ => "--" + string.Concat(option.Select((c, i) => char.IsUpper(c) ? (i > 0 ? "-" : "") + char.ToLowerInvariant(c) : c.ToString())),
