@@ -309,6 +309,20 @@ internal static class Launcher
     [DllImport("libc", EntryPoint = "getppid")]
     private static extern int GetParentPid();
 
+    [DllImport("libc", EntryPoint = "_exit")]
+    private static extern void SysExit(int code);
+
+    /// <summary>
+    /// Ends this process at once with <paramref name="code"/> (POSIX _exit: no ProcessExit handlers, which could wait for
+    /// the training thread — Environment.Exit from another thread was seen to block while the run went on).
+    /// </summary>
+    private static void ExitNow(int code)
+    {
+        try { Console.Error.Flush(); } catch (IOException) { }
+        if (OperatingSystem.IsWindows()) Environment.Exit(code);
+        SysExit(code);
+    }
+
     /// <summary>
     /// In a worker: the test-only hooks (<see cref="PidDirVariable"/>: write rank-R.pid) and, for a worker of ours
     /// (<see cref="LauncherPidVariable"/>), a watchdog that ends it when the launcher is gone (killed with SIGKILL:
@@ -329,7 +343,7 @@ internal static class Launcher
                     {
                         try { Console.Error.WriteLine($"error: rank {job.Rank}: the launcher (process {launcher}) has ended; stopping"); }
                         catch (IOException) { } // its pipe is gone with it
-                        Environment.Exit(1);
+                        ExitNow(1);
                     }
                 }
             }) { IsBackground = true, Name = "launcher watchdog" };
@@ -353,7 +367,7 @@ internal static class Launcher
             while ((done = step()) < 1) Thread.Sleep(20);
             try { Console.Error.WriteLine($"error: injected fault ({FaultExitRankVariable}={rank}, test-only): rank {rank} fails after step {done}"); }
             catch (IOException) { }
-            Environment.Exit(1);
+            ExitNow(1);
         }) { IsBackground = true, Name = "injected fault" };
         fault.Start();
     }

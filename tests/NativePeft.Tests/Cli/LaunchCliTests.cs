@@ -157,16 +157,35 @@ public class LaunchCliTests
     private static void AssertNoOrphans(int[] pids, Launch launch) =>
         WaitFor(() => pids.All(p => !Alive(p)), TimeSpan.FromSeconds(10), () => $"the workers {string.Join(", ", pids.Where(Alive))} to end\n{launch}");
 
-    private static string[] LongRun(string outDir) =>
-        ["train", "--nproc", "2", "--device", "cpu", "--model", "builtin", "--data", "builtin", "--steps", "500", "--batch", "2", "--seq", "32", "--out", outDir];
+    /// <summary>
+    /// A 2-rank job of 500 steps (far longer than the tests let it run) with pid files in dir/pids, returned once rank 0
+    /// printed <paramref name="waitFor"/> (null: at once).
+    /// </summary>
+    private static Launch StartLongRun(TempDir dir, string? waitFor, params (string Name, string? Value)[] env)
+    {
+        if (OperatingSystem.IsWindows()) Assert.Ignore("the launcher's tests use /proc and POSIX signals");
+        Directory.CreateDirectory(dir["pids"]);
+        var launch = new Launch(Env([("NATIVEPEFT_WORKER_PID_DIR", dir["pids"]), .. env]),
+            "train", "--nproc", "2", "--device", "cpu", "--model", "builtin", "--data", "builtin", "--steps", "500", "--batch", "2", "--seq", "32", "--out", dir["out"]);
+        try
+        {
+            if (waitFor is null) return launch;
+            WaitFor(() => launch.Stdout.Contains(waitFor) || launch.Process.HasExited, TimeSpan.FromSeconds(90), () => $"rank 0's \"{waitFor}\"\n{launch}");
+            Assert.That(launch.Process.HasExited, Is.False, launch.ToString());
+            return launch;
+        }
+        catch
+        {
+            launch.Dispose();
+            throw;
+        }
+    }
 
     [Test]
     public void AFailingWorkerEndsTheJobNamingItsRank()
     {
-        if (OperatingSystem.IsWindows()) Assert.Ignore("the launcher's tests use /proc");
         using var dir = CliProcess.TempDir();
-        Directory.CreateDirectory(dir["pids"]);
-        using var launch = new Launch(Env(("NATIVEPEFT_FAULT_EXIT_RANK", "1"), ("NATIVEPEFT_WORKER_PID_DIR", dir["pids"])), LongRun(dir["out"]));
+        using var launch = StartLongRun(dir, null, ("NATIVEPEFT_FAULT_EXIT_RANK", "1"));
         int rc = launch.Wait(TimeSpan.FromSeconds(120));
         Assert.That(launch.Clock.Elapsed, Is.LessThan(TimeSpan.FromSeconds(60)), launch.ToString());
         Assert.That(rc, Is.Not.EqualTo(0), launch.ToString());
@@ -181,12 +200,8 @@ public class LaunchCliTests
     [Test]
     public void AKilledWorkerEndsTheJobNamingItsRank()
     {
-        if (OperatingSystem.IsWindows()) Assert.Ignore("the launcher's tests use /proc and SIGKILL");
         using var dir = CliProcess.TempDir();
-        Directory.CreateDirectory(dir["pids"]);
-        using var launch = new Launch(Env(("NATIVEPEFT_WORKER_PID_DIR", dir["pids"])), LongRun(dir["out"]));
-        WaitFor(() => launch.Stdout.Contains("step 1/500") || launch.Process.HasExited, TimeSpan.FromSeconds(90), () => "rank 0's first step\n" + launch);
-        Assert.That(launch.Process.HasExited, Is.False, launch.ToString());
+        using var launch = StartLongRun(dir, "step 1/500");
         var pids = WorkerPids(dir["pids"], 2);
         var killed = Stopwatch.StartNew();
         Process.GetProcessById(pids[1]).Kill(); // SIGKILL: no goodbye
@@ -208,12 +223,8 @@ public class LaunchCliTests
     [Test]
     public void CtrlCStopsEveryWorkerWhichSavesACheckpoint()
     {
-        if (OperatingSystem.IsWindows()) Assert.Ignore("SIGINT is a POSIX signal");
         using var dir = CliProcess.TempDir();
-        Directory.CreateDirectory(dir["pids"]);
-        using var launch = new Launch(Env(("NATIVEPEFT_WORKER_PID_DIR", dir["pids"])), LongRun(dir["out"]));
-        WaitFor(() => launch.Stdout.Contains("step 2/500") || launch.Process.HasExited, TimeSpan.FromSeconds(90), () => "rank 0's second step\n" + launch);
-        Assert.That(launch.Process.HasExited, Is.False, launch.ToString());
+        using var launch = StartLongRun(dir, "step 2/500");
         if (IgnoresSigint(launch.Process.Id)) Assert.Ignore("SIGINT is ignored in this process tree (a background job of a shell), as it would be for a user");
         var pids = WorkerPids(dir["pids"], 2);
         Assert.That(SysKill(launch.Process.Id, 2), Is.EqualTo(0), "kill -INT");
