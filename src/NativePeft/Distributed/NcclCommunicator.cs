@@ -110,8 +110,8 @@ public sealed class NcclCommunicator : ICommunicator
     }
 
     /// <summary>
-    /// output (count/N elements) = rank's slice of Σ_ranks premultiply · input (count elements); the slices in rank
-    /// order. Ordered like <see cref="AllReduce"/>. For sharded optimizer states (ZeRO-1).
+    /// output (count/N elements) = this rank's slice of Σ_ranks input (count elements); the slices in rank order.
+    /// Ordered like <see cref="AllReduceAsync"/>. For sharded optimizer states (ZeRO-1).
     /// </summary>
     public ICommRequest ReduceScatterAsync(IOps ops, Tensor input, Tensor output)
     {

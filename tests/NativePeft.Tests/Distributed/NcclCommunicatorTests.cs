@@ -161,6 +161,14 @@ public class NcclCommunicatorCudaTests
         ops.Download(b, bf.AsSpan());
         Assert.That(bf.Select(x => x.ToSingle()), Is.EqualTo(new[] { 0.5f, -1.5f, 0.25f }));
 
+        var gathered = ops.Memory.Allocate(DType.F32, 4);
+        var scattered = ops.Memory.Allocate(DType.F32, 4);
+        var nccl = (NcclCommunicator)comm;
+        nccl.AllGatherAsync(ops, t, gathered).Wait();
+        nccl.ReduceScatterAsync(ops, gathered, scattered).Wait();
+        ops.Download(scattered, got.AsSpan());
+        Assert.That(got, Is.EqualTo(new[] { 1f, 3f, -5f, 0.1f * 0.5f * 2f }), "1 rank: all-gather and reduce-scatter copy");
+
         var host = new[] { 1.5, -2.0 };
         comm.AllReduceHost(host);
         comm.Barrier();
