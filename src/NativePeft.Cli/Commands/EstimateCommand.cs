@@ -54,9 +54,14 @@ public static class EstimateCommand
         var maxLength = new Option<int?>("--max-length") { Description = "with --generate: tokens in the KV cache (prompt + new tokens; default --seq)" };
         var noAdapter = new Option<bool>("--no-adapter") { Description = "with --generate: the base alone (no LoRA adapter on top)" };
         var promptTokens = new Option<int?>("--prompt-tokens") { Description = "with --generate: tokens of the prompt's prefill (default --max-length, the largest workspace)" };
+        var nproc = new Option<int>("--nproc")
+        {
+            Description = "data-parallel ranks (GPUs): the plan is per GPU (full fine-tuning shards the optimizer state, ZeRO-1) and shows the gradient all-reduce volume per step",
+            DefaultValueFactory = _ => 1,
+        };
         var cmd = new Command("estimate", "Memory plan of a fine-tune by category (base weights, adapters, optimizer, activations, …); needs no GPU and no weights")
         {
-            model, method, rank, alpha, dropout, targets, batch, seq, recompute, embedding, optim, compute, device, chunk, deviceMemory, json, generate, maxLength, promptTokens, noAdapter,
+            model, method, rank, alpha, dropout, targets, batch, seq, recompute, embedding, optim, compute, device, chunk, deviceMemory, json, generate, maxLength, promptTokens, noAdapter, nproc,
         };
         cmd.SetAction(parse =>
         {
@@ -70,6 +75,8 @@ public static class EstimateCommand
             if (batchValue <= 0) throw new CliException($"--batch {batchValue}: must be a positive integer", 2);
             if (seqValue <= 0) throw new CliException($"--seq {seqValue}: must be a positive integer", 2);
             if (chunkValue <= 0) throw new CliException($"--ce-chunk {chunkValue}: must be a positive integer", 2);
+            int nprocValue = parse.GetValue(nproc);
+            if (nprocValue <= 0) throw new CliException($"--nproc {nprocValue}: must be a positive integer", 2);
             SizeOptions.InRange("--rank", rankValue, Limits.MaxLoraRank);
             SizeOptions.InRange("--batch", batchValue, Limits.MaxBatchSize);
             SizeOptions.InRange("--seq", seqValue, Limits.MaxSequenceLength);
@@ -103,6 +110,7 @@ public static class EstimateCommand
             }
             else
             {
+                if (nprocValue > 1) throw new CliException("--nproc is for training plans, not --generate", 2);
                 int length = parse.GetValue(maxLength) ?? seqValue;
                 if (length <= 0) throw new CliException($"--max-length {length}: must be a positive integer", 2);
                 SizeOptions.Sequence(parse.GetValue(maxLength) is null ? "--seq" : "--max-length", length, config);
@@ -141,7 +149,7 @@ public static class EstimateCommand
                 EmbeddingOnHost = embeddingOnHost,
                 Rank = rankValue, Alpha = parse.GetValue(alpha), Dropout = parse.GetValue(dropout), Targets = targetList, Batch = batchValue, Seq = seqValue,
                 Recompute = parse.GetValue(recompute), Optimizer = parse.GetValue(optim)!, ComputeDType = bf16 ? DType.BF16 : DType.F32,
-                Device = planDevice, CrossEntropyChunk = chunkValue,
+                Device = planDevice, CrossEntropyChunk = chunkValue, WorldSize = nprocValue,
             };
             MemoryPlan plan;
             try
@@ -203,6 +211,10 @@ public static class EstimateCommand
                           (plan.OptimizerMapBytes > 0 ? ", 8-bit maps " + MemoryPlan.FormatBytes(plan.OptimizerMapBytes) : "") +
                           ". Paged optimizer state lives in host-backed managed memory and is not in the device total; " +
                           "the CUDA context and allocator rounding come on top.");
+        if (o.WorldSize > 1)
+            console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"Per GPU of {o.WorldSize} data-parallel ranks{(o.Method == FineTuneMethod.Full ? " (optimizer state sharded, ZeRO-1: the largest shard)" : "")}. " +
+                $"Gradient all-reduce per step: {MemoryPlan.FormatBytes(plan.AllReduceBytes)}; ring traffic per rank, 2(N-1)/N of it: {MemoryPlan.FormatBytes(plan.RingTrafficBytesPerRank)}."));
     }
 
     private static void Print(TextWriter stdout, string modelName, InferencePlan plan)

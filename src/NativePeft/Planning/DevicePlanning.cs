@@ -29,7 +29,7 @@ public static class DevicePlanning
     /// <paramref name="stored"/>), for a batch shape and an optimizer.
     /// </summary>
     public static MemoryPlan Training(LlamaConfig config, LlamaModelOptions model, int batch, int seq, string optimizer,
-        bool clipGradients = true, (int Blocksize, bool DoubleQuant)? stored = null, PlanDevice device = PlanDevice.Gpu)
+        bool clipGradients = true, (int Blocksize, bool DoubleQuant)? stored = null, PlanDevice device = PlanDevice.Gpu, int worldSize = 1)
     {
         ArgumentNullException.ThrowIfNull(model);
         var method = model.FullFineTuning ? FineTuneMethod.Full
@@ -46,7 +46,7 @@ public static class DevicePlanning
             Rank = lora.Rank, Alpha = lora.Alpha, Dropout = method == FineTuneMethod.Full ? 0 : lora.Dropout, Targets = lora.TargetModules, Batch = batch, Seq = seq,
             Recompute = model.Recompute, EmbeddingOnHost = model.EmbeddingOnHost, Optimizer = optimizer, ComputeDType = model.ComputeDType,
             BaseWeightDType = method == FineTuneMethod.Lora ? model.BaseWeightDType ?? model.ComputeDType : null,
-            ClipGradients = clipGradients, CrossEntropyChunk = model.CrossEntropyChunk, Device = device,
+            ClipGradients = clipGradients, CrossEntropyChunk = model.CrossEntropyChunk, Device = device, WorldSize = worldSize,
         });
     }
 

@@ -84,7 +84,18 @@ public sealed class MemoryPlan
     public long LoraScratchBytes { get; private set; }
 
     /// <summary>Equals <see cref="LlamaModel.ParameterBytes"/>: base, quantization state, adapters, gradients, dequantization scratch.</summary>
-    public long ParameterBytes => BaseWeightBytes + QuantizationStateBytes + AdapterBytes + GradientBytes + DequantScratchBytes;
+    public long ParameterBytes => BaseWeightBytes + QuantizationStateBytes + AdapterBytes + GradientBytes + DequantScratchBytes + GradientBucketBufferBytes;
+
+    /// <summary>Data-parallel (<see cref="PlanOptions.WorldSize"/> &gt; 1): the all-reduce buckets' flat buffers (an upper bound); 0 otherwise.</summary>
+    public long GradientBucketBufferBytes { get; private set; }
+    /// <summary>Data-parallel: the fp32 gradient bytes every rank all-reduces per optimizer step; 0 for one rank.</summary>
+    public long AllReduceBytes { get; private set; }
+    /// <summary>
+    /// Data-parallel: the bytes a rank sends (and receives) per step in a ring all-reduce of <see cref="AllReduceBytes"/>,
+    /// 2(N−1)/N × bytes (reduce-scatter, then all-gather; NCCL's ring). The cpu backend's star through rank 0 moves more
+    /// through rank 0 (docs/distributed.md).
+    /// </summary>
+    public long RingTrafficBytesPerRank => Options.WorldSize > 1 ? (long)Math.Ceiling(2.0 * (Options.WorldSize - 1) / Options.WorldSize * AllReduceBytes) : 0;
 
     /// <summary>The device pool's peak in a steady training step (forward, backward, clipping, optimizer step).</summary>
     public long TotalBytes => ParameterBytes + ActivationBytes + OptimizerStateBytes + RopeTableBytes + OptimizerMapBytes + TransientWorkspaceBytes;
@@ -250,20 +261,31 @@ public sealed class MemoryPlan
 
         // Optimizer: per trainable tensor, as AdamWOptimizer creates it on its first step.
         bool eightBit = o.EightBitOptimizer, managed = o.PagedOptimizer && o.Device == PlanDevice.Gpu;
-        long state = 0, paged = 0;
-        foreach (long n in trainable)
+        // Data-parallel full fine-tuning (ZeRO-1): a rank keeps only its shard's state; the plan counts the largest shard.
+        var owners = full && o.WorldSize > 1 ? Distributed.ZeroPartition.Owners(trainable.Select(n => n * 4).ToList(), o.WorldSize) : null;
+        var shardState = new long[o.WorldSize];
+        var shardPaged = new long[o.WorldSize];
+        for (int i = 0; i < trainable.Count; i++)
         {
+            long n = trainable[i];
             // Per tensor, as AdamWOptimizer allocates them (= StateBytesFor / PagedStateBytesFor at alignment 1):
             // m and v (F32, or U8 with an F32 absmax per 256-block each when quantized); m and v are paged when large.
             bool quantized = eightBit && n >= AdamWMath.Min8BitSize;
             long mv = quantized ? Bytes(DType.U8, n) : Bytes(DType.F32, n);
             long absmax = quantized ? 2 * Bytes(DType.F32, AdamWMath.Blocks(n)) : 0;
             long p = managed && n >= AdamWOptimizer.PagedMinElements ? 2 * mv : 0;
-            state += 2 * mv + absmax - p;
-            paged += p;
+            int shard = owners?[i] ?? 0;
+            shardState[shard] += 2 * mv + absmax - p;
+            shardPaged[shard] += p;
         }
-        OptimizerStateBytes = state;
-        PagedOptimizerStateBytes = paged;
+        int largest = Array.IndexOf(shardState, shardState.Max());
+        OptimizerStateBytes = shardState[largest];
+        PagedOptimizerStateBytes = shardPaged[largest];
+        // Data-parallel: the flat buffers of the all-reduce buckets that group several gradients (GradientReducer); a
+        // gradient of at least the bucket size is reduced in place. Bounded by the gradients smaller than a bucket.
+        // (Each small gradient's bytes rounded up to the alignment: at least what the fewer, larger flat buffers take.)
+        GradientBucketBufferBytes = o.WorldSize > 1 ? trainable.Where(n => n * 4 < o.GradientBucketBytes).Sum(n => Bytes(DType.F32, n)) : 0;
+        AllReduceBytes = o.WorldSize > 1 ? trainable.Sum(n => n * 4) : 0;
         OptimizerMapBytes = o.Device == PlanDevice.Gpu && eightBit && trainable.Any(n => n >= AdamWMath.Min8BitSize) ? Bytes(DType.F32, 512) : 0;
 
         // Activations (LlamaModel.Activations and LoraScratch, one arena per batch shape).
@@ -363,6 +385,7 @@ public sealed class MemoryPlan
         ("quantization state", "quantization_state", QuantizationStateBytes),
         ("adapters", "adapters", AdapterBytes),
         ("gradients", "gradients", GradientBytes),
+        .. (Options.WorldSize > 1 ? new[] { ("gradient all-reduce buckets", "gradient_buckets", GradientBucketBufferBytes) } : []),
         ("optimizer states (device)", "optimizer_states", OptimizerStateBytes),
         ("optimizer states (paged, host-backed)", "optimizer_states_paged", PagedOptimizerStateBytes),
         ("embedding table (host)", "embedding_host", HostEmbeddingBytes),
@@ -404,6 +427,12 @@ public sealed class MemoryPlan
         Field("optimizer", S(o.Optimizer));
         Field("compute_dtype", S(o.ComputeDType.ToString().ToLowerInvariant()));
         Field("device", S(o.Device.ToString().ToLowerInvariant()));
+        if (o.WorldSize > 1)
+        {
+            Field("world_size", o.WorldSize.ToString(inv));
+            Field("all_reduce_bytes_per_step", AllReduceBytes.ToString(inv));
+            Field("ring_traffic_bytes_per_rank_per_step", RingTrafficBytesPerRank.ToString(inv));
+        }
         Field("total_parameters", TotalParameterCount.ToString(inv));
         Field("trainable_parameters", TrainableParameterCount.ToString(inv));
         foreach (var (_, key, bytes) in Rows())

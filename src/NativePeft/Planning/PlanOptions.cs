@@ -86,6 +86,13 @@ public sealed record PlanOptions
     public PlanDevice Device { get; init; } = PlanDevice.Gpu;
     /// <summary>Global-norm gradient clipping runs each step (its fp64 partial sums are a GPU workspace).</summary>
     public bool ClipGradients { get; init; } = true;
+    /// <summary>
+    /// Ranks of a data-parallel run (docs/distributed.md): the plan is one rank's. With full fine-tuning the optimizer
+    /// state is sharded (ZeRO-1: the largest shard is counted); the gradient all-reduce needs bucket buffers.
+    /// </summary>
+    public int WorldSize { get; init; } = 1;
+    /// <summary>Data-parallel gradient bucket size (<see cref="Training.TrainerOptions.GradientBucketBytes"/>).</summary>
+    public long GradientBucketBytes { get; init; } = 25L << 20;
 
     /// <summary>The storage of the frozen projections with lora (resolved default).</summary>
     public DType LoraBaseDType => BaseWeightDType ?? DType.BF16;
@@ -103,6 +110,8 @@ public sealed record PlanOptions
         if (EmbeddingOnHost && Method == FineTuneMethod.Full)
             throw new ArgumentException("EmbeddingOnHost is for a frozen embedding: full fine-tuning trains it on the device", nameof(EmbeddingOnHost));
         if (Batch <= 0) throw new ArgumentOutOfRangeException(nameof(Batch), Batch, $"batch {Batch} must be positive");
+        if (WorldSize < 1) throw new ArgumentOutOfRangeException(nameof(WorldSize), WorldSize, $"nproc {WorldSize} must be at least 1");
+        if (GradientBucketBytes <= 0) throw new ArgumentOutOfRangeException(nameof(GradientBucketBytes), GradientBucketBytes, "the gradient bucket size must be positive");
         if (Seq <= 0) throw new ArgumentOutOfRangeException(nameof(Seq), Seq, $"seq {Seq} must be positive");
         if ((long)Batch * Seq > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(Seq), $"batch·seq = {(long)Batch * Seq} tokens is too large");
         if (!OptimizerFactory.Names.Contains(Optimizer))

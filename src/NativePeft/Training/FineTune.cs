@@ -209,7 +209,7 @@ public sealed partial class FineTune : IDisposable
                     var stored = o.Method != FineTuneMethod.Full ? DevicePlanning.StoredQuantization(ckpt) : null;
                     // The trainer computes the global norm every step (grad_norm), clipping or not.
                     plan = DevicePlanning.Training(ckpt.Config, modelOptions with { Lora = o.Lora }, o.BatchSize, o.SeqLen, o.Optimizer,
-                        clipGradients: true, stored: stored);
+                        clipGradients: true, stored: stored, worldSize: o.Distributed?.WorldSize ?? 1);
                 }
                 catch (ArgumentOutOfRangeException e) when (e.ParamName is "Rank" or nameof(LoraSettings.Rank))
                 {

@@ -23,7 +23,7 @@ namespace NativePeft.Training;
 /// all-reduce, sum over the ranks to the step's token-weighted mean gradient. The buckets are reduced during the rank's
 /// last backward (<see cref="GradientReducer"/>); then one host all-reduce sums the losses and a non-finite flag, and
 /// every rank sees the same norm, the same clip and the same decision to skip or stop.
-/// LoRA/QLoRA replicate the optimizer; full fine-tuning shards it (ZeRO-1, <see cref="ShardOwners"/>).
+/// LoRA/QLoRA replicate the optimizer; full fine-tuning shards it (ZeRO-1, <see cref="ZeroPartition"/>).
 /// </summary>
 public sealed partial class Trainer
 {
@@ -53,30 +53,10 @@ public sealed partial class Trainer
         _reducer = new GradientReducer(comm, _model.Ops, _model.TrainableParameters, _model.Config.NumHiddenLayers, Options.GradientBucketBytes);
         if (_full)
         {
-            _owner = ShardOwners(_model.TrainableParameters.Select(p => p.Param.Bytes).ToList(), comm.WorldSize);
+            _owner = ZeroPartition.Owners(_model.TrainableParameters.Select(p => p.Param.Bytes).ToList(), comm.WorldSize);
             _owned = _model.TrainableParameters.Where((_, i) => _owner[i] == comm.Rank).ToList();
             _ownedNames = _owned.Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
         }
-    }
-
-    /// <summary>
-    /// ZeRO-1's partition: the owner rank of each tensor, balanced by bytes and the same on every rank — the largest
-    /// tensor first (ties by position), each to the rank with the fewest bytes so far (ties to the lower rank).
-    /// </summary>
-    internal static int[] ShardOwners(IReadOnlyList<long> bytes, int worldSize)
-    {
-        ArgumentOutOfRangeException.ThrowIfLessThan(worldSize, 1);
-        var owner = new int[bytes.Count];
-        var load = new long[worldSize];
-        foreach (int i in Enumerable.Range(0, bytes.Count).OrderByDescending(i => bytes[i]).ThenBy(i => i))
-        {
-            int best = 0;
-            for (int r = 1; r < worldSize; r++)
-                if (load[r] < load[best]) best = r;
-            owner[i] = best;
-            load[best] += bytes[i];
-        }
-        return owner;
     }
 
     /// <summary>Cancellation every rank agrees on (one host all-reduce per step when data-parallel).</summary>
