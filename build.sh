@@ -225,6 +225,7 @@ cmd_gpu_bundle() {
   cp "$ROOT/tests/reference/gen_model_oracle.py" "$stage/gen_model_oracle.py"
   cp "$ROOT/tests/reference/attn_peer.py" "$stage/attn_peer.py"
   cp "$ROOT/tests/reference/train_peer.py" "$stage/train_peer.py"
+  cp "$ROOT/tests/reference/compare_adapters.py" "$stage/compare_adapters.py"
   cat > "$stage/gpu-profile" <<'SH'
 #!/usr/bin/env bash
 # Nsight Systems and Nsight Compute on a Llama-3-8B-shaped training step (docs/profiling.md); results in profile-results/.
@@ -261,17 +262,19 @@ SH
 GPU_CHECK_BUDGET="${GPU_CHECK_BUDGET:-480}"   # seconds; an override is for trying the runner out
 GC_SKIP=77
 # name:limit seconds:what it runs. The limits add up to 460 s of the 480 s budget (the rest: kill grace and the summary).
-# (The first H200 run, 2026-12-04, took about 15 s for the CUDA tests, 13 s for both model benches and 9 s for compare.)
+# (The first H200 run, 2026-12-04, took about 15 s for the CUDA tests, 13 s for both model benches and 9 s for compare;
+# tests and compare gave 10 s each to nccl.)
 GPU_SECTIONS=(
   "env:10:nvidia-smi and nativepeft info"
-  "tests:90:the CUDA-dependent tests (filter FullyQualifiedName~cuda|~Cuda; GPU_CHECK_TESTS_FILTER= runs all)"
+  "tests:80:the CUDA-dependent tests (filter FullyQualifiedName~cuda|~Cuda|~Nccl; GPU_CHECK_TESTS_FILTER= runs all)"
   "kernel-bench:25:bench --device cuda: the 4-bit kernels and transformer ops against a device copy"
   "attention:35:bench --op attention --device cuda: ours, forward/backward TFLOP/s and decode GB/s"
   "attention-sdpa:40:attn_peer.py: PyTorch SDPA on the same shapes, then ours/SDPA per shape (python3 with torch)"
   "model-bench:30:bench --model small --device cuda --steps 5, bf16 with --profile, then fp32"
   "llama8b:100:bench --model llama3-8b --device cuda (LoRA and QLoRA, 4 x 1024, 3 timed steps), then train_peer.py (transformers + PEFT, python3 with torch, transformers, peft; QLoRA with bitsandbytes) on the same shape: ours/peer"
-  "compare:40:compare --device cuda: full, LoRA and QLoRA on the built-in model (the main job)"
+  "compare:30:compare --device cuda: full, LoRA and QLoRA on the built-in model (the main job)"
   "generate:20:generate --device cuda with the LoRA adapter compare trained (KV cache), and without it"
+  "nccl:20:train --nproc 1 --device cuda with NATIVEPEFT_DIST_BACKEND=nccl (a 1-rank job through the launcher) against the same run without --nproc: compare_adapters.py (python3, standard library)"
   "bnb:15:bnb_crosscheck.py: our 4-bit files against bitsandbytes' (python3 with torch, safetensors, bitsandbytes)"
   "peft:35:peft_crosscheck.py: our adapters and merges in transformers + PEFT and theirs here (python3 with torch, transformers, peft)"
   "oracle:20:gen_model_oracle.py: transformers + PEFT write the whole-model oracle into build/oracle/ (copy it to tests/NativePeft.Tests/Data/oracle/ and commit; python3 with torch, transformers, peft, safetensors)"
@@ -311,7 +314,7 @@ gc_env() {
 # The CUDA-dependent tests (the fixtures run as "cuda" and the Cuda namespace; the filter is case-sensitive; CPU and emulator tests are CI's,
 # and the whole suite does not fit the budget); GPU_CHECK_TESTS_FILTER="" runs every test, another value that filter.
 gc_tests() {
-  local log="$GC_DIR/tests.txt" rc line cuda stop filter="${GPU_CHECK_TESTS_FILTER-FullyQualifiedName~cuda|FullyQualifiedName~Cuda}" args=()
+  local log="$GC_DIR/tests.txt" rc line cuda stop filter="${GPU_CHECK_TESTS_FILTER-FullyQualifiedName~cuda|FullyQualifiedName~Cuda|FullyQualifiedName~Nccl}" args=()
   [ -n "$filter" ] && args+=(--filter "$filter")
   # The test runner's own --timeout, 30 s before the section's limit, still writes the TRX of what ran.
   stop=$(( ${GC_LIMIT:-0} - 30 ))
@@ -434,6 +437,32 @@ gc_generate() {
   [ -d "$adapter" ] || stats="${stats:+$stats; }no adapter run: compare left none"
   gc_headline "$stats"
   return $rc
+}
+
+# Data-parallel training on NCCL with one GPU (docs/distributed.md): the built-in model's LoRA run, once plain and once
+# as a 1-rank job through the launcher (`train --nproc 1`, the worker reading RANK/WORLD_SIZE/... and
+# NATIVEPEFT_DIST_BACKEND=nccl): the adapters must agree (compare_adapters.py: every tensor within rtol 1e-3 of its
+# largest value, "bit-identical" when they are). A world of 1 trains on the one-process path (the Trainer uses a
+# communicator from 2 ranks on), so NCCL's own 1-rank checks are the tests section's (FullyQualifiedName~Nccl); the
+# training path through NCCL needs two GPUs (docs/gpu-validation.md, "The next run").
+gc_nccl() {
+  local log="$GC_DIR/nccl.txt" dir=build/nccl-check r head
+  local args=(train --model builtin --data builtin --device cuda --steps 5 --batch 4 --seq 64 --seed 3)
+  rm -rf "$dir"; mkdir -p "$dir"; : > "$log"
+  ./NativePeft.Cli "${args[@]}" --out "$dir/plain" 2>&1 | tee -a "$log"; r=${PIPESTATUS[0]}
+  [ "$r" = 0 ] || { gc_headline "the plain run failed (exit $r)"; return "$r"; }
+  NATIVEPEFT_DIST_BACKEND=nccl NATIVEPEFT_DIST_TIMEOUT=60 ./NativePeft.Cli "${args[@]}" --nproc 1 --out "$dir/nccl" 2>&1 | tee -a "$log"
+  r=${PIPESTATUS[0]}
+  [ "$r" = 0 ] || { gc_headline "train --nproc 1 (nccl) failed (exit $r): $(grep -E '^error' "$log" | head -1 | head -c 200)"; return "$r"; }
+  if ! grep -q '^train: .*a job of 1 rank' "$log"; then
+    gc_headline "the --nproc 1 run was not a 1-rank job: $(grep '^train: ' "$log" | tail -1 | head -c 200)"
+    return 1
+  fi
+  have python3 || { gc_headline "both runs trained; python3 not found to compare the adapters"; return 1; }
+  python3 ./compare_adapters.py "$dir/plain/adapter" "$dir/nccl/adapter" --rtol 1e-3 2>&1 | tee -a "$log"; r=${PIPESTATUS[0]}
+  head="$(sed -n 's/^headline: //p' "$log" | tail -1)"
+  gc_headline "launcher --nproc 1 (nccl) vs plain: ${head:-compare_adapters.py failed (exit $r)}"
+  return "$r"
 }
 
 gc_bnb() {

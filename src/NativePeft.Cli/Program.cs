@@ -29,7 +29,7 @@ public static class Program
             BenchCommand.Create(stdout),
             EvalCommand.Create(stdout),
             EstimateCommand.Create(stdout),
-            TrainCommand.Create(stdout),
+            TrainCommand.Create(stdout, stderr),
             CompareCommand.Create(stdout),
             MergeCommand.Create(stdout),
             PretrainCommand.Create(stdout),
@@ -65,6 +65,13 @@ public static class Program
         {
             // Non-finite logits or merged weights anywhere a command did not name its option (e.g. train's exact-match
             // generation): the message names the tensor or token position.
+            stderr.WriteLine("error: " + e.Message);
+            return 1;
+        }
+        catch (NativePeft.Distributed.CommunicatorException e)
+        {
+            // A data-parallel job that another rank ended (its failure, abort, death) or a rendezvous that timed out:
+            // the message names the rank and the collective; the launcher reports which rank failed first.
             stderr.WriteLine("error: " + e.Message);
             return 1;
         }

@@ -61,6 +61,7 @@ internal static class OptionFlags
     private static readonly Dictionary<string, string> SessionFlags = new(StringComparer.Ordinal)
     {
         ["Model"] = "--model", ["Device"] = "--device", ["DeviceMemory"] = "--device-memory", ["Adapter"] = "--adapter",
+        ["Distributed"] = "data-parallel job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, NATIVEPEFT_DIST_*):",
     };
 
     /// <summary>

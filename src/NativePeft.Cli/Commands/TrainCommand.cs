@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Globalization;
 using Microsoft.Extensions.Logging.Abstractions;
 using NativePeft.Data;
+using NativePeft.Distributed;
 using NativePeft.IO;
 using NativePeft.Modules;
 using NativePeft.Runtime;
@@ -25,7 +26,7 @@ public static class TrainCommand
     public const int ExitDiverged = 3;
     public const int ExitInterrupted = 130;
 
-    public static Command Create(TextWriter stdout)
+    public static Command Create(TextWriter stdout, TextWriter? stderr = null)
     {
         // Every default is the library's (OptionFlags binds each flag to its FineTuneOptions property).
         var d = new FineTuneOptions();
@@ -68,14 +69,29 @@ public static class TrainCommand
             DefaultValueFactory = _ => d.OnNonFinite.ToString().ToLowerInvariant(),
         };
         onNonFinite.AcceptOnlyFromAmong("stop", "skip");
+        var nproc = new Option<int?>("--nproc")
+        {
+            Description = "data-parallel on this node: start N worker processes (one per GPU with --device cuda, CPU ranks with --device cpu) " +
+                          "that train the same run as one process with --grad-accum K×N; --batch and --grad-accum are per worker. " +
+                          "Workers started by torchrun or srun read RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT instead (docs/distributed.md)",
+        };
         var cmd = new Command("train", "Fine-tune a Llama checkpoint with LoRA, QLoRA or full fine-tuning")
         {
             model, data, evalData, method, rank, alpha, dropout, targets, rslora, lr, schedule, warmup, steps, epochs, batch, gradAccum,
             seq, pack, seed, optim, maxGradNorm, weightDecay, evalEvery, evalBatches, saveEvery, resume, device, precision, deviceMemory, recompute, embedding, output, onBadLine,
-            onNonFinite,
+            onNonFinite, nproc,
         };
         cmd.SetAction((parse, cancel) =>
         {
+            var env = DistributedEnvironment.ProcessEnvironment();
+            if (parse.GetValue(nproc) is int n)
+            {
+                Launcher.Check(n, parse.GetValue(device)!, env);
+                return Task.FromResult(Launcher.Run(n, Launcher.WorkerArguments(parse, nproc), stdout, stderr ?? Console.Error, cancel));
+            }
+            DistributedOptions? job;
+            try { job = DistributedEnvironment.Read(env); }
+            catch (DistributedEnvironmentException e) { throw new CliException($"{e.Message} (the data-parallel job's environment, docs/distributed.md)", 2, e); }
             var a = new Args(
                 ModelPath(parse, model), parse.GetValue(data)!, parse.GetValue(evalData)?.FullName, parse.GetValue(method)!,
                 parse.GetValue(rank), parse.GetValue(alpha), parse.GetValue(dropout), parse.GetValue(targets)!, parse.GetValue(rslora),
@@ -84,7 +100,7 @@ public static class TrainCommand
                 parse.GetValue(maxGradNorm), parse.GetValue(evalEvery), parse.GetValue(evalBatches), parse.GetValue(saveEvery),
                 parse.GetValue(resume)?.FullName, parse.GetValue(device)!, parse.GetValue(output)!.FullName) { Recompute = parse.GetValue(recompute), Embedding = parse.GetValue(embedding)!, Pack = parse.GetValue(pack), Precision = parse.GetValue(precision)!, OnBadLine = ParseOnBadLine(parse.GetValue(onBadLine)!),
                 OnNonFinite = parse.GetValue(onNonFinite) == "skip" ? NonFinitePolicy.Skip : NonFinitePolicy.Stop,
-                Given = GivenOptions(parse, cmd), DeviceMemory = parse.GetValue(deviceMemory), WeightDecay = parse.GetValue(weightDecay) };
+                Given = GivenOptions(parse, cmd), DeviceMemory = parse.GetValue(deviceMemory), WeightDecay = parse.GetValue(weightDecay), Distributed = job };
             return Task.FromResult(Run(a, stdout, cancel));
         });
         return cmd;
@@ -170,10 +186,18 @@ public static class TrainCommand
         public string? DeviceMemory { get; init; }
         /// <summary>--weight-decay: AdamW's decoupled weight decay.</summary>
         public double WeightDecay { get; init; } = new FineTuneOptions().WeightDecay;
+        /// <summary>This worker's place in a data-parallel job (<see cref="DistributedEnvironment"/>), null for one process.</summary>
+        public DistributedOptions? Distributed { get; init; }
     }
 
     public static int Run(Args a, TextWriter stdout, CancellationToken externalCancel = default)
     {
+        var job = a.Distributed;
+        if (job is not null)
+        {
+            Launcher.OnWorkerStart(job);
+            if (job.Rank > 0) stdout = TextWriter.Null; // rank 0 reports; the others' errors reach stderr
+        }
         // ---- the options on their own: the command line's choices here (so that the message names the flag), every
         // value in the library (FineTune.ValidateOptions), its refusal named by OptionFlags
         string[] methods = ["lora", "qlora", "full"], schedules = ["constant", "linear", "cosine"];
@@ -193,7 +217,7 @@ public static class TrainCommand
             Steps = a.Steps, Epochs = a.Epochs, BatchSize = a.Batch, GradAccum = a.GradAccum, SeqLen = a.Seq, Pack = a.Pack,
             Lr = a.Lr, Schedule = LrSchedule.Parse(a.Schedule), WarmupSteps = a.Warmup, MaxGradNorm = a.MaxGradNorm, WeightDecay = a.WeightDecay,
             EvalEvery = a.EvalEvery, EvalBatches = a.EvalBatches, SaveEvery = a.SaveEvery, Optimizer = a.Optim,
-            OutputDir = a.Out, ResumeFrom = a.Resume, OnNonFinite = a.OnNonFinite,
+            OutputDir = a.Out, ResumeFrom = a.Resume, OnNonFinite = a.OnNonFinite, Distributed = job,
             ExtraConfig = new Dictionary<string, string> { ["model"] = a.Model, ["data"] = a.Data, ["device"] = a.Device, ["method"] = a.Method },
         };
         OptionFlags.Guard(() => FineTune.ValidateOptions(options), "train");
@@ -230,7 +254,7 @@ public static class TrainCommand
         // --resume is checked by FineTune.Create once it holds --out: taking the lock restores a checkpoint that a killed
         // run left renamed (OutputFolder.Recover).
         if (File.Exists(a.Out)) throw new CliException($"--out {a.Out}: is a file");
-        if (a.Resume is null && OutputFolder.HasContent(a.Out))
+        if (a.Resume is null && job is not { Rank: > 0 } && OutputFolder.HasContent(a.Out)) // rank 0 alone owns --out
             throw new CliException($"--out {a.Out}: the folder exists and is not empty (choose a new one, or --resume a checkpoint)");
 
         using var run = OptionFlags.Guard(() => FineTune.Create(options, new WarningLogger(stdout)), "train");
@@ -247,6 +271,7 @@ public static class TrainCommand
             if (p.Eval is { } e) { stdout.WriteLine(EvalLine(e)); lastEvalShown = e.Step; }
         };
         var trainer = OptionFlags.Guard(() => run.CreateTrainer(progress: new ActionProgress<TrainerProgress>(p => sink(p))));
+        if (job is not null) Launcher.InjectFault(job, () => trainer.Step);
         // Cadences longer than the run would never fire (the final evaluation happens anyway): refused, nothing written yet.
         RefuseUnused(a.Given, [
             .. a.SaveEvery > trainer.TotalSteps ? [("--save-every", $"{a.SaveEvery} is more than the run's {trainer.TotalSteps} steps: no checkpoint would be written")] : Array.Empty<(string, string)>(),
@@ -254,7 +279,10 @@ public static class TrainCommand
         ]);
 
         stdout.WriteLine($"train: {a.Method} on {a.Model} ({ckptConfig.NumHiddenLayers} layers, hidden {ckptConfig.HiddenSize}), {trainingData.Train.Count} examples, " +
-            $"{trainer.TotalSteps} steps of {a.GradAccum}×{a.Batch}×{a.Seq}{(a.Pack ? " packed" : "")}, {llama.TrainableParameters.Sum(p => p.Param.Count)} trainable parameters, {a.Device}");
+            $"{trainer.TotalSteps} steps of {a.GradAccum}×{a.Batch}×{a.Seq}{(a.Pack ? " packed" : "")}, {llama.TrainableParameters.Sum(p => p.Param.Count)} trainable parameters, {a.Device}" +
+            (job is null ? "" : job.WorldSize == 1 ? ", a job of 1 rank (trains as one process)"
+                : $", {job.WorldSize} ranks (global batch {a.GradAccum}×{a.Batch}×{job.WorldSize} rows)" +
+                  (trainer.AllReduceBytes > 0 ? $", all-reduce {Output.Bytes(trainer.AllReduceBytes)} per step" : "")));
         if (a.Resume is not null) stdout.WriteLine($"resumed at step {trainer.Step} from {a.Resume}");
 
         using var cts = CancellationTokenSource.CreateLinkedTokenSource(externalCancel);

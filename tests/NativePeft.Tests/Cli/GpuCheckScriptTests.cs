@@ -76,7 +76,7 @@ public class GpuCheckScriptTests
         Assert.That(sum.Success, Is.True, output);
         Assert.That(int.Parse(sum.Groups[1].Value), Is.LessThanOrEqualTo(480), output);
         var limits = Regex.Matches(output, @"^  (\S+) +(\d+) s  ", RegexOptions.Multiline).Select(m => (m.Groups[1].Value, int.Parse(m.Groups[2].Value))).ToList();
-        Assert.That(limits.Select(l => l.Item1), Is.SupersetOf(new[] { "tests", "kernel-bench", "attention", "attention-sdpa", "llama8b", "compare", "peft", "oracle" }), output);
+        Assert.That(limits.Select(l => l.Item1), Is.SupersetOf(new[] { "tests", "kernel-bench", "attention", "attention-sdpa", "llama8b", "compare", "nccl", "peft", "oracle" }), output);
         Assert.That(limits.Sum(l => l.Item2), Is.EqualTo(int.Parse(sum.Groups[1].Value)), output);
         Assert.That(limits.Sum(l => l.Item2), Is.LessThanOrEqualTo(460), "20 s of the budget left for kill grace and the summary");
     }
@@ -85,7 +85,7 @@ public class GpuCheckScriptTests
     public void TheBundleCarriesThePeerScriptsTheSectionsRun()
     {
         string script = File.ReadAllText(BuildScript());
-        foreach (var peer in new[] { "attn_peer.py", "train_peer.py", "gen_model_oracle.py" })
+        foreach (var peer in new[] { "attn_peer.py", "train_peer.py", "gen_model_oracle.py", "compare_adapters.py" })
         {
             Assert.That(script, Does.Contain($"cp \"$ROOT/tests/reference/{peer}\" \"$stage/{peer}\""), peer + " is copied into the bundle");
             Assert.That(script, Does.Contain($"python3 ./{peer}"), peer + " is run by a section");
