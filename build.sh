@@ -442,9 +442,10 @@ gc_generate() {
 # Data-parallel training on NCCL with one GPU (docs/distributed.md): the built-in model's LoRA run, once plain and once
 # as a 1-rank job through the launcher (`train --nproc 1`, the worker reading RANK/WORLD_SIZE/... and
 # NATIVEPEFT_DIST_BACKEND=nccl): the adapters must agree (compare_adapters.py: every tensor within rtol 1e-3 of its
-# largest value, "bit-identical" when they are). A world of 1 trains on the one-process path (the Trainer uses a
-# communicator from 2 ranks on), so NCCL's own 1-rank checks are the tests section's (FullyQualifiedName~Nccl); the
-# training path through NCCL needs two GPUs (docs/gpu-validation.md, "The next run").
+# largest value, "bit-identical" when they are). An explicit nccl backend makes a world of 1 run the data-parallel step
+# over a 1-rank NCCL communicator (premultiplied bucket all-reduces on NCCL's stream, host collectives on its bootstrap),
+# so this checks the training path through NCCL on one GPU; NCCL's own 1-rank checks are the tests section's
+# (FullyQualifiedName~Nccl); two GPUs: docs/gpu-validation.md, "The next run".
 gc_nccl() {
   local log="$GC_DIR/nccl.txt" dir=build/nccl-check r head
   local args=(train --model builtin --data builtin --device cuda --steps 5 --batch 4 --seq 64 --seed 3)
@@ -454,8 +455,8 @@ gc_nccl() {
   NATIVEPEFT_DIST_BACKEND=nccl NATIVEPEFT_DIST_TIMEOUT=60 ./NativePeft.Cli "${args[@]}" --nproc 1 --out "$dir/nccl" 2>&1 | tee -a "$log"
   r=${PIPESTATUS[0]}
   [ "$r" = 0 ] || { gc_headline "train --nproc 1 (nccl) failed (exit $r): $(grep -E '^error' "$log" | head -1 | head -c 200)"; return "$r"; }
-  if ! grep -q '^train: .*a job of 1 rank' "$log"; then
-    gc_headline "the --nproc 1 run was not a 1-rank job: $(grep '^train: ' "$log" | tail -1 | head -c 200)"
+  if ! grep -q '^train: .*a job of 1 rank (the data-parallel step over nccl)' "$log"; then
+    gc_headline "the --nproc 1 run did not train through NCCL: $(grep '^train: ' "$log" | tail -1 | head -c 200)"
     return 1
   fi
   have python3 || { gc_headline "both runs trained; python3 not found to compare the adapters"; return 1; }

@@ -280,8 +280,9 @@ public static class TrainCommand
 
         stdout.WriteLine($"train: {a.Method} on {a.Model} ({ckptConfig.NumHiddenLayers} layers, hidden {ckptConfig.HiddenSize}), {trainingData.Train.Count} examples, " +
             $"{trainer.TotalSteps} steps of {a.GradAccum}×{a.Batch}×{a.Seq}{(a.Pack ? " packed" : "")}, {llama.TrainableParameters.Sum(p => p.Param.Count)} trainable parameters, {a.Device}" +
-            (job is null ? "" : job.WorldSize == 1 ? ", a job of 1 rank (trains as one process)"
-                : $", {job.WorldSize} ranks (global batch {a.GradAccum}×{a.Batch}×{job.WorldSize} rows)" +
+            (job is null ? "" : job.WorldSize == 1
+                ? (trainer.CommunicatorBackend is { } one ? $", a job of 1 rank (the data-parallel step over {one})" : ", a job of 1 rank (trains as one process)")
+                : $", {job.WorldSize} ranks over {trainer.CommunicatorBackend} (global batch {a.GradAccum}×{a.Batch}×{job.WorldSize} rows)" +
                   (trainer.AllReduceBytes > 0 ? $", all-reduce {Output.Bytes(trainer.AllReduceBytes)} per step" : "")));
         if (a.Resume is not null) stdout.WriteLine($"resumed at step {trainer.Step} from {a.Resume}");
 

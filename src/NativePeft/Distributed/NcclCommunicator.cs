@@ -32,16 +32,31 @@ public sealed class NcclCommunicator : ICommunicator
     private long _seq;
 
     /// <summary>Joins the group on <paramref name="ops"/>' CUDA device (LOCAL_RANK picks the device when ops are made).</summary>
-    public NcclCommunicator(DistributedOptions options, IOps ops)
+    public NcclCommunicator(DistributedOptions options, IOps ops) : this(options, ops, bootstrap: null) { }
+
+    /// <summary>
+    /// As the public constructor, over a group the ranks already joined (<paramref name="bootstrap"/>, made with
+    /// bindAnyAddress for a job that spans machines): FineTune joins first, before it opens the device, so that a rank
+    /// failing to set up ends the others. The communicator owns the bootstrap from then on, also when this throws.
+    /// </summary>
+    internal NcclCommunicator(DistributedOptions options, IOps ops, TcpCommunicator? bootstrap)
     {
         ArgumentNullException.ThrowIfNull(options);
         ArgumentNullException.ThrowIfNull(ops);
         if (ops.Device is not CudaGpu gpu)
+        {
+            bootstrap?.Dispose();
             throw new ArgumentException($"the nccl backend needs ops on a CUDA device, not {ops.Name}; use the cpu backend", nameof(ops));
-        if (!NcclLibrary.TryLoad(out _, out string reason)) throw new InvalidOperationException(reason);
+        }
+        if (!NcclLibrary.TryLoad(out _, out string reason))
+        {
+            bootstrap?.Abort(reason);
+            bootstrap?.Dispose();
+            throw new InvalidOperationException(reason);
+        }
         _options = options;
         _gpu = gpu;
-        _bootstrap = new TcpCommunicator(options, bindAnyAddress: true, jobCheck: "nccl");
+        _bootstrap = bootstrap ?? new TcpCommunicator(options, bindAnyAddress: true, jobCheck: "nccl");
         try
         {
             var id = new NcclNative.UniqueId();

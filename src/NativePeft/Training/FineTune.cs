@@ -114,7 +114,7 @@ public sealed partial class FineTune : IDisposable
         try
         {
             var run = Create(o, logger, comm);
-            run._comm = comm;
+            run._comm ??= comm; // the NCCL communicator when Create made one over this bootstrap
             return run;
         }
         catch (Exception e)
@@ -126,20 +126,39 @@ public sealed partial class FineTune : IDisposable
     }
 
     /// <summary>
-    /// The communicator of <see cref="FineTuneOptions.Distributed"/>, or null for one process. The "cpu" backend
-    /// (<see cref="TcpCommunicator"/>) serves every device for now (CUDA tensors are staged through the host); "auto"
-    /// picks it until the NCCL communicator is in.
+    /// The group of <see cref="FineTuneOptions.Distributed"/>, joined over TCP before the device is opened (so that a rank
+    /// failing to set up ends the others), or null for one process. It is the "cpu" backend's communicator, or the
+    /// bootstrap that <see cref="Create(FineTuneOptions, ILogger{Trainer}, ICommunicator?)"/> turns into the NCCL one
+    /// once the CUDA ops exist (<see cref="UsesNccl"/>). A world of 1 is the plain run, unless Backend "nccl" is asked
+    /// for explicitly: then the one rank trains through a 1-rank NCCL communicator (how one GPU checks that path).
     /// </summary>
     private static ICommunicator? CreateCommunicator(FineTuneOptions o)
     {
-        if (o.Distributed is not { IsDistributed: true } d) return null;
-        if (d.Backend == "nccl")
-            throw new FineTuneException(nameof(o.Distributed), "nccl: this build has no NCCL communicator yet; use Backend cpu (or auto)");
-        try { return new TcpCommunicator(d); }
+        if (o.Distributed is not { } d) return null;
+        bool nccl = UsesNccl(o);
+        if (!d.IsDistributed && !(nccl && Backend(d) == "nccl")) return null;
+        try { return new TcpCommunicator(d, bindAnyAddress: nccl, jobCheck: nccl ? "nccl" : ""); }
         catch (Exception e) when (e is ArgumentException or CommunicatorException or System.Net.Sockets.SocketException or IOException)
         {
             throw new FineTuneException(nameof(o.Distributed), $"rank {d.Rank} of {d.WorldSize} at {d.MasterAddr}:{d.MasterPort}: {e.Message}", e);
         }
+    }
+
+    private static string Backend(DistributedOptions d) => (d.Backend ?? "auto").Trim().ToLowerInvariant();
+
+    /// <summary>
+    /// Whether the job's gradients travel over NCCL: Backend "nccl", or "auto" on a CUDA device (Device "cuda", or "auto"
+    /// where a CUDA device is present); else the "cpu" backend (<see cref="TcpCommunicator"/>, loopback only).
+    /// </summary>
+    private static bool UsesNccl(FineTuneOptions o)
+    {
+        if (o.Distributed is not { } d) return false;
+        return Backend(d) switch
+        {
+            "nccl" => true,
+            "auto" => o.Device == "cuda" || (o.Device == "auto" && CudaDevices.TryCount(out int n, out _) && n > 0),
+            _ => false,
+        };
     }
 
     private static FineTune Create(FineTuneOptions o, ILogger<Trainer> logger, ICommunicator? comm)
@@ -190,6 +209,17 @@ public sealed partial class FineTune : IDisposable
 
             string? temp = o.OutputDir is null ? Directory.CreateTempSubdirectory("nativepeft-finetune-").FullName : null;
             var run = new FineTune(o, modelDir, session, tokenizer, model, session.DeviceName, logger, Path.GetFullPath(o.OutputDir ?? temp!), temp);
+            // NCCL needs the CUDA ops; the group joined over TCP becomes its bootstrap (unique id, host collectives, aborts).
+            if (comm is TcpCommunicator bootstrap && UsesNccl(o))
+            {
+                if (session.Ops?.Device?.Properties.Kind != GpuKind.Cuda)
+                    throw new FineTuneException(nameof(o.Distributed), $"the nccl backend needs a CUDA device, and this run is on {session.DeviceName}; use Backend cpu (NATIVEPEFT_DIST_BACKEND=cpu)");
+                try { run._comm = new NcclCommunicator(o.Distributed!, session.Ops, bootstrap); }
+                catch (Exception e) when (e is InvalidOperationException or ArgumentException or CommunicatorException or CudaException)
+                {
+                    throw new FineTuneException(nameof(o.Distributed), $"nccl: {e.Message}", e);
+                }
+            }
             run._outputLock = outputLock;
             if (data is { } d) run.SetData(d.Data, d.Skipped, d.Messages);
             run.Truncation = truncation;
@@ -351,6 +381,8 @@ public sealed partial class FineTune : IDisposable
             if (dist.LocalRank < 0) throw new FineTuneException(nameof(o.Distributed), $"LocalRank {dist.LocalRank}: must be >= 0");
             if (dist.Backend is not ("auto" or "cpu" or "nccl"))
                 throw new FineTuneException(nameof(o.Distributed), $"Backend {dist.Backend}: expected auto, cpu or nccl");
+            if (dist.Backend == "nccl" && o.Device is "cpu" or "emulator")
+                throw new FineTuneException(nameof(o.Distributed), $"Backend nccl: needs Device cuda (or auto on a machine with a CUDA device), not {o.Device}; the cpu backend serves cpu and emulator ranks");
             if (dist.IsDistributed && o.OutputDir is null)
                 throw new FineTuneException(nameof(o.OutputDir), "null: the ranks of a data-parallel run need one shared output folder (rank 0 writes it)");
         }

@@ -35,6 +35,8 @@ public sealed partial class Trainer
 
     /// <summary>Ranks of the data-parallel run (1 without a communicator).</summary>
     public int WorldSize => _comm?.WorldSize ?? 1;
+    /// <summary>The backend the gradients travel over ("nccl", "cpu"), or null when the step is the plain one-process step.</summary>
+    public string? CommunicatorBackend => _comm?.Backend;
     /// <summary>This trainer's rank (0 without a communicator).</summary>
     public int Rank => _comm?.Rank ?? 0;
     /// <summary>Micro-batches per optimizer step over all ranks: grad-accum × world size.</summary>

@@ -113,7 +113,9 @@ public sealed partial class Trainer : IDisposable
         _logger = logger ?? (ILogger)NullLogger.Instance;
         _progress = progress;
         _full = model.Options.FullFineTuning;
-        if (communicator is { WorldSize: > 1 })
+        // A world of 1 is the plain step, except over NCCL: a 1-rank NCCL job runs the data-parallel step, so that one GPU
+        // checks the path (gpu-check's nccl section; the result equals the plain run's to rounding).
+        if (communicator is { WorldSize: > 1 } or { Backend: "nccl" })
         {
             _comm = communicator;
             if (_comm.Rank != 0)

@@ -257,7 +257,7 @@ public class LaunchCliTests
         Assert.That(two.ExitCode, Is.EqualTo(0), two.ToString());
         var one = CliProcess.RunWith(Env(), [.. common, "--grad-accum", "2", "--out", dir["one"]]);
         Assert.That(one.ExitCode, Is.EqualTo(0), one.ToString());
-        Assert.That(two.Stdout, Does.Contain("2 ranks (global batch 1×2×2 rows), all-reduce 584.0 KiB per step"), "149504 fp32 gradients\n" + two);
+        Assert.That(two.Stdout, Does.Contain("2 ranks over cpu (global batch 1×2×2 rows), all-reduce 584.0 KiB per step"), "149504 fp32 gradients\n" + two);
         Assert.That(two.Stderr, Does.Not.Contain("[rank 1]"), "rank 1 says nothing when all is well\n" + two);
         Assert.That(Regex.Matches(two.Stdout, @"^step \d+/3 ", RegexOptions.Multiline), Has.Count.EqualTo(3), "rank 0's step lines, once each\n" + two);
 
