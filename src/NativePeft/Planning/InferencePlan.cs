@@ -86,13 +86,7 @@ public sealed record InferencePlanOptions
         if (MaxNewTokens <= 0) throw new ArgumentOutOfRangeException(nameof(MaxNewTokens), MaxNewTokens, "max new tokens must be positive");
         if ((long)PromptTokens + MaxNewTokens > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(MaxNewTokens), "prompt + new tokens is too large");
         if (Seq <= 0) throw new ArgumentOutOfRangeException(nameof(Seq), Seq, $"seq {Seq} must be positive");
-        if (ComputeDType is not (DType.F32 or DType.BF16 or DType.F64))
-            throw new ArgumentException($"compute dtype {ComputeDType} is not supported (F32, BF16, or F64 on the CPU)", nameof(ComputeDType));
-        if (ComputeDType == DType.F64 && Device != PlanDevice.Cpu) throw new ArgumentException("compute dtype F64 exists on the CPU only", nameof(ComputeDType));
-        if (ComputeDType == DType.BF16 && Device != PlanDevice.Gpu) throw new ArgumentException("compute dtype BF16 is planned for the GPU only", nameof(ComputeDType));
-        if (BaseWeightDType is { } b && b != DType.BF16 && b != ComputeDType)
-            throw new ArgumentException($"base weight dtype {b} is not supported (BF16 or the compute dtype)", nameof(BaseWeightDType));
-        if (CrossEntropyChunk <= 0) throw new ArgumentOutOfRangeException(nameof(CrossEntropyChunk), CrossEntropyChunk, "must be positive");
+        PlanOptions.ValidateCompute(ComputeDType, BaseWeightDType, Device, CrossEntropyChunk);
         if (LoraRank is { } r) new LoraSettings { Rank = r, TargetModules = LoraTargets }.Validate();
         if (Quantization != BaseQuantization.None) Quant4Bit.ValidateBlocksize(Blocksize);
     }
