@@ -73,23 +73,18 @@ public static class CompareCommand
         var data = new Option<string>("--data") { Description = "dataset file (pre-tokenized/text/alpaca/chat JSONL, .txt) or 'builtin' (upper: word -> WORD)", DefaultValueFactory = _ => d.Data };
         var evalData = new Option<string?>("--eval-data") { Description = "eval dataset file for the eval loss (the built-in task has its own held-out split)" };
         var methods = new Option<string>("--methods") { Description = "comma-separated: full, lora, qlora", DefaultValueFactory = _ => d.Methods };
-        var rank = new Option<int>("--rank") { Description = "LoRA r", DefaultValueFactory = _ => d.Rank };
-        var alpha = new Option<double>("--alpha") { Description = "lora_alpha", DefaultValueFactory = _ => d.Alpha };
-        var dropout = new Option<double>("--dropout") { Description = "lora_dropout", DefaultValueFactory = _ => d.Dropout };
-        var targets = new Option<string>("--targets") { Description = "comma-separated target modules", DefaultValueFactory = _ => d.Targets };
+        var (rank, alpha, dropout, targets) = TrainCommand.LoraOptionGroup(d.Rank, d.Alpha, d.Dropout, d.Targets);
         var steps = new Option<int>("--steps") { Description = "optimizer steps of each method", DefaultValueFactory = _ => d.Steps };
         var lr = new Option<double>("--lr") { Description = "peak learning rate of LoRA and QLoRA (and of full fine-tuning unless --lr-full)", DefaultValueFactory = _ => d.Lr };
         var lrFull = new Option<double?>("--lr-full") { Description = "peak learning rate of full fine-tuning (default: --lr)" };
         var warmup = new Option<int>("--warmup") { Description = "linear warmup steps, then cosine to 0", DefaultValueFactory = _ => d.Warmup };
         var batch = new Option<int>("--batch") { Description = "rows per step", DefaultValueFactory = _ => d.Batch };
         var seq = new Option<int>("--seq") { Description = "sequence length", DefaultValueFactory = _ => d.Seq };
-        var pack = new Option<bool>("--pack") { Description = "pack several examples into each row; each stays its own document (positions restart, attention and targets never cross a boundary)" };
+        var pack = TrainCommand.PackOption();
         var seed = new Option<int>("--seed") { Description = "seed of data order, LoRA init and dropout (the same for every method)", DefaultValueFactory = _ => d.Seed };
-        var optim = new Option<string>("--optim") { Description = string.Join('|', OptimizerFactory.Names), DefaultValueFactory = _ => d.Optim };
+        var optim = TrainCommand.OptimOption(d.Optim);
         var exact = new Option<int>("--exact-match-samples") { Description = "held-out built-in problems for exact match (0 = all 200)", DefaultValueFactory = _ => d.ExactMatchSamples };
-        var device = DeviceOption.Create("cpu", "cpu (the C# reference), or the kernels on auto (CUDA when present, else the emulator) | cuda | emulator");
-        var precision = DeviceOption.CreatePrecision();
-        var deviceMemory = DeviceOption.CreateMemory();
+        var (device, precision, deviceMemory) = DeviceOption.CreateRun("cpu", "cpu (the C# reference), or the kernels on auto (CUDA when present, else the emulator) | cuda | emulator");
         var output = new Option<string>("--out") { Description = "output folder (new or empty) for report.md, metrics.json, compare.png", DefaultValueFactory = _ => d.Out };
         var onBadLine = TrainCommand.OnBadLineOption();
         var cmd = new Command("compare", "Fine-tune the same model on the same data with full, LoRA and QLoRA and print the measured table")

@@ -17,6 +17,18 @@ internal static class DeviceOption
         return option;
     }
 
+    /// <summary>The options of a command that runs a model: --device (see <see cref="Create"/>), --precision, --device-memory.</summary>
+    public static (Option<string> Device, Option<string> Precision, Option<string?> Memory) CreateRun(string defaultValue, string description) =>
+        (Create(defaultValue, description), CreatePrecision(), CreateMemory());
+
+    /// <summary>--quantize nf4|fp4 (none when not given): load the base's linear weights in 4 bits (generate and eval).</summary>
+    public static Option<string?> CreateQuantize(string description)
+    {
+        var option = new Option<string?>("--quantize") { Description = description };
+        option.AcceptOnlyFromAmong("nf4", "fp4");
+        return option;
+    }
+
     /// <summary>Null for "cpu"; otherwise the device, or a CliException saying why it is unavailable.</summary>
     public static IGpu? Open(string name) =>
         name == "cpu" ? null : GpuFactory.TryCreate(name, out var reason) ?? throw new CliException($"--device {name}: {reason}");

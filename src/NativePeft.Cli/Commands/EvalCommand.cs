@@ -24,11 +24,8 @@ public static class EvalCommand
         var adapter = new Option<string?>("--adapter") { Description = "PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) applied to the base" };
         var data = new Option<FileInfo>("--data") { Description = "dataset file in any format train reads: pre-tokenized JSONL (each line a separate sequence), {\"text\": ...} JSONL, .txt, Alpaca records, chat {\"messages\": ...} JSONL", Required = true };
         var seq = new Option<int>("--seq") { Description = "sequence length the text formats (.txt, text JSONL) are packed into", DefaultValueFactory = _ => 128 };
-        var quantize = new Option<string?>("--quantize") { Description = "quantize the linear weights on load: nf4 or fp4 (blocksize 64, double quant)" };
-        quantize.AcceptOnlyFromAmong("nf4", "fp4");
-        var device = DeviceOption.Create("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator (see --precision)");
-        var precision = DeviceOption.CreatePrecision();
-        var deviceMemory = DeviceOption.CreateMemory();
+        var quantize = DeviceOption.CreateQuantize("quantize the linear weights on load: nf4 or fp4 (blocksize 64, double quant)");
+        var (device, precision, deviceMemory) = DeviceOption.CreateRun("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator (see --precision)");
         var json = new Option<bool>("--json") { Description = "print {\"loss\": …, \"perplexity\": …, \"tokens\": …}" };
         var cmd = new Command("eval", "Mean next-token cross-entropy and perplexity of a Llama checkpoint on a dataset (any format train reads)")
         {

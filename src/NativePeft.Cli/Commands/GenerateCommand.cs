@@ -31,11 +31,8 @@ public static class GenerateCommand
         var topP = new Option<double>("--top-p") { Description = "nucleus sampling: keep the most likely tokens up to this cumulative probability, (0, 1]", DefaultValueFactory = _ => d.TopP };
         var topK = new Option<int>("--top-k") { Description = "keep only the k most likely tokens (0 = off)", DefaultValueFactory = _ => d.TopK };
         var seed = new Option<ulong>("--seed") { Description = "seed of the sampler (the same seed gives the same tokens)", DefaultValueFactory = _ => d.Seed };
-        var quantize = new Option<string?>("--quantize") { Description = "load the base in 4 bits as QLoRA does: nf4 (or fp4), blocksize 64, double quant" };
-        quantize.AcceptOnlyFromAmong("nf4", "fp4");
-        var device = DeviceOption.Create("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator");
-        var precision = DeviceOption.CreatePrecision();
-        var deviceMemory = DeviceOption.CreateMemory();
+        var quantize = DeviceOption.CreateQuantize("load the base in 4 bits as QLoRA does: nf4 (or fp4), blocksize 64, double quant");
+        var (device, precision, deviceMemory) = DeviceOption.CreateRun("cpu", "cpu (the C# reference, fp32), or the kernels on auto|cuda|emulator");
         var json = new Option<bool>("--json") { Description = "print one JSON object: prompt, completion, token ids, counts, tokens/s" };
         var cmd = new Command("generate", "Generate text with a Llama model (and a LoRA adapter), greedy or sampled, with a KV cache")
         {

@@ -34,10 +34,7 @@ public static class TrainCommand
         var data = new Option<string>("--data") { Description = "dataset file (pre-tokenized/text/alpaca/chat JSONL, .txt) or 'builtin' for the built-in task (upper: word -> WORD)", Required = true };
         var evalData = new Option<FileInfo?>("--eval-data") { Description = "eval dataset file (same formats) for loss/perplexity; 'builtin' uses its own held-out split" };
         var method = new Option<string>("--method") { Description = "lora (bf16-stored base), qlora (NF4 double-quant base) or full", DefaultValueFactory = _ => d.Method.ToString().ToLowerInvariant() };
-        var rank = new Option<int>("--rank") { Description = "LoRA r", DefaultValueFactory = _ => d.Lora.Rank };
-        var alpha = new Option<double>("--alpha") { Description = "lora_alpha", DefaultValueFactory = _ => d.Lora.Alpha };
-        var dropout = new Option<double>("--dropout") { Description = "lora_dropout", DefaultValueFactory = _ => d.Lora.Dropout };
-        var targets = new Option<string>("--targets") { Description = "comma-separated target modules", DefaultValueFactory = _ => string.Join(',', d.Lora.TargetModules) };
+        var (rank, alpha, dropout, targets) = LoraOptionGroup(d.Lora.Rank, d.Lora.Alpha, d.Lora.Dropout, string.Join(',', d.Lora.TargetModules));
         var rslora = new Option<bool>("--rslora") { Description = "use_rslora: scale by alpha/sqrt(r)" };
         var lr = new Option<double>("--lr") { Description = "peak learning rate", DefaultValueFactory = _ => d.Lr };
         var schedule = new Option<string>("--schedule") { Description = "constant|linear|cosine (after the warmup)", DefaultValueFactory = _ => d.Schedule.ToString().ToLowerInvariant() };
@@ -47,18 +44,16 @@ public static class TrainCommand
         var batch = new Option<int>("--batch") { Description = "rows per micro-batch", DefaultValueFactory = _ => d.BatchSize };
         var gradAccum = new Option<int>("--grad-accum") { Description = "micro-batches per optimizer step (token-weighted)", DefaultValueFactory = _ => d.GradAccum };
         var seq = new Option<int>("--seq") { Description = "sequence length (longer examples are truncated)", DefaultValueFactory = _ => d.SeqLen };
-        var pack = new Option<bool>("--pack") { Description = "pack several examples into each row; each stays its own document (positions restart, attention and targets never cross a boundary)" };
+        var pack = PackOption();
         var seed = new Option<int>("--seed") { Description = "seed of data order, LoRA init and dropout", DefaultValueFactory = _ => d.Seed };
-        var optim = new Option<string>("--optim") { Description = string.Join('|', OptimizerFactory.Names), DefaultValueFactory = _ => d.Optimizer };
+        var optim = OptimOption(d.Optimizer);
         var maxGradNorm = new Option<double>("--max-grad-norm") { Description = "global-norm clipping (0 = off)", DefaultValueFactory = _ => d.MaxGradNorm };
         var weightDecay = new Option<double>("--weight-decay") { Description = "AdamW's decoupled weight decay (0 = off)", DefaultValueFactory = _ => d.WeightDecay };
         var evalEvery = new Option<int>("--eval-every") { Description = "evaluate every N steps (0 = at the end only)", DefaultValueFactory = _ => d.EvalEvery };
         var evalBatches = new Option<int>("--eval-batches") { Description = "eval batches per evaluation (0 = all)", DefaultValueFactory = _ => d.EvalBatches };
         var saveEvery = new Option<int>("--save-every") { Description = "write checkpoint-<step>/ every N steps (0 = never)", DefaultValueFactory = _ => d.SaveEvery };
         var resume = new Option<DirectoryInfo?>("--resume") { Description = "continue from a checkpoint-<step> folder" };
-        var device = DeviceOption.Create(d.Device, "cpu (the C# reference), or the kernels on auto|cuda|emulator");
-        var precision = DeviceOption.CreatePrecision();
-        var deviceMemory = DeviceOption.CreateMemory();
+        var (device, precision, deviceMemory) = DeviceOption.CreateRun(d.Device, "cpu (the C# reference), or the kernels on auto|cuda|emulator");
         var recompute = new Option<bool>("--recompute") { Description = "gradient checkpointing: keep only each block's input, recompute the block in the backward" };
         var embedding = EmbeddingOption();
         var output = new Option<DirectoryInfo>("--out") { Description = "output folder (new or empty, or the run's own folder with --resume)", Required = true };
@@ -126,6 +121,24 @@ public static class TrainCommand
         try { return FineTune.ResolveEmbeddingOnHost(setting, method, tiedEmbedding, gpu); }
         catch (FineTuneException e) { throw new CliException($"--embedding {e.Detail}", 2, e); }
     }
+
+    /// <summary>--rank, --alpha, --dropout, --targets (comma-separated) with the given defaults (train and compare).</summary>
+    internal static (Option<int> Rank, Option<double> Alpha, Option<double> Dropout, Option<string> Targets) LoraOptionGroup(
+        int rank, double alpha, double dropout, string targets) =>
+        (new Option<int>("--rank") { Description = "LoRA r", DefaultValueFactory = _ => rank },
+         new Option<double>("--alpha") { Description = "lora_alpha", DefaultValueFactory = _ => alpha },
+         new Option<double>("--dropout") { Description = "lora_dropout", DefaultValueFactory = _ => dropout },
+         new Option<string>("--targets") { Description = "comma-separated target modules", DefaultValueFactory = _ => targets });
+
+    /// <summary>--pack: several examples per row, each its own document (train and compare).</summary>
+    internal static Option<bool> PackOption() => new("--pack")
+    {
+        Description = "pack several examples into each row; each stays its own document (positions restart, attention and targets never cross a boundary)",
+    };
+
+    /// <summary>--optim NAME, one of <see cref="OptimizerFactory.Names"/> (train and compare).</summary>
+    internal static Option<string> OptimOption(string defaultValue) =>
+        new("--optim") { Description = string.Join('|', OptimizerFactory.Names), DefaultValueFactory = _ => defaultValue };
 
     /// <summary>--on-bad-line stop|skip: what a JSONL data line that is not valid does (train and compare).</summary>
     internal static Option<string> OnBadLineOption()

@@ -128,29 +128,31 @@ public sealed class NcclCommunicator : ICommunicator
     /// output (count/N elements) = this rank's slice of Σ_ranks input (count elements); the slices in rank order.
     /// Ordered like <see cref="AllReduceAsync"/>. For sharded optimizer states (ZeRO-1).
     /// </summary>
-    public ICommRequest ReduceScatterAsync(IOps ops, Tensor input, Tensor output)
-    {
-        ArgumentNullException.ThrowIfNull(input);
-        ArgumentNullException.ThrowIfNull(output);
-        if (input.DType != output.DType || input.Count != output.Count * WorldSize)
-            throw new ArgumentException($"reduce-scatter needs an output of the input's dtype and count/{WorldSize}: {input} → {output}");
-        var dtype = DataType(input.DType);
-        return Enqueue(ops, $"reduce_scatter ({input.DType}, {input.Count} elements)", stream =>
-            NcclNative.ncclReduceScatter((IntPtr)input.Data.Address, (IntPtr)output.Data.Address, (nuint)output.Count, dtype, NcclNative.Sum, _comm, stream),
-            "ncclReduceScatter");
-    }
+    public ICommRequest ReduceScatterAsync(IOps ops, Tensor input, Tensor output) =>
+        EnqueueCollective(ops, input, output, gather: false);
 
     /// <summary>output (N·count elements) = every rank's input (count elements), in rank order.</summary>
-    public ICommRequest AllGatherAsync(IOps ops, Tensor input, Tensor output)
+    public ICommRequest AllGatherAsync(IOps ops, Tensor input, Tensor output) =>
+        EnqueueCollective(ops, input, output, gather: true);
+
+    /// <summary>
+    /// Reduce-scatter (<paramref name="gather"/> false: output holds count/N of the input's elements) or all-gather
+    /// (true: output holds N·count): checks the shapes, then enqueues the NCCL call.
+    /// </summary>
+    private ICommRequest EnqueueCollective(IOps ops, Tensor input, Tensor output, bool gather)
     {
         ArgumentNullException.ThrowIfNull(input);
         ArgumentNullException.ThrowIfNull(output);
-        if (input.DType != output.DType || output.Count != input.Count * WorldSize)
-            throw new ArgumentException($"all-gather needs an output of the input's dtype and {WorldSize}·count: {input} → {output}");
+        var (name, small, large) = gather ? ("all_gather", input, output) : ("reduce_scatter", output, input);
+        if (input.DType != output.DType || large.Count != small.Count * WorldSize)
+            throw new ArgumentException(gather
+                ? $"all-gather needs an output of the input's dtype and {WorldSize}·count: {input} → {output}"
+                : $"reduce-scatter needs an output of the input's dtype and count/{WorldSize}: {input} → {output}");
         var dtype = DataType(input.DType);
-        return Enqueue(ops, $"all_gather ({input.DType}, {input.Count} elements)", stream =>
-            NcclNative.ncclAllGather((IntPtr)input.Data.Address, (IntPtr)output.Data.Address, (nuint)input.Count, dtype, _comm, stream),
-            "ncclAllGather");
+        return Enqueue(ops, $"{name} ({input.DType}, {input.Count} elements)", stream => gather
+            ? NcclNative.ncclAllGather((IntPtr)input.Data.Address, (IntPtr)output.Data.Address, (nuint)small.Count, dtype, _comm, stream)
+            : NcclNative.ncclReduceScatter((IntPtr)input.Data.Address, (IntPtr)output.Data.Address, (nuint)small.Count, dtype, NcclNative.Sum, _comm, stream),
+            gather ? "ncclAllGather" : "ncclReduceScatter");
     }
 
     public void AllReduceHost(Span<double> values)

@@ -236,18 +236,8 @@ public sealed partial class LlamaModel : IDisposable
         if (options.ComputeDType == DType.BF16 && ops is CpuOps)
             throw new ArgumentException("ComputeDType: BF16 (mixed precision) runs on the GPU ops (CUDA or the emulator); the CPU reference computes in F32 or F64",
                 nameof(LlamaModelOptions.ComputeDType));
-        if (options.Lora is { } lora)
-        {
-            foreach (var (shortName, path) in LlamaDecoderLayer.Projections)
-            {
-                if (!lora.TargetModules.Contains(shortName)) continue;
-                var shape = config.LayerTensors(0).First(t => t.Name.EndsWith(path + ".weight", StringComparison.Ordinal)).Shape;
-                long max = Math.Min(shape[0], shape[1]);
-                if (lora.Rank > max)
-                    throw new ArgumentOutOfRangeException(nameof(LoraSettings.Rank), lora.Rank,
-                        $"r (LoRA rank) {lora.Rank} is larger than min(in, out) = {max} of {path} [{shape[0]}, {shape[1]}]");
-            }
-        }
+        if (options.Lora?.RankProblem(config) is { } problem)
+            throw new ArgumentOutOfRangeException(nameof(LoraSettings.Rank), options.Lora.Rank, problem);
         var layout = ModelLayoutOptions.For(options, source.StoredQuantization());
         var arena = new TensorArena(ops.Memory);
         try
@@ -894,6 +884,18 @@ public sealed partial class LlamaModel : IDisposable
 
     // ------------------------------------------------------------------------------------------ buffers
 
+    /// <summary>Computes the RoPE cos/sin tables (<paramref name="rows"/> × <paramref name="half"/>) in <typeparamref name="T"/> and uploads them.</summary>
+    private void UploadRopeTables<T>(int rows, int half, RopeScaling? scaling, Tensor cos, Tensor sin)
+        where T : unmanaged, System.Numerics.IFloatingPointIeee754<T>
+    {
+        var inv = RopeRef.InverseFrequencies<T>(Config.HeadDim, Config.RopeTheta, scaling);
+        var c = new T[rows * half];
+        var sn = new T[rows * half];
+        RopeRef.Tables<T>(rows, inv, c, sn);
+        _ops.Upload<T>(c, cos);
+        _ops.Upload<T>(sn, sin);
+    }
+
     private void EnsureRope(int seqLen)
     {
         if (_ropeCos is not null && _ropeRows >= seqLen) return;
@@ -910,24 +912,8 @@ public sealed partial class LlamaModel : IDisposable
         {
             var cos = arena.Allocate(specs.Single(t => t.Name == "rope.cos"));
             var sin = arena.Allocate(specs.Single(t => t.Name == "rope.sin"));
-            if (StatisticsDType == DType.F64)
-            {
-                var inv = RopeRef.InverseFrequencies<double>(Config.HeadDim, Config.RopeTheta, scaling);
-                var c = new double[rows * half];
-                var sn = new double[rows * half];
-                RopeRef.Tables<double>(rows, inv, c, sn);
-                _ops.Upload<double>(c, cos);
-                _ops.Upload<double>(sn, sin);
-            }
-            else
-            {
-                var inv = RopeRef.InverseFrequencies<float>(Config.HeadDim, Config.RopeTheta, scaling);
-                var c = new float[rows * half];
-                var sn = new float[rows * half];
-                RopeRef.Tables<float>(rows, inv, c, sn);
-                _ops.Upload<float>(c, cos);
-                _ops.Upload<float>(sn, sin);
-            }
+            if (StatisticsDType == DType.F64) UploadRopeTables<double>(rows, half, scaling, cos, sin);
+            else UploadRopeTables<float>(rows, half, scaling, cos, sin);
             _ropeCos = cos;
             _ropeSin = sin;
             _ropeRows = rows;

@@ -93,6 +93,14 @@ public sealed class GpuQuantOps
     // Device-pointer launches
     // ------------------------------------------------------------------------------------------
 
+    /// <summary>Checks the blocksize and the element count <paramref name="n"/>, then names the kernel of <paramref name="op"/>.</summary>
+    private static string CheckedKernel(string op, QuantType quantType, DType dtype, long n, int blocksize)
+    {
+        ValidateBlocksize(blocksize);
+        CheckCount(n, nameof(n));
+        return KernelName(op, quantType, dtype);
+    }
+
     /// <summary>
     /// Blockwise 4-bit quantization of n elements of <paramref name="inputDtype"/> at <paramref name="x"/>:
     /// writes ceil(n / blocksize) fp32 <paramref name="absmax"/> and (n + 1) / 2 bytes <paramref name="packed"/>.
@@ -101,9 +109,7 @@ public sealed class GpuQuantOps
     public void Quantize4bit(QuantType quantType, DType inputDtype, DevicePtr x, long n, int blocksize,
                              DevicePtr absmax, DevicePtr packed)
     {
-        ValidateBlocksize(blocksize);
-        CheckCount(n, nameof(n));
-        string kernel = KernelName("quantize_4bit", quantType, inputDtype);
+        string kernel = CheckedKernel("quantize_4bit", quantType, inputDtype, n, blocksize);
         if (n == 0)
             return;
         long tasks = QuantizeWarpTasks(n, blocksize);
@@ -118,9 +124,7 @@ public sealed class GpuQuantOps
     public void Dequantize4bit(QuantType quantType, DType outputDtype, DevicePtr packed, DevicePtr absmax, long n,
                                int blocksize, DevicePtr output)
     {
-        ValidateBlocksize(blocksize);
-        CheckCount(n, nameof(n));
-        string kernel = KernelName("dequantize_4bit", quantType, outputDtype);
+        string kernel = CheckedKernel("dequantize_4bit", quantType, outputDtype, n, blocksize);
         if (n == 0)
             return;
         _gpu.Launch(kernel, Grid(KernelLaunch.CeilDiv(n, 16), ThreadsPerBlock), ThreadsPerBlock, 0, // 16 elements a thread
@@ -138,10 +142,8 @@ public sealed class GpuQuantOps
     public void Dequantize4bitDoubleQuant(QuantType quantType, DType outputDtype, DevicePtr packed, DevicePtr qabsmax, DevicePtr code256,
                                           DevicePtr nestedAbsmax, DevicePtr offset, long firstBlock, long n, int blocksize, DevicePtr output)
     {
-        ValidateBlocksize(blocksize);
-        CheckCount(n, nameof(n));
+        string kernel = CheckedKernel("dequantize_4bit_dq", quantType, outputDtype, n, blocksize);
         CheckCount(firstBlock, nameof(firstBlock));
-        string kernel = KernelName("dequantize_4bit_dq", quantType, outputDtype);
         if (n == 0)
             return;
         _gpu.Launch(kernel, Grid(KernelLaunch.CeilDiv(n, 16), ThreadsPerBlock), ThreadsPerBlock, 0, // 16 elements a thread

@@ -86,13 +86,7 @@ public sealed record InferencePlanOptions
         if (MaxNewTokens <= 0) throw new ArgumentOutOfRangeException(nameof(MaxNewTokens), MaxNewTokens, "max new tokens must be positive");
         if ((long)PromptTokens + MaxNewTokens > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(MaxNewTokens), "prompt + new tokens is too large");
         if (Seq <= 0) throw new ArgumentOutOfRangeException(nameof(Seq), Seq, $"seq {Seq} must be positive");
-        if (ComputeDType is not (DType.F32 or DType.BF16 or DType.F64))
-            throw new ArgumentException($"compute dtype {ComputeDType} is not supported (F32, BF16, or F64 on the CPU)", nameof(ComputeDType));
-        if (ComputeDType == DType.F64 && Device != PlanDevice.Cpu) throw new ArgumentException("compute dtype F64 exists on the CPU only", nameof(ComputeDType));
-        if (ComputeDType == DType.BF16 && Device != PlanDevice.Gpu) throw new ArgumentException("compute dtype BF16 is planned for the GPU only", nameof(ComputeDType));
-        if (BaseWeightDType is { } b && b != DType.BF16 && b != ComputeDType)
-            throw new ArgumentException($"base weight dtype {b} is not supported (BF16 or the compute dtype)", nameof(BaseWeightDType));
-        if (CrossEntropyChunk <= 0) throw new ArgumentOutOfRangeException(nameof(CrossEntropyChunk), CrossEntropyChunk, "must be positive");
+        PlanOptions.ValidateCompute(ComputeDType, BaseWeightDType, Device, CrossEntropyChunk);
         if (LoraRank is { } r) new LoraSettings { Rank = r, TargetModules = LoraTargets }.Validate();
         if (Quantization != BaseQuantization.None) Quant4Bit.ValidateBlocksize(Blocksize);
     }
@@ -299,60 +293,44 @@ public sealed class InferencePlan
         return rows;
     }
 
-    public string ToTable()
-    {
-        var rows = Rows();
-        int w = rows.Max(r => r.Category.Length);
-        var sb = new StringBuilder();
-        foreach (var (category, _, bytes) in rows)
-            sb.Append(category.PadRight(w)).Append("  ").Append(bytes.ToString(CultureInfo.InvariantCulture).PadLeft(15))
-              .Append("  ").Append(MemoryPlan.FormatBytes(bytes)).Append('\n');
-        return sb.ToString();
-    }
+    public string ToTable() => PlanText.Table(Rows());
 
     /// <summary>JSON: the options, every category and its parts in bytes, the pool's arenas ("pool_*") and "total_bytes".</summary>
     public string ToJson()
     {
         var o = Options;
+        var json = new PlanText();
         var inv = CultureInfo.InvariantCulture;
-        var sb = new StringBuilder("{\n");
-        void Field(string key, string value, bool last = false) => sb.Append("  \"").Append(key).Append("\": ").Append(value).Append(last ? "\n" : ",\n");
-        static string S(string s) => "\"" + s.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
-        Field("mode", S(o.Mode == InferenceMode.Generate ? "generate" : "eval"));
+        json.Field("mode", PlanText.Str(o.Mode == InferenceMode.Generate ? "generate" : "eval"));
         if (o.Mode == InferenceMode.Generate)
         {
-            Field("max_length", o.MaxLength.ToString(inv));
-            Field("prompt_tokens", o.PromptTokens.ToString(inv));
-            Field("max_new_tokens", o.MaxNewTokens.ToString(inv));
+            json.Field("max_length", o.MaxLength);
+            json.Field("prompt_tokens", o.PromptTokens);
+            json.Field("max_new_tokens", o.MaxNewTokens);
         }
-        else Field("seq", o.Seq.ToString(inv));
-        Field("quantization", S(o.Quantization.ToString().ToLowerInvariant()));
-        Field("rank", o.LoraRank?.ToString(inv) ?? "null");
-        Field("targets", o.LoraRank is null ? "[]" : "[" + string.Join(", ", o.LoraTargets.Select(S)) + "]");
-        Field("compute_dtype", S(o.ComputeDType.ToString().ToLowerInvariant()));
-        Field("device", S(o.Device.ToString().ToLowerInvariant()));
-        Field("total_parameters", TotalParameterCount.ToString(inv));
-        Field("base_weights_bytes", BaseWeightBytes.ToString(inv));
-        Field("quantization_state_bytes", QuantizationStateBytes.ToString(inv));
-        Field("adapters_bytes", AdapterBytes.ToString(inv));
-        Field("adapter_gradients_bytes", AdapterGradientBytes.ToString(inv));
-        Field("kv_cache_bytes", KvCacheBytes.ToString(inv));
-        Field("activations_bytes", ActivationBytes.ToString(inv));
-        Field("workspaces_bytes", WorkspaceBytes.ToString(inv));
-        Field("dequant_scratch_bytes", DequantScratchBytes.ToString(inv));
-        Field("rope_table_bytes", RopeTableBytes.ToString(inv));
-        Field("forward_workspace_bytes", ForwardWorkspaceBytes.ToString(inv));
-        Field("transient_workspace_bytes", TransientWorkspaceBytes.ToString(inv));
-        Field("parameter_bytes", ParameterBytes.ToString(inv));
+        else json.Field("seq", o.Seq);
+        json.Field("quantization", PlanText.Lower(o.Quantization));
+        json.Field("rank", o.LoraRank?.ToString(inv) ?? "null");
+        json.Field("targets", o.LoraRank is null ? "[]" : "[" + string.Join(", ", o.LoraTargets.Select(PlanText.Str)) + "]");
+        json.Field("compute_dtype", PlanText.Lower(o.ComputeDType));
+        json.Field("device", PlanText.Lower(o.Device));
+        json.Field("total_parameters", TotalParameterCount);
+        json.Field("base_weights_bytes", BaseWeightBytes);
+        json.Field("quantization_state_bytes", QuantizationStateBytes);
+        json.Field("adapters_bytes", AdapterBytes);
+        json.Field("adapter_gradients_bytes", AdapterGradientBytes);
+        json.Field("kv_cache_bytes", KvCacheBytes);
+        json.Field("activations_bytes", ActivationBytes);
+        json.Field("workspaces_bytes", WorkspaceBytes);
+        json.Field("dequant_scratch_bytes", DequantScratchBytes);
+        json.Field("rope_table_bytes", RopeTableBytes);
+        json.Field("forward_workspace_bytes", ForwardWorkspaceBytes);
+        json.Field("transient_workspace_bytes", TransientWorkspaceBytes);
+        json.Field("parameter_bytes", ParameterBytes);
         int alignment = o.Device == PlanDevice.Gpu ? Ops.DevicePool.GpuAlignment : Ops.DevicePool.HostAlignment;
         var aligned = Aligned(alignment);
-        Field("pool_alignment", alignment.ToString(inv));
-        Field("pool_persistent_bytes", aligned.PersistentArenaBytes.ToString(inv));
-        Field("pool_rope_tables_bytes", aligned.RopeArenaBytes.ToString(inv));
-        Field("pool_transient_bytes", aligned.TransientArenaBytes.ToString(inv));
-        Field("total_bytes", TotalBytes.ToString(inv), last: true);
-        sb.Append('}');
-        return sb.ToString();
+        json.Pool(alignment, aligned.PersistentArenaBytes, aligned.RopeArenaBytes, aligned.TransientArenaBytes);
+        return json.Finish(TotalBytes);
     }
 
     public override string ToString() => ToTable();

@@ -316,16 +316,7 @@ public sealed class MemoryPlan
     ];
 
     /// <summary>A plain-text table: category, bytes, human-readable size.</summary>
-    public string ToTable()
-    {
-        var rows = Rows();
-        int w = rows.Max(r => r.Category.Length);
-        var sb = new StringBuilder();
-        foreach (var (category, _, bytes) in rows)
-            sb.Append(category.PadRight(w)).Append("  ").Append(bytes.ToString(CultureInfo.InvariantCulture).PadLeft(15))
-              .Append("  ").Append(FormatBytes(bytes)).Append('\n');
-        return sb.ToString();
-    }
+    public string ToTable() => PlanText.Table(Rows());
 
     /// <summary>
     /// JSON: the options, every category in bytes ("base_weights_bytes", …, "workspaces_bytes"), its parts, the
@@ -334,47 +325,40 @@ public sealed class MemoryPlan
     public string ToJson()
     {
         var o = Options;
+        var json = new PlanText();
         var inv = CultureInfo.InvariantCulture;
-        var sb = new StringBuilder("{\n");
-        void Field(string key, string value, bool last = false) => sb.Append("  \"").Append(key).Append("\": ").Append(value).Append(last ? "\n" : ",\n");
-        static string S(string s) => "\"" + s.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
-        Field("method", S(o.Method.ToString().ToLowerInvariant()));
-        Field("rank", o.Method == FineTuneMethod.Full ? "null" : o.Rank.ToString(inv));
-        Field("targets", o.Method == FineTuneMethod.Full ? "[]" : "[" + string.Join(", ", o.Targets.Select(S)) + "]");
-        Field("batch", o.Batch.ToString(inv));
-        Field("seq", o.Seq.ToString(inv));
-        Field("recompute", o.Recompute ? "true" : "false");
-        Field("embedding_on_host", o.EmbeddingOnHost ? "true" : "false");
-        Field("optimizer", S(o.Optimizer));
-        Field("compute_dtype", S(o.ComputeDType.ToString().ToLowerInvariant()));
-        Field("device", S(o.Device.ToString().ToLowerInvariant()));
+        json.Field("method", PlanText.Lower(o.Method));
+        json.Field("rank", o.Method == FineTuneMethod.Full ? "null" : o.Rank.ToString(inv));
+        json.Field("targets", o.Method == FineTuneMethod.Full ? "[]" : "[" + string.Join(", ", o.Targets.Select(PlanText.Str)) + "]");
+        json.Field("batch", o.Batch);
+        json.Field("seq", o.Seq);
+        json.Field("recompute", o.Recompute);
+        json.Field("embedding_on_host", o.EmbeddingOnHost);
+        json.Field("optimizer", PlanText.Str(o.Optimizer));
+        json.Field("compute_dtype", PlanText.Lower(o.ComputeDType));
+        json.Field("device", PlanText.Lower(o.Device));
         if (o.WorldSize > 1)
         {
-            Field("world_size", o.WorldSize.ToString(inv));
-            Field("all_reduce_bytes_per_step", AllReduceBytes.ToString(inv));
-            Field("ring_traffic_bytes_per_rank_per_step", RingTrafficBytesPerRank.ToString(inv));
+            json.Field("world_size", o.WorldSize);
+            json.Field("all_reduce_bytes_per_step", AllReduceBytes);
+            json.Field("ring_traffic_bytes_per_rank_per_step", RingTrafficBytesPerRank);
         }
-        Field("total_parameters", TotalParameterCount.ToString(inv));
-        Field("trainable_parameters", TrainableParameterCount.ToString(inv));
+        json.Field("total_parameters", TotalParameterCount);
+        json.Field("trainable_parameters", TrainableParameterCount);
         foreach (var (_, key, bytes) in Rows())
-            if (key != "total") Field(key + "_bytes", bytes.ToString(inv));
-        Field("dequant_scratch_bytes", DequantScratchBytes.ToString(inv));
-        Field("rope_table_bytes", RopeTableBytes.ToString(inv));
-        Field("optimizer_map_bytes", OptimizerMapBytes.ToString(inv));
-        Field("transient_workspace_bytes", TransientWorkspaceBytes.ToString(inv));
-        Field("lora_scratch_bytes", LoraScratchBytes.ToString(inv));
-        Field("parameter_bytes", ParameterBytes.ToString(inv));
-        Field("first_step_peak_bytes", FirstStepPeakBytes.ToString(inv));
+            if (key != "total") json.Field(key + "_bytes", bytes);
+        json.Field("dequant_scratch_bytes", DequantScratchBytes);
+        json.Field("rope_table_bytes", RopeTableBytes);
+        json.Field("optimizer_map_bytes", OptimizerMapBytes);
+        json.Field("transient_workspace_bytes", TransientWorkspaceBytes);
+        json.Field("lora_scratch_bytes", LoraScratchBytes);
+        json.Field("parameter_bytes", ParameterBytes);
+        json.Field("first_step_peak_bytes", FirstStepPeakBytes);
         // What Ops.DevicePool reserves for this plan (every tensor rounded up to its alignment).
         int alignment = o.Device == PlanDevice.Gpu ? Ops.DevicePool.GpuAlignment : Ops.DevicePool.HostAlignment;
         var (persistent, ropeTables, transient) = Ops.DevicePool.Reservations(this, alignment);
-        Field("pool_alignment", alignment.ToString(inv));
-        Field("pool_persistent_bytes", persistent.ToString(inv));
-        Field("pool_rope_tables_bytes", ropeTables.ToString(inv));
-        Field("pool_transient_bytes", transient.ToString(inv));
-        Field("total_bytes", TotalBytes.ToString(inv), last: true);
-        sb.Append('}');
-        return sb.ToString();
+        json.Pool(alignment, persistent, ropeTables, transient);
+        return json.Finish(TotalBytes);
     }
 
     public override string ToString() => ToTable();

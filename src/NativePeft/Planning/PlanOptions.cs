@@ -103,6 +103,23 @@ public sealed record PlanOptions
     public bool EightBitOptimizer => Optimizer.Contains("8bit", StringComparison.Ordinal);
     public bool PagedOptimizer => Optimizer.StartsWith("paged-", StringComparison.Ordinal);
 
+    /// <summary>
+    /// The checks a training and an inference plan share: the compute dtype (F32, BF16 on the GPU, F64 on the CPU), the
+    /// base weights' dtype (BF16 or the compute dtype) and a positive cross-entropy chunk; ArgumentException naming the option.
+    /// </summary>
+    internal static void ValidateCompute(DType computeDType, DType? baseWeightDType, PlanDevice device, int crossEntropyChunk)
+    {
+        if (computeDType is not (DType.F32 or DType.BF16 or DType.F64))
+            throw new ArgumentException($"compute dtype {computeDType} is not supported (F32, BF16, or F64 on the CPU)", nameof(ComputeDType));
+        if (computeDType == DType.F64 && device != PlanDevice.Cpu)
+            throw new ArgumentException("compute dtype F64 exists on the CPU only", nameof(ComputeDType));
+        if (computeDType == DType.BF16 && device != PlanDevice.Gpu)
+            throw new ArgumentException("compute dtype BF16 is planned for the GPU only", nameof(ComputeDType));
+        if (baseWeightDType is { } b && b != DType.BF16 && b != computeDType)
+            throw new ArgumentException($"base weight dtype {b} is not supported (BF16 or the compute dtype)", nameof(BaseWeightDType));
+        if (crossEntropyChunk <= 0) throw new ArgumentOutOfRangeException(nameof(CrossEntropyChunk), crossEntropyChunk, "must be positive");
+    }
+
     /// <summary>Throws ArgumentException naming the option for a value the plan cannot describe.</summary>
     public void Validate()
     {
@@ -116,15 +133,7 @@ public sealed record PlanOptions
         if ((long)Batch * Seq > int.MaxValue) throw new ArgumentOutOfRangeException(nameof(Seq), $"batch·seq = {(long)Batch * Seq} tokens is too large");
         if (!OptimizerFactory.Names.Contains(Optimizer))
             throw new ArgumentException($"optimizer '{Optimizer}' is unknown: expected one of {string.Join(", ", OptimizerFactory.Names)}", nameof(Optimizer));
-        if (ComputeDType is not (DType.F32 or DType.BF16 or DType.F64))
-            throw new ArgumentException($"compute dtype {ComputeDType} is not supported (F32, BF16, or F64 on the CPU)", nameof(ComputeDType));
-        if (ComputeDType == DType.F64 && Device != PlanDevice.Cpu)
-            throw new ArgumentException("compute dtype F64 exists on the CPU only", nameof(ComputeDType));
-        if (ComputeDType == DType.BF16 && Device != PlanDevice.Gpu)
-            throw new ArgumentException("compute dtype BF16 is planned for the GPU only", nameof(ComputeDType));
-        if (BaseWeightDType is { } b && b != DType.BF16 && b != ComputeDType)
-            throw new ArgumentException($"base weight dtype {b} is not supported (BF16 or the compute dtype)", nameof(BaseWeightDType));
-        if (CrossEntropyChunk <= 0) throw new ArgumentOutOfRangeException(nameof(CrossEntropyChunk), CrossEntropyChunk, "must be positive");
+        ValidateCompute(ComputeDType, BaseWeightDType, Device, CrossEntropyChunk);
         if (Method != FineTuneMethod.Full)
         {
             new LoraSettings { Rank = Rank, Alpha = Alpha, Dropout = Dropout, TargetModules = Targets }.Validate();

@@ -52,18 +52,28 @@ public static class Quant4Bit
     {
         CheckArgs(values.Length, packed.Length, absmax.Length, quantType, blocksize);
         CheckElementType<T>();
-        int blocks = (int)BlockCount(values.Length, blocksize);
+        ForBlockChunks(values.Length, blocksize, (first, end) =>
+            QuantizeBlocks(values.Span, packed.Span, absmax.Span, quantType, blocksize, first, end));
+    }
+
+    /// <summary>
+    /// Runs <paramref name="blocks"/>(first, end) over the ceil(n / blocksize) blocks: in one call when they fit one
+    /// chunk of <see cref="ElementsPerChunk"/> elements, else in parallel over chunks of whole blocks.
+    /// </summary>
+    private static void ForBlockChunks(int n, int blocksize, Action<int, int> blocks)
+    {
+        int count = (int)BlockCount(n, blocksize);
         int blocksPerChunk = Math.Max(1, ElementsPerChunk / blocksize);
-        int chunks = (blocks + blocksPerChunk - 1) / blocksPerChunk;
+        int chunks = (count + blocksPerChunk - 1) / blocksPerChunk;
         if (chunks <= 1)
         {
-            QuantizeBlocks(values.Span, packed.Span, absmax.Span, quantType, blocksize, 0, blocks);
+            blocks(0, count);
             return;
         }
         Parallel.For(0, chunks, c =>
         {
             int first = c * blocksPerChunk;
-            QuantizeBlocks(values.Span, packed.Span, absmax.Span, quantType, blocksize, first, Math.Min(blocks, first + blocksPerChunk));
+            blocks(first, Math.Min(count, first + blocksPerChunk));
         });
     }
 
@@ -229,19 +239,8 @@ public static class Quant4Bit
     {
         CheckArgs(output.Length, packed.Length, absmax.Length, quantType, blocksize);
         CheckElementType<T>();
-        int blocks = (int)BlockCount(output.Length, blocksize);
-        int blocksPerChunk = Math.Max(1, ElementsPerChunk / blocksize);
-        int chunks = (blocks + blocksPerChunk - 1) / blocksPerChunk;
-        if (chunks <= 1)
-        {
-            DequantizeBlocks(packed.Span, absmax.Span, output.Span, quantType, blocksize, 0, blocks);
-            return;
-        }
-        Parallel.For(0, chunks, c =>
-        {
-            int first = c * blocksPerChunk;
-            DequantizeBlocks(packed.Span, absmax.Span, output.Span, quantType, blocksize, first, Math.Min(blocks, first + blocksPerChunk));
-        });
+        ForBlockChunks(output.Length, blocksize, (first, end) =>
+            DequantizeBlocks(packed.Span, absmax.Span, output.Span, quantType, blocksize, first, end));
     }
 
     private static void DequantizeChecked<T>(ReadOnlySpan<byte> packed, ReadOnlySpan<float> absmax, Span<T> output, QuantType quantType, int blocksize)

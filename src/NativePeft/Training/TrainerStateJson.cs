@@ -406,38 +406,37 @@ internal static class TrainerStateJson
         w.WriteEndObject();
     }
 
-    private static void WriteSteps(Utf8JsonWriter w, IReadOnlyList<StepMetrics> steps)
+    private static void WriteSteps(Utf8JsonWriter w, IReadOnlyList<StepMetrics> steps) => WriteObjects(w, "steps", steps, s =>
     {
-        w.WriteStartArray("steps");
-        foreach (var s in steps)
-        {
-            w.WriteStartObject();
-            w.WriteNumber("step", s.Step);
-            Num(w, "loss", s.Loss);
-            Num(w, "lr", s.Lr);
-            Num(w, "tokens_per_s", s.TokensPerSecond);
-            w.WriteNumber("peak_bytes", s.PeakBytes);
-            Num(w, "grad_norm", s.GradNorm);
-            w.WriteNumber("tokens", s.Tokens);
-            Num(w, "seconds", s.Seconds);
-            w.WriteEndObject();
-        }
-        w.WriteEndArray();
-    }
+        w.WriteNumber("step", s.Step);
+        Num(w, "loss", s.Loss);
+        Num(w, "lr", s.Lr);
+        Num(w, "tokens_per_s", s.TokensPerSecond);
+        w.WriteNumber("peak_bytes", s.PeakBytes);
+        Num(w, "grad_norm", s.GradNorm);
+        w.WriteNumber("tokens", s.Tokens);
+        Num(w, "seconds", s.Seconds);
+    });
 
-    private static void WriteEvals(Utf8JsonWriter w, IReadOnlyList<EvalMetrics> evals)
+    private static void WriteEvals(Utf8JsonWriter w, IReadOnlyList<EvalMetrics> evals) => WriteObjects(w, "eval", evals, e =>
     {
-        w.WriteStartArray("eval");
-        foreach (var e in evals)
+        w.WriteNumber("step", e.Step);
+        Num(w, "loss", e.Loss);
+        Num(w, "perplexity", e.Perplexity);
+        w.WriteNumber("tokens", e.Tokens);
+        if (e.ExactMatch is double x) Num(w, "exact_match", x);
+        else w.WriteNull("exact_match");
+        w.WriteNumber("exact_match_count", e.ExactMatchCount);
+    });
+
+    /// <summary>An array <paramref name="name"/> of one object per item, whose properties <paramref name="writeProperties"/> writes.</summary>
+    private static void WriteObjects<T>(Utf8JsonWriter w, string name, IEnumerable<T> items, Action<T> writeProperties)
+    {
+        w.WriteStartArray(name);
+        foreach (var item in items)
         {
             w.WriteStartObject();
-            w.WriteNumber("step", e.Step);
-            Num(w, "loss", e.Loss);
-            Num(w, "perplexity", e.Perplexity);
-            w.WriteNumber("tokens", e.Tokens);
-            if (e.ExactMatch is double x) Num(w, "exact_match", x);
-            else w.WriteNull("exact_match");
-            w.WriteNumber("exact_match_count", e.ExactMatchCount);
+            writeProperties(item);
             w.WriteEndObject();
         }
         w.WriteEndArray();

@@ -47,13 +47,7 @@ public static class AttentionRef
         ReadOnlySpan<int> positions, int batch, int seqLen, int headsQ, int headsKv, int headDim, int maxDegreeOfParallelism = -1)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
-        var shape = new Shape(batch, seqLen, headsQ, headsKv, headDim).Validate();
-        if (!positions.IsEmpty) ValidatePositions(positions, batch, seqLen);
-        shape.Check(q, nameof(q), shape.QLength);
-        shape.Check(k, nameof(k), shape.KvLength);
-        shape.Check(v, nameof(v), shape.KvLength);
-        shape.Check(output, nameof(output), shape.QLength);
-        shape.Check(lse, nameof(lse), shape.LseLength);
+        var shape = CheckForwardArgs<T>(q, k, v, output, lse, positions, batch, seqLen, headsQ, headsKv, headDim);
         if (shape.QLength == 0) return;
         fixed (T* pq = q, pk = k, pv = v, po = output, pl = lse)
         fixed (int* pp = positions)
@@ -108,6 +102,23 @@ public static class AttentionRef
         Backward(dout, q, k, v, output, lse, dq, dk, dv, default, batch, seqLen, headsQ, headsKv, headDim, maxDegreeOfParallelism);
 
     /// <summary>
+    /// Validates the shape and the positions (empty = causal) and checks the lengths of the forward's tensors: q and output B·T·Hq·D,
+    /// k and v B·T·Hkv·D, lse B·Hq·T (the backward reads the forward's inputs and outputs).
+    /// </summary>
+    private static Shape CheckForwardArgs<T>(ReadOnlySpan<T> q, ReadOnlySpan<T> k, ReadOnlySpan<T> v, ReadOnlySpan<T> output,
+        ReadOnlySpan<T> lse, ReadOnlySpan<int> positions, int batch, int seqLen, int headsQ, int headsKv, int headDim)
+    {
+        var shape = new Shape(batch, seqLen, headsQ, headsKv, headDim).Validate();
+        if (!positions.IsEmpty) ValidatePositions(positions, batch, seqLen);
+        shape.Check(q, nameof(q), shape.QLength);
+        shape.Check(k, nameof(k), shape.KvLength);
+        shape.Check(v, nameof(v), shape.KvLength);
+        shape.Check(output, nameof(output), shape.QLength);
+        shape.Check(lse, nameof(lse), shape.LseLength);
+        return shape;
+    }
+
+    /// <summary>
     /// The backward of the packed forward (positions as given to it; empty = causal): the sums over s and t run only
     /// over pairs in the same document.
     /// </summary>
@@ -116,14 +127,8 @@ public static class AttentionRef
         int batch, int seqLen, int headsQ, int headsKv, int headDim, int maxDegreeOfParallelism = -1)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
-        var shape = new Shape(batch, seqLen, headsQ, headsKv, headDim).Validate();
-        if (!positions.IsEmpty) ValidatePositions(positions, batch, seqLen);
+        var shape = CheckForwardArgs(q, k, v, output, lse, positions, batch, seqLen, headsQ, headsKv, headDim);
         shape.Check(dout, nameof(dout), shape.QLength);
-        shape.Check(q, nameof(q), shape.QLength);
-        shape.Check(k, nameof(k), shape.KvLength);
-        shape.Check(v, nameof(v), shape.KvLength);
-        shape.Check(output, nameof(output), shape.QLength);
-        shape.Check(lse, nameof(lse), shape.LseLength);
         shape.Check(dq, nameof(dq), shape.QLength);
         shape.Check(dk, nameof(dk), shape.KvLength);
         shape.Check(dv, nameof(dv), shape.KvLength);
