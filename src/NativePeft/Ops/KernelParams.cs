@@ -33,6 +33,30 @@ internal struct AttnTcParams
 }
 
 /// <summary>
+/// The one parameter of the generic (fp32 and bf16, any head dim) attention kernels (kernels/attention.cu, AttnParams):
+/// attention_forward[_cached]_{f32,bf16}, attention_backward_{preprocess,dkdv,dq}_{f32,bf16}. The tensor pointers'
+/// element type is the kernel's dtype. A kernel reads the fields it needs; the others may stay zero.
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct AttnParams
+{
+    /// <summary>The C struct's sizeof (120, with 4 bytes of tail padding), as the static_assert in attention.cu.</summary>
+    public const int NativeSize = 120;
+
+    public DevicePtr Q, K, V;
+    /// <summary>Forward output [B, Tq, Hq, D] (read by the backward preprocess).</summary>
+    public DevicePtr Out;
+    /// <summary>[B, Hq, Tq] fp32: written by the forward (null: not written), read by the backward.</summary>
+    public DevicePtr Lse;
+    /// <summary>Null, or int32 [B, T] positions inside packed documents (Tq = Tk = T).</summary>
+    public DevicePtr Positions;
+    /// <summary>Backward: dL/d out; delta = rowsum(dout ∘ out) fp32 (written by the preprocess); the outputs dq or dk, dv.</summary>
+    public DevicePtr Dout, Delta, Dq, Dk, Dv;
+    public int B, Tq, Tk, Hq, Hkv, D;
+    public float Scale;
+}
+
+/// <summary>
 /// The one parameter of lora_down_tc_bf16 and lora_bwd_input_tc_bf16 (kernels/lora.cu, LoraTcParams) for up to three
 /// adapters; unused slots (g ≥ Count) hold null pointers and rank 0.
 /// </summary>
