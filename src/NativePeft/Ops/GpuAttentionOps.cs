@@ -274,10 +274,16 @@ public sealed class GpuAttentionOps
         int chunk = (tiles + splits - 1) / splits * DecodeKeyTile;
         long oBytes = (long)batch * headsKv * splits * DecodeRows * headDim * sizeof(float);
         DevicePtr oPart = workspace, lsePart = workspace.Offset(oBytes);
-        _gpu.Launch($"attention_decode_tc_d{headDim}_bf16", new Dim3((uint)splits, (uint)headsKv, (uint)batch), ThreadsPerBlock,
-            DecodeSharedBytes(headDim), q, k, v, oPart, lsePart, batch, queryLen, keyLen, headsQ, headsKv, chunk, Scale(headDim));
-        _gpu.Launch("attention_decode_combine_bf16", new Dim3((uint)(headsQ / headsKv * queryLen), (uint)headsKv, (uint)batch),
-            ThreadsPerBlock, 0, oPart, lsePart, output, lse, batch, queryLen, headsQ, headsKv, splits, headDim);
+        var p = new AttnDecodeParams
+        {
+            Q = q, K = k, V = v, OPart = oPart, LsePart = lsePart, Out = output, Lse = lse,
+            B = batch, Tq = queryLen, Tk = keyLen, Hq = headsQ, Hkv = headsKv, Chunk = chunk, Splits = splits, D = headDim,
+            Scale = Scale(headDim),
+        };
+        _gpu.LaunchWithParams($"attention_decode_tc_d{headDim}_bf16", new Dim3((uint)splits, (uint)headsKv, (uint)batch), ThreadsPerBlock,
+            DecodeSharedBytes(headDim), p);
+        _gpu.LaunchWithParams("attention_decode_combine_bf16", new Dim3((uint)(headsQ / headsKv * queryLen), (uint)headsKv, (uint)batch),
+            ThreadsPerBlock, 0, p);
     }
 
     /// <summary>

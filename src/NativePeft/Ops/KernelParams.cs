@@ -57,6 +57,31 @@ internal struct AttnParams
 }
 
 /// <summary>
+/// The one parameter of the split-KV decode kernels (kernels/attention_decode.cu, AttnDecodeParams):
+/// attention_decode_tc_d{64,128}_bf16 and attention_decode_combine_bf16. A kernel reads the fields it needs; the
+/// others may stay zero.
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct AttnDecodeParams
+{
+    /// <summary>The C struct's sizeof (96, with 4 bytes of tail padding), as the static_assert in attention_decode.cu.</summary>
+    public const int NativeSize = 96;
+
+    public DevicePtr Q, K, V;
+    /// <summary>The splits' partials: O [B, Hkv, splits, 16, D] and lse [B, Hkv, splits, 16] fp32.</summary>
+    public DevicePtr OPart, LsePart;
+    /// <summary>The combine's output [B, Tq, Hq, D] bf16 and lse [B, Hq, Tq] fp32 (null: not written).</summary>
+    public DevicePtr Out, Lse;
+    public int B, Tq, Tk, Hq, Hkv;
+    /// <summary>Decode: keys per split (a multiple of 64).</summary>
+    public int Chunk;
+    /// <summary>Combine: the number of splits and the head dim.</summary>
+    public int Splits, D;
+    /// <summary>Decode: 1 / sqrt(D).</summary>
+    public float Scale;
+}
+
+/// <summary>
 /// The one parameter of lora_down_tc_bf16 and lora_bwd_input_tc_bf16 (kernels/lora.cu, LoraTcParams) for up to three
 /// adapters; unused slots (g ≥ Count) hold null pointers and rank 0.
 /// </summary>

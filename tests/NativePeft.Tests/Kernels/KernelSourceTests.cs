@@ -113,6 +113,9 @@ public class KernelSourceTests
                 "attention_backward_dkdv_bf16", "attention_backward_dq_f32", "attention_backward_dq_bf16",
             }, 0, 1)
             .SetArgDisplayNames("AttnParams");
+        yield return new TestCaseData(typeof(AttnDecodeParams), "AttnDecodeParams", "attention_decode.cu", AttnDecodeParams.NativeSize,
+            new[] { "attention_decode_tc_d64_bf16", "attention_decode_tc_d128_bf16", "attention_decode_combine_bf16" }, 0, 1)
+            .SetArgDisplayNames("AttnDecodeParams");
         yield return new TestCaseData(typeof(LoraTcParams), "LoraTcParams", "lora.cu", LoraTcParams.NativeSize,
             new[] { "lora_down_tc_bf16", "lora_bwd_input_tc_bf16" }, 0, 1)
             .SetArgDisplayNames("LoraTcParams");
