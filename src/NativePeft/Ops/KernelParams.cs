@@ -111,3 +111,28 @@ internal struct LoraTcParams
     /// <summary>1 / (1 − p), the scale of kept elements.</summary>
     public float Scale0, Scale1, Scale2;
 }
+
+/// <summary>
+/// The one parameter of the split reductions lora_down_reduce_bf16 and lora_da_reduce_f32 (kernels/lora.cu,
+/// LoraReduceParams): Dst_g is xa_g [N, r_g] bf16 for the first, dA_g [r_g, in] fp32 for the second; unused slots
+/// (g ≥ Count) hold null pointers and rank 0.
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct LoraReduceParams
+{
+    /// <summary>The C struct's sizeof (64), as the static_assert in lora.cu.</summary>
+    public const int NativeSize = 64;
+
+    /// <summary>The fp32 partials [splits][...], adapters' rows padded to 16.</summary>
+    public DevicePtr Ws;
+    public DevicePtr Dst0, Dst1, Dst2;
+    public int Splits;
+    /// <summary>Down: rows of x.</summary>
+    public int N;
+    /// <summary>The sum of the padded ranks.</summary>
+    public int R;
+    /// <summary>dA: input features.</summary>
+    public int In;
+    public int Count;
+    public int R0, R1, R2;
+}

@@ -119,6 +119,9 @@ public class KernelSourceTests
         yield return new TestCaseData(typeof(LoraTcParams), "LoraTcParams", "lora.cu", LoraTcParams.NativeSize,
             new[] { "lora_down_tc_bf16", "lora_bwd_input_tc_bf16" }, 0, 1)
             .SetArgDisplayNames("LoraTcParams");
+        yield return new TestCaseData(typeof(LoraReduceParams), "LoraReduceParams", "lora.cu", LoraReduceParams.NativeSize,
+            new[] { "lora_down_reduce_bf16", "lora_da_reduce_f32" }, 0, 1)
+            .SetArgDisplayNames("LoraReduceParams");
         yield return new TestCaseData(typeof(NativePeft.Optim.AdamWStepScalars), "AdamWScalars", "optim.cu",
             NativePeft.Optim.AdamWStepScalars.NativeSize, new[] { "adamw_f32" }, 5, 6)
             .SetArgDisplayNames("AdamWScalars(adamw_f32)");
