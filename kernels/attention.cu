@@ -482,56 +482,105 @@ ATTN_UNROLL
 
 }  // namespace attnk
 
-// attention_forward_{f32,bf16}(q, k, v, out, lse (null: not written, inference), positions (null: plain causal;
-//   int32 [B, T]: packed sequences), B, T, Hq, Hkv, D, scale)
-// Launch: grid (ceil(T/32), Hq, B), block 128, dynamic shared (64 * (D + 1) + 32 * 17) * 4 bytes.
-NP_KERNEL_BOUNDED(attention_forward_f32, ATTN_THREADS, (const float* q, const float* k, const float* v, float* out, float* lse, const int* positions,
-                                                        int B, int T, int Hq, int Hkv, int D, float scale))
-{ if ((int)blockIdx.z < B) attnk::forward_body<float>(q, k, v, out, lse, positions, T, T, Hq, Hkv, D, scale); }
-NP_KERNEL_BOUNDED(attention_forward_bf16, ATTN_THREADS, (const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
-                                                         float* lse, const int* positions, int B, int T, int Hq, int Hkv, int D, float scale))
-{ if ((int)blockIdx.z < B) attnk::forward_body<__nv_bfloat16>(q, k, v, out, lse, positions, T, T, Hq, Hkv, D, scale); }
+// The parameters of the kernels below, passed by value as their one parameter (as AttnTcParams for the
+// tensor-core kernels). Mirrored field for field by C# NativePeft.Ops.AttnParams ([StructLayout(Sequential)]);
+// KernelSourceTests compares its size and field offsets with np_layout_AttnParams (below) and the static_assert
+// holds nvcc to the same size. The tensor pointers are void: the kernel's dtype (float or __nv_bfloat16, its
+// name's suffix) is the element type of q, k, v, out, dout, dq, dk, dv. A kernel reads the fields it needs:
+//   forward:             q, k, v, out, lse (null: not written, inference), positions (null: plain causal;
+//                        int32 [B, T]: packed sequences), B, Tq = Tk = T, Hq, Hkv, D, scale
+//   forward_cached:      q, k, v, out, lse (null: not written), B, Tq, Tk, Hq, Hkv, D, scale (positions unused)
+//   backward_preprocess: dout, out, delta (written), B, Tq = T, Hq, D
+//   backward_dkdv / dq:  dout, q, k, v, lse, delta, positions (null or int32 [B, T]), dk, dv or dq, B, Tq = Tk = T,
+//                        Hq, Hkv, D, scale
+struct AttnParams
+{
+    const void* q;          // [B, Tq, Hq, D]
+    const void* k;          // [B, Tk, Hkv, D]
+    const void* v;          // [B, Tk, Hkv, D]
+    void* out;              // forward output [B, Tq, Hq, D] (read by the backward preprocess)
+    float* lse;             // [B, Hq, Tq] fp32
+    const int* positions;   // int32 [B, T] positions inside packed documents, or null
+    const void* dout;       // backward: dL/d out [B, T, Hq, D]
+    float* delta;           // backward: rowsum(dout * out) [B, Hq, T] fp32, written by the preprocess
+    void* dq;               // backward outputs (overwritten)
+    void* dk;
+    void* dv;
+    int B, Tq, Tk, Hq, Hkv, D;
+    float scale;            // 1 / sqrt(D)
+};
+static_assert(sizeof(AttnParams) == 120,
+              "AttnParams: 11 pointers, 7 four-byte fields and 4 bytes of tail padding, as the C# mirror");
 
-// attention_forward_cached_{f32,bf16}(q, k, v, out, lse (null: not written), B, Tq, Tk, Hq, Hkv, D, scale):
+NP_PARAMS_LAYOUT(AttnParams, offsetof(AttnParams, q), offsetof(AttnParams, k), offsetof(AttnParams, v),
+                 offsetof(AttnParams, out), offsetof(AttnParams, lse), offsetof(AttnParams, positions),
+                 offsetof(AttnParams, dout), offsetof(AttnParams, delta), offsetof(AttnParams, dq), offsetof(AttnParams, dk),
+                 offsetof(AttnParams, dv), offsetof(AttnParams, B), offsetof(AttnParams, Tq), offsetof(AttnParams, Tk),
+                 offsetof(AttnParams, Hq), offsetof(AttnParams, Hkv), offsetof(AttnParams, D), offsetof(AttnParams, scale))
+
+// attention_forward_{f32,bf16}(AttnParams: q, k, v, out, lse, positions, B, Tq = Tk = T, Hq, Hkv, D, scale)
+// Launch: grid (ceil(T/32), Hq, B), block 128, dynamic shared (64 * (D + 1) + 32 * 17) * 4 bytes.
+#define ATTN_FWD(SUFFIX, T)                                                                                            \
+    NP_KERNEL_BOUNDED(attention_forward_##SUFFIX, ATTN_THREADS, (const __grid_constant__ AttnParams p))                \
+    {                                                                                                                  \
+        if ((int)blockIdx.z < p.B)                                                                                     \
+            attnk::forward_body<T>(static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v), \
+                                   static_cast<T*>(p.out), p.lse, p.positions, p.Tq, p.Tq, p.Hq, p.Hkv, p.D, p.scale); \
+    }
+ATTN_FWD(f32, float)
+ATTN_FWD(bf16, __nv_bfloat16)
+
+// attention_forward_cached_{f32,bf16}(AttnParams: q, k, v, out, lse (null: not written), B, Tq, Tk, Hq, Hkv, D, scale):
 // Tq new queries at absolute positions [Tk - Tq, Tk) attend causally to Tk keys (a KV cache; 1 <= Tq <= Tk).
 // q, out [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D]; lse [B, Hq, Tq]. One sequence per batch entry (no packing:
-// decoding continues one document).
+// decoding continues one document; positions is not read).
 // Launch: grid (ceil(Tq/32), Hq, B), block 128, dynamic shared (64 * (D + 1) + 32 * 17) * 4 bytes.
-NP_KERNEL_BOUNDED(attention_forward_cached_f32, ATTN_THREADS, (const float* q, const float* k, const float* v, float* out, float* lse,
-                                                               int B, int Tq, int Tk, int Hq, int Hkv, int D, float scale))
-{ if ((int)blockIdx.z < B) attnk::forward_body<float>(q, k, v, out, lse, nullptr, Tq, Tk, Hq, Hkv, D, scale); }
-NP_KERNEL_BOUNDED(attention_forward_cached_bf16, ATTN_THREADS, (const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out,
-                                                                float* lse, int B, int Tq, int Tk, int Hq, int Hkv, int D, float scale))
-{ if ((int)blockIdx.z < B) attnk::forward_body<__nv_bfloat16>(q, k, v, out, lse, nullptr, Tq, Tk, Hq, Hkv, D, scale); }
+#define ATTN_FWD_CACHED(SUFFIX, T)                                                                                     \
+    NP_KERNEL_BOUNDED(attention_forward_cached_##SUFFIX, ATTN_THREADS, (const __grid_constant__ AttnParams p))         \
+    {                                                                                                                  \
+        if ((int)blockIdx.z < p.B)                                                                                     \
+            attnk::forward_body<T>(static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v), \
+                                   static_cast<T*>(p.out), p.lse, nullptr, p.Tq, p.Tk, p.Hq, p.Hkv, p.D, p.scale);     \
+    }
+ATTN_FWD_CACHED(f32, float)
+ATTN_FWD_CACHED(bf16, __nv_bfloat16)
 
-// attention_backward_preprocess_{f32,bf16}(dout, out, delta, B, T, Hq, D)
+// attention_backward_preprocess_{f32,bf16}(AttnParams: dout, out, delta, B, Tq = T, Hq, D)
 // Launch: grid ceil(B*T*Hq / 4), block 128, shared 0.
-NP_KERNEL_BOUNDED(attention_backward_preprocess_f32, ATTN_THREADS, (const float* dout, const float* out, float* delta, int B, int T, int Hq, int D))
-{ attnk::preprocess_body<float>(dout, out, delta, B, T, Hq, D); }
-NP_KERNEL_BOUNDED(attention_backward_preprocess_bf16, ATTN_THREADS, (const __nv_bfloat16* dout, const __nv_bfloat16* out, float* delta,
-                                                                     int B, int T, int Hq, int D))
-{ attnk::preprocess_body<__nv_bfloat16>(dout, out, delta, B, T, Hq, D); }
+#define ATTN_BWD_PRE(SUFFIX, T)                                                                                        \
+    NP_KERNEL_BOUNDED(attention_backward_preprocess_##SUFFIX, ATTN_THREADS, (const AttnParams p))                      \
+    {                                                                                                                 \
+        attnk::preprocess_body<T>(static_cast<const T*>(p.dout), static_cast<const T*>(p.out), p.delta, p.B, p.Tq,   \
+                                  p.Hq, p.D);                                                                         \
+    }
+ATTN_BWD_PRE(f32, float)
+ATTN_BWD_PRE(bf16, __nv_bfloat16)
 
-// attention_backward_dkdv_{f32,bf16}(dout, q, k, v, lse, delta, positions (null or int32 [B, T]), dk, dv, B, T, Hq,
-//   Hkv, D, scale)
+// attention_backward_dkdv_{f32,bf16}(AttnParams: dout, q, k, v, lse, delta, positions (null or int32 [B, T]), dk, dv,
+//   B, Tq = Tk = T, Hq, Hkv, D, scale)
 // Launch: grid (ceil(T/16), Hkv, B), block 128, dynamic shared (64 * (D + 1) + 2 * 16 * 17 + 48) * 4 bytes.
-NP_KERNEL_BOUNDED(attention_backward_dkdv_f32, ATTN_THREADS, (const float* dout, const float* q, const float* k, const float* v, const float* lse,
-                                                              const float* delta, const int* positions, float* dk, float* dv, int B, int T, int Hq, int Hkv,
-                                                              int D, float scale))
-{ if ((int)blockIdx.z < B) attnk::backward_dkdv_body<float>(dout, q, k, v, lse, delta, positions, dk, dv, T, Hq, Hkv, D, scale); }
-NP_KERNEL_BOUNDED(attention_backward_dkdv_bf16, ATTN_THREADS, (const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                                                               const __nv_bfloat16* v, const float* lse, const float* delta, const int* positions,
-                                                               __nv_bfloat16* dk, __nv_bfloat16* dv, int B, int T, int Hq, int Hkv, int D, float scale))
-{ if ((int)blockIdx.z < B) attnk::backward_dkdv_body<__nv_bfloat16>(dout, q, k, v, lse, delta, positions, dk, dv, T, Hq, Hkv, D, scale); }
+#define ATTN_BWD_DKDV(SUFFIX, T)                                                                                       \
+    NP_KERNEL_BOUNDED(attention_backward_dkdv_##SUFFIX, ATTN_THREADS, (const AttnParams p))                            \
+    {                                                                                                                  \
+        if ((int)blockIdx.z < p.B)                                                                                     \
+            attnk::backward_dkdv_body<T>(static_cast<const T*>(p.dout), static_cast<const T*>(p.q),                    \
+                                         static_cast<const T*>(p.k), static_cast<const T*>(p.v), p.lse, p.delta,       \
+                                         p.positions, static_cast<T*>(p.dk), static_cast<T*>(p.dv), p.Tq, p.Hq, p.Hkv, \
+                                         p.D, p.scale);                                                                \
+    }
+ATTN_BWD_DKDV(f32, float)
+ATTN_BWD_DKDV(bf16, __nv_bfloat16)
 
-// attention_backward_dq_{f32,bf16}(dout, q, k, v, lse, delta, positions (null or int32 [B, T]), dq, B, T, Hq, Hkv, D,
-//   scale)
+// attention_backward_dq_{f32,bf16}(AttnParams: dout, q, k, v, lse, delta, positions (null or int32 [B, T]), dq, B,
+//   Tq = Tk = T, Hq, Hkv, D, scale)
 // Launch: grid (ceil(T/16), Hq, B), block 128, dynamic shared (64 * (D + 1) + 16 * 17) * 4 bytes.
-NP_KERNEL_BOUNDED(attention_backward_dq_f32, ATTN_THREADS, (const float* dout, const float* q, const float* k, const float* v, const float* lse,
-                                                            const float* delta, const int* positions, float* dq, int B, int T, int Hq, int Hkv, int D,
-                                                            float scale))
-{ if ((int)blockIdx.z < B) attnk::backward_dq_body<float>(dout, q, k, v, lse, delta, positions, dq, T, Hq, Hkv, D, scale); }
-NP_KERNEL_BOUNDED(attention_backward_dq_bf16, ATTN_THREADS, (const __nv_bfloat16* dout, const __nv_bfloat16* q, const __nv_bfloat16* k,
-                                                             const __nv_bfloat16* v, const float* lse, const float* delta, const int* positions,
-                                                             __nv_bfloat16* dq, int B, int T, int Hq, int Hkv, int D, float scale))
-{ if ((int)blockIdx.z < B) attnk::backward_dq_body<__nv_bfloat16>(dout, q, k, v, lse, delta, positions, dq, T, Hq, Hkv, D, scale); }
+#define ATTN_BWD_DQ(SUFFIX, T)                                                                                         \
+    NP_KERNEL_BOUNDED(attention_backward_dq_##SUFFIX, ATTN_THREADS, (const AttnParams p))                              \
+    {                                                                                                                  \
+        if ((int)blockIdx.z < p.B)                                                                                     \
+            attnk::backward_dq_body<T>(static_cast<const T*>(p.dout), static_cast<const T*>(p.q),                      \
+                                       static_cast<const T*>(p.k), static_cast<const T*>(p.v), p.lse, p.delta,         \
+                                       p.positions, static_cast<T*>(p.dq), p.Tq, p.Hq, p.Hkv, p.D, p.scale);           \
+    }
+ATTN_BWD_DQ(f32, float)
+ATTN_BWD_DQ(bf16, __nv_bfloat16)

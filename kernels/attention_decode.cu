@@ -14,14 +14,37 @@
 // lse = M + log sum_s exp(lse_s - M), out = sum_s exp(lse_s - lse) O_s. A split in which a row sees no
 // key gives lse_s = -inf and weight 0.
 //
-// C ABI:
-//   attention_decode_tc_d{64,128}_bf16(q, k, v, o_part, lse_part, B, Tq, Tk, Hq, Hkv, chunk, scale):
+// C ABI: both kernels take one AttnDecodeParams (below) by value; the decode reads q, k, v, o_part,
+// lse_part, B, Tq, Tk, Hq, Hkv, chunk, scale, the combine o_part, lse_part, out, lse, B, Tq, Hq, Hkv, splits, D.
+//   attention_decode_tc_d{64,128}_bf16(p):
 //     grid (ceil(Tk / chunk), Hkv, B), block 128, dynamic shared (16 + 4 * 64) * D * 2 bytes (>= the
 //     4 * 16 * (D + 2) * 4 bytes of the merge); chunk a multiple of 64; o_part [B, Hkv, splits, 16, D]
 //     fp32, lse_part [B, Hkv, splits, 16] fp32 (natural log).
-//   attention_decode_combine_bf16(o_part, lse_part, out, lse, B, Tq, Hq, Hkv, splits, D):
+//   attention_decode_combine_bf16(p):
 //     grid (G * Tq, Hkv, B), block 128; lse [B, Hq, Tq] fp32 or null.
 #include "attention_tc.cuh"
+
+// The parameters of attention_decode_tc_d{64,128}_bf16 and attention_decode_combine_bf16, passed by value as their one
+// parameter. Mirrored field for field by C# NativePeft.Ops.AttnDecodeParams ([StructLayout(Sequential)]);
+// KernelSourceTests compares its size and field offsets with np_layout_AttnDecodeParams (end of this file) and the
+// static_assert holds nvcc to the same size.
+struct AttnDecodeParams
+{
+    const __nv_bfloat16* q;  // [B, Tq, Hq, D]
+    const __nv_bfloat16* k;  // [B, Tk, Hkv, D]
+    const __nv_bfloat16* v;  // [B, Tk, Hkv, D]
+    float* o_part;           // [B, Hkv, splits, 16, D] fp32: written by the decode, read by the combine
+    float* lse_part;         // [B, Hkv, splits, 16] fp32
+    __nv_bfloat16* out;      // combine: [B, Tq, Hq, D]
+    float* lse;              // combine: [B, Hq, Tq] fp32, or null (not written)
+    int B, Tq, Tk, Hq, Hkv;
+    int chunk;               // decode: keys per split, a multiple of 64
+    int splits;              // combine: the decode's grid.x
+    int D;                   // combine: head dim
+    float scale;             // decode: 1 / sqrt(D)
+};
+static_assert(sizeof(AttnDecodeParams) == 96,
+              "AttnDecodeParams: 7 pointers, 9 four-byte fields and 4 bytes of tail padding, as the C# mirror");
 
 namespace attndec {
 
@@ -187,20 +210,23 @@ NP_UNROLL
 }  // namespace attndec
 
 #define ATTN_DECODE(DIM)                                                                                         \
-    NP_KERNEL_BOUNDED(attention_decode_tc_d##DIM##_bf16, attntc::kThreads, (const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, \
-                                      float* o_part, float* lse_part, int B, int Tq, int Tk, int Hq, int Hkv,  \
-                                      int chunk, float scale))                                                 \
+    NP_KERNEL_BOUNDED(attention_decode_tc_d##DIM##_bf16, attntc::kThreads, (const __grid_constant__ AttnDecodeParams p)) \
     {                                                                                                         \
-        if ((int)blockIdx.z < B) attndec::decode_body<DIM>(q, k, v, o_part, lse_part, Tq, Tk, Hq, Hkv, chunk, scale); \
+        if ((int)blockIdx.z < p.B)                                                                            \
+            attndec::decode_body<DIM>(p.q, p.k, p.v, p.o_part, p.lse_part, p.Tq, p.Tk, p.Hq, p.Hkv, p.chunk,  \
+                                      p.scale);                                                               \
     }
 
 ATTN_DECODE(64)
 ATTN_DECODE(128)
 
 // Merge of the splits for one (row, kv head, batch) per CTA; threads stride over d.
-NP_KERNEL_BOUNDED(attention_decode_combine_bf16, attntc::kThreads, (const float* o_part, const float* lse_part, __nv_bfloat16* out, float* lse, int B,
-                                                                    int Tq, int Hq, int Hkv, int splits, int D))
+NP_KERNEL_BOUNDED(attention_decode_combine_bf16, attntc::kThreads, (const AttnDecodeParams p))
 {
+    const float* o_part = p.o_part;
+    const float* lse_part = p.lse_part;
+    float* lse = p.lse;
+    const int B = p.B, Tq = p.Tq, Hq = p.Hq, Hkv = p.Hkv, splits = p.splits, D = p.D;
     const int row = (int)blockIdx.x, hk = (int)blockIdx.y, b = (int)blockIdx.z;
     if (b >= B) return;
     const int G = Hq / Hkv, hh = row / Tq, qi = row % Tq, h = hk * G + hh;
@@ -214,7 +240,7 @@ NP_KERNEL_BOUNDED(attention_decode_combine_bf16, attntc::kThreads, (const float*
         sum += ls == -INFINITY ? 0.0f : expf(ls - mx);
     }
     const float total = mx + logf(sum);
-    __nv_bfloat16* orow = out + (((long long)b * Tq + qi) * Hq + h) * D;
+    __nv_bfloat16* orow = p.out + (((long long)b * Tq + qi) * Hq + h) * D;
     for (int d = (int)threadIdx.x; d < D; d += (int)blockDim.x)
     {
         float acc = 0.0f;
@@ -228,3 +254,10 @@ NP_KERNEL_BOUNDED(attention_decode_combine_bf16, attntc::kThreads, (const float*
     }
     if (threadIdx.x == 0 && lse != nullptr) lse[((long long)b * Hq + h) * Tq + qi] = total;
 }
+
+NP_PARAMS_LAYOUT(AttnDecodeParams, offsetof(AttnDecodeParams, q), offsetof(AttnDecodeParams, k), offsetof(AttnDecodeParams, v),
+                 offsetof(AttnDecodeParams, o_part), offsetof(AttnDecodeParams, lse_part), offsetof(AttnDecodeParams, out),
+                 offsetof(AttnDecodeParams, lse), offsetof(AttnDecodeParams, B), offsetof(AttnDecodeParams, Tq),
+                 offsetof(AttnDecodeParams, Tk), offsetof(AttnDecodeParams, Hq), offsetof(AttnDecodeParams, Hkv),
+                 offsetof(AttnDecodeParams, chunk), offsetof(AttnDecodeParams, splits), offsetof(AttnDecodeParams, D),
+                 offsetof(AttnDecodeParams, scale))

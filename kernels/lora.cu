@@ -29,12 +29,12 @@
 //                     grid (ceil(N/64), k splits of split_tiles 64-feature tiles each), shared 2 * (64 + R) * 64 * 2
 //                     bytes (R = sum of padded ranks); ws null (one split: xa written directly) or fp32
 //                     [splits][N][R] (the partials; then lora_down_reduce_bf16 writes xa)
-//   lora_down_reduce_bf16(ws, splits, N, R, count, xa0, xa1, xa2, r0, r1, r2)   grid-stride, block 256
+//   lora_down_reduce_bf16(p: ws, dst0..2 = xa0..2, splits, n = N, R, count, r0..2)   grid-stride, block 256
 //   lora_bwd_input_tc_bf16(p: x, dx, N, in, split = split_rows, count, a0..2, data0..2 = dxa0..2, r0..2, thr0..2,
 //                     seed0..2, scale0..2, ws)
 //                     grid (ceil(in/64), ceil(N/split_rows)), shared 5 * 8192 + 64 * 72 bytes; split_rows a multiple of 64;
 //                     ws fp32 [splits][R][in]
-//   lora_da_reduce_f32(ws, splits, R, in, count, da0, da1, da2, r0, r1, r2)   grid-stride, block 256
+//   lora_da_reduce_f32(p: ws, dst0..2 = da0..2, splits, R, in, count, r0..2)   grid-stride, block 256
 // Unused adapter slots (g >= count) take null pointers and rank 0.
 #include "attention_tc.cuh"
 
@@ -493,11 +493,34 @@ NP_KERNEL_BOUNDED(lora_down_tc_bf16, lorak::kThreads, (const LoraTcParams p))
                      p.thr0, p.thr1, p.thr2, p.seed0, p.seed1, p.seed2, p.scale0, p.scale1, p.scale2, p.ws);
 }
 
-// xa_g[row][j] = bf16_rn(sum over s = 0 .. splits - 1 (in that order, fp32) of ws[s][row][16 goff_g + j]), j < r_g.
-NP_KERNEL(lora_down_reduce_bf16, (const float* __restrict__ ws, int splits, int n, int R, int count,
-                                  __nv_bfloat16* xa0, __nv_bfloat16* xa1, __nv_bfloat16* xa2, int r0,
-                                  int r1, int r2))
+// The parameters of the split reductions lora_down_reduce_bf16 and lora_da_reduce_f32, passed by value as their one
+// parameter. Mirrored field for field by C# NativePeft.Ops.LoraReduceParams ([StructLayout(Sequential)]);
+// KernelSourceTests compares its size and field offsets with np_layout_LoraReduceParams (end of this file) and the
+// static_assert holds nvcc to the same size. dst_g is xa_g [n, r_g] bf16 for the down reduction, dA_g [r_g, in] fp32
+// for the dA one (unused slots g >= count: null, rank 0); the down reduction reads n, the dA one in.
+struct LoraReduceParams
 {
+    const float* ws;  // [splits][...] fp32 partials, adapters' rows padded to 16 (R in all)
+    void* dst0;
+    void* dst1;
+    void* dst2;
+    int splits;
+    int n;            // down: rows of x
+    int R;            // sum over g of 16 * ceil(r_g / 16)
+    int in;           // dA: input features
+    int count;        // adapters, 1 .. 3
+    int r0, r1, r2;
+};
+static_assert(sizeof(LoraReduceParams) == 64, "LoraReduceParams: 4 pointers and 8 four-byte fields, as the C# mirror");
+
+// xa_g[row][j] = bf16_rn(sum over s = 0 .. splits - 1 (in that order, fp32) of ws[s][row][16 goff_g + j]), j < r_g.
+NP_KERNEL(lora_down_reduce_bf16, (const LoraReduceParams p))
+{
+    const float* __restrict__ ws = p.ws;
+    const int splits = p.splits, n = p.n, R = p.R, count = p.count, r0 = p.r0, r1 = p.r1, r2 = p.r2;
+    __nv_bfloat16* xa0 = static_cast<__nv_bfloat16*>(p.dst0);
+    __nv_bfloat16* xa1 = static_cast<__nv_bfloat16*>(p.dst1);
+    __nv_bfloat16* xa2 = static_cast<__nv_bfloat16*>(p.dst2);
     const int gr0 = (r0 + 15) >> 4, gr1 = count > 1 ? (r1 + 15) >> 4 : 0;
     const long long total = (long long)n * R;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x)
@@ -519,9 +542,13 @@ NP_KERNEL_BOUNDED(lora_bwd_input_tc_bf16, lorak::kThreads, (const LoraTcParams p
 }
 
 // dA_g[j][c] += sum over s = 0 .. splits - 1 (in that order, fp32) of ws[s][16 goff_g + j][c], for j < r_g.
-NP_KERNEL(lora_da_reduce_f32, (const float* __restrict__ ws, int splits, int R, int in, int count,
-                               float* da0, float* da1, float* da2, int r0, int r1, int r2))
+NP_KERNEL(lora_da_reduce_f32, (const LoraReduceParams p))
 {
+    const float* __restrict__ ws = p.ws;
+    const int splits = p.splits, R = p.R, in = p.in, count = p.count, r0 = p.r0, r1 = p.r1, r2 = p.r2;
+    float* da0 = static_cast<float*>(p.dst0);
+    float* da1 = static_cast<float*>(p.dst1);
+    float* da2 = static_cast<float*>(p.dst2);
     const int gr0 = (r0 + 15) >> 4, gr1 = count > 1 ? (r1 + 15) >> 4 : 0;
     const long long total = (long long)R * in, plane = total;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x)
@@ -545,3 +572,8 @@ NP_PARAMS_LAYOUT(LoraTcParams, offsetof(LoraTcParams, x), offsetof(LoraTcParams,
                  offsetof(LoraTcParams, r2), offsetof(LoraTcParams, thr0), offsetof(LoraTcParams, thr1),
                  offsetof(LoraTcParams, thr2), offsetof(LoraTcParams, scale0), offsetof(LoraTcParams, scale1),
                  offsetof(LoraTcParams, scale2))
+NP_PARAMS_LAYOUT(LoraReduceParams, offsetof(LoraReduceParams, ws), offsetof(LoraReduceParams, dst0),
+                 offsetof(LoraReduceParams, dst1), offsetof(LoraReduceParams, dst2), offsetof(LoraReduceParams, splits),
+                 offsetof(LoraReduceParams, n), offsetof(LoraReduceParams, R), offsetof(LoraReduceParams, in),
+                 offsetof(LoraReduceParams, count), offsetof(LoraReduceParams, r0), offsetof(LoraReduceParams, r1),
+                 offsetof(LoraReduceParams, r2))

@@ -178,8 +178,13 @@ public sealed class GpuAttentionOps
             return;
         }
         int tiles = (seqLen + ForwardQueryTile - 1) / ForwardQueryTile;
-        _gpu.Launch($"attention_forward_{suffix}", new Dim3((uint)tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
-            ForwardSharedBytes(headDim), q, k, v, output, lse, positions, batch, seqLen, headsQ, headsKv, headDim, Scale(headDim));
+        var p = new AttnParams
+        {
+            Q = q, K = k, V = v, Out = output, Lse = lse, Positions = positions,
+            B = batch, Tq = seqLen, Tk = seqLen, Hq = headsQ, Hkv = headsKv, D = headDim, Scale = Scale(headDim),
+        };
+        _gpu.LaunchWithParams($"attention_forward_{suffix}", new Dim3((uint)tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
+            ForwardSharedBytes(headDim), p);
     }
 
     /// <summary>
@@ -210,8 +215,13 @@ public sealed class GpuAttentionOps
             return;
         }
         int tiles = (queryLen + ForwardQueryTile - 1) / ForwardQueryTile;
-        _gpu.Launch($"attention_forward_cached_{suffix}", new Dim3((uint)tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
-            ForwardSharedBytes(headDim), q, k, v, output, lse, batch, queryLen, keyLen, headsQ, headsKv, headDim, Scale(headDim));
+        var p = new AttnParams
+        {
+            Q = q, K = k, V = v, Out = output, Lse = lse,
+            B = batch, Tq = queryLen, Tk = keyLen, Hq = headsQ, Hkv = headsKv, D = headDim, Scale = Scale(headDim),
+        };
+        _gpu.LaunchWithParams($"attention_forward_cached_{suffix}", new Dim3((uint)tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
+            ForwardSharedBytes(headDim), p);
     }
 
     /// <summary>Rows of the split-KV decode's mma tile: the query heads of a kv group times the new queries fit in it.</summary>
@@ -264,10 +274,16 @@ public sealed class GpuAttentionOps
         int chunk = (tiles + splits - 1) / splits * DecodeKeyTile;
         long oBytes = (long)batch * headsKv * splits * DecodeRows * headDim * sizeof(float);
         DevicePtr oPart = workspace, lsePart = workspace.Offset(oBytes);
-        _gpu.Launch($"attention_decode_tc_d{headDim}_bf16", new Dim3((uint)splits, (uint)headsKv, (uint)batch), ThreadsPerBlock,
-            DecodeSharedBytes(headDim), q, k, v, oPart, lsePart, batch, queryLen, keyLen, headsQ, headsKv, chunk, Scale(headDim));
-        _gpu.Launch("attention_decode_combine_bf16", new Dim3((uint)(headsQ / headsKv * queryLen), (uint)headsKv, (uint)batch),
-            ThreadsPerBlock, 0, oPart, lsePart, output, lse, batch, queryLen, headsQ, headsKv, splits, headDim);
+        var p = new AttnDecodeParams
+        {
+            Q = q, K = k, V = v, OPart = oPart, LsePart = lsePart, Out = output, Lse = lse,
+            B = batch, Tq = queryLen, Tk = keyLen, Hq = headsQ, Hkv = headsKv, Chunk = chunk, Splits = splits, D = headDim,
+            Scale = Scale(headDim),
+        };
+        _gpu.LaunchWithParams($"attention_decode_tc_d{headDim}_bf16", new Dim3((uint)splits, (uint)headsKv, (uint)batch), ThreadsPerBlock,
+            DecodeSharedBytes(headDim), p);
+        _gpu.LaunchWithParams("attention_decode_combine_bf16", new Dim3((uint)(headsQ / headsKv * queryLen), (uint)headsKv, (uint)batch),
+            ThreadsPerBlock, 0, p);
     }
 
     /// <summary>
@@ -337,8 +353,8 @@ public sealed class GpuAttentionOps
         float scale = Scale(headDim);
         long rows = (long)batch * seqLen * headsQ;
         int preBlocks = (int)((rows + RowsPerPreprocessBlock - 1) / RowsPerPreprocessBlock);
-        _gpu.Launch($"attention_backward_preprocess_{suffix}", preBlocks, ThreadsPerBlock, 0,
-            dout, output, workspace, batch, seqLen, headsQ, headDim);
+        _gpu.LaunchWithParams($"attention_backward_preprocess_{suffix}", preBlocks, ThreadsPerBlock, 0,
+            new AttnParams { Dout = dout, Out = output, Delta = workspace, B = batch, Tq = seqLen, Tk = seqLen, Hq = headsQ, D = headDim });
         if (UsesTensorCores(dtype, headDim, dout, q, k, v, output, dq, dk, dv))
         {
             uint tcTiles = (uint)((seqLen + TcBackwardTile - 1) / TcBackwardTile);
@@ -356,15 +372,20 @@ public sealed class GpuAttentionOps
             return;
         }
         uint tiles = (uint)((seqLen + BackwardTile - 1) / BackwardTile);
+        var bp = new AttnParams
+        {
+            Q = q, K = k, V = v, Lse = lse, Positions = positions, Dout = dout, Delta = workspace, Dq = dq, Dk = dk, Dv = dv,
+            B = batch, Tq = seqLen, Tk = seqLen, Hq = headsQ, Hkv = headsKv, D = headDim, Scale = scale,
+        };
         if (!dk.IsNull)
         {
-            _gpu.Launch($"attention_backward_dkdv_{suffix}", new Dim3(tiles, (uint)headsKv, (uint)batch), ThreadsPerBlock,
-                BackwardDkDvSharedBytes(headDim), dout, q, k, v, lse, workspace, positions, dk, dv, batch, seqLen, headsQ, headsKv, headDim, scale);
+            _gpu.LaunchWithParams($"attention_backward_dkdv_{suffix}", new Dim3(tiles, (uint)headsKv, (uint)batch), ThreadsPerBlock,
+                BackwardDkDvSharedBytes(headDim), bp);
         }
         if (!dq.IsNull)
         {
-            _gpu.Launch($"attention_backward_dq_{suffix}", new Dim3(tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
-                BackwardDqSharedBytes(headDim), dout, q, k, v, lse, workspace, positions, dq, batch, seqLen, headsQ, headsKv, headDim, scale);
+            _gpu.LaunchWithParams($"attention_backward_dq_{suffix}", new Dim3(tiles, (uint)headsQ, (uint)batch), ThreadsPerBlock,
+                BackwardDqSharedBytes(headDim), bp);
         }
     }
 }

@@ -200,8 +200,12 @@ public sealed class GpuLoraOps
         _gpu.LaunchWithParams("lora_down_tc_bf16", new Dim3((uint)CeilDiv(rows, RowTile), (uint)splits), ThreadsPerBlock,
             DownSharedBytes(padded), TcParams(x, DevicePtr.Null, rows, inFeatures, perSplit, adapters.Length, a0, a1, a2, ws));
         if (splits == 1) return;
-        _gpu.Launch("lora_down_reduce_bf16", GridBlocks((long)rows * padded, ReduceThreads, _maxGridBlocks), ReduceThreads, 0,
-            ws, splits, rows, padded, adapters.Length, a0.Data, a1.Data, a2.Data, a0.Rank, a1.Rank, a2.Rank);
+        _gpu.LaunchWithParams("lora_down_reduce_bf16", GridBlocks((long)rows * padded, ReduceThreads, _maxGridBlocks), ReduceThreads, 0,
+            new LoraReduceParams
+            {
+                Ws = ws, Dst0 = a0.Data, Dst1 = a1.Data, Dst2 = a2.Data, Splits = splits, N = rows, R = padded,
+                Count = adapters.Length, R0 = a0.Rank, R1 = a1.Rank, R2 = a2.Rank,
+            });
     }
 
     /// <summary>
@@ -223,7 +227,11 @@ public sealed class GpuLoraOps
         _gpu.LaunchWithParams("lora_bwd_input_tc_bf16", new Dim3((uint)CeilDiv(inFeatures, FeatureTile), (uint)splits),
             ThreadsPerBlock, BackwardSharedBytes, TcParams(x, dx, rows, inFeatures, SplitRows, adapters.Length, a0, a1, a2, workspace));
         long elements = (long)padded * inFeatures;
-        _gpu.Launch("lora_da_reduce_f32", GridBlocks(elements, ReduceThreads, _maxGridBlocks), ReduceThreads, 0,
-            workspace, splits, padded, inFeatures, adapters.Length, a0.DA, a1.DA, a2.DA, a0.Rank, a1.Rank, a2.Rank);
+        _gpu.LaunchWithParams("lora_da_reduce_f32", GridBlocks(elements, ReduceThreads, _maxGridBlocks), ReduceThreads, 0,
+            new LoraReduceParams
+            {
+                Ws = workspace, Dst0 = a0.DA, Dst1 = a1.DA, Dst2 = a2.DA, Splits = splits, R = padded, In = inFeatures,
+                Count = adapters.Length, R0 = a0.Rank, R1 = a1.Rank, R2 = a2.Rank,
+            });
     }
 }

@@ -33,6 +33,55 @@ internal struct AttnTcParams
 }
 
 /// <summary>
+/// The one parameter of the generic (fp32 and bf16, any head dim) attention kernels (kernels/attention.cu, AttnParams):
+/// attention_forward[_cached]_{f32,bf16}, attention_backward_{preprocess,dkdv,dq}_{f32,bf16}. The tensor pointers'
+/// element type is the kernel's dtype. A kernel reads the fields it needs; the others may stay zero.
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct AttnParams
+{
+    /// <summary>The C struct's sizeof (120, with 4 bytes of tail padding), as the static_assert in attention.cu.</summary>
+    public const int NativeSize = 120;
+
+    public DevicePtr Q, K, V;
+    /// <summary>Forward output [B, Tq, Hq, D] (read by the backward preprocess).</summary>
+    public DevicePtr Out;
+    /// <summary>[B, Hq, Tq] fp32: written by the forward (null: not written), read by the backward.</summary>
+    public DevicePtr Lse;
+    /// <summary>Null, or int32 [B, T] positions inside packed documents (Tq = Tk = T).</summary>
+    public DevicePtr Positions;
+    /// <summary>Backward: dL/d out; delta = rowsum(dout ∘ out) fp32 (written by the preprocess); the outputs dq or dk, dv.</summary>
+    public DevicePtr Dout, Delta, Dq, Dk, Dv;
+    public int B, Tq, Tk, Hq, Hkv, D;
+    public float Scale;
+}
+
+/// <summary>
+/// The one parameter of the split-KV decode kernels (kernels/attention_decode.cu, AttnDecodeParams):
+/// attention_decode_tc_d{64,128}_bf16 and attention_decode_combine_bf16. A kernel reads the fields it needs; the
+/// others may stay zero.
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct AttnDecodeParams
+{
+    /// <summary>The C struct's sizeof (96, with 4 bytes of tail padding), as the static_assert in attention_decode.cu.</summary>
+    public const int NativeSize = 96;
+
+    public DevicePtr Q, K, V;
+    /// <summary>The splits' partials: O [B, Hkv, splits, 16, D] and lse [B, Hkv, splits, 16] fp32.</summary>
+    public DevicePtr OPart, LsePart;
+    /// <summary>The combine's output [B, Tq, Hq, D] bf16 and lse [B, Hq, Tq] fp32 (null: not written).</summary>
+    public DevicePtr Out, Lse;
+    public int B, Tq, Tk, Hq, Hkv;
+    /// <summary>Decode: keys per split (a multiple of 64).</summary>
+    public int Chunk;
+    /// <summary>Combine: the number of splits and the head dim.</summary>
+    public int Splits, D;
+    /// <summary>Decode: 1 / sqrt(D).</summary>
+    public float Scale;
+}
+
+/// <summary>
 /// The one parameter of lora_down_tc_bf16 and lora_bwd_input_tc_bf16 (kernels/lora.cu, LoraTcParams) for up to three
 /// adapters; unused slots (g ≥ Count) hold null pointers and rank 0.
 /// </summary>
@@ -61,4 +110,29 @@ internal struct LoraTcParams
     public uint Thr0, Thr1, Thr2;
     /// <summary>1 / (1 − p), the scale of kept elements.</summary>
     public float Scale0, Scale1, Scale2;
+}
+
+/// <summary>
+/// The one parameter of the split reductions lora_down_reduce_bf16 and lora_da_reduce_f32 (kernels/lora.cu,
+/// LoraReduceParams): Dst_g is xa_g [N, r_g] bf16 for the first, dA_g [r_g, in] fp32 for the second; unused slots
+/// (g ≥ Count) hold null pointers and rank 0.
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct LoraReduceParams
+{
+    /// <summary>The C struct's sizeof (64), as the static_assert in lora.cu.</summary>
+    public const int NativeSize = 64;
+
+    /// <summary>The fp32 partials [splits][...], adapters' rows padded to 16.</summary>
+    public DevicePtr Ws;
+    public DevicePtr Dst0, Dst1, Dst2;
+    public int Splits;
+    /// <summary>Down: rows of x.</summary>
+    public int N;
+    /// <summary>The sum of the padded ranks.</summary>
+    public int R;
+    /// <summary>dA: input features.</summary>
+    public int In;
+    public int Count;
+    public int R0, R1, R2;
 }

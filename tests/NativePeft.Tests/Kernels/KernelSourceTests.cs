@@ -105,9 +105,23 @@ public class KernelSourceTests
         yield return new TestCaseData(typeof(AttnTcParams), "AttnTcParams", "attention_tc.cuh", AttnTcParams.NativeSize,
             new[] { "attention_fwd_tc_d64_bf16", "attention_fwd_tc_packed_d128_bf16", "attention_bwd_dkdv_tc_d64_bf16", "attention_bwd_dq_tc_d128_bf16" }, 0, 1)
             .SetArgDisplayNames("AttnTcParams");
+        yield return new TestCaseData(typeof(AttnParams), "AttnParams", "attention.cu", AttnParams.NativeSize,
+            new[]
+            {
+                "attention_forward_f32", "attention_forward_bf16", "attention_forward_cached_f32", "attention_forward_cached_bf16",
+                "attention_backward_preprocess_f32", "attention_backward_preprocess_bf16", "attention_backward_dkdv_f32",
+                "attention_backward_dkdv_bf16", "attention_backward_dq_f32", "attention_backward_dq_bf16",
+            }, 0, 1)
+            .SetArgDisplayNames("AttnParams");
+        yield return new TestCaseData(typeof(AttnDecodeParams), "AttnDecodeParams", "attention_decode.cu", AttnDecodeParams.NativeSize,
+            new[] { "attention_decode_tc_d64_bf16", "attention_decode_tc_d128_bf16", "attention_decode_combine_bf16" }, 0, 1)
+            .SetArgDisplayNames("AttnDecodeParams");
         yield return new TestCaseData(typeof(LoraTcParams), "LoraTcParams", "lora.cu", LoraTcParams.NativeSize,
             new[] { "lora_down_tc_bf16", "lora_bwd_input_tc_bf16" }, 0, 1)
             .SetArgDisplayNames("LoraTcParams");
+        yield return new TestCaseData(typeof(LoraReduceParams), "LoraReduceParams", "lora.cu", LoraReduceParams.NativeSize,
+            new[] { "lora_down_reduce_bf16", "lora_da_reduce_f32" }, 0, 1)
+            .SetArgDisplayNames("LoraReduceParams");
         yield return new TestCaseData(typeof(NativePeft.Optim.AdamWStepScalars), "AdamWScalars", "optim.cu",
             NativePeft.Optim.AdamWStepScalars.NativeSize, new[] { "adamw_f32" }, 5, 6)
             .SetArgDisplayNames("AdamWScalars(adamw_f32)");
