@@ -115,12 +115,7 @@ public class NcclCommunicatorCudaTests
     private string _reason = "";
 
     [OneTimeSetUp]
-    public void OpenDevice()
-    {
-        if (!CudaGpu.TryCreate(out _gpu, out _reason)) _gpu = null;
-        if (_gpu is null && NativePeft.Tests.Ops.TestGpus.CudaRequired)
-            Assert.Fail($"{NativePeft.Tests.Ops.TestGpus.RequireCudaVariable}=1 but the CUDA device is unavailable: {_reason}");
-    }
+    public void OpenDevice() => _gpu = (CudaGpu?)NativePeft.Tests.Ops.TestGpus.TryCreateCuda(out _reason);
 
     [OneTimeTearDown]
     public void CloseDevice() => _gpu?.Dispose();
