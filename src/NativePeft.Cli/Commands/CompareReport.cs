@@ -60,11 +60,15 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
     /// <summary>The compute precision the runs used (--precision resolved for --device).</summary>
     private string Precision => DeviceOption.ComputeDType(args.Precision, args.Device) == Numerics.DType.BF16 ? "bf16 mixed precision" : "fp32";
 
+    /// <summary>" (full FT 0.001)": full fine-tuning's own learning rate (--lr-full, or half of --lr), when it runs.</summary>
+    private string FullLrText =>
+        args.Methods.Split(',', StringSplitOptions.TrimEntries).Contains("full") ? string.Create(Inv, $" (full FT {args.FullLr:G3})") : "";
+
     public IEnumerable<string> Notes()
     {
         yield return $"model: {model}";
         yield return string.Create(Inv, $"settings: {args.Steps} steps, batch {args.Batch} x seq {args.Seq}{(args.Pack ? " packed" : "")}, lr {args.Lr:G3}") +
-            (args.LrFull is double lf ? string.Create(Inv, $" (full FT {lf:G3})") : "") +
+            FullLrText +
             string.Create(Inv, $", warmup {args.Warmup} then cosine, {args.Optim}, r {args.Rank}, alpha {args.Alpha:G}, dropout {args.Dropout:G}, seed {args.Seed}");
         yield return $"machine: {machine.Cpu}, {machine.Cores} logical cores, {machine.Os}, {machine.Runtime}, device {machine.Device}, compute {Precision}";
         yield return "pool peak: the ops' memory pool (host memory on cpu, device memory otherwise); peak RSS: the whole process; " +
@@ -102,7 +106,7 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
         sb.AppendLine($"- data: {(args.Data == "builtin" ? "builtin (upper: word -> WORD; 2000 training problems, 200 held out)" : args.Data)}" +
             (args.EvalData is null ? "" : $", eval {args.EvalData}"));
         sb.AppendLine(string.Create(Inv, $"- settings (the same for every method, same seed): {args.Steps} steps, batch {args.Batch}, seq {args.Seq}{(args.Pack ? " (packed rows)" : "")}, ") +
-            string.Create(Inv, $"lr {args.Lr:G3}{(args.LrFull is double lf ? string.Create(Inv, $" (full FT {lf:G3})") : "")}, warmup {args.Warmup} then cosine, {args.Optim}, ") +
+            string.Create(Inv, $"lr {args.Lr:G3}{FullLrText}, warmup {args.Warmup} then cosine, {args.Optim}, ") +
             string.Create(Inv, $"LoRA r {args.Rank}, alpha {args.Alpha:G}, dropout {args.Dropout:G}, targets {args.Targets}, seed {args.Seed}, compute {Precision}, exact match over {(args.ExactMatchSamples == 0 ? "all" : args.ExactMatchSamples.ToString(Inv))} held-out problems"));
         sb.AppendLine();
         sb.Append("| ");
@@ -167,7 +171,7 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
             w.WriteNumber("seq", args.Seq);
             w.WriteBoolean("pack", args.Pack);
             w.WriteNumber("lr", args.Lr);
-            w.WriteNumber("lr_full", args.LrFull ?? args.Lr);
+            w.WriteNumber("lr_full", args.FullLr);
             w.WriteNumber("warmup", args.Warmup);
             w.WriteString("optimizer", args.Optim);
             w.WriteString("precision", Precision);

@@ -48,7 +48,7 @@ public class CompareCliTests
     {
         using var dir = CliProcess.TempDir();
         string outDir = dir["cmp"];
-        var r = Cli("compare", "--steps", "150", "--exact-match-samples", "50", "--out", outDir);
+        var r = Cli("compare", "--steps", "150", "--lr", "3e-3", "--warmup", "15", "--exact-match-samples", "50", "--out", outDir);
         Assert.That(r.Exit, Is.EqualTo(0), r.Stdout + r.Stderr);
         Assert.That(r.Stdout, Does.Contain("LoRA    step 150/150").And.Contain("QLoRA   step 15/150"), "progress lines while training");
         foreach (var f in new[] { "report.md", "metrics.json", "compare.png" })
@@ -77,9 +77,11 @@ public class CompareCliTests
                 && s.GetProperty("pool_peak_bytes").GetInt64() > 0 && s.TryGetProperty("lr", out _)), name);
             if (OperatingSystem.IsLinux())
                 Assert.That(steps.All(s => s.GetProperty("rss_bytes").ValueKind == JsonValueKind.Number && s.GetProperty("rss_bytes").GetInt64() > 0), name + ": RSS after every step");
-            // warmup 15 then cosine to 0 (transformers' schedule): step 1 has lr 0, step 16 the peak
+            // warmup 15 then cosine to 0 (transformers' schedule): step 1 has lr 0, step 16 the peak: --lr 3e-3 for LoRA
+            // and QLoRA, half of it for full fine-tuning (its default --lr-full, docs/compare.md "The defaults")
             Assert.That(steps[0].GetProperty("lr").GetDouble(), Is.EqualTo(0));
-            Assert.That(steps[15].GetProperty("lr").GetDouble(), Is.EqualTo(3e-3).Within(1e-12));
+            Assert.That(steps[15].GetProperty("lr").GetDouble(), Is.EqualTo(name == "full" ? 1.5e-3 : 3e-3).Within(1e-12), name);
+            Assert.That(m.GetProperty("lr").GetDouble(), Is.EqualTo(name == "full" ? 1.5e-3 : 3e-3).Within(1e-12), name);
             double before = m.GetProperty("eval_before").GetProperty("loss").GetDouble(), after = m.GetProperty("eval_after").GetProperty("loss").GetDouble();
             Assert.That(after, Is.LessThan(before * 0.5), name + ": fine-tuning lowers the eval loss");
             // the adapter (or model) size is what is on disk
@@ -88,6 +90,8 @@ public class CompareCliTests
             Assert.That(m.GetProperty("adapter_bytes").GetInt64(), Is.EqualTo(onDisk), name);
             Assert.That(m.GetProperty("pool_peak_bytes").GetInt64(), Is.GreaterThanOrEqualTo(m.GetProperty("base_weight_bytes").GetInt64()), name);
         }
+        Assert.That(root.GetProperty("settings").GetProperty("lr_full").GetDouble(), Is.EqualTo(1.5e-3).Within(1e-12), "full FT's own default rate");
+        Assert.That(r.Stdout, Does.Contain("lr 0.003 (full FT 0.0015)"), "the settings line names both rates");
         var lora = methods["lora"];
         Assert.That(lora.GetProperty("eval_after").GetProperty("exact_match").GetDouble(),
             Is.GreaterThan(lora.GetProperty("eval_before").GetProperty("exact_match").GetDouble()), "LoRA's exact match rises");
@@ -164,6 +168,38 @@ public class CompareCliTests
             Assert.That(r.Stderr, Does.Contain("--out").And.Contain("not empty"));
             Assert.That(Directory.EnumerateFileSystemEntries(outDir, "*", SearchOption.AllDirectories).Order().ToList(), Is.EqualTo(before));
         }
+    }
+
+    [Test]
+    public void TheDefaultsAreTheMeasuredOnesAndFullFineTuningRunsAtHalfOfLrUnlessLrFullIsGiven()
+    {
+        // docs/compare.md "The defaults": 500 steps, warmup 30, lr 2e-3 (full FT 1e-3) learned the task on 29 of 30
+        // runs of seeds 0-9, where 300 steps, warmup 15 and lr 3e-3 for all left 10 of 22 between 0 % and 90 %
+        var d = new NativePeft.Cli.Commands.CompareCommand.Args();
+        Assert.That((d.Steps, d.Warmup, d.Lr, d.FullLr), Is.EqualTo((500, 30, 2e-3, 1e-3)));
+        Assert.That(new NativePeft.Cli.Commands.CompareCommand.Args { Lr = 6e-4 }.FullLr, Is.EqualTo(3e-4).Within(1e-18));
+        Assert.That(new NativePeft.Cli.Commands.CompareCommand.Args { Lr = 6e-4, LrFull = 5e-3 }.FullLr, Is.EqualTo(5e-3));
+    }
+
+    /// <summary>
+    /// compare's defaults learn the built-in task whatever the seed (issue 14 item 2). With the former defaults (300 steps,
+    /// warmup 15, lr 3e-3 for every method) seed 1 ended at full FT / LoRA / QLoRA 59 / 1 / 1 % exact match and seed 2
+    /// at 79 / 77 / 80 % on this machine's CPU (and full FT at seed 0 at 59 % on the emulator in bf16, 66 % on an H200);
+    /// with today's, 100 % for every method on both (and on seeds 0-9 but QLoRA at seed 8, 71 %: docs/compare.md "The
+    /// defaults"). 95 % leaves room for another machine's BLAS; the failing runs were 15 points or more below it.
+    /// </summary>
+    [TestCase(1)]
+    [TestCase(2)]
+    public void EveryMethodLearnsTheTaskWithTheDefaultsOnSeedsThatFailedBefore(int seed)
+    {
+        using var dir = CliProcess.TempDir();
+        int exit = NativePeft.Cli.Commands.CompareCommand.Run(
+            new NativePeft.Cli.Commands.CompareCommand.Args { Seed = seed, Out = dir["out"] }, new StringWriter());
+        Assert.That(exit, Is.EqualTo(0));
+        using var metrics = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir["out"], "metrics.json")));
+        foreach (var m in metrics.RootElement.GetProperty("methods").EnumerateArray())
+            Assert.That(m.GetProperty("eval_after").GetProperty("exact_match").GetDouble(), Is.GreaterThanOrEqualTo(0.95),
+                $"{m.GetProperty("method").GetString()}, seed {seed}");
     }
 
     [Test]
