@@ -62,7 +62,7 @@ internal sealed class Report(CompareCommand.Args args, CompareCommand.MachineInf
 
     /// <summary>" (full FT 0.001)": full fine-tuning's own learning rate (--lr-full, or half of --lr), when it runs.</summary>
     private string FullLrText =>
-        args.Methods.Split(',', StringSplitOptions.TrimEntries).Contains("full") ? string.Create(Inv, $" (full FT {args.FullLr:G3})") : "";
+        CompareCommand.ParseMethods(args.Methods).Contains(Planning.FineTuneMethod.Full) ? string.Create(Inv, $" (full FT {args.FullLr:G3})") : "";
 
     public IEnumerable<string> Notes()
     {
